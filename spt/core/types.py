@@ -1,0 +1,56 @@
+"""Small value types and their validation, shared by every layer.
+
+Validation lives here, at the edge, so the rest of the code trusts typed values (STYLE.md §7).
+Pure: nothing here touches files, sockets or clocks.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+from spt.core.errors import UsageError
+
+_LABEL_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,63}")
+_SUBNET_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}")
+_ENDPOINT_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def check_label(label: str) -> str:
+    """Return `label` if it is a valid node label (1–63 of `[A-Za-z0-9._-]`), else raise BAD_LABEL."""
+    if not _LABEL_RE.fullmatch(label):
+        raise UsageError("BAD_LABEL", label, 'a label is 1–63 characters of letters, digits, ".", "_" and "-"')
+    return label
+
+
+def label_from_hostname(hostname: str) -> str:
+    """The default label: the hostname with characters a label cannot hold replaced by '-'."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]", "-", hostname)[:63]
+    return cleaned or "node"
+
+
+def check_subnet_name(name: str) -> str:
+    """Return `name` if it is a valid subnet name, else raise BAD_NAME (exit 2)."""
+    if not _SUBNET_RE.fullmatch(name):
+        raise UsageError(
+            "BAD_NAME",
+            name,
+            'a subnet name is 1–32 letters, digits, "_" or "-", starting with a letter or digit',
+        )
+    return name
+
+
+def canonical_subnet_name(name: str) -> str:
+    """The form bound into cryptography: lowercase (SPEC.md §2.2)."""
+    return check_subnet_name(name).lower()
+
+
+def check_endpoint_id(endpoint_id: str) -> str:
+    """Return `endpoint_id` if valid (SPEC.md §2.3), else raise BAD_ID (exit 2)."""
+    if not _ENDPOINT_RE.fullmatch(endpoint_id):
+        raise UsageError(
+            "BAD_ID",
+            endpoint_id,
+            'an endpoint id is 1–64 letters, digits, ".", "_" or "-", starting with a letter or digit',
+        )
+    return endpoint_id
