@@ -1,0 +1,1 @@
+"""spt-filetransfer: the `file` payload type and `spt file`."""

@@ -1,0 +1,1 @@
+"""spt-selfupdate: signed, staged, peer-propagated self-update and `spt update`."""

@@ -1,0 +1,176 @@
+"""The objects plugins register: one ABC per plugin kind, plus the context protocols they get.
+
+A plugin implements one of these and adds it to the matching registry from a `spt_register_*`
+hook (see `spt.hooks.specs`). The node runtime implements the `*Context` protocols; plugins never
+import the runtime itself, so they run unchanged against the in-memory test kit.
+
+Order never comes from registration: where it matters the object carries `priority` (lower
+first, ties by name), as STYLE.md §3 says.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+from spt.core.identity import NodeId
+
+# --- payload types -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class IncomingPayload:
+    """A payload that arrived from a peer, after its signature and membership were checked."""
+
+    type_name: str
+    sender: NodeId
+    subnet: str
+    value: Any
+
+
+class PayloadContext(Protocol):
+    """What a payload handler may ask of the node it runs on."""
+
+    @property
+    def node_id(self) -> NodeId: ...
+
+    async def deliver(
+        self, perch_id: str, event_type: str, body: str, attrs: Mapping[str, str], *, sender: str
+    ) -> str:
+        """Hand an envelope to a local perch; returns the token "SENT" or "QUEUED"."""
+        ...
+
+
+class PayloadType(ABC):
+    """A kind of payload that travels between nodes (send, ring, notify, file, third parties).
+
+    `name` is wire contract: undotted names are reserved for spt's own distributions, third
+    parties use a dotted name (`acme.location`). `encode`/`decode` are pure; `decode` raises
+    `RemoteProtocolError` for garbage. `handle` runs on the receiving node and returns the reply
+    body sent back to the sender.
+    """
+
+    name: ClassVar[str]
+    version: ClassVar[int] = 1
+    summary: ClassVar[str] = ""
+
+    @classmethod
+    def encode(cls, value: Any) -> Any:
+        """Turn a value into msgpack-able data (dicts, lists, str, bytes, ints)."""
+        return value
+
+    @classmethod
+    def decode(cls, data: Any) -> Any:
+        """Turn received data back into a value; raise RemoteProtocolError on garbage."""
+        return data
+
+    @classmethod
+    @abstractmethod
+    async def handle(cls, ctx: PayloadContext, payload: IncomingPayload) -> Mapping[str, Any]:
+        """Act on a received payload; the returned mapping is the reply sent to the sender."""
+
+
+# --- discovery -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A place where a node might be reached: its key when known, and a UDP address."""
+
+    host: str
+    port: int
+    node: NodeId | None = None
+    source: str = ""
+    tags: frozenset[bytes] = field(default_factory=frozenset)
+
+
+class DiscoveryContext(Protocol):
+    """What a discovery backend may ask of the node: who it is and what it serves."""
+
+    @property
+    def node_id(self) -> NodeId: ...
+
+    @property
+    def port(self) -> int: ...
+
+    def advertised_tags(self) -> Sequence[bytes]:
+        """Rendezvous tags (SPEC.md §5.2) of the subnets this node serves now."""
+        ...
+
+    def config_section(self, name: str) -> Mapping[str, Any]: ...
+
+
+class DiscoveryBackend(ABC):
+    """Finds members of a subnet by its rendezvous tag, and announces this node."""
+
+    name: ClassVar[str]
+    priority: ClassVar[int] = 100
+
+    async def start(self, ctx: DiscoveryContext) -> None:
+        """Begin announcing; called once when the node starts. Default: nothing to announce."""
+
+    async def refresh(self) -> None:
+        """The set of served subnets changed; update what is announced."""
+
+    async def stop(self) -> None:
+        """Withdraw announcements and release resources."""
+
+    @abstractmethod
+    async def find(self, tag: bytes, timeout: float) -> Sequence[Candidate]:
+        """Candidates that serve `tag`, gathered for at most `timeout` seconds."""
+
+
+# --- connectors (transports and fallbacks) --------------------------------------------------
+
+
+class ConnectContext(Protocol):
+    """What a connector may ask of the node when dialling."""
+
+    @property
+    def node_id(self) -> NodeId: ...
+
+
+class Connector(ABC):
+    """One way to reach a peer: direct QUIC (essential), the relay, …
+
+    The dialer races connectors by `priority`, each held back by its `start_delay` seconds.
+    """
+
+    name: ClassVar[str]
+    priority: ClassVar[int] = 100
+    start_delay: ClassVar[float] = 0.0
+
+    @abstractmethod
+    async def candidates(self, ctx: ConnectContext, peer: NodeId, hints: Sequence[Candidate]) -> Sequence[Candidate]:
+        """Addresses this connector would dial for `peer`, given what discovery knows."""
+
+
+# --- mind sync, notifications, updates ------------------------------------------------------
+
+
+class SyncTier(ABC):
+    """A tier of an endpoint's mind (live, project) and how it replicates."""
+
+    name: ClassVar[str]
+    eager: ClassVar[bool] = False  # pushed at once (live) or by anti-entropy (project)
+
+
+class NotificationRenderer(ABC):
+    """Turns a notification record into what the user sees at the surfacing node."""
+
+    name: ClassVar[str]
+    priority: ClassVar[int] = 100
+
+    @abstractmethod
+    def render(self, notification: Mapping[str, Any]) -> str: ...
+
+
+class Updater(ABC):
+    """Stages and applies signed releases (SPEC.md §8.8)."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def status(self) -> Mapping[str, Any]: ...

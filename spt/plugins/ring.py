@@ -1,0 +1,31 @@
+"""The `ring` payload type: a send whose sender waits for the reply (SPEC.md §4.3)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from spt.hooks import IncomingPayload, PayloadContext, PayloadType, Registry, hookimpl
+from spt.plugins.send import Send
+
+
+class Ring(PayloadType):
+    name: ClassVar[str] = "ring"
+    version: ClassVar[int] = 1
+    summary: ClassVar[str] = "a message whose sender waits for the reply"
+
+    @classmethod
+    def decode(cls, data: Any) -> Any:
+        return Send.decode(data)
+
+    @classmethod
+    async def handle(cls, ctx: PayloadContext, payload: IncomingPayload) -> Mapping[str, Any]:
+        msg = payload.value
+        attrs = {**msg.get("attrs", {}), "ring": "1"}
+        token = await ctx.deliver(msg["to"], "msg", msg["body"], attrs, sender=msg.get("from", ""))
+        return {"token": token}
+
+
+@hookimpl
+def spt_register_payload_types(registry: Registry[type[PayloadType]]) -> None:
+    registry.add(Ring)

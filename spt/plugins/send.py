@@ -1,0 +1,32 @@
+"""The `send` payload type: a message for a perch, delivered live first, else spooled."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from spt.core.errors import RemoteProtocolError
+from spt.hooks import IncomingPayload, PayloadContext, PayloadType, Registry, hookimpl
+
+
+class Send(PayloadType):
+    name: ClassVar[str] = "send"
+    version: ClassVar[int] = 1
+    summary: ClassVar[str] = "a message to an endpoint"
+
+    @classmethod
+    def decode(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not isinstance(data.get("to"), str) or not isinstance(data.get("body"), str):
+            raise RemoteProtocolError("send", "a send payload is a map with string 'to' and 'body'")
+        return data
+
+    @classmethod
+    async def handle(cls, ctx: PayloadContext, payload: IncomingPayload) -> Mapping[str, Any]:
+        msg = payload.value
+        token = await ctx.deliver(msg["to"], "msg", msg["body"], msg.get("attrs", {}), sender=msg.get("from", ""))
+        return {"token": token}
+
+
+@hookimpl
+def spt_register_payload_types(registry: Registry[type[PayloadType]]) -> None:
+    registry.add(Send)
