@@ -1,0 +1,33 @@
+"""Printing: status tokens on stdout, hints on stderr, JSON documents for read commands.
+
+Tokens are byte-stable contract (SPEC.md §3.3): scripts and agent adapters grep for them.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+
+def emit(token: str, subject: str = "", detail: str = "", *, err: bool = False) -> None:
+    """Print `TOKEN:subject detail` (or the bare token) on stdout, or stderr with `err`."""
+    line = f"{token}:{subject}" if subject else token
+    if detail:
+        line = f"{line} {detail}"
+    stream = sys.stderr if err else sys.stdout
+    stream.write(line + "\n")
+    stream.flush()
+
+
+def hint(text: str) -> None:
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
+def out(text: str = "") -> None:
+    sys.stdout.write(text + "\n")
+
+
+def print_json(doc: Any) -> None:
+    sys.stdout.write(json.dumps(doc, indent=2, sort_keys=False) + "\n")

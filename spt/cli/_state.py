@@ -1,0 +1,98 @@
+"""What every command shares: global options, the state folder, the daemon connection."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import sys
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from spt.core.config import StatePaths
+from spt.core.errors import ElevationRequired
+
+if TYPE_CHECKING:
+    from spt.manager import PluginSystem
+
+
+@dataclass
+class CliState:
+    json: bool = False
+    blocked: tuple[str, ...] = ()
+    debug: bool = False
+    _plugins: PluginSystem | None = field(default=None, repr=False)
+
+
+def state(ctx: click.Context | None = None) -> CliState:
+    ctx = ctx or click.get_current_context()
+    obj = ctx.find_root().obj
+    if not isinstance(obj, CliState):
+        obj = CliState()
+        ctx.find_root().obj = obj
+    return obj
+
+
+def plugin_system(ctx: click.Context | None) -> PluginSystem:
+    from spt.core.config import load_config
+    from spt.core.errors import ConfigError
+    from spt.manager import blocked_names, build_plugin_manager
+
+    st = state(ctx) if ctx is not None else CliState()
+    if st._plugins is None:
+        try:
+            config_blocks: tuple[str, ...] = load_config(StatePaths.resolve()).disabled_plugins
+        except ConfigError:
+            config_blocks = ()
+        st._plugins = build_plugin_manager(blocked=blocked_names(st.blocked, config_blocks))
+    return st._plugins
+
+
+def is_interactive() -> bool:
+    """SPEC.md §3.1: stdin and stderr are both terminals."""
+    return sys.stdin.isatty() and sys.stderr.isatty()
+
+
+def spt_command_prefix() -> list[str]:
+    """How this spt was started, as an absolute command (SPEC.md §5.7)."""
+    argv0 = sys.argv[0] if sys.argv else ""
+    if not argv0 or argv0.endswith("__main__.py") or argv0 == "-m" or argv0.endswith(".py"):
+        return [sys.executable, "-m", "spt"]
+    found = argv0 if os.sep in argv0 else shutil.which(argv0) or argv0
+    return [os.path.abspath(found)]
+
+
+def elevated_command(args: list[str] | None = None) -> str:
+    """The exact command to run elevated: `sudo [SPT_HOME=…] <absolute spt> <same arguments>`."""
+    args = sys.argv[1:] if args is None else args
+    env = [f"SPT_HOME={os.environ['SPT_HOME']}"] if os.environ.get("SPT_HOME") else []
+    return shlex.join(["sudo", *env, *spt_command_prefix(), *args])
+
+
+def require_elevation() -> None:
+    """Gated commands: re-run under sudo when interactive, else refuse with the exact command.
+
+    The daemon enforces the gate itself from the socket's peer credentials; this only saves a
+    round trip and gives the user the command to run.
+    """
+    if os.geteuid() == 0:
+        return
+    if is_interactive() and shutil.which("sudo") and os.environ.get("SPT_NO_SUDO") != "1":
+        argv = shlex.split(elevated_command())
+        os.execvp(argv[0], argv)
+    raise ElevationRequired("", "run this in an elevated terminal:", lines=[elevated_command()])
+
+
+def daemon_call(op: str, args: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+    """Ask the daemon (starting it unless `SPT_NO_AUTOSTART=1`) and return the result."""
+    from spt.core.ipc import call, connect_or_start
+
+    paths = StatePaths.resolve()
+    autostart = os.environ.get("SPT_NO_AUTOSTART") != "1"
+    conn = connect_or_start(paths.root, autostart=autostart)
+    try:
+        return call(conn, op, args, interactive=is_interactive(), **kwargs)
+    finally:
+        conn.close()

@@ -1,0 +1,75 @@
+"""`spt daemon run|stop|status`."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import click
+
+from spt.cli._output import emit, out, print_json
+from spt.cli._state import daemon_call, state
+
+
+@click.group()
+def daemon() -> None:
+    """Run, stop or inspect this node's daemon."""
+
+
+@daemon.command()
+@click.pass_context
+def run(ctx: click.Context) -> None:
+    """Run the daemon in the foreground (log lines on stderr)."""
+    from spt.core.daemon import configure_logging, run_daemon
+
+    configure_logging()
+    run_daemon(state(ctx).blocked)
+
+
+@daemon.command()
+def stop() -> None:
+    """Stop the daemon; hosted processes keep running."""
+    from spt.core.config import StatePaths
+    from spt.core.ipc import call, connect
+
+    paths = StatePaths.resolve()
+    conn = connect(paths.socket)
+    try:
+        pid = call(conn, "ping")["pid"]
+    finally:
+        conn.close()
+    conn = connect(paths.socket)
+    try:
+        call(conn, "daemon.stop")
+    finally:
+        conn.close()
+    deadline = time.monotonic() + 10.0
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.02)
+    emit("DAEMON_STOPPED")
+
+
+@daemon.command()
+@click.pass_context
+def status(ctx: click.Context) -> None:
+    """Version, uptime, node, peers and health of the running daemon."""
+    os.environ.setdefault("SPT_NO_AUTOSTART", "1")  # status reports; it never starts one
+    doc = daemon_call("daemon.status")
+    if state(ctx).json:
+        print_json({k: (v["key"] if k == "node" else v) for k, v in doc.items() if k not in ("pid", "port")})
+        return
+    out(f"version: {doc['version']}")
+    out(f"uptime: {doc['uptime_s']:.0f}s")
+    out(f"node: {doc['node']['display']}")
+    out(f"mode: {doc['mode']}")
+    out(f"port: {doc['port']}")
+    out(f"subnets: {', '.join(doc['subnets']) or '(none)'}")
+    peers = doc["peers"]
+    out(f"peers: direct={peers['direct']} relayed={peers['relayed']} none={peers['none']}")
+    out(f"hosted: {doc['hosted']}  unread: {doc['unread']}")
+    for warning in doc["warnings"]:
+        out(f"warning: {warning}")

@@ -1,0 +1,337 @@
+"""The node runtime: one per state folder, started by `spt daemon run`.
+
+It owns the node key, the store, the node's one UDP socket and the control socket, loads the
+plugins, and serves the operations the CLI asks for. Services register their operations with
+`Daemon.op`; an operation marked `elevated` is refused unless the caller's uid, as the kernel
+reports it for the control socket (SO_PEERCRED), is 0.
+
+Every per-request handler is guarded: an exception is logged with its traceback and answered as
+an error; the daemon keeps running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import signal
+import socket
+import struct
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import IO, Any, Final
+
+from spt import __version__
+from spt.core.config import NodeConfig, StatePaths, load_config
+from spt.core.errors import ElevationRequired, LocalProtocolError, SptError, UsageError
+from spt.core.identity import NodeKey
+from spt.core.ipc import MAX_LINE, PROTOCOL_VERSION, encode_line
+from spt.core.store import Store, load_or_create_key
+from spt.core.types import check_label, label_from_hostname
+from spt.manager import PluginSystem, blocked_names, build_plugin_manager
+
+log = logging.getLogger(__name__)
+
+ELEVATION_MESSAGE: Final = "run this in an elevated terminal:"
+
+
+@dataclass
+class Call:
+    """One control-socket request as a handler sees it."""
+
+    op: str
+    args: Mapping[str, Any]
+    uid: int
+    interactive: bool
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+
+    async def emit(self, event: Mapping[str, Any]) -> None:
+        """Send one event line to the caller (streams: envelopes, progress)."""
+        self.writer.write(encode_line({"event": dict(event)}))
+        await self.writer.drain()
+
+    async def receive(self, timeout: float | None = None) -> dict[str, Any] | None:
+        """The caller's next line (acks), or None when it hung up."""
+        async with asyncio.timeout(timeout):
+            raw = await self.reader.readline()
+        if not raw:
+            return None
+        msg = json.loads(raw)
+        return msg if isinstance(msg, dict) else None
+
+
+Handler = Callable[[Call], Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class Op:
+    handler: Handler
+    elevated: bool
+
+
+def _peer_uid(writer: asyncio.StreamWriter) -> int:
+    sock = writer.get_extra_info("socket")
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return int(uid)
+
+
+def interface_addresses() -> list[str]:
+    """The IPv4 addresses of this host's (this namespace's) interfaces, loopback last."""
+    import array
+
+    siocgifaddr = 0x8915
+    found: list[str] = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _index, name in socket.if_nameindex():
+            buf = array.array("B", struct.pack("256s", name.encode()[:15]))
+            try:
+                fcntl.ioctl(s.fileno(), siocgifaddr, buf)
+            except OSError:
+                continue
+            found.append(socket.inet_ntoa(bytes(buf[20:24])))
+    return sorted(found, key=lambda a: (a.startswith("127."), a))
+
+
+class Daemon:
+    def __init__(self, paths: StatePaths, config: NodeConfig, plugins: PluginSystem) -> None:
+        self.paths = paths
+        self.config = config
+        self.plugins = plugins
+        self.ops: dict[str, Op] = {}
+        self.started_at = time.time()
+        self._stopping = asyncio.Event()
+        self._lock_file: IO[bytes] | None = None
+        self.store: Store
+        self.key: NodeKey
+        self.udp: asyncio.DatagramTransport | None = None
+        self._ipc_server: asyncio.AbstractServer | None = None
+        self._register_core_ops()
+
+    # -- operations -----------------------------------------------------------------------
+
+    def op(self, name: str, *, elevated: bool = False) -> Callable[[Handler], Handler]:
+        """Register a control operation; duplicate names are a bug."""
+
+        def register(handler: Handler) -> Handler:
+            if name in self.ops:
+                raise LocalProtocolError(name, "control operation registered twice")
+            self.ops[name] = Op(handler, elevated)
+            return handler
+
+        return register
+
+    def _register_core_ops(self) -> None:
+        self.op("ping")(self._ping)
+        self.op("node.show")(self._node_show)
+        self.op("node.label.set")(self._node_label_set)
+        self.op("daemon.status")(self._daemon_status)
+        self.op("daemon.stop")(self._daemon_stop)
+
+    @property
+    def label(self) -> str:
+        return self.store.get_meta("label") or label_from_hostname(socket.gethostname())
+
+    @property
+    def port(self) -> int:
+        assert self.udp is not None  # started
+        return int(self.udp.get_extra_info("sockname")[1])
+
+    def addresses(self) -> list[str]:
+        host = self.config.bind
+        hosts = interface_addresses() if host in ("0.0.0.0", "") else [host]
+        return [f"{h}:{self.port}" for h in hosts]
+
+    async def _ping(self, call: Call) -> Any:
+        return {"version": __version__, "pid": os.getpid(), "key": self.key.node_id.hex}
+
+    async def _node_show(self, call: Call) -> Any:
+        nid = self.key.node_id
+        return {
+            "label": self.label,
+            "key": nid.hex,
+            "display": nid.display(self.label),
+            "fingerprint": nid.fingerprint,
+            "addresses": self.addresses(),
+            "subnets": [],
+        }
+
+    async def _node_label_set(self, call: Call) -> Any:
+        label = check_label(str(call.args.get("label", "")))
+        with self.store.transaction():
+            self.store.set_meta("label", label)
+        return {"label": label}
+
+    async def _daemon_status(self, call: Call) -> Any:
+        warnings = [f"plugin {r.name} failed: {r.reason}" for r in self.plugins.records if r.status == "failed"]
+        return {
+            "version": __version__,
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "node": {"label": self.label, "key": self.key.node_id.hex, "display": self.key.node_id.display(self.label)},
+            "mode": "system" if os.getuid() != 0 and self.paths.root.stat().st_uid != os.getuid() else "user",
+            "pid": os.getpid(),
+            "port": self.port,
+            "subnets": [],
+            "peers": {"direct": 0, "relayed": 0, "none": 0},
+            "hosted": 0,
+            "unread": 0,
+            "warnings": warnings,
+        }
+
+    async def _daemon_stop(self, call: Call) -> Any:
+        asyncio.get_running_loop().call_soon(self._stopping.set)
+        return {"stopped": True}
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def _take_lock(self) -> None:
+        self._lock_file = open(self.paths.lock_file, "ab")  # noqa: SIM115 - held for the daemon's life
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(
+                "DAEMON_RUNNING", str(self.paths.root), "a daemon already runs for this state folder"
+            ) from None
+
+    async def _bind_udp(self) -> None:
+        loop = asyncio.get_running_loop()
+        port = self.config.port
+        try:
+            self.udp, _ = await loop.create_datagram_endpoint(asyncio.DatagramProtocol, local_addr=(self.config.bind, port))
+        except OSError:
+            if port == 0:
+                raise
+            # SPEC.md §3.11: a random free port if the configured one is taken.
+            log.warning("port taken; using a free one", extra={"port": port})
+            self.udp, _ = await loop.create_datagram_endpoint(asyncio.DatagramProtocol, local_addr=(self.config.bind, 0))
+
+    async def start(self) -> None:
+        self.paths.ensure()
+        self._take_lock()
+        self.key, created = load_or_create_key(self.paths.key_file)
+        self.store = Store(self.paths.db_file)
+        if created:
+            log.info("node key created", extra={"node": self.key.node_id.short})
+        await self._bind_udp()
+        with contextlib.suppress(FileNotFoundError):
+            self.paths.socket.unlink()
+        old_umask = os.umask(0o177)  # the socket is born 0600: no window where others connect
+        try:
+            self._ipc_server = await asyncio.start_unix_server(self._serve_client, path=os.fspath(self.paths.socket), limit=MAX_LINE)
+        finally:
+            os.umask(old_umask)
+        os.chmod(self.paths.socket, 0o600)
+        self.plugins.pm.hook.spt_node_started(node_id=self.key.node_id.hex, port=self.port)
+        log.info("daemon started", extra={"node": self.key.node_id.short, "port": self.port, "pid": os.getpid()})
+
+    async def run(self) -> None:
+        """Start, serve until stopped (daemon.stop, SIGTERM, SIGINT), then shut down."""
+        await self.start()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        try:
+            await self._stopping.wait()
+        finally:
+            await self.shutdown()
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def shutdown(self) -> None:
+        self.plugins.pm.hook.spt_node_stopping()
+        if self._ipc_server is not None:
+            self._ipc_server.close()
+            with contextlib.suppress(FileNotFoundError):
+                self.paths.socket.unlink()
+        if self.udp is not None:
+            self.udp.close()
+        self.store.close()
+        log.info("daemon stopped")
+
+    # -- the control socket ---------------------------------------------------------------
+
+    async def _serve_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            uid = _peer_uid(writer)
+            if uid not in (0, os.getuid()):
+                # The socket is 0600, so only root or our own uid get here; belt and braces.
+                await self._answer(writer, {"error": SptError("", "this control socket belongs to another user").to_wire()})
+                return
+            raw = await reader.readline()
+            if not raw:
+                return
+            try:
+                req = json.loads(raw)
+                op_name = str(req["op"])
+                args = req.get("args") or {}
+                if req.get("v") != PROTOCOL_VERSION or not isinstance(args, dict):
+                    raise ValueError("version")
+            except (ValueError, KeyError, TypeError):
+                err = UsageError("BAD_REQUEST", "", "malformed control request; is the CLI the same version as the daemon?")
+                await self._answer(writer, {"error": err.to_wire()})
+                return
+            call = Call(op_name, args, uid, bool(req.get("interactive")), reader, writer)
+            await self._answer(writer, await self._dispatch(call))
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass  # the CLI went away: nothing to answer
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _dispatch(self, call: Call) -> dict[str, Any]:
+        op = self.ops.get(call.op)
+        if op is None:
+            return {"error": UsageError("BAD_REQUEST", call.op, "unknown control operation").to_wire()}
+        if op.elevated and call.uid != 0:
+            log.warning("elevated operation refused", extra={"op": call.op, "uid": call.uid})
+            return {"error": ElevationRequired("", ELEVATION_MESSAGE).to_wire()}
+        try:
+            return {"result": await op.handler(call)}
+        except SptError as exc:
+            return {"error": exc.to_wire()}
+        except (ConnectionError, asyncio.IncompleteReadError):
+            raise
+        except Exception as exc:
+            log.exception("operation failed", extra={"op": call.op})
+            return {"error": {"token": "INTERNAL", "exit": 5, "subject": "", "message": f"{type(exc).__name__}: {exc}", "lines": []}}
+
+    async def _answer(self, writer: asyncio.StreamWriter, msg: Mapping[str, Any]) -> None:
+        writer.write(encode_line(msg))
+        await writer.drain()
+
+
+def configure_logging(stream: IO[str] | None = None) -> None:
+    """Daemon log lines: time, level, logger, message and the structured fields."""
+
+    class Fmt(logging.Formatter):
+        _skip = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+
+        def format(self, record: logging.LogRecord) -> str:
+            fields = " ".join(f"{k}={v}" for k, v in record.__dict__.items() if k not in self._skip)
+            base = f"{self.formatTime(record)} {record.levelname} {record.name}: {record.getMessage()}"
+            out = f"{base} {fields}" if fields else base
+            if record.exc_info:
+                out += "\n" + self.formatException(record.exc_info)
+            return out
+
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(Fmt())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(os.environ.get("SPT_LOG_LEVEL", "INFO").upper())
+
+
+def run_daemon(cli_blocks: tuple[str, ...] = ()) -> None:
+    """The body of `spt daemon run`."""
+    paths = StatePaths.resolve()
+    paths.ensure()
+    config = load_config(paths)
+    plugins = build_plugin_manager(blocked=blocked_names(cli_blocks, config.disabled_plugins))
+    asyncio.run(Daemon(paths, config, plugins).run())

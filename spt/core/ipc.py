@@ -1,0 +1,141 @@
+"""The control channel between the CLI and the daemon: JSON lines over a Unix socket.
+
+One request per connection: the client sends `{"v": 1, "op": ..., "args": {...}}`; the daemon
+answers with zero or more `{"event": ...}` lines (streams such as `spt ready`), then one
+`{"result": ...}` or `{"error": {...}}` line. A streaming client may send further lines (acks).
+
+This module is the client half and the wire helpers. It is imported by every CLI command, so it
+stays on the standard library's blocking sockets: no asyncio, no crypto. The daemon's half
+lives in `spt.core.daemon`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, Final
+
+from spt.core.errors import DaemonDown, SptError
+
+PROTOCOL_VERSION: Final = 1
+MAX_LINE: Final = 8 * 1024 * 1024
+AUTOSTART_WAIT: Final = 15.0
+
+
+def encode_line(obj: Mapping[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
+
+
+class IpcConnection:
+    """A connected control socket; `request()` sends the request line, `lines()` reads answers."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._file = sock.makefile("rb")
+
+    def send(self, obj: Mapping[str, Any]) -> None:
+        self.sock.sendall(encode_line(obj))
+
+    def lines(self, timeout: float | None = None) -> Iterator[dict[str, Any]]:
+        """Answer lines as dicts until the final one; `timeout` bounds the wait for each line."""
+        self.sock.settimeout(timeout)
+        while True:
+            try:
+                raw = self._file.readline(MAX_LINE)
+            except TimeoutError:
+                raise DaemonDown("", "the daemon did not answer in time") from None
+            if not raw:
+                raise DaemonDown("", "the daemon closed the control connection")
+            msg = json.loads(raw)
+            if not isinstance(msg, dict):
+                raise DaemonDown("", "the daemon sent a malformed answer")
+            yield msg
+            if "result" in msg or "error" in msg:
+                return
+
+    def close(self) -> None:
+        self._file.close()
+        self.sock.close()
+
+
+def connect(socket_path: Path) -> IpcConnection:
+    """Connect to a running daemon; raises DaemonDown when none listens there."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(os.fspath(socket_path))
+    except PermissionError:
+        sock.close()
+        raise DaemonDown(
+            "", f"the control socket {socket_path} belongs to another user; run spt as that user"
+        ) from None
+    except (FileNotFoundError, ConnectionRefusedError):
+        sock.close()
+        raise DaemonDown("", f"no daemon listens on {socket_path}") from None
+    return IpcConnection(sock)
+
+
+def start_daemon(state_root: Path, env: Mapping[str, str] | None = None) -> None:
+    """Start `spt daemon run` detached, its output appended to the state folder's log."""
+    state_root.mkdir(parents=True, exist_ok=True)
+    os.chmod(state_root, 0o700)
+    child_env = dict(os.environ if env is None else env)
+    child_env["SPT_HOME"] = os.fspath(state_root)
+    with open(state_root / "daemon.log", "ab") as log:
+        subprocess.Popen(
+            [sys.executable, "-m", "spt", "daemon", "run"],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            env=child_env,
+            start_new_session=True,
+            close_fds=True,
+        )
+
+
+def connect_or_start(state_root: Path, *, autostart: bool) -> IpcConnection:
+    """Connect, starting the daemon first when allowed (SPEC.md §3.1, `SPT_NO_AUTOSTART`)."""
+    socket_path = state_root / "spt.sock"
+    try:
+        return connect(socket_path)
+    except DaemonDown:
+        if not autostart:
+            raise
+    start_daemon(state_root)
+    deadline = time.monotonic() + AUTOSTART_WAIT
+    delay = 0.01
+    while time.monotonic() < deadline:
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.2)
+        try:
+            return connect(socket_path)
+        except DaemonDown as exc:
+            last = exc
+    raise DaemonDown("", f"the daemon did not start within {AUTOSTART_WAIT:.0f} s; see {state_root / 'daemon.log'}") from last
+
+
+def call(
+    conn: IpcConnection,
+    op: str,
+    args: Mapping[str, Any] | None = None,
+    *,
+    on_event: Callable[[dict[str, Any]], None] | None = None,
+    timeout: float | None = 60.0,
+    interactive: bool = False,
+) -> Any:
+    """Send one request and return its result; an error answer is raised as an SptError."""
+    conn.send({"v": PROTOCOL_VERSION, "op": op, "args": dict(args or {}), "interactive": interactive})
+    for msg in conn.lines(timeout):
+        if "event" in msg:
+            if on_event is not None:
+                on_event(msg["event"])
+        elif "error" in msg:
+            raise SptError.from_wire(msg["error"])
+        else:
+            return msg.get("result")
+    raise DaemonDown("", "the daemon closed the control connection")

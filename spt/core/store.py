@@ -1,0 +1,105 @@
+"""Durable node state: the 0600 key file and the SQLite store (WAL, versioned migrations).
+
+Synchronous calls only; the daemon runs them on its loop (they are short) and never from two
+threads at once. Every change that must survive `kill -9` is committed before it is announced.
+Schema changes are appended to `MIGRATIONS`, never edited: `PRAGMA user_version` records how
+many have run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Final
+
+from spt.core.errors import IdentityError
+from spt.core.identity import NodeKey
+
+MIGRATIONS: Final[tuple[str, ...]] = (
+    # 1: node metadata
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    """,
+)
+
+
+def load_or_create_key(path: Path) -> tuple[NodeKey, bool]:
+    """The node key from its 0600 file, made on first start; returns (key, created)."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        key = NodeKey.generate()
+        tmp = path.with_name(path.name + ".tmp")
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, key.private_bytes())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        return key, True
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise IdentityError(str(path), f"key file is readable by others (mode {mode:o}); run chmod 600 on it")
+    return NodeKey.from_private_bytes(raw), False
+
+
+class Store:
+    """One SQLite database per node."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")  # a committed message survives power loss
+        self.db.execute("PRAGMA foreign_keys=ON")
+        self.db.execute("PRAGMA busy_timeout=5000")
+        os.chmod(path, 0o600)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        version = int(self.db.execute("PRAGMA user_version").fetchone()[0])
+        if version > len(MIGRATIONS):
+            raise IdentityError(
+                str(self.path), f"store schema {version} is newer than this spt knows ({len(MIGRATIONS)})"
+            )
+        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            with self.transaction():
+                for statement in script.split(";"):
+                    if statement.strip():
+                        self.db.execute(statement)
+                self.db.execute(f"PRAGMA user_version={number}")
+
+    @property
+    def schema_version(self) -> int:
+        return int(self.db.execute("PRAGMA user_version").fetchone()[0])
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE … COMMIT, rolled back on any exception."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def get_meta(self, key: str, default: str | None = None) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return str(row[0]) if row else default
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.db.execute("INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value", (key, value))
+
+    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        return list(self.db.execute(sql, params).fetchall())
+
+    def close(self) -> None:
+        self.db.close()
