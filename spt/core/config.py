@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from spt.core.errors import ConfigError
+from spt.core.types import check_label
 
 DEFAULT_PORT: Final = 47470
 SOCKET_PATH_MAX: Final = 107  # sun_path holds 108 bytes including the NUL
@@ -95,6 +96,7 @@ _KNOWN: Final[dict[str, set[str]]] = {
 
 @dataclass(frozen=True, slots=True)
 class NodeConfig:
+    label: str | None = None  # the default label; `spt node label set` overrides it
     port: int = DEFAULT_PORT
     bind: str = "0.0.0.0"
     static_peers: tuple[str, ...] = ()
@@ -160,7 +162,11 @@ def parse_config(raw: Mapping[str, Any], env: Mapping[str, str] | None = None) -
     lockout = _get(raw, "join", "lockout_seconds", int, 3600)
     if max_failures < 1 or lockout < 1:
         raise ConfigError("join", "max_failures and lockout_seconds must be positive")
+    label = raw.get("node", {}).get("label")
+    if label is not None:
+        check_label(str(label))
     return NodeConfig(
+        label=label,
         port=port,
         bind=_get(raw, "net", "bind", str, "0.0.0.0"),
         static_peers=_str_list(raw, "net", "static_peers"),

@@ -135,7 +135,7 @@ class Daemon:
 
     @property
     def label(self) -> str:
-        return self.store.get_meta("label") or label_from_hostname(socket.gethostname())
+        return self.store.get_meta("label") or self.config.label or label_from_hostname(socket.gethostname())
 
     @property
     def port(self) -> int:

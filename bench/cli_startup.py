@@ -1,0 +1,44 @@
+"""Wall time of `spt node show` (daemon running) against `python3 -c pass`, in one run.
+
+    .venv/bin/python bench/cli_startup.py [--runs N]
+
+Target (issue 2): ratio ≤ 4.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _util import median, pct, time_command  # noqa: E402
+
+from spt.testing.nodes import NodeFactory  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", type=int, default=30)
+    args = parser.parse_args()
+    spt_exe = shutil.which("spt", path=str(Path(sys.executable).parent)) or "spt"
+    factory = NodeFactory()
+    try:
+        node = factory("bench")
+        time_command([spt_exe, "node", "show"], 3, env=node.env)  # warm the page cache
+        base = time_command([sys.executable, "-c", "pass"], args.runs)
+        spt = time_command([spt_exe, "node", "show"], args.runs, env=node.env)
+    finally:
+        factory.close()
+    b, s = median(base), median(spt)
+    print(f"python3 -c pass      median {b * 1000:7.1f} ms  p90 {pct(base, 0.9) * 1000:7.1f} ms")
+    print(f"spt node show        median {s * 1000:7.1f} ms  p90 {pct(spt, 0.9) * 1000:7.1f} ms")
+    print(f"ratio spt/python     {s / b:7.2f}x   (target <= 4)")
+
+
+if __name__ == "__main__":
+    tempfile.tempdir = os.environ.get("TMPDIR")
+    main()

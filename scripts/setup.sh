@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Sets up everything spt needs on a fresh Debian machine: the system packages the tests and the
+# network lab use (as root), then a virtualenv in .venv with spt, its three plugin distributions
+# and the development tools. Safe to run again; it only adds what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DEBIAN_PACKAGES=(iproute2 iptables tcpdump conntrack openssh-client openssh-server)
+missing=()
+for pkg in "${DEBIAN_PACKAGES[@]}"; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "setup: installing ${missing[*]}" >&2
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  else
+    echo "setup: not root, so not installing ${missing[*]} (network-lab tests will skip)" >&2
+  fi
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check \
+  -e '.[dev]' -e plugins/spt_relay_fallback -e plugins/spt_filetransfer -e plugins/spt_selfupdate

@@ -1,0 +1,50 @@
+"""The pytest plugin that spt and plugin authors test with (entry point `pytest11`).
+
+Fixtures:
+- `spt_pm`: a fresh plugin system with only the built-ins (autoload off).
+- `register_plugin`: build a plugin system with extra plugin objects for one test.
+- `spt_nodes`: a factory of real nodes (daemon processes, each its own `SPT_HOME`) on loopback,
+  stopped at teardown by the pids it started.
+
+pytest loads this module wherever spt is installed, so it imports only what is cheap; the rest
+is imported inside the fixtures.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+if TYPE_CHECKING:
+    from spt.manager import PluginSystem
+    from spt.testing.nodes import NodeFactory
+
+
+@pytest.fixture
+def spt_pm() -> PluginSystem:
+    from spt.manager import build_plugin_manager
+
+    return build_plugin_manager(autoload=False)
+
+
+@pytest.fixture
+def register_plugin() -> Callable[..., PluginSystem]:
+    from spt.manager import build_plugin_manager
+
+    def build(*plugins: tuple[str, Any], blocked: tuple[str, ...] = ()) -> PluginSystem:
+        return build_plugin_manager(autoload=False, extra_plugins=plugins, blocked=blocked)
+
+    return build
+
+
+@pytest.fixture
+def spt_nodes() -> Iterator[NodeFactory]:
+    from spt.testing.nodes import NodeFactory
+
+    factory = NodeFactory()
+    try:
+        yield factory
+    finally:
+        factory.close()

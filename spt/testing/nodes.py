@@ -1,0 +1,145 @@
+"""Real spt nodes for tests and the demo: one daemon process per temporary `SPT_HOME`.
+
+Each node binds loopback only, on a free port, with mDNS off, so nothing leaves the machine.
+The factory stops exactly the processes it started, by pid, and removes their folders.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CONFIG = """\
+[net]
+port = 0
+bind = "127.0.0.1"
+
+[discovery]
+mdns = false
+"""
+
+
+class Node:
+    """One node: its state folder, environment, and daemon process once started."""
+
+    def __init__(self, name: str, home: Path, env: Mapping[str, str]) -> None:
+        self.name = name
+        self.home = home
+        self.env = dict(env)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def cli(
+        self, *args: str, input: str | None = None, check: bool = False, timeout: float = 60.0,
+        env: Mapping[str, str] | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run `spt ARGS…` as this node; returns the completed process (text mode)."""
+        result = subprocess.run(
+            [sys.executable, "-m", "spt", *args],
+            input=input,
+            capture_output=True,
+            text=True,
+            env={**self.env, **(env or {})},
+            timeout=timeout,
+            check=False,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"spt {' '.join(args)} exited {result.returncode}: {result.stderr}{result.stdout}")
+        return result
+
+    def json(self, *args: str) -> Any:
+        return json.loads(self.cli("--json", *args, check=True).stdout)
+
+    def popen(self, *args: str, **kwargs: Any) -> subprocess.Popen[str]:
+        """Start `spt ARGS…` in the background (for `spt ready`); the caller waits or kills it."""
+        return subprocess.Popen(
+            [sys.executable, "-m", "spt", *args],
+            env=self.env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs,
+        )
+
+    def start(self, timeout: float = 15.0) -> None:
+        """Start the daemon in the foreground of a child process and wait for its socket."""
+        log = open(self.home / "daemon.log", "ab")  # noqa: SIM115 - the child owns it
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "spt", "daemon", "run"], env=self.env, stdout=log, stderr=log,
+            stdin=subprocess.DEVNULL,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        sock = self.home / "spt.sock"
+        while time.monotonic() < deadline:
+            if sock.exists() and self.cli("daemon", "status", env={"SPT_NO_AUTOSTART": "1"}).returncode == 0:
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"node {self.name} did not start:\n{self.log()}")
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(10)
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def stop(self) -> None:
+        self.kill(signal.SIGTERM)
+
+    def log(self) -> str:
+        try:
+            return (self.home / "daemon.log").read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    @property
+    def key(self) -> str:
+        return str(self.json("node", "show")["key"])
+
+    @property
+    def address(self) -> str:
+        """`127.0.0.1:PORT`, what `--peer` on another node takes."""
+        return next(a for a in self.json("node", "show")["addresses"] if a.startswith("127."))
+
+
+class NodeFactory:
+    """Makes nodes in short temporary folders (a Unix socket path holds at most 107 bytes)."""
+
+    def __init__(self) -> None:
+        self.nodes: list[Node] = []
+        self._root = Path(tempfile.mkdtemp(prefix="spt-t-"))
+
+    def __call__(
+        self, name: str = "", *, start: bool = True, config: str = DEFAULT_CONFIG, label: str | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> Node:
+        name = name or f"n{len(self.nodes)}"
+        home = self._root / name
+        home.mkdir(mode=0o700)
+        (home / "config.toml").write_text(config + (f'\n[node]\nlabel = "{label}"\n' if label else ""))
+        node_env = {k: v for k, v in os.environ.items() if not k.startswith("SPT_")}
+        node_env.update({"SPT_HOME": str(home), "SPT_NO_AUTOSTART": "1", "SPT_NO_SUDO": "1"})
+        node_env.update(env or {})
+        node = Node(name, home, node_env)
+        self.nodes.append(node)
+        if start:
+            node.start()
+        return node
+
+    def many(self, names: Sequence[str]) -> list[Node]:
+        return [self(n) for n in names]
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.kill(signal.SIGTERM)
+        shutil.rmtree(self._root, ignore_errors=True)

@@ -1,0 +1,68 @@
+"""`spt plugins list` and a deliberately broken plugin installed beside spt."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+
+def run_spt(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "spt", *args], capture_output=True, text=True, env=env, timeout=60)
+
+
+def test_lists_builtins_and_the_three_distributions_ok():
+    doc = json.loads(run_spt("--json", "plugins", "list").stdout)
+    by_name = {p["name"]: p for p in doc["plugins"]}
+    for name in ("quic", "static_peers", "mdns", "send", "ring", "notify", "mind_sync"):
+        assert by_name[name]["status"] == "ok" and by_name[name]["dist"] == "spt"
+    assert by_name["relay"]["dist"] == "spt-relay-fallback"
+    assert by_name["file"]["dist"] == "spt-filetransfer"
+    assert by_name["selfupdate"]["dist"] == "spt-selfupdate"
+    assert all(p["status"] == "ok" for p in doc["plugins"])
+    human = run_spt("plugins", "list").stdout
+    assert human.splitlines()[0].split() == ["NAME", "DIST", "VERSION", "STATUS", "PROVIDES"]
+
+
+def test_disabling_by_flag_and_env():
+    doc = json.loads(run_spt("--json", "-p", "no:ring", "plugins", "list").stdout)
+    assert {p["name"]: p["status"] for p in doc["plugins"]}["ring"] == "blocked"
+    env = {**os.environ, "SPT_DISABLE_PLUGINS": "relay,file"}
+    doc = json.loads(run_spt("--json", "plugins", "list", env=env).stdout)
+    status = {p["name"]: p["status"] for p in doc["plugins"]}
+    assert status["relay"] == "blocked" and status["file"] == "blocked" and status["ring"] == "ok"
+
+
+@pytest.fixture
+def broken_plugin_path(tmp_path):
+    """A real installed distribution (dist-info + entry point) whose module fails to import."""
+    site = tmp_path / "site"
+    pkg = site / "spt_broken"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "plugin.py").write_text("raise ImportError('this plugin is broken on purpose')\n")
+    info = site / "spt_broken-1.2.3.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: spt-broken\nVersion: 1.2.3\n")
+    (info / "entry_points.txt").write_text("[spt.plugins]\nbroken = spt_broken.plugin\n")
+    (info / "top_level.txt").write_text("spt_broken\n")
+    (info / "RECORD").write_text("")
+    return site
+
+
+@pytest.mark.slow
+def test_a_broken_installed_plugin_is_reported_and_spt_still_starts(broken_plugin_path, spt_nodes):
+    env = {**os.environ, "PYTHONPATH": str(broken_plugin_path)}
+    doc = json.loads(run_spt("--json", "plugins", "list", env=env).stdout)
+    broken = next(p for p in doc["plugins"] if p["name"] == "broken")
+    assert broken["status"] == "failed: ImportError: this plugin is broken on purpose"
+    assert broken["dist"] == "spt-broken" and broken["version"] == "1.2.3"
+    human = run_spt("plugins", "list", env=env).stdout
+    assert "failed: ImportError: this plugin is broken on purpose" in human
+
+    node = spt_nodes("a", env={"PYTHONPATH": str(broken_plugin_path)})
+    status = node.json("daemon", "status")
+    assert any("broken" in w and "ImportError" in w for w in status["warnings"])
+    assert node.cli("node", "show").returncode == 0
