@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from importlib.metadata import EntryPoint
 from types import ModuleType
-from typing import Final
+from typing import Any, Final
 
 import pluggy
 
@@ -194,7 +194,7 @@ def _entry_points() -> list[tuple[str, str, EntryPoint | None]]:
     # blocked plugins are never imported. Loading is ours (guarded, one record per plugin).
     from stevedore import NamedExtensionManager
 
-    finder = NamedExtensionManager(ENTRY_POINT_GROUP, names=[], invoke_on_load=False)
+    finder: NamedExtensionManager[Any] = NamedExtensionManager(ENTRY_POINT_GROUP, names=[], invoke_on_load=False)
     return [(ep.name, ep.value.split(":")[0], ep) for ep in finder.list_entry_points()]
 
 

@@ -95,6 +95,10 @@ class DiscoveryContext(Protocol):
     @property
     def port(self) -> int: ...
 
+    def host_addresses(self) -> Sequence[str]:
+        """The IPv4 addresses this node can be reached at (for adverts)."""
+        ...
+
     def advertised_tags(self) -> Sequence[bytes]:
         """Rendezvous tags (SPEC.md §5.2) of the subnets this node serves now."""
         ...

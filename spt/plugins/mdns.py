@@ -1,26 +1,149 @@
 """LAN discovery over mDNS (python-zeroconf), service `_spt._udp.local`.
 
-The TXT record carries the node key, the port and one rendezvous tag per attached subnet:
-nothing derived from a join code or seed (SPEC.md §5.2). zeroconf is imported only when the
-backend starts, so the CLI never pays for it.
+The TXT record carries the node key (`k`) and one rendezvous tag per attached subnet (`t0`,
+`t1`, …): nothing derived from a join code or seed (SPEC.md §5.2). `discovery.mdns = false`
+turns the backend off; `discovery.mdns_interfaces` limits it to the listed addresses, which the
+demo and the tests in the machine's own namespace set to loopback or turn off, so multicast never
+leaves the machine. zeroconf is imported only when the backend starts.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import socket
+import time
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
-from spt.hooks import Candidate, DiscoveryBackend, Registry, hookimpl
+from spt.core.identity import NodeId
+from spt.hooks import Candidate, DiscoveryBackend, DiscoveryContext, Registry, hookimpl
+
+log = logging.getLogger(__name__)
 
 SERVICE_TYPE = "_spt._udp.local."
+# After the first match, wait this long for more answers before returning (other members).
+GATHER_AFTER_FIRST = 0.25
 
 
 class MdnsDiscovery(DiscoveryBackend):
     name: ClassVar[str] = "mdns"
     priority: ClassVar[int] = 20
 
+    def __init__(self) -> None:
+        self._ctx: DiscoveryContext | None = None
+        self._azc: Any = None
+        self._browser: Any = None
+        self._info: Any = None
+        self._found: dict[str, Candidate] = {}  # service name -> candidate
+        self._changed = asyncio.Event()
+        self._pending: set[asyncio.Task[None]] = set()
+
+    async def start(self, ctx: DiscoveryContext) -> None:
+        section = ctx.config_section("discovery")
+        if not section.get("mdns", True):
+            return
+        from zeroconf import InterfaceChoice, IPVersion
+        from zeroconf.asyncio import AsyncServiceBrowser, AsyncZeroconf
+
+        self._ctx = ctx
+        interfaces = section.get("mdns_interfaces", "all")
+        self._azc = AsyncZeroconf(
+            interfaces=InterfaceChoice.All if interfaces == "all" else list(interfaces), ip_version=IPVersion.V4Only
+        )
+        await self._register()
+        self._browser = AsyncServiceBrowser(self._azc.zeroconf, [SERVICE_TYPE], handlers=[self._on_change])
+
+    def _service_info(self) -> Any:
+        from zeroconf.asyncio import AsyncServiceInfo
+
+        assert self._ctx is not None
+        key = self._ctx.node_id.hex
+        props: dict[str, str] = {"k": key}
+        for i, tag in enumerate(self._ctx.advertised_tags()):
+            props[f"t{i}"] = tag.hex()
+        hosts = [h for h in self._ctx.host_addresses() if h != "0.0.0.0"]
+        return AsyncServiceInfo(
+            SERVICE_TYPE,
+            f"spt-{key[:16]}.{SERVICE_TYPE}",
+            addresses=[socket.inet_aton(h) for h in hosts],
+            port=self._ctx.port,
+            properties=props,
+            server=f"spt-{key[:16]}.local.",
+        )
+
+    async def _register(self) -> None:
+        info = self._service_info()
+        if self._info is None:
+            await self._azc.async_register_service(info, allow_name_change=False)
+        else:
+            await self._azc.async_update_service(info)
+        self._info = info
+
+    async def refresh(self) -> None:
+        if self._azc is not None:
+            await self._register()
+
+    def _on_change(self, zeroconf: Any, service_type: str, name: str, state_change: Any) -> None:
+        from zeroconf import ServiceStateChange
+
+        if state_change is ServiceStateChange.Removed:
+            self._found.pop(name, None)
+            return
+        task = asyncio.get_running_loop().create_task(self._resolve(name))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _resolve(self, name: str) -> None:
+        from zeroconf.asyncio import AsyncServiceInfo
+
+        info = AsyncServiceInfo(SERVICE_TYPE, name)
+        if not await info.async_request(self._azc.zeroconf, 1500):
+            return
+        props = {k.decode(): (v or b"").decode() for k, v in info.properties.items()}
+        try:
+            node = NodeId.from_hex(props.get("k", ""))
+            tags = frozenset(bytes.fromhex(v) for k, v in props.items() if k.startswith("t"))
+        except Exception:
+            log.debug("ignoring a malformed spt advert", extra={"service": name})
+            return
+        assert self._ctx is not None
+        if node == self._ctx.node_id:
+            return
+        for addr in info.parsed_addresses():
+            self._found[name] = Candidate(addr, int(info.port or 0), node=node, source="mdns", tags=tags)
+            break
+        self._changed.set()
+
     async def find(self, tag: bytes, timeout: float) -> Sequence[Candidate]:
-        return []
+        if self._azc is None:
+            return []
+        deadline = time.monotonic() + timeout
+        first_at: float | None = None
+        while True:
+            matches = [c for c in self._found.values() if tag in c.tags]
+            now = time.monotonic()
+            if matches and first_at is None:
+                first_at = now
+            if now >= deadline or (first_at is not None and now >= first_at + GATHER_AFTER_FIRST):
+                return matches
+            self._changed.clear()
+            wait = deadline - now if first_at is None else first_at + GATHER_AFTER_FIRST - now
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), timeout=max(0.0, wait))
+
+    async def stop(self) -> None:
+        if self._azc is None:
+            return
+        for task in self._pending:
+            task.cancel()
+        if self._browser is not None:
+            await self._browser.async_cancel()
+        with contextlib.suppress(Exception):
+            await self._azc.async_unregister_all_services()
+        await self._azc.async_close()
+        self._azc = None
 
 
 @hookimpl
