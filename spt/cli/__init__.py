@@ -19,6 +19,7 @@ BUILTIN_COMMANDS: Final = {
     "daemon": "spt.cli.daemon:daemon",
     "node": "spt.cli.node:node",
     "plugins": "spt.cli.plugins:plugins",
+    "subnet": "spt.cli.subnet:subnet",
 }
 
 

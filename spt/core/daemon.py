@@ -21,22 +21,26 @@ import signal
 import socket
 import struct
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO, Any, Final
 
 from spt import __version__
 from spt.core.config import NodeConfig, StatePaths, load_config
-from spt.core.errors import ElevationRequired, LocalProtocolError, SptError, UsageError
-from spt.core.identity import NodeKey
+from spt.core.errors import ElevationRequired, LocalProtocolError, Refusal, SptError, UsageError
+from spt.core.identity import NodeId, NodeKey
 from spt.core.ipc import MAX_LINE, PROTOCOL_VERSION, encode_line
 from spt.core.store import Store, load_or_create_key
+from spt.core.subnets import HeldSubnet, Subnets, rendezvous_tag
+from spt.core.subnets import register_ops as register_subnet_ops
 from spt.core.types import check_label, label_from_hostname
+from spt.hooks import Candidate, DiscoveryBackend
 from spt.manager import PluginSystem, blocked_names, build_plugin_manager
 
 log = logging.getLogger(__name__)
 
 ELEVATION_MESSAGE: Final = "run this in an elevated terminal:"
+NAME_CHECK_SECONDS: Final = 0.5
 
 
 @dataclass
@@ -111,6 +115,10 @@ class Daemon:
         self.key: NodeKey
         self.udp: asyncio.DatagramTransport | None = None
         self._ipc_server: asyncio.AbstractServer | None = None
+        self.subnets: Subnets
+        self.discovery: list[DiscoveryBackend] = sorted(
+            plugins.registries.discovery_backends, key=lambda b: (b.priority, b.name)
+        )
         self._register_core_ops()
 
     # -- operations -----------------------------------------------------------------------
@@ -158,7 +166,7 @@ class Daemon:
             "display": nid.display(self.label),
             "fingerprint": nid.fingerprint,
             "addresses": self.addresses(),
-            "subnets": [],
+            "subnets": [{"name": s.name, "id": s.id.hex()} for s in self.subnets.held.values()],
         }
 
     async def _node_label_set(self, call: Call) -> Any:
@@ -176,7 +184,7 @@ class Daemon:
             "mode": "system" if os.getuid() != 0 and self.paths.root.stat().st_uid != os.getuid() else "user",
             "pid": os.getpid(),
             "port": self.port,
-            "subnets": [],
+            "subnets": [s.name for s in self.subnets.held.values()],
             "peers": {"direct": 0, "relayed": 0, "none": 0},
             "hosted": 0,
             "unread": 0,
@@ -186,6 +194,110 @@ class Daemon:
     async def _daemon_stop(self, call: Call) -> Any:
         asyncio.get_running_loop().call_soon(self._stopping.set)
         return {"stopped": True}
+
+    # -- discovery ------------------------------------------------------------------------
+
+    def host_addresses(self) -> list[str]:
+        host = self.config.bind
+        return interface_addresses() if host in ("0.0.0.0", "") else [host]
+
+    def advertised_tags(self) -> list[bytes]:
+        return self.subnets.advertised_tags()
+
+    def config_section(self, name: str) -> Mapping[str, Any]:
+        return self.config.section(name)
+
+    @property
+    def node_id(self) -> NodeId:
+        return self.key.node_id
+
+    async def _start_discovery(self) -> None:
+        for backend in self.discovery:
+            try:
+                await backend.start(self)
+            except Exception:
+                # A broken backend costs its own discovery, never the node.
+                log.exception("discovery backend failed to start", extra={"backend": backend.name})
+
+    async def find_candidates(self, tag: bytes, timeout: float, extra: Sequence[Candidate] = ()) -> list[Candidate]:
+        """Ask every discovery backend at once for holders of `tag`; duplicates dropped."""
+
+        async def ask(backend: DiscoveryBackend) -> Sequence[Candidate]:
+            try:
+                return await backend.find(tag, timeout)
+            except Exception:
+                log.exception("discovery backend failed", extra={"backend": backend.name})
+                return []
+
+        results = await asyncio.gather(*(ask(b) for b in self.discovery))
+        seen: set[tuple[str, int]] = set()
+        found: list[Candidate] = []
+        for cand in [*extra, *(c for batch in results for c in batch)]:
+            if (cand.host, cand.port) not in seen and (cand.host, cand.port) not in self._own_addrs():
+                seen.add((cand.host, cand.port))
+                found.append(cand)
+        return found
+
+    def _own_addrs(self) -> set[tuple[str, int]]:
+        return {(h, self.port) for h in [*self.host_addresses(), "127.0.0.1"]}
+
+    async def subnets_changed(self) -> None:
+        """Held or attached subnets changed: refresh what discovery announces."""
+        for backend in self.discovery:
+            try:
+                await backend.refresh()
+            except Exception:
+                log.exception("discovery backend failed to refresh", extra={"backend": backend.name})
+
+    async def check_name_free(self, name: str) -> None:
+        """SPEC.md §3.5: NAME_TAKEN when a subnet of that name answers nearby (mDNS adverts)."""
+        tag = rendezvous_tag(name)
+        found = await self.find_candidates(tag, NAME_CHECK_SECONDS)
+        if any(tag in c.tags for c in found):
+            raise Refusal("NAME_TAKEN", name, "a subnet of that name answers on the LAN; pass --allow-duplicate-name to create another")
+
+    def on_first_subnet(self, sub: HeldSubnet) -> list[str]:
+        """Home endpoints made before any subnet (SPEC.md §2.5); returns their ids."""
+        return []
+
+    def subnet_status(self, sub: HeldSubnet, *, nodes: bool, include_former: bool) -> dict[str, Any]:
+        st = sub.state()
+        doc: dict[str, Any] = {
+            "name": sub.name,
+            "id": sub.id.hex(),
+            "attached": sub.attached,
+            "nodes": len(st.members),
+            "endpoints": 0,
+            "joins": self.join_state(sub),
+        }
+        if nodes:
+            members = []
+            for key, label in sorted(st.members.items(), key=lambda kv: (kv[1].lower(), kv[0].hex)):
+                members.append(self.member_view(sub, key, label))
+            if include_former:
+                for key, former in sorted(st.former.items(), key=lambda kv: kv[0].hex):
+                    members.append({"label": former.label, "key": key.hex, "standing": former.reason, "online": False,
+                                    "detached": False, "self": key == self.key.node_id, "version": None,
+                                    "last_seen": None, "path": None})
+            doc["members"] = members
+        return doc
+
+    def member_view(self, sub: HeldSubnet, key: NodeId, label: str) -> dict[str, Any]:
+        is_self = key == self.key.node_id
+        return {
+            "label": label,
+            "key": key.hex,
+            "standing": "member",
+            "online": is_self,
+            "detached": (not sub.attached) if is_self else False,
+            "self": is_self,
+            "version": __version__ if is_self else None,
+            "last_seen": None,
+            "path": None if is_self else {"kind": "none", "addr": None, "via": None, "reason": "peer-offline", "rtt_ms": None, "since": None},
+        }
+
+    def join_state(self, sub: HeldSubnet) -> dict[str, Any]:
+        return {"state": "open", "failed_last_hour": 0, "locked_until": None}
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -215,6 +327,8 @@ class Daemon:
         self._take_lock()
         self.key, created = load_or_create_key(self.paths.key_file)
         self.store = Store(self.paths.db_file)
+        self.subnets = Subnets(self)
+        register_subnet_ops(self, self.subnets)
         if created:
             log.info("node key created", extra={"node": self.key.node_id.short})
         await self._bind_udp()
@@ -226,6 +340,7 @@ class Daemon:
         finally:
             os.umask(old_umask)
         os.chmod(self.paths.socket, 0o600)
+        await self._start_discovery()
         self.plugins.pm.hook.spt_node_started(node_id=self.key.node_id.hex, port=self.port)
         log.info("daemon started", extra={"node": self.key.node_id.short, "port": self.port, "pid": os.getpid()})
 
@@ -245,6 +360,11 @@ class Daemon:
 
     async def shutdown(self) -> None:
         self.plugins.pm.hook.spt_node_stopping()
+        for backend in self.discovery:
+            try:
+                await backend.stop()
+            except Exception:
+                log.exception("discovery backend failed to stop", extra={"backend": backend.name})
         if self._ipc_server is not None:
             self._ipc_server.close()
             with contextlib.suppress(FileNotFoundError):

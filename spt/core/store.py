@@ -23,6 +23,57 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     """
     CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
     """,
+    # 2: subnets, their membership logs, join failure records, pending key changes, peer addresses
+    """
+    CREATE TABLE subnets (
+        id BLOB PRIMARY KEY,
+        name TEXT NOT NULL,
+        canonical TEXT NOT NULL UNIQUE,
+        attached INTEGER NOT NULL DEFAULT 1,
+        seed BLOB,
+        seed_epoch INTEGER,
+        joined_at REAL NOT NULL
+    );
+    CREATE TABLE log_entries (
+        subnet BLOB NOT NULL REFERENCES subnets(id) ON DELETE CASCADE,
+        hash BLOB NOT NULL,
+        data BLOB NOT NULL,
+        PRIMARY KEY (subnet, hash)
+    );
+    CREATE TABLE join_records (
+        id BLOB PRIMARY KEY,
+        subnet BLOB NOT NULL REFERENCES subnets(id) ON DELETE CASCADE,
+        kind TEXT NOT NULL,
+        time REAL NOT NULL,
+        data BLOB NOT NULL
+    );
+    CREATE TABLE key_changes (
+        subnet BLOB NOT NULL REFERENCES subnets(id) ON DELETE CASCADE,
+        old BLOB NOT NULL,
+        new BLOB NOT NULL,
+        since REAL NOT NULL,
+        old_signed INTEGER NOT NULL,
+        PRIMARY KEY (subnet, old)
+    );
+    CREATE TABLE peer_addrs (
+        node BLOB NOT NULL,
+        host TEXT NOT NULL,
+        port INTEGER NOT NULL,
+        source TEXT NOT NULL,
+        seen REAL NOT NULL,
+        PRIMARY KEY (node, host, port)
+    );
+    CREATE TABLE notifications (
+        id TEXT PRIMARY KEY,
+        subnet BLOB,
+        kind TEXT NOT NULL,
+        title TEXT NOT NULL,
+        body TEXT NOT NULL,
+        origin TEXT NOT NULL,
+        time REAL NOT NULL,
+        acked INTEGER NOT NULL DEFAULT 0
+    );
+    """,
 )
 
 
