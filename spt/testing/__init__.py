@@ -5,6 +5,7 @@ Fixtures:
 - `register_plugin`: build a plugin system with extra plugin objects for one test.
 - `spt_nodes`: a factory of real nodes (daemon processes, each its own `SPT_HOME`) on loopback,
   stopped at teardown by the pids it started.
+- `netns_lab`: a factory of network-namespace labs (`spt.testing.netns`), torn down after.
 
 pytest loads this module wherever spt is installed, so it imports only what is cheap; the rest
 is imported inside the fixtures.
@@ -17,9 +18,14 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from spt.testing.netns import netns_lab
+
 if TYPE_CHECKING:
     from spt.manager import PluginSystem
     from spt.testing.nodes import NodeFactory
+
+
+__all__ = ["netns_lab", "register_plugin", "spt_nodes", "spt_pm"]
 
 
 @pytest.fixture

@@ -109,7 +109,7 @@ class Node:
     @property
     def address(self) -> str:
         """`127.0.0.1:PORT`, what `--peer` on another node takes."""
-        return next(a for a in self.json("node", "show")["addresses"] if a.startswith("127."))
+        return str(next(a for a in self.json("node", "show")["addresses"] if a.startswith("127.")))
 
 
 class NodeFactory:

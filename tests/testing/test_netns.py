@@ -14,7 +14,7 @@ from collections.abc import Callable
 import pytest
 
 from spt.testing import netns
-from spt.testing.netns import Lab, TwoNats, netns_lab
+from spt.testing.netns import Lab, TwoNats
 
 __all__ = ["netns_lab"]  # the fixture, until the spt pytest plugin registers it
 
