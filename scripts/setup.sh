@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEBIAN_PACKAGES=(iproute2 iptables tcpdump conntrack openssh-client openssh-server)
+DEBIAN_PACKAGES=(python3-venv iproute2 iptables tcpdump conntrack openssh-client openssh-server)
 missing=()
 for pkg in "${DEBIAN_PACKAGES[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
@@ -20,8 +20,10 @@ if [ "${#missing[@]}" -gt 0 ]; then
   fi
 fi
 
+# The system interpreter, where there is one: every uid can run it, which the tests that switch
+# to an unprivileged user need (an interpreter under /root is unreachable for them).
 if [ ! -x .venv/bin/python ]; then
-  python3 -m venv .venv
+  if [ -x /usr/bin/python3 ]; then /usr/bin/python3 -m venv .venv; else python3 -m venv .venv; fi
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check \
   -e '.[dev]' -e plugins/spt_relay_fallback -e plugins/spt_filetransfer -e plugins/spt_selfupdate
