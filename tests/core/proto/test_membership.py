@@ -1,0 +1,398 @@
+"""The membership log: entries, signatures, merge, order and the validity rules of SPEC.md §6.2."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from spt.core.errors import LocalProtocolError, RemoteProtocolError
+from spt.core.identity import NodeKey
+from spt.core.proto.canonical import canonical_bytes
+from spt.core.proto.hlc import Hlc
+from spt.core.proto.membership import (
+    Entry,
+    MembershipLog,
+    countersign_join,
+    countersign_rekey,
+    make_create,
+    make_label,
+    make_leave,
+    make_prune,
+    make_seed_rotate,
+    propose_join,
+    propose_rekey,
+    subnet_id_of,
+)
+from spt.core.proto.totp import new_seed, seed_commitment
+
+NONCE = bytes(range(16))
+SEED0 = new_seed(b"\x00" * 20)
+
+
+class Node:
+    def __init__(self, label: str) -> None:
+        self.key = NodeKey.generate()
+        self.id = self.key.node_id
+        self.label = label
+        self.clock = Hlc(self.id)
+        self.wall = 1_000
+
+    def hlc(self):
+        self.wall += 10
+        return self.clock.now(self.wall)
+
+
+@pytest.fixture
+def nodes():
+    return {name: Node(name) for name in ("alice", "bob", "carol", "dave", "eve")}
+
+
+def create(n: Node) -> Entry:
+    return make_create(n.key, name="Home", label=n.label, nonce=NONCE, seed=SEED0, hlc=n.hlc())
+
+
+def join(by: Node, who: Node, parents, epoch: int = 0) -> Entry:
+    proposal = propose_join(
+        by.key, parents=parents, joiner=who.id, label=who.label, epoch=epoch, hlc=by.hlc()
+    )
+    return countersign_join(proposal, who.key)
+
+
+def rotate(by: Node, parents, epoch: int, seed_byte: int) -> Entry:
+    c = seed_commitment(NONCE, epoch, new_seed(bytes([seed_byte]) * 20))
+    return make_seed_rotate(by.key, parents=parents, epoch=epoch, commitment=c, hlc=by.hlc())
+
+
+def base_log(nodes, *members: str) -> tuple[MembershipLog, list[Entry]]:
+    """alice creates, then admits each named member in turn."""
+    a = nodes["alice"]
+    log = MembershipLog.from_create(create(a))
+    entries = [log.create_entry]
+    for name in members:
+        e = join(a, nodes[name], log.heads())
+        log.add(e)
+        entries.append(e)
+    return log, entries
+
+
+# ---- entries ------------------------------------------------------------------------------
+
+
+def test_create_names_the_subnet_and_its_creator(nodes):
+    a = nodes["alice"]
+    c = create(a)
+    log = MembershipLog.from_create(c)
+    s = log.state()
+    assert s.subnet_id == c.hash[:16] == subnet_id_of(c)
+    assert s.name == "Home"
+    assert s.members == {a.id: "alice"}
+    assert s.epoch == 0
+    assert s.seed_matches(SEED0)
+    assert not s.seed_matches(new_seed(b"\x01" * 20))
+
+
+def test_entry_round_trips_through_dict_and_bytes(nodes):
+    _, entries = base_log(nodes, "bob")
+    for e in entries:
+        assert Entry.from_dict(e.to_dict()) == e
+        assert Entry.from_bytes(e.to_bytes()) == e
+        assert Entry.from_bytes(e.to_bytes()).hash == e.hash
+        # stored form is canonical JSON
+        assert e.to_bytes() == canonical_bytes(e.to_dict())
+
+
+def test_malformed_entries_are_refused(nodes):
+    _, entries = base_log(nodes, "bob")
+    good = entries[1].to_dict()
+    for bad in (
+        {**good, "extra": 1},
+        {**good, "type": "coup"},
+        {**good, "hlc": [1.5, 0, good["author"]]},
+        {**good, "author": good["author"].upper()},
+        {**good, "body": {**good["body"], "epoch": -1}},
+        {**good, "body": {**good["body"], "label": "no spaces allowed"}},
+        {k: v for k, v in good.items() if k != "countersig"},
+        "not a map",
+    ):
+        with pytest.raises(RemoteProtocolError):
+            Entry.from_dict(bad)
+
+
+def test_join_proposal_needs_countersignature(nodes):
+    a, b = nodes["alice"], nodes["bob"]
+    log, _ = base_log(nodes)
+    proposal = propose_join(a.key, parents=log.heads(), joiner=b.id, label="bob", epoch=0, hlc=a.hlc())
+    assert Entry.from_dict(proposal.to_dict(), proposal=True) == proposal
+    with pytest.raises(RemoteProtocolError):
+        log.add(proposal)
+    with pytest.raises(LocalProtocolError):
+        countersign_join(proposal, nodes["carol"].key)  # not the admitted key
+    wrong = replace(proposal, countersig=nodes["carol"].key.sign(proposal.signed_bytes()))
+    with pytest.raises(RemoteProtocolError):
+        log.add(wrong)
+    log.add(countersign_join(proposal, b.key))
+    assert log.state().members[b.id] == "bob"
+
+
+def test_tampered_signature_is_rejected(nodes):
+    log, _ = base_log(nodes, "bob")
+    b = nodes["bob"]
+    label = make_label(b.key, parents=log.heads(), label="bobby", hlc=b.hlc())
+    flipped = replace(label, sig=bytes([label.sig[0] ^ 1]) + label.sig[1:])
+    with pytest.raises(RemoteProtocolError):
+        log.add(flipped)
+    forged_body = replace(label, body={**label.body, "label": "mallory"})
+    with pytest.raises(RemoteProtocolError):
+        log.add(forged_body)
+    result = log.merge([flipped, label])
+    assert result.added == (label.hash,)
+    assert [h for h, _ in result.refused] == [flipped.hash]
+    assert log.state().members[b.id] == "bobby"
+
+
+def test_foreign_create_is_refused(nodes):
+    log, _ = base_log(nodes)
+    other = make_create(
+        nodes["eve"].key, name="Home", label="eve", nonce=NONCE, seed=SEED0, hlc=nodes["eve"].hlc()
+    )
+    with pytest.raises(RemoteProtocolError):
+        log.add(other)
+
+
+# ---- merge and replication ----------------------------------------------------------------
+
+
+def test_entries_with_missing_parents_wait(nodes):
+    a, b = nodes["alice"], nodes["bob"]
+    c = create(a)
+    j = join(a, b, [c.hash])
+    lbl = make_label(b.key, parents=[j.hash], label="bee", hlc=b.hlc())
+    log = MembershipLog(subnet_id_of(c))
+    assert log.add(lbl) and log.add(j)
+    assert len(log) == 0 and set(log.pending()) == {lbl.hash, j.hash}
+    with pytest.raises(LocalProtocolError):
+        log.state()
+    log.add(c)
+    assert log.pending() == () and len(log) == 3
+    assert log.state().members == {a.id: "alice", b.id: "bee"}
+    assert log.add(lbl) is False  # idempotent
+
+
+def test_replication_by_heads_converges(nodes):
+    a, b, c = nodes["alice"], nodes["bob"], nodes["carol"]
+    log_a, entries = base_log(nodes, "bob")
+    log_b = MembershipLog.from_entries(log_a.subnet_id, entries)
+    log_a.add(join(a, c, log_a.heads()))
+    log_b.add(make_label(b.key, parents=log_b.heads(), label="bee", hlc=b.hlc()))
+    # B learns A has heads it lacks, asks for everything since its own heads
+    assert log_b.missing_for(log_a.heads())
+    log_b.merge(log_a.entries_since(log_b.heads()))
+    log_a.merge(log_b.entries_since(log_a.heads()))
+    assert log_a.missing_for(log_b.heads()) == ()
+    assert log_a.ordered_hashes() == log_b.ordered_hashes()
+    assert log_a.state() == log_b.state()
+    assert log_a.state().members == {a.id: "alice", b.id: "bee", c.id: "carol"}
+    assert log_a.entries_since(log_a.heads()) == []
+
+
+def concurrent_history(nodes) -> tuple[Entry, list[Entry]]:
+    """A log with forks: concurrent joins, labels, rotations, a prune racing the pruned node's
+    own entries, and a mutual prune."""
+    a, b, c, d, e = (nodes[n] for n in ("alice", "bob", "carol", "dave", "eve"))
+    log, entries = base_log(nodes, "bob", "carol", "dave")
+    fork = log.heads()
+    out = list(entries[1:])
+    # branch 1: alice prunes dave and rotates
+    p = make_prune(a.key, parents=fork, target=d.id, reason="lost laptop", hlc=a.hlc())
+    r1 = rotate(a, [p.hash], 1, 1)
+    # branch 2 (concurrent): dave relabels and admits eve on old parents
+    dl = make_label(d.key, parents=fork, label="dave2", hlc=d.hlc())
+    dj = join(d, e, [dl.hash])
+    # branch 3 (concurrent): carol rotates to epoch 1 too; bob relabels
+    r2 = rotate(c, fork, 1, 2)
+    bl = make_label(b.key, parents=fork, label="bobby", hlc=b.hlc())
+    # branch 4: bob and carol prune each other concurrently, after the rest merged
+    tip = sorted({p.hash, r1.hash, dl.hash, dj.hash, r2.hash, bl.hash})
+    m1 = make_prune(b.key, parents=tip, target=c.id, hlc=b.hlc())
+    m2 = make_prune(c.key, parents=tip, target=b.id, hlc=c.hlc())
+    out += [p, r1, dl, dj, r2, bl, m1, m2]
+    return entries[0], out
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_merge_is_order_independent(data):
+    nodes = {name: Node(name) for name in ("alice", "bob", "carol", "dave", "eve")}
+    root, rest = concurrent_history(nodes)
+    reference = MembershipLog.from_entries(subnet_id_of(root), [root, *rest])
+    perm = data.draw(st.permutations([root, *rest]))
+    # deliver in a random order, in random batches, some twice
+    log = MembershipLog(subnet_id_of(root))
+    cut = data.draw(st.integers(0, len(perm)))
+    log.merge(perm[:cut])
+    log.merge(perm[cut:])
+    log.merge(perm[: cut // 2])
+    assert log.pending() == ()
+    assert log.ordered_hashes() == reference.ordered_hashes()
+    assert log.heads() == reference.heads()
+    assert log.state() == reference.state()
+
+
+def test_concurrent_history_outcome(nodes):
+    root, rest = concurrent_history(nodes)
+    log = MembershipLog.from_entries(subnet_id_of(root), [root, *rest])
+    s = log.state()
+    a, b, c, d, e = (nodes[n] for n in ("alice", "bob", "carol", "dave", "eve"))
+    # dave was pruned: his relabel and his admission of eve, hung on old parents, have no effect
+    assert d.id not in s.members and s.former[d.id].reason == "pruned"
+    assert s.former[d.id].note == "lost laptop"
+    assert s.former[d.id].label == "dave"
+    assert e.id not in s.members
+    assert s.standing(d.id) == "pruned" and s.standing(e.id) == "not-a-member"
+    # concurrent rotations to epoch 1: the one ordered last wins
+    rotations = [x for x in log.entries() if x.type == "seed-rotate"]
+    assert s.epoch == 1 and s.commitment.hex() == rotations[-1].body["commitment"]
+    # bob's relabel stands; bob and carol pruned each other: bob, admitted first, wins
+    assert a.id in s.members
+    assert s.members[b.id] == "bobby"
+    assert c.id not in s.members and s.standing(c.id) == "pruned"
+
+
+# ---- validity rules -------------------------------------------------------------------------
+
+
+def test_pruned_keys_later_entries_and_joins_have_no_effect(nodes):
+    a, b, x = nodes["alice"], nodes["bob"], nodes["eve"]
+    log, _ = base_log(nodes, "bob")
+    before_prune = log.heads()
+    prune = make_prune(a.key, parents=before_prune, target=b.id, hlc=a.hlc())
+    log.add(prune)
+    # bob, pruned, hangs entries on parents older than the prune
+    sneaky_label = make_label(b.key, parents=before_prune, label="boss", hlc=b.hlc())
+    sneaky_join = join(b, x, [sneaky_label.hash])
+    sneaky_prune = make_prune(b.key, parents=before_prune, target=a.id, hlc=b.hlc())
+    # and entries after seeing the prune
+    late = make_label(b.key, parents=log.heads(), label="late", hlc=b.hlc())
+    log.merge([sneaky_label, sneaky_join, sneaky_prune, late])
+    s = log.state()
+    assert s.members == {a.id: "alice"}
+    assert {sneaky_label.hash, sneaky_join.hash, sneaky_prune.hash, late.hash} <= s.invalid
+    assert x.id not in s.members
+    assert s.former[b.id].label == "bob"
+    # invalid entries are kept: sync stays idempotent
+    assert sneaky_join.hash in log and log.add(sneaky_join) is False
+
+
+def test_entry_before_prune_stays_valid(nodes):
+    a, b = nodes["alice"], nodes["bob"]
+    log, _ = base_log(nodes, "bob")
+    lbl = make_label(b.key, parents=log.heads(), label="bee", hlc=b.hlc())
+    log.add(lbl)
+    log.add(make_prune(a.key, parents=log.heads(), target=b.id, hlc=a.hlc()))
+    assert log.is_valid(lbl.hash)
+    assert log.state().former[b.id].label == "bee"
+
+
+def test_fresh_join_after_prune_readmits(nodes):
+    a, b = nodes["alice"], nodes["bob"]
+    log, _ = base_log(nodes, "bob")
+    log.add(make_prune(a.key, parents=log.heads(), target=b.id, hlc=a.hlc()))
+    log.add(rotate(a, log.heads(), 1, 9))
+    log.add(join(a, b, log.heads(), epoch=1))
+    lbl = make_label(b.key, parents=log.heads(), label="back", hlc=b.hlc())
+    log.add(lbl)
+    assert log.is_valid(lbl.hash)
+    assert log.state().members[b.id] == "back"
+
+
+def test_join_concurrent_with_prune_does_not_readmit(nodes):
+    a, b, c = nodes["alice"], nodes["bob"], nodes["carol"]
+    log, _ = base_log(nodes, "bob", "carol")
+    log.add(make_leave(b.key, parents=log.heads(), hlc=b.hlc()))
+    fork = log.heads()
+    # alice prunes the departed bob while carol concurrently re-admits him: the prune sticks
+    prune = make_prune(a.key, parents=fork, target=b.id, hlc=a.hlc())
+    rejoin = join(c, b, fork)
+    log.merge([prune, rejoin])
+    assert log.is_valid(prune.hash) and log.is_valid(rejoin.hash)
+    assert b.id not in log.state().members and log.state().standing(b.id) == "pruned"
+    # a join that has seen the prune does bring him back
+    log.add(join(c, b, log.heads()))
+    assert b.id in log.state().members
+
+
+def test_entries_concurrent_with_own_leave_have_no_effect(nodes):
+    a, b = nodes["alice"], nodes["bob"]
+    log, _ = base_log(nodes, "bob")
+    fork = log.heads()
+    log.add(make_leave(b.key, parents=fork, hlc=b.hlc()))
+    sneaky = make_prune(b.key, parents=fork, target=a.id, hlc=b.hlc())
+    log.add(sneaky)
+    assert not log.is_valid(sneaky.hash) and log.state().members == {a.id: "alice"}
+
+
+def test_join_citing_stale_epoch_is_invalid(nodes):
+    a, b, c = nodes["alice"], nodes["bob"], nodes["carol"]
+    log, _ = base_log(nodes, "bob")
+    fork = log.heads()
+    log.add(rotate(a, fork, 1, 5))
+    stale = join(a, c, log.heads(), epoch=0)
+    log.add(stale)
+    assert not log.is_valid(stale.hash) and c.id not in log.state().members
+    # a join concurrent with the rotation cites the epoch current among its ancestors: valid
+    concurrent = join(b, c, fork, epoch=0)
+    log.add(concurrent)
+    assert log.is_valid(concurrent.hash) and c.id in log.state().members
+    # a rotation must name the next epoch
+    skip = rotate(a, log.heads(), 3, 6)
+    log.add(skip)
+    assert not log.is_valid(skip.hash) and log.state().epoch == 1
+
+
+def test_non_member_entries_have_no_effect(nodes):
+    a, e = nodes["alice"], nodes["eve"]
+    log, _ = base_log(nodes, "bob")
+    lbl = make_label(e.key, parents=log.heads(), label="eve", hlc=e.hlc())
+    log.add(lbl)
+    assert not log.is_valid(lbl.hash)
+    # eve can't admit anyone either
+    j = join(e, nodes["dave"], log.heads())
+    log.add(j)
+    assert not log.is_valid(j.hash) and log.state().members.keys() == {a.id, nodes["bob"].id}
+
+
+def test_leave_makes_a_former_member(nodes):
+    b = nodes["bob"]
+    log, _ = base_log(nodes, "bob")
+    log.add(make_leave(b.key, parents=log.heads(), hlc=b.hlc()))
+    after = make_label(b.key, parents=log.heads(), label="ghost", hlc=b.hlc())
+    log.add(after)
+    s = log.state()
+    assert b.id not in s.members and s.standing(b.id) == "left"
+    assert not log.is_valid(after.hash)
+
+
+def test_rekey_replaces_the_old_key(nodes):
+    a, b = nodes["alice"], nodes["bob"]
+    log, _ = base_log(nodes, "bob")
+    new = NodeKey.generate()
+    proposal = propose_rekey(a.key, parents=log.heads(), old=b.id, new=new.node_id, hlc=a.hlc())
+    with pytest.raises(RemoteProtocolError):
+        log.add(proposal)
+    log.add(countersign_rekey(proposal, new))
+    s = log.state()
+    assert s.members == {a.id: "alice", new.node_id: "bob"}
+    assert s.former[b.id].reason == "rekeyed" and s.standing(b.id) == "not-a-member"
+
+
+def test_prune_cannot_target_self_or_unknown(nodes):
+    a = nodes["alice"]
+    log, _ = base_log(nodes, "bob")
+    with pytest.raises(LocalProtocolError):
+        make_prune(a.key, parents=log.heads(), target=a.id, hlc=a.hlc())
+    unknown = make_prune(a.key, parents=log.heads(), target=nodes["eve"].id, hlc=a.hlc())
+    log.add(unknown)
+    assert not log.is_valid(unknown.hash)
