@@ -1,0 +1,715 @@
+"""The node's one UDP socket, and every QUIC connection on it (SPEC.md §7.1–7.2).
+
+`Transport` owns the socket and demultiplexes what arrives: a first byte without the QUIC fixed
+bit (0x40) is a non-QUIC datagram (probes, relay frames) for `set_datagram_handler`; QUIC packets
+go to the connection owning their destination connection id, and a new Initial starts a server
+connection. It dials (`connect`), keeps one live connection per (peer key, ALPN), and settles
+simultaneous dials the same way on both sides: the connection dialled by the lower key survives.
+
+Policy enters as `AcceptPolicy` (who may connect on which ALPN); the keys themselves are checked
+inside the TLS handshake by `spt.core.net.pinning`. What must not live here: frame parsing
+(`spt.core.proto.frames`), per-connection stream state (`spt.core.net.connections`), aioquic
+private names (`pinning`), and addresses of anything but the peers we are asked to dial.
+
+Never run this under uvloop: aioquic's timers spin on its 1 ms clock (DESIGN.md §3).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, Protocol
+
+from aioquic.buffer import Buffer  # type: ignore[attr-defined]  # public, re-exported from _buffer
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.packet import (
+    QuicPacketType,
+    encode_quic_version_negotiation,
+    pull_quic_header,
+)
+from cryptography import x509
+
+from spt.core.errors import LocalProtocolError, PeerError, UnreachableError
+from spt.core.identity import NodeId, NodeKey
+from spt.core.net.connections import (
+    CloseCode,
+    Connection,
+    ConnectionClosedError,
+    PeerTimeoutError,
+    RequestError,
+    RequestHandler,
+    Stream,
+    StreamHandler,
+    StreamResetError,
+    UnknownFrameTypeError,
+    serve_requests,
+)
+from spt.core.net.pinning import (
+    ALPN_JOIN,
+    ALPN_MEMBER,
+    JOIN_EXPORTER_LABEL,
+    PeerCheck,
+    PinnedQuicConnection,
+    make_certificate,
+    make_configuration,
+)
+
+__all__ = [
+    "ALPN_JOIN",
+    "ALPN_MEMBER",
+    "JOIN_EXPORTER_LABEL",
+    "AcceptPolicy",
+    "AllowKeys",
+    "CloseCode",
+    "Connection",
+    "ConnectionClosedError",
+    "DatagramHandler",
+    "HandshakeRefusedError",
+    "PeerTimeoutError",
+    "RequestError",
+    "RequestHandler",
+    "Stream",
+    "StreamHandler",
+    "StreamResetError",
+    "Transport",
+    "UnknownFrameTypeError",
+    "serve_requests",
+]
+
+log = logging.getLogger(__name__)
+
+Address = tuple[str, int]
+DatagramHandler = Callable[[bytes, Address], None]
+
+SOCKET_BUFFER: Final = 4 * 1024 * 1024
+QUIC_FIXED_BIT: Final = 0x40
+CID_LENGTH: Final = 8
+SMALLEST_INITIAL: Final = 1200
+SUPERSEDED: Final = "superseded: simultaneous dial; keeping the connection dialled by the lower key"
+DEFAULT_KEEPALIVE: Final = 15.0
+DEFAULT_IDLE_TIMEOUT: Final = 60.0
+DEFAULT_STREAM_WINDOW: Final = 1024 * 1024
+DEFAULT_CONNECTION_WINDOW: Final = 4 * 1024 * 1024
+
+
+class AcceptPolicy(Protocol):
+    """Decides incoming connections, inside the handshake, after the key was proved."""
+
+    def accept(self, peer: NodeId, alpn: str, addr: Address) -> str | None:
+        """None accepts; a string refuses, and is the reason both sides see."""
+        ...
+
+
+class AllowKeys:
+    """Members from a fixed key set on `spt/1`; anyone on `spt-join/1`. For tests and tools."""
+
+    def __init__(self, keys: Iterable[NodeId] = ()) -> None:
+        self.keys = set(keys)
+
+    def accept(self, peer: NodeId, alpn: str, addr: Address) -> str | None:
+        if alpn == ALPN_JOIN or peer in self.keys:
+            return None
+        return f"key {peer.short} is not a member here"
+
+
+class HandshakeRefusedError(PeerError):
+    """A dial reached a node that refused us, or that presented a key other than the one dialled."""
+
+    token = "REFUSED"
+
+
+@dataclass(eq=False)
+class _Dial:
+    peer: NodeId
+    alpn: str
+    future: asyncio.Future[Connection]
+    started_at: float
+    targets: set[Address] = field(default_factory=set)
+    attempts: list[Connection] = field(default_factory=list)
+    outcomes: dict[Address, str] = field(default_factory=dict)
+    task: asyncio.Task[None] | None = None
+
+    def resolve(self, conn: Connection) -> None:
+        if not self.future.done():
+            self.future.set_result(conn)
+
+    def close_attempts(self, reason: str, *, keep: Connection | None = None) -> None:
+        for attempt in self.attempts:
+            if attempt is not keep and attempt.is_open:
+                attempt.close(reason, code=CloseCode.SUPERSEDED)
+
+
+class _UdpProtocol(asyncio.DatagramProtocol):
+    def __init__(self, transport: Transport) -> None:
+        self._owner = transport
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, Any]) -> None:
+        self._owner._datagram_received(data, (str(addr[0]), int(addr[1])))
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP errors (port unreachable…) surface here; QUIC's own timers decide what they mean.
+        log.debug("socket error", extra={"reason": str(exc)})
+
+
+class Transport:
+    """One UDP socket for QUIC server, QUIC clients and non-QUIC datagrams.
+
+    `idle_timeout` (s) closes a connection that heard nothing for that long; `keepalive` (s)
+    pings an otherwise quiet connection so NAT mappings and the idle timer stay fresh.
+    `stream_window` / `connection_window` bound received-but-unconsumed bytes (flow control).
+    `dial_stagger` (s) is the head start each address gets before the next one is tried.
+    """
+
+    def __init__(
+        self,
+        key: NodeKey,
+        *,
+        host: str = "0.0.0.0",
+        port: int = 0,
+        accept: AcceptPolicy,
+        on_stream: StreamHandler | None = None,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        keepalive: float = DEFAULT_KEEPALIVE,
+        alpns: Sequence[str] = (ALPN_MEMBER, ALPN_JOIN),
+        stream_window: int = DEFAULT_STREAM_WINDOW,
+        connection_window: int = DEFAULT_CONNECTION_WINDOW,
+        dial_stagger: float = 0.25,
+        handshake_timeout: float = 10.0,
+        max_connections: int = 1024,
+    ) -> None:
+        self._key = key
+        self._host = host
+        self._port = port
+        self._accept = accept
+        self._on_stream = on_stream
+        self._idle_timeout = idle_timeout
+        self._keepalive = keepalive
+        self._alpns = tuple(alpns)
+        self._stream_window = stream_window
+        self._connection_window = connection_window
+        self._dial_stagger = dial_stagger
+        self._handshake_timeout = handshake_timeout
+        self._max_connections = max_connections
+        self._certificate: x509.Certificate = make_certificate(key)
+        self._udp: asyncio.DatagramTransport | None = None
+        self._sockname: Address | None = None
+        self._routes: dict[bytes, Connection] = {}
+        self._all: set[Connection] = set()
+        self._live: dict[tuple[NodeId, str], list[Connection]] = {}
+        self._dials: dict[tuple[NodeId, str], _Dial] = {}
+        self._unpinned: set[Connection] = set()
+        self._datagram_handler: DatagramHandler | None = None
+        self._closing = False
+        self._supported_versions = QuicConfiguration(is_client=False).supported_versions
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    @property
+    def node_id(self) -> NodeId:
+        return self._key.node_id
+
+    @property
+    def sockname(self) -> Address:
+        """The bound (host, port); LocalProtocolError before `start`."""
+        if self._sockname is None:
+            raise LocalProtocolError("", "transport not started")
+        return self._sockname
+
+    async def start(self) -> None:
+        """Bind the socket. Raises OSError when the port is taken."""
+        if self._udp is not None:
+            raise LocalProtocolError("", "transport already started")
+        loop = asyncio.get_running_loop()
+        family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
+                except OSError as exc:  # best effort: the kernel may cap or refuse it
+                    log.debug("socket buffer not set", extra={"reason": str(exc)})
+            sock.setblocking(False)
+            sock.bind((self._host, self._port))
+        except BaseException:
+            sock.close()
+            raise
+        udp, _ = await loop.create_datagram_endpoint(lambda: _UdpProtocol(self), sock=sock)
+        self._udp = udp
+        name = sock.getsockname()
+        self._sockname = (str(name[0]), int(name[1]))
+        log.info("transport listening", extra={"addr": f"{self._sockname[0]}:{self._sockname[1]}"})
+
+    async def close(self) -> None:
+        """Close every connection (telling peers), stop handlers and release the socket."""
+        if self._closing:
+            return
+        self._closing = True
+        for dial in list(self._dials.values()):
+            if not dial.future.done():
+                dial.future.set_exception(UnreachableError(dial.peer.short, "transport closed"))
+                dial.future.exception()  # retrieved here; waiters re-raise their own copy
+            if dial.task is not None:
+                dial.task.cancel()
+        conns = list(self._all)
+        for conn in conns:
+            conn.close("node shutting down", code=CloseCode.SHUTDOWN)
+            conn.flush()
+        tasks = [task for conn in conns for task in conn._tasks]
+        for task in tasks:
+            task.cancel()
+        dial_tasks = [d.task for d in self._dials.values() if d.task is not None]
+        if tasks or dial_tasks:
+            await asyncio.wait([*tasks, *dial_tasks], timeout=2.0)
+        self._shutdown("node shut down")
+
+    def abort(self) -> None:
+        """Drop the socket and all state without telling anyone (a crash, for tests)."""
+        self._closing = True
+        for dial in list(self._dials.values()):
+            if dial.task is not None:
+                dial.task.cancel()
+        for conn in list(self._all):
+            for task in conn._tasks:
+                task.cancel()
+        self._shutdown("transport aborted")
+
+    def _shutdown(self, reason: str) -> None:
+        for conn in list(self._all):
+            conn.finalize(reason)
+        self._routes.clear()
+        self._all.clear()
+        self._live.clear()
+        if self._udp is not None:
+            self._udp.close()
+            self._udp = None
+
+    # --- non-QUIC datagrams ---------------------------------------------------------------------
+
+    def set_datagram_handler(self, handler: DatagramHandler | None) -> None:
+        """Receive datagrams whose first byte lacks the QUIC fixed bit (probes, relay frames)."""
+        self._datagram_handler = handler
+
+    def send_datagram(self, data: bytes, addr: Address) -> None:
+        """Send a non-QUIC datagram; its first byte must be below 0x40 (SPEC.md §7.2)."""
+        if not data or data[0] >= QUIC_FIXED_BIT:
+            raise LocalProtocolError(data[:1].hex(), "a non-QUIC datagram starts with a byte below 0x40")
+        self._sendto(data, addr)
+
+    # --- connections ----------------------------------------------------------------------------
+
+    def connection(self, peer: NodeId, alpn: str = ALPN_MEMBER) -> Connection | None:
+        """The live connection to `peer` on `alpn`, if any (the newest when duplicates linger)."""
+        for conn in reversed(self._live.get((peer, alpn), ())):
+            if conn.is_open:
+                return conn
+        return None
+
+    def connections(self) -> list[Connection]:
+        """Every live, established connection."""
+        return [conn for conns in self._live.values() for conn in conns if conn.is_open]
+
+    async def connect(
+        self, peer: NodeId, addrs: Sequence[Address], *, alpn: str = ALPN_MEMBER, timeout: float = 5.0
+    ) -> Connection:
+        """A live connection to `peer`, reusing one if it exists, else dialling `addrs`.
+
+        Addresses are raced with a stagger; the first whose handshake proves `peer`'s key wins.
+        Concurrent calls share one dial. If the peer dials us at the same time, the caller gets
+        whichever connection survives the tie-break. Raises HandshakeRefusedError when every
+        address refused us or showed another key, UnreachableError otherwise (reasons inside).
+        Retrying with backoff is the caller's choice: call again.
+        """
+        if self._udp is None or self._closing:
+            raise LocalProtocolError("", "transport is not running")
+        if peer == self.node_id:
+            raise LocalProtocolError(peer.short, "cannot dial this node's own key")
+        if alpn not in self._alpns:
+            raise LocalProtocolError(alpn, f"ALPN not enabled on this transport: {', '.join(self._alpns)}")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        for _ in range(3):  # a dial's result can lose a tie-break right after; look again
+            live = self.connection(peer, alpn)
+            if live is not None:
+                return live
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            key = (peer, alpn)
+            dial = self._dials.get(key)
+            if dial is None or dial.future.done():
+                targets = self._usable(addrs)
+                if not targets:
+                    raise UnreachableError(peer.short, f"no usable address among {list(addrs)!r}")
+                dial = _Dial(peer, alpn, loop.create_future(), loop.time())
+                self._dials[key] = dial
+                dial.task = loop.create_task(self._run_dial(dial, targets, remaining))
+            try:
+                conn = await asyncio.wait_for(asyncio.shield(dial.future), remaining)
+            except TimeoutError:
+                raise UnreachableError(
+                    peer.short, f"no connection within {timeout:g} s{_outcomes(dial)}"
+                ) from None
+            if conn.is_open:
+                return conn
+        raise UnreachableError(peer.short, f"no connection survived within {timeout:g} s")
+
+    def _usable(self, addrs: Sequence[Address]) -> list[Address]:
+        family = 6 if ":" in self._host else 4
+        usable: list[Address] = []
+        for host, port in addrs:
+            try:
+                ip = ipaddress.ip_address(host)
+            except ValueError:
+                log.debug("skipping a non-literal address", extra={"addr": f"{host}:{port}"})
+                continue
+            if ip.version == family and 0 < port < 65536 and (host, port) not in usable:
+                usable.append((str(ip), port))
+        return usable
+
+    async def _run_dial(self, dial: _Dial, targets: list[Address], timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:
+            for index, addr in enumerate(targets):
+                if dial.future.done():
+                    break
+                self._start_attempt(dial, addr)
+                if index + 1 < len(targets):
+                    await self._wait_attempts(dial, min(deadline, loop.time() + self._dial_stagger))
+            await self._wait_attempts(dial, deadline)
+            if not dial.future.done():
+                live = self.connection(dial.peer, dial.alpn)  # e.g. the peer's dial we held
+                if live is not None:
+                    dial.resolve(live)
+                elif any(
+                    outcome.startswith("refused by peer: superseded") for outcome in dial.outcomes.values()
+                ):
+                    # the peer's own dial wins the tie-break; its registration resolves us
+                    await asyncio.wait([dial.future], timeout=max(0.0, deadline - loop.time()))
+            if not dial.future.done():
+                refused = [o for o in dial.outcomes.values() if o.startswith("refused")]
+                error: PeerError
+                if refused and len(refused) == len(dial.outcomes):
+                    error = HandshakeRefusedError(dial.peer.short, f"handshake refused{_outcomes(dial)}")
+                else:
+                    error = UnreachableError(dial.peer.short, f"could not connect{_outcomes(dial)}")
+                dial.future.set_exception(error)
+                dial.future.exception()  # retrieved: callers re-raise it through their shield
+        finally:
+            future = dial.future
+            winner = (
+                future.result()
+                if future.done() and not future.cancelled() and future.exception() is None
+                else None
+            )
+            for attempt in dial.attempts:
+                if attempt is not winner and attempt.is_open:
+                    attempt.close("dial finished without this attempt", code=CloseCode.SUPERSEDED)
+            if self._dials.get((dial.peer, dial.alpn)) is dial:
+                del self._dials[(dial.peer, dial.alpn)]
+
+    async def _wait_attempts(self, dial: _Dial, until: float) -> None:
+        """Wait until the dial is resolved, every attempt ended, or `until` (loop time)."""
+        loop = asyncio.get_running_loop()
+        while not dial.future.done():
+            pending = [a.closed for a in dial.attempts if a.is_open]
+            remaining = until - loop.time()
+            if not pending or remaining <= 0:
+                return
+            waitables: list[asyncio.Future[Any]] = [dial.future, *pending]
+            await asyncio.wait(waitables, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+
+    def _start_attempt(self, dial: _Dial, addr: Address) -> None:
+        peer, alpn = dial.peer, dial.alpn
+
+        def check(found: NodeId, negotiated: str) -> str | None:
+            if found != peer:
+                return f"wrong key: dialled {peer.short} at {addr[0]}:{addr[1]}, it presented {found.short}"
+            if negotiated != alpn:
+                return f"ALPN mismatch: asked for {alpn}, got {negotiated or 'none'}"
+            return None
+
+        conn = self._dial_address(addr, alpn, check, expected_peer=peer)
+        dial.targets.add(addr)
+        dial.attempts.append(conn)
+        conn.closed.add_done_callback(lambda fut: dial.outcomes.__setitem__(addr, fut.result()))
+
+    def _dial_address(
+        self, addr: Address, alpn: str, check: PeerCheck, *, expected_peer: NodeId | None
+    ) -> Connection:
+        config = make_configuration(
+            self._key,
+            self._certificate,
+            is_client=True,
+            alpns=[alpn],
+            idle_timeout=self._idle_timeout,
+            stream_window=self._stream_window,
+            connection_window=self._connection_window,
+        )
+        quic = PinnedQuicConnection(configuration=config, check_peer=check)
+        conn = self._new_connection(quic, addr, is_outgoing=True, expected_peer=expected_peer)
+        self._route(quic.host_cid, conn)
+        conn.start_dial(addr)
+        return conn
+
+    async def connect_any(self, addr: Address, *, alpn: str = ALPN_JOIN, timeout: float = 5.0) -> Connection:
+        """Dial one address and accept whichever key it proves; the join ALPN only.
+
+        For a joiner that found a member's address but not its key (SPEC.md §5.2): nothing is
+        pinned, so the caller must bind the connection itself (the join ceremony does, through
+        the exporter). Raises HandshakeRefusedError or UnreachableError with the reason.
+        """
+        if alpn != ALPN_JOIN:
+            raise LocalProtocolError(alpn, f"only {ALPN_JOIN} may dial without knowing the peer's key")
+        if self._udp is None or self._closing:
+            raise LocalProtocolError("", "transport is not running")
+        targets = self._usable([addr])
+        if not targets:
+            raise UnreachableError(f"{addr[0]}:{addr[1]}", "not a usable address")
+        target = targets[0]
+
+        def check(found: NodeId, negotiated: str) -> str | None:
+            if found == self.node_id:
+                return "that is this node's own key"
+            return (
+                None if negotiated == alpn else f"ALPN mismatch: asked for {alpn}, got {negotiated or 'none'}"
+            )
+
+        conn = self._dial_address(target, alpn, check, expected_peer=None)
+        self._unpinned.add(conn)
+        label = f"{target[0]}:{target[1]}"
+        try:
+            waitables: list[asyncio.Future[Any]] = [conn.established, conn.closed]
+            await asyncio.wait(waitables, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._unpinned.discard(conn)
+        if conn.is_established:
+            return conn
+        if conn.is_open:
+            conn.close(f"no answer within {timeout:g} s", code=CloseCode.PROTOCOL)
+            raise UnreachableError(label, f"no connection within {timeout:g} s")
+        reason = conn.close_reason or ""
+        if reason.startswith("refused"):
+            raise HandshakeRefusedError(label, reason)
+        raise UnreachableError(label, reason)
+
+    def _new_connection(
+        self, quic: PinnedQuicConnection, addr: Address, *, is_outgoing: bool, expected_peer: NodeId | None
+    ) -> Connection:
+        conn = Connection(
+            self,
+            quic,
+            local_id=self.node_id,
+            remote_addr=addr,
+            is_outgoing=is_outgoing,
+            expected_peer=expected_peer,
+            keepalive=self._keepalive,
+            idle_timeout=self._idle_timeout,
+            on_stream=self._on_stream,
+        )
+        self._all.add(conn)
+        return conn
+
+    # --- the incoming side ----------------------------------------------------------------------
+
+    def _check_incoming(self, peer: NodeId, alpn: str, addr: Address) -> str | None:
+        if peer == self.node_id:
+            return "that is this node's own key"
+        dial = self._dials.get((peer, alpn))
+        if dial is not None and not dial.future.done() and peer > self.node_id and addr in dial.targets:
+            # We are dialling this very address and our key is lower: our dial wins. Refusing
+            # here, inside the handshake, means the peer never hands its loser to a caller.
+            return SUPERSEDED
+        try:
+            return self._accept.accept(peer, alpn, addr)
+        except Exception:
+            log.exception("accept policy failed", extra={"peer": peer.short, "alpn": alpn})
+            return "internal error in the accept policy"
+
+    def _datagram_received(self, data: bytes, addr: Address) -> None:
+        if not data:
+            return
+        if not data[0] & QUIC_FIXED_BIT:
+            handler = self._datagram_handler
+            if handler is not None:
+                try:
+                    handler(data, addr)
+                except Exception:
+                    log.exception("datagram handler failed", extra={"addr": f"{addr[0]}:{addr[1]}"})
+            return
+        if not data[0] & 0x80:
+            # short header: the destination connection id (ours, fixed length) follows at once
+            conn = self._routes.get(data[1 : 1 + CID_LENGTH])
+            if conn is not None:
+                conn.datagram_received(data, addr)
+            return
+        try:
+            header = pull_quic_header(Buffer(data=data), host_cid_length=CID_LENGTH)
+        except ValueError:
+            return
+        conn = self._routes.get(header.destination_cid)
+        if conn is not None:
+            conn.datagram_received(data, addr)
+            return
+        if header.packet_type != QuicPacketType.INITIAL or len(data) < SMALLEST_INITIAL or self._closing:
+            return
+        if header.version is not None and header.version not in self._supported_versions:
+            self._sendto(
+                encode_quic_version_negotiation(
+                    source_cid=header.destination_cid,
+                    destination_cid=header.source_cid,
+                    supported_versions=self._supported_versions,
+                ),
+                addr,
+            )
+            return
+        if len(self._all) >= self._max_connections:
+            log.warning(
+                "connection limit reached; dropping a new handshake", extra={"addr": f"{addr[0]}:{addr[1]}"}
+            )
+            return
+        self._accept_initial(header.destination_cid, data, addr)
+
+    def _accept_initial(self, original_cid: bytes, data: bytes, addr: Address) -> None:
+        config = make_configuration(
+            self._key,
+            self._certificate,
+            is_client=False,
+            alpns=self._alpns,
+            idle_timeout=self._idle_timeout,
+            stream_window=self._stream_window,
+            connection_window=self._connection_window,
+        )
+        quic = PinnedQuicConnection(
+            configuration=config,
+            check_peer=lambda peer, alpn: self._check_incoming(peer, alpn, addr),
+            original_destination_connection_id=original_cid,
+        )
+        conn = self._new_connection(quic, addr, is_outgoing=False, expected_peer=None)
+        self._route(original_cid, conn)
+        self._route(quic.host_cid, conn)
+        loop = asyncio.get_running_loop()
+        handle = loop.call_later(self._handshake_timeout, self._handshake_deadline, conn)
+        conn.closed.add_done_callback(lambda _: handle.cancel())
+        conn.established.add_done_callback(lambda _: handle.cancel())
+        conn.datagram_received(data, addr)
+
+    def _handshake_deadline(self, conn: Connection) -> None:
+        if not conn.established.done():
+            conn.close(
+                f"handshake did not finish within {self._handshake_timeout:g} s", code=CloseCode.PROTOCOL
+            )
+
+    # --- callbacks from connections (the _Host protocol) ----------------------------------------
+
+    def _sendto(self, data: bytes, addr: Address) -> None:
+        if self._udp is not None:
+            self._udp.sendto(data, addr)
+
+    def _route(self, cid: bytes, conn: Connection) -> None:
+        self._routes[cid] = conn
+        conn.cids.add(cid)
+
+    def _cid_issued(self, cid: bytes, conn: Connection) -> None:
+        self._routes[cid] = conn
+
+    def _cid_retired(self, cid: bytes) -> None:
+        self._routes.pop(cid, None)
+
+    def _terminated(self, conn: Connection) -> None:
+        for cid in conn.cids:
+            if self._routes.get(cid) is conn:
+                del self._routes[cid]
+        conn.cids.clear()
+        self._all.discard(conn)
+
+    def _closed(self, conn: Connection) -> None:
+        reason = conn.close_reason or ""
+        if conn.registered_at is not None:
+            key = (conn.peer, conn.alpn)
+            conns = self._live.get(key)
+            if conns is not None and conn in conns:
+                conns.remove(conn)
+                if not conns:
+                    del self._live[key]
+            log.info(
+                "connection closed", extra={"peer": conn.peer.short, "alpn": conn.alpn, "reason": reason}
+            )
+        elif not conn.is_outgoing and not self._closing:
+            offered = conn._quic.offered_peer
+            log.info(
+                "incoming handshake failed",
+                extra={
+                    "peer": offered.short if offered else "?",
+                    "addr": f"{conn.remote_addr[0]}:{conn.remote_addr[1]}",
+                    "reason": reason,
+                },
+            )
+        elif conn.is_outgoing and reason.startswith("refused: wrong key"):
+            log.warning("dialled address presented another key", extra={"reason": reason})
+
+    def _established(self, conn: Connection) -> None:
+        """A handshake finished (server) or was confirmed (client): settle duplicates, register."""
+        if self._closing:
+            conn.close("node shutting down", code=CloseCode.SHUTDOWN)
+            return
+        if conn in self._unpinned:  # connect_any: a join dial to a key we did not know
+            self._register(conn)
+            return
+        me = self.node_id
+        key = (conn.peer, conn.alpn)
+        live = [c for c in self._live.get(key, ()) if c.is_open]
+        dial = self._dials.get(key)
+        pending = dial if dial is not None and not dial.future.done() else None
+        if conn.is_outgoing:
+            if pending is None or conn not in pending.attempts:
+                conn.close("dial already finished", code=CloseCode.SUPERSEDED)
+                return
+            for other in live:
+                if other.dialer != me:  # the peer's dial, held while ours was pending
+                    if me < conn.peer:
+                        other.close(SUPERSEDED, code=CloseCode.SUPERSEDED)
+                    else:
+                        conn.close(SUPERSEDED, code=CloseCode.SUPERSEDED)
+                        pending.resolve(other)
+                        return
+            self._register(conn)
+            pending.resolve(conn)
+            pending.close_attempts("another address answered first", keep=conn)
+            return
+        if pending is not None:
+            self._register(conn)
+            if conn.peer < me:
+                # the peer's dial is the one dialled by the lower key: it wins, ours is dropped
+                pending.close_attempts(SUPERSEDED)
+                pending.resolve(conn)
+            # else: held; our own dial decides (see the outgoing branch and _run_dial)
+            return
+        for other in live:
+            if other.dialer != me:
+                continue  # the same peer dialled twice (address race): the dialler drops its loser
+            overlapped = other.registered_at is not None and other.registered_at >= conn.started_at
+            if overlapped and me < conn.peer:
+                conn.close(SUPERSEDED, code=CloseCode.SUPERSEDED)
+                return
+            other.close(
+                SUPERSEDED
+                if overlapped
+                else "replaced: the peer dialled again, so it had lost this connection",
+                code=CloseCode.SUPERSEDED,
+            )
+        self._register(conn)
+
+    def _register(self, conn: Connection) -> None:
+        conn.registered_at = asyncio.get_running_loop().time()
+        self._live.setdefault((conn.peer, conn.alpn), []).append(conn)
+
+
+def _outcomes(dial: _Dial) -> str:
+    if not dial.outcomes:
+        return ""
+    return ": " + "; ".join(f"{host}:{port}: {why}" for (host, port), why in dial.outcomes.items())
