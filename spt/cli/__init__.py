@@ -17,9 +17,15 @@ from spt.cli._state import state
 
 BUILTIN_COMMANDS: Final = {
     "daemon": "spt.cli.daemon:daemon",
+    "endpoint": "spt.cli.endpoint:endpoint",
+    "how-to": "spt.cli.messaging:how_to",
     "node": "spt.cli.node:node",
     "plugins": "spt.cli.plugins:plugins",
+    "ready": "spt.cli.messaging:ready",
+    "ring": "spt.cli.messaging:ring",
+    "send": "spt.cli.messaging:send",
     "subnet": "spt.cli.subnet:subnet",
+    "whoami": "spt.cli.messaging:whoami",
 }
 
 

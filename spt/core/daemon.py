@@ -27,9 +27,14 @@ from typing import IO, Any, Final
 
 from spt import __version__
 from spt.core.config import NodeConfig, StatePaths, load_config
+from spt.core.endpoints import Endpoints
+from spt.core.endpoints import register_ops as register_endpoint_ops
 from spt.core.errors import ElevationRequired, LocalProtocolError, Refusal, SptError, UsageError
 from spt.core.identity import NodeId, NodeKey
 from spt.core.ipc import MAX_LINE, PROTOCOL_VERSION, encode_line
+from spt.core.members import Members
+from spt.core.members import register_ops as register_member_ops
+from spt.core.proto.join import iso_utc
 from spt.core.store import Store, load_or_create_key
 from spt.core.subnets import HeldSubnet, Subnets, rendezvous_tag
 from spt.core.subnets import register_ops as register_subnet_ops
@@ -113,9 +118,10 @@ class Daemon:
         self._lock_file: IO[bytes] | None = None
         self.store: Store
         self.key: NodeKey
-        self.udp: asyncio.DatagramTransport | None = None
+        self.members: Members
         self._ipc_server: asyncio.AbstractServer | None = None
         self.subnets: Subnets
+        self.endpoints: Endpoints
         self.discovery: list[DiscoveryBackend] = sorted(
             plugins.registries.discovery_backends, key=lambda b: (b.priority, b.name)
         )
@@ -147,8 +153,7 @@ class Daemon:
 
     @property
     def port(self) -> int:
-        assert self.udp is not None  # started
-        return int(self.udp.get_extra_info("sockname")[1])
+        return self.members.port
 
     def addresses(self) -> list[str]:
         host = self.config.bind
@@ -258,7 +263,7 @@ class Daemon:
 
     def on_first_subnet(self, sub: HeldSubnet) -> list[str]:
         """Home endpoints made before any subnet (SPEC.md §2.5); returns their ids."""
-        return []
+        return self.endpoints.home_homeless(sub)
 
     def subnet_status(self, sub: HeldSubnet, *, nodes: bool, include_former: bool) -> dict[str, Any]:
         st = sub.state()
@@ -267,7 +272,7 @@ class Daemon:
             "id": sub.id.hex(),
             "attached": sub.attached,
             "nodes": len(st.members),
-            "endpoints": 0,
+            "endpoints": self.endpoints.count_visible(sub),
             "joins": self.join_state(sub),
         }
         if nodes:
@@ -288,16 +293,65 @@ class Daemon:
             "label": label,
             "key": key.hex,
             "standing": "member",
-            "online": is_self,
+            "online": is_self or self.members.transport.connection(key) is not None,
             "detached": (not sub.attached) if is_self else False,
             "self": is_self,
             "version": __version__ if is_self else None,
             "last_seen": None,
-            "path": None if is_self else {"kind": "none", "addr": None, "via": None, "reason": "peer-offline", "rtt_ms": None, "since": None},
+            "path": None if is_self else self.members.path_view(key, sub),
         }
 
     def join_state(self, sub: HeldSubnet) -> dict[str, Any]:
-        return {"state": "open", "failed_last_hour": 0, "locked_until": None}
+        status = self.members.join_status(sub)
+        return {
+            "state": status.state,
+            "failed_last_hour": status.failed_last_hour,
+            "locked_until": iso_utc(status.locked_until_ms) if status.locked_until_ms is not None else None,
+        }
+
+    # -- what the membership layer tells the node -----------------------------------------
+
+    def join_failed(self, sub: HeldSubnet, joiner: NodeId, source: str) -> None:
+        """A wrong code was tried here; a notification of kind join-failed follows (rate-limited)."""
+        status = self.members.join_status(sub)
+        if status.is_locked:
+            self.notify(sub, "join-lockout", f"joins to {sub.name} are locked",
+                        f"{status.failed_last_hour} failed attempts in the last hour; `spt subnet unlock {sub.name}` ends it",
+                        dedupe_seconds=3600)
+        else:
+            self.notify(sub, "join-failed", f"a join to {sub.name} failed",
+                        f"{joiner.short} from {source} entered a wrong code", dedupe_seconds=600)
+
+    def notify(self, sub: HeldSubnet | None, kind: str, title: str, body: str, *, dedupe_seconds: float = 0) -> None:
+        """Record a notification for the user (SPEC.md §8.4); replication rides the notify plugin."""
+        now = time.time()
+        with self.store.transaction():
+            if dedupe_seconds:
+                recent = self.store.db.execute(
+                    "SELECT 1 FROM notifications WHERE kind=? AND subnet IS ? AND time > ?",
+                    (kind, sub.id if sub else None, now - dedupe_seconds),
+                ).fetchone()
+                if recent:
+                    return
+            self.store.db.execute(
+                "INSERT INTO notifications(id, subnet, kind, title, body, origin, time) VALUES(?,?,?,?,?,?,?)",
+                (os.urandom(16).hex(), sub.id if sub else None, kind, title, body, self.key.node_id.hex, now),
+            )
+        log.warning("notification", extra={"kind": kind, "title": title})
+
+    def peer_synced(self, conn: Any) -> None:
+        """A member connection finished its log sync; services may exchange their state now."""
+
+    def membership_changed(self, sub: HeldSubnet) -> None:
+        """Members joined, left or were pruned in `sub`."""
+
+    def departed(self, sub: HeldSubnet, reason: str) -> list[str]:
+        """This node left or was pruned: drop the subnet's state; returns orphaned endpoint ids."""
+        orphaned = self.endpoints.orphan(sub) if hasattr(self.endpoints, "orphan") else []
+        self.subnets.forget(sub)
+        self.store.set_meta(f"departed:{sub.id.hex()}", json.dumps({"name": sub.name, "reason": reason}))
+        self.members.keep_members_connected()
+        return orphaned
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -310,18 +364,6 @@ class Daemon:
                 "DAEMON_RUNNING", str(self.paths.root), "a daemon already runs for this state folder"
             ) from None
 
-    async def _bind_udp(self) -> None:
-        loop = asyncio.get_running_loop()
-        port = self.config.port
-        try:
-            self.udp, _ = await loop.create_datagram_endpoint(asyncio.DatagramProtocol, local_addr=(self.config.bind, port))
-        except OSError:
-            if port == 0:
-                raise
-            # SPEC.md §3.11: a random free port if the configured one is taken.
-            log.warning("port taken; using a free one", extra={"port": port})
-            self.udp, _ = await loop.create_datagram_endpoint(asyncio.DatagramProtocol, local_addr=(self.config.bind, 0))
-
     async def start(self) -> None:
         self.paths.ensure()
         self._take_lock()
@@ -329,9 +371,13 @@ class Daemon:
         self.store = Store(self.paths.db_file)
         self.subnets = Subnets(self)
         register_subnet_ops(self, self.subnets)
+        self.endpoints = Endpoints(self)
+        register_endpoint_ops(self, self.endpoints)
         if created:
             log.info("node key created", extra={"node": self.key.node_id.short})
-        await self._bind_udp()
+        self.members = Members(self)
+        register_member_ops(self, self.members)
+        await self.members.start()
         with contextlib.suppress(FileNotFoundError):
             self.paths.socket.unlink()
         old_umask = os.umask(0o177)  # the socket is born 0600: no window where others connect
@@ -360,6 +406,7 @@ class Daemon:
 
     async def shutdown(self) -> None:
         self.plugins.pm.hook.spt_node_stopping()
+        await self.endpoints.close()  # streams end (and last acks land) before the store closes
         for backend in self.discovery:
             try:
                 await backend.stop()
@@ -369,8 +416,7 @@ class Daemon:
             self._ipc_server.close()
             with contextlib.suppress(FileNotFoundError):
                 self.paths.socket.unlink()
-        if self.udp is not None:
-            self.udp.close()
+        await self.members.close()
         self.store.close()
         log.info("daemon stopped")
 

@@ -74,6 +74,71 @@ MIGRATIONS: Final[tuple[str, ...]] = (
         acked INTEGER NOT NULL DEFAULT 0
     );
     """,
+    # 3: perches, their per-subnet visibility and scope, spools, seen ids, ring records, outgoing
+    """
+    CREATE TABLE perches (
+        id TEXT NOT NULL PRIMARY KEY COLLATE NOCASE,
+        home BLOB REFERENCES subnets(id) ON DELETE SET NULL,
+        state TEXT NOT NULL,
+        busy INTEGER NOT NULL DEFAULT 0,
+        hosted INTEGER NOT NULL DEFAULT 0,
+        description TEXT NOT NULL DEFAULT '',
+        transient INTEGER NOT NULL DEFAULT 0,
+        expires REAL,
+        forked_from TEXT,
+        created REAL NOT NULL
+    );
+    CREATE TABLE perch_subnets (
+        perch TEXT NOT NULL COLLATE NOCASE REFERENCES perches(id) ON DELETE CASCADE,
+        subnet BLOB NOT NULL REFERENCES subnets(id) ON DELETE CASCADE,
+        visible INTEGER NOT NULL,
+        in_scope INTEGER NOT NULL,
+        PRIMARY KEY (perch, subnet)
+    );
+    CREATE TABLE spool (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        perch TEXT NOT NULL COLLATE NOCASE REFERENCES perches(id) ON DELETE CASCADE,
+        msg_id TEXT NOT NULL UNIQUE,
+        type TEXT NOT NULL,
+        sender TEXT NOT NULL,
+        sender_node BLOB NOT NULL,
+        sender_id TEXT NOT NULL,
+        attrs TEXT NOT NULL,
+        body TEXT NOT NULL,
+        win TEXT NOT NULL,
+        reply_to TEXT,
+        size INTEGER NOT NULL,
+        arrived REAL NOT NULL,
+        mac BLOB NOT NULL,
+        quarantined INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX spool_by_perch ON spool(perch, seq);
+    CREATE TABLE seen_messages (
+        msg_id TEXT PRIMARY KEY,
+        perch TEXT NOT NULL,
+        delivered INTEGER NOT NULL DEFAULT 0,
+        time REAL NOT NULL
+    );
+    CREATE TABLE rings_in (
+        ring_id TEXT PRIMARY KEY,
+        recipient TEXT NOT NULL COLLATE NOCASE REFERENCES perches(id) ON DELETE CASCADE,
+        sender_node BLOB NOT NULL,
+        sender_id TEXT NOT NULL COLLATE NOCASE,
+        received INTEGER NOT NULL DEFAULT 0,
+        answered INTEGER NOT NULL DEFAULT 0,
+        time REAL NOT NULL
+    );
+    CREATE TABLE outgoing (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        msg_id TEXT NOT NULL UNIQUE,
+        node BLOB NOT NULL,
+        subnet BLOB NOT NULL REFERENCES subnets(id) ON DELETE CASCADE,
+        payload TEXT NOT NULL,
+        created REAL NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_try REAL NOT NULL DEFAULT 0
+    );
+    """,
 )
 
 

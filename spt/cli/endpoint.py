@@ -1,0 +1,275 @@
+"""`spt endpoint …`: list, description, state, suspend/wake, stop, fork, visibility, sync-scope, purge.
+
+Thin: parse, ask the daemon, print the token or the document. Hosted endpoints (`endpoint run`)
+live elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import click
+
+from spt.cli._output import emit, hint, out, print_json
+from spt.cli._state import daemon_call, is_interactive, state
+from spt.core.errors import UsageError
+
+ELLIPSIS = "\u2026"
+
+
+class _EndpointGroup(click.Group):
+    """`spt endpoint` alone is `spt endpoint list`."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not args or (args[0] not in self.commands and args[0] not in ("-h", "--help")):
+            args = ["list", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=_EndpointGroup)
+def endpoint() -> None:
+    """Endpoints: the perches on this node and the rows of your subnets."""
+
+
+def _wants_json(ctx: click.Context, flag: bool) -> bool:
+    return flag or state(ctx).json
+
+
+def _bool(value: Any) -> str:
+    return str(bool(value)).lower()
+
+
+def _display(node: dict[str, Any]) -> str:
+    return f"{node['label']} ({node['key'][:8]}{ELLIPSIS})"
+
+
+@endpoint.command("list")
+@click.option("--detail", is_flag=True, help="Add description, home, visibility, scope and folders.")
+@click.option("--subnet", help="Only this subnet.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@click.pass_context
+def list_(ctx: click.Context, detail: bool, subnet: str | None, as_json: bool) -> None:
+    """Endpoints visible in each subnet, then this node's perches."""
+    doc = daemon_call("endpoint.list", {"self": os.environ.get("SPT_AGENT_ID") or None, "subnet": subnet})
+    if _wants_json(ctx, as_json):
+        doc.pop("node", None)
+        print_json(doc)
+        return
+    me = doc["self"]
+    if me is not None:
+        status = me["status"] or "no-perch"
+        out(f"SELF: {me['id']}  {status}  ready={_bool(me['ready'])} alive={_bool(me['alive'])}")
+    count = 0
+    for sub in doc["subnets"]:
+        out(f"SUBNET {sub['name']}")
+        for row in sub["endpoints"]:
+            count += 1
+            out(f"  {row['id']}  {_display(row['node'])}  \u25a0 {row['state'].upper()}")
+            if detail:
+                out(f"    home={row['home'] or '-'}  ready={_bool(row['ready'])} alive={_bool(row['alive'])}")
+                if row["description"]:
+                    out(f"    {row['description']}")
+    out(f"ENDPOINTS:{count}")
+    out(f"This node: {doc['node']['display']}")
+    if not doc["local"]:
+        out("  (no local perches)")
+    for perch in doc["local"]:
+        out(f"  {perch['id']}  {perch['state']}  ready={_bool(perch['ready'])} alive={_bool(perch['alive'])}")
+        if detail:
+            out(
+                f"    home={perch['home'] or '-'}  visible_in={','.join(perch['visible_in']) or '-'}"
+                f"  scope={','.join(perch['scope']) or '-'}"
+            )
+            out(f"    folder={perch['folder']}")
+            if perch.get("description"):
+                out(f"    {perch['description']}")
+
+
+# --- description -----------------------------------------------------------------------------
+
+
+@endpoint.group()
+def description() -> None:
+    """The yellow-pages text of a local perch (≤ 1024 bytes)."""
+
+
+@description.command("set")
+@click.argument("endpoint_id", metavar="ID")
+@click.argument("text", required=False)
+@click.option("--clear", is_flag=True, help="Remove the description.")
+def description_set(endpoint_id: str, text: str | None, clear: bool) -> None:
+    """Set (or --clear) the description of perch ID."""
+    if text is None and not clear:
+        raise UsageError("BAD_USAGE", "", "give the text, or --clear")
+    if text is not None and clear:
+        raise UsageError("BAD_USAGE", "", "give the text or --clear, not both")
+    doc = daemon_call("endpoint.description.set", {"id": endpoint_id, "text": text, "clear": clear})
+    emit("DESCRIPTION_SET", doc["id"])
+
+
+@description.command("show")
+@click.argument("address")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@click.pass_context
+def description_show(ctx: click.Context, address: str, as_json: bool) -> None:
+    """Print the description of the endpoint ADDRESS resolves to."""
+    doc = daemon_call("endpoint.description.show", {"address": address})
+    if _wants_json(ctx, as_json):
+        print_json(doc)
+    else:
+        out(doc["description"])
+
+
+# --- activity and states ---------------------------------------------------------------------
+
+
+@endpoint.command("state")
+@click.argument("endpoint_id", metavar="ID")
+@click.argument("activity", type=click.Choice(["busy", "idle"]))
+def state_(endpoint_id: str, activity: str) -> None:
+    """Report that perch ID is busy or idle (idle-only messages wait for idle)."""
+    doc = daemon_call("endpoint.state", {"id": endpoint_id, "activity": activity})
+    emit("STATE", doc["id"], doc["activity"])
+
+
+@endpoint.command()
+@click.argument("address")
+@click.option("--warm", is_flag=True, help="Dormant rather than suspended.")
+@click.option(
+    "--grace", type=float, default=10.0, show_default=True, help="Seconds a hosted process gets to exit."
+)
+def suspend(address: str, warm: bool, grace: float) -> None:
+    """Rest the endpoint at ADDRESS; messages to it are held until wake."""
+    doc = daemon_call(
+        "endpoint.suspend", {"address": address, "warm": warm, "grace": grace}, timeout=grace + 60
+    )
+    emit(doc["token"], address)
+
+
+@endpoint.command()
+@click.argument("address")
+def wake(address: str) -> None:
+    """Wake the endpoint at ADDRESS; its next spt ready drains what was held."""
+    doc = daemon_call("endpoint.wake", {"address": address})
+    emit(doc["token"], address)
+
+
+@endpoint.command()
+@click.argument("endpoint_id", metavar="ID")
+def stop(endpoint_id: str) -> None:
+    """End the listener of local perch ID (the spool and state are kept)."""
+    emit("STOPPED", daemon_call("endpoint.stop", {"id": endpoint_id})["id"])
+
+
+@endpoint.command()
+@click.argument("endpoint_id", metavar="ID")
+@click.argument("new_id", metavar="NEW-ID")
+@click.option("--subnet", help="Home of the fork (needed when this node holds several subnets).")
+def fork(endpoint_id: str, new_id: str, subnet: str | None) -> None:
+    """Make NEW-ID, a new identity seeded from ID, as an unbound perch."""
+    doc = daemon_call("endpoint.fork", {"id": endpoint_id, "new_id": new_id, "subnet": subnet})
+    emit("FORKED", doc["id"], f"from={doc['from']}")
+
+
+@endpoint.command()
+@click.argument("endpoint_id", metavar="ID")
+@click.option("--yes", is_flag=True, help="Do not ask (required when not interactive).")
+def purge(endpoint_id: str, yes: bool) -> None:
+    """Delete perch ID with its spool, settings and folder."""
+    if not yes:
+        if not is_interactive():
+            raise UsageError("BAD_USAGE", "", "pass --yes to purge without a terminal to confirm")
+        click.confirm(f"Purge {endpoint_id} and drop what it holds?", abort=True)
+    doc = daemon_call("endpoint.purge", {"id": endpoint_id})
+    emit("PURGED", doc["id"])
+    if doc["dropped"]:
+        hint(f"dropped {doc['dropped']} queued message(s)")
+
+
+# --- visibility and sync scope ---------------------------------------------------------------
+
+
+def _settings_lines(doc: dict[str, Any]) -> None:
+    for sub in doc["subnets"]:
+        flags = [f for f, on in (("home", sub["home"]), ("in-scope", sub["in_scope"])) if on]
+        out("  ".join([sub["subnet"], "visible" if sub["visible"] else "hidden", *flags]))
+
+
+@endpoint.group()
+def visibility() -> None:
+    """Where a local instance is advertised and reachable, per subnet."""
+
+
+@visibility.command("list")
+@click.argument("endpoint_id", metavar="ID")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@click.pass_context
+def visibility_list(ctx: click.Context, endpoint_id: str, as_json: bool) -> None:
+    """One line per held subnet: visible or hidden, home, in scope."""
+    doc = daemon_call("endpoint.visibility.list", {"id": endpoint_id})
+    if _wants_json(ctx, as_json):
+        print_json(doc)
+    else:
+        _settings_lines(doc)
+
+
+@visibility.command("show")
+@click.argument("endpoint_id", metavar="ID")
+@click.argument("subnet")
+def visibility_show(endpoint_id: str, subnet: str) -> None:
+    """Make ID visible (advertised and routable) in SUBNET."""
+    doc = daemon_call("endpoint.visibility.set", {"id": endpoint_id, "subnet": subnet, "visible": True})
+    emit("VISIBLE", doc["id"], doc["subnet"])
+
+
+@visibility.command("hide")
+@click.argument("endpoint_id", metavar="ID")
+@click.argument("subnet")
+def visibility_hide(endpoint_id: str, subnet: str) -> None:
+    """Hide ID in SUBNET: from there it looks exactly like a missing endpoint."""
+    doc = daemon_call("endpoint.visibility.set", {"id": endpoint_id, "subnet": subnet, "visible": False})
+    emit("HIDDEN", doc["id"], doc["subnet"])
+
+
+@endpoint.group("sync-scope")
+def sync_scope() -> None:
+    """The subnets an endpoint's mind syncs to (only where it is also visible)."""
+
+
+@sync_scope.command("list")
+@click.argument("endpoint_id", metavar="ID")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@click.pass_context
+def sync_scope_list(ctx: click.Context, endpoint_id: str, as_json: bool) -> None:
+    """The subnets in ID's sync scope, one per line."""
+    doc = daemon_call("endpoint.scope.list", {"id": endpoint_id})
+    if _wants_json(ctx, as_json):
+        print_json(doc)
+        return
+    for sub in doc["subnets"]:
+        if sub["in_scope"]:
+            out(sub["subnet"] if sub["visible"] else f"{sub['subnet']}  (hidden: nothing syncs)")
+
+
+@sync_scope.command("add")
+@click.argument("endpoint_id", metavar="ID")
+@click.argument("subnet")
+def sync_scope_add(endpoint_id: str, subnet: str) -> None:
+    """Let ID's mind sync to SUBNET."""
+    doc = daemon_call("endpoint.scope.set", {"id": endpoint_id, "subnet": subnet, "in_scope": True})
+    emit("SCOPE_ADDED", doc["id"], doc["subnet"])
+    if doc["hidden"]:
+        hint(
+            f"note: {doc['id']} is hidden in {doc['subnet']}; nothing syncs there until you run: "
+            f"spt endpoint visibility show {doc['id']} {doc['subnet']}"
+        )
+
+
+@sync_scope.command("remove")
+@click.argument("endpoint_id", metavar="ID")
+@click.argument("subnet")
+def sync_scope_remove(endpoint_id: str, subnet: str) -> None:
+    """Stop ID's mind syncing to SUBNET."""
+    doc = daemon_call("endpoint.scope.set", {"id": endpoint_id, "subnet": subnet, "in_scope": False})
+    emit("SCOPE_REMOVED", doc["id"], doc["subnet"])

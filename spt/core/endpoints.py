@@ -1,0 +1,1164 @@
+"""Endpoints as this node hosts them: perches, listeners, local send and ring, and their ops.
+
+What lives here: `Perch` (one row of the `perches` table), `Endpoints` (the service the daemon
+builds after its subnets) and `register_ops`, the control operations behind `spt ready`,
+`spt send`, `spt ring`, `spt whoami` and `spt endpoint …`.
+
+Rules this module keeps (SPEC.md §2.3–2.6, §4.2–4.4, §4.6 for endpoints that are not hosted):
+1. A perch is created only by its own `ready`, by `fork`, or as a sender's transient `tmp.`
+   identity; never for a target (`NO_PERCH`).
+2. A message is committed to the perch's spool before any answer, and it leaves the spool only in
+   the transaction that records the listener's acknowledgement (`Spool.mark_delivered`). The
+   listener acknowledges after the envelope is flushed to its stdout, so every message is handed
+   out exactly once, across `kill -9` of either side.
+3. Windows (§4.4): a *drain* (the backlog when `ready` starts) hands out `default` and
+   `active` messages, and `idle` ones unless the endpoint reports busy; a *push* (to a listener
+   blocked in `ready`) happens only while it reports idle and hands out `default` and `idle`
+   messages. A resting perch hands out nothing and accepts no listener, so what was held for it
+   is released once, by the first drain after `wake`.
+4. Ring replies (§4.3): when B sends to A while A has a ring to B that B received, the message
+   is stamped `reply_to` (the oldest such ring, each matched once). A stamped message for a ring
+   that is still waiting is kept from A's listener and handed to the ring; if the ring ends
+   without taking it, it is an ordinary message for A's perch.
+5. Every wait is bounded by a deadline or by the caller's connection; nothing blocks forever
+   once the caller hangs up.
+
+What must not: the network. Remote targets go through daemon hooks the network layer provides
+(`forward_message`, `remote_request`, `registry_rows`, `offline_nodes`); without them messages
+wait in the outgoing spool and remote suspend/wake answer `UNREACHABLE`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import shutil
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+from spt.core.errors import DaemonDown, PeerError, Refusal, RemoteProtocolError, UsageError
+from spt.core.identity import NodeId
+from spt.core.proto.address import parse_address
+from spt.core.proto.envelope import check_body, compact_json
+from spt.core.proto.registry import check_description
+from spt.core.proto.resolve import (
+    LocalPerch,
+    LocalTarget,
+    NodeInfo,
+    RemoteTarget,
+    Row,
+    Snapshot,
+    Target,
+    resolve,
+)
+from spt.core.spool import WINDOWS, Message, OutgoingMessage, Spool, SpoolEntry, check_message_id
+from spt.core.types import check_endpoint_id
+
+if TYPE_CHECKING:
+    from spt.core.daemon import Call, Daemon
+    from spt.core.subnets import HeldSubnet
+
+log = logging.getLogger(__name__)
+
+STATES: Final = ("active", "dormant", "suspended", "unbound")
+RESTING: Final = frozenset({"dormant", "suspended"})
+SENT_WAIT: Final = 5.0  # §4.2: SENT when the listener acknowledges within 5 s
+STOP_GRACE: Final = 5.0  # an envelope already on its way may still be acknowledged
+COLLISION_WAIT: Final = 0.5  # a listener whose caller just died is noticed within this
+TRANSIENT_PREFIX: Final = "tmp."
+TRANSIENT_SECONDS: Final = 3600.0  # §4.3: a transient identity lives 1 h after its ring returns
+_CLOSING: Final = "DAEMON_STOPPING"  # a listener's stop reason at shutdown: answered DAEMON_DOWN
+
+
+@dataclass(frozen=True, slots=True)
+class Perch:
+    """A local instance's durable seat. `home` is a subnet id, None for a homeless perch."""
+
+    id: str
+    home: bytes | None
+    state: str
+    busy: bool
+    hosted: bool
+    description: str
+    transient: bool
+    created: float
+
+    @property
+    def key(self) -> str:
+        """Ids match without regard to case."""
+        return self.id.lower()
+
+
+def _perch(row: Any) -> Perch:
+    return Perch(
+        id=str(row["id"]),
+        home=bytes(row["home"]) if row["home"] is not None else None,
+        state=str(row["state"]),
+        busy=bool(row["busy"]),
+        hosted=bool(row["hosted"]),
+        description=str(row["description"]),
+        transient=bool(row["transient"]),
+        created=float(row["created"]),
+    )
+
+
+async def _first(*waits: Awaitable[Any], timeout: float | None = None) -> None:
+    """Return when any of `waits` completes or `timeout` seconds pass; cancel the others."""
+    tasks = [asyncio.ensure_future(w) for w in waits]
+    try:
+        await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+class _Channel:
+    """The control connection of a streaming op (`ready`, `ring`): envelopes out, acks in."""
+
+    def __init__(self, call: Call) -> None:
+        self.call = call
+        self.closed = asyncio.Event()
+        self._acks: deque[str] = deque(maxlen=1024)
+        self._ack_arrived = asyncio.Event()
+        self._reader = asyncio.ensure_future(self._read())
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                msg = await self.call.receive()
+                if msg is None:
+                    return
+                ack = msg.get("ack")
+                if isinstance(ack, str):
+                    self._acks.append(ack)
+                    self._ack_arrived.set()
+        except (ConnectionError, ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            return  # a caller that sends garbage is treated as gone
+        finally:
+            self.closed.set()
+
+    async def deliver(self, entry: SpoolEntry, stopped: asyncio.Event) -> bool:
+        """Emit the envelope lines, then wait for their ack. False when the caller is gone, or
+        when `stopped` was set and no ack came within STOP_GRACE."""
+        lines = entry.envelope()
+        try:
+            for i, line in enumerate(lines):
+                await self.call.emit({"msg": entry.message.id, "line": line, "last": i == len(lines) - 1})
+        except (ConnectionError, OSError):
+            return False
+        loop = asyncio.get_running_loop()
+        grace_end: float | None = None
+        while True:
+            while self._acks:
+                if self._acks.popleft() == entry.message.id:
+                    return True
+            if self.closed.is_set():
+                return False
+            self._ack_arrived.clear()
+            timeout: float | None = None
+            waits: list[Awaitable[Any]] = [self._ack_arrived.wait(), self.closed.wait()]
+            if stopped.is_set():
+                grace_end = grace_end if grace_end is not None else loop.time() + STOP_GRACE
+                timeout = grace_end - loop.time()
+                if timeout <= 0:
+                    return False
+            else:
+                waits.append(stopped.wait())
+            await _first(*waits, timeout=timeout)
+
+    def close(self) -> None:
+        self._reader.cancel()
+
+
+class _Listener:
+    """One `spt ready` blocked on a perch."""
+
+    def __init__(self, perch: Perch, chan: _Channel) -> None:
+        self.perch_id = perch.id
+        self.chan = chan
+        self.wake = asyncio.Event()
+        self.stopped = asyncio.Event()
+        self.finished = asyncio.Event()
+        self.stop_reason: str | None = None
+        self.draining = True
+
+    def stop(self, reason: str) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        self.stopped.set()
+        self.wake.set()
+
+
+@dataclass
+class _RingWait:
+    """A `spt ring` waiting for its reply in the spool of `perch` (the sender's perch)."""
+
+    ring_id: str
+    perch: str
+    wake: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+
+
+class Endpoints:
+    """The perches of this node and everything that moves messages in and out of them."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.store = daemon.store
+        self.spool = Spool(daemon.store, daemon.key.private_bytes())
+        self.listeners: dict[str, _Listener] = {}
+        self.rings: dict[str, _RingWait] = {}
+        self._sent_waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._in_flight: set[int] = set()
+        self.closing = False
+        # No ring survives a restart, so transient identities it held start their last hour now.
+        with self.store.transaction() as db:
+            db.execute(
+                "UPDATE perches SET expires=? WHERE transient=1 AND expires IS NULL",
+                (time.time() + TRANSIENT_SECONDS,),
+            )
+        self.housekeeping()
+
+    @property
+    def node_id(self) -> NodeId:
+        return self.daemon.key.node_id
+
+    async def close(self) -> None:
+        """At daemon shutdown, before the store closes: end every listener and ring, letting an
+        envelope already on its way be acknowledged (bounded by STOP_GRACE), so no ack is lost."""
+        self.closing = True
+        for listener in list(self.listeners.values()):
+            listener.stop(_CLOSING)
+        for wait in list(self.rings.values()):
+            wait.wake.set()
+        pending = [asyncio.ensure_future(lst.finished.wait()) for lst in self.listeners.values()]
+        if pending:
+            await asyncio.wait(pending, timeout=STOP_GRACE + 1)
+        for task in pending:
+            task.cancel()
+        await asyncio.sleep(0)  # let rings that were woken answer
+
+    def _shutting_down(self) -> bool:
+        """True once the daemon is stopping: cleanup then leaves the store alone (it may be closed,
+        and nothing durable depends on that cleanup)."""
+        task = asyncio.current_task()
+        return self.closing or (task is not None and task.cancelling() > 0)
+
+    # -- perches --------------------------------------------------------------------------
+
+    def get(self, perch_id: str) -> Perch | None:
+        row = self.store.db.execute("SELECT * FROM perches WHERE id=?", (perch_id,)).fetchone()
+        return _perch(row) if row is not None else None
+
+    def require(self, perch_id: str, subject: str | None = None) -> Perch:
+        """The local perch `perch_id`, else Refusal NO_PERCH naming `subject` (default the id)."""
+        perch = self.get(perch_id)
+        if perch is None:
+            raise Refusal("NO_PERCH", subject or perch_id, "no local perch has that id")
+        return perch
+
+    def perches(self, *, transient: bool = False) -> list[Perch]:
+        """Local perches by id; transient `tmp.` identities only when asked."""
+        rows = self.store.query("SELECT * FROM perches ORDER BY id")
+        return [p for p in map(_perch, rows) if transient or not p.transient]
+
+    def folder(self, perch: Perch) -> Path:
+        return self.daemon.paths.endpoints / perch.id
+
+    def _create(
+        self,
+        perch_id: str,
+        home: HeldSubnet | None,
+        state: str,
+        *,
+        forked_from: str | None = None,
+        transient: bool = False,
+        expires: float | None = None,
+    ) -> Perch:
+        with self.store.transaction() as db:
+            db.execute(
+                "INSERT INTO perches(id, home, state, transient, expires, forked_from, created) "
+                "VALUES(?,?,?,?,?,?,?)",
+                (
+                    perch_id,
+                    home.id if home else None,
+                    state,
+                    int(transient),
+                    expires,
+                    forked_from,
+                    time.time(),
+                ),
+            )
+        perch = self.get(perch_id)
+        assert perch is not None  # just inserted
+        if not transient:
+            (self.folder(perch) / "inbox").mkdir(parents=True, exist_ok=True, mode=0o700)
+            log.info("perch created", extra={"perch": perch_id, "home": home.name if home else None})
+            self._changed(perch)
+        return perch
+
+    def _update(self, perch: Perch, *, publish: bool = True, **fields: Any) -> Perch:
+        """Change columns of a perch's row; `publish` tells the registry (not for `busy`)."""
+        sets = ", ".join(f"{name}=?" for name in fields)
+        with self.store.transaction() as db:
+            db.execute(f"UPDATE perches SET {sets} WHERE id=?", (*fields.values(), perch.id))
+        fresh = self.get(perch.id)
+        if fresh is None:
+            raise Refusal("NO_PERCH", perch.id, "the perch was removed meanwhile")
+        if publish and not fresh.transient:
+            self._changed(fresh)
+        return fresh
+
+    def _changed(self, perch: Perch) -> None:
+        """Tell the registry a local row changed (the network layer publishes it)."""
+        hook = getattr(self.daemon, "on_endpoint_changed", None)
+        if hook is not None:
+            hook(perch.id)
+
+    def _check_new_id(self, perch_id: str) -> str:
+        check_endpoint_id(perch_id)
+        if perch_id.lower().startswith(TRANSIENT_PREFIX):
+            raise UsageError("BAD_ID", perch_id, "ids beginning tmp. are reserved for transient identities")
+        return perch_id
+
+    def home_for_new(self, subnet: str | None) -> HeldSubnet | None:
+        """The home of a new perch (§2.5): `subnet` if named, the only subnet, or none at all.
+
+        Several subnets and no name: Refusal HOME_REFUSED listing them.
+        """
+        subnets = self.daemon.subnets
+        if subnet:
+            return subnets.require(subnet)
+        held = sorted(subnets.held.values(), key=lambda s: s.canonical)
+        if not held:
+            return None
+        if len(held) == 1:
+            return held[0]
+        names = ", ".join(s.name for s in held)
+        raise Refusal(
+            "HOME_REFUSED", "", f"this node holds {len(held)} subnets ({names}); pass --subnet <name>"
+        )
+
+    def home_homeless(self, sub: HeldSubnet) -> list[str]:
+        """Home every homeless perch in `sub` when it is this node's first subnet; their ids."""
+        if len(self.daemon.subnets.held) != 1:
+            return []
+        homeless = [p for p in self.perches() if p.home is None]
+        with self.store.transaction() as db:
+            for perch in homeless:
+                db.execute("UPDATE perches SET home=? WHERE id=?", (sub.id, perch.id))
+        for perch in homeless:
+            log.info("perch homed", extra={"perch": perch.id, "subnet": sub.name})
+            fresh = self.get(perch.id)
+            if fresh is not None:
+                self._changed(fresh)
+        return [p.id for p in homeless]
+
+    def _subnet_name(self, subnet_id: bytes | None) -> str | None:
+        if subnet_id is None:
+            return None
+        sub = self.daemon.subnets.held.get(subnet_id)
+        return sub.name if sub else None
+
+    # -- visibility and sync scope (§2.6) -------------------------------------------------
+
+    def settings(self, perch: Perch) -> list[tuple[HeldSubnet, bool, bool]]:
+        """(subnet, visible, in scope) for every held subnet; unset means home only."""
+        explicit = {
+            bytes(r["subnet"]): (bool(r["visible"]), bool(r["in_scope"]))
+            for r in self.store.query(
+                "SELECT subnet, visible, in_scope FROM perch_subnets WHERE perch=?", (perch.id,)
+            )
+        }
+        out = []
+        for sub in sorted(self.daemon.subnets.held.values(), key=lambda s: s.canonical):
+            default = (sub.id == perch.home, sub.id == perch.home)
+            visible, in_scope = explicit.get(sub.id, default)
+            out.append((sub, visible, in_scope))
+        return out
+
+    def visible_in(self, perch: Perch) -> list[HeldSubnet]:
+        return [sub for sub, visible, _ in self.settings(perch) if visible]
+
+    def _set_setting(
+        self, perch: Perch, sub: HeldSubnet, *, visible: bool | None = None, in_scope: bool | None = None
+    ) -> None:
+        current = next((v, s) for h, v, s in self.settings(perch) if h.id == sub.id)
+        new = (current[0] if visible is None else visible, current[1] if in_scope is None else in_scope)
+        with self.store.transaction() as db:
+            db.execute(
+                "INSERT INTO perch_subnets(perch, subnet, visible, in_scope) VALUES(?,?,?,?) "
+                "ON CONFLICT(perch, subnet) DO UPDATE SET "
+                "visible=excluded.visible, in_scope=excluded.in_scope",
+                (perch.id, sub.id, int(new[0]), int(new[1])),
+            )
+        self._changed(perch)
+
+    # -- resolution -----------------------------------------------------------------------
+
+    def _remote_rows(self) -> Sequence[Row]:
+        hook = getattr(self.daemon, "registry_rows", None)
+        return list(hook()) if hook is not None else []
+
+    def _offline(self) -> frozenset[NodeId]:
+        hook = getattr(self.daemon, "offline_nodes", None)
+        return frozenset(hook()) if hook is not None else frozenset()
+
+    def snapshot(self) -> Snapshot:
+        """What resolution needs (§4.1): local perches, members, and the replicated rows."""
+        attached = sorted(self.daemon.subnets.attached(), key=lambda s: s.canonical)
+        local = [
+            LocalPerch(p.id, self._subnet_name(p.home), frozenset(s.name for s in self.visible_in(p)))
+            for p in self.perches(transient=True)
+        ]
+        return Snapshot(
+            self_node=NodeInfo(self.node_id, self.daemon.label),
+            nodes_by_subnet={
+                s.name: [NodeInfo(k, label) for k, label in s.state().members.items()] for s in attached
+            },
+            attached_subnets=[s.name for s in attached],
+            local_perches=local,
+            rows=self._remote_rows(),
+            offline=self._offline(),
+        )
+
+    def resolve(self, text: str) -> Target:
+        """Parse and resolve an address (BAD_ADDRESS, NO_PERCH, AMBIGUOUS…, as §4.1)."""
+        return resolve(parse_address(text), self.snapshot())
+
+    # -- listing --------------------------------------------------------------------------
+
+    def self_view(self, perch_id: str | None) -> dict[str, Any] | None:
+        """The caller's own row (`SELF:`), or None without an identity."""
+        if not perch_id:
+            return None
+        perch = self.get(perch_id)
+        return {
+            "id": perch.id if perch else perch_id,
+            "status": perch.state if perch else None,
+            "ready": perch is not None and perch.key in self.listeners,
+            "alive": False,
+        }
+
+    def subnet_rows(self, sub: HeldSubnet) -> list[dict[str, Any]]:
+        """The rows visible in `sub`: this node's perches, then the replicated remote rows."""
+        me = {"label": self.daemon.label, "key": self.node_id.hex}
+        rows = [
+            {
+                "id": p.id,
+                "home": self._subnet_name(p.home),
+                "node": me,
+                "state": p.state,
+                "ready": p.key in self.listeners,
+                "alive": False,
+                "hosted": p.hosted,
+                "description": p.description,
+            }
+            for p in self.perches()
+            if any(s.id == sub.id for s in self.visible_in(p))
+        ]
+        offline = self._offline()
+        for row in self._remote_rows():
+            if row.subnet.lower() != sub.canonical or not row.visible or row.node == self.node_id:
+                continue
+            rows.append(
+                {
+                    "id": row.endpoint_id,
+                    "home": row.home,
+                    "node": {
+                        "label": self.daemon.subnets.label_of(row.node) or row.node.short,
+                        "key": row.node.hex,
+                    },
+                    "state": "offline" if row.node in offline else row.state,
+                    "ready": row.ready,
+                    "alive": row.alive,
+                    "hosted": row.hosted,
+                    "description": row.description,
+                }
+            )
+        return rows
+
+    def local_rows(self, sub: HeldSubnet) -> list[dict[str, Any]]:
+        """What this node advertises in `sub` (§4.5: only where visible), for the registry."""
+        return [r for r in self.subnet_rows(sub) if r["node"]["key"] == self.node_id.hex]
+
+    def count_visible(self, sub: HeldSubnet) -> int:
+        return len(self.subnet_rows(sub))
+
+    def local_view(self, perch: Perch) -> dict[str, Any]:
+        settings = self.settings(perch)
+        return {
+            "id": perch.id,
+            "home": self._subnet_name(perch.home),
+            "state": perch.state,
+            "ready": perch.key in self.listeners,
+            "alive": False,
+            "folder": os.fspath(self.folder(perch)),
+            "visible_in": [s.name for s, visible, _ in settings if visible],
+            "scope": [s.name for s, _, in_scope in settings if in_scope],
+            "busy": perch.busy,
+            "description": perch.description,
+        }
+
+    def listing(self, self_id: str | None, subnet: str | None) -> dict[str, Any]:
+        """The `spt endpoint list` document (SPEC.md §3.10)."""
+        self.housekeeping()
+        subnets = self.daemon.subnets
+        subs = (
+            [subnets.require(subnet)] if subnet else sorted(subnets.held.values(), key=lambda s: s.canonical)
+        )
+        return {
+            "self": self.self_view(self_id),
+            "node": {
+                "label": self.daemon.label,
+                "key": self.node_id.hex,
+                "display": self.node_id.display(self.daemon.label),
+            },
+            "subnets": [{"name": s.name, "id": s.id.hex(), "endpoints": self.subnet_rows(s)} for s in subs],
+            "local": [self.local_view(p) for p in self.perches()],
+        }
+
+    # -- housekeeping ---------------------------------------------------------------------
+
+    def housekeeping(self) -> None:
+        """Drop expired transient identities (with what they held) and 30-day-old ids."""
+        now = time.time()
+        expired = self.store.query(
+            "SELECT id FROM perches WHERE transient=1 AND expires IS NOT NULL AND expires<?", (now,)
+        )
+        for row in expired:
+            listener = self.listeners.get(str(row["id"]).lower())
+            if listener is not None:
+                listener.stop("STOPPED")
+        with self.store.transaction() as db:
+            db.execute("DELETE FROM perches WHERE transient=1 AND expires IS NOT NULL AND expires<?", (now,))
+        self.spool.expire(now)
+
+    def homed_in(self, sub: HeldSubnet) -> list[str]:
+        """Ids of the perches homed in `sub`."""
+        return [p.id for p in self.perches() if p.home == sub.id]
+
+    def orphan(self, sub: HeldSubnet) -> list[str]:
+        """This node is leaving `sub`: its perches homed there become local-only (ORPHANED).
+
+        Call before the subnet row is deleted; the delete itself clears their home and their
+        settings for `sub` (foreign keys), and drops outgoing messages through `sub`.
+        """
+        ids = self.homed_in(sub)
+        with self.store.transaction() as db:
+            db.execute("UPDATE perches SET home=NULL WHERE home=?", (sub.id,))
+        for perch_id in ids:
+            log.info("perch orphaned", extra={"perch": perch_id, "subnet": sub.name})
+            fresh = self.get(perch_id)
+            if fresh is not None:
+                self._changed(fresh)
+        return ids
+
+    # -- the outgoing spool, drained by the network layer ---------------------------------
+
+    def queue_outgoing(self, node: NodeId, subnet: bytes, payload: Mapping[str, Any]) -> None:
+        self.spool.queue_outgoing(node, subnet, payload)
+
+    def pending_outgoing(self, node: NodeId | None = None, *, limit: int = 100) -> list[OutgoingMessage]:
+        return self.spool.pending_outgoing(node, limit=limit)
+
+    def mark_forwarded(self, msg_id: str) -> None:
+        self.spool.mark_forwarded(msg_id)
+
+    def record_attempt(self, msg_id: str, next_try: float) -> None:
+        self.spool.record_attempt(msg_id, next_try)
+
+    # -- accepting messages ---------------------------------------------------------------
+
+    def _poke(self, perch: Perch, msg: Message | None = None) -> None:
+        if msg is not None and msg.reply_to and msg.reply_to in self.rings:
+            self.rings[msg.reply_to].wake.set()
+        listener = self.listeners.get(perch.key)
+        if listener is not None:
+            listener.wake.set()
+
+    def _delivery_expected(self, perch: Perch, msg: Message) -> bool:
+        """True when a waiting ring or listener should take `msg` now (worth waiting for SENT)."""
+        wait = self.rings.get(msg.reply_to or "")
+        if wait is not None and wait.perch == perch.key:
+            return True
+        listener = self.listeners.get(perch.key)
+        if listener is None or perch.state != "active":
+            return False
+        if listener.draining:
+            return msg.window != "idle" or not perch.busy
+        return not perch.busy and msg.window != "active"
+
+    async def _await_delivery(self, msg_id: str, timeout: float) -> bool:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._sent_waiters.setdefault(msg_id, []).append(fut)
+        try:
+            await asyncio.wait_for(fut, timeout)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            waiters = self._sent_waiters.get(msg_id, [])
+            if fut in waiters:
+                waiters.remove(fut)
+            if not waiters:
+                self._sent_waiters.pop(msg_id, None)
+
+    async def _accept(
+        self, perch: Perch, msg: Message, subject: str, *, claim_from: str | None = None
+    ) -> str:
+        """Spool `msg` for `perch` (stamping a ring reply when `claim_from` names a local sender
+        perch) and answer SENT when a listener or ring acknowledges it within 5 s, else QUEUED."""
+        with self.store.transaction():
+            if claim_from is not None:
+                reply_to = self.spool.claim_reply(claim_from, msg.sender_node, perch.id)
+                if reply_to is not None:
+                    msg = dataclasses.replace(msg, reply_to=reply_to)
+            earlier = self.spool.append(
+                perch.id, msg, max_bytes=self.daemon.config.spool_max_bytes, subject=subject
+            )
+        if earlier is not None:
+            return earlier
+        fresh = self.get(perch.id) or perch
+        self._poke(fresh, msg)
+        if self._delivery_expected(fresh, msg) and await self._await_delivery(msg.id, SENT_WAIT):
+            return "SENT"
+        return "QUEUED"
+
+    def _delivered(self, entry: SpoolEntry) -> None:
+        if self.spool.mark_delivered(entry):
+            for fut in self._sent_waiters.get(entry.message.id, []):
+                if not fut.done():
+                    fut.set_result(None)
+
+    async def _hand_over(self, chan: _Channel, entry: SpoolEntry, stopped: asyncio.Event) -> bool:
+        self._in_flight.add(entry.seq)
+        try:
+            acked = await chan.deliver(entry, stopped)
+        finally:
+            self._in_flight.discard(entry.seq)
+        if acked:
+            self._delivered(entry)
+        return acked
+
+    # -- sending --------------------------------------------------------------------------
+
+    def _sender(self, from_id: str | None, *, ring: bool) -> tuple[str, bool]:
+        """The sender's id and whether it is a fresh transient identity (§4.3)."""
+        if from_id:
+            return check_endpoint_id(from_id), False
+        while True:  # 32 random bits: a clash is rare, and each retry draws anew
+            tmp_id = f"{TRANSIENT_PREFIX}{os.urandom(4).hex()}"
+            if self.get(tmp_id) is None:
+                break
+        expires = None if ring else time.time() + TRANSIENT_SECONDS
+        self._create(tmp_id, None, "active", transient=True, expires=expires)
+        return tmp_id, True
+
+    async def send(
+        self,
+        address_text: str,
+        *,
+        from_id: str | None,
+        body: str,
+        json_payload: str | None = None,
+        window: str = "default",
+        ring: bool = False,
+        msg_id: str | None = None,
+        on_sender: Callable[[str, bool], None] | None = None,
+    ) -> tuple[str, str]:
+        """§4.2 from this node's side: ("SENT" or "QUEUED", the sender's id), or a refusal.
+
+        Without `from_id` the sender gets a transient identity, made only once the address has
+        resolved; `on_sender(id, transient)` hears of it before the message is accepted.
+        """
+        if window not in WINDOWS:
+            raise UsageError("BAD_USAGE", window, f"a delivery window is one of {', '.join(WINDOWS)}")
+        address = parse_address(address_text)
+        text = check_body(body)
+        attrs: list[tuple[str, str]] = []
+        if ring:
+            attrs.append(("ring", "1"))
+        if json_payload is not None:
+            attrs.append(("json", compact_json(json_payload)))
+        target = resolve(address, self.snapshot())
+        sender_id, transient = self._sender(from_id, ring=ring)
+        if on_sender is not None:
+            on_sender(sender_id, transient)
+        msg = Message(
+            id=msg_id or os.urandom(16).hex(),
+            type="msg",
+            from_=sender_id,
+            sender_node=self.node_id,
+            sender_id=sender_id,
+            body=text,
+            attrs=tuple(attrs),
+            window=window,
+        )
+        if isinstance(target, LocalTarget):
+            perch = self.require(target.perch.id, address.text)
+            return await self._accept(perch, msg, address.text, claim_from=sender_id), sender_id
+        return await self._send_remote(target, msg, address.text), sender_id
+
+    async def _send_remote(self, target: RemoteTarget, msg: Message, subject: str) -> str:
+        sub = self.daemon.subnets.by_name(target.subnet)
+        if sub is None:
+            raise Refusal("NO_SUCH_SUBNET", target.subnet)
+        with self.store.transaction():
+            reply_to = self.spool.claim_reply(msg.sender_id, target.node.key, target.row.endpoint_id)
+        payload: dict[str, Any] = {
+            "id": msg.id,
+            "type": msg.type,
+            "from": msg.sender_id,
+            "to": target.row.endpoint_id,
+            "window": msg.window,
+            "attrs": [list(a) for a in msg.attrs],
+            "body": msg.body,
+            "reply_to": reply_to,
+        }
+        forward = getattr(self.daemon, "forward_message", None)
+        if forward is not None:
+            try:
+                token = str(await forward(target, payload))
+            except Refusal as exc:
+                if reply_to is not None:
+                    self.spool.release_claim(reply_to)
+                if exc.instance_token == "NO_PERCH":
+                    raise Refusal("NO_PERCH", subject, exc.message) from exc
+                raise
+            except (PeerError, TimeoutError, ConnectionError):
+                log.info("target unreachable; message queued", extra={"node": target.node.key.short})
+            else:
+                return token
+        self.spool.queue_outgoing(target.node.key, sub.id, payload)
+        return "QUEUED"
+
+    async def deliver_incoming(
+        self, payload: Mapping[str, Any], *, subnet: str, sender_node: NodeId, from_form: str
+    ) -> str:
+        """A message a member forwarded through `subnet` (§4.2 step 3): "SENT" or "QUEUED".
+
+        Raises Refusal NO_PERCH when no perch has the id or it is hidden in `subnet`, and
+        RemoteProtocolError for a malformed payload. `from_form` is the `from` attribute as
+        this node renders it (`shortest_from_form`).
+        """
+        try:
+            to = check_endpoint_id(str(payload["to"]))
+            sender_id = check_endpoint_id(str(payload["from"]))
+            attrs = tuple((str(k), str(v)) for k, v in payload.get("attrs") or ())
+            window = str(payload.get("window") or "default")
+            reply_to = payload.get("reply_to")
+            msg = Message(
+                id=check_message_id(payload["id"]),
+                type=str(payload.get("type") or "msg"),
+                from_=from_form,
+                sender_node=sender_node,
+                sender_id=sender_id,
+                body=check_body(str(payload["body"])),
+                attrs=attrs,
+                window=window if window in WINDOWS else "default",
+                reply_to=check_message_id(reply_to) if reply_to else None,
+            )
+        except (KeyError, TypeError, ValueError, UsageError) as exc:
+            raise RemoteProtocolError("send", f"malformed message: {exc}") from exc
+        perch = self.get(to)
+        if perch is None or not any(s.canonical == subnet.lower() for s in self.visible_in(perch)):
+            raise Refusal("NO_PERCH", to)
+        return await self._accept(perch, msg, to)
+
+    # -- listening (spt ready) ------------------------------------------------------------
+
+    def _next(self, perch: Perch | None, *, drain: bool) -> SpoolEntry | None:
+        """The first message a drain (or a push) may hand out now, by arrival."""
+        if perch is None or perch.state != "active":
+            return None
+        if drain:
+            windows: tuple[str, ...] = ("default", "active") if perch.busy else WINDOWS
+        elif perch.busy:
+            return None
+        else:
+            windows = ("default", "idle")
+        after = 0
+        while True:  # ends: `after` grows through a finite spool
+            batch = self.spool.entries(perch.id, windows=windows, after=after)
+            if not batch:
+                return None
+            for entry in batch:
+                if entry.seq in self._in_flight or (entry.message.reply_to or "") in self.rings:
+                    continue
+                return entry
+            after = batch[-1].seq
+
+    def _set_busy(self, perch_id: str, busy: bool) -> None:
+        perch = self.get(perch_id)
+        if perch is not None and perch.busy != busy:
+            self._update(perch, publish=False, busy=int(busy))
+
+    async def ready(self, call: Call) -> dict[str, Any]:
+        if self.closing:
+            raise DaemonDown("", "the daemon is stopping")
+        perch_id = check_endpoint_id(str(call.args.get("id") or ""))
+        once = bool(call.args.get("once"))
+        timeout = call.args.get("timeout")
+        if timeout is not None and (not isinstance(timeout, int | float) or timeout < 0):
+            raise UsageError("BAD_USAGE", str(timeout), "--timeout is a number of seconds")
+        self.housekeeping()
+        perch = self.get(perch_id)
+        if perch is None:
+            self._check_new_id(perch_id)
+            home = self.home_for_new(call.args.get("subnet") or None)
+            perch = self._create(perch_id, home, "active")
+        if perch.state in RESTING:
+            raise Refusal(
+                "SUSPENDED",
+                perch.id,
+                f"the endpoint is {perch.state}; wake it with: spt endpoint wake {perch.id}",
+            )
+        held = self.listeners.get(perch.key)
+        if held is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(held.finished.wait(), COLLISION_WAIT)
+            if self.listeners.get(perch.key) is held:
+                raise Refusal("COLLISION", perch.id, "another listener holds this perch")
+        if perch.state == "unbound":
+            perch = self._update(perch, state="active")
+        chan = _Channel(call)
+        listener = _Listener(perch, chan)
+        self.listeners[perch.key] = listener
+        self._changed(perch)
+        try:
+            await call.emit({"ready": perch.id})
+            return await self._listen(
+                listener, once=once, timeout=None if timeout is None else float(timeout)
+            )
+        finally:
+            if self.listeners.get(perch.key) is listener:
+                del self.listeners[perch.key]
+            listener.finished.set()
+            chan.close()
+            fresh = None if self._shutting_down() else self.get(perch.id)
+            if fresh is not None:
+                self._changed(fresh)
+
+    async def _listen(self, listener: _Listener, *, once: bool, timeout: float | None) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        ended = {"id": listener.perch_id}
+        delivered = 0
+        while listener.stop_reason is None:  # the drain: the agent's own poll
+            entry = self._next(self.get(listener.perch_id), drain=True)
+            if entry is None:
+                break
+            if not await self._hand_over(listener.chan, entry, listener.stopped):
+                return {**ended, "closed": True}
+            delivered += 1
+        listener.draining = False
+        if once and delivered:
+            self._set_busy(listener.perch_id, True)
+            return {**ended, "delivered": delivered}
+        if listener.stop_reason is None:
+            self._set_busy(listener.perch_id, False)  # a blocked ready reports idle
+        while True:
+            if listener.stop_reason == _CLOSING:
+                raise DaemonDown("", "the daemon is stopping; run spt ready again once it is back")
+            if listener.stop_reason is not None:
+                return {**ended, "ended": listener.stop_reason}
+            listener.wake.clear()
+            entry = self._next(self.get(listener.perch_id), drain=False)
+            if entry is not None:
+                if not await self._hand_over(listener.chan, entry, listener.stopped):
+                    return {**ended, "closed": True}
+                if once:
+                    self._set_busy(listener.perch_id, True)
+                    return {**ended, "delivered": 1}
+                continue
+            remaining = None if deadline is None else deadline - loop.time()
+            if remaining is not None and remaining <= 0:
+                return {**ended, "timeout": True}
+            await _first(listener.wake.wait(), listener.chan.closed.wait(), timeout=remaining)
+            if listener.chan.closed.is_set():
+                return {**ended, "closed": True}
+
+    # -- ringing --------------------------------------------------------------------------
+
+    async def ring(self, call: Call) -> dict[str, Any]:
+        if self.closing:
+            raise DaemonDown("", "the daemon is stopping")
+        args = call.args
+        timeout = args.get("timeout", 120)
+        if not isinstance(timeout, int | float) or timeout < 0:
+            raise UsageError("BAD_USAGE", str(timeout), "--timeout is a number of seconds")
+        self.housekeeping()
+        ring_id = os.urandom(16).hex()
+        wait = _RingWait(ring_id, "")
+        self.rings[ring_id] = wait  # before the ring is spooled: its reply never reaches the perch first
+        transient = False
+
+        def on_sender(sender: str, fresh: bool) -> None:
+            nonlocal transient
+            wait.perch, transient = sender.lower(), fresh
+
+        chan = _Channel(call)
+        try:
+            token, sender_id = await self.send(
+                str(args.get("address", "")),
+                from_id=args.get("from") or None,
+                body=str(args.get("body", "")),
+                json_payload=args.get("json"),
+                window=str(args.get("window") or "default"),
+                ring=True,
+                msg_id=ring_id,
+                on_sender=on_sender,
+            )
+            await call.emit({"sent": token, "from": sender_id})
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + float(timeout)
+            never = asyncio.Event()
+            while True:
+                if self.closing:
+                    raise DaemonDown("", "the daemon is stopping; the request stays delivered or queued")
+                wait.wake.clear()
+                entry = self.spool.find_reply(sender_id, ring_id)
+                if entry is not None and entry.seq not in self._in_flight:
+                    if await self._hand_over(chan, entry, never):
+                        return {"reply": True, "token": token}
+                    return {"closed": True, "token": token}
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return {"timeout": True, "token": token}
+                await _first(wait.wake.wait(), chan.closed.wait(), timeout=remaining)
+                if chan.closed.is_set():
+                    return {"closed": True, "token": token}
+        finally:
+            self.rings.pop(ring_id, None)
+            chan.close()
+            perch = self.get(wait.perch) if wait.perch and not self._shutting_down() else None
+            if perch is not None:
+                if transient:
+                    self._update(perch, expires=time.time() + TRANSIENT_SECONDS)
+                self._poke(perch)  # a reply the ring did not take is now the perch's
+
+    # -- states (§2.4, §4.6 for endpoints that are not hosted) ----------------------------
+
+    def _stop_listener(self, perch: Perch, reason: str) -> None:
+        listener = self.listeners.get(perch.key)
+        if listener is not None:
+            listener.stop(reason)
+
+    def suspend_local(self, perch: Perch, *, warm: bool) -> str:
+        """Rest a local perch: any listener exits with SUSPENDED; returns the token."""
+        self._update(perch, state="dormant" if warm else "suspended")
+        self._stop_listener(perch, "SUSPENDED")
+        log.info("endpoint suspended", extra={"perch": perch.id, "warm": warm})
+        return "DORMANT" if warm else "SUSPENDED"
+
+    def wake_local(self, perch: Perch) -> str:
+        """The wake edge: a resting perch is active again; its next drain releases what was held."""
+        if perch.state in RESTING:
+            perch = self._update(perch, state="active")
+            log.info("endpoint woken", extra={"perch": perch.id})
+        return "WOKE"
+
+    async def _rest_or_wake(self, address_text: str, kind: str, args: Mapping[str, Any]) -> str:
+        target = self.resolve(address_text)
+        if isinstance(target, LocalTarget):
+            perch = self.require(target.perch.id, address_text)
+            if kind == "endpoint.wake":
+                return self.wake_local(perch)
+            return self.suspend_local(perch, warm=bool(args.get("warm")))
+        request = getattr(self.daemon, "remote_request", None)
+        if request is None:
+            raise Refusal("UNREACHABLE", address_text, "the hosting node cannot be reached")
+        try:
+            answer = await request(
+                target.node.key, target.subnet, kind, {**args, "id": target.row.endpoint_id}
+            )
+        except (PeerError, TimeoutError, ConnectionError) as exc:
+            raise Refusal("UNREACHABLE", address_text, "the hosting node cannot be reached") from exc
+        except Refusal as exc:
+            raise Refusal(exc.instance_token, address_text, exc.message, lines=exc.lines) from exc
+        return str(answer["token"])
+
+    async def handle_remote_request(
+        self, kind: str, args: Mapping[str, Any], *, subnet: str, requester: NodeId
+    ) -> dict[str, Any]:
+        """A member's `endpoint.suspend` / `endpoint.wake` through `subnet` (§4.6, §8.7).
+
+        Answers {"token": …}; a perch missing or hidden in `subnet` is Refusal NO_PERCH.
+        """
+        perch_id = check_endpoint_id(str(args.get("id", "")))
+        perch = self.get(perch_id)
+        if perch is None or not any(s.canonical == subnet.lower() for s in self.visible_in(perch)):
+            raise Refusal("NO_PERCH", perch_id)
+        label = self.daemon.subnets.label_of(requester) or requester.short
+        log.info("remote request", extra={"op": kind, "perch": perch.id, "by": requester.display(label)})
+        if kind == "endpoint.suspend":
+            return {"token": self.suspend_local(perch, warm=bool(args.get("warm")))}
+        if kind == "endpoint.wake":
+            return {"token": self.wake_local(perch)}
+        raise RemoteProtocolError(kind, "unknown endpoint request")
+
+    def purge(self, perch: Perch) -> int:
+        """Delete a perch, its spool, settings and folder; returns how many messages it held."""
+        count, _ = self.spool.held(perch.id)
+        self._stop_listener(perch, "STOPPED")
+        with self.store.transaction() as db:
+            db.execute("DELETE FROM perches WHERE id=?", (perch.id,))
+        shutil.rmtree(self.folder(perch), ignore_errors=True)
+        log.info("perch purged", extra={"perch": perch.id, "dropped": count})
+        self._changed(perch)
+        return count
+
+    def fork(self, source: Perch, new_id: str, subnet: str | None) -> Perch:
+        """A new identity as an `unbound` perch (§4.7); the mind copy is the sync tiers' hook."""
+        self._check_new_id(new_id)
+        if self.get(new_id) is not None:
+            raise Refusal("COLLISION", new_id, "a perch with that id already exists on this node")
+        home = self.home_for_new(subnet)
+        perch = self._create(new_id, home, "unbound", forked_from=source.id)
+        copy_mind = getattr(self.daemon, "fork_mind", None)
+        if copy_mind is not None:
+            copy_mind(source.id, perch.id)
+        return perch
+
+
+def _bool_arg(args: Mapping[str, Any], name: str) -> bool:
+    return bool(args.get(name))
+
+
+def register_ops(daemon: Daemon, eps: Endpoints) -> None:
+    """The control operations on endpoints and messages (all unprivileged, SPEC.md §1)."""
+
+    @daemon.op("endpoint.ready")
+    async def ready(call: Call) -> Any:
+        return await eps.ready(call)
+
+    @daemon.op("msg.send")
+    async def send(call: Call) -> Any:
+        eps.housekeeping()
+        address = str(call.args.get("address", ""))
+        token, sender_id = await eps.send(
+            address,
+            from_id=call.args.get("from") or None,
+            body=str(call.args.get("body", "")),
+            json_payload=call.args.get("json"),
+            window=str(call.args.get("window") or "default"),
+        )
+        return {"token": token, "address": address, "from": sender_id}
+
+    @daemon.op("msg.ring")
+    async def ring(call: Call) -> Any:
+        return await eps.ring(call)
+
+    @daemon.op("endpoint.whoami")
+    async def whoami(call: Call) -> Any:
+        return {
+            "self": eps.self_view(call.args.get("self") or None),
+            "subnets": [
+                {"name": s.name} for s in sorted(daemon.subnets.held.values(), key=lambda s: s.canonical)
+            ],
+            "node": {"label": daemon.label, "key": daemon.key.node_id.hex},
+        }
+
+    @daemon.op("endpoint.list")
+    async def listing(call: Call) -> Any:
+        return eps.listing(call.args.get("self") or None, call.args.get("subnet") or None)
+
+    @daemon.op("endpoint.state")
+    async def state(call: Call) -> Any:
+        perch = eps.require(str(call.args.get("id", "")))
+        activity = str(call.args.get("activity", ""))
+        if activity not in ("busy", "idle"):
+            raise UsageError("BAD_USAGE", activity, "the activity is busy or idle")
+        perch = eps._update(perch, publish=False, busy=int(activity == "busy"))
+        eps._poke(perch)
+        return {"id": perch.id, "activity": activity}
+
+    @daemon.op("endpoint.stop")
+    async def stop(call: Call) -> Any:
+        perch = eps.require(str(call.args.get("id", "")))
+        eps._stop_listener(perch, "STOPPED")
+        return {"id": perch.id}
+
+    @daemon.op("endpoint.suspend")
+    async def suspend(call: Call) -> Any:
+        address = str(call.args.get("address", ""))
+        args = {"warm": _bool_arg(call.args, "warm"), "grace": call.args.get("grace")}
+        return {"token": await eps._rest_or_wake(address, "endpoint.suspend", args), "address": address}
+
+    @daemon.op("endpoint.wake")
+    async def wake(call: Call) -> Any:
+        address = str(call.args.get("address", ""))
+        return {"token": await eps._rest_or_wake(address, "endpoint.wake", {}), "address": address}
+
+    @daemon.op("endpoint.purge")
+    async def purge(call: Call) -> Any:
+        perch = eps.require(str(call.args.get("id", "")))
+        return {"id": perch.id, "dropped": eps.purge(perch)}
+
+    @daemon.op("endpoint.fork")
+    async def fork(call: Call) -> Any:
+        source = eps.require(str(call.args.get("id", "")))
+        perch = eps.fork(source, str(call.args.get("new_id", "")), call.args.get("subnet") or None)
+        return {"id": perch.id, "from": source.id, "home": eps._subnet_name(perch.home)}
+
+    @daemon.op("endpoint.description.set")
+    async def description_set(call: Call) -> Any:
+        perch = eps.require(str(call.args.get("id", "")))
+        text = "" if call.args.get("clear") else check_description(str(call.args.get("text", "")))
+        eps._update(perch, description=text)
+        return {"id": perch.id}
+
+    @daemon.op("endpoint.description.show")
+    async def description_show(call: Call) -> Any:
+        address = str(call.args.get("address", ""))
+        target = eps.resolve(address)
+        if isinstance(target, LocalTarget):
+            perch = eps.require(target.perch.id, address)
+            endpoint_id, text = perch.id, perch.description
+        else:
+            endpoint_id, text = target.row.endpoint_id, target.row.description
+        if not text:
+            raise Refusal("NO_DESCRIPTION", address, "this endpoint has no description")
+        return {"address": address, "id": endpoint_id, "description": text}
+
+    def settings_doc(perch: Perch) -> dict[str, Any]:
+        return {
+            "id": perch.id,
+            "subnets": [
+                {"subnet": s.name, "visible": visible, "home": s.id == perch.home, "in_scope": in_scope}
+                for s, visible, in_scope in eps.settings(perch)
+            ],
+        }
+
+    @daemon.op("endpoint.visibility.list")
+    async def visibility_list(call: Call) -> Any:
+        return settings_doc(eps.require(str(call.args.get("id", ""))))
+
+    @daemon.op("endpoint.visibility.set")
+    async def visibility_set(call: Call) -> Any:
+        perch = eps.require(str(call.args.get("id", "")))
+        sub = daemon.subnets.require(str(call.args.get("subnet", "")))
+        eps._set_setting(perch, sub, visible=_bool_arg(call.args, "visible"))
+        return {"id": perch.id, "subnet": sub.name}
+
+    @daemon.op("endpoint.scope.list")
+    async def scope_list(call: Call) -> Any:
+        doc = settings_doc(eps.require(str(call.args.get("id", ""))))
+        doc["scope"] = [s["subnet"] for s in doc["subnets"] if s["in_scope"]]
+        doc["effective"] = [s["subnet"] for s in doc["subnets"] if s["in_scope"] and s["visible"]]
+        return doc
+
+    @daemon.op("endpoint.scope.set")
+    async def scope_set(call: Call) -> Any:
+        perch = eps.require(str(call.args.get("id", "")))
+        sub = daemon.subnets.require(str(call.args.get("subnet", "")))
+        eps._set_setting(perch, sub, in_scope=_bool_arg(call.args, "in_scope"))
+        visible = any(s.id == sub.id for s in eps.visible_in(perch))
+        return {"id": perch.id, "subnet": sub.name, "hidden": not visible}

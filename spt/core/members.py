@@ -1,0 +1,825 @@
+"""The network half of subnets: the node's transport, joins, log replication, prune and leave.
+
+What lives here: the accept policy (who may connect on which ALPN), the per-stream dispatch of
+everything peers ask (`spt-join/1`: the join ceremony and log offers; `spt/1`: log sync and
+pushes, seed distribution, failure records, and the request types other services register), the
+joiner's side of `spt subnet join`, and keeping member connections up.
+
+The rules themselves (what a valid entry is, the ceremony's steps, the lockout) are in
+`spt.core.proto`; this module only moves their messages and stores their results.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+from spt.core.errors import PeerError, Refusal, RemoteProtocolError, SptError, UsageError
+from spt.core.identity import NodeId
+from spt.core.net.connections import Connection, ConnectionClosedError, Stream
+from spt.core.net.transport import ALPN_JOIN, ALPN_MEMBER, Transport
+from spt.core.proto import join as jp
+from spt.core.proto.frames import Frame
+from spt.core.proto.membership import Entry, make_leave, make_prune, make_seed_rotate
+from spt.core.proto.resolve import NodeInfo, resolve_node
+from spt.core.proto.totp import SEED_BYTES, Secret, new_seed, seed_commitment
+from spt.core.subnets import HeldSubnet, rendezvous_tag
+
+if TYPE_CHECKING:
+    from spt.core.daemon import Call, Daemon
+    from spt.hooks import Candidate
+
+log = logging.getLogger(__name__)
+
+Address = tuple[str, int]
+MemberHandler = Callable[[Connection, Frame], Awaitable[tuple[str, Any]]]
+
+STREAM_TIMEOUT: Final = 15.0  # seconds a peer may take for one message of a multi-step exchange
+REQUEST_TIMEOUT: Final = 10.0
+DIAL_TIMEOUT: Final = 5.0
+MAX_SYNC_ENTRIES: Final = 4096  # entries one sync answer carries at most (§6.3 "a bounded amount")
+RECONNECT_MIN: Final = 1.0
+RECONNECT_MAX: Final = 60.0
+
+
+@dataclass
+class JoinResult:
+    sub: HeldSubnet
+    member: NodeId
+
+
+class Members:
+    """Owns the transport; answers peers; joins; replicates membership logs."""
+
+    def __init__(self, daemon: Daemon, transport_factory: Callable[..., Transport] = Transport) -> None:
+        self.daemon = daemon
+        self.subnets = daemon.subnets
+        cfg = daemon.config
+        self.transport = transport_factory(
+            daemon.key,
+            host=cfg.bind,
+            port=cfg.port,
+            accept=self,
+            on_stream=self._on_stream,
+            idle_timeout=cfg.idle_timeout,
+        )
+        self.handlers: dict[str, MemberHandler] = {
+            "log.sync": self._handle_log_sync,
+            "log.push": self._handle_log_push,
+            "seed.fetch": self._handle_seed_fetch,
+            "seed.install": self._handle_seed_install,
+            "join.record": self._handle_join_record,
+        }
+        self._responder_lock = asyncio.Lock()  # §5.5: joins are answered one at a time
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._keepers: dict[NodeId, asyncio.Task[None]] = {}
+        self._closing = False
+        self.limiter = jp.JoinLimiter(
+            max_failures=cfg.join_max_failures, lockout_ms=cfg.join_lockout_seconds * 1000
+        )
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        try:
+            await self.transport.start()
+        except OSError:
+            if self.daemon.config.port == 0:
+                raise
+            # SPEC.md §3.11: a random free port if the configured one is taken.
+            log.warning("port taken; using a free one", extra={"port": self.daemon.config.port})
+            self.transport = Transport(
+                self.daemon.key, host=self.daemon.config.bind, port=0, accept=self,
+                on_stream=self._on_stream, idle_timeout=self.daemon.config.idle_timeout,
+            )
+            await self.transport.start()
+        self.keep_members_connected()
+
+    async def close(self) -> None:
+        self._closing = True
+        for task in [*self._tasks, *self._keepers.values()]:
+            task.cancel()
+        await self.transport.close()
+
+    @property
+    def port(self) -> int:
+        return self.transport.sockname[1]
+
+    def spawn(self, coro: Awaitable[Any], what: str) -> None:
+        """Run background work; failures are logged, never lost silently."""
+
+        async def guarded() -> None:
+            try:
+                await coro
+            except asyncio.CancelledError:
+                raise
+            except SptError as exc:
+                log.info("background work ended", extra={"what": what, "reason": exc.status_line()})
+            except Exception:
+                log.exception("background work failed", extra={"what": what})
+
+        task = asyncio.get_running_loop().create_task(guarded())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- who may connect --------------------------------------------------------------------
+
+    def accept(self, peer: NodeId, alpn: str, addr: Address) -> str | None:
+        """The accept policy: anyone on the join ALPN, current members of an attached subnet on spt/1."""
+        if alpn == ALPN_JOIN:
+            return None
+        if alpn != ALPN_MEMBER:
+            return f"unknown ALPN {alpn}"
+        standings = [s.state().standing(peer) for s in self.subnets.attached()]
+        if "member" in standings:
+            return None
+        for reason in ("pruned", "left"):
+            if reason in standings:
+                return reason
+        return "not-a-member"
+
+    def shared_subnets(self, peer: NodeId) -> list[HeldSubnet]:
+        return self.subnets.member_subnets(peer)
+
+    def require_member(self, conn: Connection, subnet_hex: Any) -> HeldSubnet:
+        """The subnet a member request names, checked against the peer's standing in it."""
+        if not isinstance(subnet_hex, str):
+            raise RemoteProtocolError("subnet", "a member request names its subnet as hex")
+        try:
+            sub = self.subnets.held.get(bytes.fromhex(subnet_hex))
+        except ValueError:
+            raise RemoteProtocolError(subnet_hex, "a subnet id is hex") from None
+        if sub is None or not sub.attached:
+            raise Refusal("NOT_HERE", subnet_hex[:8], "this node does not serve that subnet")
+        standing = sub.state().standing(conn.peer)
+        if standing != "member":
+            raise Refusal("NOT_A_MEMBER", conn.peer.short, f"refused: {standing}")
+        return sub
+
+    # -- streams from peers -----------------------------------------------------------------
+
+    async def _on_stream(self, conn: Connection, stream: Stream) -> None:
+        first = await stream.recv(timeout=STREAM_TIMEOUT)
+        if first is None:
+            return
+        if conn.alpn == ALPN_JOIN:
+            if first.type == "join":
+                await self._respond_join(conn, stream, first)
+            elif first.type == "log.offer":
+                await self._reply(stream, *await self._handle_log_offer(conn, first))
+            else:
+                await self._reply(stream, "error", {"code": "unknown-type", "message": f"unknown join request {first.type!r}"})
+            return
+        handler = self.handlers.get(first.type)
+        if handler is None:
+            await self._reply(stream, "error", {"code": "unknown-type", "message": f"this node does not handle {first.type!r}"})
+            return
+        try:
+            reply = await handler(conn, first)
+        except SptError as exc:
+            reply = ("error", {"code": exc.instance_token, "message": exc.status_line(), "error": exc.to_wire()})
+        await self._reply(stream, *reply)
+
+    async def _reply(self, stream: Stream, type_name: str, body: Any) -> None:
+        await stream.send(type_name, body, end=True)
+
+    # -- the join ceremony: member side -------------------------------------------------------
+
+    def join_status(self, sub: HeldSubnet, now_ms: int | None = None) -> jp.JoinStatus:
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        failures, unlocks = self._join_records(sub)
+        return self.limiter.status(failures, unlocks, now_ms)
+
+    def _join_records(self, sub: HeldSubnet) -> tuple[list[jp.FailureRecord], list[jp.UnlockRecord]]:
+        failures: list[jp.FailureRecord] = []
+        unlocks: list[jp.UnlockRecord] = []
+        for row in self.daemon.store.query("SELECT kind, data FROM join_records WHERE subnet=?", (sub.id,)):
+            data = _loads(row["data"])
+            if row["kind"] == "failure":
+                failures.append(jp.FailureRecord.from_dict(data))
+            else:
+                unlocks.append(jp.UnlockRecord.from_dict(data))
+        members = sub.state().members
+        return [f for f in failures if f.responder in members], [u for u in unlocks if u.author in members]
+
+    def _serving(self) -> dict[str, jp.ResponderSubnet]:
+        serving: dict[str, jp.ResponderSubnet] = {}
+        for sub in self.subnets.attached():
+            st = sub.state()
+            if sub.seed is None or sub.epoch != st.epoch:
+                continue  # without the current seed this node cannot answer joins (§6.5)
+            serving[sub.canonical] = jp.ResponderSubnet(
+                sub.log, sub.seed, st.epoch, self.daemon.label, self.contacts(st.members)
+            )
+        return serving
+
+    def contacts(self, members: Iterable[NodeId]) -> dict[NodeId, jp.Contact]:
+        out: dict[NodeId, jp.Contact] = {}
+        for node in members:
+            if node == self.daemon.key.node_id:
+                out[node] = jp.Contact(tuple(self.daemon.addresses()))
+            else:
+                out[node] = jp.Contact(tuple(f"{h}:{p}" for h, p in self.addresses_of(node)))
+        return out
+
+    async def _respond_join(self, conn: Connection, stream: Stream, first: Frame) -> None:
+        exporter = conn.export_keying_material(jp.EXPORTER_LABEL, jp.EXPORTER_BYTES)
+        host, port = conn.remote_addr
+        session = jp.ResponderSession(
+            self.daemon.key, conn.peer, exporter, subnets=self._serving(), source=f"{host}:{port}"
+        )
+        try:
+            async with asyncio.timeout(60.0), self._responder_lock:
+                frame: Frame | None = first
+                while frame is not None and not session.is_finished:
+                    locks = {s.id: self.join_status(s) for s in self.subnets.attached()}
+                    out = session.receive(frame.body, wall=time.time(), locks=locks)
+                    for msg in out.messages:
+                        await stream.send("join", msg)
+                    for event in out.events:
+                        await self._responder_event(event, conn)
+                    if session.is_finished:
+                        break
+                    frame = await stream.recv(timeout=STREAM_TIMEOUT)
+        except (TimeoutError, RemoteProtocolError, PeerError) as exc:
+            session.abort()
+            log.info("join stream ended", extra={"peer": conn.peer.short, "reason": str(exc) or type(exc).__name__})
+        finally:
+            with contextlib.suppress(Exception):
+                await stream.end()
+
+    async def _responder_event(self, event: jp.ResponderEvent, conn: Connection) -> None:
+        match event:
+            case jp.AttemptFailed(record=record, skew_ms=skew):
+                sub = self.subnets.held[record.subnet_id]
+                self._store_join_record(sub, "failure", record.to_dict(), record.time_ms)
+                log.warning(
+                    "join attempt failed",
+                    extra={"subnet": sub.name, "joiner": conn.peer.short, "source": record.source, "skew_ms": skew},
+                )
+                self.daemon.join_failed(sub, conn.peer, record.source)
+                self.spawn(self.gossip(sub, "join.record", {"subnet": sub.id.hex(), "kind": "failure", "record": record.to_dict()}), "gossip failure")
+            case jp.MemberAdmitted(entry=entry, joiner=joiner, label=label):
+                sub = self._sub_of_entry(entry)
+                self.merge(sub, [entry])
+                host, port = conn.remote_addr
+                self.remember_address(joiner, host, port, "join")
+                log.info("member admitted", extra={"subnet": sub.name, "node": joiner.display(label)})
+                self.spawn(self.push_entries(sub, [entry]), "push join entry")
+            case jp.HelloRefused(name=name, state=state, joiner=joiner):
+                log.info("join hello refused", extra={"name": name, "state": state, "joiner": joiner.short})
+
+    def _sub_of_entry(self, entry: Entry) -> HeldSubnet:
+        for sub in self.subnets.held.values():
+            if all(p in sub.log for p in entry.parents):
+                return sub
+        raise RemoteProtocolError(entry.type, "an admitted entry names parents of no held subnet")
+
+    def _store_join_record(self, sub: HeldSubnet, kind: str, data: Mapping[str, Any], time_ms: int) -> None:
+        from spt.core.identity import sha256
+        from spt.core.proto.canonical import canonical_bytes
+
+        raw = canonical_bytes(dict(data))
+        with self.daemon.store.transaction():
+            self.daemon.store.db.execute(
+                "INSERT OR IGNORE INTO join_records(id, subnet, kind, time, data) VALUES(?,?,?,?,?)",
+                (sha256(raw), sub.id, kind, time_ms / 1000, raw),
+            )
+            # §5.5: failure records are kept 24 h
+            self.daemon.store.db.execute(
+                "DELETE FROM join_records WHERE kind='failure' AND time < ?", (time.time() - 24 * 3600,)
+            )
+
+    async def _handle_join_record(self, conn: Connection, frame: Frame) -> tuple[str, Any]:
+        body = _map(frame.body)
+        sub = self.require_member(conn, body.get("subnet"))
+        if body.get("kind") == "failure":
+            failure = jp.FailureRecord.from_dict(body.get("record"))
+            if failure.subnet_id != sub.id:
+                raise RemoteProtocolError("join.record", "a failure record of another subnet")
+            self._store_join_record(sub, "failure", failure.to_dict(), failure.time_ms)
+        elif body.get("kind") == "unlock":
+            unlock = jp.UnlockRecord.from_dict(body.get("record"))
+            if unlock.subnet_id != sub.id:
+                raise RemoteProtocolError("join.record", "an unlock record of another subnet")
+            self._store_join_record(sub, "unlock", unlock.to_dict(), unlock.time_ms)
+        else:
+            raise RemoteProtocolError("join.record", "kind is failure or unlock")
+        return "ok", {}
+
+    def unlock(self, sub: HeldSubnet) -> None:
+        record = jp.UnlockRecord.sign(self.daemon.key, subnet_id=sub.id, time_ms=int(time.time() * 1000))
+        self._store_join_record(sub, "unlock", record.to_dict(), record.time_ms)
+        self.spawn(self.gossip(sub, "join.record", {"subnet": sub.id.hex(), "kind": "unlock", "record": record.to_dict()}), "gossip unlock")
+
+    # -- the join ceremony: joiner side --------------------------------------------------------
+
+    async def join(
+        self, name: str, code: str, *, peers: Sequence[str], timeout: float, entered_at: float, id_prefix: str | None
+    ) -> JoinResult:
+        """Find members of `name`, run the ceremony with one, install what it sends."""
+        existing = self.subnets.by_name(name)
+        if existing is not None:
+            raise Refusal("ALREADY_MEMBER", name, "this node is already a member")
+        from spt.plugins.static_peers import parse_hostport
+
+        extra = []
+        for text in peers:
+            try:
+                host, port = parse_hostport(text)
+            except ValueError as exc:
+                raise UsageError("BAD_ADDRESS", text, str(exc)) from None
+            extra.append(_candidate(host, port, "peer"))
+        deadline = time.monotonic() + timeout
+        tag = rendezvous_tag(name)
+        secret_code = Secret(code)
+        tried: set[Address] = set()
+        hellos: list[tuple[jp.MemberHello, _JoinAttempt]] = []
+        refusals: list[SptError] = []
+        while time.monotonic() < deadline and not hellos:
+            budget = max(0.1, min(deadline - time.monotonic(), timeout))
+            found = await self.daemon.find_candidates(tag, budget, extra)
+            fresh = [c for c in found if (c.host, c.port) not in tried and (not c.tags or tag in c.tags)]
+            tried.update((c.host, c.port) for c in fresh)
+            attempts = [_JoinAttempt(self, c, name, secret_code, entered_at) for c in fresh]
+            results = await asyncio.gather(*(a.hello() for a in attempts))
+            for attempt, result in zip(attempts, results, strict=True):
+                if isinstance(result, jp.MemberHello):
+                    hellos.append((result, attempt))
+                elif isinstance(result, SptError):
+                    refusals.append(result)
+                    attempt.close()
+                else:
+                    attempt.close()
+            if refusals and not hellos:
+                raise refusals[0]
+            if not fresh:
+                await asyncio.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+        if not hellos:
+            raise Refusal("JOIN_NOT_FOUND", name, "no member of that subnet answered")
+        ids = sorted({h.subnet_id for h, _ in hellos})
+        if id_prefix:
+            ids = [i for i in ids if i.hex().startswith(id_prefix.lower())]
+            hellos = [(h, a) for h, a in hellos if h.subnet_id in ids]
+            if not hellos:
+                raise Refusal("JOIN_NOT_FOUND", name, f"no subnet of that name has an id starting {id_prefix}")
+        if len(ids) > 1:
+            for _, attempt in hellos:
+                attempt.close()
+            lines = [f"  {i.hex()[:8]}  {sum(1 for h, _ in hellos if h.subnet_id == i)}" for i in ids]
+            raise Refusal("JOIN_AMBIGUOUS", name, "several subnets answer to that name; pass --id", lines=lines)
+        hello, chosen = hellos[0]
+        for _, other in hellos[1:]:
+            other.close()
+        try:
+            event = await chosen.run()
+        finally:
+            chosen.close()
+        return self._install_bundle(event.bundle, event.member, chosen)
+
+    def _install_bundle(self, bundle: jp.JoinBundle, member: NodeId, attempt: _JoinAttempt) -> JoinResult:
+        sub = HeldSubnet(bundle.subnet_id, bundle.name, True, bundle.log, bundle.seed, bundle.epoch)
+        with self.daemon.store.transaction():
+            self.subnets.save_subnet(sub)
+            self.subnets.save_entries(sub, bundle.log.entries())
+        self.subnets.held[sub.id] = sub
+        self.remember_address(member, attempt.candidate.host, attempt.candidate.port, "join")
+        for node, contact in bundle.contacts.items():
+            for text in contact.addresses:
+                host, _, port = text.rpartition(":")
+                if host and port.isdigit():
+                    self.remember_address(node, host, int(port), "introduced")
+        log.info("joined subnet", extra={"subnet": sub.name, "id": sub.short_id, "via": member.short})
+        self.keep_members_connected()
+        self.spawn(self._offer_join(sub), "offer join entry")
+        return JoinResult(sub, member)
+
+    async def _offer_join(self, sub: HeldSubnet) -> None:
+        """Reach every member; one that has not heard of our join yet gets it on the join ALPN."""
+        entries = [e.to_dict() for e in sub.log.entries()]
+        for node in sub.state().members:
+            if node == self.daemon.key.node_id:
+                continue
+            addrs = self.addresses_of(node)
+            if not addrs:
+                continue
+            try:
+                conn = await self.transport.connect(node, addrs, alpn=ALPN_JOIN, timeout=DIAL_TIMEOUT)
+                await conn.request("log.offer", {"subnet": sub.id.hex(), "entries": entries}, timeout=REQUEST_TIMEOUT)
+                conn.close("offer done")
+            except (PeerError, TimeoutError) as exc:
+                log.info("could not offer the join entry", extra={"peer": node.short, "reason": str(exc)})
+        self.keep_members_connected()
+
+    async def _handle_log_offer(self, conn: Connection, frame: Frame) -> tuple[str, Any]:
+        body = _map(frame.body)
+        sub = self._held(body.get("subnet"))
+        if sub is None:
+            return "error", {"code": "not-here", "message": "this node does not hold that subnet"}
+        entries = _entries(body.get("entries"))
+        self.merge(sub, entries)
+        return "ok", {"member": sub.state().is_member(conn.peer)}
+
+    # -- member connections and log replication -----------------------------------------------
+
+    def addresses_of(self, node: NodeId) -> list[Address]:
+        rows = self.daemon.store.query(
+            "SELECT host, port FROM peer_addrs WHERE node=? ORDER BY seen DESC LIMIT 16", (node.raw,)
+        )
+        return [(str(r["host"]), int(r["port"])) for r in rows]
+
+    def remember_address(self, node: NodeId, host: str, port: int, source: str) -> None:
+        with self.daemon.store.transaction():
+            self.daemon.store.db.execute(
+                "INSERT INTO peer_addrs(node, host, port, source, seen) VALUES(?,?,?,?,?) "
+                "ON CONFLICT(node, host, port) DO UPDATE SET seen=excluded.seen, source=excluded.source",
+                (node.raw, host, port, source, time.time()),
+            )
+
+    def keep_members_connected(self) -> None:
+        """Start a keeper task for every member of an attached subnet that has none."""
+        if self._closing:
+            return
+        wanted = {n for s in self.subnets.attached() for n in s.state().members} - {self.daemon.key.node_id}
+        for node, task in list(self._keepers.items()):
+            if node not in wanted:
+                task.cancel()
+                del self._keepers[node]
+        for node in wanted:
+            if node not in self._keepers or self._keepers[node].done():
+                self._keepers[node] = asyncio.get_running_loop().create_task(self._keep(node))
+
+    async def _keep(self, node: NodeId) -> None:
+        """Hold a member connection to `node`: dial, sync, wait for it to close, back off, again."""
+        delay = RECONNECT_MIN
+        while not self._closing and self.shared_subnets(node):
+            conn = self.transport.connection(node)
+            try:
+                if conn is None:
+                    addrs = self.addresses_of(node)
+                    if not addrs:
+                        return  # nothing to dial yet; discovery or the peer will bring an address
+                    conn = await self.transport.connect(node, addrs, timeout=DIAL_TIMEOUT)
+                await self.sync(conn)
+                delay = RECONNECT_MIN
+                reason = await conn.wait_closed()
+                log.info("member connection closed", extra={"peer": node.short, "reason": reason})
+            except asyncio.CancelledError:
+                raise
+            except (PeerError, TimeoutError, RemoteProtocolError) as exc:
+                log.debug("member unreachable", extra={"peer": node.short, "reason": str(exc)})
+            except Exception:
+                log.exception("member keeper failed", extra={"peer": node.short})
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RECONNECT_MAX)
+
+    async def sync(self, conn: Connection) -> None:
+        """Exchange log heads for every shared subnet; fetch and push what is missing; seeds."""
+        for sub in list(self.subnets.attached()):
+            if not sub.state().is_member(conn.peer):
+                continue
+            reply = await conn.request(
+                "log.sync", {"subnet": sub.id.hex(), "heads": [h.hex() for h in sub.log.heads()]}, timeout=REQUEST_TIMEOUT
+            )
+            body = _map(reply.body)
+            self.merge(sub, _entries(body.get("entries")))
+            their_heads = [bytes.fromhex(h) for h in body.get("heads", []) if isinstance(h, str)]
+            theirs_missing = sub.log.entries_since(their_heads, limit=MAX_SYNC_ENTRIES)
+            if theirs_missing:
+                await conn.request(
+                    "log.push", {"subnet": sub.id.hex(), "entries": [e.to_dict() for e in theirs_missing]},
+                    timeout=REQUEST_TIMEOUT,
+                )
+            if sub.id in self.subnets.held and (sub.seed is None or sub.epoch != sub.state().epoch):
+                await self._fetch_seed(conn, sub)
+        self.daemon.peer_synced(conn)
+
+    async def _handle_log_sync(self, conn: Connection, frame: Frame) -> tuple[str, Any]:
+        body = _map(frame.body)
+        sub = self.require_member(conn, body.get("subnet"))
+        heads = [bytes.fromhex(h) for h in body.get("heads", []) if isinstance(h, str)]
+        entries = sub.log.entries_since(heads, limit=MAX_SYNC_ENTRIES)
+        return "log.entries", {"entries": [e.to_dict() for e in entries], "heads": [h.hex() for h in sub.log.heads()]}
+
+    async def _handle_log_push(self, conn: Connection, frame: Frame) -> tuple[str, Any]:
+        body = _map(frame.body)
+        sub = self._held(body.get("subnet"))
+        if sub is None or not sub.attached:
+            return "error", {"code": "not-here", "message": "this node does not serve that subnet"}
+        # A pusher who is no longer a member may still tell us why (its own prune reaching it is
+        # how a pruned node learns): entries verify on their own, whoever carries them.
+        self.merge(sub, _entries(body.get("entries")))
+        return "ok", {}
+
+    def _held(self, subnet_hex: Any) -> HeldSubnet | None:
+        if not isinstance(subnet_hex, str):
+            raise RemoteProtocolError("subnet", "a subnet id is hex")
+        try:
+            return self.subnets.held.get(bytes.fromhex(subnet_hex))
+        except ValueError:
+            raise RemoteProtocolError(subnet_hex, "a subnet id is hex") from None
+
+    def merge(self, sub: HeldSubnet, entries: Sequence[Entry]) -> bool:
+        """Merge verified entries, persist them, and act on membership changes. True if any added."""
+        if not entries:
+            return False
+        before = sub.state()
+        result = sub.log.merge(entries)
+        for h, why in result.refused:
+            log.warning("log entry refused", extra={"subnet": sub.name, "entry": h.hex()[:12], "reason": why})
+        if not result.added:
+            return False
+        with self.daemon.store.transaction():
+            self.subnets.save_entries(sub, [e for e in entries if e.hash in set(result.added)])
+        after = sub.state()
+        self._membership_changed(sub, before, after)
+        return True
+
+    def _membership_changed(self, sub: HeldSubnet, before: Any, after: Any) -> None:
+        me = self.daemon.key.node_id
+        if not after.is_member(me) and before.is_member(me):
+            reason = after.standing(me)
+            log.warning("this node is no longer a member", extra={"subnet": sub.name, "reason": reason})
+            self.daemon.departed(sub, reason)
+            return
+        removed = [n for n in before.members if n not in after.members]
+        for node in removed:
+            if self.shared_subnets(node):
+                continue
+            for conn in self.transport.connections():
+                if conn.peer == node:
+                    conn.close(after.standing(node))
+        if sub.seed is not None and sub.epoch != after.epoch:
+            log.info("seed rotated; waiting for the new seed", extra={"subnet": sub.name, "epoch": after.epoch})
+        self.keep_members_connected()
+        self.daemon.membership_changed(sub)
+
+    async def push_entries(self, sub: HeldSubnet, entries: Sequence[Entry], extra: Iterable[NodeId] = ()) -> None:
+        """Push new entries to every member (and `extra` nodes, e.g. the one just pruned)."""
+        body = {"subnet": sub.id.hex(), "entries": [e.to_dict() for e in entries]}
+        targets = (set(sub.state().members) | set(extra)) - {self.daemon.key.node_id}
+        await asyncio.gather(*(self._push_one(node, "log.push", body) for node in targets))
+
+    async def gossip(self, sub: HeldSubnet, type_name: str, body: Mapping[str, Any]) -> None:
+        targets = set(sub.state().members) - {self.daemon.key.node_id}
+        await asyncio.gather(*(self._push_one(node, type_name, body) for node in targets))
+
+    async def _push_one(self, node: NodeId, type_name: str, body: Mapping[str, Any]) -> None:
+        addrs = self.addresses_of(node)
+        try:
+            conn = self.transport.connection(node) or await self.transport.connect(node, addrs, timeout=DIAL_TIMEOUT)
+            await conn.request(type_name, dict(body), timeout=REQUEST_TIMEOUT)
+        except (PeerError, TimeoutError, RemoteProtocolError, ConnectionClosedError) as exc:
+            log.info("push did not reach a member", extra={"peer": node.short, "what": type_name, "reason": str(exc)})
+
+    # -- seeds ------------------------------------------------------------------------------
+
+    async def _fetch_seed(self, conn: Connection, sub: HeldSubnet) -> None:
+        reply = await conn.request("seed.fetch", {"subnet": sub.id.hex()}, timeout=REQUEST_TIMEOUT)
+        if reply.type == "seed":
+            self._install_seed(sub, _map(reply.body))
+
+    def _install_seed(self, sub: HeldSubnet, body: Mapping[str, Any]) -> bool:
+        epoch, raw = body.get("epoch"), body.get("seed")
+        if not isinstance(epoch, int) or not isinstance(raw, bytes) or len(raw) != SEED_BYTES:
+            raise RemoteProtocolError("seed", "a seed message carries an integer epoch and 20 bytes")
+        seed = Secret(raw)
+        if not sub.state().seed_matches(seed, epoch):
+            log.warning("a seed that does not match the log's commitment was refused", extra={"subnet": sub.name})
+            return False
+        sub.seed, sub.epoch = seed, epoch
+        with self.daemon.store.transaction():
+            self.subnets.save_subnet(sub)
+        log.info("seed installed", extra={"subnet": sub.name, "epoch": epoch})
+        return True
+
+    async def _handle_seed_fetch(self, conn: Connection, frame: Frame) -> tuple[str, Any]:
+        sub = self.require_member(conn, _map(frame.body).get("subnet"))
+        if sub.seed is None or sub.epoch != sub.state().epoch:
+            return "no-seed", {}
+        return "seed", {"epoch": sub.epoch, "seed": sub.seed.reveal()}
+
+    async def _handle_seed_install(self, conn: Connection, frame: Frame) -> tuple[str, Any]:
+        body = _map(frame.body)
+        sub = self.require_member(conn, body.get("subnet"))
+        return "ok", {"installed": self._install_seed(sub, body)}
+
+    # -- paths (SPEC.md §7.5) ---------------------------------------------------------------
+
+    def path_view(self, node: NodeId, sub: HeldSubnet) -> dict[str, Any]:
+        conn = self.transport.connection(node)
+        if conn is None:
+            reason = "detached" if not sub.attached else ("peer-offline" if self.addresses_of(node) else "no-direct-address")
+            return {"kind": "none", "addr": None, "via": None, "reason": reason, "rtt_ms": None, "since": None}
+        host, port = conn.remote_addr
+        source = self.daemon.store.query(
+            "SELECT source FROM peer_addrs WHERE node=? AND host=? AND port=?", (node.raw, host, port)
+        )
+        kind = "direct static" if source and source[0]["source"] in ("static", "peer") else "direct lan"
+        since = conn.registered_at
+        return {
+            "kind": kind,
+            "addr": f"{host}:{port}",
+            "via": None,
+            "reason": None,
+            "rtt_ms": conn.rtt_ms,
+            "since": _iso(time.time() - (asyncio.get_running_loop().time() - since)) if since is not None else None,
+        }
+
+    # -- prune, leave ---------------------------------------------------------------------------
+
+    def resolve_member(self, sub: HeldSubnet, qualifier: str) -> NodeInfo:
+        st = sub.state()
+        nodes = [NodeInfo(k, label) for k, label in st.members.items()]
+        nodes += [NodeInfo(k, f.label) for k, f in st.former.items() if f.reason != "rekeyed"]
+        return resolve_node(qualifier, nodes)
+
+    async def prune(self, sub: HeldSubnet, target: NodeInfo) -> None:
+        me = self.daemon.key
+        if target.key == me.node_id:
+            raise Refusal("CANNOT_PRUNE_SELF", target.display, "use spt subnet leave on this node")
+        prune = make_prune(me, parents=sub.log.heads(), target=target.key, hlc=self.subnets.stamp())
+        self.merge(sub, [prune])
+        seed = new_seed(os.urandom(SEED_BYTES))
+        epoch = sub.state().epoch + 1
+        rotate = make_seed_rotate(
+            me, parents=sub.log.heads(), epoch=epoch,
+            commitment=seed_commitment(sub.state().create_nonce, epoch, seed), hlc=self.subnets.stamp(),
+        )
+        self.merge(sub, [rotate])
+        if not self._install_seed(sub, {"epoch": epoch, "seed": seed.reveal()}):
+            raise Refusal("PRUNE_FAILED", target.display, "the seed rotation did not take effect")
+        # The pruned node gets its own prune so it learns why it is refused from now on.
+        await self.push_entries(sub, [prune, rotate], extra=[target.key])
+        await self.gossip(sub, "seed.install", {"subnet": sub.id.hex(), "epoch": epoch, "seed": seed.reveal()})
+        for conn in self.transport.connections():
+            if conn.peer == target.key and not self.shared_subnets(target.key):
+                conn.close("pruned")
+
+    async def leave(self, sub: HeldSubnet) -> None:
+        entry = make_leave(self.daemon.key, parents=sub.log.heads(), hlc=self.subnets.stamp())
+        sub.log.merge([entry])
+        with self.daemon.store.transaction():
+            self.subnets.save_entries(sub, [entry])
+        await self.push_entries(sub, [entry])
+
+
+class _JoinAttempt:
+    """One candidate member, on the join ALPN: hello first, then (if chosen) the ceremony."""
+
+    def __init__(self, members: Members, candidate: Candidate, name: str, code: Secret[str], entered_at: float) -> None:
+        self.members = members
+        self.candidate = candidate
+        self.name = name
+        self.code = code
+        self.entered_at = entered_at
+        self.conn: Connection | None = None
+        self.stream: Stream | None = None
+        self.session: jp.JoinerSession | None = None
+
+    async def hello(self) -> jp.JoinerEvent | SptError | None:
+        """Connect and exchange hellos; the member's answer, a refusal, or None (unreachable)."""
+        transport = self.members.transport
+        addr = (self.candidate.host, self.candidate.port)
+        try:
+            if self.candidate.node is not None:
+                self.conn = await transport.connect(self.candidate.node, [addr], alpn=ALPN_JOIN, timeout=DIAL_TIMEOUT)
+            else:
+                self.conn = await transport.connect_any(addr, alpn=ALPN_JOIN, timeout=DIAL_TIMEOUT)
+            exporter = self.conn.export_keying_material(jp.EXPORTER_LABEL, jp.EXPORTER_BYTES)
+            daemon = self.members.daemon
+            self.session = jp.JoinerSession(
+                daemon.key, self.conn.peer, exporter, name=self.name, label=daemon.label,
+                code=self.code, entered_at=self.entered_at,
+            )
+            self.stream = self.conn.open_stream()
+            await self._write(self.session.start(wall=time.time(), mono=time.monotonic()))
+            return await self._next_event()
+        except (PeerError, TimeoutError, RemoteProtocolError) as exc:
+            log.info("join candidate did not answer", extra={"addr": f"{addr[0]}:{addr[1]}", "reason": str(exc)})
+            return None
+
+    async def _write(self, out: jp.Output[jp.JoinerEvent]) -> list[jp.JoinerEvent]:
+        assert self.stream is not None
+        for msg in out.messages:
+            await self.stream.send("join", msg)
+        return list(out.events)
+
+    async def _next_event(self) -> jp.JoinerEvent | SptError | None:
+        assert self.stream is not None and self.session is not None
+        while True:
+            frame = await self.stream.recv(timeout=STREAM_TIMEOUT)
+            if frame is None:
+                raise PeerError("", "the member closed the join stream")
+            if frame.type != "join":
+                raise RemoteProtocolError(frame.type, "expected a join message")
+            events = await self._write(self.session.receive(frame.body))
+            for event in events:
+                if isinstance(event, jp.NotHere):
+                    return None
+                if isinstance(event, jp.SkewRetry):
+                    log.warning("clock skew with the member; retrying at the joiner's step", extra={"skew_ms": event.skew_ms})
+                    continue
+                if isinstance(event, jp.MemberHello | jp.Joined):
+                    return event
+                if hasattr(event, "error"):
+                    err: SptError = event.error()
+                    return err
+            if self.session.is_finished:
+                return None
+
+    async def run(self) -> jp.Joined:
+        """Try the code with this member and return the bundle; refusals raise their token."""
+        assert self.session is not None
+        events = await self._write(self.session.proceed())
+        result: jp.JoinerEvent | SptError | None = events[0] if events else await self._next_event()
+        if isinstance(result, jp.Joined):
+            return result
+        if isinstance(result, SptError):
+            raise result
+        raise Refusal("JOIN_NOT_FOUND", self.name, "the member ended the exchange")
+
+    def close(self) -> None:
+        if self.session is not None and not self.session.is_finished:
+            self.session.abort()
+        if self.conn is not None and self.conn.is_open:
+            self.conn.close("join attempt finished")
+
+
+def _iso(epoch_seconds: float) -> str:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(epoch_seconds, UTC).isoformat(timespec="seconds")
+
+
+def _candidate(host: str, port: int, source: str) -> Candidate:
+    from spt.hooks import Candidate
+
+    return Candidate(host, port, source=source)
+
+
+def _map(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise RemoteProtocolError("body", "expected a map")
+    return value
+
+
+def _entries(value: Any) -> list[Entry]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or len(value) > MAX_SYNC_ENTRIES:
+        raise RemoteProtocolError("entries", f"expected a list of at most {MAX_SYNC_ENTRIES} entries")
+    return [Entry.from_dict(v) for v in value]
+
+
+def _loads(raw: bytes) -> Any:
+    from spt.core.proto.canonical import parse_canonical
+
+    return parse_canonical(raw)
+
+
+def register_ops(daemon: Daemon, members: Members) -> None:
+    """Control operations on subnets that need the network."""
+
+    @daemon.op("subnet.join", elevated=True)
+    async def join(call: Call) -> Any:
+        args = call.args
+        entered_at = time.monotonic() - int(args.get("entered_ago_ms", 0)) / 1000
+        result = await members.join(
+            str(args.get("name", "")),
+            str(args.get("code", "")),
+            peers=[str(p) for p in args.get("peers", [])],
+            timeout=float(args.get("timeout", 30.0)),
+            entered_at=entered_at,
+            id_prefix=args.get("id"),
+        )
+        homed = daemon.on_first_subnet(result.sub)
+        await daemon.subnets_changed()
+        return {"name": result.sub.name, "id": result.sub.short_id, "homed": homed}
+
+    @daemon.op("subnet.prune", elevated=True)
+    async def prune(call: Call) -> Any:
+        sub = daemon.subnets.only_or_named(call.args.get("subnet"))
+        target = members.resolve_member(sub, str(call.args.get("node", "")))
+        await members.prune(sub, target)
+        return {**daemon.subnets.code_answer(sub), "pruned": target.display}
+
+    @daemon.op("subnet.leave", elevated=True)
+    async def leave(call: Call) -> Any:
+        sub = daemon.subnets.require(str(call.args.get("name", "")))
+        await members.leave(sub)
+        orphaned = daemon.departed(sub, "left")
+        await daemon.subnets_changed()
+        return {"name": sub.name, "orphaned": orphaned}
+
+    @daemon.op("subnet.unlock", elevated=True)
+    async def unlock(call: Call) -> Any:
+        sub = daemon.subnets.require(str(call.args.get("name", "")))
+        members.unlock(sub)
+        return {"name": sub.name}

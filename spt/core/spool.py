@@ -1,0 +1,354 @@
+"""The durable message stores of one node: perch spools, seen ids, ring records, outgoing spool.
+
+What lives here: `Message` (a message as it reaches a perch), `SpoolEntry` (one held message),
+`OutgoingMessage`, and `Spool`, the SQL over the tables of migration 3. Every method is
+synchronous and short; the daemon calls them on its loop, never from two threads at once (as
+`spt.core.store` requires).
+
+Rules this module keeps (SPEC.md §4.2, §4.3, §8.1):
+1. A message is durable before anyone is told it was queued: `append` runs inside the caller's
+   transaction (which may also claim a ring reply), and the caller answers only after it commits.
+2. Message ids are remembered for 30 days (`seen_messages`); a second arrival of the same id is
+   never spooled again, and its answer repeats the first outcome (SENT once delivered).
+3. Delivery is recorded in the same transaction that deletes the spool row (`mark_delivered`),
+   so an acknowledged message is never handed out again and an unacknowledged one always is.
+4. Each perch drains first-in, first-out by arrival (`seq`).
+5. Every spool row carries an HMAC under a key derived from the node key; a row that fails the
+   check is quarantined (kept, logged, never delivered).
+
+What must not: sockets, listeners or timers. Who is waiting for what lives in
+`spt.core.endpoints`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+from spt.core.errors import Refusal, RemoteProtocolError
+from spt.core.identity import NodeId
+from spt.core.store import Store
+
+log = logging.getLogger(__name__)
+
+WINDOWS: Final = ("default", "active", "idle")
+DEDUPE_SECONDS: Final = 30 * 24 * 3600
+MAC_DOMAIN: Final = b"spt/spool/v1"
+_HEX = frozenset("0123456789abcdef")
+
+
+def check_message_id(value: object) -> str:
+    """A message id is 128 bits as 32 lowercase hex characters (SPEC.md §2.10)."""
+    if not isinstance(value, str) or len(value) != 32 or not set(value) <= _HEX:
+        raise RemoteProtocolError(str(value)[:40], "a message id is 32 lowercase hex characters")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A message as it arrives at a perch, from a local sender or forwarded by a peer.
+
+    `from_` is the envelope's `from` attribute as rendered on this node; `sender_node` and
+    `sender_id` name the sending instance, for reply matching (§4.3). `attrs` are the envelope
+    attributes after `type` and `from` (`ring`, `json`), in order; `reply_to` is added last.
+    """
+
+    id: str
+    type: str
+    from_: str
+    sender_node: NodeId
+    sender_id: str
+    body: str
+    attrs: tuple[tuple[str, str], ...] = ()
+    window: str = "default"
+    reply_to: str | None = None
+
+    @property
+    def is_ring(self) -> bool:
+        return dict(self.attrs).get("ring") == "1"
+
+    @property
+    def size(self) -> int:
+        """What the message costs against `spool.max_bytes`: body plus attribute values."""
+        return len(self.body.encode("utf-8")) + sum(len(v.encode("utf-8")) for _, v in self.attrs)
+
+    def envelope_attrs(self) -> dict[str, str]:
+        out = dict(self.attrs)
+        if self.reply_to:
+            out["reply_to"] = self.reply_to
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolEntry:
+    """One message held for a perch; `seq` orders a perch's spool by arrival."""
+
+    seq: int
+    perch: str
+    message: Message
+    arrived: float
+
+    def envelope(self) -> list[str]:
+        """The `<EVENT …>` line, or the `<EVENT-PART …>` lines, to print for this entry."""
+        from spt.core.proto.envelope import render_event
+
+        msg = self.message
+        return render_event(msg.type, msg.from_, msg.body, attrs=msg.envelope_attrs(), chunk_id=msg.id)
+
+
+@dataclass(frozen=True, slots=True)
+class OutgoingMessage:
+    """A message waiting in this node's outgoing spool for a path to `node` through `subnet`."""
+
+    seq: int
+    msg_id: str
+    node: NodeId
+    subnet: bytes
+    payload: dict[str, Any]
+    created: float
+    attempts: int
+    next_try: float
+
+
+class Spool:
+    """The SQL of the spools; `mac_key` authenticates spool rows (derive it from the node key)."""
+
+    def __init__(self, store: Store, mac_key: bytes) -> None:
+        self.store = store
+        self._mac_key = hashlib.sha256(MAC_DOMAIN + mac_key).digest()
+
+    # -- incoming -------------------------------------------------------------------------
+
+    def _mac(self, perch: str, msg: Message) -> bytes:
+        fields = [
+            perch.lower(),
+            msg.id,
+            msg.type,
+            msg.from_,
+            msg.sender_node.hex,
+            msg.sender_id,
+            [list(a) for a in msg.attrs],
+            msg.body,
+            msg.window,
+            msg.reply_to,
+        ]
+        data = json.dumps(fields, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        return hmac.new(self._mac_key, data, hashlib.sha256).digest()
+
+    def seen(self, msg_id: str) -> str | None:
+        """ "SENT" when the id was delivered, "QUEUED" when it is held, None when new."""
+        row = self.store.db.execute(
+            "SELECT delivered FROM seen_messages WHERE msg_id=?", (msg_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        return "SENT" if row[0] else "QUEUED"
+
+    def append(self, perch: str, msg: Message, *, max_bytes: int, subject: str) -> str | None:
+        """Hold `msg` for `perch`; returns None when new, else the earlier outcome ("SENT"/"QUEUED").
+
+        Call inside a store transaction (the caller may claim a ring reply in the same one), and
+        announce nothing before it commits. Raises Refusal SPOOL_FULL, naming `subject`, when the
+        perch's held bytes would pass `max_bytes`.
+        """
+        db = self.store.db
+        earlier = self.seen(msg.id)
+        if earlier is not None:
+            return earlier
+        held = int(
+            db.execute("SELECT COALESCE(SUM(size), 0) FROM spool WHERE perch=?", (perch,)).fetchone()[0]
+        )
+        if held + msg.size > max_bytes:
+            raise Refusal("SPOOL_FULL", subject, f"the perch holds {held} bytes; the limit is {max_bytes}")
+        now = time.time()
+        db.execute(
+            "INSERT INTO spool(perch, msg_id, type, sender, sender_node, sender_id, attrs, body, win, "
+            "reply_to, size, arrived, mac) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                perch,
+                msg.id,
+                msg.type,
+                msg.from_,
+                msg.sender_node.raw,
+                msg.sender_id,
+                json.dumps([list(a) for a in msg.attrs]),
+                msg.body,
+                msg.window,
+                msg.reply_to,
+                msg.size,
+                now,
+                self._mac(perch, msg),
+            ),
+        )
+        db.execute(
+            "INSERT INTO seen_messages(msg_id, perch, delivered, time) VALUES(?,?,0,?)", (msg.id, perch, now)
+        )
+        if msg.is_ring:
+            db.execute(
+                "INSERT OR IGNORE INTO rings_in(ring_id, recipient, sender_node, sender_id, time) "
+                "VALUES(?,?,?,?,?)",
+                (msg.id, perch, msg.sender_node.raw, msg.sender_id, now),
+            )
+        return None
+
+    def entries(
+        self, perch: str, *, windows: Iterable[str] = WINDOWS, after: int = 0, limit: int = 64
+    ) -> list[SpoolEntry]:
+        """Held messages of `perch` in arrival order, only the given windows, from `seq > after`.
+
+        A row whose HMAC does not verify is quarantined here and left out.
+        """
+        wanted = [w for w in WINDOWS if w in set(windows)]
+        if not wanted:
+            return []
+        marks = ",".join("?" * len(wanted))
+        rows = self.store.query(
+            f"SELECT * FROM spool WHERE perch=? AND quarantined=0 AND win IN ({marks}) AND seq>? "
+            "ORDER BY seq LIMIT ?",
+            (perch, *wanted, after, limit),
+        )
+        found: list[SpoolEntry] = []
+        for row in rows:
+            entry = _entry(row)
+            if not hmac.compare_digest(bytes(row["mac"]), self._mac(row["perch"], entry.message)):
+                log.warning(
+                    "spool record failed its check; quarantined",
+                    extra={"perch": row["perch"], "seq": row["seq"]},
+                )
+                with self.store.transaction() as db:
+                    db.execute("UPDATE spool SET quarantined=1 WHERE seq=?", (row["seq"],))
+                continue
+            found.append(entry)
+        return found
+
+    def find_reply(self, perch: str, ring_id: str) -> SpoolEntry | None:
+        """The held message for `perch` stamped `reply_to=ring_id`, if one arrived."""
+        row = self.store.db.execute(
+            "SELECT seq FROM spool WHERE perch=? AND reply_to=? AND quarantined=0 ORDER BY seq LIMIT 1",
+            (perch, ring_id),
+        ).fetchone()
+        if row is None:
+            return None
+        found = self.entries(perch, after=int(row[0]) - 1, limit=1)
+        return found[0] if found and found[0].message.reply_to == ring_id else None
+
+    def mark_delivered(self, entry: SpoolEntry) -> bool:
+        """Record the listener's acknowledgement: one transaction deletes the row and marks the id.
+
+        Returns False when the row was already gone (delivered or purged meanwhile).
+        """
+        with self.store.transaction() as db:
+            gone = db.execute("DELETE FROM spool WHERE seq=?", (entry.seq,)).rowcount
+            if not gone:
+                return False
+            db.execute("UPDATE seen_messages SET delivered=1 WHERE msg_id=?", (entry.message.id,))
+            if entry.message.is_ring:
+                db.execute("UPDATE rings_in SET received=1 WHERE ring_id=?", (entry.message.id,))
+        return True
+
+    def held(self, perch: str) -> tuple[int, int]:
+        """(count, bytes) of the messages held for `perch`."""
+        row = self.store.db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM spool WHERE perch=?", (perch,)
+        ).fetchone()
+        return int(row[0]), int(row[1])
+
+    # -- ring replies (SPEC.md §4.3) ------------------------------------------------------
+
+    def claim_reply(self, recipient: str, sender_node: NodeId, sender_id: str) -> str | None:
+        """The oldest ring from (`sender_node`, `sender_id`) that `recipient` received and has not
+        answered; it is marked answered, so each ring is matched by one reply. Call inside the
+        transaction that sends the reply."""
+        row = self.store.db.execute(
+            "SELECT ring_id FROM rings_in WHERE recipient=? AND sender_node=? AND sender_id=? "
+            "AND received=1 AND answered=0 ORDER BY time, rowid LIMIT 1",
+            (recipient, sender_node.raw, sender_id),
+        ).fetchone()
+        if row is None:
+            return None
+        self.store.db.execute("UPDATE rings_in SET answered=1 WHERE ring_id=?", (row[0],))
+        return str(row[0])
+
+    def release_claim(self, ring_id: str) -> None:
+        """Undo `claim_reply` when the reply never left (the target refused it)."""
+        with self.store.transaction() as db:
+            db.execute("UPDATE rings_in SET answered=0 WHERE ring_id=?", (ring_id,))
+
+    # -- outgoing (SPEC.md §4.2 step 4) ---------------------------------------------------
+
+    def queue_outgoing(self, node: NodeId, subnet: bytes, payload: Mapping[str, Any]) -> None:
+        """Hold a message for a remote node until a path exists; idempotent per message id."""
+        msg_id = check_message_id(payload.get("id"))
+        with self.store.transaction() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO outgoing(msg_id, node, subnet, payload, created) VALUES(?,?,?,?,?)",
+                (msg_id, node.raw, subnet, json.dumps(dict(payload)), time.time()),
+            )
+
+    def pending_outgoing(self, node: NodeId | None = None, *, limit: int = 100) -> list[OutgoingMessage]:
+        """Queued outgoing messages in order, all or those for `node`."""
+        if node is None:
+            rows = self.store.query("SELECT * FROM outgoing ORDER BY seq LIMIT ?", (limit,))
+        else:
+            rows = self.store.query(
+                "SELECT * FROM outgoing WHERE node=? ORDER BY seq LIMIT ?", (node.raw, limit)
+            )
+        return [
+            OutgoingMessage(
+                int(r["seq"]),
+                str(r["msg_id"]),
+                NodeId(bytes(r["node"])),
+                bytes(r["subnet"]),
+                json.loads(r["payload"]),
+                float(r["created"]),
+                int(r["attempts"]),
+                float(r["next_try"]),
+            )
+            for r in rows
+        ]
+
+    def mark_forwarded(self, msg_id: str) -> None:
+        """The target node answered SENT, QUEUED or NO_PERCH: the message leaves the outgoing spool."""
+        with self.store.transaction() as db:
+            db.execute("DELETE FROM outgoing WHERE msg_id=?", (msg_id,))
+
+    def record_attempt(self, msg_id: str, next_try: float) -> None:
+        """A forwarding attempt failed; try again no earlier than `next_try` (epoch seconds)."""
+        with self.store.transaction() as db:
+            db.execute(
+                "UPDATE outgoing SET attempts=attempts+1, next_try=? WHERE msg_id=?", (next_try, msg_id)
+            )
+
+    # -- housekeeping ---------------------------------------------------------------------
+
+    def expire(self, now: float) -> None:
+        """Forget message ids and ring records older than 30 days."""
+        cutoff = now - DEDUPE_SECONDS
+        with self.store.transaction() as db:
+            db.execute(
+                "DELETE FROM seen_messages WHERE time<? AND msg_id NOT IN (SELECT msg_id FROM spool)",
+                (cutoff,),
+            )
+            db.execute("DELETE FROM rings_in WHERE time<?", (cutoff,))
+
+
+def _entry(row: Any) -> SpoolEntry:
+    attrs: Sequence[Sequence[str]] = json.loads(row["attrs"])
+    msg = Message(
+        id=row["msg_id"],
+        type=row["type"],
+        from_=row["sender"],
+        sender_node=NodeId(bytes(row["sender_node"])),
+        sender_id=row["sender_id"],
+        body=row["body"],
+        attrs=tuple((str(k), str(v)) for k, v in attrs),
+        window=row["win"],
+        reply_to=row["reply_to"],
+    )
+    return SpoolEntry(int(row["seq"]), str(row["perch"]), msg, float(row["arrived"]))

@@ -1,0 +1,169 @@
+"""The endpoint service in-process, with the network layer's hooks faked on a stand-in daemon.
+
+These pin the contract the network half builds on: `forward_message`, the outgoing spool,
+`deliver_incoming`, `remote_request` / `handle_remote_request` and ring-reply stamping.
+"""
+
+import pytest
+
+from spt.core.config import NodeConfig, StatePaths
+from spt.core.endpoints import Endpoints
+from spt.core.errors import Refusal, UnreachableError
+from spt.core.identity import NodeKey
+from spt.core.proto.resolve import RemoteTarget, Row
+from spt.core.store import Store
+from spt.core.subnets import Subnets
+
+FAR = NodeKey.generate().node_id
+
+
+class FakeDaemon:
+    def __init__(self, root):
+        self.paths = StatePaths(root)
+        self.paths.ensure()
+        self.key = NodeKey.generate()
+        self.store = Store(self.paths.db_file)
+        self.config = NodeConfig()
+        self.label = "here"
+        self.subnets = Subnets(self)
+        self.endpoints = Endpoints(self)
+        self.changed = []
+
+    def on_endpoint_changed(self, perch_id):
+        self.changed.append(perch_id)
+
+    def registry_rows(self):
+        return [Row(subnet="home", endpoint_id="far", home="home", node=FAR, state="active")]
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    d = FakeDaemon(tmp_path / "n")
+    d.home = d.subnets.create("home")
+    d.work = d.subnets.create("work")
+    yield d
+    d.store.close()
+
+
+async def test_without_a_forwarder_a_remote_message_waits_in_the_outgoing_spool(daemon):
+    eps = daemon.endpoints
+    token, sender = await eps.send("far", from_id="me", body="hi")
+    assert (token, sender) == ("QUEUED", "me")
+    [pending] = eps.pending_outgoing(FAR)
+    assert pending.subnet == daemon.home.id
+    assert (
+        pending.payload["to"] == "far" and pending.payload["body"] == "hi" and pending.payload["from"] == "me"
+    )
+    eps.mark_forwarded(pending.msg_id)
+    assert eps.pending_outgoing() == []
+
+
+async def test_the_forwarder_answers_and_unreachable_falls_back_to_queued(daemon):
+    eps = daemon.endpoints
+    calls = []
+
+    async def forward(target, payload):
+        calls.append((target, payload))
+        if payload["body"] == "down":
+            raise UnreachableError("far", "no path")
+        if payload["body"] == "gone":
+            raise Refusal("NO_PERCH", "far")
+        return "SENT"
+
+    daemon.forward_message = forward
+    assert await eps.send("home:far", from_id="me", body="up", json_payload='{"a": 1}') == ("SENT", "me")
+    target, payload = calls[0]
+    assert isinstance(target, RemoteTarget) and target.node.key == FAR and target.subnet == "home"
+    assert (
+        payload["attrs"] == [["json", '{"a":1}']]
+        and payload["window"] == "default"
+        and len(payload["id"]) == 32
+    )
+    assert (await eps.send("far", from_id="me", body="down"))[0] == "QUEUED"
+    assert [p.payload["body"] for p in eps.pending_outgoing()] == ["down"]
+    with pytest.raises(Refusal) as info:
+        await eps.send("home:FAR", from_id="me", body="gone")
+    assert info.value.status_line().startswith("NO_PERCH:home:FAR")  # the address as typed
+
+
+async def test_incoming_messages_need_a_perch_visible_in_that_subnet(daemon):
+    eps = daemon.endpoints
+    perch = eps._create("bob", daemon.home, "active")
+    msg = {
+        "id": "ab" * 16,
+        "type": "msg",
+        "from": "far",
+        "to": "bob",
+        "body": "hello",
+        "attrs": [["ring", "1"]],
+    }
+    kwargs = {"sender_node": FAR, "from_form": "far@there"}
+    assert await eps.deliver_incoming(msg, subnet="home", **kwargs) == "QUEUED"
+    assert await eps.deliver_incoming(msg, subnet="home", **kwargs) == "QUEUED"  # a duplicate id
+    with pytest.raises(Refusal, match="bob"):
+        await eps.deliver_incoming({**msg, "id": "cd" * 16}, subnet="work", **kwargs)  # hidden there
+    with pytest.raises(Refusal):
+        await eps.deliver_incoming({**msg, "id": "ef" * 16, "to": "nobody"}, subnet="home", **kwargs)
+    [entry] = eps.spool.entries("bob")
+    assert entry.envelope() == ['<EVENT type="msg" from="far@there" ring="1">hello</EVENT>']
+
+    # Bob received the ring; his next message to its sender is stamped as the reply.
+    eps.spool.mark_delivered(entry)
+    captured = []
+
+    async def forward(target, payload):
+        captured.append(payload)
+        return "QUEUED"
+
+    daemon.forward_message = forward
+    await eps.send("far", from_id=perch.id, body="answer")
+    await eps.send("far", from_id=perch.id, body="more")
+    assert [p["reply_to"] for p in captured] == ["ab" * 16, None]
+
+
+async def test_remote_suspend_goes_through_remote_request_or_is_unreachable(daemon):
+    eps = daemon.endpoints
+    with pytest.raises(Refusal) as info:
+        await eps._rest_or_wake("far", "endpoint.suspend", {"warm": False})
+    assert info.value.status_line().startswith("UNREACHABLE:far")
+    asked = []
+
+    async def remote_request(node, subnet, kind, args):
+        asked.append((node, subnet, kind, dict(args)))
+        return {"token": "DORMANT"}
+
+    daemon.remote_request = remote_request
+    assert await eps._rest_or_wake("far", "endpoint.suspend", {"warm": True}) == "DORMANT"
+    assert asked == [(FAR, "home", "endpoint.suspend", {"warm": True, "id": "far"})]
+
+
+async def test_a_member_may_suspend_and_wake_a_perch_visible_to_it(daemon):
+    eps = daemon.endpoints
+    eps._create("bob", daemon.home, "active")
+    answer = await eps.handle_remote_request("endpoint.suspend", {"id": "bob"}, subnet="home", requester=FAR)
+    assert answer == {"token": "SUSPENDED"} and eps.get("bob").state == "suspended"
+    with pytest.raises(Refusal):
+        await eps.handle_remote_request("endpoint.wake", {"id": "bob"}, subnet="work", requester=FAR)
+    assert (
+        await eps.handle_remote_request("endpoint.wake", {"id": "BOB"}, subnet="HOME", requester=FAR)
+    ) == {"token": "WOKE"}
+    assert eps.get("bob").state == "active" and "bob" in daemon.changed
+
+
+async def test_rows_this_node_advertises_follow_visibility(daemon):
+    eps = daemon.endpoints
+    bob = eps._create("bob", daemon.home, "active")
+    assert [r["id"] for r in eps.local_rows(daemon.home)] == ["bob"] and eps.local_rows(daemon.work) == []
+    eps._set_setting(bob, daemon.work, visible=True)
+    assert [r["id"] for r in eps.local_rows(daemon.work)] == ["bob"]
+    assert [r["id"] for r in eps.subnet_rows(daemon.home)] == ["bob", "far"]
+    assert eps.homed_in(daemon.home) == ["bob"]
+
+
+async def test_leaving_the_home_subnet_orphans_its_perches(daemon):
+    eps = daemon.endpoints
+    eps._create("bob", daemon.home, "active")
+    eps._create("wendy", daemon.work, "active")
+    assert eps.orphan(daemon.home) == ["bob"]
+    daemon.subnets.forget(daemon.home)
+    assert eps.get("bob").home is None and eps.get("wendy").home == daemon.work.id

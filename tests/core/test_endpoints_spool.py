@@ -1,0 +1,132 @@
+"""The spool tables in memory-free isolation: a real SQLite store in a temporary folder."""
+
+import os
+import time
+
+import pytest
+
+from spt.core.errors import Refusal
+from spt.core.identity import NodeKey
+from spt.core.spool import Message, Spool
+from spt.core.store import Store
+
+NODE = NodeKey.generate().node_id
+OTHER = NodeKey.generate().node_id
+
+
+@pytest.fixture
+def spool(tmp_path):
+    store = Store(tmp_path / "spt.db")
+    with store.transaction() as db:
+        for perch in ("bob", "alice"):
+            db.execute("INSERT INTO perches(id, state, created) VALUES(?, 'active', ?)", (perch, time.time()))
+    yield Spool(store, b"k" * 32)
+    store.close()
+
+
+def msg(body="hi", *, sender="alice", node=NODE, **kw):
+    return Message(
+        id=os.urandom(16).hex(), type="msg", from_=sender, sender_node=node, sender_id=sender, body=body, **kw
+    )
+
+
+def append(spool, perch, m, max_bytes=10_000):
+    with spool.store.transaction():
+        return spool.append(perch, m, max_bytes=max_bytes, subject=perch)
+
+
+def test_messages_drain_in_arrival_order_and_leave_only_when_acknowledged(spool):
+    sent = [msg(f"m{i}") for i in range(5)]
+    for m in sent:
+        assert append(spool, "bob", m) is None
+    entries = spool.entries("BOB")  # ids match without regard to case
+    assert [e.message.body for e in entries] == [f"m{i}" for i in range(5)]
+    assert spool.mark_delivered(entries[0]) is True
+    assert spool.mark_delivered(entries[0]) is False  # a second ack never delivers twice
+    assert [e.message.body for e in spool.entries("bob")] == [f"m{i}" for i in range(1, 5)]
+
+
+def test_a_repeated_message_id_is_never_spooled_twice(spool):
+    m = msg()
+    assert append(spool, "bob", m) is None
+    assert append(spool, "bob", m) == "QUEUED"
+    entry = spool.entries("bob")[0]
+    spool.mark_delivered(entry)
+    assert append(spool, "bob", m) == "SENT"
+    assert spool.entries("bob") == []
+
+
+def test_spool_full_refuses_past_the_byte_limit(spool):
+    assert append(spool, "bob", msg("x" * 60), max_bytes=100) is None
+    with pytest.raises(Refusal) as info:
+        append(spool, "bob", msg("y" * 60), max_bytes=100)
+    assert info.value.status_line().startswith("SPOOL_FULL:bob")
+    assert spool.held("bob") == (1, 60)
+
+
+def test_windows_filter_what_is_handed_out(spool):
+    append(spool, "bob", msg("a", window="active"))
+    append(spool, "bob", msg("i", window="idle"))
+    append(spool, "bob", msg("d"))
+    assert [e.message.body for e in spool.entries("bob", windows=("default", "idle"))] == ["i", "d"]
+    assert [e.message.body for e in spool.entries("bob", windows=("default", "active"))] == ["a", "d"]
+
+
+def test_a_tampered_record_is_quarantined_not_delivered(spool):
+    append(spool, "bob", msg("honest"))
+    append(spool, "bob", msg("victim"))
+    with spool.store.transaction() as db:
+        db.execute("UPDATE spool SET body='forged' WHERE body='victim'")
+    assert [e.message.body for e in spool.entries("bob")] == ["honest"]
+    assert spool.store.query("SELECT quarantined FROM spool WHERE body='forged'")[0][0] == 1
+
+
+def test_a_reply_claims_the_oldest_received_ring_once(spool):
+    rings = [msg("q1", attrs=(("ring", "1"),)), msg("q2", attrs=(("ring", "1"),))]
+    for r in rings:
+        append(spool, "bob", r)
+    with spool.store.transaction():
+        assert spool.claim_reply("bob", NODE, "alice") is None  # not received yet
+    for entry in spool.entries("bob"):
+        spool.mark_delivered(entry)
+    with spool.store.transaction():
+        assert spool.claim_reply("bob", OTHER, "alice") is None  # another node's alice
+        first = spool.claim_reply("bob", NODE, "ALICE")
+        second = spool.claim_reply("bob", NODE, "alice")
+        third = spool.claim_reply("bob", NODE, "alice")
+    assert (first, second, third) == (rings[0].id, rings[1].id, None)
+    spool.release_claim(first)
+    with spool.store.transaction():
+        assert spool.claim_reply("bob", NODE, "alice") == first
+
+
+def test_the_envelope_carries_ring_json_and_reply_to_in_order(spool):
+    m = msg("body", attrs=(("ring", "1"), ("json", '{"a":1}')), reply_to="ab" * 16)
+    append(spool, "bob", m)
+    [line] = spool.entries("bob")[0].envelope()
+    assert line == (
+        '<EVENT type="msg" from="alice" ring="1" json="{&quot;a&quot;:1}" '
+        f'reply_to="{"ab" * 16}">body</EVENT>'
+    )
+
+
+def test_the_outgoing_spool_keeps_messages_until_forwarded(spool):
+    with spool.store.transaction() as db:
+        db.execute(
+            "INSERT INTO subnets(id, name, canonical, joined_at) VALUES(?, 'home', 'home', 0)", (b"s" * 16,)
+        )
+    payload = {"id": "cd" * 16, "to": "bob", "body": "hi"}
+    spool.queue_outgoing(OTHER, b"s" * 16, payload)
+    spool.queue_outgoing(OTHER, b"s" * 16, payload)  # idempotent per id
+    [pending] = spool.pending_outgoing(OTHER)
+    assert (pending.msg_id, pending.node, pending.subnet, pending.payload) == (
+        "cd" * 16,
+        OTHER,
+        b"s" * 16,
+        payload,
+    )
+    assert spool.pending_outgoing(NODE) == []
+    spool.record_attempt(pending.msg_id, time.time() + 5)
+    assert spool.pending_outgoing()[0].attempts == 1
+    spool.mark_forwarded(pending.msg_id)
+    assert spool.pending_outgoing() == []
