@@ -81,6 +81,9 @@ def status(ctx: click.Context, name: str | None, nodes: bool, show_all: bool) ->
     rows = [("SUBNET", "NODES", "ENDPOINTS", "")]
     for sub in doc["subnets"]:
         flags = []
+        if sub.get("standing"):
+            rows.append((sub["name"], "-", "-", sub["standing"]))
+            continue
         if not sub["attached"]:
             flags.append("detached")
         joins = sub["joins"]
@@ -93,7 +96,7 @@ def status(ctx: click.Context, name: str | None, nodes: bool, show_all: bool) ->
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     for i, row in enumerate(rows):
         out("  ".join(c.ljust(widths[j]) for j, c in enumerate(row[:3])) + ("  " + row[3] if row[3] else ""))
-        if i and nodes:
+        if i and nodes and "members" in doc["subnets"][i - 1]:
             for m in doc["subnets"][i - 1]["members"]:
                 out("  " + _member_line(m))
 

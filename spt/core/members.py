@@ -16,6 +16,7 @@ import contextlib
 import logging
 import os
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
@@ -30,6 +31,7 @@ from spt.core.proto.membership import Entry, make_leave, make_prune, make_seed_r
 from spt.core.proto.resolve import NodeInfo, resolve_node
 from spt.core.proto.totp import SEED_BYTES, Secret, new_seed, seed_commitment
 from spt.core.subnets import HeldSubnet, rendezvous_tag
+from spt.core.types import parse_hostport
 
 if TYPE_CHECKING:
     from spt.core.daemon import Call, Daemon
@@ -79,6 +81,7 @@ class Members:
         self._responder_lock = asyncio.Lock()  # §5.5: joins are answered one at a time
         self._tasks: set[asyncio.Task[Any]] = set()
         self._keepers: dict[NodeId, asyncio.Task[None]] = {}
+        self._known_conns: weakref.WeakSet[Connection] = weakref.WeakSet()
         self._closing = False
         self.limiter = jp.JoinLimiter(
             max_failures=cfg.join_max_failures, lockout_ms=cfg.join_lockout_seconds * 1000
@@ -176,6 +179,9 @@ class Members:
             else:
                 await self._reply(stream, "error", {"code": "unknown-type", "message": f"unknown join request {first.type!r}"})
             return
+        if conn not in self._known_conns:
+            self._known_conns.add(conn)
+            self.remember_address(conn.peer, *conn.remote_addr, "incoming" if not conn.is_outgoing else "dialled")
         handler = self.handlers.get(first.type)
         if handler is None:
             await self._reply(stream, "error", {"code": "unknown-type", "message": f"this node does not handle {first.type!r}"})
@@ -327,8 +333,6 @@ class Members:
         existing = self.subnets.by_name(name)
         if existing is not None:
             raise Refusal("ALREADY_MEMBER", name, "this node is already a member")
-        from spt.plugins.static_peers import parse_hostport
-
         extra = []
         for text in peers:
             try:
@@ -374,7 +378,7 @@ class Members:
                 attempt.close()
             lines = [f"  {i.hex()[:8]}  {sum(1 for h, _ in hellos if h.subnet_id == i)}" for i in ids]
             raise Refusal("JOIN_AMBIGUOUS", name, "several subnets answer to that name; pass --id", lines=lines)
-        hello, chosen = hellos[0]
+        _, chosen = hellos[0]
         for _, other in hellos[1:]:
             other.close()
         try:
@@ -389,6 +393,7 @@ class Members:
             self.subnets.save_subnet(sub)
             self.subnets.save_entries(sub, bundle.log.entries())
         self.subnets.held[sub.id] = sub
+        self.daemon.store.db.execute("DELETE FROM meta WHERE key=?", (f"departed:{sub.id.hex()}",))
         self.remember_address(member, attempt.candidate.host, attempt.candidate.port, "join")
         for node, contact in bundle.contacts.items():
             for text in contact.addresses:
@@ -645,6 +650,9 @@ class Members:
         if target.key == me.node_id:
             raise Refusal("CANNOT_PRUNE_SELF", target.display, "use spt subnet leave on this node")
         prune = make_prune(me, parents=sub.log.heads(), target=target.key, hlc=self.subnets.stamp())
+        # Tell the pruned node first, while its connection is still open, so it learns why it is
+        # refused from now on; merging locally closes that connection.
+        await self._push_one(target.key, "log.push", {"subnet": sub.id.hex(), "entries": [prune.to_dict()]})
         self.merge(sub, [prune])
         seed = new_seed(os.urandom(SEED_BYTES))
         epoch = sub.state().epoch + 1
@@ -655,8 +663,7 @@ class Members:
         self.merge(sub, [rotate])
         if not self._install_seed(sub, {"epoch": epoch, "seed": seed.reveal()}):
             raise Refusal("PRUNE_FAILED", target.display, "the seed rotation did not take effect")
-        # The pruned node gets its own prune so it learns why it is refused from now on.
-        await self.push_entries(sub, [prune, rotate], extra=[target.key])
+        await self.push_entries(sub, [prune, rotate])
         await self.gossip(sub, "seed.install", {"subnet": sub.id.hex(), "epoch": epoch, "seed": seed.reveal()})
         for conn in self.transport.connections():
             if conn.peer == target.key and not self.shared_subnets(target.key):

@@ -137,6 +137,17 @@ class Subnets:
             raise Refusal("NO_SUCH_SUBNET", "", "this node holds no subnet")
         raise Refusal(token, "", f"this node holds {len(subs)} subnets; name one", lines=[f"  {s.name}" for s in subs])
 
+    def departed(self) -> list[dict[str, Any]]:
+        """Subnets this node left or was pruned from: shown once in status, with the reason."""
+        out = []
+        for row in self.store.query("SELECT key, value FROM meta WHERE key LIKE 'departed:%' ORDER BY key"):
+            info = json.loads(row["value"])
+            out.append({
+                "name": info["name"], "id": row["key"].split(":", 1)[1], "attached": False, "standing": info["reason"],
+                "nodes": 0, "endpoints": 0, "joins": {"state": "open", "failed_last_hour": 0, "locked_until": None},
+            })
+        return out
+
     def attached(self) -> list[HeldSubnet]:
         return [s for s in self.held.values() if s.attached]
 
@@ -220,7 +231,10 @@ def register_ops(daemon: Daemon, subnets: Subnets) -> None:
     async def status(call: Call) -> Any:
         name = call.args.get("name")
         subs = [subnets.require(name)] if name else sorted(subnets.held.values(), key=lambda s: s.canonical)
-        return {"subnets": [daemon.subnet_status(s, nodes=bool(call.args.get("nodes")), include_former=bool(call.args.get("all"))) for s in subs]}
+        docs = [daemon.subnet_status(s, nodes=bool(call.args.get("nodes")), include_former=bool(call.args.get("all"))) for s in subs]
+        if not name:
+            docs += subnets.departed()
+        return {"subnets": docs}
 
     @daemon.op("subnet.detach")
     async def detach(call: Call) -> Any:

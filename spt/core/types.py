@@ -54,3 +54,24 @@ def check_endpoint_id(endpoint_id: str) -> str:
             'an endpoint id is 1–64 letters, digits, ".", "_" or "-", starting with a letter or digit',
         )
     return endpoint_id
+
+
+def parse_hostport(text: str, default_port: int = 47470) -> tuple[str, int]:
+    """`host:port`, `[v6]:port` or a bare host; raises ValueError with the bad input named."""
+    text = text.strip()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port_text = rest.lstrip(":")
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    else:
+        host, port_text = text, ""
+    if not host:
+        raise ValueError(f"peer address {text!r} has no host; use host:port")
+    try:
+        port = int(port_text) if port_text else default_port
+    except ValueError:
+        raise ValueError(f"peer address {text!r} has a bad port; use host:port") from None
+    if not 0 < port < 65536:
+        raise ValueError(f"peer address {text!r}: port {port} is out of range")
+    return host, port

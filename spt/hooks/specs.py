@@ -19,18 +19,18 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
-    from spt.hooks.interfaces import IncomingPayload
-    from spt.hooks.registry import (
-        CommandRef,
-        Registry,
-    )
     from spt.hooks.interfaces import (
         Connector,
         DiscoveryBackend,
+        IncomingPayload,
         NotificationRenderer,
         PayloadType,
         SyncTier,
         Updater,
+    )
+    from spt.hooks.registry import (
+        CommandRef,
+        Registry,
     )
 
 PROJECT = "spt"

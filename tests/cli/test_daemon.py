@@ -1,6 +1,5 @@
 """The daemon as users run it: real processes, each with its own SPT_HOME."""
 
-import json
 import os
 import stat
 import subprocess
@@ -19,7 +18,7 @@ def test_two_daemons_run_at_once_with_different_keys(spt_nodes):
     assert show_a["addresses"] and all(x.startswith("127.0.0.1:") for x in show_a["addresses"])
     assert show_a["addresses"] != show_b["addresses"]  # each bound its own UDP port
     human = a.cli("node", "show", check=True).stdout
-    assert human.startswith(f"NODE: ") and f"({show_a['key'][:8]}\u2026)" in human
+    assert human.startswith("NODE: ") and f"({show_a['key'][:8]}\u2026)" in human
 
 
 def test_key_file_is_private_and_survives_restart(spt_nodes):

@@ -3,7 +3,6 @@
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -11,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 
 def _reachable_by_others(path):
     """True when every folder above the interpreter lets other users through."""
@@ -80,7 +80,7 @@ def raw_request(sock_path, op, args, uid):
 
 
 def test_ungated_commands_work_for_the_owner(user_node):
-    home, env = user_node
+    _home, env = user_node
     shown = spt(env, "node", "show", uid=USER)
     assert shown.returncode == 0, shown.stderr
     assert spt(env, "subnet", "status", uid=USER).stdout.strip() == "no subnets"
@@ -109,14 +109,14 @@ def test_the_daemon_refuses_gated_operations_whatever_the_client_claims(user_nod
 
 
 def test_root_may_run_gated_operations_on_the_users_daemon(user_node):
-    home, env = user_node
+    _home, env = user_node
     created = spt(env, "subnet", "create", "home")  # as root: what `sudo` gives
     assert created.returncode == 0, created.stderr
     assert created.stdout.startswith("CREATED:home id=")
 
 
 def test_another_user_cannot_use_the_control_socket(user_node):
-    home, env = user_node
+    _home, env = user_node
     result = spt(env, "node", "show", uid=OTHER)
     assert result.returncode == 3
     assert "belongs to another user" in result.stderr

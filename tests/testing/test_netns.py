@@ -16,8 +16,6 @@ import pytest
 from spt.testing import netns
 from spt.testing.netns import Lab, TwoNats
 
-__all__ = ["netns_lab"]  # the fixture, until the spt pytest plugin registers it
-
 pytestmark = [
     pytest.mark.netns,
     pytest.mark.skipif(not netns.available()[0], reason=netns.available()[1]),
