@@ -35,6 +35,7 @@ from spt.core.ipc import MAX_LINE, PROTOCOL_VERSION, encode_line
 from spt.core.members import Members
 from spt.core.members import register_ops as register_member_ops
 from spt.core.proto.join import iso_utc
+from spt.core.runtime import Runtime
 from spt.core.store import Store, load_or_create_key
 from spt.core.subnets import HeldSubnet, Subnets, rendezvous_tag
 from spt.core.subnets import register_ops as register_subnet_ops
@@ -388,6 +389,7 @@ class Daemon:
         os.chmod(self.paths.socket, 0o600)
         await self._start_discovery()
         self.plugins.pm.hook.spt_node_started(node_id=self.key.node_id.hex, port=self.port)
+        self.plugins.pm.hook.spt_runtime_started(runtime=Runtime(self))
         log.info("daemon started", extra={"node": self.key.node_id.short, "port": self.port, "pid": os.getpid()})
 
     async def run(self) -> None:

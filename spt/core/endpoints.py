@@ -610,6 +610,10 @@ class Endpoints:
             if not waiters:
                 self._sent_waiters.pop(msg_id, None)
 
+    async def accept_event(self, perch: Perch, msg: Message) -> str:
+        """A plugin's envelope (e.g. `type="file"`) for a local perch: spooled like a message."""
+        return await self._accept(perch, msg, perch.id)
+
     async def _accept(
         self, perch: Perch, msg: Message, subject: str, *, claim_from: str | None = None
     ) -> str:

@@ -447,6 +447,16 @@ class Members:
                 (node.raw, host, port, source, time.time()),
             )
 
+    async def connect_member(self, node: NodeId) -> Connection:
+        """The live member connection to `node`, dialled from its known addresses if needed."""
+        conn = self.transport.connection(node)
+        if conn is not None:
+            return conn
+        addrs = self.addresses_of(node)
+        if not addrs:
+            raise PeerError(node.short, "no known address for this member")
+        return await self.transport.connect(node, addrs, timeout=DIAL_TIMEOUT)
+
     def keep_members_connected(self) -> None:
         """Start a keeper task for every member of an attached subnet that has none."""
         if self._closing:

@@ -11,8 +11,9 @@ first, ties by name), as STYLE.md §3 says.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 from spt.core.identity import NodeId
@@ -178,3 +179,70 @@ class Updater(ABC):
 
     @abstractmethod
     def status(self) -> Mapping[str, Any]: ...
+
+
+# --- the running node, as plugins see it ----------------------------------------------------
+
+
+OpHandler = Callable[[Any], Awaitable[Any]]
+MemberRequestHandler = Callable[[Any, Any], Awaitable[tuple[str, Any]]]
+
+
+class NodeRuntime(Protocol):
+    """The public surface of a running node, handed to `spt_runtime_started`.
+
+    Through it a plugin adds control operations (what its CLI commands call), answers its own
+    request types from members, resolves addresses, reaches peers and delivers envelopes to
+    local perches. Connections are `spt.core.net.connections.Connection` objects: `request()`,
+    `open_stream()`, `peer`, `remote_addr`.
+    """
+
+    @property
+    def node_id(self) -> NodeId: ...
+
+    @property
+    def label(self) -> str: ...
+
+    @property
+    def state_dir(self) -> Path:
+        """The node's state folder; a plugin keeps its files in a sub-folder named after it."""
+        ...
+
+    def config_section(self, name: str) -> Mapping[str, Any]: ...
+
+    def add_op(self, name: str, handler: OpHandler, *, elevated: bool = False) -> None:
+        """A control operation the CLI calls; the handler gets the call (`.args`, `.emit`)."""
+        ...
+
+    def add_member_request(self, type_name: str, handler: MemberRequestHandler) -> None:
+        """Answer `type_name` requests from members: `handler(connection, frame) -> (type, body)`."""
+        ...
+
+    def resolve(self, address: str) -> Any:
+        """Resolve `[subnet:]id[@node]` (SPEC.md §4.1): a local target (`.perch.id`) or a remote
+        one (`.node.key`, `.subnet`, `.row.endpoint_id`); refusals raise their token."""
+        ...
+
+    def member_subnet(self, connection: Any, subnet: str) -> bool:
+        """True when the connection's peer is a current member of the named attached subnet."""
+        ...
+
+    def perch_visible(self, perch_id: str, subnet: str) -> bool:
+        """True when a local perch exists and is visible in the named subnet."""
+        ...
+
+    def endpoint_folder(self, perch_id: str) -> Path: ...
+
+    async def connect_member(self, node: NodeId) -> Any:
+        """A live member connection to `node` (dialled if needed); PeerError when unreachable."""
+        ...
+
+    async def deliver(
+        self, perch_id: str, event_type: str, body: str, attrs: Sequence[tuple[str, str]], *, sender: str
+    ) -> str:
+        """Spool an envelope for a local perch; "SENT" or "QUEUED" as for `spt send`."""
+        ...
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], what: str) -> None:
+        """Run background work for the node's lifetime; failures are logged."""
+        ...

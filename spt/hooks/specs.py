@@ -23,6 +23,7 @@ if TYPE_CHECKING:
         Connector,
         DiscoveryBackend,
         IncomingPayload,
+        NodeRuntime,
         NotificationRenderer,
         PayloadType,
         SyncTier,
@@ -145,6 +146,17 @@ def spt_node_started(node_id: str, port: int) -> None:
 
     Called by: the daemon, once per start.
     Returns: nothing.
+    Mode: collect-all.
+    Since: 0.1
+    """
+
+
+@_spec
+def spt_runtime_started(runtime: NodeRuntime) -> None:
+    """The node is running; a plugin adds its control operations and member request handlers.
+
+    Called by: the daemon, once per start, after the transport and control socket are up.
+    Returns: nothing; start background work with `runtime.spawn`.
     Mode: collect-all.
     Since: 0.1
     """

@@ -1,0 +1,80 @@
+"""`NodeRuntime` for plugins: the daemon's public surface, nothing more (spt.hooks.interfaces)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Coroutine, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from spt.core.errors import LocalProtocolError, Refusal
+from spt.core.identity import NodeId
+from spt.core.spool import Message
+from spt.hooks.interfaces import MemberRequestHandler, OpHandler
+
+if TYPE_CHECKING:
+    from spt.core.daemon import Daemon
+
+
+class Runtime:
+    def __init__(self, daemon: Daemon) -> None:
+        self._daemon = daemon
+
+    @property
+    def node_id(self) -> NodeId:
+        return self._daemon.key.node_id
+
+    @property
+    def label(self) -> str:
+        return self._daemon.label
+
+    @property
+    def state_dir(self) -> Path:
+        return self._daemon.paths.root
+
+    def config_section(self, name: str) -> Mapping[str, Any]:
+        return self._daemon.config.section(name)
+
+    def add_op(self, name: str, handler: OpHandler, *, elevated: bool = False) -> None:
+        self._daemon.op(name, elevated=elevated)(handler)
+
+    def add_member_request(self, type_name: str, handler: MemberRequestHandler) -> None:
+        handlers = self._daemon.members.handlers
+        if type_name in handlers:
+            raise LocalProtocolError(type_name, "member request type registered twice")
+        handlers[type_name] = handler
+
+    def resolve(self, address: str) -> Any:
+        return self._daemon.endpoints.resolve(address)
+
+    def member_subnet(self, connection: Any, subnet: str) -> bool:
+        sub = self._daemon.subnets.by_name(subnet)
+        return sub is not None and sub.attached and sub.state().is_member(connection.peer)
+
+    def perch_visible(self, perch_id: str, subnet: str) -> bool:
+        endpoints = self._daemon.endpoints
+        perch = endpoints.get(perch_id)
+        return perch is not None and any(s.canonical == subnet.lower() for s in endpoints.visible_in(perch))
+
+    def endpoint_folder(self, perch_id: str) -> Path:
+        return self._daemon.paths.endpoints / perch_id
+
+    async def connect_member(self, node: NodeId) -> Any:
+        return await self._daemon.members.connect_member(node)
+
+    async def deliver(
+        self, perch_id: str, event_type: str, body: str, attrs: Sequence[tuple[str, str]], *, sender: str
+    ) -> str:
+        endpoints = self._daemon.endpoints
+        perch = endpoints.get(perch_id)
+        if perch is None:
+            raise Refusal("NO_PERCH", perch_id)
+        sender_id, _, _ = sender.partition("@")
+        msg = Message(
+            id=os.urandom(16).hex(), type=event_type, from_=sender, sender_node=self.node_id,
+            sender_id=sender_id.rpartition(":")[2] or "spt", body=body, attrs=tuple(attrs),
+        )
+        return await endpoints.accept_event(perch, msg)
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], what: str) -> None:
+        self._daemon.members.spawn(coro, what)
