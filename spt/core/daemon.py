@@ -34,7 +34,9 @@ from spt.core.identity import NodeId, NodeKey
 from spt.core.ipc import MAX_LINE, PROTOCOL_VERSION, encode_line
 from spt.core.members import Members
 from spt.core.members import register_ops as register_member_ops
+from spt.core.messaging import Messaging
 from spt.core.proto.join import iso_utc
+from spt.core.proto.resolve import RemoteTarget, Row
 from spt.core.runtime import Runtime
 from spt.core.store import Store, load_or_create_key
 from spt.core.subnets import HeldSubnet, Subnets, rendezvous_tag
@@ -120,6 +122,7 @@ class Daemon:
         self.store: Store
         self.key: NodeKey
         self.members: Members
+        self.messaging: Messaging
         self._ipc_server: asyncio.AbstractServer | None = None
         self.subnets: Subnets
         self.endpoints: Endpoints
@@ -290,15 +293,19 @@ class Daemon:
 
     def member_view(self, sub: HeldSubnet, key: NodeId, label: str) -> dict[str, Any]:
         is_self = key == self.key.node_id
+        presence = None if is_self else self.messaging.presence_of(sub, key)
+        heard = None if is_self else self.messaging.view(sub).last_heard(key)
+        detached = (not sub.attached) if is_self else bool(presence and presence.detached)
         return {
             "label": label,
             "key": key.hex,
             "standing": "member",
-            "online": is_self or self.members.transport.connection(key) is not None,
-            "detached": (not sub.attached) if is_self else False,
+            "online": is_self or (not detached and key not in self.messaging.offline_nodes()
+                                  and (heard is not None or self.members.transport.connection(key) is not None)),
+            "detached": detached,
             "self": is_self,
-            "version": __version__ if is_self else None,
-            "last_seen": None,
+            "version": __version__ if is_self else (presence.software_version if presence else None),
+            "last_seen": iso_utc(heard) if heard is not None else None,
             "path": None if is_self else self.members.path_view(key, sub),
         }
 
@@ -341,14 +348,39 @@ class Daemon:
         log.warning("notification", extra={"kind": kind, "title": title})
 
     def peer_synced(self, conn: Any) -> None:
-        """A member connection finished its log sync; services may exchange their state now."""
+        """A member connection finished its log sync; services exchange their state now."""
+        self.members.spawn(self.messaging.sync(conn), "registry sync")
 
     def membership_changed(self, sub: HeldSubnet) -> None:
         """Members joined, left or were pruned in `sub`."""
+        self.messaging.membership_changed(sub)
+        self.messaging.publish()
+
+    # -- what the endpoints service asks of the network (spt.core.messaging) --------------
+
+    async def forward_message(self, target: RemoteTarget, payload: Mapping[str, Any]) -> str:
+        return await self.messaging.forward_message(target, payload)
+
+    async def remote_request(self, node: NodeId, subnet: str, kind: str, args: Mapping[str, Any]) -> dict[str, Any]:
+        return await self.messaging.remote_request(node, subnet, kind, args)
+
+    def registry_rows(self) -> list[Row]:
+        return self.messaging.registry_rows()
+
+    def offline_nodes(self) -> set[NodeId]:
+        return self.messaging.offline_nodes()
+
+    def on_endpoint_changed(self, perch_id: str) -> None:
+        try:
+            self.messaging.publish()
+        except Exception:
+            # Publishing is best effort here; the next presence round publishes again.
+            log.exception("publishing registry rows failed", extra={"perch": perch_id})
 
     def departed(self, sub: HeldSubnet, reason: str) -> list[str]:
         """This node left or was pruned: drop the subnet's state; returns orphaned endpoint ids."""
-        orphaned = self.endpoints.orphan(sub) if hasattr(self.endpoints, "orphan") else []
+        orphaned = self.endpoints.orphan(sub)
+        self.messaging.forget(sub)
         self.subnets.forget(sub)
         self.store.set_meta(f"departed:{sub.id.hex()}", json.dumps({"name": sub.name, "reason": reason}))
         self.members.keep_members_connected()
@@ -379,6 +411,8 @@ class Daemon:
         self.members = Members(self)
         register_member_ops(self, self.members)
         await self.members.start()
+        self.messaging = Messaging(self)
+        self.messaging.start()
         with contextlib.suppress(FileNotFoundError):
             self.paths.socket.unlink()
         old_umask = os.umask(0o177)  # the socket is born 0600: no window where others connect

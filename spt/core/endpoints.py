@@ -384,6 +384,10 @@ class Endpoints:
         return out
 
     def visible_in(self, perch: Perch) -> list[HeldSubnet]:
+        if perch.transient:
+            # A transient sender has no home; replies to its ring may come through any subnet
+            # it sent through, so it is reachable (not listed) in every attached one (§4.3).
+            return self.daemon.subnets.attached()
         return [sub for sub, visible, _ in self.settings(perch) if visible]
 
     def _set_setting(
@@ -448,11 +452,23 @@ class Endpoints:
 
     def subnet_rows(self, sub: HeldSubnet) -> list[dict[str, Any]]:
         """The rows visible in `sub`: this node's perches, then the replicated remote rows."""
+        rows = self._own_rows(sub, transient=False)
+        offline = self._offline()
+        for row in self._remote_rows():
+            if row.subnet.lower() != sub.canonical or not row.visible or row.node == self.node_id:
+                continue
+            if row.endpoint_id.startswith(TRANSIENT_PREFIX):
+                continue  # transient identities route replies but are not listed
+            rows.append(self._remote_view(row, offline))
+        return rows
+
+    def _own_rows(self, sub: HeldSubnet, *, transient: bool) -> list[dict[str, Any]]:
         me = {"label": self.daemon.label, "key": self.node_id.hex}
-        rows = [
+        return [
             {
                 "id": p.id,
-                "home": self._subnet_name(p.home),
+                # a transient sender is homed nowhere; its replies come through this subnet
+                "home": self._subnet_name(p.home) or (sub.name if p.transient else None),
                 "node": me,
                 "state": p.state,
                 "ready": p.key in self.listeners,
@@ -460,33 +476,28 @@ class Endpoints:
                 "hosted": p.hosted,
                 "description": p.description,
             }
-            for p in self.perches()
+            for p in self.perches(transient=transient)
             if any(s.id == sub.id for s in self.visible_in(p))
         ]
-        offline = self._offline()
-        for row in self._remote_rows():
-            if row.subnet.lower() != sub.canonical or not row.visible or row.node == self.node_id:
-                continue
-            rows.append(
-                {
-                    "id": row.endpoint_id,
-                    "home": row.home,
-                    "node": {
-                        "label": self.daemon.subnets.label_of(row.node) or row.node.short,
-                        "key": row.node.hex,
-                    },
-                    "state": "offline" if row.node in offline else row.state,
-                    "ready": row.ready,
-                    "alive": row.alive,
-                    "hosted": row.hosted,
-                    "description": row.description,
-                }
-            )
-        return rows
+
+    def _remote_view(self, row: Row, offline: frozenset[NodeId]) -> dict[str, Any]:
+        return {
+            "id": row.endpoint_id,
+            "home": row.home,
+            "node": {"label": self.daemon.subnets.label_of(row.node) or row.node.short, "key": row.node.hex},
+            "state": "offline" if row.node in offline else row.state,
+            "ready": row.ready,
+            "alive": row.alive,
+            "hosted": row.hosted,
+            "description": row.description,
+        }
 
     def local_rows(self, sub: HeldSubnet) -> list[dict[str, Any]]:
-        """What this node advertises in `sub` (§4.5: only where visible), for the registry."""
-        return [r for r in self.subnet_rows(sub) if r["node"]["key"] == self.node_id.hex]
+        """What this node advertises in `sub` (§4.5: only where visible), for the registry.
+
+        Transient `tmp.` perches are advertised too, so that replies to a ring reach them.
+        """
+        return self._own_rows(sub, transient=True)
 
     def count_visible(self, sub: HeldSubnet) -> int:
         return len(self.subnet_rows(sub))
@@ -662,7 +673,7 @@ class Endpoints:
             if self.get(tmp_id) is None:
                 break
         expires = None if ring else time.time() + TRANSIENT_SECONDS
-        self._create(tmp_id, None, "active", transient=True, expires=expires)
+        self._changed(self._create(tmp_id, None, "active", transient=True, expires=expires))
         return tmp_id, True
 
     async def send(

@@ -1,0 +1,317 @@
+"""The network half of messaging: forwarding, remote endpoint requests, the registry.
+
+What lives here (SPEC.md §4.2–4.6):
+- `forward_message`: a message for a perch on another node goes over the member connection of the
+  resolution subnet; the target re-checks membership and visibility and answers SENT, QUEUED or
+  NO_PERCH. Unreachable targets leave the message in the sender's outgoing spool, which
+  `_drain_outgoing` forwards when a path exists, with backoff, never expiring.
+- `remote_request`: suspend and wake for an instance on another node.
+- Registry replication: each node signs its own rows per subnet (only where the instance is
+  visible; hiding publishes a tombstone) and a presence record; changes are pushed at once,
+  digests compared on connect and every presence interval; silent nodes turn offline.
+
+Subnet isolation: a record or message for subnet S only ever travels on a member connection to a
+current member of S, and rows of S never leave S's view.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Final
+
+from spt import __version__
+from spt.core.errors import PeerError, Refusal, RemoteProtocolError
+from spt.core.identity import NodeId
+from spt.core.net.connections import Connection, RequestError
+from spt.core.proto.frames import Frame
+from spt.core.proto.registry import (
+    Presence,
+    RegistryRow,
+    RegistryView,
+    digest_from_wire,
+    digest_to_wire,
+    record_from_dict,
+    sign_presence,
+    sign_row,
+    sign_tombstone,
+)
+from spt.core.proto.resolve import RemoteTarget, Row, shortest_from_form
+from spt.core.subnets import HeldSubnet
+
+if TYPE_CHECKING:
+    from spt.core.daemon import Daemon
+
+log = logging.getLogger(__name__)
+
+FORWARD_TIMEOUT: Final = 10.0  # §4.2 step 4: no answer within 10 s means QUEUED
+DRAIN_INTERVAL: Final = 1.0
+BACKOFF_MAX: Final = 600.0
+MAX_RECORDS: Final = 4096  # records one registry message carries at most
+
+
+class Messaging:
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.members = daemon.members
+        self.endpoints = daemon.endpoints
+        self.views: dict[bytes, RegistryView] = {}
+        self._advertised: dict[bytes, dict[tuple[str, str], str]] = {}  # subnet -> (home, id) -> home name
+        self._drain_wake = asyncio.Event()
+        handlers = self.members.handlers
+        handlers["msg.deliver"] = self._handle_deliver
+        handlers["endpoint.request"] = self._handle_endpoint_request
+        handlers["registry.push"] = self._handle_registry_push
+        handlers["registry.sync"] = self._handle_registry_sync
+
+    def start(self) -> None:
+        self.members.spawn(self._drain_loop(), "outgoing spool")
+        self.members.spawn(self._presence_loop(), "presence")
+
+    # -- forwarding -------------------------------------------------------------------------
+
+    async def forward_message(self, target: RemoteTarget, payload: Mapping[str, Any]) -> str:
+        """Hand a message to the target node; "SENT" or "QUEUED", or Refusal NO_PERCH."""
+        sub = self.daemon.subnets.by_name(target.subnet)
+        if sub is None:
+            raise Refusal("NO_SUCH_SUBNET", target.subnet)
+        return await self._forward(target.node.key, sub, payload)
+
+    async def _forward(self, node: NodeId, sub: HeldSubnet, payload: Mapping[str, Any]) -> str:
+        async with asyncio.timeout(FORWARD_TIMEOUT):
+            conn = await self.members.connect_member(node)
+            try:
+                reply = await conn.request(
+                    "msg.deliver", {"subnet": sub.id.hex(), "payload": dict(payload)}, timeout=FORWARD_TIMEOUT
+                )
+            except RequestError as exc:
+                if exc.code == "NO_PERCH":
+                    raise Refusal("NO_PERCH", str(payload.get("to", "")), "no such perch on that node") from exc
+                raise
+        token = _map(reply.body).get("token")
+        if token not in ("SENT", "QUEUED"):
+            raise RemoteProtocolError("msg.deliver", f"unexpected answer {token!r}")
+        return str(token)
+
+    async def _handle_deliver(self, conn: Connection, frame: Frame) -> tuple[str, Any]:
+        body = _map(frame.body)
+        sub = self.members.require_member(conn, body.get("subnet"))
+        payload = _map(body.get("payload"))
+        sender_id = str(payload.get("from", ""))
+        from_form = shortest_from_form(sender_id, conn.peer, self.endpoints.snapshot(), via_subnet=sub.name)
+        token = await self.endpoints.deliver_incoming(payload, subnet=sub.name, sender_node=conn.peer, from_form=from_form)
+        return "msg.result", {"token": token}
+
+    async def _drain_loop(self) -> None:
+        """Forward the outgoing spool when paths exist (§4.2 step 4); bounded batches, backoff."""
+        while True:
+            try:
+                async with asyncio.timeout(DRAIN_INTERVAL):
+                    await self._drain_wake.wait()
+            except TimeoutError:
+                pass
+            self._drain_wake.clear()
+            await self._drain_once()
+
+    async def _drain_once(self) -> None:
+        now = time.time()
+        for msg in self.endpoints.pending_outgoing(limit=100):
+            if msg.next_try > now:
+                continue
+            sub = self.daemon.subnets.held.get(msg.subnet)
+            if sub is None or not sub.attached:
+                continue
+            if self.members.transport.connection(msg.node) is None and not self.members.addresses_of(msg.node):
+                continue
+            try:
+                await self._forward(msg.node, sub, msg.payload)
+            except Refusal as exc:
+                log.warning("queued message refused by its target; dropped",
+                            extra={"msg": msg.msg_id[:12], "reason": exc.status_line()})
+                self.endpoints.mark_forwarded(msg.msg_id)
+                self.daemon.notify(sub, "dropped-messages", "a queued message was dropped",
+                                   f"{exc.status_line()} (message {msg.msg_id[:12]})")
+            except (PeerError, TimeoutError, RemoteProtocolError) as exc:
+                delay = min(2.0 ** min(msg.attempts, 10), BACKOFF_MAX)
+                self.endpoints.record_attempt(msg.msg_id, now + delay)
+                log.debug("queued message not forwarded yet", extra={"msg": msg.msg_id[:12], "reason": str(exc)})
+            else:
+                self.endpoints.mark_forwarded(msg.msg_id)
+
+    # -- remote endpoint requests -----------------------------------------------------------
+
+    async def remote_request(self, node: NodeId, subnet: str, kind: str, args: Mapping[str, Any]) -> dict[str, Any]:
+        sub = self.daemon.subnets.by_name(subnet)
+        if sub is None:
+            raise Refusal("NO_SUCH_SUBNET", subnet)
+        async with asyncio.timeout(FORWARD_TIMEOUT):
+            conn = await self.members.connect_member(node)
+            try:
+                reply = await conn.request(
+                    "endpoint.request", {"subnet": sub.id.hex(), "kind": kind, "args": dict(args)}, timeout=FORWARD_TIMEOUT
+                )
+            except RequestError as exc:
+                if exc.code == "NO_PERCH":
+                    raise Refusal("NO_PERCH", str(args.get("id", ""))) from exc
+                raise
+        return _map(reply.body)
+
+    async def _handle_endpoint_request(self, conn: Connection, frame: Frame) -> tuple[str, Any]:
+        body = _map(frame.body)
+        sub = self.members.require_member(conn, body.get("subnet"))
+        result = await self.endpoints.handle_remote_request(
+            str(body.get("kind")), _map(body.get("args")), subnet=sub.name, requester=conn.peer
+        )
+        return "endpoint.result", result
+
+    # -- the registry ------------------------------------------------------------------------
+
+    def view(self, sub: HeldSubnet) -> RegistryView:
+        view = self.views.get(sub.id)
+        if view is None or view.subnet != sub.name:
+            view = self.views[sub.id] = RegistryView(sub.name, self_node=self.daemon.key.node_id)
+        return view
+
+    def _next_version(self) -> int:
+        version = int(self.daemon.store.get_meta("registry_version") or "0") + 1
+        with self.daemon.store.transaction():
+            self.daemon.store.set_meta("registry_version", str(version))
+        return version
+
+    def own_records(self, sub: HeldSubnet, version: int) -> list[RegistryRow | Presence]:
+        """This node's signed rows in `sub` (tombstones for rows no longer visible) and presence."""
+        key = self.daemon.key
+        hlc = self.daemon.subnets.stamp()
+        records: list[RegistryRow | Presence] = []
+        current: dict[tuple[str, str], str] = {}
+        for row in self.endpoints.local_rows(sub):
+            home = row["home"] or ""
+            current[(home, row["id"])] = home
+            records.append(sign_row(
+                key, subnet=sub.name, endpoint_id=row["id"], home=home, version=version, hlc=hlc,
+                state=row["state"], ready=bool(row["ready"]), alive=bool(row["alive"]),
+                hosted=bool(row["hosted"]), description=row["description"] or "",
+            ))
+        for (home, endpoint_id) in set(self._advertised.get(sub.id, {})) - set(current):
+            records.append(sign_tombstone(key, subnet=sub.name, endpoint_id=endpoint_id, home=home, version=version, hlc=hlc))
+        self._advertised[sub.id] = current
+        records.append(sign_presence(
+            key, subnet=sub.name, version=version, software_version=__version__,
+            addresses=tuple(self.daemon.addresses()), detached=not sub.attached,
+        ))
+        return records
+
+    def publish(self) -> None:
+        """Re-sign this node's rows everywhere and push them to connected members."""
+        version = self._next_version()
+        now_ms = int(time.time() * 1000)
+        for sub in self.daemon.subnets.attached():
+            records = self.own_records(sub, version)
+            self.view(sub).merge_all(records, now_ms=now_ms)
+            self.members.spawn(self._push_records(sub, records), "registry push")
+
+    async def _push_records(self, sub: HeldSubnet, records: list[RegistryRow | Presence]) -> None:
+        body = {"subnet": sub.id.hex(), "records": [r.to_dict() for r in records]}
+        for node in set(sub.state().members) - {self.daemon.key.node_id}:
+            conn = self.members.transport.connection(node)
+            if conn is None:
+                continue  # it gets them by digest at its next connect
+            try:
+                await conn.request("registry.push", body, timeout=FORWARD_TIMEOUT)
+            except (PeerError, TimeoutError, RemoteProtocolError) as exc:
+                log.debug("registry push missed a member", extra={"peer": node.short, "reason": str(exc)})
+
+    def _merge_records(self, sub: HeldSubnet, raw: Any, source: NodeId) -> None:
+        if not isinstance(raw, list) or len(raw) > MAX_RECORDS:
+            raise RemoteProtocolError("records", f"expected a list of at most {MAX_RECORDS} records")
+        now_ms = int(time.time() * 1000)
+        members = sub.state().members
+        view = self.view(sub)
+        changed = False
+        for item in raw:
+            record = record_from_dict(item)
+            if record.node not in members:
+                continue  # rows are accepted only for current members of this subnet
+            outcome = view.merge(record, now_ms=now_ms)
+            changed = changed or outcome.name == "ACCEPTED"
+        view.note_heard(source, now_ms)
+
+    async def _handle_registry_push(self, conn: Connection, frame: Frame) -> tuple[str, Any]:
+        body = _map(frame.body)
+        sub = self.members.require_member(conn, body.get("subnet"))
+        self._merge_records(sub, body.get("records"), conn.peer)
+        return "ok", {}
+
+    async def _handle_registry_sync(self, conn: Connection, frame: Frame) -> tuple[str, Any]:
+        body = _map(frame.body)
+        sub = self.members.require_member(conn, body.get("subnet"))
+        theirs = digest_from_wire(body.get("digest"))
+        view = self.view(sub)
+        missing = view.missing_for(theirs)[:MAX_RECORDS]
+        return "registry.records", {"records": [r.to_dict() for r in missing], "digest": digest_to_wire(view.digest())}
+
+    async def sync(self, conn: Connection) -> None:
+        """On connect: compare digests per shared subnet and exchange what each side lacks."""
+        for sub in self.members.shared_subnets(conn.peer):
+            view = self.view(sub)
+            reply = await conn.request(
+                "registry.sync", {"subnet": sub.id.hex(), "digest": digest_to_wire(view.digest())}, timeout=FORWARD_TIMEOUT
+            )
+            body = _map(reply.body)
+            self._merge_records(sub, body.get("records"), conn.peer)
+            lacking = view.missing_for(digest_from_wire(body.get("digest")))[:MAX_RECORDS]
+            if lacking:
+                await conn.request(
+                    "registry.push", {"subnet": sub.id.hex(), "records": [r.to_dict() for r in lacking]},
+                    timeout=FORWARD_TIMEOUT,
+                )
+        self._drain_wake.set()
+
+    async def _presence_loop(self) -> None:
+        interval = self.daemon.config.presence_interval
+        while True:
+            self.publish()
+            await asyncio.sleep(interval)
+
+    def membership_changed(self, sub: HeldSubnet) -> None:
+        view = self.views.get(sub.id)
+        if view is None:
+            return
+        members = sub.state().members
+        for node in view.nodes() - set(members):
+            view.remove_node(node)
+
+    def forget(self, sub: HeldSubnet) -> None:
+        self.views.pop(sub.id, None)
+        self._advertised.pop(sub.id, None)
+
+    def registry_rows(self) -> list[Row]:
+        me = self.daemon.key.node_id
+        rows: list[Row] = []
+        for sub in self.daemon.subnets.attached():
+            view = self.views.get(sub.id)
+            if view is not None:
+                rows.extend(r for r in view.resolve_rows() if r.node != me)
+        return rows
+
+    def offline_nodes(self) -> set[NodeId]:
+        now_ms = int(time.time() * 1000)
+        ttl_ms = int(self.daemon.config.offline_after * 1000)
+        offline: set[NodeId] = set()
+        for sub in self.daemon.subnets.attached():
+            view = self.views.get(sub.id)
+            if view is not None:
+                offline |= view.offline(now_ms, ttl_ms=ttl_ms)
+        return offline
+
+    def presence_of(self, sub: HeldSubnet, node: NodeId) -> Presence | None:
+        view = self.views.get(sub.id)
+        return view.presence(node) if view is not None else None
+
+
+def _map(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise RemoteProtocolError("body", "expected a map")
+    return value
