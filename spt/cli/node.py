@@ -1,4 +1,4 @@
-"""`spt node show`, `spt node label set`."""
+"""`spt node show`, `spt node label set`, `spt node trust list|accept|reject`."""
 
 from __future__ import annotations
 
@@ -42,3 +42,61 @@ def label_set(name: str) -> None:
     check_label(name)
     doc = daemon_call("node.label.set", {"label": name})
     emit("LABELED", doc["label"])
+
+
+@node.group()
+def trust() -> None:
+    """Pinned member keys, and key changes waiting for a human (SPEC.md §6.4)."""
+
+
+@trust.command("list")
+@click.pass_context
+def trust_list(ctx: click.Context) -> None:
+    """Pinned members per subnet, then pending key changes."""
+    doc = daemon_call("node.trust.list")
+    if state(ctx).json:
+        pending = [{k: p[k] for k in ("subnet", "old", "new", "since", "old_key_signed")} for p in doc["pending"]]
+        print_json({"pins": doc["pins"], "pending": pending})
+        return
+    subnet = None
+    for pin in doc["pins"]:
+        if pin["subnet"] != subnet:
+            subnet = pin["subnet"]
+            out(subnet)
+        out(f"  {pin['label']} ({pin['key'][:8]}\u2026)")
+    for p in doc["pending"]:
+        signed = " old-key-signed" if p["old_key_signed"] else ""
+        out(f"PENDING {p['label']} ({p['old'][:8]}\u2026) -> {p['new'][:8]}\u2026 {p['subnet']} since {p['since']}{signed}")
+
+
+@trust.command("accept")
+@click.argument("node_name", metavar="NODE")
+@click.option("--subnet", "subnet_name", help="The subnet (needed when changes are pending in several).")
+@click.option("--yes", is_flag=True, help="Do not ask (required when not interactive).")
+def trust_accept(node_name: str, subnet_name: str | None, yes: bool) -> None:
+    """Accept a node's new key: appends a rekey entry [elevated]."""
+    from spt.cli._output import hint
+    from spt.cli._state import is_interactive, require_elevation
+    from spt.core.errors import UsageError
+
+    require_elevation()
+    args = {"node": node_name, "subnet": subnet_name}
+    preview = daemon_call("node.trust.accept", {**args, "preview": True})
+    hint(f"old: {preview['old']}  fingerprint {preview['old_fingerprint']}")
+    hint(f"new: {preview['new']}  fingerprint {preview['new_fingerprint']}")
+    hint("Compare the new fingerprint with `spt node show` on that machine.")
+    if not yes:
+        if not is_interactive():
+            raise UsageError("BAD_USAGE", "", "pass --yes to accept without a terminal to confirm")
+        click.confirm(f"Trust the new key in {preview['subnet']}?", abort=True)
+    doc = daemon_call("node.trust.accept", args, timeout=60)
+    emit("TRUSTED", doc["trusted"])
+
+
+@trust.command("reject")
+@click.argument("node_name", metavar="NODE")
+@click.option("--subnet", "subnet_name", help="The subnet (needed when changes are pending in several).")
+def trust_reject(node_name: str, subnet_name: str | None) -> None:
+    """Drop a pending key-change claim."""
+    doc = daemon_call("node.trust.reject", {"node": node_name, "subnet": subnet_name})
+    emit("REJECTED", doc["node"])

@@ -36,6 +36,7 @@ from spt.core.members import Members
 from spt.core.members import register_ops as register_member_ops
 from spt.core.messaging import Messaging
 from spt.core.proto.join import iso_utc
+from spt.core.proto.membership import make_label
 from spt.core.proto.resolve import RemoteTarget, Row
 from spt.core.runtime import Runtime
 from spt.core.store import Store, load_or_create_key
@@ -182,6 +183,11 @@ class Daemon:
         label = check_label(str(call.args.get("label", "")))
         with self.store.transaction():
             self.store.set_meta("label", label)
+        # SPEC.md §3.9: the new label reaches every held subnet through its log.
+        for sub in list(self.subnets.held.values()):
+            entry = make_label(self.key, parents=sub.log.heads(), label=label, hlc=self.subnets.stamp())
+            self.members.merge(sub, [entry])
+            self.members.spawn(self.members.push_entries(sub, [entry]), "push label")
         return {"label": label}
 
     async def _daemon_status(self, call: Call) -> Any:

@@ -576,8 +576,10 @@ class Endpoints:
     def queue_outgoing(self, node: NodeId, subnet: bytes, payload: Mapping[str, Any]) -> None:
         self.spool.queue_outgoing(node, subnet, payload)
 
-    def pending_outgoing(self, node: NodeId | None = None, *, limit: int = 100) -> list[OutgoingMessage]:
-        return self.spool.pending_outgoing(node, limit=limit)
+    def pending_outgoing(
+        self, node: NodeId | None = None, *, limit: int = 100, due_before: float | None = None
+    ) -> list[OutgoingMessage]:
+        return self.spool.pending_outgoing(node, limit=limit, due_before=due_before)
 
     def mark_forwarded(self, msg_id: str) -> None:
         self.spool.mark_forwarded(msg_id)

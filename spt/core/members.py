@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import time
@@ -21,13 +22,22 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
-from spt.core.errors import PeerError, Refusal, RemoteProtocolError, SptError, UsageError
+from spt.core.errors import IdentityError, PeerError, Refusal, RemoteProtocolError, SptError, UsageError
 from spt.core.identity import NodeId
 from spt.core.net.connections import Connection, ConnectionClosedError, Stream
 from spt.core.net.transport import ALPN_JOIN, ALPN_MEMBER, Transport
 from spt.core.proto import join as jp
+from spt.core.proto.canonical import canonical_bytes
 from spt.core.proto.frames import Frame
-from spt.core.proto.membership import Entry, make_leave, make_prune, make_seed_rotate
+from spt.core.proto.membership import (
+    REKEY,
+    Entry,
+    countersign_rekey,
+    make_leave,
+    make_prune,
+    make_seed_rotate,
+    propose_rekey,
+)
 from spt.core.proto.resolve import NodeInfo, resolve_node
 from spt.core.proto.totp import SEED_BYTES, Secret, new_seed, seed_commitment
 from spt.core.subnets import HeldSubnet, rendezvous_tag
@@ -48,12 +58,19 @@ DIAL_TIMEOUT: Final = 5.0
 MAX_SYNC_ENTRIES: Final = 4096  # entries one sync answer carries at most (§6.3 "a bounded amount")
 RECONNECT_MIN: Final = 1.0
 RECONNECT_MAX: Final = 60.0
+FIRST_DISCOVERY_ROUND: Final = 0.1  # seconds the first discovery round of a join waits; doubles each round
+MAX_DISCOVERY_ROUND: Final = 2.0
+KEY_CLAIM_DOMAIN: Final = b"spt/key-claim/v1"
+MAX_PENDING_KEY_CHANGES: Final = 16  # per subnet (§6.4)
+KEY_CLAIM_ROUNDS: Final = 6  # a claim is re-sent to members that did not take it, backing off
 
 
 @dataclass
 class JoinResult:
     sub: HeldSubnet
     member: NodeId
+    discovery_s: float = 0.0  # from the call to the first member hello (finding a member)
+    ceremony_s: float = 0.0  # from there to the installed bundle (SPAKE2, admission, bundle)
 
 
 class Members:
@@ -78,10 +95,17 @@ class Members:
             "seed.install": self._handle_seed_install,
             "join.record": self._handle_join_record,
         }
+        # Requests anyone may make on the join ALPN (the peer is not a member, or not yet).
+        self.join_handlers: dict[str, MemberHandler] = {
+            "log.offer": self._handle_log_offer,
+            "key.claim": self._handle_key_claim,
+            "key.countersign": self._handle_key_countersign,
+        }
         self._responder_lock = asyncio.Lock()  # §5.5: joins are answered one at a time
         self._tasks: set[asyncio.Task[Any]] = set()
         self._keepers: dict[NodeId, asyncio.Task[None]] = {}
         self._known_conns: weakref.WeakSet[Connection] = weakref.WeakSet()
+        self._detached_peers: set[NodeId] = set()  # members that told us they detached
         self._closing = False
         self.limiter = jp.JoinLimiter(
             max_failures=cfg.join_max_failures, lockout_ms=cfg.join_lockout_seconds * 1000
@@ -103,6 +127,10 @@ class Members:
             )
             await self.transport.start()
         self.keep_members_connected()
+        self.transport.paths.when_relay_registered(self.keep_members_connected)  # §7.3: a new path
+        claims = self.key_change_claims()
+        if claims:
+            self.spawn(self.send_key_claims(claims), "key-change claim")
 
     async def close(self) -> None:
         self._closing = True
@@ -142,6 +170,8 @@ class Members:
         standings = [s.state().standing(peer) for s in self.subnets.attached()]
         if "member" in standings:
             return None
+        if any(s.state().is_member(peer) for s in self.subnets.held.values() if not s.attached):
+            return "detached"  # §4.8: peers show this node offline, reason detached
         for reason in ("pruned", "left"):
             if reason in standings:
                 return reason
@@ -174,8 +204,12 @@ class Members:
         if conn.alpn == ALPN_JOIN:
             if first.type == "join":
                 await self._respond_join(conn, stream, first)
-            elif first.type == "log.offer":
-                await self._reply(stream, *await self._handle_log_offer(conn, first))
+            elif first.type in self.join_handlers:
+                try:
+                    reply = await self.join_handlers[first.type](conn, first)
+                except SptError as exc:
+                    reply = ("error", {"code": exc.instance_token, "message": exc.status_line()})
+                await self._reply(stream, *reply)
             else:
                 await self._reply(stream, "error", {"code": "unknown-type", "message": f"unknown join request {first.type!r}"})
             return
@@ -340,19 +374,28 @@ class Members:
             except ValueError as exc:
                 raise UsageError("BAD_ADDRESS", text, str(exc)) from None
             extra.append(_candidate(host, port, "peer"))
-        deadline = time.monotonic() + timeout
+        started = time.monotonic()
+        deadline = started + timeout
         tag = rendezvous_tag(name)
         secret_code = Secret(code)
         tried: set[Address] = set()
         hellos: list[tuple[jp.MemberHello, _JoinAttempt]] = []
         refusals: list[SptError] = []
+        rounds = 0
         while time.monotonic() < deadline and not hellos:
-            budget = max(0.1, min(deadline - time.monotonic(), timeout))
+            # Ask the backends briefly first (static peers and adverts already heard answer at
+            # once), then for longer: a backend that waits for its whole budget must not hold
+            # up candidates another one has already returned.
+            remaining = deadline - time.monotonic()
+            budget = max(0.05, min(remaining, FIRST_DISCOVERY_ROUND * 2**rounds, MAX_DISCOVERY_ROUND))
+            rounds += 1
+            round_end = min(time.monotonic() + budget, deadline)
             found = await self.daemon.find_candidates(tag, budget, extra)
             fresh = [c for c in found if (c.host, c.port) not in tried and (not c.tags or tag in c.tags)]
             tried.update((c.host, c.port) for c in fresh)
             attempts = [_JoinAttempt(self, c, name, secret_code, entered_at) for c in fresh]
-            results = await asyncio.gather(*(a.hello() for a in attempts))
+            dial_budget = max(0.5, min(DIAL_TIMEOUT, deadline - time.monotonic()))
+            results = await asyncio.gather(*(a.hello(dial_budget) for a in attempts))
             for attempt, result in zip(attempts, results, strict=True):
                 if isinstance(result, jp.MemberHello):
                     hellos.append((result, attempt))
@@ -363,8 +406,8 @@ class Members:
                     attempt.close()
             if refusals and not hellos:
                 raise refusals[0]
-            if not fresh:
-                await asyncio.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+            if not fresh:  # backends that answer at once (static peers) must not spin this loop
+                await asyncio.sleep(max(0.0, round_end - time.monotonic()))
         if not hellos:
             raise Refusal("JOIN_NOT_FOUND", name, "no member of that subnet answered")
         ids = sorted({h.subnet_id for h, _ in hellos})
@@ -381,11 +424,19 @@ class Members:
         _, chosen = hellos[0]
         for _, other in hellos[1:]:
             other.close()
+        found_at = time.monotonic()
         try:
             event = await chosen.run()
         finally:
             chosen.close()
-        return self._install_bundle(event.bundle, event.member, chosen)
+        done = self._install_bundle(event.bundle, event.member, chosen)
+        done.discovery_s = round(found_at - started, 3)
+        done.ceremony_s = round(time.monotonic() - found_at, 3)
+        log.info(
+            "join timing",
+            extra={"subnet": done.sub.name, "discovery_s": done.discovery_s, "ceremony_s": done.ceremony_s},
+        )
+        return done
 
     def _install_bundle(self, bundle: jp.JoinBundle, member: NodeId, attempt: _JoinAttempt) -> JoinResult:
         sub = HeldSubnet(bundle.subnet_id, bundle.name, True, bundle.log, bundle.seed, bundle.epoch)
@@ -411,7 +462,7 @@ class Members:
         for node in sub.state().members:
             if node == self.daemon.key.node_id:
                 continue
-            addrs = self.addresses_of(node)
+            addrs = await self.dial_addresses(node)
             if not addrs:
                 continue
             try:
@@ -447,12 +498,39 @@ class Members:
                 (node.raw, host, port, source, time.time()),
             )
 
+    # -- dialling through connectors (SPEC.md §7.3) ----------------------------------------------
+
+    async def dial_addresses(self, node: NodeId) -> list[Address]:
+        """Where to dial `node`: its known direct addresses, plus what connectors offer (relays).
+
+        A relayed (virtual) address goes right after the first direct one: a live direct path
+        wins the race, a dead one costs one dial stagger, and with no direct address the relay
+        is dialled at once. Stored virtual addresses are left out; connectors offer them again
+        only while their relay is registered.
+        """
+        from spt.core.net.paths import is_virtual
+        from spt.hooks import Candidate
+
+        direct = [a for a in self.addresses_of(node) if not is_virtual(a[0])]
+        hints = [Candidate(h, p, node=node, source="known") for h, p in direct]
+        offered: list[Address] = []
+        connectors = sorted(self.daemon.plugins.registries.connectors, key=lambda c: (c.priority, c.name))
+        for connector in connectors:
+            try:
+                found = await connector.candidates(self.daemon, node, hints)
+            except Exception:  # per-plugin guard: a broken connector costs its own path only
+                log.exception("connector failed", extra={"connector": connector.name})
+                continue
+            offered += [(c.host, c.port) for c in found if c.node in (None, node)]
+        relayed = [a for a in offered if is_virtual(a[0])]
+        return list(dict.fromkeys([*direct[:1], *relayed, *direct[1:], *offered]))
+
     async def connect_member(self, node: NodeId) -> Connection:
         """The live member connection to `node`, dialled from its known addresses if needed."""
         conn = self.transport.connection(node)
         if conn is not None:
             return conn
-        addrs = self.addresses_of(node)
+        addrs = await self.dial_addresses(node)
         if not addrs:
             raise PeerError(node.short, "no known address for this member")
         return await self.transport.connect(node, addrs, timeout=DIAL_TIMEOUT)
@@ -477,17 +555,22 @@ class Members:
             conn = self.transport.connection(node)
             try:
                 if conn is None:
-                    addrs = self.addresses_of(node)
+                    addrs = await self.dial_addresses(node)
                     if not addrs:
                         return  # nothing to dial yet; discovery or the peer will bring an address
                     conn = await self.transport.connect(node, addrs, timeout=DIAL_TIMEOUT)
                 await self.sync(conn)
+                self._detached_peers.discard(node)
                 delay = RECONNECT_MIN
                 reason = await conn.wait_closed()
                 log.info("member connection closed", extra={"peer": node.short, "reason": reason})
+                if "detached" in reason:
+                    self._detached_peers.add(node)
             except asyncio.CancelledError:
                 raise
             except (PeerError, TimeoutError, RemoteProtocolError) as exc:
+                if "detached" in str(exc):
+                    self._detached_peers.add(node)
                 log.debug("member unreachable", extra={"peer": node.short, "reason": str(exc)})
             except Exception:
                 log.exception("member keeper failed", extra={"peer": node.short})
@@ -558,6 +641,9 @@ class Members:
 
     def _membership_changed(self, sub: HeldSubnet, before: Any, after: Any) -> None:
         me = self.daemon.key.node_id
+        self._settle_key_changes(sub, after)
+        if after.is_member(me) and not before.is_member(me):
+            self.daemon.store.db.execute("DELETE FROM meta WHERE key=?", (f"key_claim:{sub.id.hex()}",))
         if not after.is_member(me) and before.is_member(me):
             reason = after.standing(me)
             log.warning("this node is no longer a member", extra={"subnet": sub.name, "reason": reason})
@@ -586,7 +672,7 @@ class Members:
         await asyncio.gather(*(self._push_one(node, type_name, body) for node in targets))
 
     async def _push_one(self, node: NodeId, type_name: str, body: Mapping[str, Any]) -> None:
-        addrs = self.addresses_of(node)
+        addrs = await self.dial_addresses(node)
         try:
             conn = self.transport.connection(node) or await self.transport.connect(node, addrs, timeout=DIAL_TIMEOUT)
             await conn.request(type_name, dict(body), timeout=REQUEST_TIMEOUT)
@@ -630,22 +716,269 @@ class Members:
     def path_view(self, node: NodeId, sub: HeldSubnet) -> dict[str, Any]:
         conn = self.transport.connection(node)
         if conn is None:
-            reason = "detached" if not sub.attached else ("peer-offline" if self.addresses_of(node) else "no-direct-address")
+            if not sub.attached or node in self._detached_peers:
+                reason = "detached"
+            else:
+                reason = "peer-offline" if self.addresses_of(node) else "no-direct-address"
             return {"kind": "none", "addr": None, "via": None, "reason": reason, "rtt_ms": None, "since": None}
         host, port = conn.remote_addr
         source = self.daemon.store.query(
             "SELECT source FROM peer_addrs WHERE node=? AND host=? AND port=?", (node.raw, host, port)
         )
         kind = "direct static" if source and source[0]["source"] in ("static", "peer") else "direct lan"
+        via: str | None = None
+        why: str | None = None
+        relayed = self.transport.paths.describe(node, (host, port))  # relayed or punched (§7.4, §7.6)
+        if relayed is not None:
+            kind, via, why = relayed.kind, relayed.via, relayed.reason
         since = conn.registered_at
         return {
             "kind": kind,
             "addr": f"{host}:{port}",
-            "via": None,
-            "reason": None,
+            "via": via,
+            "reason": why,
             "rtt_ms": conn.rtt_ms,
             "since": _iso(time.time() - (asyncio.get_running_loop().time() - since)) if since is not None else None,
         }
+
+    # -- detach, attach (SPEC.md §4.8) -----------------------------------------------------------
+
+    def detached(self, sub: HeldSubnet) -> None:
+        """Stop serving `sub`: close member connections it alone justified, telling peers why."""
+        for conn in self.transport.connections():
+            if conn.alpn == ALPN_MEMBER and sub.state().is_member(conn.peer) and not self.shared_subnets(conn.peer):
+                conn.close("detached")
+        self.keep_members_connected()
+
+    def attached(self, sub: HeldSubnet) -> None:
+        """Serve `sub` again: dial its members now (their own keepers may be backing off)."""
+        self.keep_members_connected()
+
+    # -- key changes (SPEC.md §6.4) ---------------------------------------------------------------
+    #
+    # A node whose key changed while its subnets stayed (its key file lost or replaced) claims, on
+    # the join ALPN, that its old key is now this one. Members never apply a claim by themselves:
+    # they refuse the new key, record the claim and raise a `key-change` notification; a human runs
+    # `spt node trust accept` on one member, which proposes a `rekey` entry, has the claimant
+    # countersign it (it does so only for the claim it made), and pushes it like a join.
+
+    def key_change_claims(self) -> list[tuple[HeldSubnet, NodeId]]:
+        """The (subnet, old key) pairs this node must claim: called once at start.
+
+        The key the store last ran with is kept in meta `node_key`; a held subnet in which this
+        key is not a member but that key (or the one an earlier claim named) is, needs a claim.
+        """
+        store = self.daemon.store
+        me = self.daemon.key.node_id
+        previous = store.get_meta("node_key")
+        claims: list[tuple[HeldSubnet, NodeId]] = []
+        with store.transaction():
+            for sub in self.subnets.held.values():
+                meta_key = f"key_claim:{sub.id.hex()}"
+                st = sub.state()
+                if st.is_member(me):
+                    store.db.execute("DELETE FROM meta WHERE key=?", (meta_key,))
+                    continue
+                earlier = store.get_meta(meta_key)
+                old_hex = json.loads(earlier)["old"] if earlier else previous
+                if not old_hex:
+                    continue
+                old = NodeId.from_hex(old_hex)
+                if old == me or not st.is_member(old):
+                    continue
+                store.set_meta(meta_key, json.dumps({"old": old.hex, "new": me.hex}))
+                claims.append((sub, old))
+            store.set_meta("node_key", me.hex)
+        for sub, old in claims:
+            log.warning("this node's key changed; claiming the new key", extra={"subnet": sub.name, "old": old.short, "new": me.short})
+        return claims
+
+    def _claim(self, sub: HeldSubnet, old: NodeId) -> dict[str, Any]:
+        me = self.daemon.key
+        body = {"subnet": sub.id.hex(), "old": old.hex, "new": me.node_id.hex}
+        return {**body, "sig": me.sign(_claim_bytes(body)).hex()}
+
+    async def send_key_claims(self, claims: Sequence[tuple[HeldSubnet, NodeId]]) -> None:
+        """Offer each claim to every other member, again (backing off) to those that missed it."""
+        todo = {(sub.id, node): (sub, old) for sub, old in claims for node in sub.state().members if node != old}
+        delay = RECONNECT_MIN
+        for _ in range(KEY_CLAIM_ROUNDS):
+            keys = list(todo)
+            results = await asyncio.gather(*(self._send_claim(node, *todo[(sid, node)]) for sid, node in keys))
+            for key, taken in zip(keys, results, strict=True):
+                if taken:
+                    del todo[key]
+            if not todo or self._closing:
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 4, RECONNECT_MAX)
+
+    async def _send_claim(self, node: NodeId, sub: HeldSubnet, old: NodeId) -> bool:
+        addrs = self.addresses_of(node)
+        if not addrs:
+            return True  # nothing to dial; another member will have to vouch
+        try:
+            conn = await self.transport.connect(node, addrs, alpn=ALPN_JOIN, timeout=DIAL_TIMEOUT)
+            try:
+                reply = await conn.request("key.claim", self._claim(sub, old), timeout=REQUEST_TIMEOUT)
+            finally:
+                conn.close("claim done")
+        except (PeerError, TimeoutError, RemoteProtocolError) as exc:
+            log.info("key-change claim did not reach a member", extra={"peer": node.short, "reason": str(exc)})
+            return False
+        log.info("key-change claim offered", extra={"peer": node.short, "subnet": sub.name, "answer": reply.type})
+        return True
+
+    async def _handle_key_claim(self, conn: Connection, frame: Frame) -> tuple[str, Any]:
+        body = _map(frame.body)
+        sub = self._held(body.get("subnet"))
+        if sub is None or not sub.attached:
+            return "error", {"code": "not-here", "message": "this node does not serve that subnet"}
+        old, new = _node(body.get("old")), _node(body.get("new"))
+        if new != conn.peer:
+            raise RemoteProtocolError("key.claim", "a key-change claim is made by the new key itself")
+        signed = {"subnet": sub.id.hex(), "old": old.hex, "new": new.hex}
+        if not new.verify(_sig(body.get("sig")), _claim_bytes(signed)):
+            raise RemoteProtocolError("key.claim", "the new key's signature does not verify")
+        old_signed = body.get("oldsig") is not None and old.verify(_sig(body.get("oldsig")), _claim_bytes(signed))
+        st = sub.state()
+        if not st.is_member(old) or old == self.daemon.key.node_id:
+            # §9.8: a key that was pruned or left never comes back through a claim
+            return "error", {"code": "not-a-member", "message": f"refused: {st.standing(old)}"}
+        if new in st.members or new in st.former:
+            return "error", {"code": "known-key", "message": "that key already has a standing in this subnet"}
+        store = self.daemon.store
+        rows = store.query("SELECT old, new FROM key_changes WHERE subnet=?", (sub.id,))
+        same = [r for r in rows if bytes(r["old"]) == old.raw]
+        if same and bytes(same[0]["new"]) == new.raw:
+            return "ok", {"pending": True}
+        if not same and len(rows) >= MAX_PENDING_KEY_CHANGES:
+            return "error", {"code": "too-many", "message": "too many key changes pending in this subnet"}
+        with store.transaction():
+            store.db.execute(
+                "INSERT INTO key_changes(subnet, old, new, since, old_signed) VALUES(?,?,?,?,?) "
+                "ON CONFLICT(subnet, old) DO UPDATE SET new=excluded.new, since=excluded.since, old_signed=excluded.old_signed",
+                (sub.id, old.raw, new.raw, time.time(), int(old_signed)),
+            )
+        host, port = conn.remote_addr
+        self.remember_address(new, host, port, "claim")
+        label = st.members[old]
+        log.warning(
+            "a member claims a new key; refused until accepted",
+            extra={"subnet": sub.name, "node": old.display(label), "new": new.short},
+        )
+        self.daemon.notify(
+            sub, "key-change", f"{label} in {sub.name} presents a new key",
+            f"old {old.fingerprint}, new {new.fingerprint}. Compare with `spt node show` on that machine, then "
+            f"`spt node trust accept {label}` (or `spt node trust reject {label}`).",
+        )
+        return "ok", {"pending": True}
+
+    def pending_key_changes(self, sub: HeldSubnet | None = None) -> list[dict[str, Any]]:
+        """Pending claims (of every held subnet, or one), oldest first."""
+        out = []
+        rows = self.daemon.store.query("SELECT subnet, old, new, since, old_signed FROM key_changes ORDER BY since")
+        for row in rows:
+            held = self.subnets.held.get(bytes(row["subnet"]))
+            if held is None or (sub is not None and held.id != sub.id):
+                continue
+            old, new = NodeId(bytes(row["old"])), NodeId(bytes(row["new"]))
+            label = held.state().members.get(old)
+            if label is None:
+                continue  # the old key is gone (pruned, left, rekeyed): the claim is moot
+            out.append({
+                "subnet": held.name, "old": old.hex, "new": new.hex, "since": _iso(float(row["since"])),
+                "old_key_signed": bool(row["old_signed"]), "label": label,
+            })
+        return out
+
+    def resolve_key_change(self, qualifier: str, subnet: str | None) -> tuple[HeldSubnet, NodeId, NodeId]:
+        """The one pending claim `qualifier` names: the old label or key prefix, or the new key prefix."""
+        sub = self.subnets.require(subnet) if subnet else None
+        pending = self.pending_key_changes(sub)
+        matches = [
+            p for p in pending
+            if p["label"].lower() == qualifier.lower() or p["old"].startswith(qualifier.lower()) or p["new"].startswith(qualifier.lower())
+        ]
+        if not matches:
+            raise Refusal("NO_SUCH_CLAIM", qualifier, "no pending key change names that node; see spt node trust list")
+        if len({p["subnet"] for p in matches}) > 1:
+            raise Refusal("SUBNET_REQUIRED", qualifier, "key changes are pending in several subnets; pass --subnet",
+                          lines=[f"  {p['subnet']}" for p in matches])
+        if len(matches) > 1:
+            raise Refusal("AMBIGUOUS_NODE", qualifier, lines=[f"  {NodeId.from_hex(p['old']).display(p['label'])}" for p in matches])
+        found = matches[0]
+        held = self.subnets.require(found["subnet"])
+        return held, NodeId.from_hex(found["old"]), NodeId.from_hex(found["new"])
+
+    def _settle_key_changes(self, sub: HeldSubnet, st: Any) -> None:
+        """Claims whose old key is no longer a member (rekeyed elsewhere, pruned, left) are moot."""
+        rows = self.daemon.store.query("SELECT old FROM key_changes WHERE subnet=?", (sub.id,))
+        gone = [bytes(r["old"]) for r in rows if not st.is_member(NodeId(bytes(r["old"])))]
+        if gone:
+            with self.daemon.store.transaction():
+                for old in gone:
+                    self.daemon.store.db.execute("DELETE FROM key_changes WHERE subnet=? AND old=?", (sub.id, old))
+
+    def drop_key_change(self, sub: HeldSubnet, old: NodeId) -> None:
+        with self.daemon.store.transaction():
+            self.daemon.store.db.execute("DELETE FROM key_changes WHERE subnet=? AND old=?", (sub.id, old.raw))
+
+    async def accept_key_change(self, sub: HeldSubnet, old: NodeId, new: NodeId) -> str:
+        """Append the `rekey` entry, countersigned by the claimant, and push it; the new display form."""
+        me = self.daemon.key
+        entry = propose_rekey(me, parents=sub.log.heads(), old=old, new=new, hlc=self.subnets.stamp())
+        addrs = self.addresses_of(new)
+        if not addrs:
+            raise Refusal("TRUST_FAILED", new.short, "no known address for the claiming node")
+        try:
+            conn = await self.transport.connect(new, addrs, alpn=ALPN_JOIN, timeout=DIAL_TIMEOUT)
+            try:
+                reply = await conn.request(
+                    "key.countersign", {"subnet": sub.id.hex(), "entry": entry.to_dict()}, timeout=REQUEST_TIMEOUT
+                )
+            finally:
+                conn.close("countersign done")
+        except (PeerError, TimeoutError) as exc:
+            raise Refusal("TRUST_FAILED", new.short, f"the claiming node did not answer: {exc}") from None
+        if reply.type != "ok":
+            raise Refusal("TRUST_FAILED", new.short, f"the claiming node refused to countersign: {_map(reply.body).get('message', '')}")
+        signed = Entry.from_dict(_map(reply.body).get("entry"))
+        if signed.to_dict() | {"countersig": None} != entry.to_dict() | {"countersig": None}:
+            raise RemoteProtocolError("key.countersign", "the countersigned entry is not the one proposed")
+        label = sub.state().members.get(old, "")
+        self.merge(sub, [signed])
+        if not sub.state().is_member(new):
+            raise Refusal("TRUST_FAILED", new.short, "the rekey entry did not take effect")
+        self.drop_key_change(sub, old)
+        log.info("key change accepted", extra={"subnet": sub.name, "old": old.short, "new": new.display(label)})
+        await self.push_entries(sub, [signed])
+        return new.display(label)
+
+    async def _handle_key_countersign(self, conn: Connection, frame: Frame) -> tuple[str, Any]:
+        """The claimant's side of `trust accept`: countersign a rekey only for the claim it made."""
+        body = _map(frame.body)
+        sub = self._held(body.get("subnet"))
+        claimed = self.daemon.store.get_meta(f"key_claim:{sub.id.hex()}") if sub is not None else None
+        if sub is None or claimed is None:
+            return "error", {"code": "no-claim", "message": "this node made no key-change claim for that subnet"}
+        entry = Entry.from_dict(body.get("entry"), proposal=True)
+        me = self.daemon.key.node_id
+        ok = (
+            entry.type == REKEY
+            and entry.author == conn.peer
+            and entry.key("new") == me
+            and entry.key("old") == NodeId.from_hex(json.loads(claimed)["old"])
+            and entry.countersig is None
+            and entry.author.verify(entry.sig, entry.signed_bytes())
+            and sub.state().is_member(entry.author)
+        )
+        if not ok:
+            return "error", {"code": "not-my-claim", "message": "that rekey is not the change this node claimed"}
+        signed = countersign_rekey(entry, self.daemon.key)
+        self.merge(sub, [signed])
+        log.info("rekey countersigned", extra={"subnet": sub.name, "by": conn.peer.short})
+        return "ok", {"entry": signed.to_dict()}
 
     # -- prune, leave ---------------------------------------------------------------------------
 
@@ -700,15 +1033,15 @@ class _JoinAttempt:
         self.stream: Stream | None = None
         self.session: jp.JoinerSession | None = None
 
-    async def hello(self) -> jp.JoinerEvent | SptError | None:
+    async def hello(self, dial_timeout: float = DIAL_TIMEOUT) -> jp.JoinerEvent | SptError | None:
         """Connect and exchange hellos; the member's answer, a refusal, or None (unreachable)."""
         transport = self.members.transport
         addr = (self.candidate.host, self.candidate.port)
         try:
             if self.candidate.node is not None:
-                self.conn = await transport.connect(self.candidate.node, [addr], alpn=ALPN_JOIN, timeout=DIAL_TIMEOUT)
+                self.conn = await transport.connect(self.candidate.node, [addr], alpn=ALPN_JOIN, timeout=dial_timeout)
             else:
-                self.conn = await transport.connect_any(addr, alpn=ALPN_JOIN, timeout=DIAL_TIMEOUT)
+                self.conn = await transport.connect_any(addr, alpn=ALPN_JOIN, timeout=dial_timeout)
             exporter = self.conn.export_keying_material(jp.EXPORTER_LABEL, jp.EXPORTER_BYTES)
             daemon = self.members.daemon
             self.session = jp.JoinerSession(
@@ -781,6 +1114,28 @@ def _candidate(host: str, port: int, source: str) -> Candidate:
     return Candidate(host, port, source=source)
 
 
+def _claim_bytes(body: Mapping[str, Any]) -> bytes:
+    """What a key-change claim's signatures cover: subnet id, old and new key."""
+    return KEY_CLAIM_DOMAIN + canonical_bytes({k: body[k] for k in ("subnet", "old", "new")})
+
+
+def _node(value: Any) -> NodeId:
+    try:
+        return NodeId.from_hex(str(value))
+    except (ValueError, IdentityError):
+        raise RemoteProtocolError("key", "a node key is 64 hex digits") from None
+
+
+def _sig(value: Any) -> bytes:
+    try:
+        raw = bytes.fromhex(value) if isinstance(value, str) else b""
+    except ValueError:
+        raw = b""
+    if len(raw) != 64:
+        raise RemoteProtocolError("sig", "a signature is 64 bytes as hex")
+    return raw
+
+
 def _map(value: Any) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise RemoteProtocolError("body", "expected a map")
@@ -818,7 +1173,12 @@ def register_ops(daemon: Daemon, members: Members) -> None:
         )
         homed = daemon.on_first_subnet(result.sub)
         await daemon.subnets_changed()
-        return {"name": result.sub.name, "id": result.sub.short_id, "homed": homed}
+        return {
+            "name": result.sub.name,
+            "id": result.sub.short_id,
+            "homed": homed,
+            "timing": {"discovery_s": result.discovery_s, "ceremony_s": result.ceremony_s},
+        }
 
     @daemon.op("subnet.prune", elevated=True)
     async def prune(call: Call) -> Any:
@@ -834,6 +1194,31 @@ def register_ops(daemon: Daemon, members: Members) -> None:
         orphaned = daemon.departed(sub, "left")
         await daemon.subnets_changed()
         return {"name": sub.name, "orphaned": orphaned}
+
+    @daemon.op("node.trust.list")
+    async def trust_list(call: Call) -> Any:
+        pins = [
+            {"subnet": sub.name, "label": label, "key": key.hex}
+            for sub in sorted(daemon.subnets.held.values(), key=lambda s: s.canonical)
+            for key, label in sorted(sub.state().members.items(), key=lambda kv: (kv[1].lower(), kv[0].hex))
+        ]
+        return {"pins": pins, "pending": members.pending_key_changes()}
+
+    @daemon.op("node.trust.accept", elevated=True)
+    async def trust_accept(call: Call) -> Any:
+        sub, old, new = members.resolve_key_change(str(call.args.get("node", "")), call.args.get("subnet"))
+        if call.args.get("preview"):
+            label = sub.state().members.get(old, "")
+            return {"subnet": sub.name, "old": old.display(label), "old_fingerprint": old.fingerprint,
+                    "new": new.display(label), "new_fingerprint": new.fingerprint}
+        return {"subnet": sub.name, "trusted": await members.accept_key_change(sub, old, new)}
+
+    @daemon.op("node.trust.reject")
+    async def trust_reject(call: Call) -> Any:
+        node = str(call.args.get("node", ""))
+        sub, old, _new = members.resolve_key_change(node, call.args.get("subnet"))
+        members.drop_key_change(sub, old)
+        return {"subnet": sub.name, "node": node}
 
     @daemon.op("subnet.unlock", elevated=True)
     async def unlock(call: Call) -> Any:

@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 
 FORWARD_TIMEOUT: Final = 10.0  # §4.2 step 4: no answer within 10 s means QUEUED
 DRAIN_INTERVAL: Final = 1.0
+DRAIN_BATCH: Final = 200
+DRAIN_BATCHES: Final = 100
 BACKOFF_MAX: Final = 600.0
 MAX_RECORDS: Final = 4096  # records one registry message carries at most
 
@@ -116,9 +118,18 @@ class Messaging:
             await self._drain_once()
 
     async def _drain_once(self) -> None:
+        """Forward due messages in batches until none is due (at most DRAIN_BATCHES batches)."""
+        for _ in range(DRAIN_BATCHES):
+            if not await self._drain_batch():
+                return
+
+    async def _drain_batch(self) -> bool:
+        """One batch; True when something was forwarded and more may be due."""
         now = time.time()
-        for msg in self.endpoints.pending_outgoing(limit=100):
-            if msg.next_try > now:
+        forwarded = False
+        skipped: set[NodeId] = set()  # one failure per node per batch is enough to back off
+        for msg in self.endpoints.pending_outgoing(limit=DRAIN_BATCH, due_before=now):
+            if msg.next_try > now or msg.node in skipped:
                 continue
             sub = self.daemon.subnets.held.get(msg.subnet)
             if sub is None or not sub.attached:
@@ -136,9 +147,12 @@ class Messaging:
             except (PeerError, TimeoutError, RemoteProtocolError) as exc:
                 delay = min(2.0 ** min(msg.attempts, 10), BACKOFF_MAX)
                 self.endpoints.record_attempt(msg.msg_id, now + delay)
+                skipped.add(msg.node)
                 log.debug("queued message not forwarded yet", extra={"msg": msg.msg_id[:12], "reason": str(exc)})
             else:
                 self.endpoints.mark_forwarded(msg.msg_id)
+                forwarded = True
+        return forwarded
 
     # -- remote endpoint requests -----------------------------------------------------------
 

@@ -291,13 +291,18 @@ class Spool:
                 (msg_id, node.raw, subnet, json.dumps(dict(payload)), time.time()),
             )
 
-    def pending_outgoing(self, node: NodeId | None = None, *, limit: int = 100) -> list[OutgoingMessage]:
-        """Queued outgoing messages in order, all or those for `node`."""
+    def pending_outgoing(
+        self, node: NodeId | None = None, *, limit: int = 100, due_before: float | None = None
+    ) -> list[OutgoingMessage]:
+        """Queued outgoing messages in order, all or those for `node`, or only those due by then."""
+        due = float("inf") if due_before is None else due_before
         if node is None:
-            rows = self.store.query("SELECT * FROM outgoing ORDER BY seq LIMIT ?", (limit,))
+            rows = self.store.query(
+                "SELECT * FROM outgoing WHERE next_try <= ? ORDER BY seq LIMIT ?", (due, limit)
+            )
         else:
             rows = self.store.query(
-                "SELECT * FROM outgoing WHERE node=? ORDER BY seq LIMIT ?", (node.raw, limit)
+                "SELECT * FROM outgoing WHERE node=? AND next_try <= ? ORDER BY seq LIMIT ?", (node.raw, due, limit)
             )
         return [
             OutgoingMessage(

@@ -2,7 +2,7 @@
 
 The pure rules live in `spt.core.proto` (membership log, TOTP, join ceremony); this module keeps
 each held subnet's log and seed in memory and in the store, and answers the control operations.
-The network half (joins, log sync, prune propagation) is in `spt.core.membership_net`.
+The network half (joins, log sync, prune propagation) is in `spt.core.members`.
 """
 
 from __future__ import annotations
@@ -239,11 +239,13 @@ def register_ops(daemon: Daemon, subnets: Subnets) -> None:
     @daemon.op("subnet.detach")
     async def detach(call: Call) -> Any:
         sub = subnets.set_attached(str(call.args.get("name", "")), False)
+        daemon.members.detached(sub)
         await daemon.subnets_changed()
         return {"name": sub.name}
 
     @daemon.op("subnet.attach")
     async def attach(call: Call) -> Any:
         sub = subnets.set_attached(str(call.args.get("name", "")), True)
+        daemon.members.attached(sub)
         await daemon.subnets_changed()
         return {"name": sub.name}

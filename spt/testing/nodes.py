@@ -139,6 +139,16 @@ class NodeFactory:
     def many(self, names: Sequence[str]) -> list[Node]:
         return [self(n) for n in names]
 
+    def subnet(self, labels: Sequence[str], name: str = "home", *, config: str = DEFAULT_CONFIG) -> list[Node]:
+        """Nodes labelled `labels` in one subnet: the first creates it, the rest join it by code
+        through the first node's address (static peer, no mDNS)."""
+        nodes = [self(label, label=label, config=config) for label in labels]
+        created = nodes[0].cli("subnet", "create", name, check=True).stdout
+        code = next(line.split()[1] for line in created.splitlines() if line.startswith(f"CODE:{name} "))
+        for node in nodes[1:]:
+            node.cli("subnet", "join", name, "--code", code, "--peer", nodes[0].address, check=True)
+        return nodes
+
     def close(self) -> None:
         for node in self.nodes:
             node.kill(signal.SIGTERM)

@@ -6,6 +6,10 @@ go to the connection owning their destination connection id, and a new Initial s
 connection. It dials (`connect`), keeps one live connection per (peer key, ALPN), and settles
 simultaneous dials the same way on both sides: the connection dialled by the lower key survives.
 
+Relayed and punched paths live in `spt.core.net.paths` (`Transport.paths`): packets for a
+virtual relay address go there instead of onto the wire, and `upgrade` moves a peer from a
+relayed connection to a direct one once punching found a path.
+
 Policy enters as `AcceptPolicy` (who may connect on which ALPN); the keys themselves are checked
 inside the TLS handshake by `spt.core.net.pinning`. What must not live here: frame parsing
 (`spt.core.proto.frames`), per-connection stream state (`spt.core.net.connections`), aioquic
@@ -48,6 +52,7 @@ from spt.core.net.connections import (
     UnknownFrameTypeError,
     serve_requests,
 )
+from spt.core.net.paths import VIRTUAL_PREFIXES, Paths
 from spt.core.net.pinning import (
     ALPN_JOIN,
     ALPN_MEMBER,
@@ -61,6 +66,7 @@ from spt.core.net.pinning import (
 __all__ = [
     "ALPN_JOIN",
     "ALPN_MEMBER",
+    "ALPN_RELAY",
     "JOIN_EXPORTER_LABEL",
     "AcceptPolicy",
     "AllowKeys",
@@ -85,6 +91,7 @@ log = logging.getLogger(__name__)
 Address = tuple[str, int]
 DatagramHandler = Callable[[bytes, Address], None]
 
+ALPN_RELAY: Final = "spt-relay/1"  # node to relay (SPEC.md §7.1); dialled, never served by nodes
 SOCKET_BUFFER: Final = 4 * 1024 * 1024
 QUIC_FIXED_BIT: Final = 0x40
 CID_LENGTH: Final = 8
@@ -162,6 +169,7 @@ class Transport:
     pings an otherwise quiet connection so NAT mappings and the idle timer stay fresh.
     `stream_window` / `connection_window` bound received-but-unconsumed bytes (flow control).
     `dial_stagger` (s) is the head start each address gets before the next one is tried.
+    `dial_alpns` are ALPNs this transport may dial without serving them (the relay's).
     """
 
     def __init__(
@@ -180,6 +188,7 @@ class Transport:
         dial_stagger: float = 0.25,
         handshake_timeout: float = 10.0,
         max_connections: int = 1024,
+        dial_alpns: Sequence[str] = (ALPN_RELAY,),
     ) -> None:
         self._key = key
         self._host = host
@@ -189,6 +198,7 @@ class Transport:
         self._idle_timeout = idle_timeout
         self._keepalive = keepalive
         self._alpns = tuple(alpns)
+        self._dial_alpns = frozenset((*alpns, *dial_alpns))
         self._stream_window = stream_window
         self._connection_window = connection_window
         self._dial_stagger = dial_stagger
@@ -203,6 +213,10 @@ class Transport:
         self._dials: dict[tuple[NodeId, str], _Dial] = {}
         self._unpinned: set[Connection] = set()
         self._datagram_handler: DatagramHandler | None = None
+        self._sock: socket.socket | None = None
+        self._default_ttl: int | None = None
+        self._upgrades: dict[Connection, float] = {}  # upgrade dial -> grace before older ones close
+        self.paths = Paths(self)
         self._closing = False
         self._supported_versions = QuicConfiguration(is_client=False).supported_versions
 
@@ -239,9 +253,11 @@ class Transport:
             raise
         udp, _ = await loop.create_datagram_endpoint(lambda: _UdpProtocol(self), sock=sock)
         self._udp = udp
+        self._sock = sock
         name = sock.getsockname()
         self._sockname = (str(name[0]), int(name[1]))
         log.info("transport listening", extra={"addr": f"{self._sockname[0]}:{self._sockname[1]}"})
+        self.paths.started()
 
     async def close(self) -> None:
         """Close every connection (telling peers), stop handlers and release the socket."""
@@ -299,6 +315,35 @@ class Transport:
             raise LocalProtocolError(data[:1].hex(), "a non-QUIC datagram starts with a byte below 0x40")
         self._sendto(data, addr)
 
+    def send_probe(self, data: bytes, addr: Address, *, ttl: int | None = None) -> None:
+        """Send a non-QUIC datagram now, with IP TTL `ttl` when given (punching, SPEC.md §7.4).
+
+        The TTL is set on the one socket for this send only and restored at once; the datagram
+        goes out synchronously so no other packet leaves with the low TTL.
+        """
+        if not data or data[0] >= QUIC_FIXED_BIT:
+            raise LocalProtocolError(data[:1].hex(), "a non-QUIC datagram starts with a byte below 0x40")
+        sock = self._sock
+        if sock is None or self._udp is None or addr[0].startswith(VIRTUAL_PREFIXES):
+            return
+        if ttl is None or sock.family != socket.AF_INET:
+            self._udp.sendto(data, addr)
+            return
+        if self._default_ttl is None:
+            self._default_ttl = sock.getsockopt(socket.IPPROTO_IP, socket.IP_TTL)
+        try:
+            sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)
+            sock.sendto(data, addr)
+        except OSError as exc:  # a full buffer or no route: a lost probe, like any other
+            log.debug("probe not sent", extra={"addr": f"{addr[0]}:{addr[1]}", "reason": str(exc)})
+        finally:
+            sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, self._default_ttl)
+
+    def feed_datagram(self, data: bytes, addr: Address) -> None:
+        """A QUIC packet that arrived over another path (a relay), as if it came from `addr`."""
+        if data and data[0] & QUIC_FIXED_BIT:
+            self._datagram_received(data, addr)
+
     # --- connections ----------------------------------------------------------------------------
 
     def connection(self, peer: NodeId, alpn: str = ALPN_MEMBER) -> Connection | None:
@@ -327,8 +372,8 @@ class Transport:
             raise LocalProtocolError("", "transport is not running")
         if peer == self.node_id:
             raise LocalProtocolError(peer.short, "cannot dial this node's own key")
-        if alpn not in self._alpns:
-            raise LocalProtocolError(alpn, f"ALPN not enabled on this transport: {', '.join(self._alpns)}")
+        if alpn not in self._dial_alpns:
+            raise LocalProtocolError(alpn, f"ALPN not enabled on this transport: {', '.join(sorted(self._dial_alpns))}")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         for _ in range(3):  # a dial's result can lose a tie-break right after; look again
@@ -366,6 +411,8 @@ class Transport:
             except ValueError:
                 log.debug("skipping a non-literal address", extra={"addr": f"{host}:{port}"})
                 continue
+            if str(ip).startswith(VIRTUAL_PREFIXES) and not self.paths.has_route((str(ip), port)):
+                continue  # a relayed path whose relay is not registered: nothing to send to
             if ip.version == family and 0 < port < 65536 and (host, port) not in usable:
                 usable.append((str(ip), port))
         return usable
@@ -456,6 +503,59 @@ class Transport:
         conn.start_dial(addr)
         return conn
 
+    async def upgrade(
+        self, peer: NodeId, addr: Address, *, alpn: str = ALPN_MEMBER, timeout: float = 5.0, grace: float = 2.0
+    ) -> Connection:
+        """Dial `peer` at `addr` although a connection exists, and move to the new one (§7.3).
+
+        Once the new connection is confirmed it is what `connection()` returns; older ones to the
+        peer on `alpn` are closed `grace` seconds later, so requests in flight on them finish.
+        Raises HandshakeRefusedError or UnreachableError as `connect` does.
+        """
+        if self._udp is None or self._closing:
+            raise LocalProtocolError("", "transport is not running")
+        if alpn not in self._alpns:
+            raise LocalProtocolError(alpn, f"ALPN not enabled on this transport: {', '.join(self._alpns)}")
+        targets = self._usable([addr])
+        if not targets or peer == self.node_id:
+            raise UnreachableError(peer.short, f"not a usable address: {addr[0]}:{addr[1]}")
+        target = targets[0]
+
+        def check(found: NodeId, negotiated: str) -> str | None:
+            if found != peer:
+                return f"wrong key: dialled {peer.short} at {target[0]}:{target[1]}, it presented {found.short}"
+            return None if negotiated == alpn else f"ALPN mismatch: asked for {alpn}, got {negotiated or 'none'}"
+
+        conn = self._dial_address(target, alpn, check, expected_peer=peer)
+        self._upgrades[conn] = grace
+        try:
+            waitables: list[asyncio.Future[Any]] = [conn.established, conn.closed]
+            await asyncio.wait(waitables, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._upgrades.pop(conn, None)
+        label = f"{target[0]}:{target[1]}"
+        if conn.is_established:
+            return conn
+        if conn.is_open:
+            conn.close(f"no answer within {timeout:g} s", code=CloseCode.PROTOCOL)
+            raise UnreachableError(peer.short, f"{label}: no connection within {timeout:g} s")
+        reason = conn.close_reason or ""
+        if reason.startswith("refused"):
+            raise HandshakeRefusedError(peer.short, f"{label}: {reason}")
+        raise UnreachableError(peer.short, f"{label}: {reason}")
+
+    def _supersede_later(self, conn: Connection, older: Sequence[Connection], grace: float) -> None:
+        """Register `conn` as the peer's connection; close `older` after `grace` seconds."""
+        self._register(conn)
+        loop = asyncio.get_running_loop()
+        for other in older:
+            if other is not conn and other.is_open:
+                loop.call_later(grace, _close_moved, other)
+        log.info(
+            "peer moved to a new path",
+            extra={"peer": conn.peer.short, "addr": f"{conn.remote_addr[0]}:{conn.remote_addr[1]}"},
+        )
+
     async def connect_any(self, addr: Address, *, alpn: str = ALPN_JOIN, timeout: float = 5.0) -> Connection:
         """Dial one address and accept whichever key it proves; the join ALPN only.
 
@@ -534,12 +634,11 @@ class Transport:
         if not data:
             return
         if not data[0] & QUIC_FIXED_BIT:
-            handler = self._datagram_handler
-            if handler is not None:
-                try:
-                    handler(data, addr)
-                except Exception:
-                    log.exception("datagram handler failed", extra={"addr": f"{addr[0]}:{addr[1]}"})
+            try:
+                if not self.paths.receive(data, addr) and self._datagram_handler is not None:
+                    self._datagram_handler(data, addr)
+            except Exception:
+                log.exception("datagram handler failed", extra={"addr": f"{addr[0]}:{addr[1]}"})
             return
         if not data[0] & 0x80:
             # short header: the destination connection id (ours, fixed length) follows at once
@@ -607,8 +706,12 @@ class Transport:
     # --- callbacks from connections (the _Host protocol) ----------------------------------------
 
     def _sendto(self, data: bytes, addr: Address) -> None:
-        if self._udp is not None:
-            self._udp.sendto(data, addr)
+        if self._udp is None:
+            return
+        if addr[0].startswith(VIRTUAL_PREFIXES):
+            self.paths.send_virtual(data, addr)  # relayed, or dropped: never onto the wire as is
+            return
+        self._udp.sendto(data, addr)
 
     def _route(self, cid: bytes, conn: Connection) -> None:
         self._routes[cid] = conn
@@ -663,6 +766,12 @@ class Transport:
         me = self.node_id
         key = (conn.peer, conn.alpn)
         live = [c for c in self._live.get(key, ()) if c.is_open]
+        if conn.is_outgoing and conn in self._upgrades:
+            self._supersede_later(conn, live, self._upgrades[conn])
+            return
+        if not conn.is_outgoing and live and self.paths.is_punched(conn.peer, conn.remote_addr):
+            self._supersede_later(conn, live, 2.0)  # the peer's upgrade to the path we punched
+            return
         dial = self._dials.get(key)
         pending = dial if dial is not None and not dial.future.done() else None
         if conn.is_outgoing:
@@ -707,6 +816,10 @@ class Transport:
     def _register(self, conn: Connection) -> None:
         conn.registered_at = asyncio.get_running_loop().time()
         self._live.setdefault((conn.peer, conn.alpn), []).append(conn)
+
+
+def _close_moved(conn: Connection) -> None:
+    conn.close("moved to a direct path", code=CloseCode.SUPERSEDED)
 
 
 def _outcomes(dial: _Dial) -> str:
