@@ -26,4 +26,5 @@ if [ ! -x .venv/bin/python ]; then
   if [ -x /usr/bin/python3 ]; then /usr/bin/python3 -m venv .venv; else python3 -m venv .venv; fi
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check \
-  -e '.[dev]' -e plugins/spt_relay_fallback -e plugins/spt_filetransfer -e plugins/spt_selfupdate
+  -e '.[dev]' -e plugins/spt_relay_fallback -e plugins/spt_filetransfer -e plugins/spt_selfupdate \
+  -e examples/spt_location

@@ -35,6 +35,7 @@ from spt.core.ipc import MAX_LINE, PROTOCOL_VERSION, encode_line
 from spt.core.members import Members
 from spt.core.members import register_ops as register_member_ops
 from spt.core.messaging import Messaging
+from spt.core.payloads import Payloads
 from spt.core.proto.join import iso_utc
 from spt.core.proto.membership import make_label
 from spt.core.proto.resolve import RemoteTarget, Row
@@ -124,6 +125,7 @@ class Daemon:
         self.key: NodeKey
         self.members: Members
         self.messaging: Messaging
+        self.payloads: Payloads
         self._ipc_server: asyncio.AbstractServer | None = None
         self.subnets: Subnets
         self.endpoints: Endpoints
@@ -429,7 +431,9 @@ class Daemon:
         os.chmod(self.paths.socket, 0o600)
         await self._start_discovery()
         self.plugins.pm.hook.spt_node_started(node_id=self.key.node_id.hex, port=self.port)
-        self.plugins.pm.hook.spt_runtime_started(runtime=Runtime(self))
+        runtime = Runtime(self)
+        self.payloads = Payloads(self, runtime)
+        self.plugins.pm.hook.spt_runtime_started(runtime=runtime)
         log.info("daemon started", extra={"node": self.key.node_id.short, "port": self.port, "pid": os.getpid()})
 
     async def run(self) -> None:

@@ -23,11 +23,15 @@ from spt.core.identity import NodeId
 
 @dataclass(frozen=True, slots=True)
 class IncomingPayload:
-    """A payload that arrived from a peer, after its signature and membership were checked."""
+    """A payload for a local perch, after the sender's membership and the perch's visibility
+    in `subnet` were checked. `sender` is the sending node; `sender_form` the sender's address
+    as this node renders it (the envelope's `from`); `subnet` is empty for a local sender."""
 
     type_name: str
     sender: NodeId
     subnet: str
+    perch: str
+    sender_form: str
     value: Any
 
 
@@ -38,7 +42,7 @@ class PayloadContext(Protocol):
     def node_id(self) -> NodeId: ...
 
     async def deliver(
-        self, perch_id: str, event_type: str, body: str, attrs: Mapping[str, str], *, sender: str
+        self, perch_id: str, event_type: str, body: str, attrs: Sequence[tuple[str, str]], *, sender: str
     ) -> str:
         """Hand an envelope to a local perch; returns the token "SENT" or "QUEUED"."""
         ...

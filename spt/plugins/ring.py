@@ -21,8 +21,8 @@ class Ring(PayloadType):
     @classmethod
     async def handle(cls, ctx: PayloadContext, payload: IncomingPayload) -> Mapping[str, Any]:
         msg = payload.value
-        attrs = {**msg.get("attrs", {}), "ring": "1"}
-        token = await ctx.deliver(msg["to"], "msg", msg["body"], attrs, sender=msg.get("from", ""))
+        attrs = [("ring", "1"), *((str(k), str(v)) for k, v in msg.get("attrs", []) if k != "ring")]
+        token = await ctx.deliver(payload.perch, "msg", msg["body"], attrs, sender=payload.sender_form)
         return {"token": token}
 
 

@@ -16,14 +16,15 @@ class Send(PayloadType):
 
     @classmethod
     def decode(cls, data: Any) -> Any:
-        if not isinstance(data, dict) or not isinstance(data.get("to"), str) or not isinstance(data.get("body"), str):
-            raise RemoteProtocolError("send", "a send payload is a map with string 'to' and 'body'")
+        if not isinstance(data, dict) or not isinstance(data.get("body"), str):
+            raise RemoteProtocolError("send", "a send payload is a map with a string 'body'")
         return data
 
     @classmethod
     async def handle(cls, ctx: PayloadContext, payload: IncomingPayload) -> Mapping[str, Any]:
         msg = payload.value
-        token = await ctx.deliver(msg["to"], "msg", msg["body"], msg.get("attrs", {}), sender=msg.get("from", ""))
+        attrs = [(str(k), str(v)) for k, v in msg.get("attrs", [])]
+        token = await ctx.deliver(payload.perch, "msg", msg["body"], attrs, sender=payload.sender_form)
         return {"token": token}
 
 

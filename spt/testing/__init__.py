@@ -5,6 +5,7 @@ Fixtures:
 - `register_plugin`: build a plugin system with extra plugin objects for one test.
 - `spt_nodes`: a factory of real nodes (daemon processes, each its own `SPT_HOME`) on loopback,
   stopped at teardown by the pids it started.
+- `spt_node_pair`: two real nodes, `alpha` and `beta`, in one subnet `home` (for plugin authors).
 - `netns_lab`: a factory of network-namespace labs (`spt.testing.netns`), torn down after.
 
 pytest loads this module wherever spt is installed, so it imports only what is cheap; the rest
@@ -22,10 +23,10 @@ from spt.testing.netns import netns_lab
 
 if TYPE_CHECKING:
     from spt.manager import PluginSystem
-    from spt.testing.nodes import NodeFactory
+    from spt.testing.nodes import Node, NodeFactory
 
 
-__all__ = ["netns_lab", "register_plugin", "spt_nodes", "spt_pm"]
+__all__ = ["netns_lab", "register_plugin", "spt_node_pair", "spt_nodes", "spt_pm"]
 
 
 @pytest.fixture
@@ -54,3 +55,8 @@ def spt_nodes() -> Iterator[NodeFactory]:
         yield factory
     finally:
         factory.close()
+
+
+@pytest.fixture
+def spt_node_pair(spt_nodes: NodeFactory) -> list[Node]:
+    return spt_nodes.subnet(["alpha", "beta"])

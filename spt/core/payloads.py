@@ -1,0 +1,113 @@
+"""Payload types from plugins, carried to the perch they address (SPEC.md §1, §8.1).
+
+A payload type (`spt.hooks.PayloadType`) is found in the frozen registry by its wire name. The
+sender resolves an address like a message; a local target is handled here, a remote one travels
+as a `payload` member request through the resolution subnet. The receiving node checks that the
+sender is a member, that the perch is visible there and that it knows the type — a type it lacks
+is refused with a token that names it, never a crash — then asks `spt_accept_payload` (any
+False refuses) and runs the type's `handle`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Final
+
+from spt.core.errors import Refusal, RemoteProtocolError, SptError
+from spt.core.net.connections import Connection, RequestError
+from spt.core.proto.frames import Frame
+from spt.core.proto.resolve import LocalTarget, shortest_from_form
+from spt.hooks import IncomingPayload, PayloadType
+
+if TYPE_CHECKING:
+    from spt.core.daemon import Call, Daemon
+    from spt.core.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+PAYLOAD_TIMEOUT: Final = 10.0
+
+
+class Payloads:
+    def __init__(self, daemon: Daemon, runtime: Runtime) -> None:
+        self.daemon = daemon
+        self.runtime = runtime
+        self.types = daemon.plugins.registries.payload_types
+        daemon.members.handlers["payload"] = self._handle_remote
+        daemon.op("payload.send")(self._op_send)
+
+    def names(self) -> list[str]:
+        return sorted(t.name for t in self.types)
+
+    def _type(self, name: str) -> type[PayloadType]:
+        payload_type = self.types.get(name)
+        if payload_type is None:
+            raise Refusal("UNKNOWN_PAYLOAD_TYPE", name, "this node has no plugin for that payload type")
+        return payload_type
+
+    async def handle(self, incoming: IncomingPayload) -> Mapping[str, Any]:
+        """Policy hook, then the type's handler, for a payload addressed to a local perch."""
+        payload_type = self._type(incoming.type_name)
+        answers = self.daemon.plugins.pm.hook.spt_accept_payload(payload=incoming)
+        if any(answer is False for answer in answers):
+            raise Refusal("PAYLOAD_REFUSED", incoming.type_name, "a plugin on the receiving node refused it")
+        return await payload_type.handle(self.runtime, incoming)
+
+    async def _op_send(self, call: Call) -> Any:
+        """Send a plugin payload: `{"type", "address", "value", "from"}`; answers the reply mapping."""
+        type_name = str(call.args.get("type", ""))
+        payload_type = self._type(type_name)
+        address = str(call.args.get("address", ""))
+        sender_id = str(call.args.get("from") or "spt")
+        value = payload_type.encode(call.args.get("value"))
+        target = self.daemon.endpoints.resolve(address)
+        me = self.daemon.key.node_id
+        if isinstance(target, LocalTarget):
+            incoming = IncomingPayload(type_name, me, "", target.perch.id, sender_id, payload_type.decode(value))
+            return dict(await self.handle(incoming))
+        sub = self.daemon.subnets.by_name(target.subnet)
+        if sub is None:
+            raise Refusal("NO_SUCH_SUBNET", target.subnet)
+        body = {"subnet": sub.id.hex(), "type": type_name, "perch": target.row.endpoint_id, "from": sender_id, "value": value}
+        async with asyncio.timeout(PAYLOAD_TIMEOUT):
+            conn = await self.daemon.members.connect_member(target.node.key)
+            try:
+                reply = await conn.request("payload", body, timeout=PAYLOAD_TIMEOUT)
+            except RequestError as exc:
+                raise _remote_refusal(exc, address) from exc
+        return reply.body if isinstance(reply.body, dict) else {"reply": reply.body}
+
+    async def _handle_remote(self, conn: Connection, frame: Frame) -> tuple[str, Any]:
+        body = frame.body if isinstance(frame.body, dict) else {}
+        sub = self.daemon.members.require_member(conn, body.get("subnet"))
+        type_name, perch_id = str(body.get("type", "")), str(body.get("perch", ""))
+        payload_type = self._type(type_name)
+        if not self.runtime.perch_visible(perch_id, sub.name):
+            raise Refusal("NO_PERCH", perch_id)
+        value = payload_type.decode(body.get("value"))
+        sender_form = shortest_from_form(
+            str(body.get("from") or "spt"), conn.peer, self.daemon.endpoints.snapshot(), via_subnet=sub.name
+        )
+        incoming = IncomingPayload(type_name, conn.peer, sub.name, perch_id, sender_form, value)
+        try:
+            return "payload.result", dict(await self.handle(incoming))
+        except RemoteProtocolError:
+            raise
+        except SptError:
+            raise
+        except Exception as exc:
+            log.exception("payload handler failed", extra={"type": type_name})
+            raise Refusal("PAYLOAD_FAILED", type_name, f"the receiving plugin failed: {type(exc).__name__}") from exc
+
+
+def _remote_refusal(exc: RequestError, address: str) -> SptError:
+    """The receiver's refusal, re-raised here with its own token (NO_PERCH names the address)."""
+    if exc.code == "NO_PERCH":
+        return Refusal("NO_PERCH", address)
+    head, _, detail = exc.remote_message.partition(" ")
+    token, _, subject = head.partition(":")
+    if exc.code and token == exc.code:
+        return Refusal(token, subject, detail)
+    return Refusal(exc.code or "PAYLOAD_FAILED", "", exc.remote_message)
