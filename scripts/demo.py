@@ -1,17 +1,24 @@
-"""The local multi-node demo: several nodes on this machine, each with its own SPT_HOME.
+"""The local multi-node demo: spt's main job on one machine, each step timed.
 
-Every node binds 127.0.0.1 with mDNS off, so no packet of the demo leaves the machine. Each
-step prints its wall time.
+Three nodes (alpha, beta, gamma) run side by side, each with its own SPT_HOME, bound to
+127.0.0.1 with mDNS off, so no packet of the demo leaves the machine. alpha creates the subnet
+`home`; beta and gamma join it with the six-digit code; then agents on different nodes message
+each other by name: send, ring and reply, a queued message, and a file.
 """
 
 from __future__ import annotations
 
+import re
+import subprocess
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
-from spt.testing.nodes import NodeFactory
+from spt.testing.nodes import Node, NodeFactory
 
 T = TypeVar("T")
 
@@ -19,21 +26,95 @@ T = TypeVar("T")
 def step(title: str, action: Callable[[], T]) -> T:
     start = time.perf_counter()
     result = action()
-    print(f"[{(time.perf_counter() - start) * 1000:8.1f} ms] {title}")
+    print(f"[{(time.perf_counter() - start) * 1000:8.1f} ms] {title}", flush=True)
     return result
+
+
+def show(text: str) -> None:
+    for line in text.strip().splitlines():
+        print(f"             {line}")
+
+
+def run(node: Node, *args: str, input: str | None = None) -> str:
+    result = node.cli(*args, input=input)
+    if result.returncode != 0:
+        raise SystemExit(f"spt {' '.join(args)} on {node.name} failed ({result.returncode}): {result.stderr.strip()}")
+    return (result.stdout + result.stderr).strip()
+
+
+def wait_listed(node: Node, endpoint_id: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        doc = node.json("endpoint", "list")
+        if any(e["id"] == endpoint_id for s in doc["subnets"] for e in s["endpoints"]):
+            return
+        time.sleep(0.05)
+    raise SystemExit(f"{endpoint_id} did not appear in {node.name}'s registry")
 
 
 def main() -> int:
     factory = NodeFactory()
     try:
-        nodes = step("start three nodes (alpha, beta, gamma)", lambda: [factory(n, label=n) for n in ("alpha", "beta", "gamma")])
-        for node in nodes:
-            shown = step(f"spt node show on {node.name}", lambda node=node: node.cli("node", "show", check=True).stdout)
-            print("    " + shown.splitlines()[0])
+        alpha, beta, gamma = step(
+            "start three nodes: alpha, beta, gamma", lambda: [factory(n, label=n) for n in ("alpha", "beta", "gamma")]
+        )
+        created = step("alpha: spt subnet create home", lambda: run(alpha, "subnet", "create", "home"))
+        show("\n".join(line for line in created.splitlines() if line.startswith(("CREATED", "CODE"))))
+        code = re.search(r"^CODE:home (\d{6}) ", created, re.M)
+        assert code is not None
+        for node in (beta, gamma):
+            out = step(
+                f"{node.name}: spt subnet join home --code {code.group(1)} --peer {alpha.address}",
+                lambda node=node: run(node, "subnet", "join", "home", "--code", code.group(1), "--peer", alpha.address),
+            )
+            show(out)
+        show(step("gamma: spt subnet status --nodes", lambda: run(gamma, "subnet", "status", "--nodes")))
+
+        bob = gamma.popen("ready", "bob")
+        step("gamma: agent bob runs `spt ready bob`", lambda: bob.stderr.readline())
+        step("alpha: bob's row replicated to alpha", lambda: wait_listed(alpha, "bob"))
+        show(step("alpha: echo hi | spt send bob --from alice", lambda: run(alpha, "send", "bob", "--from", "alice", input="hi bob")))
+        show("bob got: " + bob.stdout.readline().strip())
+
+        def bob_answers() -> None:
+            line = bob.stdout.readline()
+            sender = re.search(r'from="([^"]+)"', line)
+            if sender:
+                gamma.cli("send", sender.group(1), "--from", "bob", input="pong")
+
+        answerer = threading.Thread(target=bob_answers, daemon=True)
+        answerer.start()
+        ring = step("alpha: echo ping | spt ring bob (bob answers with spt send)",
+                    lambda: alpha.cli("ring", "bob", "--timeout", "20", input="ping"))
+        answerer.join(10)
+        show(ring.stdout + ring.stderr)
+        bob.terminate()
+        bob.wait(10)
+
+        carol = gamma.popen("ready", "carol")
+        carol.stderr.readline()
+        carol.terminate()
+        carol.wait(10)
+        step("alpha: carol's row replicated to alpha", lambda: wait_listed(alpha, "carol"))
+        show(step("alpha: spt send carol (nobody listening)", lambda: run(alpha, "send", "carol", input="see you later")))
+        show(step("gamma: spt ready carol --once (the queued message, once)",
+                  lambda: run(gamma, "ready", "carol", "--once", "--timeout", "5")))
+
+        if alpha.cli("file", "--help").returncode == 0:
+            with tempfile.TemporaryDirectory() as tmp:
+                report = Path(tmp) / "report.txt"
+                report.write_text("spt demo\n" * 100_000)
+                show(step("alpha: spt file send report.txt carol --wait --from alice (900 KB)",
+                          lambda: run(alpha, "file", "send", str(report), "carol", "--wait", "--from", "alice")))
+            show(step("gamma: carol receives the file event", lambda: run(gamma, "ready", "carol", "--once", "--timeout", "5")))
+        print("demo finished: every step above ran on this machine, over loopback only", flush=True)
     finally:
         factory.close()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except subprocess.TimeoutExpired as exc:
+        sys.exit(f"demo step timed out: {exc}")

@@ -48,7 +48,7 @@ def _member_line(m: dict[str, Any]) -> str:
         return f"{display}  {m['standing']}"
     presence = "detached" if m["detached"] else ("online" if m["online"] else "offline")
     path = m.get("path") or {}
-    where = path.get("kind", "none")
+    where = path.get("kind", "-" if m["self"] else "none")
     if path.get("addr"):
         where += f" {path['addr']}"
     if path.get("reason"):

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from spt.core.errors import IdentityError, PeerError, Refusal, RemoteProtocolError, SptError, UsageError
 from spt.core.identity import NodeId
-from spt.core.net.connections import Connection, ConnectionClosedError, Stream
+from spt.core.net.connections import Connection, ConnectionClosedError, RequestError, Stream
 from spt.core.net.transport import ALPN_JOIN, ALPN_MEMBER, Transport
 from spt.core.proto import join as jp
 from spt.core.proto.canonical import canonical_bytes
@@ -1106,6 +1106,20 @@ def _iso(epoch_seconds: float) -> str:
     from datetime import UTC, datetime
 
     return datetime.fromtimestamp(epoch_seconds, UTC).isoformat(timespec="seconds")
+
+
+def remote_refusal(exc: RequestError, address: str) -> SptError:
+    """A member's refusal (an `error` reply carrying a token), re-raised here with that token.
+
+    NO_PERCH names the address as the user typed it; other tokens keep the peer's subject.
+    """
+    if exc.code == "NO_PERCH":
+        return Refusal("NO_PERCH", address)
+    head, _, detail = exc.remote_message.partition(" ")
+    token, _, subject = head.partition(":")
+    if exc.code and token == exc.code:
+        return Refusal(token, subject, detail)
+    return Refusal(exc.code or "REFUSED", "", exc.remote_message)
 
 
 def _candidate(host: str, port: int, source: str) -> Candidate:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Final
 from spt import __version__
 from spt.core.errors import PeerError, Refusal, RemoteProtocolError
 from spt.core.identity import NodeId
+from spt.core.members import remote_refusal
 from spt.core.net.connections import Connection, RequestError
 from spt.core.proto.frames import Frame
 from spt.core.proto.registry import (
@@ -89,9 +90,9 @@ class Messaging:
                     "msg.deliver", {"subnet": sub.id.hex(), "payload": dict(payload)}, timeout=FORWARD_TIMEOUT
                 )
             except RequestError as exc:
-                if exc.code == "NO_PERCH":
-                    raise Refusal("NO_PERCH", str(payload.get("to", "")), "no such perch on that node") from exc
-                raise
+                if exc.code in ("NOT_A_MEMBER", "NOT_HERE"):
+                    raise  # a path or standing problem: the message waits in the outgoing spool
+                raise remote_refusal(exc, str(payload.get("to", ""))) from exc
         token = _map(reply.body).get("token")
         if token not in ("SENT", "QUEUED"):
             raise RemoteProtocolError("msg.deliver", f"unexpected answer {token!r}")
@@ -101,6 +102,11 @@ class Messaging:
         body = _map(frame.body)
         sub = self.members.require_member(conn, body.get("subnet"))
         payload = _map(body.get("payload"))
+        # Messages are the `send` and `ring` payload types; a node that lacks one refuses it by name.
+        attrs = payload.get("attrs") or []
+        kind = "ring" if ["ring", "1"] in [list(a) for a in attrs if isinstance(a, list | tuple)] else "send"
+        if kind not in self.daemon.plugins.registries.payload_types:
+            raise Refusal("UNKNOWN_PAYLOAD_TYPE", kind, "this node has no plugin for that payload type")
         sender_id = str(payload.get("from", ""))
         from_form = shortest_from_form(sender_id, conn.peer, self.endpoints.snapshot(), via_subnet=sub.name)
         token = await self.endpoints.deliver_incoming(payload, subnet=sub.name, sender_node=conn.peer, from_form=from_form)
@@ -167,9 +173,7 @@ class Messaging:
                     "endpoint.request", {"subnet": sub.id.hex(), "kind": kind, "args": dict(args)}, timeout=FORWARD_TIMEOUT
                 )
             except RequestError as exc:
-                if exc.code == "NO_PERCH":
-                    raise Refusal("NO_PERCH", str(args.get("id", ""))) from exc
-                raise
+                raise remote_refusal(exc, str(args.get("id", ""))) from exc
         return _map(reply.body)
 
     async def _handle_endpoint_request(self, conn: Connection, frame: Frame) -> tuple[str, Any]:

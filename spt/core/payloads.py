@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 from spt.core.errors import Refusal, RemoteProtocolError, SptError
+from spt.core.members import remote_refusal
 from spt.core.net.connections import Connection, RequestError
 from spt.core.proto.frames import Frame
 from spt.core.proto.resolve import LocalTarget, shortest_from_form
@@ -76,7 +77,7 @@ class Payloads:
             try:
                 reply = await conn.request("payload", body, timeout=PAYLOAD_TIMEOUT)
             except RequestError as exc:
-                raise _remote_refusal(exc, address) from exc
+                raise remote_refusal(exc, address) from exc
         return reply.body if isinstance(reply.body, dict) else {"reply": reply.body}
 
     async def _handle_remote(self, conn: Connection, frame: Frame) -> tuple[str, Any]:
@@ -100,14 +101,3 @@ class Payloads:
         except Exception as exc:
             log.exception("payload handler failed", extra={"type": type_name})
             raise Refusal("PAYLOAD_FAILED", type_name, f"the receiving plugin failed: {type(exc).__name__}") from exc
-
-
-def _remote_refusal(exc: RequestError, address: str) -> SptError:
-    """The receiver's refusal, re-raised here with its own token (NO_PERCH names the address)."""
-    if exc.code == "NO_PERCH":
-        return Refusal("NO_PERCH", address)
-    head, _, detail = exc.remote_message.partition(" ")
-    token, _, subject = head.partition(":")
-    if exc.code and token == exc.code:
-        return Refusal(token, subject, detail)
-    return Refusal(exc.code or "PAYLOAD_FAILED", "", exc.remote_message)
