@@ -15,9 +15,9 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _util import median, pct, time_command  # noqa: E402
+from _util import median, pct, time_command
 
-from spt.testing.nodes import NodeFactory  # noqa: E402
+from spt.testing.nodes import NodeFactory
 
 
 def main() -> None:

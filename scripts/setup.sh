@@ -25,6 +25,8 @@ fi
 if [ ! -x .venv/bin/python ]; then
   if [ -x /usr/bin/python3 ]; then /usr/bin/python3 -m venv .venv; else python3 -m venv .venv; fi
 fi
-.venv/bin/python -m pip install -q --disable-pip-version-check \
+# editable_mode=compat: a plain path entry instead of an import-hook finder per package, which
+# would cost every `spt` invocation ~30 ms of start-up (bench/cli_startup.py).
+.venv/bin/python -m pip install -q --disable-pip-version-check --config-settings editable_mode=compat \
   -e '.[dev]' -e plugins/spt_relay_fallback -e plugins/spt_filetransfer -e plugins/spt_selfupdate \
   -e examples/spt_location

@@ -8,7 +8,6 @@ exit 2; anything else is a bug: a short notice, the traceback with `--debug`, ex
 from __future__ import annotations
 
 import sys
-import traceback
 
 import click
 
@@ -44,6 +43,8 @@ def run(cli: click.Group, argv: list[str] | None = None) -> int:
     except Exception as exc:
         sys.stderr.write(f"spt: internal error: {type(exc).__name__}: {exc} (this is a bug; rerun with --debug)\n")
         if debug:
+            import traceback
+
             traceback.print_exc()
         return EXIT_INTERNAL
     return 0

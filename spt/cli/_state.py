@@ -3,27 +3,26 @@
 from __future__ import annotations
 
 import os
-import shlex
-import shutil
 import sys
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import click
 
-from spt.core.config import StatePaths
 from spt.core.errors import ElevationRequired
+from spt.core.paths import StatePaths
 
 if TYPE_CHECKING:
     from spt.manager import PluginSystem
 
 
-@dataclass
 class CliState:
-    json: bool = False
-    blocked: tuple[str, ...] = ()
-    debug: bool = False
-    _plugins: PluginSystem | None = field(default=None, repr=False)
+    """Global options of one invocation (a plain class: `dataclasses` costs start-up time)."""
+
+    def __init__(self) -> None:
+        self.json = False
+        self.blocked: tuple[str, ...] = ()
+        self.debug = False
+        self._plugins: PluginSystem | None = None
 
 
 def state(ctx: click.Context | None = None) -> CliState:
@@ -60,12 +59,16 @@ def spt_command_prefix() -> list[str]:
     argv0 = sys.argv[0] if sys.argv else ""
     if not argv0 or argv0.endswith("__main__.py") or argv0 == "-m" or argv0.endswith(".py"):
         return [sys.executable, "-m", "spt"]
+    import shutil
+
     found = argv0 if os.sep in argv0 else shutil.which(argv0) or argv0
     return [os.path.abspath(found)]
 
 
 def elevated_command(args: list[str] | None = None) -> str:
     """The exact command to run elevated: `sudo [SPT_HOME=…] <absolute spt> <same arguments>`."""
+    import shlex
+
     args = sys.argv[1:] if args is None else args
     env = [f"SPT_HOME={os.environ['SPT_HOME']}"] if os.environ.get("SPT_HOME") else []
     return shlex.join(["sudo", *env, *spt_command_prefix(), *args])
@@ -79,6 +82,9 @@ def require_elevation() -> None:
     """
     if os.geteuid() == 0:
         return
+    import shlex
+    import shutil
+
     if is_interactive() and shutil.which("sudo") and os.environ.get("SPT_NO_SUDO") != "1":
         argv = shlex.split(elevated_command())
         os.execvp(argv[0], argv)

@@ -29,8 +29,8 @@ def run(ctx: click.Context) -> None:
 @daemon.command()
 def stop() -> None:
     """Stop the daemon; hosted processes keep running."""
-    from spt.core.config import StatePaths
     from spt.core.ipc import call, connect
+    from spt.core.paths import StatePaths
 
     paths = StatePaths.resolve()
     conn = connect(paths.socket)

@@ -109,8 +109,8 @@ class _Stream:
 
     def run(self, op: str, args: dict[str, Any], on_event: Any) -> dict[str, Any] | None:
         """Call a streaming op; None when interrupted by a signal."""
-        from spt.core.config import StatePaths
         from spt.core.ipc import call, connect_or_start
+        from spt.core.paths import StatePaths
 
         with self.signals():
             try:

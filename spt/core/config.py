@@ -1,6 +1,4 @@
-"""Where a node keeps its state, and its `config.toml` (SPEC.md §3.11).
-
-`StatePaths` names every file in the state folder; `NodeConfig` is the parsed, validated config.
+"""A node's `config.toml` (SPEC.md §3.11): `NodeConfig`, the parsed and validated config.
 Unknown keys in spt's own sections are errors naming the key; sections spt does not know belong
 to plugins and are handed to them as they are.
 """
@@ -11,71 +9,13 @@ import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Final
 
 from spt.core.errors import ConfigError
+from spt.core.paths import StatePaths
 from spt.core.types import check_label
 
 DEFAULT_PORT: Final = 47470
-SOCKET_PATH_MAX: Final = 107  # sun_path holds 108 bytes including the NUL
-
-
-@dataclass(frozen=True, slots=True)
-class StatePaths:
-    """The files of one node's state folder."""
-
-    root: Path
-
-    @classmethod
-    def resolve(cls, env: Mapping[str, str] | None = None) -> StatePaths:
-        """`SPT_HOME` when set, else the platform's per-user data folder."""
-        env = os.environ if env is None else env
-        home = env.get("SPT_HOME")
-        if home:
-            return cls(Path(home).expanduser().absolute())
-        import platformdirs
-
-        return cls(Path(platformdirs.user_data_dir("spt", appauthor=False)))
-
-    @property
-    def key_file(self) -> Path:
-        return self.root / "node.key"
-
-    @property
-    def db_file(self) -> Path:
-        return self.root / "spt.db"
-
-    @property
-    def socket(self) -> Path:
-        return self.root / "spt.sock"
-
-    @property
-    def log_file(self) -> Path:
-        return self.root / "daemon.log"
-
-    @property
-    def lock_file(self) -> Path:
-        return self.root / "daemon.lock"
-
-    @property
-    def config_file(self) -> Path:
-        return self.root / "config.toml"
-
-    @property
-    def endpoints(self) -> Path:
-        return self.root / "endpoints"
-
-    def ensure(self) -> None:
-        """Create the folder, private to its owner (it holds the key and the store)."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.root, 0o700)
-        if len(os.fsencode(self.socket)) > SOCKET_PATH_MAX:
-            raise ConfigError(
-                str(self.root),
-                f"the state folder path is too long for a control socket ({SOCKET_PATH_MAX} bytes); "
-                "choose a shorter SPT_HOME",
-            )
 
 
 _KNOWN: Final[dict[str, set[str]]] = {

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import IO, Any, Final
 
 from spt import __version__
-from spt.core.config import NodeConfig, StatePaths, load_config
+from spt.core.config import NodeConfig, load_config
 from spt.core.endpoints import Endpoints
 from spt.core.endpoints import register_ops as register_endpoint_ops
 from spt.core.errors import ElevationRequired, LocalProtocolError, Refusal, SptError, UsageError
@@ -35,6 +35,7 @@ from spt.core.ipc import MAX_LINE, PROTOCOL_VERSION, encode_line
 from spt.core.members import Members
 from spt.core.members import register_ops as register_member_ops
 from spt.core.messaging import Messaging
+from spt.core.paths import StatePaths
 from spt.core.payloads import Payloads
 from spt.core.proto.join import iso_utc
 from spt.core.proto.membership import make_label

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -82,6 +81,8 @@ def connect(socket_path: Path) -> IpcConnection:
 
 def start_daemon(state_root: Path, env: Mapping[str, str] | None = None) -> None:
     """Start `spt daemon run` detached, its output appended to the state folder's log."""
+    import subprocess
+
     state_root.mkdir(parents=True, exist_ok=True)
     os.chmod(state_root, 0o700)
     child_env = dict(os.environ if env is None else env)

@@ -161,7 +161,7 @@ def test_remote_suspend_holds_active_only_messages_and_wake_releases_each_once(t
 
 SENDER = r"""
 import sys, json
-from spt.core.config import StatePaths
+from spt.core.paths import StatePaths
 from spt.core.ipc import call, connect
 from spt.core.errors import SptError
 paths = StatePaths.resolve()

@@ -6,10 +6,11 @@ These pin the contract the network half builds on: `forward_message`, the outgoi
 
 import pytest
 
-from spt.core.config import NodeConfig, StatePaths
+from spt.core.config import NodeConfig
 from spt.core.endpoints import Endpoints
 from spt.core.errors import Refusal, UnreachableError
 from spt.core.identity import NodeKey
+from spt.core.paths import StatePaths
 from spt.core.proto.resolve import RemoteTarget, Row
 from spt.core.store import Store
 from spt.core.subnets import Subnets

@@ -21,8 +21,8 @@ Non-QUIC datagrams start with a byte below 0x40 that names their kind:
   fed to the transport as if it came from the virtual address. The relay never sees more than
   ciphertext, and both ends still pin each other's key. Nothing is ever sent to a real
   240.0.0.0/5 address.
-- **Punching.** `punch` sends low-TTL priming probes, then full probes every 50 ms, answers the
-  peer's probes with acks, and returns the first address with a proved round trip.
+- **Punching.** `punch` sends low-TTL priming probes; the active side then sends full probes
+  every 50 ms, the passive side answers them with acks, and both return the address that met.
 - **Reporting.** Which peers are relayed or punched, and why a peer is not direct (§7.5).
 
 Other kinds (relay notices, mapping answers) go to handlers registered with `on`. What must not
@@ -133,6 +133,7 @@ class _Punch:
     nonce: bytes
     targets: list[Address]
     done: asyncio.Future[Address]
+    active: bool
     heard: set[Address] = field(default_factory=set)
 
 
@@ -254,25 +255,33 @@ class Paths:
         nonce: bytes,
         targets: Sequence[Address],
         *,
+        active: bool = True,
         prime_ttl: int = 2,
         primes: int = 3,
         interval: float = 0.05,
         timeout: float = 5.0,
     ) -> Address | None:
-        """Punch towards `peer` at `targets`; the first address with a proved round trip, or None.
+        """Punch towards `peer` at `targets`; the address where we met, or None after `timeout` s.
 
-        Both sides call this at about the same time with the same `nonce` (exchanged over a
-        channel both trust). Each first sends `primes` probes with TTL `prime_ttl` to every
-        target: they open our own NAT's mapping but die before the peer's NAT, which would
-        otherwise see the peer's first probes as unsolicited (DESIGN.md §3). Then full probes
-        go out every `interval` s for at most `timeout` s. Probes we receive are answered with
-        an ack, and their source is added as a target; an ack proves the round trip.
+        Both sides call this with the same `nonce` (exchanged over a channel both trust), the
+        passive side first. Each first sends `primes` probes with TTL `prime_ttl` to every
+        target: they open our own NAT's mapping but die before the peer's NAT (DESIGN.md §3).
+        The active side then sends full probes every `interval` s until one is acked: the ack
+        proves the round trip. The passive side sends no full probe: it answers the probes it
+        hears and is done at the first one (its ack travels the mapping its priming opened).
+
+        Why only one side probes at full TTL: a full probe that reaches the other NAT before
+        that NAT's own host primed is taken by a Linux NAT as traffic to itself; the conntrack
+        entry this leaves makes the later priming packet get a *different* public port, and
+        the punch fails. The passive side primes before it answers the request that starts
+        the punch, and the active side primes before its first full probe, so no full probe
+        ever arrives at a NAT that has not been primed.
         """
         if len(nonce) != NONCE_BYTES:
             raise ValueError(f"a punch nonce is {NONCE_BYTES} bytes")
         loop = asyncio.get_running_loop()
         wanted = [a for a in dict.fromkeys(targets) if not is_virtual(a[0])][:MAX_PUNCH_TARGETS]
-        session = _Punch(peer, nonce, wanted, loop.create_future())
+        session = _Punch(peer, nonce, wanted, loop.create_future(), active)
         self._punches[nonce] = session
         probe = bytes((PROBE,)) + nonce
         try:
@@ -283,8 +292,9 @@ class Paths:
             for _ in range(int(timeout / interval) + 2):  # bounded; the deadline ends it first
                 if session.done.done() or loop.time() >= deadline:
                     break
-                for target in list(session.targets):
-                    self.transport.send_probe(probe, target)
+                if active:
+                    for target in list(session.targets):
+                        self.transport.send_probe(probe, target)
                 await asyncio.wait([session.done], timeout=min(interval, max(0.0, deadline - loop.time())))
             if not session.done.done():
                 return None
@@ -308,6 +318,8 @@ class Paths:
             self._punched.setdefault(session.peer, set()).add(addr)
             if addr not in session.targets and len(session.targets) < MAX_PUNCH_TARGETS + MAX_LEARNED:
                 session.targets.append(addr)  # peer-reflexive: where its probes really come from
+            if not session.active and not session.done.done():
+                session.done.set_result(addr)
         elif not session.done.done():
             session.done.set_result(addr)
 

@@ -1,0 +1,155 @@
+"""Messaging speed, in one run, against baselines measured in the same run.
+
+    .venv/bin/python bench/messaging.py [--quick]
+
+1. `spt send` wall time (local perch, daemon running) against `python3 -c pass`; target ≤ 3×.
+2. Cross-node ring round trip, p50/p99: a ringer on alpha, a responder agent on beta that
+   answers each ring with a send, both speaking the control protocol directly (what `spt ring`
+   and `spt ready` do, minus process start-up), against spt's raw transport request round trip
+   (the transport benchmark's measurement, repeated here); target ≤ 2×.
+3. Sustained durable messages per second from alpha to a perch on beta (each one spooled with
+   fsync on beta), with 4 concurrent senders for a fixed time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _util import median, pct, time_command  # noqa: E402
+from transport import bench_spt  # noqa: E402
+
+from spt.core.ipc import IpcConnection, call, connect  # noqa: E402
+from spt.testing.nodes import Node, NodeFactory  # noqa: E402
+
+
+def wait_listed(node: Node, endpoint_id: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        doc = node.json("endpoint", "list")
+        if any(e["id"] == endpoint_id for s in doc["subnets"] for e in s["endpoints"]):
+            return
+        time.sleep(0.05)
+    raise SystemExit(f"{endpoint_id} never appeared on {node.name}")
+
+
+def responder(node: Node, stop: threading.Event) -> None:
+    """Agent bob on `node`: for every envelope, ack it, then answer the sender with a send."""
+    import re
+
+    conn = connect(node.home / "spt.sock")
+    conn.send({"v": 1, "op": "endpoint.ready", "args": {"id": "bob"}, "interactive": False})
+    for msg in conn.lines(timeout=None):
+        if stop.is_set() or "result" in msg or "error" in msg:
+            break
+        event = msg.get("event", {})
+        if not event.get("last"):
+            continue
+        conn.send({"ack": event["msg"]})
+        sender = re.search(r'from="([^"]+)"', event["line"])
+        if sender:
+            reply = connect(node.home / "spt.sock")
+            try:
+                call(reply, "msg.send", {"address": sender.group(1), "from": "bob", "body": "pong"})
+            finally:
+                reply.close()
+    conn.close()
+
+
+def ring_once(node: Node) -> float:
+    conn: IpcConnection = connect(node.home / "spt.sock")
+    start = time.perf_counter()
+    try:
+        conn.send({"v": 1, "op": "msg.ring", "args": {"address": "bob", "from": "alice", "body": "ping", "timeout": 10},
+                   "interactive": False})
+        for msg in conn.lines(timeout=15):
+            event = msg.get("event", {})
+            if event.get("last"):
+                conn.send({"ack": event["msg"]})
+            if "result" in msg:
+                if not msg["result"].get("reply"):
+                    raise SystemExit(f"ring got no reply: {msg['result']}")
+                break
+            if "error" in msg:
+                raise SystemExit(f"ring failed: {msg['error']}")
+    finally:
+        conn.close()
+    return time.perf_counter() - start
+
+
+def sustained(node: Node, seconds: float, senders: int) -> float:
+    counts = [0] * senders
+    deadline = time.monotonic() + seconds
+
+    def run(index: int) -> None:
+        n = 0
+        while time.monotonic() < deadline:
+            conn = connect(node.home / "spt.sock")
+            try:
+                result: Any = call(conn, "msg.send", {"address": "sink@beta", "from": "alice", "body": f"m{index}-{n}"})
+            finally:
+                conn.close()
+            if result["token"] not in ("SENT", "QUEUED"):
+                raise SystemExit(f"unexpected token {result}")
+            n += 1
+        counts[index] = n
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(senders)]
+    start = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(counts) / (time.monotonic() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    runs, rings, seconds = (10, 50, 3.0) if args.quick else (30, 300, 8.0)
+    spt_exe = shutil.which("spt", path=str(Path(sys.executable).parent)) or "spt"
+    factory = NodeFactory()
+    try:
+        alpha, beta = factory.subnet(["alpha", "beta"])
+        alpha.cli("ready", "local", "--once", "--timeout", "0.1")  # a local perch to send to
+        beta.cli("ready", "sink", "--once", "--timeout", "0.1")
+        time_command([spt_exe, "send", "local"], 3, env={**alpha.env, "SPT_AGENT_ID": "alice"})
+        base = time_command([sys.executable, "-c", "pass"], runs)
+        send = time_command([spt_exe, "send", "local"], runs, env={**alpha.env, "SPT_AGENT_ID": "alice"})
+
+        stop = threading.Event()
+        bob = threading.Thread(target=responder, args=(beta, stop), daemon=True)
+        bob.start()
+        wait_listed(alpha, "bob")
+        alpha.cli("ready", "alice", "--once", "--timeout", "0.1")
+        wait_listed(beta, "alice")
+        for _ in range(10):
+            ring_once(alpha)
+        ring_rtts = [ring_once(alpha) for _ in range(rings)]
+        stop.set()
+        raw = asyncio.run(bench_spt(1000, 1024 * 1024))
+        wait_listed(alpha, "sink")
+        rate = sustained(alpha, seconds, 4)
+    finally:
+        factory.close()
+
+    b, s = median(base), median(send)
+    print(f"python3 -c pass            median {b * 1e3:8.1f} ms")
+    print(f"spt send (local perch)     median {s * 1e3:8.1f} ms   ratio {s / b:5.2f}x  (target <= 3)")
+    r50, r99 = pct(ring_rtts, 0.5) * 1e3, pct(ring_rtts, 0.99) * 1e3
+    t50, t99 = raw.pct(0.5) / 1e3, raw.pct(0.99) / 1e3
+    print(f"transport request RTT      p50 {t50:8.3f} ms   p99 {t99:8.3f} ms")
+    print(f"cross-node ring RTT        p50 {r50:8.3f} ms   p99 {r99:8.3f} ms   ratio p50 {r50 / t50:6.1f}x  (target <= 2)")
+    print(f"durable messages/s alpha->beta, 4 senders: {rate:8.0f}")
+
+
+if __name__ == "__main__":
+    main()
