@@ -29,27 +29,29 @@ def run(ctx: click.Context) -> None:
 @daemon.command()
 def stop() -> None:
     """Stop the daemon; hosted processes keep running."""
+    import fcntl
+
     from spt.core.ipc import call, connect
     from spt.core.paths import StatePaths
 
     paths = StatePaths.resolve()
     conn = connect(paths.socket)
     try:
-        pid = call(conn, "ping")["pid"]
-    finally:
-        conn.close()
-    conn = connect(paths.socket)
-    try:
         call(conn, "daemon.stop")
     finally:
         conn.close()
+    # The daemon holds an exclusive lock on daemon.lock for its whole life; the kernel drops it
+    # when the process ends (even before its parent reaps it), so the lock says when it is gone.
     deadline = time.monotonic() + 10.0
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+    with open(paths.lock_file, "ab") as lock:
+        while time.monotonic() < deadline:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                time.sleep(0.02)
+                continue
+            fcntl.flock(lock, fcntl.LOCK_UN)
             break
-        time.sleep(0.02)
     emit("DAEMON_STOPPED")
 
 
