@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _util import median, pct, time_command  # noqa: E402
-from transport import bench_spt  # noqa: E402
+from _util import median, pct, time_command
+from transport import bench_spt
 
-from spt.core.ipc import IpcConnection, call, connect  # noqa: E402
-from spt.testing.nodes import Node, NodeFactory  # noqa: E402
+from spt.core.ipc import IpcConnection, call, connect
+from spt.testing.nodes import Node, NodeFactory
 
 
 def wait_listed(node: Node, endpoint_id: str, timeout: float = 15.0) -> None:

@@ -100,3 +100,49 @@ def trust_reject(node_name: str, subnet_name: str | None) -> None:
     """Drop a pending key-change claim."""
     doc = daemon_call("node.trust.reject", {"node": node_name, "subnet": subnet_name})
     emit("REJECTED", doc["node"])
+
+
+@node.command()
+@click.option("--yes", is_flag=True, help="Do not ask (required when not interactive).")
+def rekey(yes: bool) -> None:
+    """Replace this node's key; members must accept the new one [elevated]."""
+    import os
+    import time
+
+    from spt.cli._output import hint
+    from spt.cli._state import is_interactive, require_elevation
+    from spt.core.errors import UsageError
+
+    require_elevation()
+    if not yes:
+        if not is_interactive():
+            raise UsageError("BAD_USAGE", "", "pass --yes to replace the key without a terminal to confirm")
+        click.confirm("Replace this node's key? Members refuse it until one of them accepts it", abort=True)
+    doc = daemon_call("node.rekey")
+    emit("REKEYED", doc["display"])
+    deadline = time.monotonic() + 15.0
+    while time.monotonic() < deadline and _is_running(int(doc["pid"])):  # it restarts under the new key
+        time.sleep(0.05)
+    if os.environ.get("SPT_NO_AUTOSTART") == "1":
+        hint("The daemon stopped; start it again (spt daemon run) to use the new key.")
+    else:
+        daemon_call("ping")
+    hint("Run `spt node trust accept` on a member, after comparing fingerprints with `spt node show`.")
+
+
+def _is_running(pid: int) -> bool:
+    """Whether `pid` still runs (a zombie waiting for its parent to reap it does not)."""
+    import os
+
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+            return fh.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+    except OSError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

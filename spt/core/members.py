@@ -20,10 +20,11 @@ import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from spt.core.errors import IdentityError, PeerError, Refusal, RemoteProtocolError, SptError, UsageError
-from spt.core.identity import NodeId
+from spt.core.identity import NodeId, NodeKey
 from spt.core.net.connections import Connection, ConnectionClosedError, RequestError, Stream
 from spt.core.net.transport import ALPN_JOIN, ALPN_MEMBER, Transport
 from spt.core.proto import join as jp
@@ -37,6 +38,7 @@ from spt.core.proto.membership import (
     make_prune,
     make_seed_rotate,
     propose_rekey,
+    sign_rekey_as_old,
 )
 from spt.core.proto.resolve import NodeInfo, resolve_node
 from spt.core.proto.totp import SEED_BYTES, Secret, new_seed, seed_commitment
@@ -644,6 +646,8 @@ class Members:
         self._settle_key_changes(sub, after)
         if after.is_member(me) and not before.is_member(me):
             self.daemon.store.db.execute("DELETE FROM meta WHERE key=?", (f"key_claim:{sub.id.hex()}",))
+            if not self.daemon.store.query("SELECT 1 FROM meta WHERE key LIKE 'key_claim:%'"):
+                self._forget_old_key()
         if not after.is_member(me) and before.is_member(me):
             reason = after.standing(me)
             log.warning("this node is no longer a member", extra={"subnet": sub.name, "reason": reason})
@@ -789,6 +793,8 @@ class Members:
                 store.set_meta(meta_key, json.dumps({"old": old.hex, "new": me.hex}))
                 claims.append((sub, old))
             store.set_meta("node_key", me.hex)
+        if not claims:
+            self._forget_old_key()
         for sub, old in claims:
             log.warning("this node's key changed; claiming the new key", extra={"subnet": sub.name, "old": old.short, "new": me.short})
         return claims
@@ -796,7 +802,47 @@ class Members:
     def _claim(self, sub: HeldSubnet, old: NodeId) -> dict[str, Any]:
         me = self.daemon.key
         body = {"subnet": sub.id.hex(), "old": old.hex, "new": me.node_id.hex}
-        return {**body, "sig": me.sign(_claim_bytes(body)).hex()}
+        claim = {**body, "sig": me.sign(_claim_bytes(body)).hex()}
+        old_key = self._old_key(old)
+        if old_key is not None:
+            claim["oldsig"] = old_key.sign(_claim_bytes(body)).hex()
+        return claim
+
+    @property
+    def _old_key_file(self) -> Path:
+        return self.daemon.paths.key_file.with_name("node.key.old")
+
+    def _old_key(self, old: NodeId) -> NodeKey | None:
+        """The replaced key after `spt node rekey`, kept (0600) only to sign its claim and rekey."""
+        try:
+            key = NodeKey.from_private_bytes(self._old_key_file.read_bytes())
+        except (FileNotFoundError, IdentityError):
+            return None
+        return key if key.node_id == old else None
+
+    def _forget_old_key(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._old_key_file.unlink()
+
+    def rekey(self) -> NodeKey:
+        """`spt node rekey`: write a new key file, keeping the old one to sign the claims.
+
+        Takes effect when the daemon restarts; the claims go out then (`key_change_claims`).
+        """
+        if self.daemon.store.query("SELECT 1 FROM meta WHERE key LIKE 'key_claim:%'"):
+            raise Refusal("REKEY_PENDING", self.daemon.key.node_id.short,
+                          "an earlier key change still waits for a member's `spt node trust accept`")
+        path = self.daemon.paths.key_file
+        new = NodeKey.generate()
+        self._forget_old_key()
+        _write_private(self._old_key_file, self.daemon.key.private_bytes())
+        tmp = path.with_name(path.name + ".new")
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        _write_private(tmp, new.private_bytes())
+        os.replace(tmp, path)
+        log.warning("node key replaced; the daemon restarts to use it", extra={"new": new.node_id.short})
+        return new
 
     async def send_key_claims(self, claims: Sequence[tuple[HeldSubnet, NodeId]]) -> None:
         """Offer each claim to every other member, again (backing off) to those that missed it."""
@@ -944,7 +990,7 @@ class Members:
         if reply.type != "ok":
             raise Refusal("TRUST_FAILED", new.short, f"the claiming node refused to countersign: {_map(reply.body).get('message', '')}")
         signed = Entry.from_dict(_map(reply.body).get("entry"))
-        if signed.to_dict() | {"countersig": None} != entry.to_dict() | {"countersig": None}:
+        if signed.to_dict() | {"countersig": None, "oldsig": None} != entry.to_dict() | {"countersig": None, "oldsig": None}:
             raise RemoteProtocolError("key.countersign", "the countersigned entry is not the one proposed")
         label = sub.state().members.get(old, "")
         self.merge(sub, [signed])
@@ -976,6 +1022,9 @@ class Members:
         if not ok:
             return "error", {"code": "not-my-claim", "message": "that rekey is not the change this node claimed"}
         signed = countersign_rekey(entry, self.daemon.key)
+        old_key = self._old_key(entry.key("old"))
+        if old_key is not None:
+            signed = sign_rekey_as_old(signed, old_key)
         self.merge(sub, [signed])
         log.info("rekey countersigned", extra={"subnet": sub.name, "by": conn.peer.short})
         return "ok", {"entry": signed.to_dict()}
@@ -1128,6 +1177,15 @@ def _candidate(host: str, port: int, source: str) -> Candidate:
     return Candidate(host, port, source=source)
 
 
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _claim_bytes(body: Mapping[str, Any]) -> bytes:
     """What a key-change claim's signatures cover: subnet id, old and new key."""
     return KEY_CLAIM_DOMAIN + canonical_bytes({k: body[k] for k in ("subnet", "old", "new")})
@@ -1233,6 +1291,14 @@ def register_ops(daemon: Daemon, members: Members) -> None:
         sub, old, _new = members.resolve_key_change(node, call.args.get("subnet"))
         members.drop_key_change(sub, old)
         return {"subnet": sub.name, "node": node}
+
+    @daemon.op("node.rekey", elevated=True)
+    async def rekey(call: Call) -> Any:
+        new = members.rekey()
+        # Answer first, then restart under the new key (the service manager or autostart brings
+        # the daemon back; `spt node rekey` restarts it itself when it may).
+        asyncio.get_running_loop().call_later(0.2, daemon.request_stop)
+        return {"display": new.node_id.display(daemon.label), "key": new.node_id.hex, "pid": os.getpid()}
 
     @daemon.op("subnet.unlock", elevated=True)
     async def unlock(call: Call) -> Any:

@@ -39,6 +39,7 @@ class MdnsDiscovery(DiscoveryBackend):
         self._found: dict[str, Candidate] = {}  # service name -> candidate
         self._changed = asyncio.Event()
         self._pending: set[asyncio.Task[None]] = set()
+        self._lock = asyncio.Lock()  # refresh() may run while start() is still registering
 
     async def start(self, ctx: DiscoveryContext) -> None:
         section = ctx.config_section("discovery")
@@ -52,7 +53,8 @@ class MdnsDiscovery(DiscoveryBackend):
         self._azc = AsyncZeroconf(
             interfaces=InterfaceChoice.All if interfaces == "all" else list(interfaces), ip_version=IPVersion.V4Only
         )
-        await self._register()
+        async with self._lock:
+            await self._register()
         self._browser = AsyncServiceBrowser(self._azc.zeroconf, [SERVICE_TYPE], handlers=[self._on_change])
 
     def _service_info(self) -> Any:
@@ -64,6 +66,9 @@ class MdnsDiscovery(DiscoveryBackend):
         for i, tag in enumerate(self._ctx.advertised_tags()):
             props[f"t{i}"] = tag.hex()
         hosts = [h for h in self._ctx.host_addresses() if h != "0.0.0.0"]
+        # Loopback is advertised only when it is all there is (the local demo): a LAN peer that
+        # picked 127.0.0.1 would dial itself.
+        hosts = [h for h in hosts if not h.startswith("127.")] or hosts
         return AsyncServiceInfo(
             SERVICE_TYPE,
             f"spt-{key[:16]}.{SERVICE_TYPE}",
@@ -83,7 +88,8 @@ class MdnsDiscovery(DiscoveryBackend):
 
     async def refresh(self) -> None:
         if self._azc is not None:
-            await self._register()
+            async with self._lock:
+                await self._register()
 
     def _on_change(self, zeroconf: Any, service_type: str, name: str, state_change: Any) -> None:
         from zeroconf import ServiceStateChange
@@ -111,9 +117,9 @@ class MdnsDiscovery(DiscoveryBackend):
         assert self._ctx is not None
         if node == self._ctx.node_id:
             return
-        for addr in info.parsed_addresses():
-            self._found[name] = Candidate(addr, int(info.port or 0), node=node, source="mdns", tags=tags)
-            break
+        addrs = sorted(info.parsed_addresses(), key=lambda a: a.startswith("127."))  # loopback last
+        if addrs:
+            self._found[name] = Candidate(addrs[0], int(info.port or 0), node=node, source="mdns", tags=tags)
         self._changed.set()
 
     async def find(self, tag: bytes, timeout: float) -> Sequence[Candidate]:

@@ -17,14 +17,9 @@ pytestmark = [pytest.mark.netns, pytest.mark.slow]
 CONFIG = """\
 [net]
 port = 47470
-{bind}
 [discovery]
 mdns = true
 """
-# spt/plugins/mdns.py advertises 127.0.0.1 next to the LAN address and a browser may pick it, so a
-# joiner dials itself. Until that is fixed, each node binds its LAN address, which is then the only
-# one it advertises. Set to False to test the unrestricted configuration.
-BIND_LAN_ADDRESS = True
 
 
 class LabNode:
@@ -34,8 +29,7 @@ class LabNode:
         self.lab, self.host, self.label = lab, host, label
         self.home = root / host
         self.home.mkdir(mode=0o700)
-        bind = f'bind = "{lab.addr(host)}"\n' if BIND_LAN_ADDRESS else ""
-        (self.home / "config.toml").write_text(CONFIG.format(bind=bind) + f'\n[node]\nlabel = "{label}"\n')
+        (self.home / "config.toml").write_text(CONFIG + f'\n[node]\nlabel = "{label}"\n')
         base = {k: v for k, v in os.environ.items() if not k.startswith("SPT_")}
         self.env = {**base, "SPT_HOME": str(self.home), "SPT_NO_AUTOSTART": "1", "SPT_NO_SUDO": "1"}
         self.proc = None
