@@ -214,3 +214,16 @@ def test_kill_9_of_the_receiving_daemon_loses_and_duplicates_nothing(trio):
     assert len(seen) == total
     assert len(set(seen)) == total
     assert c.cli("ready", "bob", "--once", "--timeout", "2").stdout == "TIMEOUT\n"
+
+
+def test_rows_of_a_silent_node_turn_offline_after_the_ttl_and_back(spt_nodes):
+    config = CONFIG + "offline_after = 3.0\n"
+    a, b = spt_nodes.subnet(["alpha", "beta"], config=config)
+    start_listener(b, "bob").terminate()
+    wait_for(lambda: listed(a, "bob") and listed(a, "bob")[0]["state"] == "active", what="bob active")
+    b.kill(signal.SIGKILL)
+    wait_for(lambda: listed(a, "bob")[0]["state"] == "offline", timeout=20, what="bob offline")
+    members = a.json("subnet", "status", "--nodes")["subnets"][0]["members"]
+    assert [m["online"] for m in members if m["label"] == "beta"] == [False]
+    b.start()
+    wait_for(lambda: listed(a, "bob")[0]["state"] == "active", timeout=30, what="bob back")
