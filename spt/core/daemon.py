@@ -164,9 +164,8 @@ class Daemon:
         return self.members.port
 
     def addresses(self) -> list[str]:
-        host = self.config.bind
-        hosts = interface_addresses() if host in ("0.0.0.0", "") else [host]
-        return [f"{h}:{self.port}" for h in hosts]
+        """`host:port` forms of where the node listens now (what `--peer` takes)."""
+        return [f"{h}:{self.port}" for h in self.host_addresses()]
 
     async def _ping(self, call: Call) -> Any:
         return {"version": __version__, "pid": os.getpid(), "key": self.key.node_id.hex}
