@@ -47,8 +47,10 @@ def make_file(path: Path, mb: int) -> None:
 
 
 def timed(runs: int, one: Callable[[], None]) -> list[float]:
+    """Wall seconds of each run; dirty pages of earlier runs are written out first (untimed)."""
     samples = []
     for _ in range(runs):
+        os.sync()
         start = time.perf_counter()
         one()
         samples.append(time.perf_counter() - start)

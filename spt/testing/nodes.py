@@ -112,6 +112,18 @@ class Node:
         return str(next(a for a in self.json("node", "show")["addresses"] if a.startswith("127.")))
 
 
+def fresh_code(member: Node, name: str, *, margin: float = 3.0) -> str:
+    """The current join code from `member`, waiting for the next 30-second step when fewer than
+    `margin` seconds are left, so that a join typed right after is not caught by the change."""
+    for _ in range(3):
+        line = member.cli("subnet", "show-code", name, "--no-qr", check=True).stdout.splitlines()[0]
+        _, code, left = line.split()  # CODE:<name> <dddddd> <n>s
+        if int(left.rstrip("s")) >= margin:
+            return code
+        time.sleep(int(left.rstrip("s")) + 0.2)
+    raise AssertionError("could not read a fresh join code")
+
+
 class NodeFactory:
     """Makes nodes in short temporary folders (a Unix socket path holds at most 107 bytes)."""
 
@@ -143,10 +155,9 @@ class NodeFactory:
         """Nodes labelled `labels` in one subnet: the first creates it, the rest join it by code
         through the first node's address (static peer, no mDNS)."""
         nodes = [self(label, label=label, config=config) for label in labels]
-        created = nodes[0].cli("subnet", "create", name, check=True).stdout
-        code = next(line.split()[1] for line in created.splitlines() if line.startswith(f"CODE:{name} "))
+        nodes[0].cli("subnet", "create", name, check=True)
         for node in nodes[1:]:
-            node.cli("subnet", "join", name, "--code", code, "--peer", nodes[0].address, check=True)
+            node.cli("subnet", "join", name, "--code", fresh_code(nodes[0], name), "--peer", nodes[0].address, check=True)
         return nodes
 
     def close(self) -> None:

@@ -1,0 +1,157 @@
+"""The direct TCP data path: AEAD frames keyed over the pinned QUIC channel.
+
+The receiver makes a fresh 32-byte key for each `file.open` and hands it to the sender over the
+member connection, which is already mutually authenticated and encrypted. A TCP connection then
+opens with a clear header (magic, version, transfer id, the client's random salt); the server
+answers with its own salt. Both sides derive one AES-256-GCM key per direction from the transfer
+key and both salts (HKDF-SHA256), so no two connections ever share a key, and a replayed
+connection fails at the first frame. Nonces are per-direction counters, never sent.
+
+A frame is a 12-byte clear header (ciphertext length, file index, chunk index: u32 each,
+big-endian), authenticated as the associated data, then the ciphertext of the payload; keeping
+the indexes out of the plaintext saves two copies of every chunk. File index `CONTROL` marks
+control frames (hello, ok, end, end-ack). A frame that fails authentication ends the
+connection: a party without the key can neither inject nor alter data, nor move it elsewhere.
+
+What lives here: key derivation, sealing and opening, and blocking-socket helpers. Threads and
+files are the service's business.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from typing import Final
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from spt.core.errors import RemoteProtocolError
+from spt_filetransfer.manifest import CHUNK
+
+__all__ = [
+    "CONTROL",
+    "ChannelError",
+    "Receiver",
+    "Sender",
+    "client_header",
+    "derive_keys",
+    "read_client_header",
+]
+
+MAGIC: Final = b"SPTF"
+VERSION: Final = 1
+SALT: Final = 16
+TID_BYTES: Final = 16
+KEY_BYTES: Final = 32
+HEADER_LEN: Final = len(MAGIC) + 1 + TID_BYTES + SALT
+CONTROL: Final = 0xFFFFFFFF
+HELLO: Final = 0
+OK: Final = 1
+END: Final = 2
+END_ACK: Final = 3
+MAX_FRAME: Final = CHUNK + 16 + 64
+_HEAD = struct.Struct(">III")
+
+
+class ChannelError(RemoteProtocolError):
+    """The data connection broke its framing or failed authentication."""
+
+    token = "DATA_CHANNEL"
+
+
+def new_key() -> bytes:
+    return os.urandom(KEY_BYTES)
+
+
+def derive_keys(key: bytes, tid: bytes, client_salt: bytes, server_salt: bytes) -> tuple[bytes, bytes]:
+    """(client→server key, server→client key) for one TCP connection."""
+    okm = HKDF(
+        algorithm=hashes.SHA256(), length=2 * KEY_BYTES, salt=client_salt + server_salt,
+        info=b"spt-file/1 data " + tid,
+    ).derive(key)
+    return okm[:KEY_BYTES], okm[KEY_BYTES:]
+
+
+def client_header(tid: bytes, salt: bytes) -> bytes:
+    return MAGIC + bytes([VERSION]) + tid + salt
+
+
+def read_client_header(data: bytes) -> tuple[bytes, bytes]:
+    """(transfer id, client salt) from the clear header; ChannelError when it is not ours."""
+    if len(data) != HEADER_LEN or data[:4] != MAGIC or data[4] != VERSION:
+        raise ChannelError("header", "not an spt file data connection (or another version)")
+    return data[5 : 5 + TID_BYTES], data[5 + TID_BYTES :]
+
+
+def recv_exact(sock: socket.socket, view: memoryview) -> None:
+    """Fill `view` from `sock`; ConnectionError when the peer closed first."""
+    got = 0
+    size = len(view)
+    while got < size:
+        n = sock.recv_into(view[got:], size - got)
+        if n == 0:
+            raise ConnectionError("the data connection closed")
+        got += n
+
+
+class Sender:
+    """Seals frames in one direction; the nonce is a 4-byte direction tag and a 64-bit counter."""
+
+    def __init__(self, key: bytes, direction: int) -> None:
+        self._aead = AESGCM(key)
+        self._prefix = _NONCE_PREFIX[direction]
+        self._count = 0
+
+    def seal(self, file_index: int, chunk_index: int, payload: bytes | memoryview = b"") -> tuple[bytes, bytes]:
+        """(clear header, ciphertext) of one frame."""
+        nonce = self._prefix + self._count.to_bytes(8, "big")
+        self._count += 1
+        header = _HEAD.pack(len(payload) + 16, file_index, chunk_index)
+        return header, self._aead.encrypt(nonce, payload, header)
+
+    def frame(self, file_index: int, chunk_index: int, payload: bytes | memoryview = b"") -> bytes:
+        header, sealed = self.seal(file_index, chunk_index, payload)
+        return header + sealed
+
+    def send(self, sock: socket.socket, file_index: int, chunk_index: int, payload: bytes | memoryview = b"") -> None:
+        header, sealed = self.seal(file_index, chunk_index, payload)
+        sent = sock.sendmsg([header, sealed])  # one system call, no joined copy
+        if sent < len(header) + len(sealed):
+            rest = memoryview(header + sealed)[sent:]
+            sock.sendall(rest)
+
+
+class Receiver:
+    """Reads and opens frames in one direction, with a reusable buffer."""
+
+    def __init__(self, key: bytes, direction: int) -> None:
+        self._aead = AESGCM(key)
+        self._prefix = _NONCE_PREFIX[direction]
+        self._count = 0
+        self._buf = bytearray(MAX_FRAME)
+        self._head = bytearray(_HEAD.size)
+
+    def recv(self, sock: socket.socket) -> tuple[int, int, bytes]:
+        """(file index, chunk index, payload) of the next frame; ChannelError on forgery."""
+        recv_exact(sock, memoryview(self._head))
+        size, file_index, chunk_index = _HEAD.unpack(self._head)
+        if not 16 <= size <= MAX_FRAME:
+            raise ChannelError("frame", f"frame of {size} bytes is out of bounds")
+        view = memoryview(self._buf)[:size]
+        recv_exact(sock, view)
+        nonce = self._prefix + self._count.to_bytes(8, "big")
+        self._count += 1
+        try:
+            payload = self._aead.decrypt(nonce, view, bytes(self._head))
+        except InvalidTag:
+            raise ChannelError("frame", "a data frame failed authentication (wrong key or altered)") from None
+        return file_index, chunk_index, payload
+
+
+_NONCE_PREFIX: Final = {0: b"c2s\0", 1: b"s2c\0"}
+C2S: Final = 0
+S2C: Final = 1

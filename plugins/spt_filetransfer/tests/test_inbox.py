@@ -1,0 +1,122 @@
+"""The receiving side on disk: verify, write, record, resume, rename (SPEC.md §8.5, §9.19)."""
+
+from __future__ import annotations
+
+import os
+from unittest import mock
+
+import blake3
+import pytest
+from spt_filetransfer import inbox as inbox_mod
+from spt_filetransfer.db import TransferDb
+from spt_filetransfer.inbox import Incoming, open_transfer_dir
+from spt_filetransfer.manifest import CHUNK, FileEntry, Manifest
+
+from spt.core.errors import Refusal
+
+TID = "ab" * 16
+
+
+def manifest_of(files: dict[str, bytes]) -> Manifest:
+    entries = []
+    for path, data in files.items():
+        chunks = tuple(blake3.blake3(data[i : i + CHUNK]).digest() for i in range(0, len(data), CHUNK))
+        entries.append(FileEntry(path, len(data), blake3.blake3(data).digest(), chunks))
+    return Manifest(next(iter(files)).split("/")[0], tuple(entries))
+
+
+@pytest.fixture
+def db(tmp_path):
+    d = TransferDb(tmp_path / "state" / "transfers.db")
+    yield d
+    d.close()
+
+
+def chunks_of(data: bytes) -> list[bytes]:
+    return [data[i : i + CHUNK] for i in range(0, len(data), CHUNK)]
+
+
+def test_bad_chunk_is_never_written_and_good_ones_complete(tmp_path, db):
+    data = os.urandom(3 * CHUNK + 5)
+    m = manifest_of({"d/big.bin": data, "d/empty": b""})
+    done = []
+    inc = Incoming(db, TID, m, tmp_path / "ep", on_complete=done.append)
+    inc.finish_empty_files()
+    parts = chunks_of(data)
+    assert inc.accept(0, 1, b"\0" * CHUNK) is False  # wrong bytes: refused, nothing recorded
+    assert inc.bad_chunks == 1 and db.chunks(TID) == []
+    for c in (0, 2, 1, 3):  # out of order: the whole file is read back and checked
+        assert inc.accept(0, c, parts[c]) is True
+    final = tmp_path / "ep" / "inbox" / TID / "d" / "big.bin"
+    assert done == [TID] and final.read_bytes() == data
+    assert not final.with_name("big.bin.partial").exists()
+    assert (final.stat().st_mode & 0o111) == 0
+    assert (tmp_path / "ep" / "inbox" / TID / "d" / "empty").read_bytes() == b""
+
+
+def test_resume_trusts_the_record_without_rehashing(tmp_path, db):
+    data = os.urandom(4 * CHUNK)
+    m = manifest_of({"f.bin": data})
+    parts = chunks_of(data)
+    first = Incoming(db, TID, m, tmp_path / "ep", on_complete=lambda t: None)
+    first.accept(0, 0, parts[0])
+    first.accept(0, 1, parts[1])
+    first.close()  # the daemon stops (or dies after its last flush)
+    again = Incoming(db, TID, m, tmp_path / "ep", on_complete=lambda t: None)
+    with mock.patch.object(inbox_mod.blake3, "blake3", side_effect=AssertionError("re-hashed")):
+        again.load()
+    assert again.verified[0] == {0, 1} and again.done_bytes == 2 * CHUNK
+    assert again.bitmaps() == [bytes([0b0011])]
+    again.accept(0, 2, parts[2])
+    again.accept(0, 3, parts[3])
+    assert again.complete and (tmp_path / "ep" / "inbox" / TID / "f.bin").read_bytes() == data
+
+
+def test_a_recorded_chunk_that_is_bad_on_disk_is_fetched_again(tmp_path, db):
+    data = os.urandom(2 * CHUNK)
+    m = manifest_of({"f.bin": data})
+    parts = chunks_of(data)
+    inc = Incoming(db, TID, m, tmp_path / "ep", on_complete=lambda t: None)
+    inc.accept(0, 0, parts[0])
+    inc.close()
+    partial = tmp_path / "ep" / "inbox" / TID / "f.bin.partial"
+    with open(partial, "r+b") as fh:  # e.g. a power cut lost the page after the record survived
+        fh.write(b"\0" * 16)
+    inc = Incoming(db, TID, m, tmp_path / "ep", on_complete=lambda t: None)
+    inc.load()
+    inc.accept(0, 1, parts[1])
+    assert not inc.complete and inc.verified[0] == {1}
+    assert not (tmp_path / "ep" / "inbox" / TID / "f.bin").exists()
+    inc.accept(0, 0, parts[0])
+    assert inc.complete and (tmp_path / "ep" / "inbox" / TID / "f.bin").read_bytes() == data
+
+
+def test_symlinked_inbox_or_transfer_folder_is_refused(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    ep = tmp_path / "ep"
+    ep.mkdir()
+    (ep / "inbox").symlink_to(outside)
+    with pytest.raises(Refusal):
+        open_transfer_dir(ep, TID, create=True, fresh=True)
+    (ep / "inbox").unlink()
+    (ep / "inbox").mkdir()
+    (ep / "inbox" / TID).symlink_to(outside)
+    with pytest.raises(Refusal):
+        open_transfer_dir(ep, TID, create=True, fresh=True)
+    assert list(outside.iterdir()) == []
+
+
+def test_a_symlink_planted_inside_the_transfer_folder_is_not_followed(tmp_path, db):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    data = os.urandom(100)
+    m = manifest_of({"d/sub/x.txt": data})
+    inc = Incoming(db, TID, m, tmp_path / "ep", on_complete=lambda t: None)
+    fd = open_transfer_dir(tmp_path / "ep", TID, create=True, fresh=True)
+    os.close(fd)
+    (tmp_path / "ep" / "inbox" / TID / "d").mkdir()
+    (tmp_path / "ep" / "inbox" / TID / "d" / "sub").symlink_to(outside)
+    with pytest.raises(Refusal):
+        inc.accept(0, 0, data)
+    assert list(outside.iterdir()) == []
