@@ -471,12 +471,13 @@ class Daemon:
     async def _serve_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             uid = _peer_uid(writer)
-            if uid not in (0, os.getuid()):
-                # The socket is 0600, so only root or our own uid get here; belt and braces.
-                await self._answer(writer, {"error": SptError("", "this control socket belongs to another user").to_wire()})
-                return
             raw = await reader.readline()
             if not raw:
+                return
+            if uid not in (0, os.getuid()):
+                # The socket is 0600, so only root or our own uid get here; belt and braces. The
+                # request is read first so the caller reliably gets this answer, not a reset.
+                await self._answer(writer, {"error": SptError("", "this control socket belongs to another user").to_wire()})
                 return
             try:
                 req = json.loads(raw)

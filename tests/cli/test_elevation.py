@@ -127,5 +127,6 @@ def test_the_daemon_checks_the_peer_uid_even_if_the_socket_mode_is_loosened(user
     os.chmod(home, 0o755)
     os.chmod(home / "spt.sock", 0o666)
     out = raw_request(home / "spt.sock", "node.show", {}, OTHER)
+    assert out.stdout, out.stderr
     answer = json.loads(out.stdout)
     assert "error" in answer and "another user" in answer["error"]["message"]
