@@ -34,7 +34,7 @@ def _identity(from_id: str | None) -> str | None:
 
 
 def _read_body() -> str:
-    from spt.core.proto.envelope import MAX_BODY_BYTES, check_body
+    from spt.core.proto.body import MAX_BODY_BYTES, check_body
 
     raw = sys.stdin.buffer.read(MAX_BODY_BYTES + 1) if sys.stdin is not None else b""
     return check_body(raw)

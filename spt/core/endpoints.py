@@ -46,7 +46,8 @@ from typing import TYPE_CHECKING, Any, Final
 from spt.core.errors import DaemonDown, PeerError, Refusal, RemoteProtocolError, UsageError
 from spt.core.identity import NodeId
 from spt.core.proto.address import parse_address
-from spt.core.proto.envelope import check_body, compact_json
+from spt.core.proto.body import check_body
+from spt.core.proto.envelope import compact_json
 from spt.core.proto.registry import check_description
 from spt.core.proto.resolve import (
     LocalPerch,

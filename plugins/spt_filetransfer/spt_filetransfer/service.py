@@ -50,7 +50,7 @@ import msgspec
 
 from spt.core.errors import PeerError, Refusal, RemoteProtocolError, SptError, UsageError
 from spt.core.identity import NodeId
-from spt.core.proto.envelope import check_body
+from spt.core.proto.body import check_body
 from spt.core.proto.resolve import LocalTarget, RemoteTarget
 from spt.core.types import check_endpoint_id
 from spt.hooks import NodeRuntime

@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from spt.core.errors import LocalProtocolError, RemoteProtocolError, UsageError
+from spt.core.proto.body import MAX_BODY_BYTES, check_body
 
 MAX_ENVELOPE_BYTES: Final = 65_536
-MAX_BODY_BYTES: Final = 1024 * 1024
 MAX_JSON_BYTES: Final = 64 * 1024
 MAX_PARTS: Final = 4096
 
@@ -48,7 +48,6 @@ _LINE_RE: Final = re.compile(
 _ATTR_RE: Final = re.compile(rf' ({_NAME})="({_ATTR_TEXT})"')
 _SEQ_RE: Final = re.compile(r"([1-9][0-9]*)/([1-9][0-9]*)")
 _CHUNK_ID_RE: Final = re.compile(r"[0-9A-Za-z_-]{1,64}")
-_AS_FILE: Final = "send binary or large data as a file (spt file send)"
 
 
 def escape(text: str) -> str:
@@ -71,28 +70,6 @@ def unescape(text: str) -> str:
         .replace("&quot;", '"')
         .replace("&amp;", "&")
     )
-
-
-def check_body(body: str | bytes) -> str:
-    """The body as text if it is valid UTF-8 of at most 1 MiB, else UsageError BAD_BODY."""
-    if isinstance(body, bytes):
-        raw = body
-        try:
-            text = body.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            why = f"the body is not valid UTF-8 (byte {exc.start}); {_AS_FILE}"
-            raise UsageError("BAD_BODY", "", why) from exc
-    else:
-        text = body
-        try:
-            raw = body.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise UsageError(
-                "BAD_BODY", "", f"the body is not valid UTF-8 (character {exc.start}); {_AS_FILE}"
-            ) from exc
-    if len(raw) > MAX_BODY_BYTES:
-        raise UsageError("BAD_BODY", "", f"the body is {len(raw)} bytes, over 1 MiB; {_AS_FILE}")
-    return text
 
 
 def compact_json(text: str) -> str:
