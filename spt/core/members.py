@@ -265,7 +265,10 @@ class Members:
         out: dict[NodeId, jp.Contact] = {}
         for node in members:
             if node == self.daemon.key.node_id:
-                out[node] = jp.Contact(tuple(self.daemon.addresses()))
+                # Loopback only helps a joiner on this very machine (the demo); elsewhere it makes
+                # peers dial themselves.
+                mine = self.daemon.addresses()
+                out[node] = jp.Contact(tuple([a for a in mine if not a.startswith("127.")] or mine))
             else:
                 out[node] = jp.Contact(tuple(f"{h}:{p}" for h, p in self.addresses_of(node)))
         return out
@@ -735,10 +738,11 @@ class Members:
         relayed = self.transport.paths.describe(node, (host, port))  # relayed or punched (§7.4, §7.6)
         if relayed is not None:
             kind, via, why = relayed.kind, relayed.via, relayed.reason
+        shown = relayed.addr if relayed is not None and relayed.addr else f"{host}:{port}"
         since = conn.registered_at
         return {
             "kind": kind,
-            "addr": f"{host}:{port}",
+            "addr": shown,
             "via": via,
             "reason": why,
             "rtt_ms": conn.rtt_ms,

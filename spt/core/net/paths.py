@@ -84,6 +84,7 @@ VIRTUAL_PREFIXES: Final = tuple(f"{octet}." for octet in range(240, 248))
 PUNCH_LINGER: Final = 3.0  # seconds a finished punch keeps answering the peer's probes
 MAX_PUNCH_TARGETS: Final = 16
 MAX_LEARNED: Final = 4  # peer-reflexive addresses a punch adds from probes it receives
+UPGRADE_WINDOW: Final = 15.0  # seconds after a punch in which a connection from there is an upgrade
 
 _by_node: weakref.WeakValueDictionary[NodeId, Paths] = weakref.WeakValueDictionary()
 
@@ -117,6 +118,7 @@ class PathInfo:
     kind: str  # "relayed <relay host:port>" or "direct punched"
     via: str | None
     reason: str | None
+    addr: str | None = None  # the address in use when it is not the connection's (the relay's)
 
 
 @dataclass(eq=False)
@@ -147,7 +149,7 @@ class Paths:
         self._relay_addrs: dict[Address, _Relay] = {}
         self._virtual: dict[Address, tuple[NodeId, NodeId]] = {}
         self._punches: dict[bytes, _Punch] = {}
-        self._punched: dict[NodeId, set[Address]] = {}
+        self._punched: dict[NodeId, dict[Address, float]] = {}  # peer -> address -> when (loop time)
         self._reasons: dict[NodeId, str] = {}
         self._on_registered: list[Callable[[], None]] = []
         self.stats = {"relayed_out": 0, "relayed_in": 0, "dropped_no_route": 0}
@@ -299,7 +301,7 @@ class Paths:
             if not session.done.done():
                 return None
             found = session.done.result()
-            self._punched.setdefault(peer, set()).add(found)
+            self._punched.setdefault(peer, {})[found] = loop.time()
             log.info("punched a direct path", extra={"peer": peer.short, "addr": f"{found[0]}:{found[1]}"})
             return found
         finally:
@@ -315,7 +317,7 @@ class Paths:
         if kind == PROBE:
             self.transport.send_probe(bytes((PROBE_ACK,)) + session.nonce, addr)
             session.heard.add(addr)
-            self._punched.setdefault(session.peer, set()).add(addr)
+            self._punched.setdefault(session.peer, {})[addr] = asyncio.get_running_loop().time()
             if addr not in session.targets and len(session.targets) < MAX_PUNCH_TARGETS + MAX_LEARNED:
                 session.targets.append(addr)  # peer-reflexive: where its probes really come from
             if not session.active and not session.done.done():
@@ -324,8 +326,10 @@ class Paths:
             session.done.set_result(addr)
 
     def is_punched(self, peer: NodeId, addr: Address) -> bool:
-        """True when `addr` is where a punch with `peer` met it (an upgrade arriving there)."""
-        return addr in self._punched.get(peer, ())
+        """True when a punch with `peer` met it at `addr` just now: a connection arriving from
+        there is the peer's upgrade. Later arrivals follow the usual tie-break."""
+        when = self._punched.get(peer, {}).get(addr)
+        return when is not None and asyncio.get_running_loop().time() - when < UPGRADE_WINDOW
 
     # --- reporting (§7.5) ----------------------------------------------------------------------
 
@@ -345,7 +349,9 @@ class Paths:
         if route is not None:
             relay = self._relays.get(route[0])
             label = relay.label if relay is not None else route[0].short
-            return PathInfo(f"relayed {label}", label, self._reasons.get(peer, "no-direct-address"))
+            used = f"{relay.addr[0]}:{relay.addr[1]}" if relay is not None else None
+            # not judged yet: the relay plugin punches every relayed path it sees (§7.3)
+            return PathInfo(f"relayed {label}", label, self._reasons.get(peer, "punching"), used)
         if addr in self._punched.get(peer, ()):
             return PathInfo("direct punched", None, None)
         return None

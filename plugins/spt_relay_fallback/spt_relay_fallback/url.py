@@ -1,0 +1,60 @@
+"""Relay URLs: `spt-relay://[<token>@]<host>:<port>#<relay key hex>` (SPEC.md §7.6).
+
+The key after `#` is pinned: a node talks only to a relay that proves that key. The optional
+`<token>@` carries the access token of a relay started with `--token` (our design).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+from urllib.parse import unquote, urlsplit
+
+from spt.core.errors import ConfigError
+from spt.core.identity import NodeId
+
+SCHEME: Final = "spt-relay"
+DEFAULT_PORT: Final = 47471
+
+
+@dataclass(frozen=True, slots=True)
+class RelayUrl:
+    host: str
+    port: int
+    key: NodeId
+    token: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> RelayUrl:
+        """Parse and check a relay URL; ConfigError names what is wrong and the expected form."""
+        form = f"expected {SCHEME}://HOST:PORT#RELAYKEYHEX"
+        try:
+            parts = urlsplit(text.strip())
+            port = parts.port
+        except ValueError as exc:
+            raise ConfigError(text, f"not a relay URL ({exc}); {form}") from None
+        if parts.scheme != SCHEME:
+            raise ConfigError(text, f"a relay URL starts with {SCHEME}://; {form}")
+        if not parts.hostname:
+            raise ConfigError(text, f"a relay URL names a host; {form}")
+        try:
+            key = NodeId.from_hex(parts.fragment)
+        except Exception:
+            raise ConfigError(text, f"a relay URL ends with # and the relay's 64-hex key; {form}") from None
+        token = unquote(parts.username) if parts.username else None
+        return cls(parts.hostname, port or DEFAULT_PORT, key, token)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return (self.host, self.port)
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        user = f"{self.token}@" if self.token else ""
+        return f"{SCHEME}://{user}{host}:{self.port}#{self.key.hex}"
+
+    @property
+    def public(self) -> str:
+        """The URL without the access token, for display and logs."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{SCHEME}://{host}:{self.port}#{self.key.hex}"

@@ -1,0 +1,68 @@
+"""The relay with real daemons on loopback: `spt relay serve/add/list/remove`, rendezvous joins."""
+
+import json
+import select
+import subprocess
+import sys
+import time
+
+import pytest
+
+from spt.testing.nodes import DEFAULT_CONFIG
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def relay_url(tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "spt", "relay", "serve", "--listen", "127.0.0.1:0", "--key-file", str(tmp_path / "k")],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env={"SPT_HOME": str(tmp_path), "PATH": ""},
+    )
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 15)
+        line = proc.stdout.readline().strip() if ready else ""
+        assert line.startswith("RELAY_LISTENING:spt-relay://127.0.0.1:"), line
+        yield line.split(":", 1)[1]
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def wait_for(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+def test_relay_add_list_remove_edit_the_config_and_the_daemon_follows(spt_nodes, relay_url):
+    node = spt_nodes("n")
+    assert node.cli("relay", "list").stdout == "(no relays configured)\n"
+    added = node.cli("relay", "add", relay_url)
+    assert (added.returncode, added.stdout) == (0, f"RELAY_ADDED:{relay_url}\n")
+    assert relay_url in (node.home / "config.toml").read_text()
+    assert "mdns = false" in (node.home / "config.toml").read_text()
+    relay = wait_for(lambda: (r := node.json("relay", "list")["relays"]) and r[0]["reachable"] and r[0])
+    assert relay["url"] == relay_url and relay["state"] == "registered"
+    assert relay["reflexive"].startswith("127.0.0.1:") and relay["mapping"] == "endpoint-independent"
+    removed = node.cli("relay", "remove", relay_url)
+    assert removed.stdout == f"RELAY_REMOVED:{relay_url}\n"
+    assert node.json("relay", "list")["relays"] == []
+    again = node.cli("relay", "remove", relay_url)
+    assert again.returncode == 1 and again.stderr.startswith("NOT_CONFIGURED:")
+    bad = node.cli("relay", "add", "spt-relay://127.0.0.1:1#nothex")
+    assert bad.returncode != 0 and "RELAYKEYHEX" in bad.stderr
+
+
+def test_a_join_finds_the_member_by_rendezvous_at_the_relay(spt_nodes, relay_url):
+    config = DEFAULT_CONFIG + f"\n[relay]\nurls = {json.dumps([relay_url])}\n"
+    a = spt_nodes("a", config=config, label="alpha")
+    b = spt_nodes("b", config=config, label="beta")
+    created = a.cli("subnet", "create", "home", check=True).stdout
+    code = next(line.split()[1] for line in created.splitlines() if line.startswith("CODE:home "))
+    wait_for(lambda: b.json("relay", "list")["relays"][0]["reachable"])
+    joined = b.cli("subnet", "join", "home", "--code", code, "--timeout", "15")  # no --peer, no mDNS
+    assert joined.stdout == "JOINED:home\n", joined.stderr
