@@ -25,6 +25,7 @@ BUILTIN_COMMANDS: Final = {
     "ring": "spt.cli.messaging:ring",
     "send": "spt.cli.messaging:send",
     "subnet": "spt.cli.subnet:subnet",
+    "doctor": "spt.cli.doctor:doctor",
     "whoami": "spt.cli.messaging:whoami",
 }
 

@@ -18,7 +18,8 @@ def run(cli: click.Group, argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
     try:
-        cli.main(args=args, prog_name="spt", standalone_mode=False)
+        # Without standalone mode click returns `ctx.exit(n)`'s code instead of exiting.
+        code = cli.main(args=args, prog_name="spt", standalone_mode=False)
     except SptError as exc:
         if exc.instance_token == "ELEVATION_REQUIRED" and not exc.lines:
             from spt.cli._state import elevated_command
@@ -47,4 +48,4 @@ def run(cli: click.Group, argv: list[str] | None = None) -> int:
 
             traceback.print_exc()
         return EXIT_INTERNAL
-    return 0
+    return code if isinstance(code, int) else 0

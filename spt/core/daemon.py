@@ -27,6 +27,7 @@ from typing import IO, Any, Final
 
 from spt import __version__
 from spt.core.config import NodeConfig, load_config
+from spt.core.doctor import register_ops as register_doctor_ops
 from spt.core.endpoints import Endpoints
 from spt.core.endpoints import register_ops as register_endpoint_ops
 from spt.core.errors import ElevationRequired, LocalProtocolError, Refusal, SptError, UsageError
@@ -202,11 +203,24 @@ class Daemon:
             "pid": os.getpid(),
             "port": self.port,
             "subnets": [s.name for s in self.subnets.held.values()],
-            "peers": {"direct": 0, "relayed": 0, "none": 0},
+            "peers": self._peer_counts(),
             "hosted": 0,
             "unread": 0,
             "warnings": warnings,
         }
+
+    def _peer_counts(self) -> dict[str, int]:
+        """Member nodes by the kind of path in use now (SPEC.md §3.10 `daemon status`)."""
+        counts = {"direct": 0, "relayed": 0, "none": 0}
+        seen: set[NodeId] = set()
+        for sub in self.subnets.held.values():
+            for node in sub.state().members:
+                if node == self.key.node_id or node in seen:
+                    continue
+                seen.add(node)
+                kind = self.members.path_view(node, sub)["kind"]
+                counts["direct" if kind.startswith("direct") else "relayed" if kind.startswith("relayed") else "none"] += 1
+        return counts
 
     async def _daemon_stop(self, call: Call) -> Any:
         asyncio.get_running_loop().call_soon(self._stopping.set)
@@ -431,6 +445,7 @@ class Daemon:
         os.chmod(self.paths.socket, 0o600)
         await self._start_discovery()
         self.plugins.pm.hook.spt_node_started(node_id=self.key.node_id.hex, port=self.port)
+        register_doctor_ops(self)
         runtime = Runtime(self)
         self.payloads = Payloads(self, runtime)
         self.plugins.pm.hook.spt_runtime_started(runtime=runtime)

@@ -90,3 +90,37 @@ def test_bad_config_is_a_clear_error(spt_nodes):
     result = subprocess.run([sys.executable, "-m", "spt", "daemon", "run"], env=a.env, capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert "BAD_CONFIG:net.prot unknown key" in result.stderr
+
+
+def test_doctor_reports_each_check_and_peer_paths(spt_nodes):
+    a, b = spt_nodes.subnet(["alpha", "beta"])
+    import time
+
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        doc = a.json("doctor")
+        peers = [c for c in doc["checks"] if c["name"].startswith("peer beta")]
+        if peers and peers[0]["level"] == "OK":
+            break
+        time.sleep(0.2)
+    assert doc["ok"] is True
+    names = {c["name"] for c in doc["checks"]}
+    assert {"version", "state-folder", "udp-port"} <= names
+    assert peers[0]["detail"].startswith("direct")
+    human = a.cli("doctor")
+    assert human.returncode == 0
+    assert all(line.split()[0] in ("OK", "WARN", "FAIL") for line in human.stdout.splitlines())
+    assert a.json("daemon", "status")["peers"]["direct"] == 1
+    b.kill()
+    a.cli("daemon", "stop")
+    a.start()
+    down = a.json("doctor")
+    assert [c["level"] for c in down["checks"] if c["name"].startswith("peer beta")] == ["WARN"]
+
+
+def test_doctor_fails_on_a_readable_key_file(spt_nodes):
+    a = spt_nodes("a")
+    os.chmod(a.home / "node.key", 0o644)
+    result = a.cli("doctor")
+    assert result.returncode == 1
+    assert any(line.startswith("FAIL state-folder:") for line in result.stdout.splitlines())
