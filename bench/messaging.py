@@ -30,16 +30,6 @@ from spt.core.ipc import IpcConnection, call, connect
 from spt.testing.nodes import Node, NodeFactory
 
 
-def wait_listed(node: Node, endpoint_id: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        doc = node.json("endpoint", "list")
-        if any(e["id"] == endpoint_id for s in doc["subnets"] for e in s["endpoints"]):
-            return
-        time.sleep(0.05)
-    raise SystemExit(f"{endpoint_id} never appeared on {node.name}")
-
-
 def responder(node: Node, stop: threading.Event) -> None:
     """Agent bob on `node`: for every envelope, ack it, then answer the sender with a send."""
     import re
@@ -128,15 +118,15 @@ def main() -> None:
         stop = threading.Event()
         bob = threading.Thread(target=responder, args=(beta, stop), daemon=True)
         bob.start()
-        wait_listed(alpha, "bob")
+        alpha.wait_listed("bob")
         alpha.cli("ready", "alice", "--once", "--timeout", "0.1")
-        wait_listed(beta, "alice")
+        beta.wait_listed("alice")
         for _ in range(10):
             ring_once(alpha)
         ring_rtts = [ring_once(alpha) for _ in range(rings)]
         stop.set()
         raw = asyncio.run(bench_spt(1000, 1024 * 1024))
-        wait_listed(alpha, "sink")
+        alpha.wait_listed("sink")
         rate = sustained(alpha, seconds, 4)
     finally:
         factory.close()

@@ -42,16 +42,6 @@ def run(node: Node, *args: str, input: str | None = None) -> str:
     return (result.stdout + result.stderr).strip()
 
 
-def wait_listed(node: Node, endpoint_id: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        doc = node.json("endpoint", "list")
-        if any(e["id"] == endpoint_id for s in doc["subnets"] for e in s["endpoints"]):
-            return
-        time.sleep(0.05)
-    raise SystemExit(f"{endpoint_id} did not appear in {node.name}'s registry")
-
-
 def main() -> int:
     factory = NodeFactory()
     try:
@@ -72,7 +62,7 @@ def main() -> int:
 
         bob = gamma.popen("ready", "bob")
         step("gamma: agent bob runs `spt ready bob`", lambda: bob.stderr.readline())
-        step("alpha: bob's row replicated to alpha", lambda: wait_listed(alpha, "bob"))
+        step("alpha: bob's row replicated to alpha", lambda: alpha.wait_listed("bob"))
         show(step("alpha: echo hi | spt send bob --from alice", lambda: run(alpha, "send", "bob", "--from", "alice", input="hi bob")))
         show("bob got: " + bob.stdout.readline().strip())
 
@@ -95,7 +85,7 @@ def main() -> int:
         carol.stderr.readline()
         carol.terminate()
         carol.wait(10)
-        step("alpha: carol's row replicated to alpha", lambda: wait_listed(alpha, "carol"))
+        step("alpha: carol's row replicated to alpha", lambda: alpha.wait_listed("carol"))
         show(step("alpha: spt send carol (nobody listening)", lambda: run(alpha, "send", "carol", input="see you later")))
         show(step("gamma: spt ready carol --once (the queued message, once)",
                   lambda: run(gamma, "ready", "carol", "--once", "--timeout", "5")))

@@ -102,6 +102,16 @@ class Node:
         except FileNotFoundError:
             return ""
 
+    def wait_listed(self, endpoint_id: str, timeout: float = 15.0) -> None:
+        """Wait until `endpoint_id` shows in this node's `endpoint list` (rows replicate)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            doc = self.json("endpoint", "list")
+            if any(e["id"] == endpoint_id for s in doc["subnets"] for e in s["endpoints"]):
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"{endpoint_id} did not appear in {self.name}'s registry within {timeout:g} s")
+
     @property
     def key(self) -> str:
         return str(self.json("node", "show")["key"])
