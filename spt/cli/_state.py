@@ -70,7 +70,8 @@ def elevated_command(args: list[str] | None = None) -> str:
     import shlex
 
     args = sys.argv[1:] if args is None else args
-    env = [f"SPT_HOME={os.environ['SPT_HOME']}"] if os.environ.get("SPT_HOME") else []
+    # SPEC.md §5.7: the state folder travels along, so root acts on the user's node, not its own.
+    env = [f"SPT_HOME={os.environ.get('SPT_HOME') or StatePaths.resolve().root}"]
     return shlex.join(["sudo", *env, *spt_command_prefix(), *args])
 
 

@@ -71,7 +71,8 @@ def _print_homed(doc: dict[str, Any]) -> None:
 @click.pass_context
 def status(ctx: click.Context, name: str | None, nodes: bool, show_all: bool) -> None:
     """Show held subnets (never prints a secret)."""
-    doc = daemon_call("subnet.status", {"name": name, "nodes": nodes or show_all, "all": show_all})
+    nodes = nodes or show_all
+    doc = daemon_call("subnet.status", {"name": name, "nodes": nodes, "all": show_all})
     if state(ctx).json:
         print_json(doc)
         return
@@ -145,7 +146,7 @@ def join(name: str, code: str | None, subnet_id: str | None, peers: tuple[str, .
         code = click.prompt("Code shown on a member", hide_input=True)
     entered = time.monotonic()
     code = code.strip().replace(" ", "")
-    if len(code) != 6 or not code.isdigit():
+    if len(code) != 6 or not (code.isascii() and code.isdigit()):
         raise UsageError("BAD_CODE", "", "a join code is six digits")
     doc = daemon_call(
         "subnet.join",

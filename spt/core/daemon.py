@@ -187,7 +187,7 @@ class Daemon:
         with self.store.transaction():
             self.store.set_meta("label", label)
         # SPEC.md §3.9: the new label reaches every held subnet through its log.
-        for sub in list(self.subnets.held.values()):
+        for sub in self.subnets.attached():  # a detached subnet gets the change at attach
             entry = make_label(self.key, parents=sub.log.heads(), label=label, hlc=self.subnets.stamp())
             self.members.merge(sub, [entry])
             self.members.spawn(self.members.push_entries(sub, [entry]), "push label")
@@ -435,6 +435,14 @@ class Daemon:
         await self.members.start()
         self.messaging = Messaging(self)
         self.messaging.start()
+        await self._start_discovery()
+        self.plugins.pm.hook.spt_node_started(node_id=self.key.node_id.hex, port=self.port)
+        register_doctor_ops(self)
+        runtime = Runtime(self)
+        self.payloads = Payloads(self, runtime)
+        self.plugins.pm.hook.spt_runtime_started(runtime=runtime)
+        # The control socket opens last: a command that autostarted the daemon finds every
+        # operation (plugins' included) registered.
         with contextlib.suppress(FileNotFoundError):
             self.paths.socket.unlink()
         old_umask = os.umask(0o177)  # the socket is born 0600: no window where others connect
@@ -443,12 +451,6 @@ class Daemon:
         finally:
             os.umask(old_umask)
         os.chmod(self.paths.socket, 0o600)
-        await self._start_discovery()
-        self.plugins.pm.hook.spt_node_started(node_id=self.key.node_id.hex, port=self.port)
-        register_doctor_ops(self)
-        runtime = Runtime(self)
-        self.payloads = Payloads(self, runtime)
-        self.plugins.pm.hook.spt_runtime_started(runtime=runtime)
         log.info("daemon started", extra={"node": self.key.node_id.short, "port": self.port, "pid": os.getpid()})
 
     async def run(self) -> None:

@@ -478,7 +478,8 @@ class Endpoints:
                 "description": p.description,
             }
             for p in self.perches(transient=transient)
-            if any(s.id == sub.id for s in self.visible_in(p))
+            # an orphan (home left) is local-only (§4.8); a transient sender has no home at all
+            if (p.home is not None or p.transient) and any(s.id == sub.id for s in self.visible_in(p))
         ]
 
     def _remote_view(self, row: Row, offline: frozenset[NodeId]) -> dict[str, Any]:
@@ -587,6 +588,9 @@ class Endpoints:
 
     def record_attempt(self, msg_id: str, next_try: float) -> None:
         self.spool.record_attempt(msg_id, next_try)
+
+    def defer_node(self, node: NodeId, next_try: float) -> None:
+        self.spool.defer_node(node, next_try)
 
     # -- accepting messages ---------------------------------------------------------------
 
@@ -747,9 +751,8 @@ class Endpoints:
             except Refusal as exc:
                 if reply_to is not None:
                     self.spool.release_claim(reply_to)
-                if exc.instance_token == "NO_PERCH":
-                    raise Refusal("NO_PERCH", subject, exc.message) from exc
-                raise
+                # the address as typed is the subject, whatever the target called its perch
+                raise Refusal(exc.instance_token, subject, exc.message, lines=exc.lines) from exc
             except (PeerError, TimeoutError, ConnectionError):
                 log.info("target unreachable; message queued", extra={"node": target.node.key.short})
             else:
@@ -769,7 +772,7 @@ class Endpoints:
         try:
             to = check_endpoint_id(str(payload["to"]))
             sender_id = check_endpoint_id(str(payload["from"]))
-            attrs = tuple((str(k), str(v)) for k, v in payload.get("attrs") or ())
+            attrs = _check_attrs(payload.get("attrs") or ())
             window = str(payload.get("window") or "default")
             reply_to = payload.get("reply_to")
             msg = Message(
@@ -1180,3 +1183,20 @@ def register_ops(daemon: Daemon, eps: Endpoints) -> None:
         eps._set_setting(perch, sub, in_scope=_bool_arg(call.args, "in_scope"))
         visible = any(s.id == sub.id for s in eps.visible_in(perch))
         return {"id": perch.id, "subnet": sub.name, "hidden": not visible}
+
+
+def _check_attrs(raw: Any) -> tuple[tuple[str, str], ...]:
+    """Envelope attributes a peer may set on a message: `ring="1"` and a compact `json`.
+
+    Anything else would make the envelope unrenderable at the listener (and stall the perch).
+    """
+    attrs: list[tuple[str, str]] = []
+    for item in raw:
+        key, value = (str(x) for x in item)
+        if key == "ring" and value == "1":
+            attrs.append((key, value))
+        elif key == "json":
+            attrs.append((key, compact_json(value)))
+        else:
+            raise ValueError(f"attribute {key!r} is not allowed on a message")
+    return tuple(attrs)

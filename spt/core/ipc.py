@@ -87,6 +87,10 @@ def start_daemon(state_root: Path, env: Mapping[str, str] | None = None) -> None
     os.chmod(state_root, 0o700)
     child_env = dict(os.environ if env is None else env)
     child_env["SPT_HOME"] = os.fspath(state_root)
+    # An elevated command (sudo) must not leave a root daemon on the user's state folder.
+    uid = gid = None
+    if os.geteuid() == 0 and child_env.get("SUDO_UID", "").isdigit() and child_env.get("SUDO_GID", "").isdigit():
+        uid, gid = int(child_env["SUDO_UID"]), int(child_env["SUDO_GID"])
     with open(state_root / "daemon.log", "ab") as log:
         subprocess.Popen(
             [sys.executable, "-m", "spt", "daemon", "run"],
@@ -96,6 +100,8 @@ def start_daemon(state_root: Path, env: Mapping[str, str] | None = None) -> None
             env=child_env,
             start_new_session=True,
             close_fds=True,
+            user=uid,
+            group=gid,
         )
 
 

@@ -42,7 +42,7 @@ from spt.core.proto.membership import (
 )
 from spt.core.proto.resolve import NodeInfo, resolve_node
 from spt.core.proto.totp import SEED_BYTES, Secret, new_seed, seed_commitment
-from spt.core.subnets import HeldSubnet, rendezvous_tag
+from spt.core.subnets import HeldSubnet, check_join_code, rendezvous_tag
 from spt.core.types import parse_hostport
 
 if TYPE_CHECKING:
@@ -418,6 +418,9 @@ class Members:
         ids = sorted({h.subnet_id for h, _ in hellos})
         if id_prefix:
             ids = [i for i in ids if i.hex().startswith(id_prefix.lower())]
+            for h, a in hellos:
+                if h.subnet_id not in ids:
+                    a.close()
             hellos = [(h, a) for h, a in hellos if h.subnet_id in ids]
             if not hellos:
                 raise Refusal("JOIN_NOT_FOUND", name, f"no subnet of that name has an id starting {id_prefix}")
@@ -587,9 +590,14 @@ class Members:
         for sub in list(self.subnets.attached()):
             if not sub.state().is_member(conn.peer):
                 continue
-            reply = await conn.request(
-                "log.sync", {"subnet": sub.id.hex(), "heads": [h.hex() for h in sub.log.heads()]}, timeout=REQUEST_TIMEOUT
-            )
+            try:
+                reply = await conn.request(
+                    "log.sync", {"subnet": sub.id.hex(), "heads": [h.hex() for h in sub.log.heads()]},
+                    timeout=REQUEST_TIMEOUT,
+                )
+            except RequestError as exc:  # e.g. the peer detached this one subnet; go on with the rest
+                log.info("log sync skipped a subnet", extra={"subnet": sub.name, "reason": str(exc)})
+                continue
             body = _map(reply.body)
             self.merge(sub, _entries(body.get("entries")))
             their_heads = [bytes.fromhex(h) for h in body.get("heads", []) if isinstance(h, str)]
@@ -1241,7 +1249,7 @@ def register_ops(daemon: Daemon, members: Members) -> None:
         entered_at = time.monotonic() - int(args.get("entered_ago_ms", 0)) / 1000
         result = await members.join(
             str(args.get("name", "")),
-            str(args.get("code", "")),
+            check_join_code(str(args.get("code", ""))),
             peers=[str(p) for p in args.get("peers", [])],
             timeout=float(args.get("timeout", 30.0)),
             entered_at=entered_at,

@@ -51,6 +51,8 @@ FORWARD_TIMEOUT: Final = 10.0  # §4.2 step 4: no answer within 10 s means QUEUE
 DRAIN_INTERVAL: Final = 1.0
 DRAIN_BATCH: Final = 200
 DRAIN_BATCHES: Final = 100
+IDLE_RECHECK: Final = 5.0  # seconds before a node with no path or a detached subnet is looked at again
+FINAL_REFUSALS: Final = ("NO_PERCH", "UNKNOWN_PAYLOAD_TYPE")  # the target will never take it
 BACKOFF_MAX: Final = 600.0
 MAX_RECORDS: Final = 4096  # records one registry message carries at most
 
@@ -121,7 +123,10 @@ class Messaging:
             except TimeoutError:
                 pass
             self._drain_wake.clear()
-            await self._drain_once()
+            try:
+                await self._drain_once()
+            except Exception:
+                log.exception("outgoing spool drain failed; retrying")
 
     async def _drain_once(self) -> None:
         """Forward due messages in batches until none is due (at most DRAIN_BATCHES batches)."""
@@ -133,32 +138,38 @@ class Messaging:
         """One batch; True when something was forwarded and more may be due."""
         now = time.time()
         forwarded = False
-        skipped: set[NodeId] = set()  # one failure per node per batch is enough to back off
         for msg in self.endpoints.pending_outgoing(limit=DRAIN_BATCH, due_before=now):
-            if msg.next_try > now or msg.node in skipped:
-                continue
             sub = self.daemon.subnets.held.get(msg.subnet)
-            if sub is None or not sub.attached:
+            if sub is None or not sub.state().is_member(msg.node):
+                # §4.8: traffic for a node that left or was pruned is dropped, and the user told;
+                # it must never travel to a non-member over another subnet's connection.
+                self._drop(msg.msg_id, sub, "its node is no longer a member of the subnet")
                 continue
-            if self.members.transport.connection(msg.node) is None and not self.members.addresses_of(msg.node):
+            if not sub.attached or (
+                self.members.transport.connection(msg.node) is None and not await self.members.dial_addresses(msg.node)
+            ):
+                self.endpoints.defer_node(msg.node, now + IDLE_RECHECK)
                 continue
             try:
                 await self._forward(msg.node, sub, msg.payload)
             except Refusal as exc:
-                log.warning("queued message refused by its target; dropped",
-                            extra={"msg": msg.msg_id[:12], "reason": exc.status_line()})
-                self.endpoints.mark_forwarded(msg.msg_id)
-                self.daemon.notify(sub, "dropped-messages", "a queued message was dropped",
-                                   f"{exc.status_line()} (message {msg.msg_id[:12]})")
-            except (PeerError, TimeoutError, RemoteProtocolError) as exc:
-                delay = min(2.0 ** min(msg.attempts, 10), BACKOFF_MAX)
-                self.endpoints.record_attempt(msg.msg_id, now + delay)
-                skipped.add(msg.node)
+                if exc.instance_token not in FINAL_REFUSALS:
+                    self.endpoints.defer_node(msg.node, now + min(2.0 ** min(msg.attempts, 10), BACKOFF_MAX))
+                    continue
+                self._drop(msg.msg_id, sub, exc.status_line())
+            except (PeerError, TimeoutError, RemoteProtocolError, OSError) as exc:
+                # The whole node backs off, so its messages keep their order (§4.2 step 7).
+                self.endpoints.defer_node(msg.node, now + min(2.0 ** min(msg.attempts, 10), BACKOFF_MAX))
                 log.debug("queued message not forwarded yet", extra={"msg": msg.msg_id[:12], "reason": str(exc)})
             else:
                 self.endpoints.mark_forwarded(msg.msg_id)
                 forwarded = True
         return forwarded
+
+    def _drop(self, msg_id: str, sub: HeldSubnet | None, why: str) -> None:
+        log.warning("queued message dropped", extra={"msg": msg_id[:12], "reason": why})
+        self.endpoints.mark_forwarded(msg_id)
+        self.daemon.notify(sub, "dropped-messages", "a queued message was dropped", f"{why} (message {msg_id[:12]})")
 
     # -- remote endpoint requests -----------------------------------------------------------
 
@@ -247,13 +258,10 @@ class Messaging:
         now_ms = int(time.time() * 1000)
         members = sub.state().members
         view = self.view(sub)
-        changed = False
         for item in raw:
             record = record_from_dict(item)
-            if record.node not in members:
-                continue  # rows are accepted only for current members of this subnet
-            outcome = view.merge(record, now_ms=now_ms)
-            changed = changed or outcome.name == "ACCEPTED"
+            if record.node in members:  # rows are accepted only for current members of this subnet
+                view.merge(record, now_ms=now_ms)
         view.note_heard(source, now_ms)
 
     async def _handle_registry_push(self, conn: Connection, frame: Frame) -> tuple[str, Any]:
@@ -274,9 +282,14 @@ class Messaging:
         """On connect: compare digests per shared subnet and exchange what each side lacks."""
         for sub in self.members.shared_subnets(conn.peer):
             view = self.view(sub)
-            reply = await conn.request(
-                "registry.sync", {"subnet": sub.id.hex(), "digest": digest_to_wire(view.digest())}, timeout=FORWARD_TIMEOUT
-            )
+            try:
+                reply = await conn.request(
+                    "registry.sync", {"subnet": sub.id.hex(), "digest": digest_to_wire(view.digest())},
+                    timeout=FORWARD_TIMEOUT,
+                )
+            except (PeerError, TimeoutError) as exc:  # e.g. the peer detached this one subnet
+                log.info("registry sync skipped a subnet", extra={"subnet": sub.name, "reason": str(exc)})
+                continue
             body = _map(reply.body)
             self._merge_records(sub, body.get("records"), conn.peer)
             lacking = view.missing_for(digest_from_wire(body.get("digest")))[:MAX_RECORDS]
@@ -290,7 +303,10 @@ class Messaging:
     async def _presence_loop(self) -> None:
         interval = self.daemon.config.presence_interval
         while True:
-            self.publish()
+            try:
+                self.publish()
+            except Exception:
+                log.exception("publishing presence failed")
             await asyncio.sleep(interval)
 
     def membership_changed(self, sub: HeldSubnet) -> None:

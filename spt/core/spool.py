@@ -323,6 +323,12 @@ class Spool:
         with self.store.transaction() as db:
             db.execute("DELETE FROM outgoing WHERE msg_id=?", (msg_id,))
 
+    def defer_node(self, node: NodeId, next_try: float) -> None:
+        """Forwarding to `node` failed: all its queued messages wait until `next_try` (epoch s),
+        so they keep their order."""
+        with self.store.transaction() as db:
+            db.execute("UPDATE outgoing SET attempts=attempts+1, next_try=? WHERE node=?", (next_try, node.raw))
+
     def record_attempt(self, msg_id: str, next_try: float) -> None:
         """A forwarding attempt failed; try again no earlier than `next_try` (epoch seconds)."""
         with self.store.transaction() as db:

@@ -59,7 +59,7 @@ class HeldSubnet:
 
     def current_code(self, wall: float) -> tuple[Secret[str], int]:
         """The six digits for now and the seconds they stay valid; requires the current seed."""
-        if self.seed is None:
+        if self.seed is None or self.epoch != self.state().epoch:
             raise Refusal("NO_SEED", self.name, "this node has not received the current seed yet; try again once it has synced")
         return code_at(self.seed, step_of(wall)), seconds_left(wall)
 

@@ -367,6 +367,14 @@ class Incoming:
         self.db.add_chunks(self.tid, pending)
         self._last_flush = time.monotonic()
 
+    def finish_verified_files(self) -> None:
+        """After a restart: files whose every chunk was verified but that were not renamed yet
+        (the daemon died inside `_finish_file`) are checked and finished now."""
+        with self.lock:
+            for f, entry in enumerate(self.manifest.files):
+                if entry.chunks and f not in self.done_files and len(self.verified[f]) == len(entry.chunks):
+                    self._finish_file(f)
+
     def finish_empty_files(self) -> None:
         """Files of size 0 have no chunks: create and finish them at once."""
         with self.lock:

@@ -44,6 +44,7 @@ MAX_FILES: Final = 100_000
 MAX_PATH_BYTES: Final = 4096
 MAX_NAME_BYTES: Final = 255
 PARTIAL_SUFFIX: Final = ".partial"
+MAX_DEPTH: Final = 64  # folders deep; deeper offers are refused before any work
 EMPTY_HASH: Final = blake3.blake3(b"").digest()
 
 _RESERVED: Final = frozenset(
@@ -179,11 +180,18 @@ def manifest_problem(manifest: Manifest) -> str | None:
         key = entry.path
         if key in seen:
             return f"path {entry.path!r} is listed twice"
+        if key.count("/") >= MAX_DEPTH:
+            return f"path {entry.path!r} is nested deeper than {MAX_DEPTH} folders"
         seen.add(key)
-    dirs = {"/".join(p.split("/")[:i]) for p in seen for i in range(1, p.count("/") + 1)}
+    dirs: set[str] = set()
+    for path in seen:  # each file adds its folders; stop at the first one already known
+        parent = path.rpartition("/")[0]
+        while parent and parent not in dirs:
+            dirs.add(parent)
+            parent = parent.rpartition("/")[0]
     for path in seen:
         if path in dirs:
             return f"path {path!r} is both a file and a folder"
-        if path.endswith(PARTIAL_SUFFIX) and path[: -len(PARTIAL_SUFFIX)] in seen:
-            return f"path {path!r} collides with the partial file of {path[: -len(PARTIAL_SUFFIX)]!r}"
+        if path + PARTIAL_SUFFIX in seen or path + PARTIAL_SUFFIX in dirs:
+            return f"the partial file of {path!r} collides with another path"
     return None

@@ -30,6 +30,7 @@ import asyncio
 import collections
 import contextlib
 import errno
+import ipaddress
 import json
 import logging
 import os
@@ -397,6 +398,10 @@ class FileService:
             on_complete=self._incoming_complete,
         )
         inc.load()
+        try:
+            inc.finish_verified_files()
+        except (SptError, OSError) as exc:  # e.g. a full disk; the next chunk retries the finish
+            log.warning("could not finish a verified file after restart", extra={"tid": tid, "reason": str(exc)})
         self.incoming[tid] = inc
         self.meters[(tid, "in")] = _Meter()
         if inc.complete:
@@ -773,8 +778,13 @@ class FileService:
         try:
             opened = await self._request(conn, "file.open", {"tid": out.tid, "tcp": self.data_path != "quic"})
             needed = self._status(out, opened)
-            if self.data_path != "quic" and opened.get("port") and isinstance(opened.get("key"), bytes):
-                path = await self._connect_tcp(conn, out, int(opened["port"]), opened["key"])
+            port = opened.get("port")
+            if (
+                self.data_path != "quic"
+                and isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536
+                and isinstance(opened.get("key"), bytes)
+            ):
+                path = await self._connect_tcp(conn, out, port, opened["key"])
             kind = "tcp" if path is not None else "quic"
             idle_rounds = 0
             while out.remote_state != "complete":
@@ -804,6 +814,8 @@ class FileService:
 
     async def _connect_tcp(self, conn: Any, out: Outgoing, port: int, key: bytes) -> _TcpPath | None:
         host = str(conn.remote_addr[0])
+        if ipaddress.ip_address(host).is_reserved:
+            return None  # a relayed peer's placeholder address (240.0.0.0/5): no direct TCP path
         try:
             path = await asyncio.wait_for(
                 self.loop.run_in_executor(self.executor, _tcp_handshake, host, port, bytes.fromhex(out.tid), key),

@@ -211,7 +211,7 @@ class RelayLink:
             log.info("registered with relay", extra={"relay": self.url.public, "reflexive": seen})
             await self.push_tags()
             alt = body.get("alt_port")
-            if isinstance(alt, int):
+            if isinstance(alt, int) and not isinstance(alt, bool) and 0 < alt < 65536:
                 self.mapping = await self._check_mapping(paths, (self.addr[0], alt))
             self._kick.clear()
             while conn.is_open and not self._kick.is_set():
@@ -284,7 +284,12 @@ class RelayClient:
     def _spawn(self, coro: Any) -> None:
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("relay background work failed", exc_info=task.exception())
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -405,7 +410,11 @@ class RelayClient:
             except (SptError, TimeoutError) as exc:
                 log.info("rendezvous lookup failed", extra={"relay": link.url.public, "reason": str(exc)})
                 return
-            for entry in _map(reply.body).get("nodes", [])[:32]:
+            body = reply.body if isinstance(reply.body, dict) else {}
+            nodes = body.get("nodes")
+            for entry in (nodes if isinstance(nodes, list) else [])[:32]:
+                if not isinstance(entry, dict):
+                    continue  # a malformed answer from one relay must not spoil the others
                 try:
                     key = NodeId.from_hex(str(entry.get("key")))
                 except SptError:

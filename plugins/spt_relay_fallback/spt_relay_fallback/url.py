@@ -28,19 +28,24 @@ class RelayUrl:
     def parse(cls, text: str) -> RelayUrl:
         """Parse and check a relay URL; ConfigError names what is wrong and the expected form."""
         form = f"expected {SCHEME}://HOST:PORT#RELAYKEYHEX"
+        # an access token may sit before '@': errors name the URL without it
+        shown = text.strip()
+        if "@" in shown.split("#")[0]:
+            scheme, _, rest = shown.partition("://")
+            shown = f"{scheme}://…@{rest.split('@', 1)[1]}"
         try:
             parts = urlsplit(text.strip())
             port = parts.port
         except ValueError as exc:
-            raise ConfigError(text, f"not a relay URL ({exc}); {form}") from None
+            raise ConfigError(shown, f"not a relay URL ({exc}); {form}") from None
         if parts.scheme != SCHEME:
-            raise ConfigError(text, f"a relay URL starts with {SCHEME}://; {form}")
+            raise ConfigError(shown, f"a relay URL starts with {SCHEME}://; {form}")
         if not parts.hostname:
-            raise ConfigError(text, f"a relay URL names a host; {form}")
+            raise ConfigError(shown, f"a relay URL names a host; {form}")
         try:
             key = NodeId.from_hex(parts.fragment)
         except Exception:
-            raise ConfigError(text, f"a relay URL ends with # and the relay's 64-hex key; {form}") from None
+            raise ConfigError(shown, f"a relay URL ends with # and the relay's 64-hex key; {form}") from None
         token = unquote(parts.username) if parts.username else None
         return cls(parts.hostname, port or DEFAULT_PORT, key, token)
 
