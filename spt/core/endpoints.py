@@ -751,8 +751,10 @@ class Endpoints:
             except Refusal as exc:
                 if reply_to is not None:
                     self.spool.release_claim(reply_to)
-                # the address as typed is the subject, whatever the target called its perch
-                raise Refusal(exc.instance_token, subject, exc.message, lines=exc.lines) from exc
+                if exc.instance_token in ("NO_PERCH", "SPOOL_FULL"):
+                    # §3.7: these name the address as typed, whatever the target called its perch
+                    raise Refusal(exc.instance_token, subject, exc.message, lines=exc.lines) from exc
+                raise
             except (PeerError, TimeoutError, ConnectionError):
                 log.info("target unreachable; message queued", extra={"node": target.node.key.short})
             else:

@@ -41,6 +41,7 @@ from spt.core.proto.registry import (
 )
 from spt.core.proto.resolve import RemoteTarget, Row, shortest_from_form
 from spt.core.subnets import HeldSubnet
+from spt.hooks import IncomingPayload
 
 if TYPE_CHECKING:
     from spt.core.daemon import Daemon
@@ -104,15 +105,15 @@ class Messaging:
         body = _map(frame.body)
         sub = self.members.require_member(conn, body.get("subnet"))
         payload = _map(body.get("payload"))
-        # Messages are the `send` and `ring` payload types; a node that lacks one refuses it by name.
+        # Messages are the `send` and `ring` payload types: their plugins handle them (a node
+        # that lacks one refuses it by name), after the payload policy hook.
         attrs = payload.get("attrs") or []
         kind = "ring" if ["ring", "1"] in [list(a) for a in attrs if isinstance(a, list | tuple)] else "send"
-        if kind not in self.daemon.plugins.registries.payload_types:
-            raise Refusal("UNKNOWN_PAYLOAD_TYPE", kind, "this node has no plugin for that payload type")
         sender_id = str(payload.get("from", ""))
         from_form = shortest_from_form(sender_id, conn.peer, self.endpoints.snapshot(), via_subnet=sub.name)
-        token = await self.endpoints.deliver_incoming(payload, subnet=sub.name, sender_node=conn.peer, from_form=from_form)
-        return "msg.result", {"token": token}
+        incoming = IncomingPayload(kind, conn.peer, sub.name, str(payload.get("to", "")), from_form, payload)
+        reply = await self.daemon.payloads.handle(incoming)
+        return "msg.result", {"token": reply.get("token")}
 
     async def _drain_loop(self) -> None:
         """Forward the outgoing spool when paths exist (§4.2 step 4); bounded batches, backoff."""

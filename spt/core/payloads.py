@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PAYLOAD_TIMEOUT: Final = 10.0
+MESSAGE_TYPES: Final = ("send", "ring")
 
 
 class Payloads:
@@ -43,6 +44,12 @@ class Payloads:
         return sorted(t.name for t in self.types)
 
     def _type(self, name: str) -> type[PayloadType]:
+        if name in MESSAGE_TYPES:
+            # messages carry ids, windows and reply matching: they travel as `msg.deliver`
+            raise Refusal("BAD_PAYLOAD_TYPE", name, "messages are sent with spt send / spt ring")
+        return self._registered(name)
+
+    def _registered(self, name: str) -> type[PayloadType]:
         payload_type = self.types.get(name)
         if payload_type is None:
             raise Refusal("UNKNOWN_PAYLOAD_TYPE", name, "this node has no plugin for that payload type")
@@ -50,7 +57,7 @@ class Payloads:
 
     async def handle(self, incoming: IncomingPayload) -> Mapping[str, Any]:
         """Policy hook, then the type's handler, for a payload addressed to a local perch."""
-        payload_type = self._type(incoming.type_name)
+        payload_type = self._registered(incoming.type_name)
         answers = self.daemon.plugins.pm.hook.spt_accept_payload(payload=incoming)
         if any(answer is False for answer in answers):
             raise Refusal("PAYLOAD_REFUSED", incoming.type_name, "a plugin on the receiving node refused it")

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from spt.core.errors import LocalProtocolError, Refusal
 from spt.core.identity import NodeId
 from spt.core.spool import Message
-from spt.hooks.interfaces import MemberRequestHandler, OpHandler
+from spt.hooks.interfaces import IncomingPayload, MemberRequestHandler, OpHandler
 
 if TYPE_CHECKING:
     from spt.core.daemon import Daemon
@@ -75,6 +75,11 @@ class Runtime:
             sender_id=sender_id.rpartition(":")[2] or "spt", body=body, attrs=tuple(attrs),
         )
         return await endpoints.accept_event(perch, msg)
+
+    async def deliver_message(self, payload: IncomingPayload) -> str:
+        return await self._daemon.endpoints.deliver_incoming(
+            payload.value, subnet=payload.subnet, sender_node=payload.sender, from_form=payload.sender_form
+        )
 
     def spawn(self, coro: Coroutine[Any, Any, Any], what: str) -> None:
         self._daemon.members.spawn(coro, what)

@@ -47,6 +47,11 @@ class PayloadContext(Protocol):
         """Hand an envelope to a local perch; returns the token "SENT" or "QUEUED"."""
         ...
 
+    async def deliver_message(self, payload: IncomingPayload) -> str:
+        """Deliver a message payload (`send`, `ring`: id, window, reply-to, body) exactly once to
+        its perch; "SENT" or "QUEUED". Raises Refusal NO_PERCH, RemoteProtocolError if malformed."""
+        ...
+
 
 class PayloadType(ABC):
     """A kind of payload that travels between nodes (send, ring, notify, file, third parties).

@@ -20,10 +20,7 @@ class Ring(PayloadType):
 
     @classmethod
     async def handle(cls, ctx: PayloadContext, payload: IncomingPayload) -> Mapping[str, Any]:
-        msg = payload.value
-        attrs = [("ring", "1"), *((str(k), str(v)) for k, v in msg.get("attrs", []) if k != "ring")]
-        token = await ctx.deliver(payload.perch, "msg", msg["body"], attrs, sender=payload.sender_form)
-        return {"token": token}
+        return {"token": await ctx.deliver_message(payload)}
 
 
 @hookimpl

@@ -22,10 +22,7 @@ class Send(PayloadType):
 
     @classmethod
     async def handle(cls, ctx: PayloadContext, payload: IncomingPayload) -> Mapping[str, Any]:
-        msg = payload.value
-        attrs = [(str(k), str(v)) for k, v in msg.get("attrs", [])]
-        token = await ctx.deliver(payload.perch, "msg", msg["body"], attrs, sender=payload.sender_form)
-        return {"token": token}
+        return {"token": await ctx.deliver_message(payload)}
 
 
 @hookimpl

@@ -227,3 +227,16 @@ def test_rows_of_a_silent_node_turn_offline_after_the_ttl_and_back(spt_nodes):
     assert [m["online"] for m in members if m["label"] == "beta"] == [False]
     b.start()
     wait_for(lambda: listed(a, "bob")[0]["state"] == "active", timeout=30, what="bob back")
+
+
+def test_a_node_without_the_ring_plugin_refuses_rings_by_name(spt_nodes):
+    a, b = spt_nodes.subnet(["alpha", "beta"], config=CONFIG)
+    b.stop()
+    b.env["SPT_DISABLE_PLUGINS"] = "ring"
+    b.start()
+    start_listener(b, "bob").terminate()
+    wait_for(lambda: listed(a, "bob"), what="bob's row")
+    refused = a.cli("ring", "bob", "--timeout", "3", input="x")
+    assert refused.returncode == 1
+    assert refused.stderr.startswith("UNKNOWN_PAYLOAD_TYPE:ring")
+    assert a.cli("send", "bob", input="plain send still works").stdout == "QUEUED:bob\n"
