@@ -205,7 +205,7 @@ class Daemon:
             "subnets": [s.name for s in self.subnets.held.values()],
             "peers": self._peer_counts(),
             "hosted": 0,
-            "unread": 0,
+            "unread": self.store.query("SELECT COUNT(*) AS n FROM notifications WHERE acked=0")[0]["n"],
             "warnings": warnings,
         }
 

@@ -78,18 +78,11 @@ class JoinResult:
 class Members:
     """Owns the transport; answers peers; joins; replicates membership logs."""
 
-    def __init__(self, daemon: Daemon, transport_factory: Callable[..., Transport] = Transport) -> None:
+    def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
         self.subnets = daemon.subnets
         cfg = daemon.config
-        self.transport = transport_factory(
-            daemon.key,
-            host=cfg.bind,
-            port=cfg.port,
-            accept=self,
-            on_stream=self._on_stream,
-            idle_timeout=cfg.idle_timeout,
-        )
+        self.transport = self._make_transport(cfg.port)
         self.handlers: dict[str, MemberHandler] = {
             "log.sync": self._handle_log_sync,
             "log.push": self._handle_log_push,
@@ -123,16 +116,20 @@ class Members:
                 raise
             # SPEC.md §3.11: a random free port if the configured one is taken.
             log.warning("port taken; using a free one", extra={"port": self.daemon.config.port})
-            self.transport = Transport(
-                self.daemon.key, host=self.daemon.config.bind, port=0, accept=self,
-                on_stream=self._on_stream, idle_timeout=self.daemon.config.idle_timeout,
-            )
+            self.transport = self._make_transport(0)
             await self.transport.start()
         self.keep_members_connected()
         self.transport.paths.when_relay_registered(self.keep_members_connected)  # §7.3: a new path
         claims = self.key_change_claims()
         if claims:
             self.spawn(self.send_key_claims(claims), "key-change claim")
+
+    def _make_transport(self, port: int) -> Transport:
+        cfg = self.daemon.config
+        return Transport(
+            self.daemon.key, host=cfg.bind, port=port, accept=self, on_stream=self._on_stream,
+            idle_timeout=cfg.idle_timeout,
+        )
 
     async def close(self) -> None:
         self._closing = True

@@ -138,7 +138,8 @@ class Subnets:
         raise Refusal(token, "", f"this node holds {len(subs)} subnets; name one", lines=[f"  {s.name}" for s in subs])
 
     def departed(self) -> list[dict[str, Any]]:
-        """Subnets this node left or was pruned from: shown once in status, with the reason."""
+        """Subnets this node left or was pruned from, with the reason; listed in status until
+        this node joins that subnet again."""
         out = []
         for row in self.store.query("SELECT key, value FROM meta WHERE key LIKE 'departed:%' ORDER BY key"):
             info = json.loads(row["value"])
