@@ -1,63 +1,40 @@
-"""The `spt` command: a lazy root group, global options and `main()`.
+"""The `spt` command.
 
-Command modules load on first use (`_lazy.py`); nothing here imports aioquic, cryptography or a
-plugin, so an agent's per-message `spt send` stays cheap.
+`main()` is the executable's entry point. It stays free of click: `spt send`, which agents run
+once per message, takes the click-free path of `spt.cli._send`; everything else goes to the lazy
+click group in `spt.cli.root`.
 """
 
 from __future__ import annotations
 
 import sys
-from typing import Final, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-import click
-
-from spt import __version__
-from spt.cli._lazy import LazyGroup
-from spt.cli._state import state
-
-BUILTIN_COMMANDS: Final = {
-    "daemon": "spt.cli.daemon:daemon",
-    "endpoint": "spt.cli.endpoint:endpoint",
-    "how-to": "spt.cli.messaging:how_to",
-    "node": "spt.cli.node:node",
-    "plugins": "spt.cli.plugins:plugins",
-    "ready": "spt.cli.messaging:ready",
-    "ring": "spt.cli.messaging:ring",
-    "send": "spt.cli.messaging:send",
-    "subnet": "spt.cli.subnet:subnet",
-    "doctor": "spt.cli.doctor:doctor",
-    "whoami": "spt.cli.messaging:whoami",
-}
-
-
-def _blocks(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]) -> tuple[str, ...]:
-    names = []
-    for value in values:
-        if not value.startswith("no:") or len(value) == 3:
-            raise click.BadParameter(f"{value!r}: use -p no:NAME to disable a plugin")
-        names.append(value[3:])
-    return tuple(names)
-
-
-@click.group(cls=LazyGroup, lazy=BUILTIN_COMMANDS, with_plugins=True, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON document (read and status commands).")
-@click.option("-p", "blocks", multiple=True, callback=_blocks, metavar="no:PLUGIN", help="Disable a plugin by name.")
-@click.option("--debug", is_flag=True, help="Show tracebacks of internal errors.")
-@click.version_option(__version__, "-V", "--version", prog_name="spt")
-@click.pass_context
-def cli(ctx: click.Context, as_json: bool, blocks: tuple[str, ...], debug: bool) -> None:
-    """spt: connect your machines and the agents on them.
-
-    Join machines into a subnet once with a six-digit code; then `spt send NAME` reaches NAME
-    on whichever machine it runs.
-    """
-    st = state(ctx)
-    st.json = as_json
-    st.blocked = blocks
-    st.debug = debug
+if TYPE_CHECKING:
+    import click
 
 
 def main() -> NoReturn:
+    args = sys.argv[1:]
+    if args and args[0] == "send":
+        from spt.cli._send import fast_send
+
+        code = fast_send(args[1:])
+        if code is not None:
+            sys.exit(code)
     from spt.cli._dispatch import run
+    from spt.cli.root import cli
 
     sys.exit(run(cli))
+
+
+def __getattr__(name: str) -> Any:
+    # `from spt.cli import cli` keeps working without making every import pay for click.
+    if name == "cli":
+        from spt.cli.root import cli
+
+        return cli
+    raise AttributeError(name)
+
+
+cli: click.Group

@@ -11,6 +11,7 @@ import sys
 
 import click
 
+from spt.cli._output import report
 from spt.core.errors import EXIT_INTERNAL, EXIT_USAGE, SptError
 
 
@@ -25,10 +26,7 @@ def run(cli: click.Group, argv: list[str] | None = None) -> int:
             from spt.cli._state import elevated_command
 
             exc.lines = (elevated_command(args),)
-        sys.stderr.write(exc.status_line() + "\n")
-        for line in exc.lines:
-            sys.stderr.write(line + "\n")
-        return exc.instance_exit_code
+        return report(exc)
     except click.exceptions.Exit as exc:
         return int(exc.exit_code)
     except click.ClickException as exc:

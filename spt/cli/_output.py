@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from spt.core.errors import SptError
 
 
 def emit(token: str, subject: str = "", detail: str = "", *, err: bool = False) -> None:
@@ -18,6 +21,14 @@ def emit(token: str, subject: str = "", detail: str = "", *, err: bool = False) 
     stream = sys.stderr if err else sys.stdout
     stream.write(line + "\n")
     stream.flush()
+
+
+def report(exc: SptError) -> int:
+    """Print an error's token line and candidate lines on stderr; returns its exit code."""
+    sys.stderr.write(exc.status_line() + "\n")
+    for line in exc.lines:
+        sys.stderr.write(line + "\n")
+    return exc.instance_exit_code
 
 
 def hint(text: str) -> None:

@@ -6,12 +6,12 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any
 
-import click
-
 from spt.core.errors import ElevationRequired
 from spt.core.paths import StatePaths
 
 if TYPE_CHECKING:
+    import click
+
     from spt.manager import PluginSystem
 
 
@@ -26,6 +26,8 @@ class CliState:
 
 
 def state(ctx: click.Context | None = None) -> CliState:
+    import click
+
     ctx = ctx or click.get_current_context()
     obj = ctx.find_root().obj
     if not isinstance(obj, CliState):

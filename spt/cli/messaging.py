@@ -21,31 +21,12 @@ from typing import Any
 import click
 
 from spt.cli._output import emit, out, print_json
+from spt.cli._send import identity, read_body, send_message, window
 from spt.cli._state import daemon_call, is_interactive, state
 from spt.core.errors import UsageError
 from spt.core.ipc import IpcConnection
 
 # --- identity and bodies ---------------------------------------------------------------------
-
-
-def _identity(from_id: str | None) -> str | None:
-    """SPEC.md §3.1: `--from`, else `SPT_AGENT_ID`, else none."""
-    return from_id or os.environ.get("SPT_AGENT_ID") or None
-
-
-def _read_body() -> str:
-    from spt.core.proto.body import MAX_BODY_BYTES, check_body
-
-    raw = sys.stdin.buffer.read(MAX_BODY_BYTES + 1) if sys.stdin is not None else b""
-    return check_body(raw)
-
-
-def _window(active_only: bool, deferred: bool, idle_only: bool) -> str:
-    if (active_only or deferred) and idle_only:
-        raise UsageError("BAD_USAGE", "", "--active-only and --idle-only exclude each other")
-    if active_only or deferred:
-        return "active"
-    return "idle" if idle_only else "default"
 
 
 def _message_options(f: Any) -> Any:
@@ -143,19 +124,10 @@ def send(
     json_payload: str | None,
 ) -> None:
     """Send stdin to ADDRESS: SENT when a listener took it, else QUEUED (do not retry)."""
-    window = _window(active_only, deferred, idle_only)
-    body = _read_body()
-    doc = daemon_call(
-        "msg.send",
-        {
-            "address": address,
-            "from": _identity(from_id),
-            "body": body,
-            "json": json_payload,
-            "window": window,
-        },
+    send_message(
+        address, from_id=from_id, active_only=active_only, deferred=deferred, idle_only=idle_only,
+        json_payload=json_payload,
     )
-    emit(doc["token"], address)
 
 
 @click.command()
@@ -174,8 +146,8 @@ def ring(
     timeout: float,
 ) -> None:
     """Send stdin to ADDRESS and wait for the reply (printed as an envelope), else TIMEOUT."""
-    window = _window(active_only, deferred, idle_only)
-    body = _read_body()
+    chosen_window = window(active_only, deferred, idle_only)
+    body = read_body()
     stream = _Stream()
 
     def on_event(event: dict[str, Any]) -> None:
@@ -186,10 +158,10 @@ def ring(
 
     args = {
         "address": address,
-        "from": _identity(from_id),
+        "from": identity(from_id),
         "body": body,
         "json": json_payload,
-        "window": window,
+        "window": chosen_window,
         "timeout": timeout,
     }
     result = stream.run("msg.ring", args, on_event)
@@ -238,7 +210,7 @@ def ready(endpoint_id: str | None, once: bool, subnet: str | None, timeout: floa
 @click.pass_context
 def whoami(ctx: click.Context, as_json: bool) -> None:
     """Who this caller is ($SPT_AGENT_ID), its perch state, and the subnets."""
-    doc = daemon_call("endpoint.whoami", {"self": _identity(None)})
+    doc = daemon_call("endpoint.whoami", {"self": identity(None)})
     if as_json or state(ctx).json:
         print_json(doc)
         return
