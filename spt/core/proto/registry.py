@@ -25,7 +25,6 @@ record's node is still a member of the subnet is the caller's check, made before
 from __future__ import annotations
 
 import enum
-import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -33,6 +32,7 @@ from typing import Any, Final
 
 from spt.core.errors import IdentityError, LocalProtocolError, RemoteProtocolError, UsageError
 from spt.core.identity import NodeId, NodeKey
+from spt.core.proto.canonical import canonical_bytes
 from spt.core.proto.hlc import HlcTimestamp
 from spt.core.proto.resolve import Row
 from spt.core.types import canonical_subnet_name, check_endpoint_id, check_subnet_name
@@ -48,26 +48,6 @@ _MAX_LIST: Final = 64
 _MAX_TEXT: Final = 2048
 _HEX64_RE: Final = re.compile(r"[0-9a-f]{64}")
 _SIG_RE: Final = re.compile(r"[0-9a-f]{128}")
-
-
-def _canonical(value: object) -> bytes:
-    """Canonical JSON: sorted keys, no whitespace, UTF-8, integers only (as SPEC.md §6.1)."""
-    _check_canonical(value)
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-
-
-def _check_canonical(value: object) -> None:
-    if value is None or isinstance(value, str | bool | int):
-        return
-    if isinstance(value, list):
-        for item in value:
-            _check_canonical(item)
-        return
-    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
-        for item in value.values():
-            _check_canonical(item)
-        return
-    raise LocalProtocolError(type(value).__name__, "canonical JSON holds dicts, lists, str, int, bool, None")
 
 
 def check_description(text: str) -> str:
@@ -132,7 +112,7 @@ class RegistryRow:
 
     def signed_bytes(self) -> bytes:
         """What the signature covers: `"spt/row/v1"` ‖ canonical JSON of every field but `sig`."""
-        return ROW_DOMAIN + _canonical(self._content())
+        return ROW_DOMAIN + canonical_bytes(self._content())
 
     def verify(self) -> bool:
         """True when the row is signed by the node it describes."""
@@ -330,7 +310,7 @@ class Presence:
 
     def signed_bytes(self) -> bytes:
         """`"spt/presence/v1"` ‖ canonical JSON of every field but `sig`."""
-        return PRESENCE_DOMAIN + _canonical(self._content())
+        return PRESENCE_DOMAIN + canonical_bytes(self._content())
 
     def verify(self) -> bool:
         """True when the record is signed by the node it describes."""
