@@ -27,6 +27,11 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # editable_mode=compat: a plain path entry instead of an import-hook finder per package, which
 # would cost every `spt` invocation ~30 ms of start-up (bench/cli_startup.py).
-.venv/bin/python -m pip install -q --disable-pip-version-check --config-settings editable_mode=compat \
+# Its output (setuptools' warnings included) goes to a log, shown only when the install fails.
+if ! .venv/bin/python -m pip install -q --disable-pip-version-check --config-settings editable_mode=compat \
   -e '.[dev]' -e plugins/spt_relay_fallback -e plugins/spt_filetransfer -e plugins/spt_selfupdate \
-  -e examples/spt_location
+  -e examples/spt_location > .venv/pip-install.log 2>&1; then
+  cat .venv/pip-install.log >&2
+  echo "setup: pip install failed (log above)" >&2
+  exit 1
+fi
