@@ -8,7 +8,7 @@ What lives here (SPEC.md §4.2–4.6):
 - `remote_request`: suspend and wake for an instance on another node.
 - Registry replication: each node signs its own rows per subnet (only where the instance is
   visible; hiding publishes a tombstone) and a presence record; changes are pushed at once,
-  digests compared on connect and every presence interval; silent nodes turn offline.
+  digests compared on connect and every 60 s; silent nodes turn offline.
 
 Subnet isolation: a record or message for subnet S only ever travels on a member connection to a
 current member of S, and rows of S never leave S's view.
@@ -27,6 +27,7 @@ from spt.core.errors import PeerError, Refusal, RemoteProtocolError
 from spt.core.identity import NodeId
 from spt.core.members import remote_refusal
 from spt.core.net.connections import Connection, RequestError
+from spt.core.net.transport import ALPN_MEMBER
 from spt.core.proto.frames import Frame
 from spt.core.proto.registry import (
     Presence,
@@ -48,7 +49,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-FORWARD_TIMEOUT: Final = 10.0  # §4.2 step 4: no answer within 10 s means QUEUED
+FORWARD_TIMEOUT: Final = 10.0
+ANTI_ENTROPY_SECONDS: Final = 60.0  # §4.2 step 4: no answer within 10 s means QUEUED
 DRAIN_INTERVAL: Final = 1.0
 DRAIN_BATCH: Final = 200
 DRAIN_BATCHES: Final = 100
@@ -303,9 +305,16 @@ class Messaging:
 
     async def _presence_loop(self) -> None:
         interval = self.daemon.config.presence_interval
+        every = max(1, round(ANTI_ENTROPY_SECONDS / interval))  # digest rounds, in presence ticks
+        tick = 0
         while True:
             try:
                 self.publish()
+                tick += 1
+                if tick % every == 0:  # §4.5: digests are compared every 60 s, not only on connect
+                    for conn in self.members.transport.connections():
+                        if conn.alpn == ALPN_MEMBER and self.members.shared_subnets(conn.peer):
+                            self.members.spawn(self.sync(conn), "registry anti-entropy")
             except Exception:
                 log.exception("publishing presence failed")
             await asyncio.sleep(interval)
