@@ -339,7 +339,7 @@ class Members:
             )
 
     async def _handle_join_record(self, conn: Connection, frame: Frame) -> tuple[str, Any]:
-        body = _map(frame.body)
+        body = body_map(frame.body)
         sub = self.require_member(conn, body.get("subnet"))
         if body.get("kind") == "failure":
             failure = jp.FailureRecord.from_dict(body.get("record"))
@@ -479,7 +479,7 @@ class Members:
         self.keep_members_connected()
 
     async def _handle_log_offer(self, conn: Connection, frame: Frame) -> tuple[str, Any]:
-        body = _map(frame.body)
+        body = body_map(frame.body)
         sub = self._held(body.get("subnet"))
         if sub is None:
             return "error", {"code": "not-here", "message": "this node does not hold that subnet"}
@@ -595,7 +595,7 @@ class Members:
             except RequestError as exc:  # e.g. the peer detached this one subnet; go on with the rest
                 log.info("log sync skipped a subnet", extra={"subnet": sub.name, "reason": str(exc)})
                 continue
-            body = _map(reply.body)
+            body = body_map(reply.body)
             self.merge(sub, _entries(body.get("entries")))
             their_heads = [bytes.fromhex(h) for h in body.get("heads", []) if isinstance(h, str)]
             theirs_missing = sub.log.entries_since(their_heads, limit=MAX_SYNC_ENTRIES)
@@ -609,14 +609,14 @@ class Members:
         self.daemon.peer_synced(conn)
 
     async def _handle_log_sync(self, conn: Connection, frame: Frame) -> tuple[str, Any]:
-        body = _map(frame.body)
+        body = body_map(frame.body)
         sub = self.require_member(conn, body.get("subnet"))
         heads = [bytes.fromhex(h) for h in body.get("heads", []) if isinstance(h, str)]
         entries = sub.log.entries_since(heads, limit=MAX_SYNC_ENTRIES)
         return "log.entries", {"entries": [e.to_dict() for e in entries], "heads": [h.hex() for h in sub.log.heads()]}
 
     async def _handle_log_push(self, conn: Connection, frame: Frame) -> tuple[str, Any]:
-        body = _map(frame.body)
+        body = body_map(frame.body)
         sub = self._held(body.get("subnet"))
         if sub is None or not sub.attached:
             return "error", {"code": "not-here", "message": "this node does not serve that subnet"}
@@ -696,7 +696,7 @@ class Members:
     async def _fetch_seed(self, conn: Connection, sub: HeldSubnet) -> None:
         reply = await conn.request("seed.fetch", {"subnet": sub.id.hex()}, timeout=REQUEST_TIMEOUT)
         if reply.type == "seed":
-            self._install_seed(sub, _map(reply.body))
+            self._install_seed(sub, body_map(reply.body))
 
     def _install_seed(self, sub: HeldSubnet, body: Mapping[str, Any]) -> bool:
         epoch, raw = body.get("epoch"), body.get("seed")
@@ -713,13 +713,13 @@ class Members:
         return True
 
     async def _handle_seed_fetch(self, conn: Connection, frame: Frame) -> tuple[str, Any]:
-        sub = self.require_member(conn, _map(frame.body).get("subnet"))
+        sub = self.require_member(conn, body_map(frame.body).get("subnet"))
         if sub.seed is None or sub.epoch != sub.state().epoch:
             return "no-seed", {}
         return "seed", {"epoch": sub.epoch, "seed": sub.seed.reveal()}
 
     async def _handle_seed_install(self, conn: Connection, frame: Frame) -> tuple[str, Any]:
-        body = _map(frame.body)
+        body = body_map(frame.body)
         sub = self.require_member(conn, body.get("subnet"))
         return "ok", {"installed": self._install_seed(sub, body)}
 
@@ -751,7 +751,7 @@ class Members:
             "via": via,
             "reason": why,
             "rtt_ms": conn.rtt_ms,
-            "since": _iso(time.time() - (asyncio.get_running_loop().time() - since)) if since is not None else None,
+            "since": jp.iso_utc(int((time.time() - (asyncio.get_running_loop().time() - since)) * 1000)) if since is not None else None,
         }
 
     # -- detach, attach (SPEC.md §4.8) -----------------------------------------------------------
@@ -885,7 +885,7 @@ class Members:
         return True
 
     async def _handle_key_claim(self, conn: Connection, frame: Frame) -> tuple[str, Any]:
-        body = _map(frame.body)
+        body = body_map(frame.body)
         sub = self._held(body.get("subnet"))
         if sub is None or not sub.attached:
             return "error", {"code": "not-here", "message": "this node does not serve that subnet"}
@@ -942,7 +942,7 @@ class Members:
             if label is None:
                 continue  # the old key is gone (pruned, left, rekeyed): the claim is moot
             out.append({
-                "subnet": held.name, "old": old.hex, "new": new.hex, "since": _iso(float(row["since"])),
+                "subnet": held.name, "old": old.hex, "new": new.hex, "since": jp.iso_utc(int(float(row["since"]) * 1000)),
                 "old_key_signed": bool(row["old_signed"]), "label": label,
             })
         return out
@@ -997,8 +997,8 @@ class Members:
         except (PeerError, TimeoutError) as exc:
             raise Refusal("TRUST_FAILED", new.short, f"the claiming node did not answer: {exc}") from None
         if reply.type != "ok":
-            raise Refusal("TRUST_FAILED", new.short, f"the claiming node refused to countersign: {_map(reply.body).get('message', '')}")
-        signed = Entry.from_dict(_map(reply.body).get("entry"))
+            raise Refusal("TRUST_FAILED", new.short, f"the claiming node refused to countersign: {body_map(reply.body).get('message', '')}")
+        signed = Entry.from_dict(body_map(reply.body).get("entry"))
         if signed.to_dict() | {"countersig": None, "oldsig": None} != entry.to_dict() | {"countersig": None, "oldsig": None}:
             raise RemoteProtocolError("key.countersign", "the countersigned entry is not the one proposed")
         label = sub.state().members.get(old, "")
@@ -1012,7 +1012,7 @@ class Members:
 
     async def _handle_key_countersign(self, conn: Connection, frame: Frame) -> tuple[str, Any]:
         """The claimant's side of `trust accept`: countersign a rekey only for the claim it made."""
-        body = _map(frame.body)
+        body = body_map(frame.body)
         sub = self._held(body.get("subnet"))
         claimed = self.daemon.store.get_meta(f"key_claim:{sub.id.hex()}") if sub is not None else None
         if sub is None or claimed is None:
@@ -1160,10 +1160,6 @@ class _JoinAttempt:
             self.conn.close("join attempt finished")
 
 
-def _iso(epoch_seconds: float) -> str:
-    from datetime import UTC, datetime
-
-    return datetime.fromtimestamp(epoch_seconds, UTC).isoformat(timespec="seconds")
 
 
 def remote_refusal(exc: RequestError, address: str) -> SptError:
@@ -1217,7 +1213,8 @@ def _sig(value: Any) -> bytes:
     return raw
 
 
-def _map(value: Any) -> dict[str, Any]:
+def body_map(value: Any) -> dict[str, Any]:
+    """A request or reply body that must be a map; RemoteProtocolError otherwise."""
     if not isinstance(value, dict):
         raise RemoteProtocolError("body", "expected a map")
     return value

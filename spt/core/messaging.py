@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Final
 from spt import __version__
 from spt.core.errors import PeerError, Refusal, RemoteProtocolError
 from spt.core.identity import NodeId
-from spt.core.members import remote_refusal
+from spt.core.members import body_map, remote_refusal
 from spt.core.net.connections import Connection, RequestError
 from spt.core.net.transport import ALPN_MEMBER
 from spt.core.proto.frames import Frame
@@ -98,15 +98,15 @@ class Messaging:
                 if exc.code in ("NOT_A_MEMBER", "NOT_HERE"):
                     raise  # a path or standing problem: the message waits in the outgoing spool
                 raise remote_refusal(exc, str(payload.get("to", ""))) from exc
-        token = _map(reply.body).get("token")
+        token = body_map(reply.body).get("token")
         if token not in ("SENT", "QUEUED"):
             raise RemoteProtocolError("msg.deliver", f"unexpected answer {token!r}")
         return str(token)
 
     async def _handle_deliver(self, conn: Connection, frame: Frame) -> tuple[str, Any]:
-        body = _map(frame.body)
+        body = body_map(frame.body)
         sub = self.members.require_member(conn, body.get("subnet"))
-        payload = _map(body.get("payload"))
+        payload = body_map(body.get("payload"))
         # Messages are the `send` and `ring` payload types: their plugins handle them (a node
         # that lacks one refuses it by name), after the payload policy hook.
         attrs = payload.get("attrs") or []
@@ -188,13 +188,13 @@ class Messaging:
                 )
             except RequestError as exc:
                 raise remote_refusal(exc, str(args.get("id", ""))) from exc
-        return _map(reply.body)
+        return body_map(reply.body)
 
     async def _handle_endpoint_request(self, conn: Connection, frame: Frame) -> tuple[str, Any]:
-        body = _map(frame.body)
+        body = body_map(frame.body)
         sub = self.members.require_member(conn, body.get("subnet"))
         result = await self.endpoints.handle_remote_request(
-            str(body.get("kind")), _map(body.get("args")), subnet=sub.name, requester=conn.peer
+            str(body.get("kind")), body_map(body.get("args")), subnet=sub.name, requester=conn.peer
         )
         return "endpoint.result", result
 
@@ -268,13 +268,13 @@ class Messaging:
         view.note_heard(source, now_ms)
 
     async def _handle_registry_push(self, conn: Connection, frame: Frame) -> tuple[str, Any]:
-        body = _map(frame.body)
+        body = body_map(frame.body)
         sub = self.members.require_member(conn, body.get("subnet"))
         self._merge_records(sub, body.get("records"), conn.peer)
         return "ok", {}
 
     async def _handle_registry_sync(self, conn: Connection, frame: Frame) -> tuple[str, Any]:
-        body = _map(frame.body)
+        body = body_map(frame.body)
         sub = self.members.require_member(conn, body.get("subnet"))
         theirs = digest_from_wire(body.get("digest"))
         view = self.view(sub)
@@ -293,7 +293,7 @@ class Messaging:
             except (PeerError, TimeoutError) as exc:  # e.g. the peer detached this one subnet
                 log.info("registry sync skipped a subnet", extra={"subnet": sub.name, "reason": str(exc)})
                 continue
-            body = _map(reply.body)
+            body = body_map(reply.body)
             self._merge_records(sub, body.get("records"), conn.peer)
             lacking = view.missing_for(digest_from_wire(body.get("digest")))[:MAX_RECORDS]
             if lacking:
@@ -354,8 +354,3 @@ class Messaging:
         view = self.views.get(sub.id)
         return view.presence(node) if view is not None else None
 
-
-def _map(value: Any) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise RemoteProtocolError("body", "expected a map")
-    return value
