@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The test command: set-up, then lint, type checks, layering, and every test (network-namespace
-# tests included; they need root, which CI has).
+# tests included). As root (CI) the netns lab is required: a lab that cannot be built fails the
+# run with the reason, and a test marked `root` or `lab` that skips fails (spt.testing.required).
+# As a normal user those tests skip, folded into one summary line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -8,4 +10,9 @@ export PATH="$PWD/.venv/bin:$PATH"
 echo "== ruff"; ruff check spt plugins tests bench scripts examples
 echo "== mypy"; mypy spt plugins/spt_relay_fallback/spt_relay_fallback plugins/spt_filetransfer/spt_filetransfer plugins/spt_selfupdate/spt_selfupdate
 echo "== import layers"; lint-imports
-echo "== pytest"; python -m pytest -q -p no:cacheprovider "$@"
+if [ "$(id -u)" = 0 ]; then
+    echo "== netns lab (required as root)"; python -m spt.testing.labcheck
+else
+    echo "== netns lab: not root, so tests marked root/lab skip (one summary line below)"
+fi
+echo "== pytest"; python -m pytest -q -rfEs -p no:cacheprovider "$@"

@@ -8,6 +8,11 @@ Fixtures:
 - `spt_node_pair`: two real nodes, `alpha` and `beta`, in one subnet `home` (for plugin authors).
 - `netns_lab`: a factory of network-namespace labs (`spt.testing.netns`), torn down after.
 
+Markers (`spt.testing.required`): `@pytest.mark.root` for tests that need root and
+`@pytest.mark.lab` (alias `netns`) for tests that build a netns lab. As a normal user they skip,
+folded into one summary line; as root they must run (a skip becomes a failure, and a lab that
+cannot be built fails with the reason).
+
 pytest loads this module wherever spt is installed, so it imports only what is cheap; the rest
 is imported inside the fixtures.
 """
@@ -20,13 +25,29 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from spt.testing.netns import netns_lab
+from spt.testing.required import (
+    pytest_collection_modifyitems,
+    pytest_configure,
+    pytest_runtest_makereport,
+    pytest_runtest_setup,
+)
 
 if TYPE_CHECKING:
     from spt.manager import PluginSystem
     from spt.testing.nodes import Node, NodeFactory
 
 
-__all__ = ["netns_lab", "register_plugin", "spt_node_pair", "spt_nodes", "spt_pm"]
+__all__ = [
+    "netns_lab",
+    "pytest_collection_modifyitems",
+    "pytest_configure",
+    "pytest_runtest_makereport",
+    "pytest_runtest_setup",
+    "register_plugin",
+    "spt_node_pair",
+    "spt_nodes",
+    "spt_pm",
+]
 
 
 @pytest.fixture

@@ -36,13 +36,19 @@ Running things:
   `loop.create_datagram_endpoint(sock=...)`). `lab.in_netns(host)` (and the module-level
   `in_netns(ns)`) switch the *calling* thread for the duration of a ``with`` block; never
   ``await`` inside one, or other tasks would run in that namespace.
+- Faults: `lab.cut(a, b)` cuts the link between two hosts (or a host and the relay) with
+  iptables DROP at both ends, `lab.cut(a, b, how="down")` takes `a`'s link down; the returned
+  `Cut` heals with `heal()` (or as a ``with`` block). `lab.flush_conntrack(router)` makes one
+  NAT (or every router) forget its mappings.
 - `lab.addr(host)`, `lab.ping(src, dst)` (raw ICMP, no `ping` binary needed),
   `lab.capture(host, "udp port 3478")` (tcpdump, bounded start and stop; `udp_datagrams()`
   parses the result).
 
-In pytest, use the `netns_lab` factory fixture; it skips the test when the lab is unavailable
-(`ok, why = available()`: not root, or `ip` / `iptables` missing) and closes every lab it made
-in its finalizer.
+In pytest, mark the test `lab` and use the `netns_lab` factory fixture; it closes every lab it
+made in its finalizer. When the lab is unavailable (`ok, why = available()`: not root, or `ip` /
+`iptables` missing) the test skips as a normal user and fails as root (`spt.testing.required`).
+`self_check()` builds a small lab and uses every tool the lab tests need; `scripts/test.sh` runs
+it first when run as root, so a machine that cannot build the lab fails CI with the reason.
 Debian packages: iproute2 (ip), iptables, conntrack (`flush_conntrack`), tcpdump (`capture`).
 """
 
@@ -76,6 +82,7 @@ import pytest
 
 __all__ = [
     "Capture",
+    "Cut",
     "Lab",
     "LabError",
     "Lan",
@@ -88,6 +95,7 @@ __all__ = [
     "netns_lab",
     "pcap_frames",
     "run_in_netns",
+    "self_check",
     "udp_datagrams",
     "unavailable_reason",
 ]
@@ -340,6 +348,7 @@ class Lab:
         self._procs: list[tuple[subprocess.Popen[Any], bool]] = []
         self._sockets: list[socket.socket] = []
         self._captures: list[Capture] = []
+        self._cuts: list[Cut] = []
         self._next_lan = 1
         self._next_ifindex = 100
         self._created: list[str] = []  # namespaces this lab made: the only ones it deletes
@@ -629,14 +638,6 @@ class Lab:
             _in_thread(lambda: _wait_running(plan.links, LINK_TIMEOUT), timeout=LINK_TIMEOUT + 5,
                        name=f"links:{self.prefix}")
 
-    def flush_conntrack(self) -> None:
-        """Forget every NAT mapping and connection-tracking entry in the lab's routers."""
-        self._check_open()
-        tool = _require("conntrack", "conntrack")
-        routers = [n.ns for n in self.nodes.values() if n.role == "router"]
-        if routers:
-            self._run_parallel([[self._ip, "netns", "exec", ns, tool, "-F"] for ns in routers])
-
     # -- running things ----------------------------------------------------------------------
 
     def popen(self, host: str, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
@@ -750,6 +751,51 @@ class Lab:
         cap.start()
         return cap
 
+    # -- faults: cutting links, forgetting NAT mappings ---------------------------------------
+
+    def seen_as(self, host: str) -> list[str]:
+        """The addresses other hosts see `host`'s packets come from: its own, and its NAT
+        router's public address when its LAN has a gateway."""
+        node = self.node(host)
+        addrs = [self.addr(host)]
+        lan = self.lans.get(node.lan or "")
+        if node.role == "host" and lan is not None and lan.gateway is not None:
+            addrs += [n.addr for n in self.nodes.values()
+                      if n.role == "router" and n.lan == lan.name and n.addr is not None]
+        return addrs
+
+    def cut(self, a: str, b: str, *, how: Literal["drop", "down"] = "drop") -> Cut:
+        """Cut the link between hosts `a` and `b` (either may be the relay); `heal()` the result.
+
+        ``how="drop"``: iptables DROP on INPUT at both ends for packets from the other's
+        addresses (`seen_as`), so the senders see no error, just silence, as on a real
+        partition; traffic through a relay between the two is not affected.
+        ``how="down"``: `a`'s eth0 goes down (it loses every peer, `b` is only documentation);
+        healing brings it up and restores its routes.
+        """
+        self._check_open()
+        cut = Cut(self, a, b, how)
+        cut.apply()
+        return cut
+
+    def flush_conntrack(self, router: str | None = None) -> None:
+        """Forget NAT mappings and connection-tracking entries: in `router` only, or in every
+        router of the lab."""
+        self._check_open()
+        tool = _require("conntrack", "conntrack")
+        if router is not None:
+            if self.node(router).role != "router":
+                raise LabError(f"{router!r} is not a router")
+            routers = [self.ns(router)]
+        else:
+            routers = [n.ns for n in self.nodes.values() if n.role == "router"]
+        if routers:
+            self._run_parallel([[self._ip, "netns", "exec", ns, tool, "-F"] for ns in routers])
+
+    def _iptables(self, host: str, *args: str) -> None:
+        tool = _require("iptables", "iptables")
+        self._run_parallel([[self._ip, "netns", "exec", self.ns(host), tool, "-w", *args]])
+
     # -- teardown ----------------------------------------------------------------------------
 
     def _stop_processes(self) -> None:
@@ -836,6 +882,65 @@ class Lab:
             raise LabError(f"teardown of lab {self.prefix}: " + "; ".join(errors))
 
 
+class Cut:
+    """One cut link of a lab (`Lab.cut`); `heal()` restores it. Usable as a context manager."""
+
+    def __init__(self, lab: Lab, a: str, b: str, how: Literal["drop", "down"]) -> None:
+        if how not in ("drop", "down"):
+            raise LabError(f"unknown cut {how!r}; use 'drop' or 'down'")
+        for host in (a, b):
+            if lab.node(host).role != "host":
+                raise LabError(f"{host!r} is not a host")
+        self.lab, self.a, self.b, self.how = lab, a, b, how
+        self.active = False
+        self._rules: list[tuple[str, list[str]]] = []  # (host, rule) pairs inserted in INPUT
+        self._routes: list[str] = []
+
+    def apply(self) -> None:
+        if self.active:
+            return
+        if self.how == "drop":
+            self._rules = [(self.a, ["-s", src, "-j", "DROP"]) for src in self.lab.seen_as(self.b)]
+            self._rules += [(self.b, ["-s", src, "-j", "DROP"]) for src in self.lab.seen_as(self.a)]
+            for host, rule in self._rules:
+                self.lab._iptables(host, "-I", "INPUT", "1", *rule)
+        else:
+            ns = self.lab.ns(self.a)
+            shown = subprocess.run([self.lab._ip, "-n", ns, "route", "show"], capture_output=True,
+                                   text=True, timeout=CMD_TIMEOUT, check=True).stdout
+            # routes through eth0 other than the connected one vanish with the link
+            self._routes = [line.strip() for line in shown.splitlines()
+                            if "dev eth0" in line and "proto kernel" not in line]
+            self.lab._run_parallel([[self.lab._ip, "-n", ns, "link", "set", "eth0", "down"]])
+        self.active = True
+        self.lab._cuts.append(self)
+
+    def heal(self) -> None:
+        """Restore the link (idempotent); with ``how="down"`` waits until eth0 runs again."""
+        if not self.active or self.lab._closed:
+            return
+        self.active = False
+        if self.how == "drop":
+            for host, rule in self._rules:
+                self.lab._iptables(host, "-D", "INPUT", *rule)
+        else:
+            ns = self.lab.ns(self.a)
+            self.lab._run_parallel([[self.lab._ip, "-n", ns, "link", "set", "eth0", "up"]])
+            _in_thread(lambda: _wait_running({ns: ["eth0"]}, LINK_TIMEOUT), timeout=LINK_TIMEOUT + 5,
+                       name=f"heal:{ns}")
+            if self._routes:
+                self.lab._run_parallel([[self.lab._ip, "-n", ns, "-b",
+                                         self.lab._batch_file([f"route replace {r}" for r in self._routes])]])
+
+    def __enter__(self) -> Cut:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.heal()
+
+
 def _wait_running(links: Mapping[str, Sequence[str]], timeout: float) -> None:
     """Poll (SIOCGIFFLAGS) until every listed interface has IFF_RUNNING, or raise LabError."""
     deadline = time.monotonic() + timeout
@@ -866,6 +971,36 @@ def _checksum(data: bytes) -> int:
     total = (total >> 16) + (total & 0xFFFF)
     total += total >> 16
     return ~total & 0xFFFF
+
+
+def self_check() -> dict[str, float]:
+    """Build a small lab and use every tool the lab tests need (namespaces, NAT, ping, iptables
+    cut and heal, link down and up, conntrack, tcpdump); raise LabError naming what failed.
+    Returns the timings. `scripts/test.sh` runs it first as root (``python -m spt.testing.labcheck``)."""
+    reason = unavailable_reason()
+    if reason is not None:
+        raise LabError(reason)
+    for tool, package in (("conntrack", "conntrack"), ("tcpdump", "tcpdump")):
+        _require(tool, package)
+    started = time.monotonic()
+    with Lab() as lab:
+        t = lab.two_nats("eim", "eim")
+        if not lab.ping(t.a, t.relay):
+            raise LabError(f"{t.a} cannot ping the relay through its NAT")
+        with lab.cut(t.a, t.relay):
+            if lab.ping(t.a, t.relay, timeout=0.3):
+                raise LabError("an iptables cut between a host and the relay let a ping through")
+        with lab.cut(t.b, t.relay, how="down"):
+            if lab.ping(t.b, t.relay, timeout=0.3):
+                raise LabError("a link taken down let a ping through")
+        with lab.capture(t.relay, "icmp", max_seconds=10) as cap:
+            if not (lab.ping(t.a, t.relay) and lab.ping(t.b, t.relay)):
+                raise LabError("healed links do not carry pings")
+        if len(pcap_frames(cap.data)[1]) < 2:
+            raise LabError(f"tcpdump captured nothing: {cap.stderr}")
+        lab.flush_conntrack(t.nat_a)
+        lab.timings["self_check"] = time.monotonic() - started
+        return dict(lab.timings)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1063,9 +1198,13 @@ def udp_datagrams(data: bytes) -> list[UdpDatagram]:
 
 @pytest.fixture
 def netns_lab() -> Iterator[Callable[..., Lab]]:
-    """Factory of `Lab`s (same arguments as `Lab`); skips when unavailable, closes them after."""
+    """Factory of `Lab`s (same arguments as `Lab`), closed after the test. When the lab cannot
+    run, it skips as a normal user and fails as root (CI): see `spt.testing.required`."""
     reason = unavailable_reason()
     if reason is not None:
+        if os.geteuid() == 0:
+            pytest.fail(f"the netns lab is required when running as root, and cannot run: {reason}",
+                        pytrace=False)
         pytest.skip(reason)
     labs: list[Lab] = []
 
@@ -1083,3 +1222,4 @@ def netns_lab() -> Iterator[Callable[..., Lab]]:
             errors.append(str(exc))
     if errors:
         raise LabError("; ".join(errors))
+

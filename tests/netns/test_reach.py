@@ -28,7 +28,7 @@ import pytest
 from spt.testing.netns import Lab, pcap_frames, udp_datagrams
 from spt.testing.nodes import Node
 
-pytestmark = [pytest.mark.netns, pytest.mark.slow]
+pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
 NODE_PORT = 47470
 RELAY_PORT = 47471

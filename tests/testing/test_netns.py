@@ -16,10 +16,7 @@ import pytest
 from spt.testing import netns
 from spt.testing.netns import Lab, TwoNats
 
-pytestmark = [
-    pytest.mark.netns,
-    pytest.mark.skipif(not netns.available()[0], reason=netns.available()[1]),
-]
+pytestmark = [pytest.mark.lab]
 
 MakeLab = Callable[..., Lab]
 MDNS = ("224.0.0.251", 5353)
@@ -247,3 +244,29 @@ def test_a_namespace_the_lab_did_not_make_is_left_alone(netns_lab: MakeLab) -> N
         assert foreign in listed.stdout
     finally:
         subprocess.run(["ip", "netns", "del", foreign], check=True)
+
+
+def test_self_check_builds_and_uses_every_tool() -> None:
+    timings = netns.self_check()
+    assert 0 < timings["self_check"] < 30
+
+
+def test_cut_is_silent_symmetric_and_heals(netns_lab: MakeLab) -> None:
+    lab = netns_lab()
+    t = lab.two_nats("eim", "eim")
+    assert lab.seen_as(t.a) == [lab.addr(t.a), t.public_a]
+    rx_relay = lab.open_socket(t.relay, bind=(t.relay_addr, 7001))
+    tx_a = lab.open_socket(t.a)
+    tx_b = lab.open_socket(t.b)
+    with lab.cut(t.a, t.relay) as cut:
+        tx_a.sendto(b"lost", (t.relay_addr, 7001))  # no error for the sender: just silence
+        assert recv_all([rx_relay], 0.3) == []
+        tx_b.sendto(b"b still reaches the relay", (t.relay_addr, 7001))
+        assert [d for _, d, _ in recv_all([rx_relay], 1.0, want=1)] == [b"b still reaches the relay"]
+        assert cut.active
+    assert not cut.active
+    tx_a.sendto(b"healed", (t.relay_addr, 7001))
+    assert [d for _, d, _ in recv_all([rx_relay], 1.0, want=1)] == [b"healed"]
+    with lab.cut(t.a, t.relay, how="down"):
+        assert not lab.ping(t.a, t.relay, timeout=0.3)
+    assert lab.ping(t.a, t.relay) and lab.ping(t.relay, t.public_a)  # routes came back too

@@ -1,7 +1,7 @@
 """A receiver on a small file system: refused before writing; a disk that fills mid-way fails cleanly.
 
-The receiving node's SPT_HOME is a 160 MiB tmpfs mounted for the test (tests run as root);
-without permission to mount, the test is skipped.
+The receiving node's SPT_HOME is a 160 MiB tmpfs mounted for the test, which needs root: marked
+`root`, so it skips as a normal user and fails as root when the mount is refused.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import subprocess
 import pytest
 from ft_helpers import CONFIG, inbox, join_pair, one, random_file, wait_for
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.root]
 
 MIB = 1 << 20
 
