@@ -996,8 +996,9 @@ def self_check() -> dict[str, float]:
         with lab.capture(t.relay, "icmp", max_seconds=10) as cap:
             if not (lab.ping(t.a, t.relay) and lab.ping(t.b, t.relay)):
                 raise LabError("healed links do not carry pings")
-        if len(pcap_frames(cap.data)[1]) < 2:
-            raise LabError(f"tcpdump captured nothing: {cap.stderr}")
+            cap.wait_frames(4, timeout=3.0)  # two requests, two replies
+        if len(pcap_frames(cap.data)[1]) < 4:
+            raise LabError(f"tcpdump did not capture the pings: {cap.stderr}")
         lab.flush_conntrack(t.nat_a)
         lab.timings["self_check"] = time.monotonic() - started
         return dict(lab.timings)
@@ -1107,6 +1108,16 @@ class Capture:
         with contextlib.suppress(OSError), open(self.path, "wb") as fh:
             fh.write(self._result)
         return self._result
+
+    def wait_frames(self, n: int, timeout: float = 5.0) -> int:
+        """Wait (bounded) until at least `n` frames have come out of tcpdump; return how many.
+        Stopping right after the traffic can lose what tcpdump has not written yet."""
+        deadline = time.monotonic() + timeout
+        while True:
+            count = len(pcap_frames(bytes(self._data))[1])
+            if count >= n or time.monotonic() >= deadline:
+                return count
+            time.sleep(0.02)
 
     @property
     def data(self) -> bytes:
