@@ -8,12 +8,17 @@ import time
 from collections.abc import Mapping, Sequence
 
 
-def time_command(argv: Sequence[str], runs: int, env: Mapping[str, str] | None = None) -> list[float]:
-    """Wall seconds of `runs` runs of `argv`; each must exit 0."""
+def time_command(
+    argv: Sequence[str], runs: int, env: Mapping[str, str] | None = None, *, input: bytes = b"", timeout: float = 60
+) -> list[float]:
+    """Wall seconds of `runs` runs of `argv`; each must exit 0 within `timeout`.
+
+    stdin is `input` (empty by default), never the bench's own terminal or stdin.
+    """
     samples = []
     for _ in range(runs):
         start = time.perf_counter()
-        subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, env=env)
+        subprocess.run(argv, check=True, input=input, capture_output=True, env=env, timeout=timeout)
         samples.append(time.perf_counter() - start)
     return samples
 
@@ -25,3 +30,45 @@ def pct(samples: Sequence[float], q: float) -> float:
 
 def median(samples: Sequence[float]) -> float:
     return statistics.median(samples)
+
+
+# --- rows for bench/all.py ---------------------------------------------------------------------
+# Each bench prints its own figures and, when SPT_BENCH_ROWS names a file, also appends one JSON
+# line per headline figure there; bench/all.py runs every bench and turns those lines into
+# bench/RESULTS.md. `goal` is ">= x" (higher is better) or "<= x" (lower is better) and applies to
+# `ratio` (value / baseline) when there is a baseline, else to `value` itself.
+
+ROWS_ENV = "SPT_BENCH_ROWS"
+
+
+def row(
+    figure: str,
+    value: float,
+    unit: str,
+    *,
+    baseline_name: str = "",
+    baseline: float | None = None,
+    goal: str = "",
+    note: str = "",
+) -> None:
+    """Record one headline figure for bench/all.py (a no-op when run alone)."""
+    import json
+    import os
+
+    path = os.environ.get(ROWS_ENV)
+    if not path:
+        return
+    ratio = value / baseline if baseline else None
+    record = {"figure": figure, "value": value, "unit": unit, "baseline_name": baseline_name,
+              "baseline": baseline, "ratio": ratio, "goal": goal, "note": note}
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def goal_met(goal: str, measured: float | None) -> bool | None:
+    """Whether `measured` meets `goal` (">= 1.0", "<= 3"); None when either is missing."""
+    if not goal or measured is None:
+        return None
+    op, _, bound = goal.partition(" ")
+    limit = float(bound)
+    return measured >= limit if op == ">=" else measured <= limit

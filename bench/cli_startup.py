@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _util import median, pct, time_command
+from _util import median, pct, row, time_command
 
 from spt.testing.nodes import NodeFactory
 
@@ -37,6 +37,7 @@ def main() -> None:
     print(f"python3 -c pass      median {b * 1000:7.1f} ms  p90 {pct(base, 0.9) * 1000:7.1f} ms")
     print(f"spt node show        median {s * 1000:7.1f} ms  p90 {pct(spt, 0.9) * 1000:7.1f} ms")
     print(f"ratio spt/python     {s / b:7.2f}x   (target <= 4)")
+    row("`spt node show` wall time", s * 1000, "ms", baseline_name="python3 -c pass", baseline=b * 1000, goal="<= 4")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "netns"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _util import row  # noqa: E402
 
 CHUNK = 64 * 1024
 
@@ -195,6 +198,11 @@ def main() -> None:
     print("   is the CLI and local delivery alone, so the network share is the difference)")
     d, r = bulk["direct_Bps"] / 1e6, bulk["relayed_Bps"] / 1e6
     print(f"{'one QUIC stream (MB/s)':34}{d:>10.2f}{r:>10.2f}{r / d:>16.2f}   ({total >> 20} MiB each, one run)")
+    row("relayed path settled after join", relayed["settle_s"] * 1000, "ms", goal="<= 1000")
+    row("direct path settled after join", direct["settle_s"] * 1000, "ms")
+    row("message across NATs, relayed", relayed["median_s"] * 1000, "ms", baseline_name="same-node message",
+        baseline=relayed["local_s"] * 1000)
+    row("one QUIC stream across NATs, relayed", r, "MB/s", baseline_name="direct (punched)", baseline=d)
 
 if __name__ == "__main__":
     main()

@@ -4,6 +4,13 @@ Run: `.venv/bin/python bench/transport.py [--quick]`. Not a test: it prints figu
 (targets: spt round trip <= 1.3x raw aioquic, spt bulk >= 0.8x raw aioquic). Round trips are
 one request per new stream (one request per message on a kept TCP connection); bulk is one
 stream of 64 KiB writes that the receiver acknowledges once it has read everything.
+
+Fair baselines: raw aioquic gets the same socket buffers (SO_RCVBUF/SO_SNDBUF) and flow-control
+windows as spt, and the same send-side backpressure (the writer waits while more than spt's
+per-stream bound is queued but untransmitted) instead of buffering the whole payload at once.
+Three interleaved rounds (raw aioquic, spt, TCP+TLS in turn, so all see the same machine noise),
+each with `--bulk-samples` bulk transfers per stack (at least 5 samples per bulk figure in all);
+the bulk figure is the median of the samples, printed with its spread.
 Loopback only; plain asyncio event loop (never uvloop, see DESIGN.md §3).
 """
 
@@ -11,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import socket
 import ssl
 import statistics
 import sys
@@ -26,10 +34,23 @@ from cryptography.hazmat.primitives import serialization
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _util import row  # noqa: E402
 
 from spt.core.identity import NodeKey  # noqa: E402
+from spt.core.net.connections import STREAM_SEND_BUFFER  # noqa: E402
 from spt.core.net.pinning import make_certificate  # noqa: E402
-from spt.core.net.transport import AllowKeys, Connection, Stream, Transport, serve_requests  # noqa: E402
+from spt.core.net.transport import (  # noqa: E402
+    DEFAULT_CONNECTION_WINDOW,
+    DEFAULT_STREAM_WINDOW,
+    SOCKET_BUFFER,
+    AllowKeys,
+    Connection,
+    Stream,
+    Transport,
+    serve_requests,
+)
 from spt.core.proto.frames import Frame  # noqa: E402
 
 HOST = "127.0.0.1"
@@ -41,7 +62,14 @@ class Result:
     def __init__(self, name: str) -> None:
         self.name = name
         self.rtts: list[float] = []
-        self.mb_s = 0.0
+        self.bulk: list[float] = []  # MB/s, one per bulk transfer
+
+    @property
+    def mb_s(self) -> float:
+        return statistics.median(self.bulk)
+
+    def spread(self) -> str:
+        return f"{min(self.bulk):.1f}-{max(self.bulk):.1f}"
 
     def pct(self, p: float) -> float:
         ordered = sorted(self.rtts)
@@ -60,7 +88,7 @@ async def timed_rtts(result: Result, n: int, one: Callable[[], Awaitable[None]])
 # --- spt ----------------------------------------------------------------------------------------
 
 
-async def bench_spt(n_rtt: int, bulk_bytes: int) -> Result:
+async def bench_spt(n_rtt: int, bulk_bytes: int, bulk_samples: int = 1) -> Result:
     result = Result("spt")
     ka, kb = NodeKey.generate(), NodeKey.generate()
 
@@ -92,17 +120,18 @@ async def bench_spt(n_rtt: int, bulk_bytes: int) -> Result:
 
         await timed_rtts(result, n_rtt, one)
         chunk = b"\xab" * CHUNK
-        start = time.perf_counter()
-        async with conn.open_stream() as stream:
-            sent = 0
-            while sent < bulk_bytes:
-                await stream.send("bulk", chunk)
-                sent += len(chunk)
-            await stream.end()
-            reply = await stream.recv(timeout=120)
-        elapsed = time.perf_counter() - start
-        assert reply is not None and reply.body == sent, reply
-        result.mb_s = sent / elapsed / 1e6
+        for _ in range(bulk_samples):
+            start = time.perf_counter()
+            async with conn.open_stream() as stream:
+                sent = 0
+                while sent < bulk_bytes:
+                    await stream.send("bulk", chunk)
+                    sent += len(chunk)
+                await stream.end()
+                reply = await stream.recv(timeout=120)
+            elapsed = time.perf_counter() - start
+            assert reply is not None and reply.body == sent, reply
+            result.bulk.append(sent / elapsed / 1e6)
     finally:
         await client.close()
         await server.close()
@@ -113,11 +142,14 @@ async def bench_spt(n_rtt: int, bulk_bytes: int) -> Result:
 
 
 def quic_configs(key_a: NodeKey, key_b: NodeKey) -> tuple[QuicConfiguration, QuicConfiguration]:
+    """Both sides with spt's flow-control windows."""
+    windows = {"max_stream_data": DEFAULT_STREAM_WINDOW, "max_data": DEFAULT_CONNECTION_WINDOW}
     server = QuicConfiguration(
         is_client=False,
         alpn_protocols=[ALPN],
         certificate=make_certificate(key_a),
         private_key=key_a.crypto_key,
+        **windows,  # type: ignore[arg-type]
     )
     client = QuicConfiguration(
         is_client=True,
@@ -125,11 +157,39 @@ def quic_configs(key_a: NodeKey, key_b: NodeKey) -> tuple[QuicConfiguration, Qui
         certificate=make_certificate(key_b),
         private_key=key_b.crypto_key,
         verify_mode=ssl.CERT_NONE,
+        **windows,  # type: ignore[arg-type]
     )
     return server, client
 
 
-async def bench_aioquic(n_rtt: int, bulk_bytes: int) -> Result:
+def set_socket_buffers(transport: asyncio.BaseTransport | None) -> None:
+    """spt's socket buffers (transport.SOCKET_BUFFER) on an aioquic UDP socket."""
+    assert transport is not None
+    sock = transport.get_extra_info("socket")
+    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
+
+
+class BackpressureProtocol(QuicConnectionProtocol):
+    """aioquic's protocol plus a wake-up after every transmit, so a writer can wait for room."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.transmitted = asyncio.Event()
+
+    def transmit(self) -> None:
+        super().transmit()
+        self.transmitted.set()
+
+    async def wait_room(self, stream_id: int, written: int) -> None:
+        """Wait while more than spt's per-stream bound of `written` is still untransmitted."""
+        sender = self._quic._streams[stream_id].sender
+        while written - sender.highest_offset > STREAM_SEND_BUFFER:
+            self.transmitted.clear()
+            await self.transmitted.wait()
+
+
+async def bench_aioquic(n_rtt: int, bulk_bytes: int, bulk_samples: int = 1) -> Result:
     result = Result("raw aioquic")
     server_config, client_config = quic_configs(NodeKey.generate(), NodeKey.generate())
 
@@ -148,10 +208,13 @@ async def bench_aioquic(n_rtt: int, bulk_bytes: int) -> Result:
         asyncio.get_running_loop().create_task(run())
 
     server = await serve(HOST, 0, configuration=server_config, stream_handler=handle)
+    set_socket_buffers(server._transport)
     port = server._transport.get_extra_info("sockname")[1]  # type: ignore[union-attr]
     try:
-        async with connect(HOST, port, configuration=client_config) as client:
-            protocol: QuicConnectionProtocol = client
+        async with connect(HOST, port, configuration=client_config, create_protocol=BackpressureProtocol) as client:
+            protocol = client
+            assert isinstance(protocol, BackpressureProtocol)
+            set_socket_buffers(protocol._transport)
 
             async def one() -> None:
                 reader, writer = await protocol.create_stream()
@@ -160,20 +223,22 @@ async def bench_aioquic(n_rtt: int, bulk_bytes: int) -> Result:
                 await reader.read()
 
             await timed_rtts(result, n_rtt, one)
-            start = time.perf_counter()
-            reader, writer = await protocol.create_stream()
-            writer.write(b"B")
-            sent = 1
             chunk = b"\xab" * CHUNK
-            while sent < bulk_bytes:
-                writer.write(chunk)  # aioquic buffers without limit: no backpressure to wait on
-                sent += len(chunk)
-                await asyncio.sleep(0)
-            writer.write_eof()
-            total = int(await reader.read())
-            elapsed = time.perf_counter() - start
-            assert total == sent, (total, sent)
-            result.mb_s = sent / elapsed / 1e6
+            for _ in range(bulk_samples):
+                start = time.perf_counter()
+                reader, writer = await protocol.create_stream()
+                stream_id = writer.get_extra_info("stream_id")
+                writer.write(b"B")
+                sent = 1
+                while sent < bulk_bytes:
+                    writer.write(chunk)
+                    sent += len(chunk)
+                    await protocol.wait_room(stream_id, sent)
+                writer.write_eof()
+                total = int(await reader.read())
+                elapsed = time.perf_counter() - start
+                assert total == sent, (total, sent)
+                result.bulk.append(sent / elapsed / 1e6)
     finally:
         server.close()
     return result
@@ -200,7 +265,7 @@ def tls_contexts(tmp: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
     return server, client
 
 
-async def bench_tcp_tls(n_rtt: int, bulk_bytes: int) -> Result:
+async def bench_tcp_tls(n_rtt: int, bulk_bytes: int, bulk_samples: int = 1) -> Result:
     result = Result("TCP+TLS")
     with tempfile.TemporaryDirectory() as tmp:
         server_ctx, client_ctx = tls_contexts(Path(tmp))
@@ -239,15 +304,16 @@ async def bench_tcp_tls(n_rtt: int, bulk_bytes: int) -> Result:
 
         await timed_rtts(result, n_rtt, one)
         chunk = b"\xab" * CHUNK
-        start = time.perf_counter()
-        writer.write(b"B" + bulk_bytes.to_bytes(4, "big"))
-        sent = 0
-        while sent < bulk_bytes:
-            writer.write(chunk[: bulk_bytes - sent])
-            sent += min(len(chunk), bulk_bytes - sent)
-            await writer.drain()
-        assert await reader.readexactly(2) == b"ok"
-        result.mb_s = sent / (time.perf_counter() - start) / 1e6
+        for _ in range(bulk_samples):
+            start = time.perf_counter()
+            writer.write(b"B" + bulk_bytes.to_bytes(4, "big"))
+            sent = 0
+            while sent < bulk_bytes:
+                writer.write(chunk[: bulk_bytes - sent])
+                sent += min(len(chunk), bulk_bytes - sent)
+                await writer.drain()
+            assert await reader.readexactly(2) == b"ok"
+            result.bulk.append(sent / (time.perf_counter() - start) / 1e6)
     finally:
         writer.close()
         await writer.wait_closed()
@@ -265,34 +331,35 @@ def merge(results: list[Result]) -> Result:
     merged = Result(results[0].name)
     for r in results:
         merged.rtts += r.rtts
-    merged.mb_s = statistics.median(r.mb_s for r in results)
+        merged.bulk += r.bulk
     return merged
 
 
-async def main(quick: bool) -> None:
-    rounds = 2 if quick else 3
+async def main(quick: bool, bulk_samples: int) -> None:
+    rounds = 3
     n_rtt = 300 if quick else 1000
-    quic_bulk = (8 if quick else 16) * 1024 * 1024
-    tcp_bulk = (64 if quick else 512) * 1024 * 1024
+    quic_bulk = (4 if quick else 16) * 1024 * 1024
+    tcp_bulk = (64 if quick else 256) * 1024 * 1024
     began = time.perf_counter()
     runs: dict[str, list[Result]] = {}
-    # interleaved rounds, pooled: both QUIC stacks see the same machine noise
+    # interleaved rounds, pooled: every stack sees the same machine noise
     for _ in range(rounds):
-        for run in (bench_aioquic, bench_spt):
-            async with asyncio.timeout(90):
-                result = await run(n_rtt, quic_bulk)
+        for run, size in ((bench_aioquic, quic_bulk), (bench_spt, quic_bulk), (bench_tcp_tls, tcp_bulk)):
+            async with asyncio.timeout(300):
+                result = await run(n_rtt, size, bulk_samples)
             runs.setdefault(result.name, []).append(result)
-    async with asyncio.timeout(90):
-        runs["TCP+TLS"] = [await bench_tcp_tls(n_rtt, tcp_bulk)]
     raw, spt, tcp = (merge(runs[name]) for name in ("raw aioquic", "spt", "TCP+TLS"))
     print(
-        f"\nloopback; {rounds} interleaved rounds of {n_rtt} round trips and {quic_bulk >> 20} MiB bulk"
-        f" per QUIC stack (pooled); TCP+TLS: {n_rtt} round trips, {tcp_bulk >> 20} MiB"
+        f"\nloopback; {rounds} interleaved rounds, each: {n_rtt} round trips and {bulk_samples} bulk transfers"
+        f" per stack ({quic_bulk >> 20} MiB over QUIC, {tcp_bulk >> 20} MiB over TCP+TLS);"
+        f" bulk = median of {rounds * bulk_samples} samples"
     )
-    print(f"{'transport':<12} {'RTT p50 µs':>11} {'RTT p99 µs':>11} {'mean µs':>8} {'bulk MB/s':>10}")
+    print(f"{'transport':<12} {'RTT p50 µs':>11} {'RTT p99 µs':>11} {'mean µs':>8} {'bulk MB/s':>10} {'min-max':>13}")
     for r in (raw, spt, tcp):
         mean = statistics.mean(r.rtts) * 1e6
-        print(f"{r.name:<12} {r.pct(0.50):>11.0f} {r.pct(0.99):>11.0f} {mean:>8.0f} {r.mb_s:>10.1f}")
+        print(
+            f"{r.name:<12} {r.pct(0.50):>11.0f} {r.pct(0.99):>11.0f} {mean:>8.0f} {r.mb_s:>10.1f} {r.spread():>13}"
+        )
     p50 = spt.pct(0.5) / raw.pct(0.5)
     p99 = spt.pct(0.99) / raw.pct(0.99)
     mean_ratio = statistics.mean(spt.rtts) / statistics.mean(raw.rtts)
@@ -303,9 +370,17 @@ async def main(quick: bool) -> None:
     )
     print(f"TCP+TLS vs spt: RTT p50 {tcp.pct(0.5) / spt.pct(0.5):.2f}x, bulk {tcp.mb_s / spt.mb_s:.1f}x")
     print(f"total {time.perf_counter() - began:.1f} s")
+    row("QUIC request RTT p50 (spt)", spt.pct(0.5), "µs", baseline_name="raw aioquic", baseline=raw.pct(0.5),
+        goal="<= 1.3")
+    row("QUIC bulk, one stream (spt)", spt.mb_s, "MB/s", baseline_name="raw aioquic (backpressure)",
+        baseline=raw.mb_s, goal=">= 0.8")
+    row("TCP+TLS bulk (reference)", tcp.mb_s, "MB/s", baseline_name="spt QUIC bulk", baseline=spt.mb_s,
+        note="why bulk data leaves QUIC")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer round trips and less bulk data")
-    asyncio.run(main(parser.parse_args().quick))
+    parser.add_argument("--bulk-samples", type=int, default=2, help="bulk transfers per stack per round")
+    cli = parser.parse_args()
+    asyncio.run(main(cli.quick, max(2, cli.bulk_samples)))
