@@ -19,10 +19,11 @@ ELLIPSIS = "\u2026"
 
 
 class _EndpointGroup(click.Group):
-    """`spt endpoint` alone is `spt endpoint list`."""
+    """`spt endpoint` alone (or with list's options) is `spt endpoint list`; an unknown verb is
+    an error that names it, never a list."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if not args or (args[0] not in self.commands and args[0] not in ("-h", "--help")):
+        if not args or (args[0].startswith("-") and args[0] not in ("-h", "--help")):
             args = ["list", *args]
         return super().parse_args(ctx, args)
 
@@ -84,6 +85,42 @@ def list_(ctx: click.Context, detail: bool, subnet: str | None, as_json: bool) -
             out(f"    folder={perch['folder']}")
             if perch.get("description"):
                 out(f"    {perch['description']}")
+
+
+# --- hosted endpoints ------------------------------------------------------------------------
+
+
+@endpoint.command(context_settings={"ignore_unknown_options": True})
+@click.option("--id", "endpoint_id", help="The endpoint id (default: the command's base name).")
+@click.option("--subnet", help="Home subnet (needed when this node holds several).")
+@click.option("--project", type=click.Path(file_okay=False, exists=True), help="Working folder (default: here).")
+@click.option("--no-remote-attach", is_flag=True, help="Refuse remote viewers (spt rc from other nodes).")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED, required=True)
+def run(endpoint_id: str | None, subnet: str | None, project: str | None, no_remote_attach: bool,
+        command: tuple[str, ...]) -> None:
+    """Run COMMAND as a hosted endpoint, in a PTY that outlives the daemon.
+
+    \b
+    Example:
+      spt endpoint run --id coder -- claude
+      spt rc coder            # watch and type, from this or any member node
+    """
+    from spt.core.errors import Refusal
+
+    args = {
+        "argv": list(command), "id": endpoint_id, "subnet": subnet, "no_remote_attach": no_remote_attach,
+        "env": dict(os.environ), "cwd": os.path.abspath(project or os.getcwd()),
+    }
+    try:
+        doc = daemon_call("endpoint.run", args)
+    except Refusal as exc:
+        if exc.instance_token != "MULTI_SUBNET_HOME" or subnet or not is_interactive() or not exc.lines:
+            raise
+        names = [line.strip() for line in exc.lines]
+        choice = click.prompt("Home subnet for this endpoint", default=names[0], type=click.Choice(names))
+        doc = daemon_call("endpoint.run", {**args, "subnet": choice})
+    emit("ENDPOINT_RUN", doc["id"], f"pid={doc['pid']}")
+    emit("ENDPOINT_RUN_STARTED", doc["id"], f"(attach with spt rc {doc['id']})")
 
 
 # --- description -----------------------------------------------------------------------------

@@ -14,10 +14,11 @@ from spt.core.errors import UsageError
 
 
 class _SubnetGroup(click.Group):
-    """`spt subnet` alone is `spt subnet status`."""
+    """`spt subnet` alone (or with status's options) is `spt subnet status`; an unknown verb is
+    an error that names it."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if not args or (args[0] not in self.commands and args[0] not in ("-h", "--help")):
+        if not args or (args[0].startswith("-") and args[0] not in ("-h", "--help")):
             args = ["status", *args]
         return super().parse_args(ctx, args)
 

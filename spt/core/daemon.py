@@ -31,6 +31,8 @@ from spt.core.doctor import register_ops as register_doctor_ops
 from spt.core.endpoints import Endpoints
 from spt.core.endpoints import register_ops as register_endpoint_ops
 from spt.core.errors import ElevationRequired, LocalProtocolError, Refusal, SptError, UsageError
+from spt.core.hosting.service import Hosting
+from spt.core.hosting.service import register_ops as register_hosting_ops
 from spt.core.identity import NodeId, NodeKey
 from spt.core.ipc import MAX_LINE, PROTOCOL_VERSION, encode_line
 from spt.core.members import Members
@@ -53,6 +55,7 @@ log = logging.getLogger(__name__)
 
 ELEVATION_MESSAGE: Final = "run this in an elevated terminal:"
 NAME_CHECK_SECONDS: Final = 0.5
+USER_ACTIVITY_WRITE: Final = 10.0
 
 
 @dataclass
@@ -122,6 +125,8 @@ class Daemon:
         self.ops: dict[str, Op] = {}
         self.started_at = time.time()
         self._stopping = asyncio.Event()
+        self.user_activity_at: float | None = None
+        self._user_activity_written = 0.0
         self._lock_file: IO[bytes] | None = None
         self.store: Store
         self.key: NodeKey
@@ -131,6 +136,7 @@ class Daemon:
         self._ipc_server: asyncio.AbstractServer | None = None
         self.subnets: Subnets
         self.endpoints: Endpoints
+        self.hosting: Hosting
         self.discovery: list[DiscoveryBackend] = sorted(
             plugins.registries.discovery_backends, key=lambda b: (b.priority, b.name)
         )
@@ -204,7 +210,7 @@ class Daemon:
             "port": self.port,
             "subnets": [s.name for s in self.subnets.held.values()],
             "peers": self._peer_counts(),
-            "hosted": 0,
+            "hosted": self.hosting.count_alive(),
             "unread": self.store.query("SELECT COUNT(*) AS n FROM notifications WHERE acked=0")[0]["n"],
             "warnings": warnings,
         }
@@ -389,6 +395,19 @@ class Daemon:
     def registry_rows(self) -> list[Row]:
         return self.messaging.registry_rows()
 
+    def touch_user_activity(self) -> None:
+        """SPEC.md §8.4: a person acted here (interactive command, rc keystroke). Kept in memory
+        and written to the store at most every USER_ACTIVITY_WRITE seconds (keystrokes are many)."""
+        now = time.time()
+        self.user_activity_at = now
+        if now - self._user_activity_written >= USER_ACTIVITY_WRITE:
+            self._user_activity_written = now
+            with self.store.transaction():
+                self.store.set_meta("user_activity", repr(now))
+
+    def hosted_alive(self, perch_id: str) -> bool:
+        return self.hosting.alive(perch_id)
+
     def offline_nodes(self) -> set[NodeId]:
         return self.messaging.offline_nodes()
 
@@ -428,6 +447,9 @@ class Daemon:
         register_subnet_ops(self, self.subnets)
         self.endpoints = Endpoints(self)
         register_endpoint_ops(self, self.endpoints)
+        self.hosting = Hosting(self)
+        register_hosting_ops(self, self.hosting)
+        await self.hosting.start()  # re-adopt host processes that outlived the last daemon
         if created:
             log.info("node key created", extra={"node": self.key.node_id.short})
         self.members = Members(self)
@@ -470,6 +492,7 @@ class Daemon:
     async def shutdown(self) -> None:
         self.plugins.pm.hook.spt_node_stopping()
         await self.endpoints.close()  # streams end (and last acks land) before the store closes
+        await self.hosting.close()  # hosted processes keep running; the next daemon adopts them
         for backend in self.discovery:
             try:
                 await backend.stop()

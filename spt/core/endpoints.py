@@ -73,6 +73,8 @@ RESTING: Final = frozenset({"dormant", "suspended"})
 SENT_WAIT: Final = 5.0  # §4.2: SENT when the listener acknowledges within 5 s
 STOP_GRACE: Final = 5.0  # an envelope already on its way may still be acknowledged
 COLLISION_WAIT: Final = 0.5  # a listener whose caller just died is noticed within this
+DEFAULT_GRACE: Final = 10.0  # §3.6 `suspend --grace`
+MAX_GRACE: Final = 600.0
 TRANSIENT_PREFIX: Final = "tmp."
 TRANSIENT_SECONDS: Final = 3600.0  # §4.3: a transient identity lives 1 h after its ring returns
 _CLOSING: Final = "DAEMON_STOPPING"  # a listener's stop reason at shutdown: answered DAEMON_DOWN
@@ -281,15 +283,17 @@ class Endpoints:
         forked_from: str | None = None,
         transient: bool = False,
         expires: float | None = None,
+        hosted: bool = False,
     ) -> Perch:
         with self.store.transaction() as db:
             db.execute(
-                "INSERT INTO perches(id, home, state, transient, expires, forked_from, created) "
-                "VALUES(?,?,?,?,?,?,?)",
+                "INSERT INTO perches(id, home, state, hosted, transient, expires, forked_from, created) "
+                "VALUES(?,?,?,?,?,?,?,?)",
                 (
                     perch_id,
                     home.id if home else None,
                     state,
+                    int(hosted),
                     int(transient),
                     expires,
                     forked_from,
@@ -411,6 +415,11 @@ class Endpoints:
         hook = getattr(self.daemon, "registry_rows", None)
         return list(hook()) if hook is not None else []
 
+    def alive(self, perch: Perch) -> bool:
+        """True while the perch's hosted process runs (a fact the hosting service keeps)."""
+        hook = getattr(self.daemon, "hosted_alive", None)
+        return bool(perch.hosted and hook is not None and hook(perch.id))
+
     def _offline(self) -> frozenset[NodeId]:
         hook = getattr(self.daemon, "offline_nodes", None)
         return frozenset(hook()) if hook is not None else frozenset()
@@ -448,7 +457,7 @@ class Endpoints:
             "id": perch.id if perch else perch_id,
             "status": perch.state if perch else None,
             "ready": perch is not None and perch.key in self.listeners,
-            "alive": False,
+            "alive": perch is not None and self.alive(perch),
         }
 
     def subnet_rows(self, sub: HeldSubnet) -> list[dict[str, Any]]:
@@ -473,7 +482,7 @@ class Endpoints:
                 "node": me,
                 "state": p.state,
                 "ready": p.key in self.listeners,
-                "alive": False,
+                "alive": self.alive(p),
                 "hosted": p.hosted,
                 "description": p.description,
             }
@@ -511,7 +520,8 @@ class Endpoints:
             "home": self._subnet_name(perch.home),
             "state": perch.state,
             "ready": perch.key in self.listeners,
-            "alive": False,
+            "alive": self.alive(perch),
+            "hosted": perch.hosted,
             "folder": os.fspath(self.folder(perch)),
             "visible_in": [s.name for s, visible, _ in settings if visible],
             "scope": [s.name for s, _, in_scope in settings if in_scope],
@@ -988,13 +998,29 @@ class Endpoints:
             log.info("endpoint woken", extra={"perch": perch.id})
         return "WOKE"
 
+    async def rest(self, perch: Perch, *, warm: bool, grace: float) -> str:
+        """Suspend (or, warm, make dormant) a local perch and its hosted process, if any."""
+        token = self.suspend_local(perch, warm=warm)  # messages are held from this moment
+        hosting = getattr(self.daemon, "hosting", None)
+        if perch.hosted and hosting is not None:
+            await hosting.rest(perch, warm=warm, grace=grace)
+        return token
+
+    async def wake(self, perch: Perch) -> str:
+        """The wake edge, then SIGCONT or a fresh run of the remembered command (hosted)."""
+        token = self.wake_local(perch)
+        hosting = getattr(self.daemon, "hosting", None)
+        if perch.hosted and hosting is not None:
+            await hosting.wake(perch)
+        return token
+
     async def _rest_or_wake(self, address_text: str, kind: str, args: Mapping[str, Any]) -> str:
         target = self.resolve(address_text)
         if isinstance(target, LocalTarget):
             perch = self.require(target.perch.id, address_text)
             if kind == "endpoint.wake":
-                return self.wake_local(perch)
-            return self.suspend_local(perch, warm=bool(args.get("warm")))
+                return await self.wake(perch)
+            return await self.rest(perch, warm=bool(args.get("warm")), grace=_grace(args))
         request = getattr(self.daemon, "remote_request", None)
         if request is None:
             raise Refusal("UNREACHABLE", address_text, "the hosting node cannot be reached")
@@ -1022,9 +1048,9 @@ class Endpoints:
         label = self.daemon.subnets.label_of(requester) or requester.short
         log.info("remote request", extra={"op": kind, "perch": perch.id, "by": requester.display(label)})
         if kind == "endpoint.suspend":
-            return {"token": self.suspend_local(perch, warm=bool(args.get("warm")))}
+            return {"token": await self.rest(perch, warm=bool(args.get("warm")), grace=_grace(args))}
         if kind == "endpoint.wake":
-            return {"token": self.wake_local(perch)}
+            return {"token": await self.wake(perch)}
         raise RemoteProtocolError(kind, "unknown endpoint request")
 
     def purge(self, perch: Perch) -> int:
@@ -1049,6 +1075,14 @@ class Endpoints:
         if copy_mind is not None:
             copy_mind(source.id, perch.id)
         return perch
+
+
+def _grace(args: Mapping[str, Any]) -> float:
+    """`--grace` (§3.6, default 10 s), bounded so a request cannot hold a process for ever."""
+    grace = args.get("grace")
+    if not isinstance(grace, int | float) or isinstance(grace, bool):
+        return DEFAULT_GRACE
+    return max(0.0, min(float(grace), MAX_GRACE))
 
 
 def _bool_arg(args: Mapping[str, Any], name: str) -> bool:
@@ -1123,6 +1157,9 @@ def register_ops(daemon: Daemon, eps: Endpoints) -> None:
     @daemon.op("endpoint.purge")
     async def purge(call: Call) -> Any:
         perch = eps.require(str(call.args.get("id", "")))
+        hosting = getattr(daemon, "hosting", None)
+        if perch.hosted and hosting is not None:
+            await hosting.stop_for_purge(perch)  # §3.6: the hosted process stops first
         return {"id": perch.id, "dropped": eps.purge(perch)}
 
     @daemon.op("endpoint.fork")

@@ -90,6 +90,8 @@ class Members:
             "seed.install": self._handle_seed_install,
             "join.record": self._handle_join_record,
         }
+        # Long-lived streams of a plugin's own type (rc): the handler owns the stream.
+        self.stream_handlers: dict[str, Callable[[Connection, Stream, Frame], Awaitable[None]]] = {}
         # Requests anyone may make on the join ALPN (the peer is not a member, or not yet).
         self.join_handlers: dict[str, MemberHandler] = {
             "log.offer": self._handle_log_offer,
@@ -215,6 +217,10 @@ class Members:
         if conn not in self._known_conns:
             self._known_conns.add(conn)
             self.remember_address(conn.peer, *conn.remote_addr, "incoming" if not conn.is_outgoing else "dialled")
+        owner = self.stream_handlers.get(first.type)
+        if owner is not None:
+            await owner(conn, stream, first)
+            return
         handler = self.handlers.get(first.type)
         if handler is None:
             await self._reply(stream, "error", {"code": "unknown-type", "message": f"this node does not handle {first.type!r}"})

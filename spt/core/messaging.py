@@ -180,11 +180,14 @@ class Messaging:
         sub = self.daemon.subnets.by_name(subnet)
         if sub is None:
             raise Refusal("NO_SUCH_SUBNET", subnet)
-        async with asyncio.timeout(FORWARD_TIMEOUT):
+        # a suspend waits out the hosted process's grace on the other side (§4.6)
+        grace = args.get("grace")
+        timeout = FORWARD_TIMEOUT + (float(grace) if isinstance(grace, int | float) else 0.0)
+        async with asyncio.timeout(timeout):
             conn = await self.members.connect_member(node)
             try:
                 reply = await conn.request(
-                    "endpoint.request", {"subnet": sub.id.hex(), "kind": kind, "args": dict(args)}, timeout=FORWARD_TIMEOUT
+                    "endpoint.request", {"subnet": sub.id.hex(), "kind": kind, "args": dict(args)}, timeout=timeout
                 )
             except RequestError as exc:
                 raise remote_refusal(exc, str(args.get("id", ""))) from exc

@@ -10,7 +10,13 @@ from typing import TYPE_CHECKING, Any
 from spt.core.errors import LocalProtocolError, Refusal
 from spt.core.identity import NodeId
 from spt.core.spool import Message
-from spt.hooks.interfaces import IncomingPayload, MemberRequestHandler, OpHandler
+from spt.hooks.interfaces import (
+    HostedTerminal,
+    IncomingPayload,
+    MemberRequestHandler,
+    MemberStreamHandler,
+    OpHandler,
+)
 
 if TYPE_CHECKING:
     from spt.core.daemon import Daemon
@@ -83,3 +89,18 @@ class Runtime:
 
     def spawn(self, coro: Coroutine[Any, Any, Any], what: str) -> None:
         self._daemon.members.spawn(coro, what)
+
+    def add_member_stream(self, type_name: str, handler: MemberStreamHandler) -> None:
+        streams = self._daemon.members.stream_handlers
+        if type_name in streams or type_name in self._daemon.members.handlers:
+            raise LocalProtocolError(type_name, "member stream type registered twice")
+        streams[type_name] = handler
+
+    def hosted_info(self, perch_id: str) -> Mapping[str, Any] | None:
+        return self._daemon.hosting.info(perch_id)
+
+    async def attach_hosted(self, perch_id: str, hello: Mapping[str, Any]) -> HostedTerminal:
+        return await self._daemon.hosting.attach(perch_id, hello)
+
+    def touch_user_activity(self) -> None:
+        self._daemon.touch_user_activity()

@@ -139,6 +139,20 @@ MIGRATIONS: Final[tuple[str, ...]] = (
         next_try REAL NOT NULL DEFAULT 0
     );
     """,
+    # 4: hosted endpoints: the remembered command and the pids of the current run (SPEC.md §2.3, §4.6)
+    """
+    CREATE TABLE hosted (
+        perch TEXT NOT NULL PRIMARY KEY COLLATE NOCASE REFERENCES perches(id) ON DELETE CASCADE,
+        argv TEXT NOT NULL,
+        env TEXT NOT NULL,
+        cwd TEXT NOT NULL,
+        remote_attach INTEGER NOT NULL DEFAULT 1,
+        pid INTEGER,
+        host_pid INTEGER,
+        exit INTEGER,
+        started REAL NOT NULL
+    );
+    """,
 )
 
 

@@ -195,6 +195,25 @@ class Updater(ABC):
 
 OpHandler = Callable[[Any], Awaitable[Any]]
 MemberRequestHandler = Callable[[Any, Any], Awaitable[tuple[str, Any]]]
+MemberStreamHandler = Callable[[Any, Any, Any], Awaitable[None]]
+
+
+class HostedTerminal(Protocol):
+    """A viewer's connection to the PTY of a hosted endpoint on this node (SPEC.md §8.6).
+
+    `recv()` returns the host's frames as maps with `t`: `hello` {start, end, pid, applied},
+    `lost` {from, to}, `out` {off, data}, `ack` {seq}, `ended` {exit, end}; None when the
+    connection ends. Output is numbered by byte offset; input is numbered per viewer id and
+    applied once whatever is resent.
+    """
+
+    async def recv(self) -> Mapping[str, Any] | None: ...
+
+    async def send_input(self, seq: int, data: bytes) -> None: ...
+
+    async def resize(self, rows: int, cols: int) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class NodeRuntime(Protocol):
@@ -254,4 +273,27 @@ class NodeRuntime(Protocol):
 
     def spawn(self, coro: Coroutine[Any, Any, Any], what: str) -> None:
         """Run background work for the node's lifetime; failures are logged."""
+        ...
+
+    def add_member_stream(self, type_name: str, handler: MemberStreamHandler) -> None:
+        """Own the streams members open with a first frame of `type_name` (a stream type of
+        the plugin's own, long-lived, both ways): `handler(connection, stream, first_frame)`.
+        The stream's `send(type, body)` / `recv(timeout)` carry frames; the handler checks the
+        peer's standing (`member_subnet`) itself."""
+        ...
+
+    def hosted_info(self, perch_id: str) -> Mapping[str, Any] | None:
+        """None when the local perch is not hosted; else {"alive", "pid", "remote_attach",
+        "exit"} (`remote_attach` is false after `endpoint run --no-remote-attach`)."""
+        ...
+
+    async def attach_hosted(self, perch_id: str, hello: Mapping[str, Any]) -> HostedTerminal:
+        """Attach a viewer to a hosted perch's PTY. `hello`: offset (None for a fresh viewer),
+        replay, read_only, rows, cols, viewer (a stable id across reconnects). Refusals:
+        NOT_HOSTED; RC_ENDED (message `exit=<n>`) when the process ended and its host is gone."""
+        ...
+
+    def touch_user_activity(self) -> None:
+        """A person acted on this node (a keystroke through rc): stamp the user-activity time
+        that notifications use to pick where to surface (SPEC.md §8.4)."""
         ...
