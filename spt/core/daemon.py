@@ -408,6 +408,9 @@ class Daemon:
     def hosted_alive(self, perch_id: str) -> bool:
         return self.hosting.alive(perch_id)
 
+    def hosted_pid(self, perch_id: str) -> int | None:
+        return self.hosting.pid(perch_id)
+
     def offline_nodes(self) -> set[NodeId]:
         return self.messaging.offline_nodes()
 

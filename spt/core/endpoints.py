@@ -420,6 +420,10 @@ class Endpoints:
         hook = getattr(self.daemon, "hosted_alive", None)
         return bool(perch.hosted and hook is not None and hook(perch.id))
 
+    def _hosted_pid(self, perch: Perch) -> int | None:
+        hook = getattr(self.daemon, "hosted_pid", None)
+        return hook(perch.id) if perch.hosted and hook is not None else None
+
     def _offline(self) -> frozenset[NodeId]:
         hook = getattr(self.daemon, "offline_nodes", None)
         return frozenset(hook()) if hook is not None else frozenset()
@@ -522,6 +526,7 @@ class Endpoints:
             "ready": perch.key in self.listeners,
             "alive": self.alive(perch),
             "hosted": perch.hosted,
+            "pid": self._hosted_pid(perch),
             "folder": os.fspath(self.folder(perch)),
             "visible_in": [s.name for s, visible, _ in settings if visible],
             "scope": [s.name for s, _, in_scope in settings if in_scope],

@@ -42,6 +42,7 @@ START_TIMEOUT: Final = 10.0
 KILL_WAIT: Final = 3.0  # after SIGKILL, the exit is reported within this
 PURGE_GRACE: Final = 2.0
 DEFAULT_BUFFER: Final = 4 * 1024 * 1024
+HOST_LINGER: Final = 30.0  # a host serves the tail and the exit this long after its command ended
 
 
 @dataclass
@@ -91,7 +92,7 @@ class Hosting:
         self.runs: dict[str, _Run] = {}  # by perch key (lowercase id)
         section = daemon.config.section("rc")
         self.buffer_bytes = int(section.get("buffer_bytes", DEFAULT_BUFFER))
-        self.linger = float(daemon.config.section("timing").get("host_linger", 30.0))
+        self.linger = HOST_LINGER
 
     # -- files ------------------------------------------------------------------------------
 
@@ -107,6 +108,11 @@ class Hosting:
     def alive(self, perch_id: str) -> bool:
         run = self.runs.get(perch_id.lower())
         return run is not None and run.exit is None
+
+    def pid(self, perch_id: str) -> int | None:
+        """The pid of the running command (the same across daemon restarts), else None."""
+        run = self.runs.get(perch_id.lower())
+        return run.pid if run is not None and run.exit is None else None
 
     def count_alive(self) -> int:
         return sum(1 for run in self.runs.values() if run.exit is None)
