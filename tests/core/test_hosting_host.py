@@ -122,7 +122,7 @@ async def test_input_is_applied_once_per_viewer_across_reconnects_and_never_from
     for seq, data in ((2, b"b"), (3, b"c")):  # 2 is a resend after the cut
         writer.write(encode({"t": "input", "seq": seq, "data": data}))
     await frames_until(reader, lambda m, g: m == {"t": "ack", "seq": 3})
-    ro_reader, ro_writer = await host.attach(viewer="v2", read_only=True)
+    _ro_reader, ro_writer = await host.attach(viewer="v2", read_only=True)
     ro_writer.write(encode({"t": "input", "seq": 1, "data": b"z"}))
     await ro_writer.drain()
     await asyncio.sleep(0.3)
