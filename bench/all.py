@@ -36,6 +36,7 @@ BENCHES: dict[str, tuple[list[str], list[str], float]] = {
     "files": ([], ["--mb", "256", "--runs", "5", "--quic-mb", "16"], 1800),
     "join": ([], ["--runs", "3"], 600),
     "reach": ([], ["--quick"], 900),
+    "rc": ([], ["--quick"], 900),
 }
 
 
