@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEBIAN_PACKAGES=(python3-venv iproute2 iptables tcpdump conntrack openssh-client openssh-server)
+DEBIAN_PACKAGES=(python3-venv iproute2 iptables tcpdump conntrack openssh-client openssh-server tmux)
 missing=()
 for pkg in "${DEBIAN_PACKAGES[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
