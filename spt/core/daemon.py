@@ -38,11 +38,13 @@ from spt.core.ipc import MAX_LINE, PROTOCOL_VERSION, encode_line
 from spt.core.members import Members
 from spt.core.members import register_ops as register_member_ops
 from spt.core.messaging import Messaging
+from spt.core.net.netwatch import NetWatcher, NetworkChange
 from spt.core.paths import StatePaths
 from spt.core.payloads import Payloads
 from spt.core.proto.join import iso_utc
 from spt.core.proto.membership import make_label
 from spt.core.proto.resolve import RemoteTarget, Row
+from spt.core.relaybook import RelayBook
 from spt.core.runtime import Runtime
 from spt.core.store import Store, load_or_create_key
 from spt.core.subnets import HeldSubnet, Subnets, rendezvous_tag
@@ -140,6 +142,12 @@ class Daemon:
         self.discovery: list[DiscoveryBackend] = sorted(
             plugins.registries.discovery_backends, key=lambda b: (b.priority, b.name)
         )
+        # Relays this node announces to its subnets (the relay plugin sets them; SPEC.md §7.6).
+        self.announced_relays: tuple[str, ...] = ()
+        self.relay_book: RelayBook
+        self.netwatch: NetWatcher | None = None
+        self.network_listeners: list[Callable[[NetworkChange], str | None]] = []
+        self.last_network_change: dict[str, Any] | None = None
         self._register_core_ops()
 
     # -- operations -----------------------------------------------------------------------
@@ -231,6 +239,31 @@ class Daemon:
     async def _daemon_stop(self, call: Call) -> Any:
         asyncio.get_running_loop().call_soon(self._stopping.set)
         return {"stopped": True}
+
+    # -- network changes (SPEC.md §7.6) ------------------------------------------------------
+
+    def network_changed(self, change: NetworkChange) -> None:
+        """The machine moved (or gained an address): tell peers, re-dial, let plugins react."""
+        actions = ["presence re-sent"]
+        self.messaging.publish()
+        if change.moved:
+            count = self.members.redial_all(f"network changed: {change.describe()}")
+            actions.append(f"{count} member connection(s) re-dialled")
+        for listener in list(self.network_listeners):
+            try:
+                done = listener(change)
+            except Exception:
+                log.exception("a plugin failed to react to a network change")
+                continue
+            if done:
+                actions.append(done)
+        for backend in self.discovery:
+            self.members.spawn(backend.refresh(), f"{backend.name} refresh after a network change")
+        actions.append("discovery refreshed")
+        self.last_network_change = {
+            "at": iso_utc(int(change.at * 1000)), "change": change.describe(), "now": change.after.describe(), "actions": actions,
+        }
+        log.info("reacted to a network change", extra={"actions": "; ".join(actions)})
 
     # -- discovery ------------------------------------------------------------------------
 
@@ -446,6 +479,7 @@ class Daemon:
         self._take_lock()
         self.key, created = load_or_create_key(self.paths.key_file)
         self.store = Store(self.paths.db_file)
+        self.relay_book = RelayBook(self.store)
         self.subnets = Subnets(self)
         register_subnet_ops(self, self.subnets)
         self.endpoints = Endpoints(self)
@@ -466,6 +500,9 @@ class Daemon:
         runtime = Runtime(self)
         self.payloads = Payloads(self, runtime)
         self.plugins.pm.hook.spt_runtime_started(runtime=runtime)
+        if self.config.bind in ("0.0.0.0", ""):  # a node bound to one address cannot move
+            self.netwatch = NetWatcher(self.host_addresses, self.network_changed)
+            self.netwatch.start()
         # The control socket opens last: a command that autostarted the daemon finds every
         # operation (plugins' included) registered.
         with contextlib.suppress(FileNotFoundError):
@@ -494,6 +531,8 @@ class Daemon:
 
     async def shutdown(self) -> None:
         self.plugins.pm.hook.spt_node_stopping()
+        if self.netwatch is not None:
+            await self.netwatch.stop()
         await self.endpoints.close()  # streams end (and last acks land) before the store closes
         await self.hosting.close()  # hosted processes keep running; the next daemon adopts them
         for backend in self.discovery:

@@ -34,6 +34,14 @@ def checks(daemon: Daemon, cli_version: str | None) -> list[dict[str, str]]:
     else:
         add("OK", "state-folder", f"{daemon.paths.root} (user mode: agents of this uid can read it)")
     add("OK", "udp-port", f"bound {', '.join(daemon.addresses())}")
+    change = daemon.last_network_change
+    if daemon.netwatch is None:
+        add("OK", "network", f"bound to {daemon.config.bind}: not watching for network changes")
+    elif change is None:
+        how = "netlink" if daemon.netwatch.netlink else "polling"
+        add("OK", "network", f"no change seen since start (watching by {how}); now {daemon.netwatch.state.describe()}")
+    else:
+        add("OK", "network", f"last change {change['at']}: {change['change']}; did: {'; '.join(change['actions'])}")
     for record in daemon.plugins.records:
         if record.status == "failed":
             add("WARN", f"plugin {record.name}", f"failed: {record.reason}")

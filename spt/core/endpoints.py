@@ -607,6 +607,12 @@ class Endpoints:
     def defer_node(self, node: NodeId, next_try: float) -> None:
         self.spool.defer_node(node, next_try)
 
+    def retry_node_now(self, node: NodeId) -> None:
+        self.spool.retry_node_now(node)
+
+    def retry_all_now(self) -> None:
+        self.spool.retry_node_now(None)
+
     # -- accepting messages ---------------------------------------------------------------
 
     def _poke(self, perch: Perch, msg: Message | None = None) -> None:

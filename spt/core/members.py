@@ -271,9 +271,13 @@ class Members:
                 # Loopback only helps a joiner on this very machine (the demo); elsewhere it makes
                 # peers dial themselves.
                 mine = self.daemon.addresses()
-                out[node] = jp.Contact(tuple([a for a in mine if not a.startswith("127.")] or mine))
+                out[node] = jp.Contact(
+                    tuple([a for a in mine if not a.startswith("127.")] or mine), self.daemon.announced_relays
+                )
             else:
-                out[node] = jp.Contact(tuple(f"{h}:{p}" for h, p in self.addresses_of(node)))
+                out[node] = jp.Contact(
+                    tuple(f"{h}:{p}" for h, p in self.addresses_of(node)), self.daemon.relay_book.announced_by(node)
+                )
         return out
 
     async def _respond_join(self, conn: Connection, stream: Stream, first: Frame) -> None:
@@ -458,6 +462,8 @@ class Members:
         self.daemon.store.db.execute("DELETE FROM meta WHERE key=?", (f"departed:{sub.id.hex()}",))
         self.remember_address(member, attempt.candidate.host, attempt.candidate.port, "join")
         for node, contact in bundle.contacts.items():
+            if node != self.daemon.key.node_id:
+                self.daemon.relay_book.learn(node, contact.relays)  # §7.6: the subnet's relays
             for text in contact.addresses:
                 host, _, port = text.rpartition(":")
                 if host and port.isdigit():
@@ -558,6 +564,21 @@ class Members:
         for node in wanted:
             if node not in self._keepers or self._keepers[node].done():
                 self._keepers[node] = asyncio.get_running_loop().create_task(self._keep(node))
+
+    def redial_all(self, reason: str) -> int:
+        """Paths may be dead (the machine moved): close member connections and dial afresh now,
+        rather than after idle timeouts and keeper backoff. Returns how many were closed."""
+        closed = 0
+        for conn in self.transport.connections():
+            if conn.alpn == ALPN_MEMBER:
+                conn.close(reason)
+                closed += 1
+        for task in self._keepers.values():
+            task.cancel()
+        self._keepers.clear()
+        self.daemon.endpoints.retry_all_now()
+        self.keep_members_connected()
+        return closed
 
     async def _keep(self, node: NodeId) -> None:
         """Hold a member connection to `node`: dial, sync, wait for it to close, back off, again."""

@@ -234,7 +234,8 @@ class Messaging:
         self._advertised[sub.id] = current
         records.append(sign_presence(
             key, subnet=sub.name, version=version, software_version=__version__,
-            addresses=tuple(self.daemon.addresses()), detached=not sub.attached,
+            addresses=tuple(self.daemon.addresses()), relays=self.daemon.announced_relays,
+            detached=not sub.attached,
         ))
         return records
 
@@ -304,6 +305,7 @@ class Messaging:
                     "registry.push", {"subnet": sub.id.hex(), "records": [r.to_dict() for r in lacking]},
                     timeout=FORWARD_TIMEOUT,
                 )
+        self.endpoints.retry_node_now(conn.peer)  # queued traffic goes now, not after its backoff
         self._drain_wake.set()
 
     async def _presence_loop(self) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -104,3 +104,26 @@ class Runtime:
 
     def touch_user_activity(self) -> None:
         self._daemon.touch_user_activity()
+
+    def announce_relays(self, urls: Sequence[str]) -> None:
+        daemon = self._daemon
+        if tuple(urls) != daemon.announced_relays:
+            daemon.announced_relays = tuple(urls)
+            daemon.messaging.publish()
+
+    def member_relays(self) -> Mapping[str, Sequence[NodeId]]:
+        daemon = self._daemon
+        me = daemon.key.node_id
+        members: set[NodeId] = set()
+        for sub in daemon.subnets.attached():
+            for node in sub.state().members:
+                if node == me:
+                    continue
+                members.add(node)
+                presence = daemon.messaging.presence_of(sub, node)
+                if presence is not None:
+                    daemon.relay_book.learn(node, presence.relays)
+        return daemon.relay_book.by_url(members)
+
+    def on_network_change(self, listener: Callable[[Any], str | None]) -> None:
+        self._daemon.network_listeners.append(listener)

@@ -329,6 +329,15 @@ class Spool:
         with self.store.transaction() as db:
             db.execute("UPDATE outgoing SET attempts=attempts+1, next_try=? WHERE node=?", (next_try, node.raw))
 
+    def retry_node_now(self, node: NodeId | None) -> None:
+        """A path to `node` (None: to anyone) appeared: its queued messages are due at once,
+        whatever their backoff."""
+        with self.store.transaction() as db:
+            if node is None:
+                db.execute("UPDATE outgoing SET next_try=0")
+            else:
+                db.execute("UPDATE outgoing SET next_try=0 WHERE node=?", (node.raw,))
+
     def record_attempt(self, msg_id: str, next_try: float) -> None:
         """A forwarding attempt failed; try again no earlier than `next_try` (epoch seconds)."""
         with self.store.transaction() as db:

@@ -297,3 +297,18 @@ class NodeRuntime(Protocol):
         """A person acted on this node (a keystroke through rc): stamp the user-activity time
         that notifications use to pick where to surface (SPEC.md §8.4)."""
         ...
+
+    def announce_relays(self, urls: Sequence[str]) -> None:
+        """Publish the relays this node was told to use (`spt relay add`) to its subnets, in its
+        signed presence, so members that have none of their own can use them (SPEC.md §7.6)."""
+        ...
+
+    def member_relays(self) -> Mapping[str, Sequence[NodeId]]:
+        """Relay URLs announced by current members of this node's attached subnets, each with
+        the members announcing it (remembered across restarts; pruned members drop out)."""
+        ...
+
+    def on_network_change(self, listener: Callable[[Any], str | None]) -> None:
+        """Call `listener(change)` when the node's addresses or default route change (a
+        `spt.core.net.netwatch.NetworkChange`); it returns a short note of what it did, or None."""
+        ...

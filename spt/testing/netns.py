@@ -22,7 +22,8 @@ Topologies (addresses are per namespace, so two labs never collide):
   ``MASQUERADE --random-fully`` (a fresh random port for every destination). Unsolicited
   traffic from the core is never forwarded into a LAN. Call `lab.flush_conntrack()` between
   trials.
-- `lab.add_host(lan)` adds one more host to any LAN of the lab.
+- `lab.add_host(lan)` adds one more host to any LAN of the lab; `lab.move_host(host, lan)`
+  carries a host to another LAN (new address and default route; its processes keep running).
 
 Running things:
 
@@ -506,6 +507,40 @@ class Lab:
         self._apply(plan)
         self.timings[f"add_host:{host}"] = time.monotonic() - started
         return host
+
+    def move_host(self, host: str, lan: str) -> str:
+        """Unplug `host` from its LAN and plug it into `lan` (a laptop carried to another
+        network): its eth0 and address go away, a new eth0 comes up with an address on `lan`
+        and a default route through `lan`'s gateway. Processes inside keep running. Returns the
+        new address."""
+        self._check_open()
+        node = self.nodes.get(host)
+        target = self.lans.get(lan)
+        if node is None or node.role != "host" or node.lan is None:
+            raise LabError(f"no host {host!r} on a LAN in lab {self.prefix}")
+        if target is None:
+            raise LabError(f"no LAN {lan!r} in lab {self.prefix}")
+        if node.lan == lan:
+            raise LabError(f"{host} is already on LAN {lan}")
+        if len(target.hosts) >= MAX_HOSTS_PER_LAN:
+            raise LabError(f"LAN {lan} is full")
+        started = time.monotonic()
+        # Deleting one end of a veth deletes its peer, the old switch port, with it.
+        self._run_parallel([[self._ip, "-n", node.ns, "link", "del", "eth0"]])
+        self.lans[node.lan].hosts.remove(host)
+        addr = f"10.10.{target.index}.{10 + target.next_host + 100}"
+        target.next_host += 1
+        plan = _Plan()
+        self._lan_port(plan, target, node, "eth0")
+        lines = plan.ns_lines(node.ns)
+        lines += [f"addr add {addr}/24 dev eth0", "link set eth0 up", "route add 224.0.0.0/4 dev eth0"]
+        if target.gateway is not None:
+            lines.append(f"route add default via {target.gateway}")
+        self._apply(plan)
+        node.addr, node.lan = addr, lan
+        target.hosts.append(host)
+        self.timings[f"move_host:{host}"] = time.monotonic() - started
+        return addr
 
     def two_nats(self, kind_a: NatKind = "eim", kind_b: NatKind = "eim", *,
                  hosts_per_lan: int = 1) -> TwoNats:

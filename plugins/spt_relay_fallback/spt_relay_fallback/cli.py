@@ -1,8 +1,9 @@
 """`spt relay serve | add | remove | list` (SPEC.md §3.9).
 
 `serve` runs a relay in the foreground; it needs no node daemon. `add` and `remove` edit
-`relay.urls` in this node's config.toml and tell a running daemon to follow; `list` shows the
-configured relays with their reachability, reflexive address and NAT mapping behaviour.
+`relay.urls` in this node's config.toml (and the local deny list, `sources.py`) and tell a
+running daemon to follow; `list` shows the relays in use, where each came from, their
+reachability, reflexive address and NAT mapping behaviour.
 """
 
 from __future__ import annotations
@@ -110,10 +111,6 @@ def serve(listen: str, key_file: str | None, allow_file: str | None, token: str 
     asyncio.run(run())
 
 
-def _config_file() -> Path:
-    return StatePaths.resolve().config_file
-
-
 def _tell_daemon() -> dict[str, Any] | None:
     """Ask a running daemon to re-read the relay list; None when no daemon runs."""
     from spt.core.errors import DaemonDown
@@ -133,16 +130,21 @@ def _tell_daemon() -> dict[str, Any] | None:
 @relay.command()
 @click.argument("url")
 def add(url: str) -> None:
-    """Register with the relay at URL (spt-relay://HOST:PORT#KEY) from now on."""
+    """Register with the relay at URL (spt-relay://HOST:PORT#KEY) from now on, and announce it to
+    this node's subnets so their other members use it too."""
     from spt_relay_fallback.config import read_urls, write_urls
+    from spt_relay_fallback.sources import read_removed, write_removed
     from spt_relay_fallback.url import RelayUrl
 
     parsed = RelayUrl.parse(url)
-    config = _config_file()
-    urls = read_urls(config) or []
+    paths = StatePaths.resolve()
+    urls = read_urls(paths.config_file) or []
     if str(parsed) not in urls:
         urls = [u for u in urls if RelayUrl.parse(u).public != parsed.public] + [str(parsed)]
-        write_urls(config, urls)
+        write_urls(paths.config_file, urls)
+    removed = read_removed(paths.root)
+    if parsed.public in removed:
+        write_removed(paths.root, removed - {parsed.public})
     _tell_daemon()
     emit("RELAY_ADDED", parsed.public)
 
@@ -150,42 +152,71 @@ def add(url: str) -> None:
 @relay.command()
 @click.argument("url")
 def remove(url: str) -> None:
-    """Stop using the relay at URL."""
+    """Stop using the relay at URL, wherever it came from; one the subnet or the build offers
+    stays removed on this node (a local deny list) until `spt relay add` brings it back."""
     from spt.core.errors import Refusal
     from spt_relay_fallback.config import read_urls, write_urls
+    from spt_relay_fallback.sources import build_defaults, read_removed, write_removed
     from spt_relay_fallback.url import RelayUrl
 
     parsed = RelayUrl.parse(url)
-    config = _config_file()
-    urls = read_urls(config) or []
+    paths = StatePaths.resolve()
+    urls = read_urls(paths.config_file) or []
     kept = [u for u in urls if RelayUrl.parse(u).public != parsed.public]
-    if len(kept) == len(urls):
-        raise Refusal("NOT_CONFIGURED", parsed.public, "that relay is not in relay.urls")
-    write_urls(config, kept)
+    # offered by the subnet or the build (not only by this node's own config)
+    offered = {u.public for u in build_defaults()} | {r["url"] for r in _daemon_relays() if r["source"] != "local"}
+    removed = read_removed(paths.root)
+    in_config = len(kept) != len(urls)
+    if not in_config and (parsed.public not in offered or parsed.public in removed):
+        raise Refusal("NOT_CONFIGURED", parsed.public, "this node does not use that relay")
+    if in_config:
+        write_urls(paths.config_file, kept)
+    if parsed.public in offered:
+        write_removed(paths.root, removed | {parsed.public})
     _tell_daemon()
     emit("RELAY_REMOVED", parsed.public)
+
+
+def _daemon_relays() -> list[dict[str, Any]]:
+    """The relays a running daemon reports (empty when none runs)."""
+    from spt.core.errors import DaemonDown
+    from spt.core.ipc import call, connect
+
+    try:
+        conn = connect(StatePaths.resolve().socket)
+    except DaemonDown:
+        return []
+    try:
+        return list(call(conn, "relay.list")["relays"])
+    finally:
+        conn.close()
 
 
 @relay.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 @click.pass_context
 def list_(ctx: click.Context, as_json: bool) -> None:
-    """The configured relays, whether they are reachable, and this node's address as they see it."""
+    """The relays this node uses, where each came from (local, subnet, default), whether it is
+    reachable, and this node's address as it sees it."""
     from spt.core.errors import DaemonDown
     from spt.core.ipc import call, connect
-    from spt_relay_fallback.client import DEFAULT_RELAYS
     from spt_relay_fallback.config import read_urls
+    from spt_relay_fallback.sources import build_defaults, read_removed
     from spt_relay_fallback.url import RelayUrl
 
     relays: list[dict[str, Any]]
     try:
         conn = connect(StatePaths.resolve().socket)
     except DaemonDown:
-        urls = read_urls(_config_file())
+        paths = StatePaths.resolve()
+        removed = read_removed(paths.root)
+        local = [RelayUrl.parse(u) for u in read_urls(paths.config_file) or []]
         relays = [
-            {"url": RelayUrl.parse(u).public, "state": "daemon not running", "reachable": None,
-             "reflexive": None, "mapping": None}
-            for u in (urls if urls is not None else list(DEFAULT_RELAYS))
+            {"url": u.public, "source": source,
+             "state": "removed locally" if source != "local" and u.public in removed else "daemon not running",
+             "reachable": None, "reflexive": None, "mapping": None}
+            for source, urls in (("local", local), ("default", build_defaults()))
+            for u in urls
         ]
     else:
         try:
@@ -196,6 +227,6 @@ def list_(ctx: click.Context, as_json: bool) -> None:
         print_json({"relays": relays})
         return
     if not relays:
-        out("(no relays configured)")
+        out("(no relays: add one with spt relay add URL, or join a subnet whose members use one)")
     for r in relays:
-        out(f"{r['url']}  {r['state']}  reflexive={r['reflexive'] or '-'}  mapping={r['mapping'] or '-'}")
+        out(f"{r['url']}  {r['source']}  {r['state']}  reflexive={r['reflexive'] or '-'}  mapping={r['mapping'] or '-'}")

@@ -42,13 +42,13 @@ from spt.core.net.transport import ALPN_MEMBER, ALPN_RELAY
 from spt.core.proto.frames import Frame
 from spt.hooks import Candidate, DiscoveryContext
 from spt.hooks.interfaces import NodeRuntime
+from spt_relay_fallback.sources import LOCAL, Chosen, build_defaults, choose, read_removed
 from spt_relay_fallback.url import RelayUrl
 
 log = logging.getLogger(__name__)
 
 Address = tuple[str, int]
 
-DEFAULT_RELAYS: Final[tuple[str, ...]] = ()  # the build-time list (SPEC.md §3.11); empty here
 CONNECT_TIMEOUT: Final = 5.0
 REQUEST_TIMEOUT: Final = 5.0
 REFRESH_INTERVAL: Final = 30.0
@@ -61,6 +61,7 @@ PEER_PUNCH_WAIT: Final = 15.0  # seconds the higher key waits for the peer to st
 PUNCH_TIMEOUT: Final = 5.0
 MAPPING_WAIT: Final = 1.0
 FIND_WAIT: Final = 3.0  # seconds `find` waits for a first registration at start-up
+SOURCES_INTERVAL: Final = 2.0  # seconds between looks at the relays the subnet announces
 
 _clients: dict[NodeId, RelayClient] = {}
 
@@ -74,8 +75,8 @@ def client_for(node: NodeId) -> RelayClient:
 
 
 def configured_urls(section: Mapping[str, Any]) -> list[RelayUrl]:
-    """The relays of a `[relay]` config section (the build-time list when `urls` is absent)."""
-    urls = section.get("urls", list(DEFAULT_RELAYS))
+    """The relays of a `[relay]` config section: this node's own (`spt relay add`)."""
+    urls = section.get("urls", [])
     if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
         raise ConfigError("relay.urls", f"expected a list of relay URLs, got {urls!r}")
     return [RelayUrl.parse(u) for u in urls]
@@ -104,9 +105,10 @@ class _PunchState:
 class RelayLink:
     """One configured relay and this node's registration there."""
 
-    def __init__(self, client: RelayClient, url: RelayUrl) -> None:
+    def __init__(self, client: RelayClient, url: RelayUrl, source: str = LOCAL) -> None:
         self.client = client
         self.url = url
+        self.source = source
         self.state = "connecting"
         self.addr: Address | None = None  # the relay's resolved address
         self.reflexive: Address | None = None
@@ -139,6 +141,7 @@ class RelayLink:
     def view(self) -> dict[str, Any]:
         return {
             "url": self.url.public,
+            "source": self.source,
             "state": self.state,
             "reachable": self.registered.is_set(),
             "reflexive": f"{self.reflexive[0]}:{self.reflexive[1]}" if self.reflexive else None,
@@ -278,6 +281,8 @@ class RelayClient:
         self.runtime: NodeRuntime | None = None
         self.paths: Paths | None = None
         self.links: dict[str, RelayLink] = {}
+        self.local: list[RelayUrl] = []
+        self.defaults: list[RelayUrl] = []
         self._punch: dict[NodeId, _PunchState] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -309,12 +314,17 @@ class RelayClient:
         runtime.add_member_request("relay.punch", self._punch_request)
         runtime.add_op("relay.list", self._op_list)
         runtime.add_op("relay.sync", self._op_sync)
+        runtime.on_network_change(self._network_moved)
         try:
-            urls = configured_urls(runtime.config_section("relay"))
+            self.local = configured_urls(runtime.config_section("relay"))
         except ConfigError as exc:
             log.warning("relay config ignored", extra={"reason": exc.status_line()})
-            urls = []
-        self._set_links(urls)
+        try:
+            self.defaults = build_defaults()
+        except ConfigError as exc:
+            log.error("the build's default relay list is broken", extra={"reason": exc.status_line()})
+        self._refresh_sources()
+        runtime.spawn(self._sources_loop(), "relay sources")
         runtime.spawn(self._upgrade_loop(), "relay path upgrader")
 
     async def stop(self) -> None:
@@ -328,17 +338,43 @@ class RelayClient:
             self.paths.on(MAPPING_SEEN, None)
         _clients.pop(self.node_id, None)
 
-    def _set_links(self, urls: Sequence[RelayUrl]) -> list[RelayLink]:
-        wanted = {u.public: u for u in urls}
-        stale = [link for key, link in self.links.items() if key not in wanted or link.url != wanted[key]]
+    def _set_links(self, chosen: Sequence[Chosen]) -> list[RelayLink]:
+        wanted = {c.url.public: c for c in chosen}
+        stale = [link for key, link in self.links.items() if key not in wanted or link.url != wanted[key].url]
         for link in stale:
             del self.links[link.url.public]
             self._spawn(link.stop())
-        for key, url in wanted.items():
-            if key not in self.links:
-                link = self.links[key] = RelayLink(self, url)
+        for key, c in wanted.items():
+            if key in self.links:
+                self.links[key].source = c.source
+            else:
+                link = self.links[key] = RelayLink(self, c.url, c.source)
                 link.start()
         return list(self.links.values())
+
+    def _refresh_sources(self) -> None:
+        """Register with exactly the relays chosen now; announce our own to the subnets."""
+        runtime = self.runtime
+        if runtime is None or self.paths is None:
+            return
+        runtime.announce_relays([str(u) for u in self.local])
+        removed = read_removed(runtime.state_dir)
+        self._set_links(choose(self.local, runtime.member_relays(), self.defaults, removed))
+
+    async def _sources_loop(self) -> None:
+        while True:  # ends with the node (cancelled)
+            await asyncio.sleep(SOURCES_INTERVAL)
+            self._refresh_sources()
+
+    def _network_moved(self, change: Any) -> str | None:
+        """The machine's network changed: register again everywhere (fresh reflexive address
+        and NAT behaviour; the relay learns our new source address) and punch afresh."""
+        if not self.links:
+            return None
+        for link in self.links.values():
+            link.kick()
+        self.network_changed()
+        return f"re-registering with {len(self.links)} relay(s)"
 
     def network_changed(self) -> None:
         """Our public address moved (§7.3): punch relayed peers again at once, not after backoff."""
@@ -349,14 +385,27 @@ class RelayClient:
     # --- control operations ------------------------------------------------------------------
 
     async def _op_list(self, call: Any) -> Any:
-        return {"relays": [link.view() for link in self.links.values()]}
+        return {"relays": self._views()}
+
+    def _views(self) -> list[dict[str, Any]]:
+        """Every relay in use, then the ones the user removed that the subnet or build offers."""
+        views = [link.view() for link in self.links.values()]
+        if self.runtime is not None:
+            offered = choose([], self.runtime.member_relays(), self.defaults, set())
+            removed = read_removed(self.runtime.state_dir)
+            views += [
+                {"url": c.url.public, "source": c.source, "state": "removed locally", "reachable": None,
+                 "reflexive": None, "mapping": None}
+                for c in offered if c.url.public in removed and c.url.public not in self.links
+            ]
+        return views
 
     async def _op_sync(self, call: Any) -> Any:
-        """Re-read `relay.urls` from config.toml (after `spt relay add/remove`)."""
+        """Re-read `relay.urls` and the deny list (after `spt relay add/remove`)."""
         assert self.runtime is not None
-        urls = configured_urls(read_config_section(self.runtime.state_dir / "config.toml"))
-        self._set_links(urls)
-        return {"relays": [link.view() for link in self.links.values()]}
+        self.local = configured_urls(read_config_section(self.runtime.state_dir / "config.toml"))
+        self._refresh_sources()
+        return {"relays": self._views()}
 
     # --- datagrams from relays ---------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """The relay plugin's hooks: relay connector, rendezvous discovery, `spt relay`, the client.
 
-Relays come only from `relay.urls` in config (or this distribution's build-time list, empty
-here). Without this distribution installed (or with it disabled: `SPT_DISABLE_PLUGINS=relay`)
+Relays come from `relay.urls` in config (`spt relay add`), from the members of this node's
+subnets, and from this distribution's build-time list (empty here); see `sources.py`. Without this distribution installed (or with it disabled: `SPT_DISABLE_PLUGINS=relay`)
 a node never talks to a relay, never looks anything up at one and never punches through one.
 """
 

@@ -1,9 +1,6 @@
 """The relay with real daemons on loopback: `spt relay serve/add/list/remove`, rendezvous joins."""
 
 import json
-import select
-import subprocess
-import sys
 import time
 
 import pytest
@@ -11,22 +8,6 @@ import pytest
 from spt.testing.nodes import DEFAULT_CONFIG
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def relay_url(tmp_path):
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "spt", "relay", "serve", "--listen", "127.0.0.1:0", "--key-file", str(tmp_path / "k")],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env={"SPT_HOME": str(tmp_path), "PATH": ""},
-    )
-    try:
-        ready, _, _ = select.select([proc.stdout], [], [], 15)
-        line = proc.stdout.readline().strip() if ready else ""
-        assert line.startswith("RELAY_LISTENING:spt-relay://127.0.0.1:"), line
-        yield line.split(":", 1)[1]
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def wait_for(predicate, timeout=10.0):
@@ -40,13 +21,13 @@ def wait_for(predicate, timeout=10.0):
 
 def test_relay_add_list_remove_edit_the_config_and_the_daemon_follows(spt_nodes, relay_url):
     node = spt_nodes("n")
-    assert node.cli("relay", "list").stdout == "(no relays configured)\n"
+    assert node.cli("relay", "list").stdout.startswith("(no relays: add one with spt relay add URL")
     added = node.cli("relay", "add", relay_url)
     assert (added.returncode, added.stdout) == (0, f"RELAY_ADDED:{relay_url}\n")
     assert relay_url in (node.home / "config.toml").read_text()
     assert "mdns = false" in (node.home / "config.toml").read_text()
     relay = wait_for(lambda: (r := node.json("relay", "list")["relays"]) and r[0]["reachable"] and r[0])
-    assert relay["url"] == relay_url and relay["state"] == "registered"
+    assert relay["url"] == relay_url and relay["state"] == "registered" and relay["source"] == "local"
     assert relay["reflexive"].startswith("127.0.0.1:") and relay["mapping"] == "endpoint-independent"
     removed = node.cli("relay", "remove", relay_url)
     assert removed.stdout == f"RELAY_REMOVED:{relay_url}\n"
