@@ -9,7 +9,10 @@ ratios measured in the same run (DESIGN.md §6):
    each pair, then the median of the following ones;
 2. throughput of one QUIC stream between two transports in the lab, relayed and then, after
    punching and `Transport.upgrade`, direct: the same code path the daemons use, driven by two
-   child processes (`reach.py child …`) so the numbers are not bounded by the CLI.
+   child processes (`reach.py child …`) so the numbers are not bounded by the CLI;
+3. a laptop that moves (`tests/netns/test_moving.py`): B joined A on A's LAN with no relay of
+   its own, then is carried behind the other NAT; the time from the move to A's message
+   arriving in B's listener (goal ≤ 5 s), next to the direct-path message time of item 1.
 
 Traffic stays inside the lab's namespaces.
 """
@@ -166,6 +169,26 @@ def throughput_figures(total: int) -> dict[str, Any]:
         lab.close()
 
 
+def move_figures(trials: int) -> list[float]:
+    """Seconds from moving B behind the other NAT to A's message in B's listener, per trial."""
+    from test_moving import move_and_deliver
+    from test_reach import ReachLab
+
+    from spt.testing.netns import Lab
+
+    out: list[float] = []
+    for trial in range(trials):
+        lab = Lab()
+        rl = ReachLab(lab, "eim", "eim")
+        try:
+            elapsed, _ = move_and_deliver(rl, marker=f"moved {trial}")
+            out.append(elapsed)
+        finally:
+            rl.close()
+            lab.close()
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd")
@@ -184,6 +207,7 @@ def main() -> None:
     direct = daemon_figures("eim", sends)
     relayed = daemon_figures("symmetric", sends)
     bulk = throughput_figures(total)
+    moves = move_figures(2 if args.quick else 5)
     print("reach across two NATed LANs (netns lab; one relay on the routed core)")
     print(f"direct:  {direct['path']}")
     print(f"relayed: {relayed['path']} (reason {relayed['reason']})")
@@ -203,6 +227,11 @@ def main() -> None:
     row("message across NATs, relayed", relayed["median_s"] * 1000, "ms", baseline_name="same-node message",
         baseline=relayed["local_s"] * 1000)
     row("one QUIC stream across NATs, relayed", r, "MB/s", baseline_name="direct (punched)", baseline=d)
+    moved, base = statistics.median(moves), direct["median_s"]
+    print(f"moved behind another NAT -> first message: median {moved * 1000:.0f} ms over {len(moves)} trials "
+          f"(max {max(moves) * 1000:.0f} ms; goal <= 5000 ms), {moved / base:.1f}x a direct-path message")
+    row("moved behind another NAT -> first message", moved * 1000, "ms", baseline_name="direct-path message",
+        baseline=base * 1000, goal="<= 5000")
 
 if __name__ == "__main__":
     main()
