@@ -16,6 +16,8 @@ import time
 import pytest
 from test_reach import NODE_PORT, logs, start_listener, wait_for
 
+from spt.testing.nodes import fresh_code
+
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
 DELIVERY_BUDGET = 30.0  # seconds from the move to the message in B's listener (the bound)
@@ -49,9 +51,8 @@ def move_and_deliver(rl, *, marker: str) -> tuple[float, dict]:
     a = rl.node(rl.topo.a, relays=[url])
     b_host = rl.lab.add_host(rl.topo.lan_a)
     b = rl.node(b_host, relays=[])
-    created = a.cli("subnet", "create", "home", check=True).stdout
-    code = next(line.split()[1] for line in created.splitlines() if line.startswith("CODE:home "))
-    joined = b.cli("subnet", "join", "home", "--code", code, "--peer", f"{rl.lab.addr(rl.topo.a)}:{NODE_PORT}",
+    a.cli("subnet", "create", "home", check=True)
+    joined = b.cli("subnet", "join", "home", "--code", fresh_code(a, "home"), "--peer", f"{rl.lab.addr(rl.topo.a)}:{NODE_PORT}",
                    "--timeout", "20", timeout=60)
     assert joined.returncode == 0, f"{joined.stdout}{joined.stderr}\n{logs(a, b)}"
     # B was told no relay, yet learns A's from the subnet and registers with it
