@@ -63,6 +63,7 @@ STREAM_SEND_BUFFER: Final = 1024 * 1024
 CONNECTION_SEND_BUFFER: Final = 8 * 1024 * 1024
 ERROR_TYPE: Final = "error"
 _MAX_REASON: Final = 200  # bytes of close reason put on the wire
+SILENT_KEEPALIVES: Final = 2.5  # keepalive periods of silence (two unanswered pings) that close
 
 
 class CloseCode(enum.IntEnum):
@@ -467,7 +468,13 @@ class Connection:
         self._keepalive_handle = None
         if self._close_reason is not None:
             return
-        if self._loop.time() - self._last_rx >= self._keepalive * 0.9:
+        silent = self._loop.time() - self._last_rx
+        if silent >= self._keepalive * SILENT_KEEPALIVES:
+            # Two pings went unanswered: the peer moved, slept or vanished. Closing now (not at
+            # the idle timeout) lets the member keeper dial every path again, the relay included.
+            self.close(f"peer silent for {silent:.0f} s (no answer to keepalives)")
+            return
+        if silent >= self._keepalive * 0.9:
             self._quic.send_ping(0)
             self._transmit()
         self._arm_keepalive()

@@ -260,7 +260,7 @@ async def test_a_failing_stream_handler_is_logged_and_its_stream_reset(make, cap
 
 
 async def test_a_vanished_peer_is_detected_within_the_idle_timeout(make):
-    a, b = await pair(make, idle_timeout=1.0, keepalive=0.2)
+    a, b = await pair(make, idle_timeout=1.0, keepalive=0.5)  # two pings do not fit: idle decides
     async with asyncio.timeout(5):
         await b.connect(a.node_id, [a.sockname])
         conn = a.connection(b.node_id)
@@ -269,8 +269,24 @@ async def test_a_vanished_peer_is_detected_within_the_idle_timeout(make):
         started = time.monotonic()
         reason = await conn.wait_closed()
     assert reason.startswith("idle timeout")
-    assert time.monotonic() - started < 1.0 + 0.2 + 0.5
+    assert time.monotonic() - started < 1.0 + 0.5 + 0.5
     assert a.connection(b.node_id) is None
+
+
+async def test_a_peer_that_leaves_two_keepalives_unanswered_is_closed_before_the_idle_timeout(make):
+    # A moved or sleeping peer: the member keeper may then dial every path again (the relay too).
+    a, b = await pair(make, idle_timeout=30.0, keepalive=0.4)
+    async with asyncio.timeout(10):
+        await b.connect(a.node_id, [a.sockname])
+        conn = a.connection(b.node_id)
+        assert (await conn.request("x", 1)).body == 1
+        await asyncio.sleep(1.5)  # quiet but alive: the pings are answered, nothing closes
+        assert conn.is_open
+        b.abort()
+        started = time.monotonic()
+        reason = await conn.wait_closed()
+    assert reason.startswith("peer silent"), reason
+    assert time.monotonic() - started < 0.4 * 2.5 + 0.4 + 0.5
 
 
 async def test_a_dead_address_is_unreachable_with_the_reason(make):
