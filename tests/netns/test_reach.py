@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from spt.testing.netns import Lab, pcap_frames, udp_datagrams
-from spt.testing.nodes import Node
+from spt.testing.nodes import Node, fresh_code
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
@@ -147,8 +147,8 @@ class ReachLab:
         join's wall time too."""
         a = self.node(self.topo.a)
         b = self.node(self.topo.b)
-        created = a.cli("subnet", "create", subnet, check=True).stdout
-        code = next(line.split()[1] for line in created.splitlines() if line.startswith(f"CODE:{subnet} "))
+        a.cli("subnet", "create", subnet, check=True)
+        code = fresh_code(a, subnet, margin=6)  # a join that starts near the 30-s step is not caught by it
         started = time.monotonic()
         joined = b.cli("subnet", "join", subnet, "--code", code, "--timeout", "20", *join_args, timeout=60)
         elapsed = time.monotonic() - started
@@ -334,8 +334,8 @@ def test_the_relay_forwards_nothing_for_a_node_that_did_not_prove_its_key(reach)
     wait_for(lambda: a.json("relay", "list")["relays"][0]["state"] == "registered", 10.0, "a registered")
     with rl.lab.capture(rl.topo.relay, "udp port 47471") as cap:
         # a's own relayed traffic shows its token: a dial of b through the relay
-        created = a.cli("subnet", "create", "home", check=True).stdout
-        code = next(line.split()[1] for line in created.splitlines() if line.startswith("CODE:home "))
+        a.cli("subnet", "create", "home", check=True)
+        code = fresh_code(a, "home", margin=6)  # a join that starts near the 30-s step is not caught by it
         assert b.cli("subnet", "join", "home", "--code", code, "--timeout", "20").returncode == 0
         time.sleep(1.0)
         cap.stop()
@@ -391,8 +391,8 @@ def test_without_the_relay_plugin_nothing_goes_beyond_members_and_mdns(reach):
         a = rl.node(h1, relays=[url], env=gap, mdns=True)
         plugins = {p["name"]: p["status"] for p in a.json("plugins", "list")["plugins"]}
         assert plugins["relay"] == "blocked"
-        created = a.cli("subnet", "create", "home", check=True).stdout
-        code = next(line.split()[1] for line in created.splitlines() if line.startswith("CODE:home "))
+        a.cli("subnet", "create", "home", check=True)
+        code = fresh_code(a, "home", margin=6)  # a join that starts near the 30-s step is not caught by it
         b = rl.node(h2, relays=[url], env=gap, mdns=True)
         # mDNS runs (adverts, browsing) on both nodes; the join names a's address as a configured
         # peer, because mDNS alone finds a only most of the time in this lab (an mDNS backend

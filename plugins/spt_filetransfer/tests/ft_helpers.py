@@ -9,7 +9,7 @@ from pathlib import Path
 
 import blake3
 
-from spt.testing.nodes import DEFAULT_CONFIG, Node, NodeFactory
+from spt.testing.nodes import DEFAULT_CONFIG, Node, NodeFactory, fresh_code
 
 CONFIG = DEFAULT_CONFIG + "\n[timing]\npresence_interval = 1.0\n"
 PERCH = "bob"
@@ -32,8 +32,8 @@ def listed(node: Node, endpoint_id: str) -> bool:
 
 def join_pair(a: Node, b: Node, perch: str = PERCH) -> None:
     """Put started nodes `a` and `b` in subnet `home`, make `perch` on `b`, wait until `a` sees it."""
-    created = a.cli("subnet", "create", "home", check=True).stdout
-    code = next(line.split()[1] for line in created.splitlines() if line.startswith("CODE:home "))
+    a.cli("subnet", "create", "home", check=True)
+    code = fresh_code(a, "home", margin=6)  # a join that starts near the 30-s step is not caught by it
     b.cli("subnet", "join", "home", "--code", code, "--peer", a.address, check=True)
     b.cli("ready", perch, "--once", "--timeout", "0.1")
     wait_for(lambda: listed(a, perch), what=f"{perch}'s row on {a.name}")

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from spt.testing.nodes import DEFAULT_CONFIG
+from spt.testing.nodes import DEFAULT_CONFIG, fresh_code
 
 pytestmark = pytest.mark.slow
 
@@ -42,8 +42,8 @@ def test_a_join_finds_the_member_by_rendezvous_at_the_relay(spt_nodes, relay_url
     config = DEFAULT_CONFIG + f"\n[relay]\nurls = {json.dumps([relay_url])}\n"
     a = spt_nodes("a", config=config, label="alpha")
     b = spt_nodes("b", config=config, label="beta")
-    created = a.cli("subnet", "create", "home", check=True).stdout
-    code = next(line.split()[1] for line in created.splitlines() if line.startswith("CODE:home "))
+    a.cli("subnet", "create", "home", check=True)
+    code = fresh_code(a, "home", margin=6)  # a join that starts near the 30-s step is not caught by it
     wait_for(lambda: b.json("relay", "list")["relays"][0]["reachable"])
     joined = b.cli("subnet", "join", "home", "--code", code, "--timeout", "15")  # no --peer, no mDNS
     assert joined.stdout == "JOINED:home\n", joined.stderr
