@@ -34,6 +34,7 @@ BENCHES: dict[str, tuple[list[str], list[str], float]] = {
     "transport": ([], ["--quick"], 900),
     "messaging": ([], ["--quick"], 600),
     "files": ([], ["--mb", "256", "--runs", "5", "--quic-mb", "16"], 1800),
+    "channel": ([], ["--mb", "128", "--runs", "5"], 600),
     "join": ([], ["--runs", "3"], 600),
     "reach": ([], ["--quick"], 900),
     "rc": ([], ["--quick"], 900),

@@ -38,7 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from _util import median, row
 
-from spt.testing.nodes import NodeFactory
+from spt.testing.nodes import NodeFactory, fresh_code
 
 
 def make_file(path: Path, mb: int) -> None:
@@ -148,15 +148,14 @@ def spt_pair(factory: NodeFactory, quic_env: dict[str, str]) -> tuple[object, ob
     a = factory("a", label="alpha")
     b = factory("b", label="beta")
     c = factory("c", label="gamma", env=quic_env)
-    created = a.cli("subnet", "create", "bench", check=True)
-    code = created.stdout.split("\n")[1].split()[1]
-    b.cli("subnet", "join", "bench", "--code", code, "--peer", a.address, check=True)
-    c.cli("subnet", "join", "bench", "--code", code, "--peer", a.address, check=True)
+    a.cli("subnet", "create", "bench", check=True)
+    for joiner in (b, c):  # a code with time left: a loaded machine must not miss its step
+        joiner.cli("subnet", "join", "bench", "--code", fresh_code(a, "bench"), "--peer", a.address, check=True)
     b.cli("ready", "sink", "--once", "--timeout", "0.1")
     return a, b, c
 
 
-def spt_send(node: object, src: Path, inbox: Path) -> None:
+def spt_send(node: object, src: Path) -> None:
     deadline = time.monotonic() + 30
     while True:
         result = node.cli("file", "send", str(src), "sink", "--wait", timeout=600)  # type: ignore[attr-defined]
@@ -165,7 +164,6 @@ def spt_send(node: object, src: Path, inbox: Path) -> None:
         if "NO_PERCH" not in result.stderr or time.monotonic() > deadline:
             raise RuntimeError(f"spt file send failed: {result.stderr}")
         time.sleep(0.3)  # the perch's row is still replicating
-    shutil.rmtree(inbox, ignore_errors=True)
 
 
 def main() -> None:
@@ -193,24 +191,25 @@ def main() -> None:
 
         a, b, c = spt_pair(factory, {"SPT_FILE_DATA_PATH": "quic"})
         inbox = b.home / "endpoints" / "sink" / "inbox"  # type: ignore[attr-defined]
-        spt_send(a, small, inbox)  # warm-up: the perch row has replicated, the listener is open
-        spt_send(c, small, inbox)
+        spt_send(a, small)  # warm-up: the perch row has replicated, the listener is open
+        spt_send(c, small)
 
         def rate(name: str, size_of: Path, one: Callable[[], None]) -> None:
             seconds = timed(1, one)[0]
             samples.setdefault(name, []).append(size_of.stat().st_size / seconds / 1e6)
-            dst.unlink(missing_ok=True)
+            dst.unlink(missing_ok=True)  # clean-ups stay out of the timed part
+            shutil.rmtree(inbox, ignore_errors=True)
 
         # interleaved rounds, every method on the same file: each sees the same machine noise
         for _ in range(args.runs):
             rate("raw TCP", src, lambda: raw_tcp(src, dst))
             if has_scp:
                 rate("scp aes128-gcm", src, lambda: sshd.scp(src, dst))
-            rate("spt (TCP path)", src, lambda: spt_send(a, src, inbox))
+            rate("spt (TCP path)", src, lambda: spt_send(a, src))
         # the QUIC-path reference against the TCP path on one smaller file
         for _ in range(max(1, args.runs // 2)):
-            rate("spt TCP, small file", small, lambda: spt_send(a, small, inbox))
-            rate("spt QUIC, small file", small, lambda: spt_send(c, small, inbox))
+            rate("spt TCP, small file", small, lambda: spt_send(a, small))
+            rate("spt QUIC, small file", small, lambda: spt_send(c, small))
     finally:
         sshd.stop()
         factory.close()

@@ -44,7 +44,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, overload
 
 import blake3
 import msgspec
@@ -83,6 +83,7 @@ DIAL_TIMEOUT: Final = 10.0
 FIRST_OFFER_WAIT: Final = 5.0  # then FILE_QUEUED: the driver keeps trying in the background
 TCP_PROBE_SECONDS: Final = 3.0
 TCP_IO_TIMEOUT: Final = 60.0
+WRITE_QUEUE: Final = 4  # received chunks waiting for the writer thread (verify, write)
 SESSION_SECONDS: Final = 600.0
 QUIC_WINDOW: Final = 8  # chunk requests in flight on the QUIC path
 MAX_BAD_ROUNDS: Final = 3
@@ -244,8 +245,17 @@ class Outgoing:
     def done(self) -> int:
         return min(self.total, self.base_done + self.round_sent)
 
-    def read_chunk(self, f: int, c: int) -> bytes:
-        """Chunk `c` of file `f` from the source, checked against the manifest (blocking)."""
+    @overload
+    def read_chunk(self, f: int, c: int) -> bytes: ...
+
+    @overload
+    def read_chunk(self, f: int, c: int, into: bytearray) -> memoryview: ...
+
+    def read_chunk(self, f: int, c: int, into: bytearray | None = None) -> bytes | memoryview:
+        """Chunk `c` of file `f` from the source, checked against the manifest (blocking).
+
+        With `into` (at least CHUNK bytes), the chunk is read into it and returned as a view.
+        """
         entry = self.manifest.files[f]
         with self._src_lock:
             if self._src is None or self._src[0] != f:
@@ -259,7 +269,11 @@ class Outgoing:
                     raise _Fatal(f"{self.sources[f]} is no longer a regular file")
                 self._src = (f, fd)
             fd = self._src[1]
-            data = os.pread(fd, entry.chunk_len(c), c * CHUNK)
+            if into is None:
+                data: bytes | memoryview = os.pread(fd, entry.chunk_len(c), c * CHUNK)
+            else:  # the TCP path reuses one buffer: no fresh 1 MiB object per chunk
+                view = memoryview(into)[: entry.chunk_len(c)]
+                data = view[: os.preadv(fd, [view], c * CHUNK)]
         if len(data) != entry.chunk_len(c) or blake3.blake3(data).digest() != entry.chunks[c]:
             raise _Fatal(f"{self.sources[f]} changed since it was offered; send it again")
         return data
@@ -834,10 +848,11 @@ class FileService:
         pacer = _Pacer(self.max_rate)
         sock = path.sock
         sock.settimeout(TCP_IO_TIMEOUT)
+        buf = bytearray(CHUNK)
         for f, c in needed:
             if out.cancel_event.is_set():
                 raise _Cancelled("cancelled")
-            data = out.read_chunk(f, c)
+            data = out.read_chunk(f, c, buf)
             path.tx.send(sock, f, c, data)
             out.round_sent += len(data)
             out.sent += len(data)
@@ -1243,7 +1258,9 @@ class FileService:
             server_salt = os.urandom(channel.SALT)
             sock.sendall(server_salt)
             c2s, s2c = channel.derive_keys(session[0], raw_tid, client_salt, server_salt)
-            rx, tx = channel.Receiver(c2s, channel.C2S), channel.Sender(s2c, channel.S2C)
+            # the writer holds at most WRITE_QUEUE queued payloads and one it is writing
+            rx = channel.Receiver(c2s, channel.C2S, buffers=WRITE_QUEUE + 2)
+            tx = channel.Sender(s2c, channel.S2C)
             f, c, _ = rx.recv(sock)
             if f != channel.CONTROL or c != channel.HELLO:
                 raise channel.ChannelError("hello", "the first data frame is not a hello")
@@ -1299,7 +1316,7 @@ class _ChunkWriter:
 
     def __init__(self, inc: Incoming) -> None:
         self.inc = inc
-        self.queue: queue.Queue[tuple[int, int, bytes] | None] = queue.Queue(maxsize=4)
+        self.queue: queue.Queue[tuple[int, int, memoryview] | None] = queue.Queue(maxsize=WRITE_QUEUE)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="spt-file-write", daemon=True)
         self.thread.start()
@@ -1317,7 +1334,7 @@ class _ChunkWriter:
             finally:
                 self.queue.task_done()
 
-    def put(self, f: int, c: int, data: bytes) -> None:
+    def put(self, f: int, c: int, data: memoryview) -> None:
         if self.error is not None:
             raise self.error
         self.queue.put((f, c, data))

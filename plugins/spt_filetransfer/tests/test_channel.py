@@ -57,3 +57,19 @@ def test_each_connection_derives_its_own_keys():
     assert channel.derive_keys(key, tid, b"1" * 16, b"2" * 16) != channel.derive_keys(key, tid, b"1" * 16, b"3" * 16)
     with pytest.raises(channel.ChannelError):
         channel.read_client_header(b"GET / HTTP/1.1\r\n" + b"x" * 21)
+
+
+def test_payloads_stay_valid_for_the_ring_of_buffers():
+    """A consumer may hold `buffers - 1` payloads while the next frames are opened."""
+    c2s, _ = keys(os.urandom(32), os.urandom(16))
+    a, b = socket.socketpair()
+    with a, b:
+        tx, rx = channel.Sender(c2s, channel.C2S), channel.Receiver(c2s, channel.C2S, buffers=4)
+        bodies = [os.urandom(1000 + i) for i in range(8)]
+        for i, body in enumerate(bodies):
+            tx.send(a, 0, i, body)
+        held = [rx.recv(b)[2] for _ in range(3)]
+        assert [bytes(p) for p in held] == bodies[:3]
+        for i in range(3, 8):
+            held = [*held[1:], rx.recv(b)[2]]
+            assert [bytes(p) for p in held] == bodies[i - 2 : i + 1]
