@@ -4,8 +4,12 @@
 
 1. Keystroke echo round trip: a hosted program on alpha echoes every byte it reads (raw mode);
    a viewer on beta speaks the `rc.attach` control operation directly (what `spt rc` does, minus
-   process start-up), sends one keystroke and waits for its echo. p50/p99 against spt's own
-   transport request round trip (bench/transport.py's measurement); goal ≤ RTT + 5 ms.
+   process start-up), sends one keystroke and waits for its echo; goal ≤ RTT + 5 ms. Two RTTs
+   are measured alongside: spt's transport on fresh connections (bench/transport.py), and the
+   round trip of the very member connection the viewer uses (`rc.ping`, answered by alpha's
+   daemon, interleaved with the echoes). The goal is judged against the second: the daemons'
+   connection is what a keystroke rides, and its RTT (QUIC's pacing follows its smoothed RTT)
+   is often well above a fresh connection's on a loaded machine.
 2. Output throughput: the hosted program is `cat` of a 100 MB file (20 MB with --quick), watched
    by a real `spt rc` process on beta whose stdout the bench counts; MB/s against the transport's
    bulk figure; goal ≥ 10 MB/s.
@@ -66,7 +70,9 @@ def wait_row(node, endpoint_id: str, timeout: float = 30.0) -> None:
     raise SystemExit(f"{endpoint_id} did not show alive at {node.name}")
 
 
-def echo_rtts(node, address: str, n: int) -> list[float]:
+def echo_rtts(node, address: str, n: int) -> tuple[list[float], list[float]]:
+    """Keystroke echo round trips, and `rc.ping` round trips on the same stream (answered by the
+    hosting daemon: the member connection's own round trip, measured alongside)."""
     conn: IpcConnection = connect(node.home / "spt.sock")
     conn.send({"v": 1, "op": "rc.attach", "args": {"address": address, "offset": None, "replay": True,
                                                   "viewer": os.urandom(8).hex()}, "interactive": False})
@@ -82,19 +88,32 @@ def echo_rtts(node, address: str, n: int) -> list[float]:
             if ev.get("t") == "out":
                 seen.extend(base64.b64decode(ev["data"]))
 
+    def ping(n: int) -> None:
+        conn.send({"rc": {"t": "ping", "n": n}})
+        while True:
+            msg = next(lines)
+            if msg.get("event", {}).get("rc", {}).get("t") == "pong":
+                return
+            if "error" in msg or "result" in msg:
+                raise SystemExit(f"rc ended: {msg}")
+
     read_until(b"ready")
-    rtts = []
+    rtts: list[float] = []
+    pings: list[float] = []
     try:
-        for seq in range(1, n + 1):
+        for seq in range(1, n + 1):  # interleaved, so both see the same moment of the machine
             key = bytes([ord("a") + seq % 26])
             seen.clear()
             start = time.perf_counter()
             conn.send({"rc": {"t": "input", "seq": seq, "data": base64.b64encode(key).decode()}})
             read_until(key)
             rtts.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            ping(seq)
+            pings.append(time.perf_counter() - start)
     finally:
         conn.close()
-    return rtts
+    return rtts, pings
 
 
 def cat_throughput(node, address: str, size: int) -> float:
@@ -148,22 +167,24 @@ def main(quick: bool) -> None:
                       f"stty raw -echo; head -c 1 >/dev/null; cat {big}; sleep 600", check=True)
             wait_row(beta, "echo")
             wait_row(beta, "cat")
-            rtts = echo_rtts(beta, "echo@alpha", n_rtt)
+            rtts, pings = echo_rtts(beta, "echo@alpha", n_rtt)
             e50, e99 = pct(rtts, 0.5) * 1e3, pct(rtts, 0.99) * 1e3
+            p50 = pct(pings, 0.5) * 1e3
             rate = cat_throughput(beta, "cat@alpha", size)
         finally:
             for node in factory.nodes:
                 for endpoint_id in ("echo", "cat"):
                     node.cli("endpoint", "purge", endpoint_id, "--yes")
             factory.close()
-    print(f"transport request RTT      p50 {t50:8.3f} ms")
+    print(f"transport request RTT      p50 {t50:8.3f} ms   (fresh transports, bench/transport.py)")
+    print(f"member connection RTT      p50 {p50:8.3f} ms   (rc.ping on the viewer's stream, same run)")
     print(f"rc keystroke echo RTT      p50 {e50:8.3f} ms   p99 {e99:8.3f} ms   "
-          f"over transport {e50 - t50:+7.3f} ms  (goal <= +5 ms)")
+          f"over member connection {e50 - p50:+7.3f} ms  (goal <= +5 ms)")
     print(f"transport bulk             {bulk:8.1f} MB/s  ({transport.spread()})")
     print(f"rc output (cat {size // 1_000_000} MB)    {rate:8.1f} MB/s   ratio {rate / bulk:5.2f}x of transport  "
           "(goal >= 10 MB/s)")
-    row("rc keystroke echo RTT p50 over transport RTT", e50 - t50, "ms", baseline_name="transport request RTT p50",
-        baseline=None, goal="<= 5", note=f"echo p50 {e50:.2f} ms, transport {t50:.2f} ms")
+    row("rc keystroke echo RTT p50 over the member connection's RTT", e50 - p50, "ms", goal="<= 5",
+        note=f"echo p50 {e50:.2f} ms, connection p50 {p50:.2f} ms, fresh transport p50 {t50:.2f} ms")
     row("rc output throughput (cat)", rate, "MB/s", goal=">= 10",
         note=f"{rate / bulk:.2f}x of spt's transport bulk {bulk:.1f} MB/s")
 

@@ -114,14 +114,14 @@ async def test_input_is_applied_once_per_viewer_across_reconnects_and_never_from
     await frames_until(reader, lambda m, g: b"ready" in b"".join(x.get("data", b"") for x in g))
     for seq, data in ((1, b"a"), (2, b"b")):
         writer.write(encode({"t": "input", "seq": seq, "data": data}))
-    await frames_until(reader, lambda m, g: m == {"t": "ack", "seq": 2})
+    await frames_until(reader, lambda m, g: (m.get("t") == "ack" and m["seq"] == 2) or m.get("ack") == 2)
     writer.close()
     reader, writer = await host.attach(viewer="v1")
     hello = (await frames_until(reader, lambda m, g: m["t"] == "hello"))[-1]
     assert hello["applied"] == 2
     for seq, data in ((2, b"b"), (3, b"c")):  # 2 is a resend after the cut
         writer.write(encode({"t": "input", "seq": seq, "data": data}))
-    await frames_until(reader, lambda m, g: m == {"t": "ack", "seq": 3})
+    await frames_until(reader, lambda m, g: (m.get("t") == "ack" and m["seq"] == 3) or m.get("ack") == 3)
     _ro_reader, ro_writer = await host.attach(viewer="v2", read_only=True)
     ro_writer.write(encode({"t": "input", "seq": 1, "data": b"z"}))
     await ro_writer.drain()

@@ -41,6 +41,7 @@ MAX_VIEWERS_REMEMBERED: Final = 1024  # input counters kept per viewer id (oldes
 SOCKET_CHECK_SECONDS: Final = 2.0
 EIO_WAIT_SECONDS: Final = 1.0  # output still draining after the command exited
 STOP_WRITE_QUEUE: Final = 1024 * 1024  # unwritten input bytes beyond which input is refused
+ACK_DELAY: Final = 0.02  # an ack rides the echo's output frame when one follows this soon
 
 
 def _set_winsize(fd: int, rows: int, cols: int) -> None:
@@ -62,6 +63,12 @@ class _Viewer:
         self.sent = offset
         self.read_only = read_only
         self.viewer = viewer
+        self.ack_due: int | None = None  # acknowledged with the next output, or after ACK_DELAY
+
+    def flush_ack(self) -> None:
+        if self.ack_due is not None and not self.writer.is_closing():
+            self.writer.write(encode({"t": "ack", "seq": self.ack_due}))
+            self.ack_due = None
 
 
 class Host:
@@ -282,7 +289,9 @@ class Host:
                         self.applied.move_to_end(viewer_id)
                         while len(self.applied) > MAX_VIEWERS_REMEMBERED:
                             self.applied.popitem(last=False)
-                    writer.write(encode({"t": "ack", "seq": seq}))
+                    if viewer.ack_due is None:
+                        asyncio.get_running_loop().call_later(ACK_DELAY, viewer.flush_ack)
+                    viewer.ack_due = seq
                 elif msg["t"] == "resize" and self.exit is None:
                     _set_winsize(self.fd, msg["rows"], msg["cols"])
         finally:
@@ -300,7 +309,10 @@ class Host:
                         viewer.sent = self.base
                     lo = viewer.sent - self.base
                     chunk = bytes(self.buf[lo:lo + CHUNK])
-                    writer.write(encode({"t": "out", "off": viewer.sent, "data": chunk}))
+                    frame: dict[str, Any] = {"t": "out", "off": viewer.sent, "data": chunk}
+                    if viewer.ack_due is not None:  # one packet for the echo and its ack
+                        frame["ack"], viewer.ack_due = viewer.ack_due, None
+                    writer.write(encode(frame))
                     viewer.sent += len(chunk)
                     await writer.drain()
                     self._flow()

@@ -5,7 +5,8 @@ Every map has `t`, its type. A client's first frame says what the connection is 
   `hello` {start, end, pid}, then `lost` {from, to} when `offset` fell out of the buffer, then
   `out` {off, data} frames in order, and `ended` {exit, end} once the process ended and every
   byte was sent. The viewer may send `input` {seq, data} (acknowledged by `ack` {seq}; applied
-  once per viewer id whatever is resent) and `resize` {rows, cols}.
+  once per viewer id whatever is resent; the ack may instead ride the next `out` frame as its
+  `ack` field) and `resize` {rows, cols}.
 - `watch`: the daemon's watcher; answered `status`, then `ended` {exit, end} when the process ends.
 - `signal` {sig}: signal the hosted process group; answered `status`.
 - `status`: answered `status` {pid, host_pid, end, exit|None, stopped}.

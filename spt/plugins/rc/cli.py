@@ -134,6 +134,8 @@ class Viewer:
                     self._send(self._input_line(seq, data))
                 self.synced = True
         elif kind == "out":
+            if isinstance(ev.get("ack"), int):  # an ack riding the output frame
+                self._on_event({"t": "ack", "seq": ev["ack"]})
             off, data = int(ev["off"]), base64.b64decode(ev["data"])
             assert self.offset is not None
             if off + len(data) > self.offset:

@@ -11,8 +11,10 @@ the host process, so a cut anywhere in between (QUIC path, either daemon restart
 by the client re-attaching with its last offset.
 
 Frames on the stream: viewer → host `rc.attach` {subnet, id, offset, replay, read_only, rows, cols,
-viewer}, `rc.input` {seq, data}, `rc.resize` {rows, cols}; host → viewer `rc.<t>` with the host's
-frame as body (`hello`, `lost`, `out`, `ack`, `ended`), or one `error` {code, message}.
+viewer}, `rc.input` {seq, data}, `rc.resize` {rows, cols}, `rc.ping` {n}; host → viewer `rc.<t>`
+with the host's frame as body (`hello`, `lost`, `out`, `ack`, `ended`), `rc.pong` {n} (answered
+by the hosting daemon itself: the round trip of the member connection under the stream), or one
+`error` {code, message}.
 """
 
 from __future__ import annotations
@@ -62,7 +64,8 @@ def _input(msg: Mapping[str, Any]) -> tuple[int, bytes] | None:
 
 
 async def _relay(term: HostedTerminal, out: Out, inward: In, *, read_only: bool,
-                 on_input: Callable[[], None] | None = None) -> Mapping[str, Any] | None:
+                 on_input: Callable[[], None] | None = None,
+                 on_ping: Callable[[Mapping[str, Any]], Awaitable[None]] | None = None) -> Mapping[str, Any] | None:
     """Host frames go `out`; viewer frames from `inward` go to the host. Returns the `ended`
     frame when the process ended, None when either side went away."""
 
@@ -92,6 +95,8 @@ async def _relay(term: HostedTerminal, out: Out, inward: In, *, read_only: bool,
                         on_input()
             elif kind == "resize" and isinstance(msg.get("rows"), int) and isinstance(msg.get("cols"), int):
                 await term.resize(int(msg["rows"]), int(msg["cols"]))
+            elif kind == "ping" and on_ping is not None:
+                await on_ping(msg)
 
     out_task = asyncio.ensure_future(outward())
     in_task = asyncio.ensure_future(inbound())
@@ -147,8 +152,12 @@ class RcService:
                 return None
             return {**frame.body, "t": frame.type.removeprefix("rc.")}
 
+        async def pong(msg: Mapping[str, Any]) -> None:
+            # the viewer times the member connection under its stream (bench/rc.py's baseline)
+            await stream.send("rc.pong", {"n": msg.get("n")})
+
         try:
-            ended = await _relay(term, out, inward, read_only=hello["read_only"])
+            ended = await _relay(term, out, inward, read_only=hello["read_only"], on_ping=pong)
         except (PeerError, ConnectionError):
             return
         if ended is not None:
@@ -222,13 +231,17 @@ class RcService:
             async def resize(self, rows: int, cols: int) -> None:
                 await stream.send("rc.resize", {"rows": rows, "cols": cols}, timeout=60.0)
 
+            async def ping(self, msg: Mapping[str, Any]) -> None:
+                await stream.send("rc.ping", {"n": msg.get("n")}, timeout=60.0)
+
             def close(self) -> None:
                 with contextlib.suppress(Exception):
                     stream.reset()
 
+        remote = _Remote()
         try:
-            ended = await _relay(_Remote(), out, inward, read_only=hello["read_only"],
-                                 on_input=self.rt.touch_user_activity)
+            ended = await _relay(remote, out, inward, read_only=hello["read_only"],
+                                 on_input=self.rt.touch_user_activity, on_ping=remote.ping)
         except (PeerError, ConnectionError):
             ended = None
         return {"ended": ended.get("exit")} if ended else {"reconnect": True}
