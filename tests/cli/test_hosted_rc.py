@@ -245,3 +245,45 @@ def test_remote_suspend_warm_and_wake_hold_active_only_messages_and_release_each
     text = got.read_text()
     assert text.count("held-1") == 1 and text.count("held-2") == 1
     a.cli("endpoint", "purge", "agent", "--yes", check=True)
+
+
+def test_an_attacker_member_cannot_attach_where_the_endpoint_is_not_visible_to_it(pair, tmp_path):
+    """§9.20 as the attacker: beta (member of home only) forges rc.attach streams to alpha with its
+    own key, bypassing its daemon's resolution. Only the visible endpoint answers."""
+    import asyncio
+
+    from spt.core.identity import NodeId
+    from spt.core.net.transport import AllowKeys, Transport
+    from spt.core.store import load_or_create_key
+
+    a, b = pair
+    a.cli("subnet", "create", "work", check=True)  # alpha alone is in work
+    for endpoint_id, subnet in (("secret", "work"), ("hidden", "home"), ("shown", "home")):
+        a.cli("endpoint", "run", "--id", endpoint_id, "--subnet", subnet, "--", "sleep", "60", check=True)
+    a.cli("endpoint", "visibility", "hide", "hidden", "home", check=True)
+    a_key = NodeId.from_hex(a.key)
+    host, port = a.address.split(":")
+    b_key, _ = load_or_create_key(b.home / "node.key")
+
+    async def attempt(subnet, endpoint_id):
+        forged = Transport(b_key, host="127.0.0.1", port=0, accept=AllowKeys([a_key]))
+        await forged.start()
+        try:
+            conn = await forged.connect(a_key, [(host, int(port))])
+            stream = conn.open_stream()
+            await stream.send("rc.attach", {"subnet": subnet, "id": endpoint_id, "offset": None, "viewer": "x"})
+            first = await stream.recv(timeout=10)
+            return first.type, first.body
+        finally:
+            await forged.close()
+
+    async def attempts():
+        return [await attempt(s, e) for s, e in (("work", "secret"), ("home", "secret"), ("home", "hidden"),
+                                                 ("home", "shown"))]
+
+    results = asyncio.run(attempts())
+    for kind, body in results[:3]:
+        assert kind == "error" and body["code"] == "NO_PERCH"
+    assert results[3][0] == "rc.hello"  # the forged client itself is sound: a visible endpoint answers
+    for endpoint_id in ("secret", "hidden", "shown"):
+        a.cli("endpoint", "purge", endpoint_id, "--yes")
