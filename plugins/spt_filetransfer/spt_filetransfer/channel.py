@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 import struct
 from typing import Final
 
@@ -128,6 +129,10 @@ class Sender:
 
     def send(self, sock: socket.socket, file_index: int, chunk_index: int, payload: bytes | memoryview = b"") -> None:
         header, sealed = self.seal(file_index, chunk_index, payload)
+        if isinstance(sock, ssl.SSLSocket):  # a relay transit: TLS sockets have no sendmsg
+            sock.sendall(header)
+            sock.sendall(sealed)
+            return
         sent = sock.sendmsg([header, sealed])  # one system call, no joined copy
         if sent < len(header):
             sock.sendall(header[sent:])

@@ -79,7 +79,11 @@ def _public_host(host: str) -> str:
 @click.option("--token", help="Nodes must present this token (in the URL: spt-relay://TOKEN@host:port#key).")
 @click.option("--max-nodes", type=click.IntRange(1), default=1024, show_default=True)
 @click.option("--rate", type=click.IntRange(1), help="Bytes per second each node may send through the relay.")
-def serve(listen: str, key_file: str | None, allow_file: str | None, token: str | None, max_nodes: int, rate: int | None) -> None:
+@click.option("--tcp-listen", help="TCP HOST:PORT for the TLS listener (bulk transit); off by default.")
+def serve(
+    listen: str, key_file: str | None, allow_file: str | None, token: str | None, max_nodes: int, rate: int | None,
+    tcp_listen: str | None,
+) -> None:
     """Serve as a relay (foreground): forwarding, reflexive addresses and rendezvous."""
     import asyncio
     import signal
@@ -89,6 +93,7 @@ def serve(listen: str, key_file: str | None, allow_file: str | None, token: str 
     from spt_relay_fallback.server import RelayServer
 
     host, port = _parse_listen(listen)
+    tcp = _parse_listen(tcp_listen) if tcp_listen else None
     allow = _allow_list(allow_file) if allow_file else None
     path = Path(key_file) if key_file else StatePaths.resolve().root / "relay.key"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -96,7 +101,9 @@ def serve(listen: str, key_file: str | None, allow_file: str | None, token: str 
     configure_logging()
 
     async def run() -> None:
-        server = RelayServer(key, host=host, port=port, allow=allow, token=token, rate=rate, max_nodes=max_nodes)
+        server = RelayServer(
+            key, host=host, port=port, allow=allow, token=token, rate=rate, max_nodes=max_nodes, tcp_listen=tcp,
+        )
         await server.start()
         emit("RELAY_LISTENING", str(server.url(_public_host(host))))
         stop = asyncio.Event()

@@ -22,6 +22,10 @@ The protocol, as a node sees it (our design where the spec leaves it open):
    `0x06 ‖ nonce` with `0x07 ‖ nonce ‖ IPv4 ‖ port`, the source it saw; a node that sees two
    different ports for itself is behind an endpoint-dependent (symmetric) NAT.
 
+5. **TCP listener** (`tcp_listen`, off by default): TLS with the relay's key, offering a blind
+   byte transit between two registered nodes it has matched (`relay.transit`); see `tcp.py`.
+   The registration reply carries its port as `tcp_port` (null when off).
+
 Limits: per-node byte-rate caps (token bucket, drops beyond it), a node count, the allow-list
 and the token. The relay keeps nothing on disk but its key: after a restart nodes notice
 (`0x03`, or a failed refresh) and register again.
@@ -54,6 +58,7 @@ from spt.core.net.paths import (
 )
 from spt.core.net.transport import ALPN_RELAY, Transport, serve_requests
 from spt.core.proto.frames import Frame
+from spt_relay_fallback.tcp import TcpListener
 from spt_relay_fallback.url import RelayUrl
 
 log = logging.getLogger(__name__)
@@ -132,8 +137,10 @@ class RelayServer:
         max_nodes: int = 1024,
         alt_port: bool = True,
         idle_timeout: float = 60.0,
+        tcp_listen: Address | None = None,
     ) -> None:
         self.key = key
+        self.tcp = TcpListener(key, tcp_listen[0], tcp_listen[1]) if tcp_listen is not None else None
         self.host = host
         self.port = port
         self.allow = frozenset(allow) if allow is not None else None
@@ -159,6 +166,7 @@ class RelayServer:
                 "relay.register": self._register,
                 "relay.tags": self._tags,
                 "relay.lookup": self._lookup,
+                "relay.transit": self._transit,
             }),
             alpns=(ALPN_RELAY,),
             dial_alpns=(),
@@ -183,9 +191,17 @@ class RelayServer:
             else:
                 self._alt = alt
                 self.alt_port = self.port + 1
+        if self.tcp is not None:
+            await self.tcp.start()
         log.info("relay listening", extra={"addr": f"{self.host}:{self.port}", "alt_port": self.alt_port})
 
+    @property
+    def tcp_port(self) -> int | None:
+        return self.tcp.port if self.tcp is not None else None
+
     async def close(self) -> None:
+        if self.tcp is not None:
+            await self.tcp.close()
         if self._alt is not None:
             self._alt.close()
             self._alt = None
@@ -234,6 +250,7 @@ class RelayServer:
         log.info("node registered", extra={"node": node.key.short, "addr": f"{node.addr[0]}:{node.addr[1]}"})
         return "relay.registered", {
             "token": node.token, "addr": f"{node.addr[0]}:{node.addr[1]}", "alt_port": self.alt_port,
+            "tcp_port": self.tcp_port,
         }
 
     def _require(self, conn: Connection) -> _Node:
@@ -272,6 +289,23 @@ class RelayServer:
             if len(found) >= MAX_LOOKUP:
                 break
         return "relay.found", {"nodes": found}
+
+    async def _transit(self, conn: Connection, frame: Frame) -> tuple[str, Any]:
+        """Two single-use tickets pairing the asker with a registered peer on the TCP listener."""
+        self._require(conn)
+        body = frame.body if isinstance(frame.body, dict) else {}
+        raw = body.get("peer")
+        if not isinstance(raw, bytes) or len(raw) != KEY_BYTES:
+            raise RemoteProtocolError("peer", f"a transit names the peer's {KEY_BYTES}-byte key")
+        if self.tcp is None:
+            raise Refusal("NO_TRANSIT", conn.peer.short, "this relay has no TCP listener")
+        peer = NodeId(raw)
+        if peer == conn.peer or peer not in self._nodes:
+            raise Refusal("NOT_REGISTERED", peer.short, "the peer is not registered at this relay")
+        tickets = self.tcp.issue(conn.peer, peer)
+        if tickets is None:
+            raise Refusal("RELAY_FULL", conn.peer.short, "too many transits are open at this relay")
+        return "relay.transit", {"ticket": tickets[0], "peer_ticket": tickets[1], "tcp_port": self.tcp.port}
 
     def _forget(self, node: _Node) -> None:
         if self._by_token.get(node.token) is node:
