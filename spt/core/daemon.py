@@ -45,6 +45,8 @@ from spt.core.proto.join import iso_utc
 from spt.core.proto.membership import make_label
 from spt.core.proto.resolve import RemoteTarget, Row
 from spt.core.relaybook import RelayBook
+from spt.core.resting import Resting
+from spt.core.resting import register_ops as register_resting_ops
 from spt.core.runtime import Runtime
 from spt.core.store import Store, load_or_create_key
 from spt.core.subnets import HeldSubnet, Subnets, rendezvous_tag
@@ -139,6 +141,7 @@ class Daemon:
         self.subnets: Subnets
         self.endpoints: Endpoints
         self.hosting: Hosting
+        self.resting: Resting
         self.discovery: list[DiscoveryBackend] = sorted(
             plugins.registries.discovery_backends, key=lambda b: (b.priority, b.name)
         )
@@ -484,6 +487,8 @@ class Daemon:
         register_subnet_ops(self, self.subnets)
         self.endpoints = Endpoints(self)
         register_endpoint_ops(self, self.endpoints)
+        self.resting = Resting(self.endpoints)
+        register_resting_ops(self, self.resting)
         self.hosting = Hosting(self)
         register_hosting_ops(self, self.hosting)
         await self.hosting.start()  # re-adopt host processes that outlived the last daemon

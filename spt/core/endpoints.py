@@ -4,7 +4,8 @@ What lives here: `Perch` (one row of the `perches` table), `Endpoints` (the serv
 builds after its subnets) and `register_ops`, the control operations behind `spt ready`,
 `spt send`, `spt ring`, `spt whoami` and `spt endpoint …`.
 
-Rules this module keeps (SPEC.md §2.3–2.6, §4.2–4.4, §4.6 for endpoints that are not hosted):
+Rules this module keeps (SPEC.md §2.3–2.6, §4.2–4.4; suspend and wake are `spt.core.resting`,
+hosted processes `spt.core.hosting`):
 1. A perch is created only by its own `ready`, by `fork`, or as a sender's transient `tmp.`
    identity; never for a target (`NO_PERCH`).
 2. A message is committed to the perch's spool before any answer, and it leaves the spool only in
@@ -73,8 +74,6 @@ RESTING: Final = frozenset({"dormant", "suspended"})
 SENT_WAIT: Final = 5.0  # §4.2: SENT when the listener acknowledges within 5 s
 STOP_GRACE: Final = 5.0  # an envelope already on its way may still be acknowledged
 COLLISION_WAIT: Final = 0.5  # a listener whose caller just died is noticed within this
-DEFAULT_GRACE: Final = 10.0  # §3.6 `suspend --grace`
-MAX_GRACE: Final = 600.0
 TRANSIENT_PREFIX: Final = "tmp."
 TRANSIENT_SECONDS: Final = 3600.0  # §4.3: a transient identity lives 1 h after its ring returns
 _CLOSING: Final = "DAEMON_STOPPING"  # a listener's stop reason at shutdown: answered DAEMON_DOWN
@@ -988,81 +987,12 @@ class Endpoints:
                     self._update(perch, expires=time.time() + TRANSIENT_SECONDS)
                 self._poke(perch)  # a reply the ring did not take is now the perch's
 
-    # -- states (§2.4, §4.6 for endpoints that are not hosted) ----------------------------
+    # -- states: the rest is in spt.core.resting ------------------------------------------
 
     def _stop_listener(self, perch: Perch, reason: str) -> None:
         listener = self.listeners.get(perch.key)
         if listener is not None:
             listener.stop(reason)
-
-    def suspend_local(self, perch: Perch, *, warm: bool) -> str:
-        """Rest a local perch: any listener exits with SUSPENDED; returns the token."""
-        self._update(perch, state="dormant" if warm else "suspended")
-        self._stop_listener(perch, "SUSPENDED")
-        log.info("endpoint suspended", extra={"perch": perch.id, "warm": warm})
-        return "DORMANT" if warm else "SUSPENDED"
-
-    def wake_local(self, perch: Perch) -> str:
-        """The wake edge: a resting perch is active again; its next drain releases what was held."""
-        if perch.state in RESTING:
-            perch = self._update(perch, state="active")
-            log.info("endpoint woken", extra={"perch": perch.id})
-        return "WOKE"
-
-    async def rest(self, perch: Perch, *, warm: bool, grace: float) -> str:
-        """Suspend (or, warm, make dormant) a local perch and its hosted process, if any."""
-        token = self.suspend_local(perch, warm=warm)  # messages are held from this moment
-        hosting = getattr(self.daemon, "hosting", None)
-        if perch.hosted and hosting is not None:
-            await hosting.rest(perch, warm=warm, grace=grace)
-        return token
-
-    async def wake(self, perch: Perch) -> str:
-        """The wake edge, then SIGCONT or a fresh run of the remembered command (hosted)."""
-        token = self.wake_local(perch)
-        hosting = getattr(self.daemon, "hosting", None)
-        if perch.hosted and hosting is not None:
-            await hosting.wake(perch)
-        return token
-
-    async def _rest_or_wake(self, address_text: str, kind: str, args: Mapping[str, Any]) -> str:
-        target = self.resolve(address_text)
-        if isinstance(target, LocalTarget):
-            perch = self.require(target.perch.id, address_text)
-            if kind == "endpoint.wake":
-                return await self.wake(perch)
-            return await self.rest(perch, warm=bool(args.get("warm")), grace=_grace(args))
-        request = getattr(self.daemon, "remote_request", None)
-        if request is None:
-            raise Refusal("UNREACHABLE", address_text, "the hosting node cannot be reached")
-        try:
-            answer = await request(
-                target.node.key, target.subnet, kind, {**args, "id": target.row.endpoint_id}
-            )
-        except (PeerError, TimeoutError, ConnectionError) as exc:
-            raise Refusal("UNREACHABLE", address_text, "the hosting node cannot be reached") from exc
-        except Refusal as exc:
-            raise Refusal(exc.instance_token, address_text, exc.message, lines=exc.lines) from exc
-        return str(answer["token"])
-
-    async def handle_remote_request(
-        self, kind: str, args: Mapping[str, Any], *, subnet: str, requester: NodeId
-    ) -> dict[str, Any]:
-        """A member's `endpoint.suspend` / `endpoint.wake` through `subnet` (§4.6, §8.7).
-
-        Answers {"token": …}; a perch missing or hidden in `subnet` is Refusal NO_PERCH.
-        """
-        perch_id = check_endpoint_id(str(args.get("id", "")))
-        perch = self.get(perch_id)
-        if perch is None or not any(s.canonical == subnet.lower() for s in self.visible_in(perch)):
-            raise Refusal("NO_PERCH", perch_id)
-        label = self.daemon.subnets.label_of(requester) or requester.short
-        log.info("remote request", extra={"op": kind, "perch": perch.id, "by": requester.display(label)})
-        if kind == "endpoint.suspend":
-            return {"token": await self.rest(perch, warm=bool(args.get("warm")), grace=_grace(args))}
-        if kind == "endpoint.wake":
-            return {"token": await self.wake(perch)}
-        raise RemoteProtocolError(kind, "unknown endpoint request")
 
     def purge(self, perch: Perch) -> int:
         """Delete a perch, its spool, settings and folder; returns how many messages it held."""
@@ -1086,14 +1016,6 @@ class Endpoints:
         if copy_mind is not None:
             copy_mind(source.id, perch.id)
         return perch
-
-
-def _grace(args: Mapping[str, Any]) -> float:
-    """`--grace` (§3.6, default 10 s), bounded so a request cannot hold a process for ever."""
-    grace = args.get("grace")
-    if not isinstance(grace, int | float) or isinstance(grace, bool):
-        return DEFAULT_GRACE
-    return max(0.0, min(float(grace), MAX_GRACE))
 
 
 def _bool_arg(args: Mapping[str, Any], name: str) -> bool:
@@ -1153,17 +1075,6 @@ def register_ops(daemon: Daemon, eps: Endpoints) -> None:
         perch = eps.require(str(call.args.get("id", "")))
         eps._stop_listener(perch, "STOPPED")
         return {"id": perch.id}
-
-    @daemon.op("endpoint.suspend")
-    async def suspend(call: Call) -> Any:
-        address = str(call.args.get("address", ""))
-        args = {"warm": _bool_arg(call.args, "warm"), "grace": call.args.get("grace")}
-        return {"token": await eps._rest_or_wake(address, "endpoint.suspend", args), "address": address}
-
-    @daemon.op("endpoint.wake")
-    async def wake(call: Call) -> Any:
-        address = str(call.args.get("address", ""))
-        return {"token": await eps._rest_or_wake(address, "endpoint.wake", {}), "address": address}
 
     @daemon.op("endpoint.purge")
     async def purge(call: Call) -> Any:

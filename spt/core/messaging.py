@@ -196,7 +196,7 @@ class Messaging:
     async def _handle_endpoint_request(self, conn: Connection, frame: Frame) -> tuple[str, Any]:
         body = body_map(frame.body)
         sub = self.members.require_member(conn, body.get("subnet"))
-        result = await self.endpoints.handle_remote_request(
+        result = await self.daemon.resting.handle_remote_request(
             str(body.get("kind")), body_map(body.get("args")), subnet=sub.name, requester=conn.peer
         )
         return "endpoint.result", result

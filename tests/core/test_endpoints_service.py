@@ -1,7 +1,7 @@
 """The endpoint service in-process, with the network layer's hooks faked on a stand-in daemon.
 
 These pin the contract the network half builds on: `forward_message`, the outgoing spool,
-`deliver_incoming`, `remote_request` / `handle_remote_request` and ring-reply stamping.
+`deliver_incoming`, `remote_request` / `Resting.handle_remote_request` and ring-reply stamping.
 """
 
 import pytest
@@ -12,6 +12,7 @@ from spt.core.errors import Refusal, UnreachableError
 from spt.core.identity import NodeKey
 from spt.core.paths import StatePaths
 from spt.core.proto.resolve import RemoteTarget, Row
+from spt.core.resting import Resting
 from spt.core.store import Store
 from spt.core.subnets import Subnets
 
@@ -28,6 +29,7 @@ class FakeDaemon:
         self.label = "here"
         self.subnets = Subnets(self)
         self.endpoints = Endpoints(self)
+        self.resting = Resting(self.endpoints)
         self.changed = []
 
     def on_endpoint_changed(self, perch_id):
@@ -123,9 +125,8 @@ async def test_incoming_messages_need_a_perch_visible_in_that_subnet(daemon):
 
 
 async def test_remote_suspend_goes_through_remote_request_or_is_unreachable(daemon):
-    eps = daemon.endpoints
     with pytest.raises(Refusal) as info:
-        await eps._rest_or_wake("far", "endpoint.suspend", {"warm": False})
+        await daemon.resting.rest_or_wake("far", "endpoint.suspend", {"warm": False})
     assert info.value.status_line().startswith("UNREACHABLE:far")
     asked = []
 
@@ -134,19 +135,19 @@ async def test_remote_suspend_goes_through_remote_request_or_is_unreachable(daem
         return {"token": "DORMANT"}
 
     daemon.remote_request = remote_request
-    assert await eps._rest_or_wake("far", "endpoint.suspend", {"warm": True}) == "DORMANT"
+    assert await daemon.resting.rest_or_wake("far", "endpoint.suspend", {"warm": True}) == "DORMANT"
     assert asked == [(FAR, "home", "endpoint.suspend", {"warm": True, "id": "far"})]
 
 
 async def test_a_member_may_suspend_and_wake_a_perch_visible_to_it(daemon):
     eps = daemon.endpoints
     eps._create("bob", daemon.home, "active")
-    answer = await eps.handle_remote_request("endpoint.suspend", {"id": "bob"}, subnet="home", requester=FAR)
+    answer = await daemon.resting.handle_remote_request("endpoint.suspend", {"id": "bob"}, subnet="home", requester=FAR)
     assert answer == {"token": "SUSPENDED"} and eps.get("bob").state == "suspended"
     with pytest.raises(Refusal):
-        await eps.handle_remote_request("endpoint.wake", {"id": "bob"}, subnet="work", requester=FAR)
+        await daemon.resting.handle_remote_request("endpoint.wake", {"id": "bob"}, subnet="work", requester=FAR)
     assert (
-        await eps.handle_remote_request("endpoint.wake", {"id": "BOB"}, subnet="HOME", requester=FAR)
+        await daemon.resting.handle_remote_request("endpoint.wake", {"id": "BOB"}, subnet="HOME", requester=FAR)
     ) == {"token": "WOKE"}
     assert eps.get("bob").state == "active" and "bob" in daemon.changed
 
