@@ -258,6 +258,10 @@ def test_an_attacker_member_cannot_attach_where_the_endpoint_is_not_visible_to_i
 
     a, b = pair
     a.cli("subnet", "create", "work", check=True)  # alpha alone is in work
+    homeless = a.cli("endpoint", "run", "--", "sleep", "1")  # two subnets, no --subnet, no terminal
+    assert homeless.returncode == 1
+    assert homeless.stderr.splitlines() == [
+        "MULTI_SUBNET_HOME: this node holds 2 subnets; pass --subnet <name>", "  home", "  work"]
     for endpoint_id, subnet in (("secret", "work"), ("hidden", "home"), ("shown", "home")):
         a.cli("endpoint", "run", "--id", endpoint_id, "--subnet", subnet, "--", "sleep", "60", check=True)
     a.cli("endpoint", "visibility", "hide", "hidden", "home", check=True)
