@@ -51,9 +51,14 @@ def user_node():
     proc = subprocess.Popen([sys.executable, "-m", "spt", "daemon", "run"], env=env, preexec_fn=as_uid(USER),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 15
-    while not (home / "spt.sock").exists() and time.monotonic() < deadline:
+    # Ready means answering, not merely bound: the daemon sets the socket's mode right after
+    # binding, which would undo a test's chmod made in between.
+    while time.monotonic() < deadline:
+        if (home / "spt.sock").exists() and '"result"' in raw_request(home / "spt.sock", "ping", {}, USER).stdout:
+            break
         time.sleep(0.05)
-    assert (home / "spt.sock").exists()
+    else:
+        raise AssertionError("the daemon did not answer within 15 s")
     yield home, env
     proc.terminate()
     proc.wait(10)
