@@ -12,7 +12,8 @@
    is often well above a fresh connection's on a loaded machine.
 2. Output throughput: the hosted program is `cat` of a 100 MB file (20 MB with --quick), watched
    by a real `spt rc` process on beta whose stdout the bench counts; MB/s against the transport's
-   bulk figure; goal ≥ 10 MB/s.
+   bulk figure; goal ≥ 10 MB/s. The same watched on alpha itself shows what the pipeline does
+   without QUIC (host process, daemon, the CLI's JSON lines).
 
 Loopback only; every wait is bounded; the hosted programs end with the bench (purge).
 """
@@ -163,17 +164,19 @@ def main(quick: bool) -> None:
                     fh.write(part)
                     written += len(part)
             alpha.cli("endpoint", "run", "--id", "echo", "--", sys.executable, str(echo), check=True)
-            alpha.cli("endpoint", "run", "--id", "cat", "--", "sh", "-c",
-                      f"stty raw -echo; head -c 1 >/dev/null; cat {big}; sleep 600", check=True)
+            cat = f"stty raw -echo; head -c 1 >/dev/null; cat {big}; sleep 600"
+            alpha.cli("endpoint", "run", "--id", "cat", "--", "sh", "-c", cat, check=True)
+            alpha.cli("endpoint", "run", "--id", "cat2", "--", "sh", "-c", cat, check=True)
             wait_row(beta, "echo")
             wait_row(beta, "cat")
             rtts, pings = echo_rtts(beta, "echo@alpha", n_rtt)
             e50, e99 = pct(rtts, 0.5) * 1e3, pct(rtts, 0.99) * 1e3
             p50 = pct(pings, 0.5) * 1e3
             rate = cat_throughput(beta, "cat@alpha", size)
+            local_rate = cat_throughput(alpha, "cat2", size)  # the same pipeline without QUIC
         finally:
             for node in factory.nodes:
-                for endpoint_id in ("echo", "cat"):
+                for endpoint_id in ("echo", "cat", "cat2"):
                     node.cli("endpoint", "purge", endpoint_id, "--yes")
             factory.close()
     print(f"transport request RTT      p50 {t50:8.3f} ms   (fresh transports, bench/transport.py)")
@@ -183,6 +186,7 @@ def main(quick: bool) -> None:
     print(f"transport bulk             {bulk:8.1f} MB/s  ({transport.spread()})")
     print(f"rc output (cat {size // 1_000_000} MB)    {rate:8.1f} MB/s   ratio {rate / bulk:5.2f}x of transport  "
           "(goal >= 10 MB/s)")
+    print(f"rc output on alpha itself  {local_rate:8.1f} MB/s   (host, daemon, CLI: everything but QUIC)")
     row("rc keystroke echo RTT p50 over the member connection's RTT", e50 - p50, "ms", goal="<= 5",
         note=f"echo p50 {e50:.2f} ms, connection p50 {p50:.2f} ms, fresh transport p50 {t50:.2f} ms")
     row("rc output throughput (cat)", rate, "MB/s", goal=">= 10",
