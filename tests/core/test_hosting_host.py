@@ -189,3 +189,21 @@ def test_rc_stream_fields_from_the_network_are_checked(fields):
         assert set(hello) <= {"offset", "replay", "read_only", "viewer", "rows", "cols"}
     item = _input(fields)
     assert item is None or (item[0] > 0 and isinstance(item[1], bytes))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=300))
+def test_the_host_socket_decoder_refuses_garbage_with_a_wire_error(data):
+    from spt.core.hosting.wire import WireError
+
+    async def decode_all():
+        reader = asyncio.StreamReader()
+        reader.feed_data(data)
+        reader.feed_eof()
+        while (msg := await read_frame(reader)) is not None:
+            assert isinstance(msg["t"], str)
+
+    try:
+        asyncio.run(decode_all())
+    except WireError:
+        pass
