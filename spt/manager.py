@@ -55,6 +55,7 @@ REGISTRATION_HOOKS: Final = (
     "notification_renderers",
     "updaters",
     "commands",
+    "bulk_transits",
 )
 
 

@@ -11,6 +11,7 @@ from spt.core.errors import LocalProtocolError, Refusal
 from spt.core.identity import NodeId
 from spt.core.spool import Message
 from spt.hooks.interfaces import (
+    BulkTransit,
     HostedTerminal,
     IncomingPayload,
     MemberRequestHandler,
@@ -49,6 +50,9 @@ class Runtime:
         if type_name in handlers:
             raise LocalProtocolError(type_name, "member request type registered twice")
         handlers[type_name] = handler
+
+    def bulk_transits(self) -> Sequence[BulkTransit]:
+        return sorted(self._daemon.plugins.registries.bulk_transits, key=lambda t: (t.priority, t.name))
 
     def resolve(self, address: str) -> Any:
         return self._daemon.endpoints.resolve(address)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import pluggy
 
 from spt.hooks.interfaces import (
+    BulkTransit,
     Candidate,
     Connector,
     DiscoveryBackend,
@@ -48,6 +49,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 __all__ = [
     "PROJECT",
+    "BulkTransit",
     "Candidate",
     "CommandRef",
     "Connector",

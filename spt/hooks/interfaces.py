@@ -161,6 +161,30 @@ class Connector(ABC):
         """Addresses this connector would dial for `peer`, given what discovery knows."""
 
 
+class BulkTransit(ABC):
+    """A blind byte pipe to a member through a third party (a relay's TCP listener, SPEC.md §7.6
+    bulk transit), for bulk data that is already end-to-end encrypted and keyed over the pinned
+    member connection. The third party holds no key for what flows through it.
+
+    One side asks `offer(peer)`: it returns an invitation (a small map the caller hands to `peer`
+    over their member connection) and a blocking call that joins our end. The peer's node calls
+    `join(peer, invitation)` (blocking). Both ends get a connected blocking socket, or raise
+    OSError / SptError.
+    """
+
+    name: ClassVar[str]
+    priority: ClassVar[int] = 100
+
+    @abstractmethod
+    async def offer(self, ctx: ConnectContext, peer: NodeId) -> tuple[Mapping[str, Any], Callable[[], Any]] | None:
+        """(invitation for `peer`, blocking join of our end), or None when this transit cannot
+        reach `peer` now."""
+
+    @abstractmethod
+    def join(self, ctx: ConnectContext, peer: NodeId, invitation: Mapping[str, Any]) -> Any:
+        """Our end of the pipe `peer` invited us to (blocking; run it on a thread)."""
+
+
 # --- mind sync, notifications, updates ------------------------------------------------------
 
 
@@ -260,6 +284,10 @@ class NodeRuntime(Protocol):
         ...
 
     def endpoint_folder(self, perch_id: str) -> Path: ...
+
+    def bulk_transits(self) -> Sequence[BulkTransit]:
+        """The registered bulk transits (relay TCP listeners…), best first; empty without them."""
+        ...
 
     async def connect_member(self, node: NodeId) -> Any:
         """A live member connection to `node` (dialled if needed); PeerError when unreachable."""

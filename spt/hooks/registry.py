@@ -93,6 +93,7 @@ class Registries:
 
     def __init__(self) -> None:
         from spt.hooks.interfaces import (
+            BulkTransit,
             Connector,
             DiscoveryBackend,
             NotificationRenderer,
@@ -108,6 +109,7 @@ class Registries:
         self.notification_renderers: Registry[NotificationRenderer] = Registry("notification renderer")
         self.updaters: Registry[Updater] = Registry("updater")
         self.commands: Registry[CommandRef] = Registry("command")
+        self.bulk_transits: Registry[BulkTransit] = Registry("bulk transit")
 
     def all(self) -> dict[str, Registry[Any]]:
         """Hook suffix → registry, e.g. "payload_types" for `spt_register_payload_types`."""
@@ -119,6 +121,7 @@ class Registries:
             "notification_renderers": self.notification_renderers,
             "updaters": self.updaters,
             "commands": self.commands,
+            "bulk_transits": self.bulk_transits,
         }
 
     def freeze(self) -> None:

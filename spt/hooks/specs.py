@@ -20,6 +20,7 @@ import pluggy
 
 if TYPE_CHECKING:
     from spt.hooks.interfaces import (
+        BulkTransit,
         Connector,
         DiscoveryBackend,
         IncomingPayload,
@@ -83,6 +84,17 @@ def spt_register_discovery_backends(registry: Registry[DiscoveryBackend]) -> Non
 @_spec
 def spt_register_connectors(registry: Registry[Connector]) -> None:
     """Add connectors: ways to reach a peer (direct QUIC, relay fallback).
+
+    Called by: the plugin manager, once, at start-up.
+    Returns: nothing.
+    Mode: collect-all.
+    Since: 0.1
+    """
+
+
+@_spec
+def spt_register_bulk_transits(registry: Registry[BulkTransit]) -> None:
+    """Add bulk transits: blind byte pipes to a member through a third party (relay TCP).
 
     Called by: the plugin manager, once, at start-up.
     Returns: nothing.

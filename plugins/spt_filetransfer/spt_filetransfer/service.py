@@ -11,7 +11,11 @@ The exchange (SPEC.md §8.5), all control over the pinned member connection:
    QUIC socket is bound to and hands over a fresh per-open key; the sender connects to the host
    it reaches the receiver's QUIC socket at. A keyed handshake that completes within
    `TCP_PROBE_SECONDS` selects TCP (measured ~20× faster than the QUIC path here, bench/files.py);
-   otherwise, or with `SPT_FILE_DATA_PATH=quic`, chunks travel as `file.chunk` requests.
+   Without a direct TCP path the sender tries a bulk transit (a relay's TCP listener, through the
+   `BulkTransit` hook): it asks the relay for two tickets, hands the receiver its ticket in
+   `file.transit`, and both run the same keyed handshake and frames through the relay, which
+   holds no key (docs/design/relay-tcp.md). Otherwise, or with `SPT_FILE_DATA_PATH=quic`, chunks
+   travel as `file.chunk` requests.
 3. After each round of chunks, `file.need` returns what is verified; missing or bad chunks are
    sent again, at most `MAX_BAD_ROUNDS` rounds in a row without progress.
 4. `file.cancel` tells the other side that a transfer was cancelled.
@@ -21,7 +25,7 @@ per transfer retries with bounded backoff until it completes, is refused, fails 
 cancelled, across restarts of either daemon.
 
 Test and benchmark knobs (environment of the sending daemon): `SPT_FILE_DATA_PATH`
-(`auto`, `tcp`, `quic`) and `SPT_FILE_MAX_RATE` (bytes per second, 0 for no cap).
+(`auto`, `tcp`, `transit` (skip the direct TCP path), `quic`) and `SPT_FILE_MAX_RATE` (bytes per second, 0 for no cap).
 """
 
 from __future__ import annotations
@@ -171,7 +175,7 @@ def _env_rate() -> int:
 
 def _env_path() -> str:
     value = os.environ.get("SPT_FILE_DATA_PATH", "auto").lower()
-    return value if value in ("auto", "tcp", "quic") else "auto"
+    return value if value in ("auto", "tcp", "transit", "quic") else "auto"
 
 
 class _Pacer:
@@ -299,6 +303,7 @@ class _TcpPath:
     sock: socket.socket
     tx: channel.Sender
     rx: channel.Receiver
+    kind: str = "tcp"  # "tcp" (direct) or "transit" (through a relay's TCP listener)
 
 
 # --- the service -----------------------------------------------------------------------------
@@ -346,6 +351,7 @@ class FileService:
         rt.add_member_request("file.chunk", self.req_chunk)
         rt.add_member_request("file.need", self.req_need)
         rt.add_member_request("file.cancel", self.req_cancel)
+        rt.add_member_request("file.transit", self.req_transit)
         self._spawn(self._resume(), "resume transfers")
         self._spawn(self._ticker(), "transfer meters")
 
@@ -792,14 +798,13 @@ class FileService:
         try:
             opened = await self._request(conn, "file.open", {"tid": out.tid, "tcp": self.data_path != "quic"})
             needed = self._status(out, opened)
-            port = opened.get("port")
-            if (
-                self.data_path != "quic"
-                and isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536
-                and isinstance(opened.get("key"), bytes)
-            ):
-                path = await self._connect_tcp(conn, out, port, opened["key"])
-            kind = "tcp" if path is not None else "quic"
+            port, key = opened.get("port"), opened.get("key")
+            if self.data_path != "quic" and isinstance(key, bytes):
+                if self.data_path != "transit" and isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536:
+                    path = await self._connect_tcp(conn, out, port, key)
+                if path is None:
+                    path = await self._connect_transit(conn, out, key)
+            kind = path.kind if path is not None else "quic"
             idle_rounds = 0
             while out.remote_state != "complete":
                 before = out.base_done
@@ -842,6 +847,34 @@ class FileService:
             return None
         out.sock = path.sock
         return path
+
+    async def _connect_transit(self, conn: Any, out: Outgoing, key: bytes) -> _TcpPath | None:
+        """The keyed data connection through a bulk transit (a relay's TCP listener), or None."""
+        for transit in self.rt.bulk_transits():
+            try:
+                offered = await transit.offer(self.rt, out.node)
+                if offered is None:
+                    continue
+                invitation, join_ours = offered
+                await self._request(
+                    conn, "file.transit", {"tid": out.tid, "via": transit.name, "invitation": dict(invitation)}
+                )
+                sock = await self.loop.run_in_executor(self.executor, join_ours)
+                try:
+                    path = await asyncio.wait_for(
+                        self.loop.run_in_executor(self.executor, _handshake_on, sock, bytes.fromhex(out.tid), key),
+                        TCP_PROBE_SECONDS + 5,
+                    )
+                except BaseException:
+                    sock.close()
+                    raise
+            except (OSError, TimeoutError, SptError) as exc:
+                log.info("no bulk transit; chunks go over QUIC", extra={"tid": out.tid, "via": transit.name, "reason": str(exc)})
+                continue
+            path.kind = "transit"
+            out.sock = path.sock
+            return path
+        return None
 
     def _tcp_round(self, out: Outgoing, path: _TcpPath, needed: Sequence[tuple[int, int]]) -> None:
         """Send `needed` chunks over the TCP path, then wait for the receiver's END_ACK (blocking)."""
@@ -1105,12 +1138,44 @@ class FileService:
         reply = self._status_body(tid)
         if body.get("tcp") and reply.get("state") not in FINAL_STATES:
             port = self._ensure_listener()
+            key = channel.new_key()  # also keys a bulk transit when there is no listener
+            with self._lock:
+                self.sessions[tid] = (key, time.monotonic() + SESSION_SECONDS)
+            reply.update(key=key)
             if port is not None:
-                key = channel.new_key()
-                with self._lock:
-                    self.sessions[tid] = (key, time.monotonic() + SESSION_SECONDS)
-                reply.update(port=port, key=key)
+                reply.update(port=port)
         return "file.status", reply
+
+    async def req_transit(self, conn: Any, frame: Any) -> tuple[str, Any]:
+        """The sender invites us to a bulk transit: join it on a thread and serve the data there."""
+        body = _map(frame.body, "file.transit")
+        tid = _tid(body.get("tid"))
+        self._incoming_for(conn, tid)  # an active transfer from this very peer
+        with self._lock:
+            session = self.sessions.get(tid)
+        if session is None or session[1] < time.monotonic():
+            raise Refusal("FILE_UNKNOWN", tid, "no open data session for this transfer (file.open first)")
+        via, invitation = body.get("via"), body.get("invitation")
+        transit = next((t for t in self.rt.bulk_transits() if t.name == via), None)
+        if transit is None or not isinstance(invitation, dict):
+            raise Refusal("NO_TRANSIT", str(via), "this node has no such bulk transit")
+        with self._lock:
+            if len(self.data_socks) >= MAX_DATA_CONNECTIONS:
+                raise Refusal("FILE_BUSY", tid, "too many data connections")
+        peer = conn.peer
+
+        def run() -> None:
+            try:
+                sock = transit.join(self.rt, peer, invitation)
+            except (OSError, SptError) as exc:
+                log.info("bulk transit not joined", extra={"tid": tid, "via": via, "reason": str(exc)})
+                return
+            with self._lock:
+                self.data_socks.add(sock)
+            self._serve_data(sock, kind="transit")
+
+        threading.Thread(target=run, name="spt-file-transit", daemon=True).start()
+        return "ok", {"ok": True}
 
     async def req_chunk(self, conn: Any, frame: Any) -> tuple[str, Any]:
         body = _map(frame.body, "file.chunk")
@@ -1243,7 +1308,7 @@ class FileService:
                 continue
             threading.Thread(target=self._serve_data, args=(sock,), name="spt-file-data", daemon=True).start()
 
-    def _serve_data(self, sock: socket.socket) -> None:
+    def _serve_data(self, sock: socket.socket, kind: str = "tcp") -> None:
         tid = ""
         try:
             sock.settimeout(TCP_PROBE_SECONDS + 2)
@@ -1274,7 +1339,7 @@ class FileService:
             if old is not None:  # one data connection per transfer: the newest wins
                 with contextlib.suppress(OSError):
                     old.shutdown(socket.SHUT_RDWR)
-            self.db.update(tid, "in", path_kind="tcp")
+            self.db.update(tid, "in", path_kind=kind)
             sock.settimeout(TCP_IO_TIMEOUT)
             writer = _ChunkWriter(inc)
             try:
@@ -1355,6 +1420,16 @@ def _tcp_handshake(host: str, port: int, raw_tid: bytes, key: bytes) -> _TcpPath
     sock = socket.create_connection((host, port), timeout=TCP_PROBE_SECONDS)
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except BaseException:
+        sock.close()
+        raise
+    return _handshake_on(sock, raw_tid, key)
+
+
+def _handshake_on(sock: socket.socket, raw_tid: bytes, key: bytes) -> _TcpPath:
+    """Prove the key on a connected socket (blocking); closes it and raises when that fails."""
+    try:
+        sock.settimeout(TCP_PROBE_SECONDS)
         client_salt = os.urandom(channel.SALT)
         sock.sendall(channel.client_header(raw_tid, client_salt))
         server_salt = bytearray(channel.SALT)

@@ -113,6 +113,7 @@ class RelayLink:
         self.addr: Address | None = None  # the relay's resolved address
         self.reflexive: Address | None = None
         self.mapping = "unknown"
+        self.tcp_port: int | None = None  # the relay's TCP listener (bulk transit), from registration
         self.conn: Connection | None = None
         self.registered = asyncio.Event()
         self._kick = asyncio.Event()
@@ -209,6 +210,9 @@ class RelayLink:
             if previous is not None and previous != self.reflexive:
                 self.client.network_changed()
             paths.set_relay(self.url.key, self.addr, token, label=f"{self.url.host}:{self.url.port}")
+            tcp_port = body.get("tcp_port")
+            valid = isinstance(tcp_port, int) and not isinstance(tcp_port, bool) and 0 < tcp_port < 65536
+            self.tcp_port = tcp_port if valid else None
             self.state = "registered"
             self.registered.set()
             log.info("registered with relay", extra={"relay": self.url.public, "reflexive": seen})

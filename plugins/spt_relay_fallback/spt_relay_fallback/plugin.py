@@ -7,13 +7,25 @@ a node never talks to a relay, never looks anything up at one and never punches 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import ClassVar
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar
 
+from spt.core.errors import PeerError, SptError
 from spt.core.identity import NodeId
-from spt.hooks import Candidate, CommandRef, Connector, DiscoveryBackend, DiscoveryContext, Registry, hookimpl
+from spt.hooks import (
+    BulkTransit,
+    Candidate,
+    CommandRef,
+    Connector,
+    DiscoveryBackend,
+    DiscoveryContext,
+    Registry,
+    hookimpl,
+)
 from spt.hooks.interfaces import ConnectContext, NodeRuntime
-from spt_relay_fallback.client import _clients, client_for
+from spt_relay_fallback.client import REQUEST_TIMEOUT, _clients, client_for
+from spt_relay_fallback.tcp import TICKET_BYTES, dial_transit
 
 
 class RelayConnector(Connector):
@@ -54,6 +66,46 @@ class RelayRendezvous(DiscoveryBackend):
         if self._node is None:
             return []
         return await client_for(self._node).find(tag, timeout)
+
+
+class RelayTransit(BulkTransit):
+    """Bulk transit through a registered relay's TCP listener (`tcp.py`): tickets over QUIC."""
+
+    name: ClassVar[str] = "relay"
+    priority: ClassVar[int] = 50
+
+    async def offer(self, ctx: ConnectContext, peer: NodeId) -> tuple[Mapping[str, Any], Callable[[], Any]] | None:
+        for link in client_for(ctx.node_id).registered_links():
+            conn, addr, port = link.conn, link.addr, link.tcp_port
+            if conn is None or addr is None or port is None:
+                continue
+            try:
+                reply = await conn.request("relay.transit", {"peer": peer.raw}, timeout=REQUEST_TIMEOUT)
+            except (SptError, OSError):
+                continue  # that relay does not know the peer: try the next
+            body = reply.body if isinstance(reply.body, dict) else {}
+            ticket, theirs = body.get("ticket"), body.get("peer_ticket")
+            if not (isinstance(ticket, bytes) and isinstance(theirs, bytes) and len(ticket) == len(theirs) == TICKET_BYTES):
+                continue
+            join_ours = functools.partial(dial_transit, addr[0], port, link.url.key, ticket)
+            return {"relay": link.url.key.raw, "ticket": theirs}, join_ours
+        return None
+
+    def join(self, ctx: ConnectContext, peer: NodeId, invitation: Mapping[str, Any]) -> Any:
+        relay, ticket = invitation.get("relay"), invitation.get("ticket")
+        if not isinstance(ticket, bytes) or len(ticket) != TICKET_BYTES:
+            raise PeerError(peer.short, "the transit invitation has no valid ticket")
+        # only relays this node registered with itself: a peer cannot send us elsewhere
+        for link in client_for(ctx.node_id).registered_links():
+            addr, port = link.addr, link.tcp_port
+            if link.url.key.raw == relay and addr is not None and port is not None:
+                return dial_transit(addr[0], port, link.url.key, ticket)
+        raise PeerError(peer.short, "the transit names a relay this node is not registered with")
+
+
+@hookimpl
+def spt_register_bulk_transits(registry: Registry[BulkTransit]) -> None:
+    registry.add(RelayTransit())
 
 
 @hookimpl
