@@ -3,7 +3,7 @@
 The sender is told to skip the direct TCP path (`SPT_FILE_DATA_PATH=transit`), as when the
 receiver sits behind a NAT: the file goes through `spt relay serve --tcp-listen`, end-to-end
 keyed over pinned QUIC, and arrives verified. That the relay sees no plaintext is shown in
-plugins/spt_relay_fallback/tests/test_transit.py (its view of the transit, as the attacker).
+plugins/spt_relay_fallback/tests/test_tcp_listener.py (its view of the transit, as the attacker).
 """
 
 from __future__ import annotations
