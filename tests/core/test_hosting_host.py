@@ -119,7 +119,7 @@ async def test_input_is_applied_once_per_viewer_across_reconnects_and_never_from
     writer.close()
     reader, writer = await host.attach(viewer="v1")
     hello = (await frames_until(reader, lambda m, g: m["t"] == "hello"))[-1]
-    assert hello["applied"] == 2
+    assert hello["applied"] == 2 and hello["pid"] == host.pid
     for seq, data in ((2, b"b"), (3, b"c")):  # 2 is a resend after the cut
         writer.write(encode({"t": "input", "seq": seq, "data": data}))
     await frames_until(reader, lambda m, g: (m.get("t") == "ack" and m["seq"] == 3) or m.get("ack") == 3)
@@ -174,7 +174,7 @@ def test_removing_the_socket_ends_the_command_and_the_host(hosts, tmp_path):
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.dictionaries(st.sampled_from(["offset", "replay", "read_only", "rows", "cols", "viewer", "seq", "data"]),
+@given(st.dictionaries(st.sampled_from(["offset", "replay", "read_only", "rows", "cols", "viewer", "seq", "data", "run"]),
                        st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=80), st.binary(max_size=80))))
 def test_rc_stream_fields_from_the_network_are_checked(fields):
     # the rc stream handler's decoders: garbage is refused as a usage error or ignored, never a crash
@@ -187,7 +187,7 @@ def test_rc_stream_fields_from_the_network_are_checked(fields):
         pass
     else:
         assert hello["offset"] is None or hello["offset"] >= 0
-        assert set(hello) <= {"offset", "replay", "read_only", "viewer", "rows", "cols"}
+        assert set(hello) <= {"offset", "replay", "read_only", "viewer", "rows", "cols", "run"}
     item = _input(fields)
     assert item is None or (item[0] > 0 and isinstance(item[1], bytes))
 
@@ -206,3 +206,15 @@ def test_the_host_socket_decoder_refuses_garbage_with_a_wire_error(data):
 
     with contextlib.suppress(WireError):
         asyncio.run(decode_all())
+
+
+async def test_offsets_of_another_run_are_not_resumed(hosts, tmp_path):
+    host = hosts(tmp_path, [sys.executable, "-c", "import time; print('fresh run'); time.sleep(30)"])
+    for _ in range(100):
+        if (await host.ask({"t": "status"}))["end"] > 0:
+            break
+        await asyncio.sleep(0.05)
+    reader, writer = await host.attach(viewer="v", offset=5000, run=host.pid + 1)  # an old run's offset
+    got = await frames_until(reader, lambda m, g: b"fresh run" in b"".join(x.get("data", b"") for x in g))
+    assert got[0]["start"] == 0 and got[1]["off"] == 0
+    writer.close()

@@ -260,6 +260,8 @@ class Host:
 
     async def _attach(self, first: dict[str, Any], reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         offset = first.get("offset")
+        if first.get("run") not in (None, self.pid):
+            offset = None  # the viewer's offsets counted another run of the command: start afresh
         available = max(self.base, self.end - self.cap)
         if offset is None:
             start = available if first.get("replay", True) else self.end

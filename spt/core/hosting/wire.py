@@ -1,7 +1,8 @@
 """Frames on a host process's Unix socket: a 4-byte big-endian length, then a msgpack map.
 
 Every map has `t`, its type. A client's first frame says what the connection is for:
-- `attach` {offset|None, replay, read_only, rows, cols, viewer}: a viewer. The host answers
+- `attach` {offset|None, replay, read_only, rows, cols, viewer, run}: a viewer (`run`: the `pid`
+  of the hello it had before; offsets of another run are not resumed). The host answers
   `hello` {start, end, pid}, then `lost` {from, to} when `offset` fell out of the buffer, then
   `out` {off, data} frames in order, and `ended` {exit, end} once the process ended and every
   byte was sent. The viewer may send `input` {seq, data} (acknowledged by `ack` {seq}; applied

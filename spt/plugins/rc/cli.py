@@ -51,6 +51,7 @@ class Viewer:
         self.detach_key = bytes([detach_key])
         self.viewer = os.urandom(8).hex()
         self.offset: int | None = None
+        self.run_pid: int | None = None  # offsets and input numbers belong to one run of the command
         self.pending: OrderedDict[int, bytes] = OrderedDict()
         self.next_seq = 1
         self.lock = threading.Lock()
@@ -125,6 +126,10 @@ class Viewer:
         kind = ev.get("t")
         if kind == "hello":
             with self.lock:
+                if self.run_pid is not None and ev.get("pid") != self.run_pid:
+                    self.offset = None  # the command was started afresh (wake): a new stream
+                    self.pending.clear()  # keys meant for the old process are not replayed
+                self.run_pid = ev.get("pid")
                 if self.offset is None:
                     self.offset = int(ev["start"])
                 applied = int(ev.get("applied") or 0)
@@ -193,7 +198,7 @@ class Viewer:
                 delay = min(delay * 2, RETRY_MAX)
                 continue
             args: dict[str, Any] = {"address": self.address, "offset": self.offset, "replay": self.replay,
-                                    "read_only": self.read_only, "viewer": self.viewer}
+                                    "read_only": self.read_only, "viewer": self.viewer, "run": self.run_pid}
             size = self._size()
             if size is not None:
                 args.update(rows=size[0], cols=size[1])

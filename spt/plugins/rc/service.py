@@ -50,6 +50,9 @@ def _hello(args: Mapping[str, Any]) -> dict[str, Any]:
         "read_only": bool(args.get("read_only")),
         "viewer": str(args.get("viewer") or "")[:64],
     }
+    run = args.get("run")
+    if isinstance(run, int) and not isinstance(run, bool):
+        hello["run"] = run
     rows, cols = args.get("rows"), args.get("cols")
     if isinstance(rows, int) and isinstance(cols, int) and 0 < rows <= 1000 and 0 < cols <= 1000:
         hello.update(rows=rows, cols=cols)
