@@ -7,8 +7,15 @@ carries spt frames (`spt.core.proto.frames`) in both directions with bounded buf
 - sending: a writer awaits while more than `STREAM_SEND_BUFFER` bytes of its stream, or
   `CONNECTION_SEND_BUFFER` bytes of the whole connection, are written but not yet transmitted;
   transmission advances as the peer acknowledges and grants flow-control credit;
-- receiving: decoded frames wait in the stream's queue and count as held; QUIC flow control only
-  grants the peer new credit as the application takes frames out (`PinnedQuicConnection.hold`).
+- receiving: whole frames wait in the stream's queue as undecoded bytes and count as held; QUIC
+  flow control only grants the peer new credit as the application takes frames out
+  (`PinnedQuicConnection.hold`). A frame is decoded when taken, so what a peer can make us hold is
+  bytes under flow control, not the objects they decode to;
+- peers that proved nothing (incoming connections on an ALPN other than `spt/1`) get the small
+  `OPEN_LIMITS` frames, their partial frames count against flow control too, and at most
+  `OPEN_STREAMS` of their streams are open at once (more are refused). Members' partial frames
+  are not held (a 16 MiB frame is bigger than any window) but are bounded per connection by
+  `MEMBER_PARTIAL_BYTES`.
 
 What must not live here: the socket, routing by connection id, dialing and the choice between
 duplicate connections (all in `spt.core.net.transport`), and aioquic private names (only in
@@ -35,12 +42,23 @@ from spt.core.errors import (
     SptError,
 )
 from spt.core.identity import NodeId
-from spt.core.net.pinning import PinnedQuicConnection
-from spt.core.proto.frames import Frame, FrameDecoder, FrameError, encode_frame
+from spt.core.net.pinning import ALPN_MEMBER, PinnedQuicConnection
+from spt.core.proto.frames import (
+    HEADER,
+    MEMBER_LIMITS,
+    OPEN_LIMITS,
+    Frame,
+    FrameDecoder,
+    FrameError,
+    FrameLimits,
+    decode_payload,
+    encode_frame,
+)
 
 __all__ = [
     "CONNECTION_SEND_BUFFER",
     "ERROR_TYPE",
+    "OPEN_STREAMS",
     "STREAM_SEND_BUFFER",
     "CloseCode",
     "Connection",
@@ -62,6 +80,8 @@ Address = tuple[str, int]
 STREAM_SEND_BUFFER: Final = 1024 * 1024
 CONNECTION_SEND_BUFFER: Final = 8 * 1024 * 1024
 ERROR_TYPE: Final = "error"
+OPEN_STREAMS: Final = 8  # concurrent peer streams on a connection from a peer that proved nothing
+MEMBER_PARTIAL_BYTES: Final = 64 * 1024 * 1024  # unheld partial-frame bytes per member connection
 _MAX_REASON: Final = 200  # bytes of close reason put on the wire
 SILENT_KEEPALIVES: Final = 2.5  # keepalive periods of silence (two unanswered pings) that close
 
@@ -185,6 +205,8 @@ class Connection:
         self._sending: set[Stream] = set()
         self._unsent_estimate = 0
         self._blocked: set[Stream] = set()
+        self._limits: FrameLimits | None = None
+        self._partial = 0  # bytes of incomplete frames buffered on all streams (members only)
         self.cids: set[bytes] = set()
 
     # --- what callers see -----------------------------------------------------------------------
@@ -210,10 +232,30 @@ class Connection:
         return (str(addr[0]), int(addr[1])) if addr else self._remote_addr
 
     @property
+    def validated_remote_addr(self) -> Address:
+        """The peer's address as far as QUIC has validated it: what may safely be sent to on the
+        peer's behalf (a relay forwarding, say). Differs from `remote_addr` mid-migration."""
+        addr = self._quic.validated_peer_address()
+        return (str(addr[0]), int(addr[1])) if addr else self._remote_addr
+
+    @property
     def rtt_ms(self) -> float | None:
         """QUIC's smoothed round-trip time in milliseconds; None before the first sample."""
         rtt = self._quic.smoothed_rtt
         return None if rtt is None else rtt * 1000.0
+
+    @property
+    def unproved(self) -> bool:
+        """True for an incoming connection on an ALPN open to anyone (join, relay): the peer has
+        proved a key but not that it belongs anywhere, so it gets the small limits."""
+        return not self.is_outgoing and self.alpn != ALPN_MEMBER
+
+    @property
+    def frame_limits(self) -> FrameLimits:
+        """What one frame from the peer may cost. Known once the ALPN is (before any stream)."""
+        if self._limits is None:
+            self._limits = OPEN_LIMITS if self.unproved else MEMBER_LIMITS
+        return self._limits
 
     @property
     def close_reason(self) -> str | None:
@@ -507,6 +549,12 @@ class Connection:
                 self._quic.stop_stream(event.stream_id, CloseCode.REFUSED)
                 self._transmit_soon()
                 return
+            if self.unproved and len(self._streams) >= OPEN_STREAMS:
+                # what it sends on the refused stream is dropped (never held or decoded)
+                self._quic.stop_stream(event.stream_id, CloseCode.REFUSED)
+                self._quic.reset_stream(event.stream_id, CloseCode.REFUSED)
+                self._transmit_soon()
+                return
             stream = Stream(self, event.stream_id)
             self._streams[event.stream_id] = stream
             if self._on_stream is None:
@@ -606,6 +654,7 @@ class Stream:
         "_decoder",
         "_eof",
         "_frames",
+        "_partial",
         "_reader",
         "_recv_error",
         "_recv_stopped",
@@ -620,8 +669,8 @@ class Stream:
     def __init__(self, connection: Connection, stream_id: int) -> None:
         self.connection = connection
         self.stream_id = stream_id
-        self._decoder = FrameDecoder()
-        self._frames: deque[Frame] = deque()
+        self._decoder = FrameDecoder(connection.frame_limits)
+        self._frames: deque[bytes | memoryview] = deque()  # whole frames' payloads, undecoded
         self._eof = False
         self._recv_error: SptError | None = None
         self._recv_stopped = False
@@ -630,6 +679,7 @@ class Stream:
         self._send_error: SptError | None = None
         self._writer: asyncio.Future[None] | None = None
         self._written = 0
+        self._partial = 0  # bytes of an incomplete frame, as last counted
 
     # --- API ------------------------------------------------------------------------------------
 
@@ -678,9 +728,14 @@ class Stream:
                 ) from None
             finally:
                 self._reader = None
-        frame = self._frames.popleft()
-        self.connection._consumed(self, frame.size)
-        return frame
+        payload = self._frames.popleft()
+        conn = self.connection
+        conn._consumed(self, len(payload) + HEADER)
+        try:
+            return decode_payload(payload, conn.frame_limits)
+        except FrameError as exc:
+            conn._protocol_error(self, exc)
+            raise ConnectionClosedError(conn._peer_label, conn.close_reason or exc.message) from None
 
     async def end(self) -> None:
         """Close our sending side (FIN) after everything queued."""
@@ -777,17 +832,35 @@ class Stream:
     def _on_data(self, data: bytes, end: bool) -> None:
         if self._recv_stopped or self._recv_error is not None:
             return
+        conn = self.connection
         try:
-            frames = self._decoder.feed(data) if data else []
+            frames = self._decoder.cut(data) if data else []
             if end:
                 self._decoder.eof()
         except FrameError as exc:
-            self.connection._protocol_error(self, exc)  # closing fails this stream's reader too
+            conn._protocol_error(self, exc)  # closing fails this stream's reader too
             return
+        if conn.unproved:
+            # every byte is held, partial frames included, until the application takes it
+            if data:
+                conn._quic.hold(self.stream_id, len(data))
+        else:
+            hold = conn._quic.hold
+            for payload in frames:
+                hold(self.stream_id, len(payload) + HEADER)
+            partial = self._decoder.buffered
+            conn._partial += partial - self._partial
+            self._partial = partial
+            if conn._partial > MEMBER_PARTIAL_BYTES:
+                conn._protocol_error(
+                    self,
+                    FrameError(
+                        str(conn._partial),
+                        f"more than {MEMBER_PARTIAL_BYTES} bytes of incomplete frames on one connection",
+                    ),
+                )
+                return
         if frames:
-            hold = self.connection._quic.hold
-            for frame in frames:
-                hold(self.stream_id, frame.size)
             self._frames.extend(frames)
         if end:
             self._eof = True
@@ -834,7 +907,10 @@ class Stream:
 
     def _drop_received(self) -> None:
         self._frames.clear()
-        self.connection._quic.forget_stream(self.stream_id)
+        conn = self.connection
+        conn._partial -= self._partial
+        self._partial = 0
+        conn._quic.forget_stream(self.stream_id)
 
     def _maybe_forget(self) -> None:
         if self._send_ended and (self._eof or self._recv_stopped or self._recv_error is not None):

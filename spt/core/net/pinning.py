@@ -26,7 +26,7 @@ import datetime
 import hashlib
 import ssl
 from collections.abc import Callable, Sequence
-from typing import Final
+from typing import Any, Final
 
 from aioquic import tls
 from aioquic.buffer import Buffer  # type: ignore[attr-defined]  # public, re-exported from _buffer
@@ -75,6 +75,7 @@ PRIVATE_NAMES: Final[dict[str, tuple[str, ...]]] = {
         "_close_event",
         "_handshake_confirmed",
         "_loss",
+        "_network_paths",
     ),
     # aioquic.quic.recovery.QuicPacketRecovery
     "QuicPacketRecovery": ("_rtt_initialized", "_rtt_smoothed"),
@@ -296,6 +297,14 @@ class PinnedQuicConnection(QuicConnection):
     def alpn(self) -> str | None:
         context = self._pinned
         return None if context is None else context.alpn_negotiated
+
+    def validated_peer_address(self) -> tuple[Any, ...] | None:
+        """The peer address in use if QUIC validated it, else the newest one it did validate
+        (RFC 9000 §9.3: after a migration the new address is unproved until PATH_RESPONSE)."""
+        for path in self._network_paths:
+            if path.is_validated:
+                return tuple(path.addr)
+        return None
 
     @property
     def handshake_confirmed(self) -> bool:

@@ -101,6 +101,9 @@ DEFAULT_KEEPALIVE: Final = 15.0
 DEFAULT_IDLE_TIMEOUT: Final = 60.0
 DEFAULT_STREAM_WINDOW: Final = 1024 * 1024
 DEFAULT_CONNECTION_WINDOW: Final = 4 * 1024 * 1024
+UNPROVED_PER_SOURCE: Final = 4
+"""Incoming connections one source address may have open that proved no membership (join and
+relay connections, see `Connection.unproved`); the same number again of handshakes in progress."""
 
 
 class AcceptPolicy(Protocol):
@@ -170,6 +173,9 @@ class Transport:
     `stream_window` / `connection_window` bound received-but-unconsumed bytes (flow control).
     `dial_stagger` (s) is the head start each address gets before the next one is tried.
     `dial_alpns` are ALPNs this transport may dial without serving them (the relay's).
+    `unproved_per_source` caps a source address's incoming join or relay connections, and
+    separately its handshakes in progress: Initials beyond it are dropped, an established
+    connection beyond it is closed. Members, once proved, do not count.
     """
 
     def __init__(
@@ -189,6 +195,7 @@ class Transport:
         handshake_timeout: float = 10.0,
         max_connections: int = 1024,
         dial_alpns: Sequence[str] = (ALPN_RELAY,),
+        unproved_per_source: int = UNPROVED_PER_SOURCE,
     ) -> None:
         self._key = key
         self._host = host
@@ -204,6 +211,9 @@ class Transport:
         self._dial_stagger = dial_stagger
         self._handshake_timeout = handshake_timeout
         self._max_connections = max_connections
+        self._unproved_per_source = unproved_per_source
+        self._unproved: dict[str, set[Connection]] = {}  # established join/relay, by source host
+        self._handshaking: dict[str, set[Connection]] = {}  # incoming, by source host
         self._certificate: x509.Certificate = make_certificate(key)
         self._udp: asyncio.DatagramTransport | None = None
         self._sockname: Address | None = None
@@ -299,6 +309,8 @@ class Transport:
         self._routes.clear()
         self._all.clear()
         self._live.clear()
+        self._unproved.clear()
+        self._handshaking.clear()
         if self._udp is not None:
             self._udp.close()
             self._udp = None
@@ -671,9 +683,13 @@ class Transport:
                 "connection limit reached; dropping a new handshake", extra={"addr": f"{addr[0]}:{addr[1]}"}
             )
             return
-        self._accept_initial(header.destination_cid, data, addr)
+        handshaking = self._handshaking.setdefault(addr[0], set())
+        if len(handshaking) >= self._unproved_per_source:
+            log.debug("handshakes per source reached; dropping one", extra={"addr": addr[0]})
+            return
+        handshaking.add(self._accept_initial(header.destination_cid, data, addr))
 
-    def _accept_initial(self, original_cid: bytes, data: bytes, addr: Address) -> None:
+    def _accept_initial(self, original_cid: bytes, data: bytes, addr: Address) -> Connection:
         config = make_configuration(
             self._key,
             self._certificate,
@@ -696,6 +712,15 @@ class Transport:
         conn.closed.add_done_callback(lambda _: handle.cancel())
         conn.established.add_done_callback(lambda _: handle.cancel())
         conn.datagram_received(data, addr)
+        return conn
+
+    def _uncount(self, conn: Connection, budget: dict[str, set[Connection]]) -> None:
+        host = conn._remote_addr[0]
+        conns = budget.get(host)
+        if conns is not None:
+            conns.discard(conn)
+            if not conns:
+                del budget[host]
 
     def _handshake_deadline(self, conn: Connection) -> None:
         if not conn.established.done():
@@ -729,6 +754,8 @@ class Transport:
                 del self._routes[cid]
         conn.cids.clear()
         self._all.discard(conn)
+        self._uncount(conn, self._handshaking)
+        self._uncount(conn, self._unproved)
 
     def _closed(self, conn: Connection) -> None:
         reason = conn.close_reason or ""
@@ -760,6 +787,13 @@ class Transport:
         if self._closing:
             conn.close("node shutting down", code=CloseCode.SHUTDOWN)
             return
+        self._uncount(conn, self._handshaking)
+        if conn.unproved:
+            unproved = self._unproved.setdefault(conn._remote_addr[0], set())
+            if len(unproved) >= self._unproved_per_source:
+                conn.close("too many connections from this address", code=CloseCode.REFUSED)
+                return
+            unproved.add(conn)
         if conn in self._unpinned:  # connect_any: a join dial to a key we did not know
             self._register(conn)
             return

@@ -50,6 +50,7 @@ def test_every_listed_private_name_is_checked_here():
         "_close_event",
         "_handshake_confirmed",
         "_loss",
+        "_network_paths",
         "_rtt_initialized",
         "_rtt_smoothed",
         "_request_client_certificate",
@@ -85,6 +86,9 @@ def test_private_connection_attributes_exist_with_the_expected_types():
     assert quic._loss._rtt_initialized is False
     assert isinstance(quic._loss._rtt_smoothed, float)
     assert quic.smoothed_rtt is None
+    (path,) = quic._network_paths
+    assert path.addr == ("127.0.0.1", 9) and isinstance(path.is_validated, bool)
+    assert quic.validated_peer_address() == ("127.0.0.1", 9)  # a client's dialled address is trusted
 
 
 def test_the_tls_context_is_reclassed_and_keeps_the_private_state_we_set():

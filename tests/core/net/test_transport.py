@@ -199,7 +199,7 @@ def send_raw(stream, data, end=False):
 @pytest.mark.parametrize(
     ("raw", "why"),
     [
-        (b"\x00\x00\x00\x04\xc1garbage", "not valid msgpack"),
+        (b"\x00\x00\x00\x04\xc1gar", "not valid msgpack"),
         (encode_frame("ping", b"abcdef")[:-3], "stream ended inside a frame"),
         (struct.pack(">I", 2**31), "exceeds"),
         (struct.pack(">I", 2) + msgspec.msgpack.encode([1]), "malformed"),
@@ -359,7 +359,7 @@ async def test_a_slow_reader_stops_the_writer_through_flow_control(make):
         await asyncio.sleep(0.5)
         assert not writer.done()  # blocked: the reader is not taking anything
         (server_stream,) = server_streams
-        held = sum(frame.size for frame in server_stream._frames)
+        held = sum(len(payload) + 4 for payload in server_stream._frames)
         assert held <= window + 2 * len(chunk)
         release.set()
         await writer
@@ -413,3 +413,55 @@ async def test_connect_any_dials_an_unknown_key_on_the_join_alpn_only(make):
         assert b.connection(a.node_id, ALPN_JOIN) is conn
         assert (await conn.request("hi", 1)).body == 1
         assert conn.rtt_ms is not None and conn.rtt_ms > 0
+
+
+# --- peers that proved nothing (join, relay): small frames, few streams, few connections ------
+
+
+async def test_an_unproved_peer_gets_small_frames_and_few_streams_and_its_partial_bytes_are_held(make):
+    from spt.core.net.connections import OPEN_STREAMS
+    from spt.core.proto.frames import OPEN_LIMITS
+
+    started: list = []
+    gate = asyncio.Event()
+
+    async def slow(conn, stream):
+        started.append(stream)
+        await gate.wait()
+
+    a = await make(on_stream=slow)
+    stranger = await make()
+    async with asyncio.timeout(10):
+        conn = await stranger.connect_any(a.sockname, alpn=ALPN_JOIN)
+        streams = [conn.open_stream() for _ in range(2 * OPEN_STREAMS)]
+        for stream in streams:
+            send_raw(stream, struct.pack(">I", OPEN_LIMITS.max_frame) + b"\x80" * 1000)  # never finished
+        await asyncio.sleep(0.3)
+        assert len(started) == OPEN_STREAMS  # the rest were refused, their bytes dropped
+        (served,) = [c for c in a._all if c.unproved]
+        assert served._quic._spt_held_total == OPEN_STREAMS * 1004  # partial frames count as held
+        outcomes = await asyncio.gather(*(s.recv(timeout=0.5) for s in streams), return_exceptions=True)
+        assert sum(isinstance(o, StreamResetError) for o in outcomes) == OPEN_STREAMS
+        # a frame longer than the open limit ends the connection at its length prefix
+        other = await stranger.connect_any(a.sockname, alpn=ALPN_JOIN)
+        send_raw(other.open_stream(), struct.pack(">I", OPEN_LIMITS.max_frame + 1))
+        reason = await other.wait_closed()
+        assert "exceeds the 65536-byte limit" in reason
+
+
+async def test_one_source_keeps_only_a_few_unproved_connections(make):
+    from spt.core.net.transport import UNPROVED_PER_SOURCE
+
+    a = await make()
+    strangers = [await make() for _ in range(UNPROVED_PER_SOURCE + 1)]
+    async with asyncio.timeout(15):
+        results = await asyncio.gather(
+            *(s.connect_any(a.sockname, alpn=ALPN_JOIN, timeout=1.0) for s in strangers), return_exceptions=True
+        )
+    assert sum(not isinstance(r, BaseException) for r in results) == UNPROVED_PER_SOURCE
+    # members are not counted against it once proved
+    b = await make(members=[a.node_id])
+    a._accept.keys.add(b.node_id)
+    async with asyncio.timeout(5):
+        conn = await b.connect(a.node_id, [a.sockname])
+        assert (await conn.request("ping", 1)).body == 1
