@@ -494,7 +494,6 @@ class Daemon:
         register_resting_ops(self, self.resting)
         self.hosting = Hosting(self)
         register_hosting_ops(self, self.hosting)
-        await self.hosting.start()  # re-adopt host processes that outlived the last daemon
         if created:
             log.info("node key created", extra={"node": self.key.node_id.short})
         self.members = Members(self)
@@ -502,6 +501,9 @@ class Daemon:
         await self.members.start()
         self.messaging = Messaging(self)
         self.messaging.start()
+        # re-adopt host processes that outlived the last daemon (a run that ended meanwhile is
+        # published, so the registry is up before this)
+        await self.hosting.start()
         await self._start_discovery()
         self.plugins.pm.hook.spt_node_started(node_id=self.key.node_id.hex, port=self.port)
         register_doctor_ops(self)

@@ -144,12 +144,15 @@ class Hosting:
             except (OSError, WireError, TimeoutError):
                 status = None
             if status is None or status.get("pid") != run.pid or status.get("exit") is not None:
-                self._record_end(run, self._exit_from_file(perch_id), publish=False)
+                self._record_end(run, self._exit_from_file(perch_id))
                 continue
             run.stopped = bool(status.get("stopped"))
             self.runs[perch_id.lower()] = run
             run.watcher = asyncio.get_running_loop().create_task(self._watch(run))
             log.info("hosted process adopted", extra={"perch": perch_id, "pid": run.pid})
+            perch = self.daemon.endpoints.get(perch_id)
+            if perch is not None:
+                self.daemon.endpoints._changed(perch)  # alive again in the rows
 
     async def close(self) -> None:
         """Daemon shutdown: stop watching; the host processes keep running."""
@@ -196,7 +199,7 @@ class Hosting:
             exit_code = self._exit_from_file(run.perch)
         self._record_end(run, exit_code)
 
-    def _record_end(self, run: _Run, exit_code: int | None, *, publish: bool = True) -> None:
+    def _record_end(self, run: _Run, exit_code: int | None) -> None:
         if self.daemon.endpoints.closing:
             return  # the daemon is stopping, not the command
         run.exit = exit_code if exit_code is not None else -1
@@ -205,10 +208,9 @@ class Hosting:
             db.execute("UPDATE hosted SET pid=NULL, host_pid=NULL, exit=? WHERE perch=? AND pid=?",
                        (exit_code, run.perch, run.pid))
         log.info("hosted process ended", extra={"perch": run.perch, "pid": run.pid, "exit": exit_code})
-        if publish:
-            perch = self.daemon.endpoints.get(run.perch)
-            if perch is not None:
-                self.daemon.endpoints._changed(perch)
+        perch = self.daemon.endpoints.get(run.perch)
+        if perch is not None:
+            self.daemon.endpoints._changed(perch)
 
     # -- running --------------------------------------------------------------------------------
 
