@@ -562,6 +562,8 @@ class RelayClient:
             targets = _addresses(body.get("addrs"))
             if "endpoint-dependent" in (mine, theirs):
                 reason = "symmetric-nat"
+                # the path is settled as relayed now; the long-shot punch below still upgrades it
+                paths.set_reason(peer, reason)
             if not targets:
                 reason = "no-direct-address"
             else:
@@ -600,7 +602,8 @@ class RelayClient:
         self._punch.setdefault(peer, _PunchState()).asked = True
 
         async def respond() -> None:
-            paths.set_reason(peer, "punching")
+            # with a symmetric NAT on either side the answer is known at once (a punch may still win)
+            paths.set_reason(peer, "symmetric-nat" if reason == "symmetric-nat" else "punching")
             found = await paths.punch(
                 peer, nonce, targets, active=False, prime_ttl=self._prime_ttl(), timeout=PUNCH_TIMEOUT
             )
