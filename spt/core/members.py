@@ -65,6 +65,9 @@ MAX_DISCOVERY_ROUND: Final = 2.0
 KEY_CLAIM_DOMAIN: Final = b"spt/key-claim/v1"
 MAX_PENDING_KEY_CHANGES: Final = 16  # per subnet (§6.4)
 KEY_CLAIM_ROUNDS: Final = 6  # a claim is re-sent to members that did not take it, backing off
+# Member requests whose handler judges the sender's standing itself, instead of the dispatcher
+# (log.push: what a pruned or departed node may still send is the membership log's business).
+STANDING_CHECKED_BY_HANDLER: Final = frozenset({"log.push"})
 
 
 @dataclass
@@ -182,15 +185,17 @@ class Members:
         return self.subnets.member_subnets(peer)
 
     def require_member(self, conn: Connection, subnet_hex: Any) -> HeldSubnet:
-        """The subnet a member request names, checked against the peer's standing in it."""
-        if not isinstance(subnet_hex, str):
-            raise RemoteProtocolError("subnet", "a member request names its subnet as hex")
-        try:
+        """The subnet a member request names (its id in hex, or its name), checked against the
+        peer's standing in it now: a connection outlives a prune, so every request is judged."""
+        if not isinstance(subnet_hex, str) or not subnet_hex:
+            raise RemoteProtocolError("subnet", "a member request names its subnet (`subnet`: id hex or name)")
+        sub = None
+        with contextlib.suppress(ValueError):
             sub = self.subnets.held.get(bytes.fromhex(subnet_hex))
-        except ValueError:
-            raise RemoteProtocolError(subnet_hex, "a subnet id is hex") from None
+        if sub is None:
+            sub = self.subnets.by_name(subnet_hex)
         if sub is None or not sub.attached:
-            raise Refusal("NOT_HERE", subnet_hex[:8], "this node does not serve that subnet")
+            raise Refusal("NOT_HERE", subnet_hex[:16], "this node does not serve that subnet")
         standing = sub.state().standing(conn.peer)
         if standing != "member":
             raise Refusal("NOT_A_MEMBER", conn.peer.short, f"refused: {standing}")
@@ -218,13 +223,23 @@ class Members:
             self._known_conns.add(conn)
             self.remember_address(conn.peer, *conn.remote_addr, "incoming" if not conn.is_outgoing else "dialled")
         owner = self.stream_handlers.get(first.type)
+        handler = self.handlers.get(first.type)
+        if owner is None and handler is None:
+            await self._reply(stream, "error", {"code": "unknown-type", "message": f"this node does not handle {first.type!r}"})
+            return
+        try:
+            if first.type not in STANDING_CHECKED_BY_HANDLER:
+                # Once, here, for every member request and stream (plugins' too), however long the
+                # connection has been up: the sender must be a member of the subnet it names now.
+                body = first.body
+                self.require_member(conn, body.get("subnet") if isinstance(body, Mapping) else None)
+        except SptError as exc:
+            await self._reply(stream, "error", {"code": exc.instance_token, "message": exc.status_line(), "error": exc.to_wire()})
+            return
         if owner is not None:
             await owner(conn, stream, first)
             return
-        handler = self.handlers.get(first.type)
-        if handler is None:
-            await self._reply(stream, "error", {"code": "unknown-type", "message": f"this node does not handle {first.type!r}"})
-            return
+        assert handler is not None
         try:
             reply = await handler(conn, first)
         except SptError as exc:

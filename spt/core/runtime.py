@@ -61,13 +61,20 @@ class Runtime:
         sub = self._daemon.subnets.by_name(subnet)
         return sub is not None and sub.attached and sub.state().is_member(connection.peer)
 
+    def shared_subnets(self, node: NodeId) -> list[str]:
+        return [sub.canonical for sub in self._daemon.members.shared_subnets(node)]
+
     def perch_visible(self, perch_id: str, subnet: str) -> bool:
         endpoints = self._daemon.endpoints
         perch = endpoints.get(perch_id)
         return perch is not None and any(s.canonical == subnet.lower() for s in endpoints.visible_in(perch))
 
+    def perch_id(self, perch_id: str) -> str | None:
+        perch = self._daemon.endpoints.get(perch_id)
+        return perch.id if perch is not None else None
+
     def endpoint_folder(self, perch_id: str) -> Path:
-        return self._daemon.paths.endpoints / perch_id
+        return self._daemon.paths.endpoints / (self.perch_id(perch_id) or perch_id)
 
     async def connect_member(self, node: NodeId) -> Any:
         return await self._daemon.members.connect_member(node)

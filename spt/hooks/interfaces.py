@@ -279,11 +279,23 @@ class NodeRuntime(Protocol):
         """True when the connection's peer is a current member of the named attached subnet."""
         ...
 
+    def shared_subnets(self, node: NodeId) -> list[str]:
+        """Names of the attached subnets `node` is a current member of (for requests that must
+        name one: every member request does, and the receiver re-checks it)."""
+        ...
+
     def perch_visible(self, perch_id: str, subnet: str) -> bool:
         """True when a local perch exists and is visible in the named subnet."""
         ...
 
-    def endpoint_folder(self, perch_id: str) -> Path: ...
+    def perch_id(self, perch_id: str) -> str | None:
+        """The stored id of the local perch `perch_id` names (ids match without regard to case),
+        or None. Canonicalise an id from the network with it before using it as a key or path."""
+        ...
+
+    def endpoint_folder(self, perch_id: str) -> Path:
+        """The local perch's folder, named by its stored id whatever case `perch_id` has."""
+        ...
 
     def bulk_transits(self) -> Sequence[BulkTransit]:
         """The registered bulk transits (relay TCP listeners…), best first; empty without them."""

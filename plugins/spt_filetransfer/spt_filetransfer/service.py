@@ -552,7 +552,7 @@ class FileService:
             if row["state"] in ACTIVE_STATES:
                 self._cancel_local(row, "cancelled here")
                 if row["peer"] != self.rt.node_id.hex:
-                    self._spawn(self._tell_cancel(NodeId.from_hex(row["peer"]), tid), "tell cancel")
+                    self._spawn(self._tell_cancel(NodeId.from_hex(row["peer"]), tid, row["subnet"]), "tell cancel")
         return {"token": "FILE_CANCELLED", "tid": tid}
 
     def _find(self, tid: str) -> list[dict[str, Any]]:
@@ -582,13 +582,13 @@ class FileService:
             self._finish_incoming(tid, "cancelled", reason)
         log.info("transfer cancelled", extra={"tid": tid, "reason": reason})
 
-    async def _tell_cancel(self, node: NodeId, tid: str) -> None:
+    async def _tell_cancel(self, node: NodeId, tid: str, subnet: str) -> None:
         """Best effort, a few tries: the peer also learns it at its next offer or need."""
         delay = 1.0
         for _ in range(6):
             try:
                 conn = await asyncio.wait_for(self.rt.connect_member(node), DIAL_TIMEOUT)
-                await conn.request("file.cancel", {"tid": tid}, timeout=REQUEST_TIMEOUT)
+                await conn.request("file.cancel", {"tid": tid, "subnet": subnet}, timeout=REQUEST_TIMEOUT)
                 return
             except (SptError, OSError, TimeoutError):
                 await asyncio.sleep(delay)
@@ -796,7 +796,7 @@ class FileService:
             return
         path: _TcpPath | None = None
         try:
-            opened = await self._request(conn, "file.open", {"tid": out.tid, "tcp": self.data_path != "quic"})
+            opened = await self._request(conn, "file.open", {"tid": out.tid, "subnet": out.row["subnet"], "tcp": self.data_path != "quic"})
             needed = self._status(out, opened)
             port, key = opened.get("port"), opened.get("key")
             if self.data_path != "quic" and isinstance(key, bytes):
@@ -818,7 +818,7 @@ class FileService:
                 else:  # everything is verified; the receiver is still checking whole files
                     self._set_out(out, "verifying", path=kind)
                     await asyncio.sleep(0.2)
-                needed = self._status(out, await self._request(conn, "file.need", {"tid": out.tid}))
+                needed = self._status(out, await self._request(conn, "file.need", {"tid": out.tid, "subnet": out.row["subnet"]}))
                 idle_rounds = 0 if out.base_done > before else idle_rounds + 1
                 if needed and idle_rounds >= MAX_BAD_ROUNDS:
                     raise _Fatal("chunks keep failing verification at the receiver")
@@ -857,7 +857,7 @@ class FileService:
                     continue
                 invitation, join_ours = offered
                 await self._request(
-                    conn, "file.transit", {"tid": out.tid, "via": transit.name, "invitation": dict(invitation)}
+                    conn, "file.transit", {"tid": out.tid, "subnet": out.row["subnet"], "via": transit.name, "invitation": dict(invitation)}
                 )
                 sock = await self.loop.run_in_executor(self.executor, join_ours)
                 try:
@@ -907,7 +907,9 @@ class FileService:
         async def one(f: int, c: int) -> None:
             try:
                 data = await self.loop.run_in_executor(self.executor, out.read_chunk, f, c)
-                await self._request(conn, "file.chunk", {"tid": out.tid, "f": f, "c": c, "d": data}, CHUNK_TIMEOUT)
+                await self._request(
+                    conn, "file.chunk", {"tid": out.tid, "subnet": out.row["subnet"], "f": f, "c": c, "d": data}, CHUNK_TIMEOUT
+                )
                 out.round_sent += len(data)
                 out.sent += len(data)
             except BaseException as exc:  # collected and re-raised below, after the window drains
@@ -1020,6 +1022,8 @@ class FileService:
         self, peer: NodeId, label: str, subnet: str | None, to: str, sender: str | None, message: str,
         manifest: Manifest, tid: str, *, local: bool,
     ) -> dict[str, Any]:
+        # first of all: `Bob` and `bob` are one perch, so one row key, one folder, one quota
+        to = self.rt.perch_id(to) or to
         row = self.db.get(tid, "in")
         if row is not None:
             known = Manifest.from_wire(_decode(row["manifest"]))
@@ -1112,12 +1116,23 @@ class FileService:
                 pass
         return f"{subnet}:{sid}@{qualifier}" if subnet else f"{sid}@{qualifier}"
 
-    def _incoming_for(self, conn: Any, tid: str) -> Incoming:
+    def _peer_row(self, conn: Any, body: Mapping[str, Any], tid: str, direction: str) -> dict[str, Any] | None:
+        """The transfer's row when it is this peer's and in the subnet the request named (the
+        daemon checked the peer's membership of that one before the handler ran)."""
+        row = self.db.get(tid, direction)
+        named = body.get("subnet")
+        if row is None or row["peer"] != conn.peer.hex:
+            return None
+        if not isinstance(named, str) or named.lower() != str(row["subnet"]).lower():
+            return None
+        return row
+
+    def _incoming_for(self, conn: Any, body: Mapping[str, Any], tid: str) -> Incoming:
         if tid in self.ended:
             raise Refusal("FILE_FAILED", tid, self.ended[tid][1])
         inc = self.incoming.get(tid)
-        row = self.db.get(tid, "in")
-        if row is None or row["peer"] != conn.peer.hex:
+        row = self._peer_row(conn, body, tid, "in")
+        if row is None:
             raise Refusal("FILE_UNKNOWN", tid, "no such incoming transfer from this node")
         if inc is None:
             if row["state"] == "cancelled":
@@ -1130,8 +1145,8 @@ class FileService:
     async def req_open(self, conn: Any, frame: Any) -> tuple[str, Any]:
         body = _map(frame.body, "file.open")
         tid = _tid(body.get("tid"))
-        row = self.db.get(tid, "in")
-        if row is None or row["peer"] != conn.peer.hex:
+        row = self._peer_row(conn, body, tid, "in")
+        if row is None:
             raise Refusal("FILE_UNKNOWN", tid, "no such incoming transfer from this node")
         if row["state"] in ACTIVE_STATES and tid not in self.incoming and tid not in self.ended:
             self._load_incoming(row)
@@ -1150,7 +1165,7 @@ class FileService:
         """The sender invites us to a bulk transit: join it on a thread and serve the data there."""
         body = _map(frame.body, "file.transit")
         tid = _tid(body.get("tid"))
-        self._incoming_for(conn, tid)  # an active transfer from this very peer
+        self._incoming_for(conn, body, tid)  # an active transfer from this very peer, in the named subnet
         with self._lock:
             session = self.sessions.get(tid)
         if session is None or session[1] < time.monotonic():
@@ -1183,7 +1198,7 @@ class FileService:
         f, c, data = body.get("f"), body.get("c"), body.get("d")
         if not isinstance(f, int) or not isinstance(c, int) or not isinstance(data, bytes):
             raise RemoteProtocolError("file.chunk", "a chunk is {tid, f, c, d: bytes}")
-        inc = self._incoming_for(conn, tid)
+        inc = self._incoming_for(conn, body, tid)
         if inc.state == "offered":
             self.db.update(tid, "in", path_kind="quic")
         try:
@@ -1196,9 +1211,9 @@ class FileService:
         return "ok", {"ok": ok}
 
     async def req_need(self, conn: Any, frame: Any) -> tuple[str, Any]:
-        tid = _tid(_map(frame.body, "file.need").get("tid"))
-        row = self.db.get(tid, "in")
-        if row is None or row["peer"] != conn.peer.hex:
+        body = _map(frame.body, "file.need")
+        tid = _tid(body.get("tid"))
+        if self._peer_row(conn, body, tid, "in") is None:
             return "file.status", {"state": "unknown"}
         inc = self.incoming.get(tid)
         if inc is not None:
@@ -1206,10 +1221,11 @@ class FileService:
         return "file.status", self._status_body(tid)
 
     async def req_cancel(self, conn: Any, frame: Any) -> tuple[str, Any]:
-        tid = _tid(_map(frame.body, "file.cancel").get("tid"))
+        body = _map(frame.body, "file.cancel")
+        tid = _tid(body.get("tid"))
         for direction in ("in", "out"):
-            row = self.db.get(tid, direction)
-            if row is not None and row["peer"] == conn.peer.hex and row["state"] in ACTIVE_STATES:
+            row = self._peer_row(conn, body, tid, direction)
+            if row is not None and row["state"] in ACTIVE_STATES:
                 self._cancel_local(row, "cancelled by the peer")
         return "ok", {}
 

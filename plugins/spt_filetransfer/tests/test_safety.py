@@ -81,11 +81,11 @@ def test_crafted_offers_are_refused_and_nothing_is_written_outside(spt_nodes, tm
         # a well-formed offer works, and a forged chunk is refused and never written as good
         good = b"good data\n"
         results["good"] = await ask(conn, "file.offer", offer(tids[6], "ok.txt", good))
-        results["bad chunk"] = await ask(conn, "file.chunk", {"tid": tids[6], "f": 0, "c": 0, "d": b"evil data\n"})
+        results["bad chunk"] = await ask(conn, "file.chunk", {"tid": tids[6], "subnet": "home", "f": 0, "c": 0, "d": b"evil data\n"})
         results["partial after bad"] = (box / tids[6] / "ok.txt.partial").exists() and (
             box / tids[6] / "ok.txt.partial"
         ).read_bytes()
-        results["good chunk"] = await ask(conn, "file.chunk", {"tid": tids[6], "f": 0, "c": 0, "d": good})
+        results["good chunk"] = await ask(conn, "file.chunk", {"tid": tids[6], "subnet": "home", "f": 0, "c": 0, "d": good})
         return results
 
     results = asyncio.run(speak_as(a.home, b_key, b_addr, script))
