@@ -50,7 +50,7 @@ class _AcceptAll:
 
 
 async def _child(role: str, relay_url: str, peer_hex: str | None, total: int) -> None:
-    from spt_relay_fallback.url import RelayUrl
+    from spt_relay_fallback.url import RelayUrl, token_proof
 
     from spt.core.identity import NodeId, NodeKey
     from spt.core.net.connections import Connection, Stream
@@ -77,7 +77,10 @@ async def _child(role: str, relay_url: str, peer_hex: str | None, total: int) ->
     transport = Transport(NodeKey.generate(), port=0, accept=_AcceptAll(), on_stream=on_stream, idle_timeout=30.0)
     await transport.start()
     relay_conn = await transport.connect(url.key, [url.address], alpn=ALPN_RELAY)
-    reply = await relay_conn.request("relay.register", {"token": url.token, "port": transport.sockname[1]})
+    register = {"port": transport.sockname[1]}
+    if url.token:
+        register["proof"] = token_proof(url.token, relay_conn)
+    reply = await relay_conn.request("relay.register", register)
     transport.paths.set_relay(url.key, url.address, reply.body["token"])
     host, _, port = reply.body["addr"].rpartition(":")
     reflexive = [host, int(port)]
@@ -132,7 +135,7 @@ def daemon_figures(kind_b: str, sends: int) -> dict[str, Any]:
     lab = Lab()
     rl = ReachLab(lab, "eim", kind_b)
     try:
-        rl.start_relay()
+        rl.start_relay("--rate", "0")  # the path is measured, not the default per-node cap
         a, b, join_s = rl.pair("home")
         settled = time.monotonic()
         path = wait_settled(b)
@@ -155,7 +158,7 @@ def throughput_figures(total: int) -> dict[str, Any]:
     lab = Lab()
     rl = ReachLab(lab, "eim", "eim")
     try:
-        url = rl.start_relay()
+        url = rl.start_relay("--rate", "0")  # the path is measured, not the default per-node cap
         base = [sys.executable, str(Path(__file__).resolve()), "child", "--relay", url, "--bytes", str(total)]
         server = lab.popen(rl.topo.b, [*base, "--role", "server"], stdout=subprocess.PIPE, text=True)
         key = _readline(server, 15).split()[1]

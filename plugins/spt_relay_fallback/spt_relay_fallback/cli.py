@@ -78,10 +78,13 @@ def _public_host(host: str) -> str:
 @click.option("--allow", "allow_file", type=click.Path(exists=True, dir_okay=False), help="Only these node keys (one hex key a line).")
 @click.option("--token", help="Nodes must present this token (in the URL: spt-relay://TOKEN@host:port#key).")
 @click.option("--max-nodes", type=click.IntRange(1), default=1024, show_default=True)
-@click.option("--rate", type=click.IntRange(1), help="Bytes per second each node may send through the relay.")
+@click.option(
+    "--rate", type=click.IntRange(0), default=4 * 1024 * 1024, show_default=True,
+    help="Bytes per second each node may send through the relay (0: no cap).",
+)
 @click.option("--tcp-listen", help="TCP HOST:PORT for the TLS listener (bulk transit); off by default.")
 def serve(
-    listen: str, key_file: str | None, allow_file: str | None, token: str | None, max_nodes: int, rate: int | None,
+    listen: str, key_file: str | None, allow_file: str | None, token: str | None, max_nodes: int, rate: int,
     tcp_listen: str | None,
 ) -> None:
     """Serve as a relay (foreground): forwarding, reflexive addresses and rendezvous."""

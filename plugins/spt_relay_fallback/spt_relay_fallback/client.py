@@ -43,7 +43,7 @@ from spt.core.proto.frames import Frame
 from spt.hooks import Candidate, DiscoveryContext
 from spt.hooks.interfaces import NodeRuntime
 from spt_relay_fallback.sources import LOCAL, Chosen, build_defaults, choose, read_removed
-from spt_relay_fallback.url import RelayUrl
+from spt_relay_fallback.url import RelayUrl, token_proof
 
 log = logging.getLogger(__name__)
 
@@ -197,10 +197,10 @@ class RelayLink:
         conn = await paths.transport.connect(self.url.key, [self.addr], alpn=ALPN_RELAY, timeout=CONNECT_TIMEOUT)
         self.conn = conn
         try:
-            reply = await conn.request(
-                "relay.register", {"token": self.url.token, "port": paths.transport.sockname[1]},
-                timeout=REQUEST_TIMEOUT,
-            )
+            register: dict[str, Any] = {"port": paths.transport.sockname[1]}
+            if self.url.token:
+                register["proof"] = token_proof(self.url.token, conn)  # the token itself never travels
+            reply = await conn.request("relay.register", register, timeout=REQUEST_TIMEOUT)
             body = _map(reply.body)
             token, seen = body.get("token"), body.get("addr")
             if not isinstance(token, bytes) or not isinstance(seen, str):
@@ -541,11 +541,15 @@ class RelayClient:
         peer = conn.peer
         loop = asyncio.get_running_loop()
         nonce = os.urandom(NONCE_BYTES)
+        shared = self.runtime.shared_subnets(peer) if self.runtime is not None else []
+        if not shared:
+            return  # every member request names a subnet both sides are in; none is left
         paths.set_reason(peer, "punching")
         mine = self._mapping()
         try:
             reply = await conn.request(
-                "relay.punch", {"nonce": nonce, "addrs": self._own_candidates(), "mapping": mine},
+                "relay.punch",
+                {"subnet": shared[0], "nonce": nonce, "addrs": self._own_candidates(), "mapping": mine},
                 timeout=REQUEST_TIMEOUT,
             )
         except (SptError, TimeoutError) as exc:

@@ -7,9 +7,11 @@ The protocol, as a node sees it (our design where the spec leaves it open):
    TLS handshake itself is the signed challenge: the node proves its key by signing the
    handshake transcript (CertificateVerify), and pins the relay's key from the URL. A relay
    with `--allow` refuses other keys inside that handshake. On the connection the node sends
-   `relay.register {token?, port}`; the reply is `{token: 16 bytes, addr: "ip:port", alt_port}`:
+   `relay.register {proof?, port}`; the reply is `{token: 16 bytes, addr: "ip:port", alt_port}`:
    the registration token and the node's reflexive address as the relay sees it. A relay with
-   `--token` refuses a registration without the same token (`REFUSED`).
+   `--token` refuses a registration without a valid `proof`: HMAC-SHA256 keyed with the access
+   token over this connection's TLS exporter value (label `EXPORTER-spt-relay-token`), so the
+   token itself never travels and a proof is worthless on any other connection.
 2. **Rendezvous.** `relay.tags {tags: [16-byte tags], port}` registers (and refreshes) tags for
    5 minutes; `relay.lookup {tag}` answers `{nodes: [{key, addr, port}]}`, at most 32, not
    counting the asker. The connection staying open is what keeps a registration alive.
@@ -26,9 +28,14 @@ The protocol, as a node sees it (our design where the spec leaves it open):
    byte transit between two registered nodes it has matched (`relay.transit`); see `tcp.py`.
    The registration reply carries its port as `tcp_port` (null when off).
 
-Limits: per-node byte-rate caps (token bucket, drops beyond it), a node count, the allow-list
-and the token. The relay keeps nothing on disk but its key: after a restart nodes notice
-(`0x03`, or a failed refresh) and register again.
+Limits (all on by default): per-node byte-rate caps (token bucket, drops beyond it;
+`DEFAULT_RATE`), a node count, at most `MAX_PER_SOURCE` registered nodes and `REGISTER_BURST`
+registrations a minute per source address, the mapping port answering each address at most
+`MAPPING_PER_SECOND` times a second, the allow-list and the token. Forwarding goes only to an
+address QUIC has validated for the destination's connection (a migrated, unvalidated path is not
+followed). Frames on `spt-relay/1` get the open limits of `spt.core.proto.frames`. The relay
+keeps nothing on disk but its key: after a restart nodes notice (`0x03`, or a failed refresh)
+and register again.
 """
 
 from __future__ import annotations
@@ -59,7 +66,7 @@ from spt.core.net.paths import (
 from spt.core.net.transport import ALPN_RELAY, Transport, serve_requests
 from spt.core.proto.frames import Frame
 from spt_relay_fallback.tcp import TcpListener
-from spt_relay_fallback.url import RelayUrl
+from spt_relay_fallback.url import RelayUrl, token_proof
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +80,38 @@ NOTICE_REREGISTER: Final = 1
 NOTICE_UNKNOWN_DEST: Final = 2
 NOTICE_INTERVAL: Final = 1.0  # seconds between notices to one source address
 MIN_BURST: Final = 16 * 1500  # bytes a rate-capped node may send at once
+DEFAULT_RATE: Final = 4 * 1024 * 1024  # bytes/s a node may send through the relay unless told otherwise
+MAX_PER_SOURCE: Final = 16  # registered nodes behind one source address
+REGISTER_BURST: Final = 10  # registrations one source address may make at once…
+REGISTER_PER_MINUTE: Final = 10  # …refilled at this rate
+MAPPING_PER_SECOND: Final = 4  # mapping-check answers per source address
+
+
+class _Buckets:
+    """Token buckets by key (a source address), `burst` deep, refilled `per_second`; bounded in size."""
+
+    def __init__(self, burst: float, per_second: float, max_keys: int = 65536) -> None:
+        self.burst = burst
+        self.per_second = per_second
+        self.max_keys = max_keys
+        self._level: dict[Any, tuple[float, float]] = {}
+
+    def take(self, key: Any, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        level, at = self._level.get(key, (self.burst, now))
+        level = min(self.burst, level + (now - at) * self.per_second)
+        if level < 1.0:
+            self._level[key] = (level, now)
+            return False
+        if key not in self._level and len(self._level) >= self.max_keys:
+            # forget the full buckets first: they hold no debt
+            full = [k for k, (lv, t) in self._level.items() if lv + (now - t) * self.per_second >= self.burst]
+            for k in full:
+                del self._level[k]
+            if len(self._level) >= self.max_keys:
+                return False
+        self._level[key] = (level - 1.0, now)
+        return True
 
 
 @dataclass(eq=False)
@@ -101,16 +140,24 @@ class _Policy:
 
 
 class _AltPort(asyncio.DatagramProtocol):
-    """The second port: tells a node which address and port it came from."""
+    """The second port: tells a node which address and port it came from, a few times a second
+    at most per address (its answer is larger than the question: no reflector for floods)."""
 
     def __init__(self) -> None:
         self.udp: asyncio.DatagramTransport | None = None
+        self.buckets = _Buckets(MAPPING_PER_SECOND, MAPPING_PER_SECOND)
+        self.answered = 0
+        self.dropped = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.udp = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
         if len(data) == 9 and data[0] == MAPPING_ASK and self.udp is not None:
+            if not self.buckets.take(addr[0]):
+                self.dropped += 1
+                return
+            self.answered += 1
             try:
                 packed = socket.inet_aton(str(addr[0]))
             except OSError:
@@ -121,8 +168,9 @@ class _AltPort(asyncio.DatagramProtocol):
 class RelayServer:
     """Forwards opaque QUIC packets between registered node keys; rendezvous by tag.
 
-    `rate` is bytes per second per node (None: no cap); `allow` the keys that may register
-    (None: any); `token` the access token nodes must present (None: none).
+    `rate` is bytes per second per node (`DEFAULT_RATE` unless given; 0 turns the cap off);
+    `allow` the keys that may register (None: any); `token` the access token nodes must prove
+    (None: none); `max_per_source` registered nodes per source address.
     """
 
     def __init__(
@@ -133,8 +181,9 @@ class RelayServer:
         port: int = 47471,
         allow: Iterable[NodeId] | None = None,
         token: str | None = None,
-        rate: int | None = None,
+        rate: int | None = DEFAULT_RATE,
         max_nodes: int = 1024,
+        max_per_source: int = MAX_PER_SOURCE,
         alt_port: bool = True,
         idle_timeout: float = 60.0,
         tcp_listen: Address | None = None,
@@ -145,8 +194,10 @@ class RelayServer:
         self.port = port
         self.allow = frozenset(allow) if allow is not None else None
         self.token = token
-        self.rate = rate
+        self.rate = rate or None
         self.max_nodes = max_nodes
+        self.max_per_source = max_per_source
+        self._registrations = _Buckets(REGISTER_BURST, REGISTER_PER_MINUTE / 60.0)
         self._want_alt = alt_port
         self.alt_port: int | None = None
         self._alt: asyncio.DatagramTransport | None = None
@@ -172,6 +223,7 @@ class RelayServer:
             dial_alpns=(),
             idle_timeout=idle_timeout,
             max_connections=max_nodes + 64,
+            unproved_per_source=max_per_source + 4,  # every relay connection is unproved; a few spare
         )
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -219,9 +271,13 @@ class RelayServer:
 
     async def _register(self, conn: Connection, frame: Frame) -> tuple[str, Any]:
         body = frame.body if isinstance(frame.body, dict) else {}
+        host = conn.remote_addr[0]
+        if not self._registrations.take(host):
+            self.stats["refused"] += 1
+            raise Refusal("RATE_LIMITED", host, f"at most {REGISTER_PER_MINUTE} registrations a minute from one address")
         if self.token is not None:
-            offered = body.get("token")
-            if not isinstance(offered, str) or not hmac.compare_digest(offered.encode(), self.token.encode()):
+            offered = body.get("proof")
+            if not isinstance(offered, bytes) or not hmac.compare_digest(offered, token_proof(self.token, conn)):
                 self.stats["refused"] += 1
                 log.info("registration refused: bad token", extra={"node": conn.peer.short})
                 # close after the refusal reply has gone out
@@ -231,13 +287,16 @@ class RelayServer:
         if old is None and len(self._nodes) >= self.max_nodes:
             self.stats["refused"] += 1
             raise Refusal("RELAY_FULL", conn.peer.short, f"this relay serves at most {self.max_nodes} nodes")
+        if old is None and sum(1 for n in self._nodes.values() if n.addr[0] == host) >= self.max_per_source:
+            self.stats["refused"] += 1
+            raise Refusal("RELAY_FULL", host, f"this relay serves at most {self.max_per_source} nodes per address")
         if old is not None:
             self._forget(old)
             if old.conn is not conn:
                 old.conn.close("registered again on another connection")
         port_hint = body.get("port")
         node = _Node(
-            conn.peer, conn.remote_addr, os.urandom(TOKEN_BYTES), conn,
+            conn.peer, conn.validated_remote_addr, os.urandom(TOKEN_BYTES), conn,
             port_hint=port_hint if isinstance(port_hint, int) else 0,
             allowance=float(self._burst), refilled=time.monotonic(),
         )
@@ -271,7 +330,9 @@ class RelayServer:
             node.port_hint = body["port"]
         expires = time.monotonic() + TAG_TTL
         node.tags = {t: expires for t in tags}
-        node.addr = conn.remote_addr  # QUIC follows a NAT rebinding; forwarding follows QUIC
+        # QUIC follows a NAT rebinding; forwarding follows QUIC, but only to a path QUIC validated
+        # (a packet with a rewritten source must not turn the relay into a reflector)
+        node.addr = conn.validated_remote_addr
         return "ok", {"expires_s": TAG_TTL}
 
     async def _lookup(self, conn: Connection, frame: Frame) -> tuple[str, Any]:
@@ -338,6 +399,7 @@ class RelayServer:
             self.stats["dropped_dest"] += 1
             self._notice(addr, NOTICE_UNKNOWN_DEST)
             return
+
         inner = data[1 + KEY_BYTES + TOKEN_BYTES :]
         if self.rate is not None:
             now = time.monotonic()

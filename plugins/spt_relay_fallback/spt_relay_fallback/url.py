@@ -6,8 +6,10 @@ The key after `#` is pinned: a node talks only to a relay that proves that key. 
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 from urllib.parse import unquote, urlsplit
 
 from spt.core.errors import ConfigError
@@ -63,3 +65,14 @@ class RelayUrl:
         """The URL without the access token, for display and logs."""
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{SCHEME}://{host}:{self.port}#{self.key.hex}"
+
+
+TOKEN_EXPORTER_LABEL: Final = b"EXPORTER-spt-relay-token"
+
+
+def token_proof(token: str, conn: Any) -> bytes:
+    """Proof of knowing a relay's access token on one connection, without sending the token:
+    HMAC-SHA256 keyed with the token over the connection's TLS exporter value, which only the
+    two ends of this connection can compute (both sides call this)."""
+    challenge = conn.export_keying_material(TOKEN_EXPORTER_LABEL, 32)
+    return hmac.new(token.encode("utf-8"), challenge, hashlib.sha256).digest()

@@ -6,11 +6,11 @@ import os
 import pytest
 from spt_relay_fallback.config import read_urls, write_urls
 from spt_relay_fallback.server import RelayServer
-from spt_relay_fallback.url import RelayUrl
+from spt_relay_fallback.url import RelayUrl, token_proof
 
 from spt.core.errors import ConfigError
 from spt.core.identity import NodeKey
-from spt.core.net.paths import RELAY_SEND, is_virtual, virtual_address
+from spt.core.net.paths import MAPPING_ASK, RELAY_SEND, is_virtual, virtual_address
 from spt.core.net.transport import (
     ALPN_RELAY,
     AllowKeys,
@@ -64,7 +64,10 @@ async def relay():
 async def register(transport, server, token=None):
     """Register `transport` at `server` by hand, as the relay client does; returns the reply body."""
     conn = await transport.connect(server.key.node_id, [("127.0.0.1", server.port)], alpn=ALPN_RELAY)
-    reply = await conn.request("relay.register", {"token": token, "port": transport.sockname[1]})
+    body = {"port": transport.sockname[1]}
+    if token is not None:
+        body["proof"] = token_proof(token, conn)
+    reply = await conn.request("relay.register", body)
     transport.paths.set_relay(server.key.node_id, ("127.0.0.1", server.port), reply.body["token"])
     return conn, reply.body
 
@@ -171,6 +174,67 @@ async def test_a_token_relay_refuses_registration_without_the_token(make, relay)
         await register(a, server, token="wrong")
     await register(b, server, token="s3cret")
     assert server.registered == [b.node_id]
+
+
+async def test_the_access_token_never_travels_and_a_proof_does_not_replay(make, relay):
+    a, b = await make(), await make()
+    server = await relay(token="s3cret")
+    conn = await a.connect(server.key.node_id, [("127.0.0.1", server.port)], alpn=ALPN_RELAY)
+    with pytest.raises(RequestError, match="REFUSED"):  # the token in clear is not accepted any more
+        await conn.request("relay.register", {"token": "s3cret", "port": 1})
+    other = await b.connect(server.key.node_id, [("127.0.0.1", server.port)], alpn=ALPN_RELAY)
+    stolen = token_proof("s3cret", other)  # a proof seen on one connection is bound to it
+    (conn2,) = [c for c in server.transport.connections() if c.peer == b.node_id]
+    assert token_proof("s3cret", conn2) == stolen  # both ends compute the same value
+    fresh = await make()
+    third = await fresh.connect(server.key.node_id, [("127.0.0.1", server.port)], alpn=ALPN_RELAY)
+    with pytest.raises(RequestError, match="REFUSED"):
+        await third.request("relay.register", {"proof": stolen, "port": 1})
+    assert (await other.request("relay.register", {"proof": stolen, "port": 1})).type == "relay.registered"
+
+
+async def test_registrations_and_mapping_answers_are_limited_per_source(make, relay):
+    from spt_relay_fallback.server import MAPPING_PER_SECOND, REGISTER_BURST
+
+    server = await relay(max_per_source=2)
+    nodes = [await make() for _ in range(3)]
+    for node in nodes[:2]:
+        await register(node, server)
+    with pytest.raises(RequestError, match="RELAY_FULL"):
+        await register(nodes[2], server)
+    # registering again and again from one address runs out of allowance
+    conn = await nodes[0].connect(server.key.node_id, [("127.0.0.1", server.port)], alpn=ALPN_RELAY)
+    codes = []
+    for _ in range(REGISTER_BURST + 2):
+        try:
+            await conn.request("relay.register", {"port": 1})
+            codes.append("ok")
+        except RequestError as exc:
+            codes.append(exc.code)
+    assert "RATE_LIMITED" in codes
+    # the mapping port answers an address a few times a second, however fast it asks
+    loop = asyncio.get_running_loop()
+    answers = []
+
+    class Asker(asyncio.DatagramProtocol):
+        def datagram_received(self, data, addr):
+            answers.append(data)
+
+    udp, _ = await loop.create_datagram_endpoint(Asker, local_addr=("127.0.0.1", 0))
+    try:
+        for _ in range(50):
+            udp.sendto(bytes((MAPPING_ASK,)) + os.urandom(8), ("127.0.0.1", server.alt_port))
+        await asyncio.sleep(0.3)
+    finally:
+        udp.close()
+    assert 1 <= len(answers) <= MAPPING_PER_SECOND + 1
+
+
+async def test_rate_caps_are_on_by_default(relay):
+    from spt_relay_fallback.server import DEFAULT_RATE
+
+    server = await relay()
+    assert server.rate == DEFAULT_RATE
 
 
 async def test_a_node_that_does_not_prove_its_key_cannot_send_through_the_relay(make, relay):
