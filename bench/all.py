@@ -37,6 +37,7 @@ BENCHES: dict[str, tuple[list[str], list[str], float]] = {
     "channel": ([], ["--mb", "128", "--runs", "5"], 600),
     "join": ([], ["--runs", "3"], 600),
     "reach": ([], ["--quick"], 900),
+    "nat_files": ([], ["--mb", "32", "--runs", "3"], 900),
     "rc": ([], ["--quick"], 900),
 }
 
