@@ -87,7 +87,7 @@ def main() -> None:
         for plugin, port in (("wormhole-mailbox", MAILBOX_PORT), ("transitrelay", TRANSIT_PORT)):
             with open(rl.root / f"{plugin}.log", "ab") as log:
                 servers.append(lab.popen("relay", [twist, plugin, f"--port=tcp:{port}"], stdout=log, stderr=log,
-                                         stdin=subprocess.DEVNULL))
+                                         stdin=subprocess.DEVNULL, cwd=rl.root))  # its database stays there
         a, b, _ = rl.pair("bench")
         settled = wait_settled(b)
         print(f"spt path between the LANs: {settled['kind']} ({settled.get('reason')})")
