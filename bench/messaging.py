@@ -10,6 +10,8 @@
    agent sees: `spt ring bob@beta` as a process (CLI start included) against the same responder.
 3. Sustained durable messages per second from alpha to a perch on beta (each one spooled with
    fsync on beta), with 4 concurrent senders for a fixed time; target ≥ 3,000/s.
+4. Where a ring's time goes, by subtraction: a control call, a durable spool write on one node,
+   one message hop to the other node (spooled there); printed with the ring.
 
 Every command gets its stdin from the bench (never the terminal) and every wait is bounded.
 """
@@ -83,6 +85,20 @@ def ring_once(node: Node) -> float:
     return time.perf_counter() - start
 
 
+def op_times(node: Node, op: str, args: dict[str, Any], runs: int) -> list[float]:
+    """Wall seconds of `runs` control calls, each on a new connection (as the CLI makes them)."""
+    samples = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        conn = connect(node.home / "spt.sock")
+        try:
+            call(conn, op, args)
+        finally:
+            conn.close()
+        samples.append(time.perf_counter() - start)
+    return samples
+
+
 def sustained(node: Node, seconds: float, senders: int) -> float:
     counts = [0] * senders
     deadline = time.monotonic() + seconds
@@ -141,6 +157,11 @@ def main() -> None:
         bob_conn.close()
         raw = asyncio.run(bench_spt(1000, 1024 * 1024))
         alpha.wait_listed("sink")
+        # where a ring's time goes, by subtraction (no listener on these perches: QUEUED once durable)
+        n = 30 if args.quick else 100
+        ipc = op_times(alpha, "endpoint.whoami", {}, n)
+        local_q = op_times(alpha, "msg.send", {"address": "local", "from": "alice", "body": "x"}, n)
+        remote_q = op_times(alpha, "msg.send", {"address": "sink@beta", "from": "alice", "body": "x"}, n)
         rate = sustained(alpha, seconds, 4)
     finally:
         factory.close()
@@ -156,6 +177,16 @@ def main() -> None:
     print(f"`spt ring` as an agent sees it (CLI start included) median {c50:8.1f} ms"
           f"   (python3 -c pass {b * 1e3:.1f} ms)")
     print(f"durable messages/s alpha->beta, 4 senders: {rate:8.0f}   (target >= 3000)")
+    i, lq, rq = median(ipc) * 1e3, median(local_q) * 1e3, median(remote_q) * 1e3
+    hop = rq - i
+    print("where a ring's time goes (medians, by subtraction; each call on a new control connection):")
+    print(f"  control call to the local daemon (connect, request, answer)   {i:7.2f} ms")
+    print(f"  durable spool write on one node (local send, QUEUED - call)   {lq - i:7.2f} ms")
+    print(f"  one message hop to beta, spooled there (remote send - call)   {hop:7.2f} ms"
+          f"  (transport RTT {t50:.2f} ms of it)")
+    rest = r50 - (2 * hop + 2 * i)
+    print(f"  a ring = 2 calls + 2 hops = {2 * i + 2 * hop:.2f} ms; the rest, {rest:.2f} ms, is handing the"
+          " envelopes to the waiting agents and their acks")
     row("`spt send` wall time", s * 1e3, "ms", baseline_name="python3 -c pass", baseline=b * 1e3, goal="<= 3")
     row("cross-node ring RTT p50", r50, "ms", baseline_name="transport request RTT p50", baseline=t50, goal="<= 3")
     row("`spt ring` agent-visible (CLI start included)", c50, "ms", baseline_name="python3 -c pass",
