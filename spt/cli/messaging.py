@@ -23,7 +23,7 @@ import click
 from spt.cli._output import emit, out, print_json
 from spt.cli._send import identity, read_body, send_message, window
 from spt.cli._state import daemon_call, is_interactive, state
-from spt.core.errors import UsageError
+from spt.core.errors import SptError, UsageError
 from spt.core.ipc import IpcConnection
 
 # --- identity and bodies ---------------------------------------------------------------------
@@ -170,6 +170,27 @@ def ring(
         sys.stdout.flush()
 
 
+RECONNECT_SECONDS = 30.0
+
+
+def _daemon_back(timeout: float) -> bool:
+    """Wait (never starting a daemon: one is on its way back) until the control socket answers."""
+    import time
+
+    from spt.core.ipc import connect
+    from spt.core.paths import StatePaths
+
+    socket_path = StatePaths.resolve().socket
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            connect(socket_path).close()
+            return True
+        except SptError:
+            time.sleep(0.1)
+    return False
+
+
 @click.command()
 @click.argument("endpoint_id", metavar="[ID]", required=False)
 @click.option("--once", is_flag=True, help="Exit after the backlog, or after one delivery.")
@@ -186,16 +207,34 @@ def ready(endpoint_id: str | None, once: bool, subnet: str | None, timeout: floa
     if timeout is not None and not once:
         raise UsageError("BAD_USAGE", "", "--timeout applies only with --once")
     stream = _Stream()
+    announced = False
+    down_since: float | None = None
 
     def on_event(event: dict[str, Any]) -> None:
+        nonlocal announced, down_since
         if "ready" in event:
-            emit("READY", str(event["ready"]), err=True)
+            down_since = None
+            if not announced:  # SPEC.md §8.8: a listener that reconnected does not say READY again
+                emit("READY", str(event["ready"]), err=True)
+                announced = True
         elif "line" in event:
             stream.envelope(event)
 
-    result = stream.run(
-        "endpoint.ready", {"id": endpoint_id, "once": once, "subnet": subnet, "timeout": timeout}, on_event
-    )
+    args = {"id": endpoint_id, "once": once, "subnet": subnet, "timeout": timeout}
+    while True:
+        try:
+            result = stream.run("endpoint.ready", args, on_event)
+            break
+        except SptError as exc:
+            # The daemon restarted under a listening agent (an update, a stop and start): keep
+            # listening once it is back, within RECONNECT_SECONDS; anything else is the error.
+            import time
+
+            down_since = down_since or time.monotonic()
+            left = down_since + RECONNECT_SECONDS - time.monotonic()
+            if exc.instance_token != "DAEMON_DOWN" or not announced or left <= 0 or not _daemon_back(left):
+                raise
+            time.sleep(0.1)
     if result is None:
         return
     if result.get("timeout"):

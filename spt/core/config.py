@@ -27,7 +27,7 @@ _KNOWN: Final[dict[str, set[str]]] = {
     "file": {"max_transfer_bytes", "max_concurrent_per_peer", "inbox_quota_bytes"},
     "spool": {"max_bytes"},
     "rc": {"buffer_bytes"},
-    "update": {"source", "check"},
+    "update": {"source", "check", "root", "check_interval", "peer_interval"},
     "join": {"max_failures", "lockout_seconds"},
     "plugins": {"disabled"},
     "timing": {"presence_interval", "offline_after", "idle_timeout"},

@@ -20,6 +20,7 @@ import os
 import signal
 import socket
 import struct
+import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -135,6 +136,7 @@ class Daemon:
         self.user_activity_at: float | None = None
         self._user_activity_written = 0.0
         self._lock_file: IO[bytes] | None = None
+        self.exec_after_stop: list[str] | None = None  # set by a restart into another version
         self.store: Store
         self.key: NodeKey
         self.members: Members
@@ -539,6 +541,13 @@ class Daemon:
     def request_stop(self) -> None:
         self._stopping.set()
 
+    def restart_with(self, executable: str) -> None:
+        """Stop, then exec `executable -m spt <same arguments>` (run_daemon does the exec)."""
+        # -P: the new interpreter must import the new version, never an `spt` folder that
+        # happens to be in the daemon's working directory.
+        self.exec_after_stop = [executable, "-P", "-m", "spt", *sys.argv[1:]]
+        asyncio.get_running_loop().call_soon(self._stopping.set)
+
     async def shutdown(self) -> None:
         self.plugins.pm.hook.spt_node_stopping()
         if self.netwatch is not None:
@@ -639,4 +648,10 @@ def run_daemon(cli_blocks: tuple[str, ...] = ()) -> None:
     paths.ensure()
     config = load_config(paths)
     plugins = build_plugin_manager(blocked=blocked_names(cli_blocks, config.disabled_plugins))
-    asyncio.run(Daemon(paths, config, plugins).run())
+    daemon = Daemon(paths, config, plugins)
+    asyncio.run(daemon.run())
+    if daemon.exec_after_stop:
+        # A restart into another version keeps the pid (service managers and the updater's
+        # watchdog follow it); every descriptor is close-on-exec, the state lock included.
+        logging.shutdown()
+        os.execv(daemon.exec_after_stop[0], daemon.exec_after_stop)

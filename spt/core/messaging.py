@@ -68,6 +68,7 @@ class Messaging:
         self.views: dict[bytes, RegistryView] = {}
         self._advertised: dict[bytes, dict[tuple[str, str], str]] = {}  # subnet -> (home, id) -> home name
         self._drain_wake = asyncio.Event()
+        self.staged_release: str | None = None  # the release this node offers (a plugin sets it)
         handlers = self.members.handlers
         handlers["msg.deliver"] = self._handle_deliver
         handlers["endpoint.request"] = self._handle_endpoint_request
@@ -235,7 +236,7 @@ class Messaging:
         records.append(sign_presence(
             key, subnet=sub.name, version=version, software_version=__version__,
             addresses=tuple(self.daemon.addresses()), relays=self.daemon.announced_relays,
-            detached=not sub.attached,
+            detached=not sub.attached, staged_release=self.staged_release,
         ))
         return records
 

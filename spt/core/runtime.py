@@ -14,6 +14,7 @@ from spt.hooks.interfaces import (
     BulkTransit,
     HostedTerminal,
     IncomingPayload,
+    MemberPresence,
     MemberRequestHandler,
     MemberStreamHandler,
     OpHandler,
@@ -138,3 +139,31 @@ class Runtime:
 
     def on_network_change(self, listener: Callable[[Any], str | None]) -> None:
         self._daemon.network_listeners.append(listener)
+
+    def raise_notification(self, kind: str, title: str, body: str) -> None:
+        self._daemon.notify(None, kind, title, body)
+
+    def announce_release(self, version: str | None) -> None:
+        messaging = self._daemon.messaging
+        if messaging.staged_release != version:
+            messaging.staged_release = version
+            messaging.publish()
+
+    def member_presence(self) -> Sequence[MemberPresence]:
+        daemon = self._daemon
+        me = daemon.key.node_id
+        offline = daemon.messaging.offline_nodes()
+        found: list[MemberPresence] = []
+        for sub in daemon.subnets.attached():
+            for node, label in sub.state().members.items():
+                presence = daemon.messaging.presence_of(sub, node)
+                if node == me or node in offline or presence is None or presence.detached:
+                    continue
+                found.append(MemberPresence(node, label, sub.name, presence.software_version, presence.staged_release))
+        return found
+
+    def plugin_status(self) -> Mapping[str, str]:
+        return {r.name: str(r.as_json()["status"]) for r in self._daemon.plugins.records}
+
+    def restart(self, executable: str) -> None:
+        self._daemon.restart_with(executable)

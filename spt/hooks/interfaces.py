@@ -217,6 +217,18 @@ class Updater(ABC):
 # --- the running node, as plugins see it ----------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class MemberPresence:
+    """What a member's latest presence record says, as a plugin sees it (SPEC.md §4.5):
+    `subnet` is the shared subnet it came through, `staged_release` the release it offers."""
+
+    node: NodeId
+    label: str
+    subnet: str
+    software_version: str
+    staged_release: str | None
+
+
 OpHandler = Callable[[Any], Awaitable[Any]]
 MemberRequestHandler = Callable[[Any, Any], Awaitable[tuple[str, Any]]]
 MemberStreamHandler = Callable[[Any, Any, Any], Awaitable[None]]
@@ -351,4 +363,25 @@ class NodeRuntime(Protocol):
     def on_network_change(self, listener: Callable[[Any], str | None]) -> None:
         """Call `listener(change)` when the node's addresses or default route change (a
         `spt.core.net.netwatch.NetworkChange`); it returns a short note of what it did, or None."""
+        ...
+
+    def raise_notification(self, kind: str, title: str, body: str) -> None:
+        """Record a notification for the user (SPEC.md §8.4 kinds, e.g. `update-consent`)."""
+        ...
+
+    def announce_release(self, version: str | None) -> None:
+        """The release this node offers to members, carried in its presence (`staged`)."""
+        ...
+
+    def member_presence(self) -> Sequence[MemberPresence]:
+        """The latest presence of every online member of the attached subnets (one per subnet)."""
+        ...
+
+    def plugin_status(self) -> Mapping[str, str]:
+        """Each plugin's load status by name: `ok`, `blocked` or `failed: <reason>`."""
+        ...
+
+    def restart(self, executable: str) -> None:
+        """Stop the node as `spt daemon stop` does, then replace this process (same pid and
+        environment) with `executable -m spt` and the same arguments: how a new version starts."""
         ...

@@ -124,3 +124,23 @@ def test_doctor_fails_on_a_readable_key_file(spt_nodes):
     result = a.cli("doctor")
     assert result.returncode == 1
     assert any(line.startswith("FAIL state-folder:") for line in result.stdout.splitlines())
+
+
+def test_a_listener_keeps_listening_across_a_daemon_restart(spt_nodes):
+    """SPEC.md §8.8: a restart (an update) does not end `spt ready`; it reconnects without a
+    second READY and the next message arrives."""
+    import signal
+
+    a = spt_nodes("a")
+    listener = a.popen("ready", "bob")
+    try:
+        assert listener.stderr.readline().strip() == "READY:bob"
+        a.stop()
+        a.start()
+        assert a.cli("send", "bob", input="after the restart").stdout.startswith(("SENT:bob", "QUEUED:bob"))
+        assert "after the restart" in listener.stdout.readline()
+        assert listener.poll() is None
+    finally:
+        listener.send_signal(signal.SIGTERM)
+        _, err = listener.communicate(timeout=10)
+    assert "READY:" not in err  # said once, read above

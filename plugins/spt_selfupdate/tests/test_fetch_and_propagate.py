@@ -1,0 +1,175 @@
+"""Fetching, refusing and passing on releases between real daemons on loopback.
+
+alpha fetches from a source folder; beta and gamma have no source at all and stage the release
+from alpha through presence and member requests, each verifying it with its own keys. Bad
+releases (tampered, unknown key, older, truncated) are refused with their reason and nothing is
+staged; a member that offers tampered bytes is refused by the node that fetches them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from spt_selfupdate.release import public_hex
+from spt_selfupdate.trust import platform_tag
+from su_helpers import flip_byte, tiny_release, truncate
+
+from spt.testing.nodes import DEFAULT_CONFIG, Node, NodeFactory, fresh_code
+
+FAST = DEFAULT_CONFIG + "\n[timing]\npresence_interval = 0.5\n\n[update]\npeer_interval = 0.5\n"
+
+
+def wait_for(predicate, timeout=20.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def status(node: Node) -> dict:
+    return json.loads(node.cli("update", "status", "--json", check=True).stdout)
+
+
+def staged_version(node: Node) -> str | None:
+    staged = status(node)["staged"]
+    return staged["version"] if staged else None
+
+
+def has_staged(node: Node, version: str) -> bool:
+    """Cheap to poll (no CLI): the staged folder appears by one rename, after verification."""
+    return (node.home / "selfupdate" / "staged" / version).is_dir()
+
+
+def staged_files(node: Node) -> list[str]:
+    return sorted(p.name for p in (node.home / "selfupdate" / "staged").iterdir())
+
+
+def refused(node: Node, reason: str, *args: str) -> None:
+    result = node.cli("update", "fetch", *args)
+    assert result.returncode == 1, result
+    assert result.stderr.startswith(f"VERIFY_FAILED:{reason}"), result.stderr
+    assert result.stdout == ""
+
+
+@pytest.fixture(scope="module")
+def trio(test_keys):
+    factory = NodeFactory()
+    try:
+        nodes = [factory(n, label=n, config=FAST, env=test_keys.env) for n in ("alpha", "beta", "gamma")]
+        nodes[0].cli("subnet", "create", "home", check=True)
+        for node in nodes[1:]:
+            node.cli("subnet", "join", "home", "--code", fresh_code(nodes[0], "home"), "--peer", nodes[0].address, check=True)
+        yield nodes
+    finally:
+        factory.close()
+
+
+def test_bad_releases_are_refused_and_nothing_is_staged(trio, test_keys, tmp_path):
+    alpha = trio[0]
+    tampered = tiny_release(tmp_path / "tampered", "0.1.2", test_keys.primary)
+    flip_byte(tampered / f"spt-0.1.2-{platform_tag()}.tar", 700)
+    refused(alpha, "digest-mismatch", "--from", str(tmp_path / "tampered"))
+    tiny_release(tmp_path / "stranger", "0.1.2", test_keys.stranger)
+    refused(alpha, "unknown-key", "--from", str(tmp_path / "stranger"))
+    tiny_release(tmp_path / "older", "0.0.9", test_keys.primary)
+    refused(alpha, "rollback", "--from", str(tmp_path / "older"))
+    cut = tiny_release(tmp_path / "cut", "0.1.2", test_keys.primary) / "spt-0.1.2.sptupdate"
+    truncate(cut, cut.stat().st_size // 2)
+    refused(alpha, "truncated", "--file", str(cut))
+    assert staged_version(alpha) is None
+    assert staged_files(alpha) == []
+    assert list((alpha.home / "selfupdate" / "incoming").iterdir()) == []
+    same = tiny_release(tmp_path / "same", "0.1.0", test_keys.primary)
+    result = alpha.cli("update", "fetch", "--file", str(same / "spt-0.1.0.sptupdate"), check=True)
+    assert result.stdout == "UP_TO_DATE:0.1.0\n"
+
+
+def test_members_without_a_source_stage_from_a_member(trio, test_keys, tmp_path):
+    alpha, beta, gamma = trio
+    tiny_release(tmp_path / "src", "0.1.1", test_keys.primary)
+    started = time.monotonic()
+    result = alpha.cli("update", "fetch", "--from", str(tmp_path / "src"), check=True)
+    assert result.stdout == "STAGED:0.1.1\n"
+    for node in (beta, gamma):
+        wait_for(lambda n=node: has_staged(n, "0.1.1"), what=f"{node.name} to stage 0.1.1")
+    print(f"propagated to two members in {time.monotonic() - started:.1f} s")
+    doc = status(gamma)
+    staged = doc["staged"]
+    # from alpha, or from beta once beta had it: any member that has it
+    assert staged["signed_by"] == "primary" and staged["source"].startswith(("alpha (", "beta (")), staged
+    assert doc["source"] is None  # it had no source of its own
+    assert "release staged" in gamma.log() and "release staged" in beta.log()
+    text = beta.cli("update", "status", check=True).stdout.splitlines()
+    assert text[0] == "CURRENT: 0.1.0"
+    assert text[1].startswith("STAGED: 0.1.1 (primary, from ") and "beta (" not in text[1], text
+    assert text[2:] == ["POLICY: consent", "SOURCE: none"]
+    # The consent notification is recorded on each node that staged.
+    assert "update-consent" in gamma.log() or gamma.json("daemon", "status")["unread"] >= 1
+
+
+def test_a_member_offering_tampered_bytes_is_refused(trio, test_keys, tmp_path):
+    alpha, beta, gamma = trio
+    gamma.stop()
+    tiny_release(tmp_path / "src2", "0.1.2", test_keys.primary)
+    assert alpha.cli("update", "fetch", "--from", str(tmp_path / "src2"), check=True).stdout == "STAGED:0.1.2\n"
+    wait_for(lambda: has_staged(beta, "0.1.2"), what="beta to stage 0.1.2")
+    for node in (alpha, beta):  # both offerers now hold corrupted bytes under a valid manifest
+        flip_byte(node.home / "selfupdate" / "staged" / "0.1.2" / f"spt-0.1.2-{platform_tag()}.tar", 900)
+    gamma.start()
+    wait_for(lambda: gamma.log().count("a member's release was refused") >= 2, what="gamma to refuse both offers")
+    assert "reason=digest-mismatch" in gamma.log()
+    assert staged_version(gamma) == "0.1.1"
+    assert staged_files(gamma) == ["0.1.1"]
+
+
+def test_plugins_list_shows_the_updater(trio):
+    doc = trio[0].json("plugins", "list")
+    rec = next(p for p in doc["plugins"] if p["name"] == "selfupdate")
+    assert rec["status"] == "ok" and rec["dist"] == "spt-selfupdate"
+    assert any("update" in p for p in rec["provides"]) and any("selfupdate" in p for p in rec["provides"])
+
+
+def test_plugins_list_shows_a_broken_key_set(spt_nodes, tmp_path):
+    bad = tmp_path / "keys.json"
+    bad.write_text("{}")
+    node = spt_nodes("broken", start=False, env={"SPT_UPDATE_TEST_KEYS": str(bad)})
+    doc = node.json("plugins", "list")
+    rec = next(p for p in doc["plugins"] if p["name"] == "selfupdate")
+    assert rec["status"].startswith("failed:") and "primary" in rec["status"], rec
+
+
+def test_air_gapped_rotation_through_the_recovery_key(spt_nodes, test_keys, tmp_path):
+    node = spt_nodes("solo", label="solo", config=FAST, env={**test_keys.env, "SPT_DISABLE_PLUGINS": "relay"})
+    tiny_release(tmp_path / "src", "0.1.3", test_keys.primary)
+    result = node.cli("update", "fetch", "--from", str(tmp_path / "src"))
+    assert result.returncode == 1 and result.stderr.startswith("AIR_GAPPED"), result
+    assert node.cli("update", "status", check=True).stdout.splitlines()[3] == "SOURCE: none"
+
+    new = public_hex(test_keys.next_primary)
+    rot = tiny_release(tmp_path / "rot", "0.1.3", test_keys.recovery, rotate_primary=new)
+    assert node.cli("update", "fetch", "--file", str(rot / "spt-0.1.3.sptupdate"), check=True).stdout == "STAGED:0.1.3\n"
+    assert status(node)["staged"]["signed_by"] == "recovery"
+    old = tiny_release(tmp_path / "old", "0.1.4", test_keys.primary)
+    refused(node, "revoked-key", "--file", str(old / "spt-0.1.4.sptupdate"))
+    node.stop()
+    node.start()  # the rotation is durable
+    refused(node, "revoked-key", "--file", str(old / "spt-0.1.4.sptupdate"))
+    good = tiny_release(tmp_path / "good", "0.1.4", test_keys.next_primary)
+    assert node.cli("update", "fetch", "--file", str(good / "spt-0.1.4.sptupdate"), check=True).stdout == "STAGED:0.1.4\n"
+    assert staged_files(node) == ["0.1.4"]
+    assert node.cli("update", "auto", "on", check=True).stdout == "AUTO_UPDATE:on\n"
+    assert status(node)["policy"] == "auto"
+    assert node.cli("update", "auto", "off", check=True).stdout == "AUTO_UPDATE:off\n"
+
+
+def test_nothing_staged(spt_nodes, test_keys):
+    node = spt_nodes("empty", env=test_keys.env)
+    result = node.cli("update", "apply")
+    assert result.returncode == 1 and result.stderr.startswith("NOTHING_STAGED"), result
+
+
