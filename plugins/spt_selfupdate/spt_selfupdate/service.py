@@ -443,7 +443,15 @@ class UpdateService:
             )
 
     def _report_failed_apply(self) -> None:
+        """After a rollback: tell the user, and stop offering the release that failed here (a
+        member would only fail the same way); a later fetch may stage it again."""
         last = self.state.get("last_apply")
+        staged = self.state.get("staged")
+        if last and last.get("outcome") == "failed" and staged and staged["version"] == last["version"]:
+            self.state.set("staged", None)
+            shutil.rmtree(self.state.staged_dir / str(staged["version"]), ignore_errors=True)
+            servable = self.state.servable()
+            self.rt.announce_release(servable[0] if servable else None)
         if last and last.get("outcome") == "failed" and not last.get("reported"):
             self.rt.raise_notification(
                 "update-consent", f"spt {last['version']} failed and was rolled back on {self.rt.label}",

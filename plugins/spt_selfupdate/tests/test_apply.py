@@ -118,6 +118,7 @@ def test_apply_switches_versions_and_a_bad_release_rolls_back(spt_nodes, test_ke
         last = update_status(node)["last_apply"]
         assert (last["version"], last["outcome"]) == ("0.1.2", "failed") and "file" in last["reason"]
         assert "failed and was rolled back" in node.log()
+        assert update_status(node)["staged"] is None  # no longer offered to members
         send(node, "three")
         out.wait("three")
         assert listener.poll() is None
