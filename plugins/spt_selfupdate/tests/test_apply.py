@@ -1,7 +1,8 @@
 """Applying a real release: built by the maintainer tool from this checkout (wheels of spt and its
 plugins at a bumped version, plus every dependency packed from this environment: no network),
 installed offline into `<root>/versions/<v>/`, switched to by one rename, the daemon restarted
-into it with the same pid while a `spt ready` listener keeps receiving. A release whose daemon
+into it with the same pid while a `spt ready` listener keeps receiving and a hosted endpoint's
+process keeps its pid. A release whose daemon
 fails its self-check (it lost a plugin that worked before) is switched back by the watchdog and
 reported as APPLY_FAILED.
 """
@@ -90,6 +91,9 @@ def test_apply_switches_versions_and_a_bad_release_rolls_back(spt_nodes, test_ke
         send(node, "one")
         out.wait("one")
 
+        ran = node.cli("endpoint", "run", "--id", "worker", "--", "sleep", "600", check=True).stdout
+        hosted_pid = int(ran.split("pid=")[1].split()[0])
+
         assert node.cli("update", "fetch", "--file", str(good), check=True).stdout == "STAGED:0.1.1\n"
         started = time.monotonic()
         result = node.cli("update", "apply", timeout=180)
@@ -106,6 +110,9 @@ def test_apply_switches_versions_and_a_bad_release_rolls_back(spt_nodes, test_ke
         send(node, "two")
         out.wait("two")
         assert listener.poll() is None
+        os.kill(hosted_pid, 0)  # the hosted process was never interrupted…
+        worker = next(e for e in node.json("endpoint", "list")["local"] if e["id"] == "worker")
+        assert worker["alive"] is True  # …and the new daemon re-adopted its host
 
         assert node.cli("update", "fetch", "--file", str(bad), check=True).stdout == "STAGED:0.1.2\n"
         result = node.cli("update", "apply", timeout=180)
