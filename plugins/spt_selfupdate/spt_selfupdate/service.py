@@ -302,6 +302,8 @@ class UpdateService:
         (folder / SIGNATURE).write_bytes(sig)
         target = folder / art.file
         offset = target.stat().st_size if target.exists() else 0  # resume after what arrived
+        log.info("fetching a member's release", extra={
+            "peer": offer.node.short, "version": release.version, "resume_from": offset, "size": art.size})
         with open(target, "ab") as out:
             while offset < art.size:
                 length = min(CHUNK, art.size - offset)

@@ -91,7 +91,13 @@ def test_bad_releases_are_refused_and_nothing_is_staged(trio, test_keys, tmp_pat
 
 def test_members_without_a_source_stage_from_a_member(trio, test_keys, tmp_path):
     alpha, beta, gamma = trio
-    tiny_release(tmp_path / "src", "0.1.1", test_keys.primary)
+    release = tiny_release(tmp_path / "src", "0.1.1", test_keys.primary)
+    # gamma already holds the first half of the artifact (a transfer cut earlier): it resumes
+    artifact = release / f"spt-0.1.1-{platform_tag()}.tar"
+    partial = gamma.home / "selfupdate" / "incoming" / "0.1.1-member" / artifact.name
+    partial.parent.mkdir(parents=True)
+    half = artifact.stat().st_size // 2
+    partial.write_bytes(artifact.read_bytes()[:half])
     started = time.monotonic()
     result = alpha.cli("update", "fetch", "--from", str(tmp_path / "src"), check=True)
     assert result.stdout == "STAGED:0.1.1\n"
@@ -104,6 +110,7 @@ def test_members_without_a_source_stage_from_a_member(trio, test_keys, tmp_path)
     assert staged["signed_by"] == "primary" and staged["source"].startswith(("alpha (", "beta (")), staged
     assert doc["source"] is None  # it had no source of its own
     assert "release staged" in gamma.log() and "release staged" in beta.log()
+    assert f"resume_from={half} " in gamma.log() and "resume_from=0 " in beta.log()
     text = beta.cli("update", "status", check=True).stdout.splitlines()
     assert text[0] == "CURRENT: 0.1.0"
     assert text[1].startswith("STAGED: 0.1.1 (primary, from ") and "beta (" not in text[1], text
@@ -167,9 +174,14 @@ def test_air_gapped_rotation_through_the_recovery_key(spt_nodes, test_keys, tmp_
     assert node.cli("update", "auto", "off", check=True).stdout == "AUTO_UPDATE:off\n"
 
 
-def test_nothing_staged(spt_nodes, test_keys):
-    node = spt_nodes("empty", env=test_keys.env)
+def test_nothing_staged_then_the_periodic_check_stages_from_the_source(spt_nodes, test_keys, tmp_path):
+    source = tmp_path / "src"
+    config = DEFAULT_CONFIG + f'\n[update]\nsource = "{source}"\ncheck_interval = 1.0\n'
+    node = spt_nodes("checker", config=config, env=test_keys.env)
     result = node.cli("update", "apply")
     assert result.returncode == 1 and result.stderr.startswith("NOTHING_STAGED"), result
+    tiny_release(source, "0.1.1", test_keys.primary)  # published after the node started
+    wait_for(lambda: has_staged(node, "0.1.1"), what="the periodic check to stage 0.1.1")
+    assert status(node)["staged"]["source"] == str(source)
 
 
