@@ -8,7 +8,10 @@ staged; a member that offers tampered bytes is refused by the node that fetches 
 
 from __future__ import annotations
 
+import functools
+import http.server
 import json
+import threading
 import time
 
 import pytest
@@ -183,5 +186,19 @@ def test_nothing_staged_then_the_periodic_check_stages_from_the_source(spt_nodes
     tiny_release(source, "0.1.1", test_keys.primary)  # published after the node started
     wait_for(lambda: has_staged(node, "0.1.1"), what="the periodic check to stage 0.1.1")
     assert status(node)["staged"]["source"] == str(source)
+
+    # an http(s) source: a plain web server on loopback serving a source folder
+    web = tmp_path / "web"
+    tiny_release(web, "0.1.2", test_keys.primary)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(web))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        assert node.cli("update", "fetch", "--from", url, check=True).stdout == "STAGED:0.1.2\n"
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert staged_files(node) == ["0.1.2"]
 
 
