@@ -38,6 +38,7 @@ BENCHES: dict[str, tuple[list[str], list[str], float]] = {
     "join": ([], ["--runs", "3"], 600),
     "reach": ([], ["--quick"], 900),
     "nat_files": ([], ["--mb", "32", "--runs", "3"], 900),
+    "scale": ([], ["--nodes", "10", "--idle", "5"], 1200),
     "rc": ([], ["--quick"], 900),
 }
 
