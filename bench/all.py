@@ -40,6 +40,7 @@ BENCHES: dict[str, tuple[list[str], list[str], float]] = {
     "nat_files": ([], ["--mb", "32", "--runs", "3"], 900),
     "scale": ([], ["--nodes", "10", "--idle", "5"], 1200),
     "rc": ([], ["--quick"], 900),
+    "update_apply": ([], [], 600),
 }
 
 
