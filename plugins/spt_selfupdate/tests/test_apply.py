@@ -24,6 +24,8 @@ from spt_selfupdate.release import build_release
 
 from spt.testing.nodes import DEFAULT_CONFIG, Node
 
+pytestmark = pytest.mark.slow
+
 CHECKOUT = Path(spt_selfupdate.__file__).resolve().parents[3]
 
 

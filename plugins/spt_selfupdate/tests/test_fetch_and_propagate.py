@@ -21,6 +21,8 @@ from su_helpers import flip_byte, tiny_release, truncate
 
 from spt.testing.nodes import DEFAULT_CONFIG, Node, NodeFactory, fresh_code
 
+pytestmark = pytest.mark.slow
+
 FAST = DEFAULT_CONFIG + "\n[timing]\npresence_interval = 0.5\n\n[update]\npeer_interval = 0.5\n"
 
 
