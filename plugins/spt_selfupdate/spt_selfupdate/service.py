@@ -225,9 +225,8 @@ class UpdateService:
         for extra in folder.iterdir():  # only what was verified is kept
             if extra.name not in (MANIFEST, SIGNATURE, art.file):
                 extra.unlink()
-        if release.rotate_primary is not None and release.rotate_primary != self.state.trusted_keys().primary:
-            self.state.accept_rotation(self.state.trusted_keys(), release.rotate_primary)
-            log.warning("release key rotated by the recovery key", extra={"primary": release.rotate_primary[:8]})
+        if release.rotate_primary is not None:
+            self._learn_rotation(release.manifest_bytes, release.sig_bytes)
         self.state.stage(release.version, folder, {"signed_by": release.signed_by, "source": source})
         self.rt.announce_release(release.version)
         log.info("release staged", extra={"version": release.version, "from": source})
@@ -239,6 +238,21 @@ class UpdateService:
                 f"run `spt update apply` there to install it (signed by the {release.signed_by} key, from {source})",
             )
         return {"token": "STAGED", "version": release.version}
+
+    def _learn_rotation(self, manifest: bytes, sig: bytes) -> None:
+        """Accept a recovery-signed rotation, whatever its release's version (a node that missed
+        it gets it with a member's offer), but only a newer one than the last accepted here, so
+        an old rotation cannot be replayed to bring back an earlier primary."""
+        keys = self.state.trusted_keys()
+        release = verify_manifest(manifest, sig, keys, installed="0")
+        if release.signed_by != "recovery" or release.rotate_primary is None:
+            raise VerifyFailed("rotation-not-by-recovery", "not a rotation")
+        last = self.state.rotation()
+        if last is not None and release.key <= parse_version(last[0]):
+            return  # this one, or an older one: already superseded here
+        if release.rotate_primary != keys.primary:
+            self.state.accept_rotation(keys, release.rotate_primary, release.version, manifest, sig)
+            log.warning("release key rotated by the recovery key", extra={"primary": release.rotate_primary[:8]})
 
     # -- members --------------------------------------------------------------------------------
 
@@ -293,6 +307,13 @@ class UpdateService:
         manifest, sig = body.get("manifest"), body.get("sig")
         if not isinstance(manifest, bytes) or not isinstance(sig, bytes):
             raise RemoteProtocolError("update.offer", "expected manifest and sig bytes")
+        rotation = body.get("rotation")
+        if isinstance(rotation, dict) and isinstance(rotation.get("manifest"), bytes) \
+                and isinstance(rotation.get("sig"), bytes):
+            try:  # checked like any release signature: only the recovery key can rotate
+                self._learn_rotation(rotation["manifest"], rotation["sig"])
+            except VerifyFailed as exc:
+                log.warning("a member's key rotation was refused", extra={"peer": offer.node.short, "reason": exc.reason})
         release = self._check_manifest(manifest, sig)  # never the member's word: our own check
         if release.version != offer.staged_release:
             raise VerifyFailed("malformed-manifest", f"offered {offer.staged_release}, sent {release.version}")
@@ -336,8 +357,10 @@ class UpdateService:
 
     async def req_offer(self, conn: Any, frame: Any) -> tuple[str, Any]:
         _, folder = self._offered(conn, frame.body)
+        rotation = self.state.rotation()
         return "update.release", {
             "manifest": (folder / MANIFEST).read_bytes(), "sig": (folder / SIGNATURE).read_bytes(),
+            "rotation": {"manifest": rotation[1], "sig": rotation[2]} if rotation else None,
         }
 
     async def req_chunk(self, conn: Any, frame: Any) -> tuple[str, Any]:

@@ -70,10 +70,21 @@ class UpdateState:
             return base
         return TrustedKeys(str(rotated["primary"]), base.recovery, frozenset(rotated["revoked"]))
 
-    def accept_rotation(self, keys: TrustedKeys, new_primary: str) -> TrustedKeys:
+    def accept_rotation(self, keys: TrustedKeys, new_primary: str, version: str, manifest: bytes, sig: bytes) -> None:
+        """Trust `new_primary` from now on; the signed rotation is kept to pass on to members."""
         after = keys.rotated(new_primary)
-        self.set("trust", {"primary": after.primary, "revoked": sorted(after.revoked)})
-        return after
+        self.set("trust", {
+            "primary": after.primary, "revoked": sorted(after.revoked),
+            "rotation": {"version": version, "manifest": manifest.hex(), "sig": sig.hex()},
+        })
+
+    def rotation(self) -> tuple[str, bytes, bytes] | None:
+        """(version, manifest, signature) of the last rotation accepted here, if any."""
+        rotated = self.get("trust")
+        if not rotated or not rotated.get("rotation"):
+            return None
+        r = rotated["rotation"]
+        return str(r["version"]), bytes.fromhex(r["manifest"]), bytes.fromhex(r["sig"])
 
     # -- release folders -------------------------------------------------------------------
 

@@ -139,6 +139,21 @@ def test_a_member_offering_tampered_bytes_is_refused(trio, test_keys, tmp_path):
     assert staged_files(gamma) == ["0.1.1"]
 
 
+def test_a_member_that_missed_a_key_rotation_learns_it_from_the_offer(trio, test_keys, tmp_path):
+    alpha, beta, _ = trio
+    beta.stop()  # beta misses the rotation release 0.1.3
+    new = public_hex(test_keys.next_primary)
+    rot = tiny_release(tmp_path / "rot", "0.1.3", test_keys.recovery, rotate_primary=new)
+    assert alpha.cli("update", "fetch", "--file", str(rot / "spt-0.1.3.sptupdate"), check=True).stdout == "STAGED:0.1.3\n"
+    good = tiny_release(tmp_path / "good", "0.1.4", test_keys.next_primary)
+    assert alpha.cli("update", "fetch", "--file", str(good / "spt-0.1.4.sptupdate"), check=True).stdout == "STAGED:0.1.4\n"
+    beta.start()  # offered only 0.1.4, signed by a primary beta has never trusted, with the rotation
+    wait_for(lambda: has_staged(beta, "0.1.4"), what="beta to stage 0.1.4")
+    assert "release key rotated by the recovery key" in beta.log()
+    old = tiny_release(tmp_path / "old", "0.1.5", test_keys.primary)
+    refused(beta, "revoked-key", "--file", str(old / "spt-0.1.5.sptupdate"))
+
+
 def test_plugins_list_shows_the_updater(trio):
     doc = trio[0].json("plugins", "list")
     rec = next(p for p in doc["plugins"] if p["name"] == "selfupdate")
