@@ -31,6 +31,7 @@ _KNOWN: Final[dict[str, set[str]]] = {
     "join": {"max_failures", "lockout_seconds"},
     "plugins": {"disabled"},
     "timing": {"presence_interval", "offline_after", "idle_timeout"},
+    "daemon": {"socket_group"},
 }
 
 
@@ -52,6 +53,7 @@ class NodeConfig:
     presence_interval: float = 30.0
     offline_after: float = 90.0
     idle_timeout: float = 60.0
+    socket_group: str | None = None  # system mode (SPEC.md §5.7): the group the socket opens to
     raw: Mapping[str, Any] = field(default_factory=dict)
 
     def section(self, name: str) -> Mapping[str, Any]:
@@ -122,8 +124,18 @@ def parse_config(raw: Mapping[str, Any], env: Mapping[str, str] | None = None) -
         presence_interval=_get(raw, "timing", "presence_interval", float, 30.0),
         offline_after=_get(raw, "timing", "offline_after", float, 90.0),
         idle_timeout=_get(raw, "timing", "idle_timeout", float, 60.0),
+        socket_group=_socket_group(raw),
         raw=raw,
     )
+
+
+def _socket_group(raw: Mapping[str, Any]) -> str | None:
+    value = raw.get("daemon", {}).get("socket_group")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int) or value == "":
+        raise ConfigError("daemon.socket_group", "a group name or number (system mode)")
+    return str(value)
 
 
 def load_config(paths: StatePaths, env: Mapping[str, str] | None = None) -> NodeConfig:

@@ -27,11 +27,12 @@ from dataclasses import dataclass
 from typing import IO, Any, Final
 
 from spt import __version__
+from spt.core.caller import CALLER_UID
 from spt.core.config import NodeConfig, load_config
 from spt.core.doctor import register_ops as register_doctor_ops
 from spt.core.endpoints import Endpoints
 from spt.core.endpoints import register_ops as register_endpoint_ops
-from spt.core.errors import ElevationRequired, LocalProtocolError, Refusal, SptError, UsageError
+from spt.core.errors import ConfigError, ElevationRequired, LocalProtocolError, Refusal, SptError, UsageError
 from spt.core.hosting.service import Hosting
 from spt.core.hosting.service import register_ops as register_hosting_ops
 from spt.core.identity import NodeId, NodeKey
@@ -215,13 +216,19 @@ class Daemon:
             self.members.spawn(self.members.push_entries(sub, [entry]), "push label")
         return {"label": label}
 
+    @property
+    def mode(self) -> str:
+        """`system` when the control socket is open to a group (config daemon.socket_group,
+        SPEC.md §5.7), else `user`."""
+        return "system" if self.config.socket_group is not None else "user"
+
     async def _daemon_status(self, call: Call) -> Any:
         warnings = [f"plugin {r.name} failed: {r.reason}" for r in self.plugins.records if r.status == "failed"]
         return {
             "version": __version__,
             "uptime_s": round(time.time() - self.started_at, 1),
             "node": {"label": self.label, "key": self.key.node_id.hex, "display": self.key.node_id.display(self.label)},
-            "mode": "system" if os.getuid() != 0 and self.paths.root.stat().st_uid != os.getuid() else "user",
+            "mode": self.mode,
             "pid": os.getpid(),
             "port": self.port,
             "subnets": [s.name for s in self.subnets.held.values()],
@@ -525,7 +532,24 @@ class Daemon:
         finally:
             os.umask(old_umask)
         os.chmod(self.paths.socket, 0o600)
+        if self.config.socket_group is not None:
+            self._open_to_group(self.config.socket_group)
         log.info("daemon started", extra={"node": self.key.node_id.short, "port": self.port, "pid": os.getpid()})
+
+    def _open_to_group(self, group: str) -> None:
+        """System mode: the group may reach the socket (0660) and pass through the state folder to
+        it (0710), never list or read the folder; everything else in it stays the daemon's."""
+        import grp
+
+        try:
+            gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise ConfigError("daemon.socket_group", f"no group named {group!r}") from None
+        os.chown(self.paths.root, -1, gid)
+        os.chmod(self.paths.root, 0o710)
+        os.chown(self.paths.socket, -1, gid)
+        os.chmod(self.paths.socket, 0o660)
+        log.info("system mode: control socket open to a group", extra={"gid": gid})
 
     async def run(self) -> None:
         """Start, serve until stopped (daemon.stop, SIGTERM, SIGINT), then shut down."""
@@ -575,8 +599,9 @@ class Daemon:
             raw = await reader.readline()
             if not raw:
                 return
-            if uid not in (0, os.getuid()):
-                # The socket is 0600, so only root or our own uid get here; belt and braces. The
+            if uid not in (0, os.getuid()) and self.config.socket_group is None:
+                # User mode: the socket is 0600, so only root or our own uid get here; belt and
+                # braces. (System mode lets the group in; each uid then sees only its perches.) The
                 # request is read first so the caller reliably gets this answer, not a reset.
                 await self._answer(writer, {"error": SptError("", "this control socket belongs to another user").to_wire()})
                 return
@@ -606,6 +631,8 @@ class Daemon:
         if op.elevated and call.uid != 0:
             log.warning("elevated operation refused", extra={"op": call.op, "uid": call.uid})
             return {"error": ElevationRequired("", ELEVATION_MESSAGE).to_wire()}
+        # system mode: the operation sees only the caller's perches (spt.core.caller)
+        token = CALLER_UID.set(call.uid if self.config.socket_group is not None else None)
         try:
             return {"result": await op.handler(call)}
         except SptError as exc:
@@ -615,6 +642,8 @@ class Daemon:
         except Exception as exc:
             log.exception("operation failed", extra={"op": call.op})
             return {"error": {"token": "INTERNAL", "exit": 5, "subject": "", "message": f"{type(exc).__name__}: {exc}", "lines": []}}
+        finally:
+            CALLER_UID.reset(token)
 
     async def _answer(self, writer: asyncio.StreamWriter, msg: Mapping[str, Any]) -> None:
         writer.write(encode_line(msg))
@@ -647,6 +676,8 @@ def run_daemon(cli_blocks: tuple[str, ...] = ()) -> None:
     paths = StatePaths.resolve()
     paths.ensure()
     config = load_config(paths)
+    if config.socket_group is not None:
+        os.umask(0o077)  # system mode: the group passes through the state folder; nothing in it is theirs to read
     plugins = build_plugin_manager(blocked=blocked_names(cli_blocks, config.disabled_plugins))
     daemon = Daemon(paths, config, plugins)
     asyncio.run(daemon.run())

@@ -29,8 +29,14 @@ def checks(daemon: Daemon, cli_version: str | None) -> list[dict[str, str]]:
         add("OK", "version", __version__)
     mode = stat.S_IMODE(os.stat(daemon.paths.root).st_mode)
     key_mode = stat.S_IMODE(os.stat(daemon.paths.key_file).st_mode)
-    if mode & 0o077 or key_mode & 0o077:
-        add("FAIL", "state-folder", f"{daemon.paths.root} is {mode:o}, node.key {key_mode:o}; both must be private (700/600)")
+    # system mode lets the socket's group through the folder (x), never read or list it
+    allowed = 0o010 if daemon.mode == "system" else 0
+    if mode & 0o077 & ~allowed or key_mode & 0o077:
+        want = "710" if allowed else "700"
+        add("FAIL", "state-folder", f"{daemon.paths.root} is {mode:o}, node.key {key_mode:o}; both must be private ({want}/600)")
+    elif daemon.mode == "system":
+        add("OK", "state-folder", f"{daemon.paths.root} (system mode: owned by the daemon's account uid {os.getuid()}; "
+            f"the socket is open to group {daemon.config.socket_group}, and each uid sees only its own perches)")
     else:
         add("OK", "state-folder", f"{daemon.paths.root} (user mode: agents of this uid can read it)")
     add("OK", "udp-port", f"bound {', '.join(daemon.addresses())}")

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+from spt.core.caller import may_use, restricted_uid
 from spt.core.errors import DaemonDown, PeerError, Refusal, RemoteProtocolError, UsageError
 from spt.core.identity import NodeId
 from spt.core.proto.address import parse_address
@@ -91,6 +92,7 @@ class Perch:
     description: str
     transient: bool
     created: float
+    owner: int | None = None  # the uid that made it in system mode; None: the daemon's account
 
     @property
     def key(self) -> str:
@@ -108,6 +110,7 @@ def _perch(row: Any) -> Perch:
         description=str(row["description"]),
         transient=bool(row["transient"]),
         created=float(row["created"]),
+        owner=row["owner"],
     )
 
 
@@ -255,8 +258,13 @@ class Endpoints:
     # -- perches --------------------------------------------------------------------------
 
     def get(self, perch_id: str) -> Perch | None:
+        """The local perch `perch_id` (ids match without case), if the current caller may use it:
+        in system mode a uid sees only its own perches (spt.core.caller)."""
         row = self.store.db.execute("SELECT * FROM perches WHERE id=?", (perch_id,)).fetchone()
-        return _perch(row) if row is not None else None
+        if row is None:
+            return None
+        perch = _perch(row)
+        return perch if may_use(perch.owner) else None
 
     def require(self, perch_id: str, subject: str | None = None) -> Perch:
         """The local perch `perch_id`, else Refusal NO_PERCH naming `subject` (default the id)."""
@@ -286,8 +294,8 @@ class Endpoints:
     ) -> Perch:
         with self.store.transaction() as db:
             db.execute(
-                "INSERT INTO perches(id, home, state, hosted, transient, expires, forked_from, created) "
-                "VALUES(?,?,?,?,?,?,?,?)",
+                "INSERT INTO perches(id, home, state, hosted, transient, expires, forked_from, created, owner) "
+                "VALUES(?,?,?,?,?,?,?,?,?)",
                 (
                     perch_id,
                     home.id if home else None,
@@ -297,6 +305,7 @@ class Endpoints:
                     expires,
                     forked_from,
                     time.time(),
+                    restricted_uid(),  # system mode: the uid that made it (None: root or user mode)
                 ),
             )
         perch = self.get(perch_id)
@@ -329,6 +338,9 @@ class Endpoints:
         check_endpoint_id(perch_id)
         if perch_id.lower().startswith(TRANSIENT_PREFIX):
             raise UsageError("BAD_ID", perch_id, "ids beginning tmp. are reserved for transient identities")
+        if self.store.db.execute("SELECT 1 FROM perches WHERE id=?", (perch_id,)).fetchone() is not None:
+            # also when the perch is another uid's (system mode), which this caller cannot see
+            raise Refusal("COLLISION", perch_id, "a perch with that id already exists on this node")
         return perch_id
 
     def home_for_new(self, subnet: str | None) -> HeldSubnet | None:
@@ -548,7 +560,7 @@ class Endpoints:
                 "display": self.node_id.display(self.daemon.label),
             },
             "subnets": [{"name": s.name, "id": s.id.hex(), "endpoints": self.subnet_rows(s)} for s in subs],
-            "local": [self.local_view(p) for p in self.perches()],
+            "local": [self.local_view(p) for p in self.perches() if may_use(p.owner)],
         }
 
     # -- housekeeping ---------------------------------------------------------------------

@@ -153,6 +153,10 @@ MIGRATIONS: Final[tuple[str, ...]] = (
         started REAL NOT NULL
     );
     """,
+    # 5: system mode (SPEC.md §5.7): the uid that made a perch; NULL for the daemon's own account
+    """
+    ALTER TABLE perches ADD COLUMN owner INTEGER;
+    """,
 )
 
 
