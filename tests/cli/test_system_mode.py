@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from test_elevation import _reachable_by_others
 
 pytestmark = [

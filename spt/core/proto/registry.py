@@ -410,7 +410,8 @@ def _expect_keys(data: Mapping[str, Any], kind: str, keys: frozenset[str]) -> No
         raise RemoteProtocolError(repr(data.get("kind"))[:40], f'expected a record of kind "{kind}"')
     have = set(data)
     if have != keys:
-        missing, unknown = sorted(keys - have), sorted(have - keys)
+        # a peer's keys need not be strings (msgpack maps take any key): list them as text
+        missing, unknown = sorted(keys - have), sorted(repr(k)[:40] for k in have - keys)
         raise RemoteProtocolError(kind, f"bad {kind} record: missing {missing}, unknown {unknown}")
 
 
