@@ -1,5 +1,7 @@
 """Zero-config reach for a machine that moves (SPEC.md §7.6, issue 15), in the netns lab.
 
+Also: a node on a network that blocks UDP reaches its subnet through the relay's TCP listener.
+
 Laptop B joins A on A's LAN with no relay of its own (A uses a self-hosted relay on the core).
 Then B's cable is moved to the LAN behind the other NAT: new address, new default route, every
 NAT mapping gone. With no command on B, a message from A to `bob` on B must arrive exactly once,
@@ -9,12 +11,13 @@ re-dialled A.
 
 from __future__ import annotations
 
+import os
 import select
 import subprocess
 import time
 
 import pytest
-from test_reach import NODE_PORT, logs, start_listener, wait_for
+from test_reach import NODE_PORT, logs, send_and_receive, start_listener, wait_for
 
 from spt.testing.nodes import fresh_code
 
@@ -94,3 +97,35 @@ def test_a_laptop_moved_behind_another_nat_is_reached_through_the_subnets_relay(
     assert "last change" in network and "re-dialled" in network and "re-registering" in network, network
     print(f"move -> delivered: {elapsed:.2f} s via {path['kind']}")
     assert elapsed < DELIVERY_BUDGET
+
+
+def test_a_node_on_a_network_that_blocks_udp_reaches_the_subnet_through_the_relays_tcp_listener(reach, tmp_path):
+    rl = reach("eim", "eim")
+    rl.lab.run(rl.topo.nat_b, ["iptables", "-I", "FORWARD", "-i", "lan", "-p", "udp", "-j", "DROP"])
+    url = rl.start_relay("--tcp-listen", f"{rl.topo.relay_addr}:47472")
+    assert "?tcp=47472#" in url  # the URL names the TCP listener: UDP-blocked nodes need it up front
+    a = rl.node(rl.topo.a, relays=[url])
+    b = rl.node(rl.topo.b, relays=[url])
+    relay = wait_for(lambda: (r := b.json("relay", "list")["relays"]) and r[0]["reachable"] and r[0], 30,
+                     "B to register with the relay over TCP")
+    assert relay["via"] == "tcp" and relay["mapping"] == "udp-blocked", relay
+    assert a.json("relay", "list")["relays"][0]["via"] == "udp"
+    a.cli("subnet", "create", "home", check=True)
+    joined = b.cli("subnet", "join", "home", "--code", fresh_code(a, "home", margin=6), "--timeout", "20", timeout=60)
+    assert joined.returncode == 0, f"{joined.stdout}{joined.stderr}\n{logs(a, b)}"  # by rendezvous, no --peer
+    send_and_receive(a, b, "bob", "over the tunnel, to b")
+    send_and_receive(b, a, "alice", "over the tunnel, to a")
+    path = wait_for(lambda: (p := b.path()) and p["reason"] == "udp-blocked" and p, 15, "B's path reason")
+    assert path["kind"].startswith("relayed"), path
+    listener = start_listener(a, "carol")
+    try:
+        payload = tmp_path / "notes.bin"
+        payload.write_bytes(os.urandom(200_000))
+        sent = b.cli("file", "send", str(payload), "carol", "--wait", timeout=120)
+        assert sent.returncode == 0 and sent.stdout.startswith("FILE_SENT:"), f"{sent.stdout}{sent.stderr}\n{logs(a, b)}"
+        tid = sent.stdout.strip().split(":", 1)[1]
+        landed = a.home / "endpoints" / "carol" / "inbox" / tid / "notes.bin"
+        assert landed.read_bytes() == payload.read_bytes()
+    finally:
+        listener.terminate()
+        listener.wait(10)

@@ -43,6 +43,7 @@ from spt.core.proto.frames import Frame
 from spt.hooks import Candidate, DiscoveryContext
 from spt.hooks.interfaces import NodeRuntime
 from spt_relay_fallback.sources import LOCAL, Chosen, build_defaults, choose, read_removed
+from spt_relay_fallback.tunnel import NodeTunnel
 from spt_relay_fallback.url import RelayUrl, token_proof
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 Address = tuple[str, int]
 
 CONNECT_TIMEOUT: Final = 5.0
+UDP_TRY: Final = 2.0  # seconds of UDP silence before a relay with a TCP listener is tried over TCP
 REQUEST_TIMEOUT: Final = 5.0
 REFRESH_INTERVAL: Final = 30.0
 RETRY_MIN: Final = 1.0
@@ -113,13 +115,20 @@ class RelayLink:
         self.addr: Address | None = None  # the relay's resolved address
         self.reflexive: Address | None = None
         self.mapping = "unknown"
-        self.tcp_port: int | None = None  # the relay's TCP listener (bulk transit), from registration
         self.conn: Connection | None = None
         self.registered = asyncio.Event()
         self._kick = asyncio.Event()
         self._mapping_nonce = b""
         self._mapping_seen: asyncio.Future[Address] | None = None
         self._task: asyncio.Task[None] | None = None
+        # the relay's TCP listener (bulk transit; UDP frames where UDP is blocked), from the URL
+        # or the registration reply
+        self.tcp_port: int | None = url.tcp_port
+        self.tunnel: NodeTunnel | None = None  # our UDP frames over TCP, while UDP is blocked
+
+    @property
+    def via(self) -> str:
+        return "tcp" if self.tunnel is not None else "udp"
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"relay {self.url.public}")
@@ -134,10 +143,46 @@ class RelayLink:
             paths.remove_relay(self.url.key)
         if self.conn is not None and self.conn.is_open:
             self.conn.close("relay removed")
+        await self._close_tunnel()
 
-    def kick(self) -> None:
-        """The relay forgot us (a restart): register again now."""
+    def kick(self, *, retry_udp: bool = False) -> None:
+        """Register again now (the relay forgot us, or our network changed: then UDP may work
+        again, so a tunnel is dropped and UDP tried first)."""
+        if retry_udp and self.tunnel is not None:
+            self.client._spawn(self._close_tunnel())
         self._kick.set()
+
+    async def _connect(self, paths: Paths) -> Connection:
+        """The QUIC connection to the relay: by UDP, else (no answer, and the relay has a TCP
+        listener we know of) through a tunnel of UDP frames over TLS/TCP (SPEC.md §7.6)."""
+        assert self.addr is not None
+        if self.tunnel is not None and self.tunnel.closed:
+            await self._close_tunnel()
+        if self.tunnel is None:
+            try:
+                return await paths.transport.connect(
+                    self.url.key, [self.addr], alpn=ALPN_RELAY,
+                    timeout=UDP_TRY if self.tcp_port else CONNECT_TIMEOUT,
+                )
+            except (SptError, TimeoutError) as exc:
+                if not self.tcp_port:
+                    raise
+                log.info("relay silent over UDP; trying its TCP listener",
+                         extra={"relay": self.url.public, "reason": str(exc)})
+            tunnel = await NodeTunnel.open(self.url.host, self.tcp_port, self.url.key)
+            addr, transport = self.addr, paths.transport
+            transport.set_tunnel(addr, tunnel.start(lambda data: transport.tunnel_received(data, addr)))
+            self.tunnel = tunnel
+        return await paths.transport.connect(self.url.key, [self.addr], alpn=ALPN_RELAY, timeout=CONNECT_TIMEOUT)
+
+    async def _close_tunnel(self) -> None:
+        tunnel, self.tunnel = self.tunnel, None
+        if tunnel is None:
+            return
+        paths = self.client.paths
+        if paths is not None and self.addr is not None:
+            paths.transport.set_tunnel(self.addr, None)
+        await tunnel.close()
 
     def view(self) -> dict[str, Any]:
         return {
@@ -147,6 +192,7 @@ class RelayLink:
             "reachable": self.registered.is_set(),
             "reflexive": f"{self.reflexive[0]}:{self.reflexive[1]}" if self.reflexive else None,
             "mapping": self.mapping,
+            "via": self.via,
         }
 
     async def _resolve(self) -> Address:
@@ -194,7 +240,7 @@ class RelayLink:
         self.state = "connecting"
         self.addr = await self._resolve()
         paths.set_relay(self.url.key, self.addr, None, label=f"{self.url.host}:{self.url.port}")
-        conn = await paths.transport.connect(self.url.key, [self.addr], alpn=ALPN_RELAY, timeout=CONNECT_TIMEOUT)
+        conn = await self._connect(paths)
         self.conn = conn
         try:
             register: dict[str, Any] = {"port": paths.transport.sockname[1]}
@@ -202,6 +248,9 @@ class RelayLink:
                 register["proof"] = token_proof(self.url.token, conn)  # the token itself never travels
             reply = await conn.request("relay.register", register, timeout=REQUEST_TIMEOUT)
             body = _map(reply.body)
+            tcp_port = body.get("tcp_port")
+            if isinstance(tcp_port, int) and not isinstance(tcp_port, bool) and 0 < tcp_port < 65536:
+                self.tcp_port = tcp_port
             token, seen = body.get("token"), body.get("addr")
             if not isinstance(token, bytes) or not isinstance(seen, str):
                 raise ProtocolError(self.url.public, "the relay's registration answer is malformed")
@@ -210,15 +259,14 @@ class RelayLink:
             if previous is not None and previous != self.reflexive:
                 self.client.network_changed()
             paths.set_relay(self.url.key, self.addr, token, label=f"{self.url.host}:{self.url.port}")
-            tcp_port = body.get("tcp_port")
-            valid = isinstance(tcp_port, int) and not isinstance(tcp_port, bool) and 0 < tcp_port < 65536
-            self.tcp_port = tcp_port if valid else None
-            self.state = "registered"
+            self.state = "registered" if self.tunnel is None else "registered (over TCP: UDP is blocked)"
             self.registered.set()
             log.info("registered with relay", extra={"relay": self.url.public, "reflexive": seen})
             await self.push_tags()
             alt = body.get("alt_port")
-            if isinstance(alt, int) and not isinstance(alt, bool) and 0 < alt < 65536:
+            if self.tunnel is not None:
+                self.mapping = "udp-blocked"
+            elif isinstance(alt, int) and not isinstance(alt, bool) and 0 < alt < 65536:
                 self.mapping = await self._check_mapping(paths, (self.addr[0], alt))
             self._kick.clear()
             while conn.is_open and not self._kick.is_set():
@@ -370,13 +418,16 @@ class RelayClient:
             await asyncio.sleep(SOURCES_INTERVAL)
             self._refresh_sources()
 
+    def _tunnelled(self, relay: NodeId) -> bool:
+        return any(link.url.key == relay and link.tunnel is not None for link in self.links.values())
+
     def _network_moved(self, change: Any) -> str | None:
         """The machine's network changed: register again everywhere (fresh reflexive address
         and NAT behaviour; the relay learns our new source address) and punch afresh."""
         if not self.links:
             return None
         for link in self.links.values():
-            link.kick()
+            link.kick(retry_udp=True)
         self.network_changed()
         return f"re-registering with {len(self.links)} relay(s)"
 
@@ -521,7 +572,11 @@ class RelayClient:
             if paths is None:
                 return
             for conn in paths.transport.connections():
-                if conn.alpn != ALPN_MEMBER or paths.relay_of(conn.remote_addr) is None:
+                route = paths.relay_of(conn.remote_addr) if conn.alpn == ALPN_MEMBER else None
+                if route is None:
+                    continue
+                if self._tunnelled(route[0]):
+                    paths.set_reason(conn.peer, "udp-blocked")  # punching needs UDP
                     continue
                 state = self._punch.get(conn.peer)
                 if state is None:

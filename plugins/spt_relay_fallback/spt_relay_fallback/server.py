@@ -26,7 +26,8 @@ The protocol, as a node sees it (our design where the spec leaves it open):
 
 5. **TCP listener** (`tcp_listen`, off by default): TLS with the relay's key, offering a blind
    byte transit between two registered nodes it has matched (`relay.transit`); see `tcp.py`.
-   The registration reply carries its port as `tcp_port` (null when off).
+   The registration reply carries its port as `tcp_port` (null when off). The same listener
+   carries UDP frames over TLS for nodes whose networks block UDP (`tunnel.py`).
 
 Limits (all on by default): per-node byte-rate caps (token bucket, drops beyond it;
 `DEFAULT_RATE`), a node count, at most `MAX_PER_SOURCE` registered nodes and `REGISTER_BURST`
@@ -66,6 +67,8 @@ from spt.core.net.paths import (
 from spt.core.net.transport import ALPN_RELAY, Transport, serve_requests
 from spt.core.proto.frames import Frame
 from spt_relay_fallback.tcp import TcpListener
+from spt_relay_fallback.tunnel import pump as tunnel_pump
+from spt_relay_fallback.tunnel import sender as tunnel_sender
 from spt_relay_fallback.url import RelayUrl, token_proof
 
 log = logging.getLogger(__name__)
@@ -190,6 +193,9 @@ class RelayServer:
     ) -> None:
         self.key = key
         self.tcp = TcpListener(key, tcp_listen[0], tcp_listen[1]) if tcp_listen is not None else None
+        if self.tcp is not None:
+            self.tcp.on_tunnel = self._tunnel
+        self._tunnels: set[Address] = set()
         self.host = host
         self.port = port
         self.allow = frozenset(allow) if allow is not None else None
@@ -261,7 +267,7 @@ class RelayServer:
         await asyncio.sleep(0)  # asyncio releases the sockets on the next loop turn
 
     def url(self, host: str | None = None) -> RelayUrl:
-        return RelayUrl(host or self.host, self.port, self.key.node_id)
+        return RelayUrl(host or self.host, self.port, self.key.node_id, tcp_port=self.tcp_port)
 
     @property
     def registered(self) -> list[NodeId]:
@@ -367,6 +373,25 @@ class RelayServer:
         if tickets is None:
             raise Refusal("RELAY_FULL", conn.peer.short, "too many transits are open at this relay")
         return "relay.transit", {"ticket": tickets[0], "peer_ticket": tickets[1], "tcp_port": self.tcp.port}
+
+    async def _tunnel(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """A node behind a UDP block: its datagrams arrive framed on this TLS connection, and
+        ours to it leave the same way; everything else (registration, tokens, rates) as by UDP."""
+        peer = writer.get_extra_info("peername")
+        addr: Address = (str(peer[0]), int(peer[1]))
+        in_use = addr in self._tunnels or any(n.addr == addr for n in self._nodes.values())
+        if in_use or len(self._tunnels) >= self.max_nodes:
+            log.info("UDP-over-TCP tunnel refused", extra={"addr": f"{addr[0]}:{addr[1]}"})
+            return
+        self._tunnels.add(addr)
+        self.transport.set_tunnel(addr, tunnel_sender(writer))
+        log.info("UDP-over-TCP tunnel open", extra={"addr": f"{addr[0]}:{addr[1]}"})
+        try:
+            await tunnel_pump(reader, lambda data: self.transport.tunnel_received(data, addr))
+        finally:
+            self.transport.set_tunnel(addr, None)
+            self._tunnels.discard(addr)
+            log.info("UDP-over-TCP tunnel closed", extra={"addr": f"{addr[0]}:{addr[1]}"})
 
     def _forget(self, node: _Node) -> None:
         if self._by_token.get(node.token) is node:

@@ -11,8 +11,8 @@ The protocol, as a node sees it:
    certificate made from its Ed25519 key; the node checks that key against the relay URL's key
    (pinning, as on QUIC), so nobody in the path learns a ticket.
 3. **Kind byte and ticket.** The node sends one kind byte and its ticket:
-   `0x10 ‖ ticket` (bulk transit). Kind `0x20` is reserved for carrying the relay's UDP frames
-   (§7.6 framing) over this connection on networks that block UDP.
+   `0x10 ‖ ticket` (bulk transit). Kind `0x20` (followed by 16 ignored bytes) carries the
+   relay's UDP frames over this connection on networks that block UDP (`tunnel.py`).
 4. **Matching.** The relay answers one status byte: `0x00` once the other side has arrived (both
    get it at the same moment), `0x01` for an unknown, expired or used ticket (then it closes).
    A side waits at most `TRANSIT_WAIT` seconds for the other.
@@ -35,7 +35,7 @@ import socket
 import ssl
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -50,7 +50,7 @@ from spt.core.net.pinning import make_certificate, peer_id_from_certificate
 log = logging.getLogger(__name__)
 
 KIND_TRANSIT: Final = 0x10
-KIND_UDP_FRAMES: Final = 0x20  # reserved: relay UDP frames over TCP (networks that block UDP)
+KIND_UDP_FRAMES: Final = 0x20  # relay UDP frames over TCP (networks that block UDP; tunnel.py)
 STATUS_MATCHED: Final = 0x00
 STATUS_REFUSED: Final = 0x01
 TICKET_BYTES: Final = 16
@@ -101,6 +101,8 @@ class TcpListener:
         self.port = port
         self.max_transits = max_transits
         self.observe = observe
+        # the relay's handler for kind 0x20 connections (None: refused)
+        self.on_tunnel: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]] | None = None
         self._transits: dict[bytes, _Transit] = {}  # ticket -> transit (two tickets each)
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -157,6 +159,11 @@ class TcpListener:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         hello = await asyncio.wait_for(reader.readexactly(1 + TICKET_BYTES), HELLO_TIMEOUT)
+        if hello[0] == KIND_UDP_FRAMES and self.on_tunnel is not None:
+            writer.write(bytes((STATUS_MATCHED,)))
+            await writer.drain()
+            await self.on_tunnel(reader, writer)
+            return
         ticket = hello[1:]
         transit = self._transits.get(ticket) if hello[0] == KIND_TRANSIT else None
         side = transit.sides.get(ticket) if transit is not None else None

@@ -1,7 +1,9 @@
-"""Relay URLs: `spt-relay://[<token>@]<host>:<port>#<relay key hex>` (SPEC.md §7.6).
+"""Relay URLs: `spt-relay://[<token>@]<host>:<port>[?tcp=<port>]#<relay key hex>` (SPEC.md §7.6).
 
 The key after `#` is pinned: a node talks only to a relay that proves that key. The optional
-`<token>@` carries the access token of a relay started with `--token` (our design).
+`<token>@` carries the access token of a relay started with `--token` (our design). The optional
+`?tcp=<port>` names the relay's TLS/TCP listener (`relay serve --tcp-listen`), which a node on a
+network that blocks UDP must know before it can reach the relay at all (our design).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import hashlib
 import hmac
 from dataclasses import dataclass
 from typing import Any, Final
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from spt.core.errors import ConfigError
 from spt.core.identity import NodeId
@@ -25,6 +27,7 @@ class RelayUrl:
     port: int
     key: NodeId
     token: str | None = None
+    tcp_port: int | None = None
 
     @classmethod
     def parse(cls, text: str) -> RelayUrl:
@@ -49,22 +52,28 @@ class RelayUrl:
         except Exception:
             raise ConfigError(shown, f"a relay URL ends with # and the relay's 64-hex key; {form}") from None
         token = unquote(parts.username) if parts.username else None
-        return cls(parts.hostname, port or DEFAULT_PORT, key, token)
+        tcp = parse_qs(parts.query).get("tcp", [None])[-1]
+        if tcp is not None and not (tcp.isdigit() and 0 < int(tcp) < 65536):
+            raise ConfigError(shown, f"?tcp= takes the relay's TCP port (1-65535); {form}")
+        return cls(parts.hostname, port or DEFAULT_PORT, key, token, int(tcp) if tcp else None)
 
     @property
     def address(self) -> tuple[str, int]:
         return (self.host, self.port)
 
     def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
         user = f"{self.token}@" if self.token else ""
-        return f"{SCHEME}://{user}{host}:{self.port}#{self.key.hex}"
+        return f"{SCHEME}://{user}{self._rest()}"
 
     @property
     def public(self) -> str:
         """The URL without the access token, for display and logs."""
+        return f"{SCHEME}://{self._rest()}"
+
+    def _rest(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{SCHEME}://{host}:{self.port}#{self.key.hex}"
+        tcp = f"?tcp={self.tcp_port}" if self.tcp_port else ""
+        return f"{host}:{self.port}{tcp}#{self.key.hex}"
 
 
 TOKEN_EXPORTER_LABEL: Final = b"EXPORTER-spt-relay-token"

@@ -179,7 +179,9 @@ async def test_garbage_hellos_are_refused_and_the_listener_keeps_serving(nodes, 
     for _ in range(40):
         kind = rng.choice([0x10, 0x20, 0x00, 0xFF, rng.randrange(256)])
         data = bytes([kind]) + rng.randbytes(rng.choice([0, 1, 15, 16, 17, 64]))
-        assert await asyncio.to_thread(poke, data) in (b"", b"\x01")
+        # kind 0x20 is the UDP-frames tunnel (tunnel.py): answered, then its garbage frames dropped
+        allowed = (b"", b"\x01", b"\x00") if kind == 0x20 else (b"", b"\x01")
+        assert await asyncio.to_thread(poke, data) in allowed
     assert seen == [] and server.tcp.stats["transits"] == 0
     a, b = await nodes(), await nodes()
     body = await tickets(a, b, server)

@@ -223,6 +223,7 @@ class Transport:
         self._dials: dict[tuple[NodeId, str], _Dial] = {}
         self._unpinned: set[Connection] = set()
         self._datagram_handler: DatagramHandler | None = None
+        self._tunnels: dict[Address, Callable[[bytes], None]] = {}  # addr -> send, where UDP is blocked
         self._sock: socket.socket | None = None
         self._default_ttl: int | None = None
         self._upgrades: dict[Connection, float] = {}  # upgrade dial -> grace before older ones close
@@ -336,7 +337,7 @@ class Transport:
         if not data or data[0] >= QUIC_FIXED_BIT:
             raise LocalProtocolError(data[:1].hex(), "a non-QUIC datagram starts with a byte below 0x40")
         sock = self._sock
-        if sock is None or self._udp is None or addr[0].startswith(VIRTUAL_PREFIXES):
+        if sock is None or self._udp is None or addr[0].startswith(VIRTUAL_PREFIXES) or addr in self._tunnels:
             return
         if ttl is None or sock.family != socket.AF_INET:
             self._udp.sendto(data, addr)
@@ -350,6 +351,18 @@ class Transport:
             log.debug("probe not sent", extra={"addr": f"{addr[0]}:{addr[1]}", "reason": str(exc)})
         finally:
             sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, self._default_ttl)
+
+    def set_tunnel(self, addr: Address, send: Callable[[bytes], None] | None) -> None:
+        """Send what this transport would send to `addr` through `send` instead of the UDP
+        socket (a datagram tunnel over TCP, where UDP is blocked); None ends the detour."""
+        if send is None:
+            self._tunnels.pop(addr, None)
+        else:
+            self._tunnels[addr] = send
+
+    def tunnel_received(self, data: bytes, addr: Address) -> None:
+        """A datagram that arrived through a tunnel, handled as if `addr` had sent it by UDP."""
+        self._datagram_received(data, addr)
 
     def feed_datagram(self, data: bytes, addr: Address) -> None:
         """A QUIC packet that arrived over another path (a relay), as if it came from `addr`."""
@@ -732,6 +745,10 @@ class Transport:
 
     def _sendto(self, data: bytes, addr: Address) -> None:
         if self._udp is None:
+            return
+        tunnel = self._tunnels.get(addr)
+        if tunnel is not None:
+            tunnel(data)
             return
         if addr[0].startswith(VIRTUAL_PREFIXES):
             self.paths.send_virtual(data, addr)  # relayed, or dropped: never onto the wire as is
