@@ -41,6 +41,7 @@ BENCHES: dict[str, tuple[list[str], list[str], float]] = {
     "scale": ([], ["--nodes", "10", "--idle", "5"], 1200),
     "rc": ([], ["--quick"], 900),
     "update_apply": ([], [], 600),
+    "fuzz": ([], ["--inputs", "100000", "--garbage-seconds", "5"], 1800),
 }
 
 

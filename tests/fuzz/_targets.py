@@ -1,0 +1,411 @@
+"""Fuzz targets shared by the hypothesis tests here and `bench/fuzz.py`.
+
+Each target takes bytes (as a peer would send them) and must either succeed or raise one of the
+errors its decoder documents for bad input (`SptError` subclasses, mostly RemoteProtocolError);
+anything else is a crash. Targets are plain functions so a mutational loop can call them in bulk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import struct
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+from spt.core.errors import SptError
+from spt.core.identity import NodeKey
+from spt.core.net.paths import RELAY_DELIVER, Paths
+from spt.core.net.transport import AllowKeys, Transport
+from spt.core.proto import envelope
+from spt.core.proto.frames import (
+    MEMBER_LIMITS,
+    OPEN_LIMITS,
+    FrameDecoder,
+    FrameError,
+    _count_items,
+    decode_payload,
+)
+from spt.core.proto.hlc import HlcTimestamp
+from spt.core.proto.registry import digest_from_wire, record_from_dict, sign_presence, sign_row
+
+Target = Callable[[bytes], None]
+
+_MSGPACK = msgspec.msgpack.Decoder()
+
+
+def as_value(data: bytes) -> Any:
+    """Bytes as a msgpack value when they are one (what a frame body would be), else as text."""
+    try:
+        return _MSGPACK.decode(data)
+    except (msgspec.MsgspecError, ValueError, TypeError, OverflowError, RecursionError):
+        return data.decode("utf-8", "replace")
+
+
+# --- frames (every ALPN) -------------------------------------------------------------------------
+
+
+def frames_stream(data: bytes) -> None:
+    """Bytes cut into pieces at arbitrary points, fed to a stream decoder, then end of stream."""
+    if not data:
+        return
+    cut = data[0]
+    for limits in (OPEN_LIMITS, MEMBER_LIMITS):
+        decoder = FrameDecoder(limits)
+        try:
+            for i in range(1, len(data), max(1, cut)):
+                for frame in decoder.feed(data[i : i + max(1, cut)]):
+                    assert isinstance(frame.type, str) and 0 < len(frame.type) <= 128
+            decoder.eof()
+        except FrameError:
+            pass
+
+
+def frame_payload(data: bytes) -> None:
+    """One frame's payload; the item count bounds what msgspec builds from anything it decodes."""
+    with contextlib.suppress(FrameError):
+        decode_payload(data, OPEN_LIMITS)
+    try:
+        value = _MSGPACK.decode(data)
+    except (msgspec.MsgspecError, ValueError, TypeError, OverflowError, RecursionError):
+        return
+    # the wire holds at least the decoded items (a repeated map key decodes once)
+    assert _count_items(data, 1 << 30) >= _items(value), data[:64]
+
+
+def _items(value: Any) -> int:
+    if isinstance(value, dict):
+        return 1 + sum(_items(k) + _items(v) for k, v in value.items())
+    if isinstance(value, list):
+        return 1 + sum(_items(v) for v in value)
+    return 1
+
+
+# --- registry rows and presence, digests ----------------------------------------------------------
+
+_KEY = NodeKey.generate()
+_ROW = sign_row(
+    _KEY, subnet="home", endpoint_id="bob", home="home", version=3,
+    hlc=HlcTimestamp(1000, 0, _KEY.node_id.hex), state="active", description="d",
+).to_dict()
+_PRESENCE = sign_presence(_KEY, subnet="home", version=2, software_version="0.1.0", addresses=["192.0.2.1:1"]).to_dict()
+
+
+def registry_record(data: bytes) -> None:
+    """A record as a peer would push it: arbitrary values, and valid records with one field replaced."""
+    value = as_value(data)
+    for record in (value, *_mutants(value)):
+        try:
+            parsed = record_from_dict(record)
+        except SptError:
+            continue
+        parsed.verify()
+    with contextlib.suppress(SptError):
+        digest_from_wire(value)
+
+
+def _mutants(value: Any) -> list[dict[str, Any]]:
+    out = []
+    for base in (_ROW, _PRESENCE):
+        keys = sorted(base)
+        name = keys[hash(repr(value)) % len(keys)]
+        out.append({**base, name: value})
+        if isinstance(value, dict):
+            out.append({**base, **{k: v for k, v in value.items() if isinstance(k, str | int)}})
+    return out
+
+
+# --- the envelope parser ----------------------------------------------------------------------------
+
+
+def envelope_lines(data: bytes) -> None:
+    """Lines of text as the envelope parser reads them (agents' streams)."""
+    text = data.decode("utf-8", "replace")
+    parser = envelope.EventParser()
+    for line in text.split("\n")[:64]:
+        with contextlib.suppress(SptError):
+            parser.feed(line)
+    with contextlib.suppress(SptError):
+        envelope.parse_events(text.splitlines()[:64])
+    # a well-formed prefix makes it past the line syntax more often
+    for prefix in ('<EVENT type="a" from="b">', '<EVENT-PART seq="1/2" id="x" type="a" from="b">'):
+        with contextlib.suppress(SptError):
+            envelope.EventParser().feed(prefix + text[:200] + "</EVENT>")
+
+
+# --- file manifests and file-channel frames -----------------------------------------------------------
+
+
+def file_manifest(data: bytes) -> None:
+    from spt_filetransfer.manifest import Manifest, manifest_problem
+
+    value = as_value(data)
+    candidates = [value]
+    if isinstance(value, list):
+        candidates.append({"name": "x", "files": [value]})
+        candidates.append({"name": "x", "files": value})
+    for candidate in candidates:
+        try:
+            manifest = Manifest.from_wire(candidate)
+        except SptError:
+            continue
+        manifest_problem(manifest)
+
+
+_CHANNEL_KEY = os.urandom(32)
+_RECEIVER: Any = None
+
+
+class _Wire:
+    """The peer's side of a data connection: `recv_into` hands out `data`, then end of stream."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = memoryview(data)
+
+    def recv_into(self, view: memoryview, size: int) -> int:
+        n = min(size, len(self.data))
+        view[:n] = self.data[:n]
+        self.data = self.data[n:]
+        return n
+
+
+def file_channel(data: bytes) -> None:
+    """A data connection's bytes: the clear header, then sealed frames (forged here)."""
+    global _RECEIVER
+    from spt_filetransfer import channel
+
+    with contextlib.suppress(SptError):
+        channel.read_client_header(data[: channel.HEADER_LEN])
+    if _RECEIVER is None:
+        _RECEIVER = channel.Receiver(_CHANNEL_KEY, channel.C2S)
+    _RECEIVER._count = 0  # one receiver (its 1 MiB buffer) reused: a fresh connection each call
+    wire = _Wire(data)
+    try:
+        for _ in range(4):
+            _RECEIVER.recv(wire)
+    except (SptError, ConnectionError):
+        pass
+
+
+# --- relay datagrams and relay control messages -----------------------------------------------------
+
+
+class _Recorder(Transport):
+    def feed_datagram(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.fed = (len(data), addr)
+
+
+_NODE = _Recorder(NodeKey.generate(), host="127.0.0.1", accept=AllowKeys())
+_RELAY_ADDR = ("192.0.2.7", 47471)
+_NODE.paths.set_relay(NodeKey.generate().node_id, _RELAY_ADDR, os.urandom(16))
+_PATHS: Paths = _NODE.paths
+
+
+def relay_datagram_node(data: bytes) -> None:
+    """What a node's socket hands the relay paths: deliveries, notices, probes, mapping answers."""
+    if not data:
+        return
+    for addr in (_RELAY_ADDR, ("198.51.100.1", 9)):
+        for first in (data[0] & 0x3F, RELAY_DELIVER):
+            datagram = bytes((first,)) + data[1:]
+            if first in (0x04, 0x05):
+                continue  # probes need a running punch (an event loop); covered by the reach tests
+            with contextlib.suppress(SptError):
+                _PATHS.receive(datagram, addr)
+
+
+_SERVER: Any = None
+
+
+def _server() -> Any:
+    global _SERVER
+    if _SERVER is None:
+        from spt_relay_fallback.server import RelayServer
+
+        _SERVER = RelayServer(NodeKey.generate(), host="127.0.0.1", port=0, alt_port=False)
+    return _SERVER
+
+
+def relay_datagram_server(data: bytes) -> None:
+    """What the relay's socket hands its forwarder (0x01 frames and anything else)."""
+    if not data:
+        return
+    server = _server()
+    for first in (0x01, data[0] & 0x3F):
+        server._datagram(bytes((first,)) + data[1:], ("198.51.100.2", 4000))
+
+
+class _FakeConn:
+    """Enough of a relay connection for the control handlers (they read the peer and address)."""
+
+    def __init__(self) -> None:
+        self.peer = NodeKey.generate().node_id
+        self.remote_addr = ("198.51.100.3", 5000)
+        self.validated_remote_addr = self.remote_addr
+        self.closed = _Closed()
+
+    def export_keying_material(self, label: bytes, length: int, context: bytes = b"") -> bytes:
+        return bytes(length)
+
+    def close(self, reason: str = "") -> None:
+        pass
+
+
+class _Closed:
+    def add_done_callback(self, callback: Any) -> None:
+        pass
+
+
+class _Body:
+    def __init__(self, body: Any) -> None:
+        self.body = body
+
+
+_CONN: Any = None
+
+
+def relay_control(data: bytes) -> None:
+    """Bodies of relay.register / relay.tags / relay.lookup from a connected node, run to completion."""
+    global _CONN
+    server = _server()
+    value = as_value(data)
+    if _CONN is None:
+        _CONN = _FakeConn()
+    conn = _CONN
+    for handler in (server._register, server._tags, server._lookup):
+        coro = handler(conn, _Body(value))
+        try:
+            coro.send(None)
+        except StopIteration:
+            pass
+        except SptError:
+            pass
+        finally:
+            coro.close()
+    server._nodes.clear()
+    server._by_token.clear()
+    server._registrations._level.clear()
+
+
+def relay_punch_addresses(data: bytes) -> None:
+    """The candidate list a peer sends in relay.punch."""
+    from spt_relay_fallback.client import _addresses
+
+    for address in _addresses(as_value(data)):
+        assert 0 < address[1] < 65536
+
+
+TARGETS: dict[str, Target] = {
+    "frames_stream": frames_stream,
+    "frame_payload": frame_payload,
+    "registry_record": registry_record,
+    "envelope_lines": envelope_lines,
+    "file_manifest": file_manifest,
+    "file_channel": file_channel,
+    "relay_datagram_node": relay_datagram_node,
+    "relay_datagram_server": relay_datagram_server,
+    "relay_control": relay_control,
+    "relay_punch_addresses": relay_punch_addresses,
+}
+
+
+def _seeds() -> dict[str, list[bytes]]:
+    """Valid inputs for each target, for mutational fuzzing to start from."""
+    from spt.core.proto.frames import encode_frame
+
+    enc = msgspec.msgpack.encode
+    frame = encode_frame("msg.deliver", {"subnet": "ab" * 32, "payload": {"x": [1, 2, b"z"]}}, req_id=7)
+    return {
+        "frames_stream": [bytes((5,)) + frame + frame, bytes((200,)) + frame],
+        "frame_payload": [frame[4:], enc({"v": 1, "t": "x", "b": [{}, [], None, 1.5, -3, "s"]})],
+        "registry_record": [enc(_ROW), enc(_PRESENCE), enc({_KEY.node_id.hex: 3})],
+        "envelope_lines": [b'<EVENT type="msg" from="a@b" k="v">hi &lt;there&gt;</EVENT>\n'],
+        "file_manifest": [enc({"name": "f", "files": [["a/b", 3, bytes(32), bytes(32)]]})],
+        "file_channel": [b"SPTF\x01" + bytes(32) + struct.pack(">III", 32, 0, 0) + bytes(32)],
+        "relay_datagram_node": [bytes((0x02,)) + bytes(32) + b"\xc0" * 40, bytes((0x03, 1)), bytes((0x07,)) + bytes(14)],
+        "relay_datagram_server": [bytes((0x01,)) + bytes(48) + b"\xc0" * 40],
+        "relay_control": [enc({"port": 1, "proof": bytes(32)}), enc({"tags": [bytes(16)], "port": 2}), enc({"tag": bytes(16)})],
+        "relay_punch_addresses": [enc(["192.0.2.1:5", "10.0.0.1:99999", 5])],
+    }
+SEEDS = _seeds()
+
+
+def shaped(name: str, data: bytes) -> bytes:
+    """Turn fuzzer bytes into the target's input, so plain random bytes cover structure too:
+    the first byte picks raw bytes, a seed with edits driven by the rest, or a msgpack value
+    built from the rest (maps, arrays, strings, binaries, integers of every width, floats)."""
+    if not data:
+        return data
+    mode, rest = data[0] % 3, data[1:]
+    if mode == 0:
+        return rest
+    if mode == 1:
+        seeds = SEEDS[name]
+        seed = bytearray(seeds[rest[0] % len(seeds)] if rest else seeds[0])
+        for i in range(1, len(rest) - 2, 3):
+            kind, where, value = rest[i] % 4, rest[i + 1] * 7 + rest[i + 2], rest[i + 2]
+            if not seed:
+                seed.append(value)
+                continue
+            j = where % len(seed)
+            if kind == 0:
+                seed[j] = value
+            elif kind == 1:
+                del seed[j:]
+            elif kind == 2:
+                seed[j:j] = seed[j : j + 1 + value % 16]
+            else:
+                seed.insert(j, value)
+        return bytes(seed)
+    reader = _Reader(rest)
+    try:
+        return msgspec.msgpack.encode(reader.value(0))
+    except (OverflowError, ValueError, TypeError):
+        return rest
+
+
+class _Reader:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+
+    def byte(self) -> int:
+        if self.pos >= len(self.data):
+            return 0
+        self.pos += 1
+        return self.data[self.pos - 1]
+
+    def take(self, n: int) -> bytes:
+        out = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def value(self, depth: int) -> Any:
+        kind = self.byte() % (10 if depth < 6 else 8)
+        if kind == 0:
+            return None
+        if kind == 1:
+            return bool(self.byte() & 1)
+        if kind == 2:
+            return int.from_bytes(self.take(1 + self.byte() % 8), "big", signed=bool(self.byte() & 1))
+        if kind == 3:
+            return struct.unpack(">d", self.take(8).ljust(8, b"\0"))[0]
+        if kind == 4:
+            return self.take(self.byte() % 48).decode("utf-8", "replace")
+        if kind == 5:
+            return self.take(self.byte() % 64)
+        if kind == 6:
+            return ["home", "bob", "ab" * 32, "192.0.2.1:5", "kind", "row", "presence", "subnet"][self.byte() % 8]
+        if kind == 7:
+            return bytes(self.byte() % 2 * 16 + 16)
+        if kind == 8:
+            return [self.value(depth + 1) for _ in range(self.byte() % 8)]
+        keys = ["kind", "subnet", "name", "files", "tag", "tags", "port", "proof", "token", "t", "v", "b", "id"]
+        out: dict[Any, Any] = {}
+        for _ in range(self.byte() % 8):
+            k = self.byte()
+            key: Any = keys[k % len(keys)] if k < 200 else k - 200
+            out[key] = self.value(depth + 1)
+        return out
