@@ -609,8 +609,8 @@ class Endpoints:
     ) -> list[OutgoingMessage]:
         return self.spool.pending_outgoing(node, limit=limit, due_before=due_before)
 
-    def mark_forwarded(self, msg_id: str) -> None:
-        self.spool.mark_forwarded(msg_id)
+    def mark_forwarded(self, *msg_ids: str) -> None:
+        self.spool.mark_forwarded(*msg_ids)
 
     def record_attempt(self, msg_id: str, next_try: float) -> None:
         self.spool.record_attempt(msg_id, next_try)
@@ -777,7 +777,11 @@ class Endpoints:
             "reply_to": reply_to,
         }
         forward = getattr(self.daemon, "forward_message", None)
-        if forward is not None:
+        # Behind messages already queued for that node, or to a node known offline, a message
+        # is queued at once: forwarding it directly would overtake them (§4.2 step 7), or wait
+        # out a dial that cannot succeed.
+        queue_now = bool(self.spool.pending_outgoing(target.node.key, limit=1)) or target.node.key in self._offline()
+        if forward is not None and not queue_now:
             try:
                 token = str(await forward(target, payload))
             except Refusal as exc:
@@ -1030,6 +1034,16 @@ class Endpoints:
         return perch
 
 
+def _client_msg_id(value: Any) -> str | None:
+    """A message id chosen by the client (32 hex), so that a send retried after DAEMON_DOWN
+    carries the same id and receivers drop the copy (§4.2.5); None: the daemon picks one."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) != 32 or any(c not in "0123456789abcdef" for c in value):
+        raise UsageError("BAD_USAGE", str(value)[:40], "a message id is 32 lowercase hex characters")
+    return value
+
+
 def _bool_arg(args: Mapping[str, Any], name: str) -> bool:
     return bool(args.get(name))
 
@@ -1051,6 +1065,7 @@ def register_ops(daemon: Daemon, eps: Endpoints) -> None:
             body=str(call.args.get("body", "")),
             json_payload=call.args.get("json"),
             window=str(call.args.get("window") or "default"),
+            msg_id=_client_msg_id(call.args.get("id")),
         )
         return {"token": token, "address": address, "from": sender_id}
 

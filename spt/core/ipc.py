@@ -39,7 +39,10 @@ class IpcConnection:
         self._file = sock.makefile("rb")
 
     def send(self, obj: Mapping[str, Any]) -> None:
-        self.sock.sendall(encode_line(obj))
+        try:
+            self.sock.sendall(encode_line(obj))
+        except (BrokenPipeError, ConnectionResetError):  # the daemon died (kill -9): not a bug here
+            raise DaemonDown("", "the daemon closed the control connection") from None
 
     def lines(self, timeout: float | None = None) -> Iterator[dict[str, Any]]:
         """Answer lines as dicts until the final one; `timeout` bounds the wait for each line."""
@@ -49,6 +52,8 @@ class IpcConnection:
                 raw = self._file.readline(MAX_LINE)
             except TimeoutError:
                 raise DaemonDown("", "the daemon did not answer in time") from None
+            except ConnectionResetError:
+                raise DaemonDown("", "the daemon closed the control connection") from None
             if not raw:
                 raise DaemonDown("", "the daemon closed the control connection")
             msg = json.loads(raw)

@@ -41,6 +41,7 @@ from spt.core.proto.registry import (
     sign_tombstone,
 )
 from spt.core.proto.resolve import RemoteTarget, Row, shortest_from_form
+from spt.core.spool import OutgoingMessage
 from spt.core.subnets import HeldSubnet
 from spt.hooks import IncomingPayload
 
@@ -57,6 +58,7 @@ DRAIN_BATCHES: Final = 100
 IDLE_RECHECK: Final = 5.0  # seconds before a node with no path or a detached subnet is looked at again
 FINAL_REFUSALS: Final = ("NO_PERCH", "UNKNOWN_PAYLOAD_TYPE")  # the target will never take it
 BACKOFF_MAX: Final = 600.0
+FORWARDED_COMMIT: Final = 64  # forwarded messages removed from the outgoing spool per transaction
 MAX_RECORDS: Final = 4096  # records one registry message carries at most
 
 
@@ -142,33 +144,54 @@ class Messaging:
         """One batch; True when something was forwarded and more may be due."""
         now = time.time()
         forwarded = False
-        for msg in self.endpoints.pending_outgoing(limit=DRAIN_BATCH, due_before=now):
-            sub = self.daemon.subnets.held.get(msg.subnet)
-            if sub is None or not sub.state().is_member(msg.node):
-                # §4.8: traffic for a node that left or was pruned is dropped, and the user told;
-                # it must never travel to a non-member over another subnet's connection.
-                self._drop(msg.msg_id, sub, "its node is no longer a member of the subnet")
-                continue
-            if not sub.attached or (
-                self.members.transport.connection(msg.node) is None and not await self.members.dial_addresses(msg.node)
-            ):
-                self.endpoints.defer_node(msg.node, now + IDLE_RECHECK)
-                continue
-            try:
-                await self._forward(msg.node, sub, msg.payload)
-            except Refusal as exc:
-                if exc.instance_token not in FINAL_REFUSALS:
-                    self.endpoints.defer_node(msg.node, now + min(2.0 ** min(msg.attempts, 10), BACKOFF_MAX))
-                    continue
-                self._drop(msg.msg_id, sub, exc.status_line())
-            except (PeerError, TimeoutError, RemoteProtocolError, OSError) as exc:
-                # The whole node backs off, so its messages keep their order (§4.2 step 7).
-                self.endpoints.defer_node(msg.node, now + min(2.0 ** min(msg.attempts, 10), BACKOFF_MAX))
-                log.debug("queued message not forwarded yet", extra={"msg": msg.msg_id[:12], "reason": str(exc)})
-            else:
-                self.endpoints.mark_forwarded(msg.msg_id)
-                forwarded = True
+        held_back: set[NodeId] = set()  # nodes deferred in this batch: their later messages wait too
+        done: list[str] = []  # forwarded, removed from the spool together (one transaction)
+        try:
+            for msg in self.endpoints.pending_outgoing(limit=DRAIN_BATCH, due_before=now):
+                if await self._drain_one(msg, now, held_back):
+                    done.append(msg.msg_id)
+                    forwarded = True
+                    if len(done) >= FORWARDED_COMMIT:
+                        self.endpoints.mark_forwarded(*done)
+                        done.clear()
+        finally:
+            if done:
+                self.endpoints.mark_forwarded(*done)
         return forwarded
+
+    async def _drain_one(self, msg: OutgoingMessage, now: float, held_back: set[NodeId]) -> bool:
+        """Try to forward one queued message; True when the target node took it (the caller
+        removes it from the spool). A node that fails is held back for the rest of the batch."""
+        if msg.node in held_back:
+            return False
+        sub = self.daemon.subnets.held.get(msg.subnet)
+        if sub is None or not sub.state().is_member(msg.node):
+            # §4.8: traffic for a node that left or was pruned is dropped, and the user told;
+            # it must never travel to a non-member over another subnet's connection.
+            self._drop(msg.msg_id, sub, "its node is no longer a member of the subnet")
+            return False
+        if not sub.attached or (
+            self.members.transport.connection(msg.node) is None and not await self.members.dial_addresses(msg.node)
+        ):
+            self.endpoints.defer_node(msg.node, now + IDLE_RECHECK)
+            held_back.add(msg.node)
+            return False
+        try:
+            await self._forward(msg.node, sub, msg.payload)
+        except Refusal as exc:
+            if exc.instance_token not in FINAL_REFUSALS:
+                self.endpoints.defer_node(msg.node, now + min(2.0 ** min(msg.attempts, 10), BACKOFF_MAX))
+                held_back.add(msg.node)
+                return False
+            self._drop(msg.msg_id, sub, exc.status_line())
+            return False
+        except (PeerError, TimeoutError, RemoteProtocolError, OSError) as exc:
+            # The whole node backs off, so its messages keep their order (§4.2 step 7).
+            self.endpoints.defer_node(msg.node, now + min(2.0 ** min(msg.attempts, 10), BACKOFF_MAX))
+            held_back.add(msg.node)
+            log.debug("queued message not forwarded yet", extra={"msg": msg.msg_id[:12], "reason": str(exc)})
+            return False
+        return True
 
     def _drop(self, msg_id: str, sub: HeldSubnet | None, why: str) -> None:
         log.warning("queued message dropped", extra={"msg": msg_id[:12], "reason": why})

@@ -318,10 +318,12 @@ class Spool:
             for r in rows
         ]
 
-    def mark_forwarded(self, msg_id: str) -> None:
-        """The target node answered SENT, QUEUED or NO_PERCH: the message leaves the outgoing spool."""
+    def mark_forwarded(self, *msg_ids: str) -> None:
+        """The target node answered SENT, QUEUED or NO_PERCH: the messages leave the outgoing
+        spool (several in one transaction: a crash before it only makes receivers see copies,
+        which they drop by id, §4.2 step 5)."""
         with self.store.transaction() as db:
-            db.execute("DELETE FROM outgoing WHERE msg_id=?", (msg_id,))
+            db.executemany("DELETE FROM outgoing WHERE msg_id=?", [(m,) for m in msg_ids])
 
     def defer_node(self, node: NodeId, next_try: float) -> None:
         """Forwarding to `node` failed: all its queued messages wait until `next_try` (epoch s),

@@ -15,9 +15,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from spt.testing.netns import Lab
 
 DEFAULT_CONFIG = """\
 [net]
@@ -58,6 +61,27 @@ class Node:
 
     def json(self, *args: str) -> Any:
         return json.loads(self.cli("--json", *args, check=True).stdout)
+
+    def ipc(self, op: str, args: Mapping[str, Any] | None = None, *, timeout: float = 60.0,
+            on_event: Callable[[dict[str, Any]], None] | None = None) -> Any:
+        """One control-socket call from this process (no CLI start-up): its result, or the
+        daemon's refusal raised as an SptError (DaemonDown when nothing listens). Envelopes
+        streamed to it (a ring's reply) go to `on_event` and are acknowledged after it returns,
+        as the CLI does once it has flushed them."""
+        from spt.core.ipc import call, connect
+
+        conn = connect(self.home / "spt.sock")
+
+        def handle(event: dict[str, Any]) -> None:
+            if on_event is not None:
+                on_event(event)
+            if event.get("last") and "msg" in event:
+                conn.send({"ack": event["msg"]})
+
+        try:
+            return call(conn, op, args, timeout=timeout, on_event=handle)
+        finally:
+            conn.close()
 
     def popen(self, *args: str, **kwargs: Any) -> subprocess.Popen[str]:
         """Start `spt ARGS…` in the background (for `spt ready`); the caller waits or kills it."""
@@ -120,6 +144,103 @@ class Node:
     def address(self) -> str:
         """`127.0.0.1:PORT`, what `--peer` on another node takes."""
         return str(next(a for a in self.json("node", "show")["addresses"] if a.startswith("127.")))
+
+
+LAB_CONFIG = """\
+[net]
+port = 47470
+
+[discovery]
+mdns = false
+
+[timing]
+presence_interval = {presence}
+offline_after = {offline}
+idle_timeout = {idle}
+"""
+
+
+class LabNode(Node):
+    """A node whose daemon runs inside a netns lab host; the CLI and `ipc()` reach it from here
+    over its Unix socket (a path in the file system, which namespaces do not separate)."""
+
+    def __init__(self, lab: Lab, host: str, name: str, home: Path, env: Mapping[str, str]) -> None:
+        super().__init__(name, home, env)
+        self.lab = lab
+        self.host = host
+
+    def start(self, timeout: float = 15.0) -> None:
+        with open(self.home / "daemon.log", "ab") as log:
+            self.proc = self.lab.popen(
+                self.host, [sys.executable, "-m", "spt", "daemon", "run"], env=self.env,
+                stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            # "daemon started" is logged once discovery is up as well
+            if "daemon started" in self.log() and self.cli("daemon", "status").returncode == 0:
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"node {self.name} did not start in {self.host}:\n{self.log()}")
+
+    @property
+    def lab_address(self) -> str:
+        """`ADDR:47470` of this node inside the lab (what `--peer` takes on its LAN)."""
+        return f"{self.lab.addr(self.host)}:{_config_port(self.home)}"
+
+    def members(self) -> list[dict[str, Any]]:
+        doc = self.json("subnet", "status", "--nodes")
+        return [m for s in doc["subnets"] for m in s.get("members", []) if not m["self"]]
+
+
+def _config_port(home: Path) -> int:
+    import tomllib
+
+    return int(tomllib.loads((home / "config.toml").read_text()).get("net", {}).get("port", 47470))
+
+
+class LabNodes:
+    """Makes `LabNode`s in hosts of a lab, each with its own short state folder; `close()` stops
+    exactly the daemons it started."""
+
+    def __init__(self, lab: Lab, *, presence: float = 0.5, offline: float = 3.0, config: str = "") -> None:
+        self.lab = lab
+        # the defaults' proportions (30 / 90 / 60 s): a silent connection closes before the TTL
+        self.config = LAB_CONFIG.format(presence=presence, offline=offline, idle=offline * 2 / 3) + config
+        self.nodes: list[LabNode] = []
+        self.root = Path(tempfile.mkdtemp(prefix="spt-l-"))
+
+    def __call__(self, host: str, label: str | None = None, *, config: str = "",
+                 env: Mapping[str, str] | None = None, start: bool = True) -> LabNode:
+        label = label or host
+        home = self.root / label
+        home.mkdir(mode=0o700)
+        (home / "config.toml").write_text(f'[node]\nlabel = "{label}"\n\n' + self.config + config)
+        node_env = {k: v for k, v in os.environ.items() if not k.startswith("SPT_")}
+        node_env.update({"SPT_HOME": str(home), "SPT_NO_AUTOSTART": "1", "SPT_NO_SUDO": "1"})
+        node_env.update(env or {})
+        node = LabNode(self.lab, host, label, home, node_env)
+        self.nodes.append(node)
+        if start:
+            node.start()
+        return node
+
+    def subnet(self, hosts: Sequence[str], name: str = "home") -> list[LabNode]:
+        """Nodes on `hosts` in one subnet: the first creates it, the rest join it by code
+        through its lab address (static peer)."""
+        nodes = [self(h) for h in hosts]
+        nodes[0].cli("subnet", "create", name, check=True)
+        for node in nodes[1:]:
+            node.cli("subnet", "join", name, "--code", fresh_code(nodes[0], name), "--peer",
+                     nodes[0].lab_address, "--timeout", "20", check=True)
+        return nodes
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.kill(signal.SIGTERM)
+        shutil.rmtree(self.root, ignore_errors=True)
 
 
 def fresh_code(member: Node, name: str, *, margin: float = 3.0) -> str:
