@@ -289,6 +289,30 @@ def relay_control(data: bytes) -> None:
     server._registrations._level.clear()
 
 
+_LOOP: Any = None
+
+
+def relay_tunnel(data: bytes) -> None:
+    """The relay's UDP frames over TCP (`u16 length ‖ datagram`), each datagram handed to the
+    relay's forwarder as if it had come by UDP."""
+    global _LOOP
+    import asyncio
+
+    from spt_relay_fallback.tunnel import pump
+
+    if _LOOP is None:
+        _LOOP = asyncio.new_event_loop()
+    server = _server()
+
+    async def run() -> None:
+        reader = asyncio.StreamReader()
+        reader.feed_data(data)
+        reader.feed_eof()
+        await pump(reader, lambda datagram: server._datagram(datagram, ("198.51.100.4", 4000)))
+
+    _LOOP.run_until_complete(run())
+
+
 def relay_punch_addresses(data: bytes) -> None:
     """The candidate list a peer sends in relay.punch."""
     from spt_relay_fallback.client import _addresses
@@ -308,6 +332,7 @@ TARGETS: dict[str, Target] = {
     "relay_datagram_server": relay_datagram_server,
     "relay_control": relay_control,
     "relay_punch_addresses": relay_punch_addresses,
+    "relay_tunnel": relay_tunnel,
 }
 
 
@@ -328,6 +353,7 @@ def _seeds() -> dict[str, list[bytes]]:
         "relay_datagram_server": [bytes((0x01,)) + bytes(48) + b"\xc0" * 40],
         "relay_control": [enc({"port": 1, "proof": bytes(32)}), enc({"tags": [bytes(16)], "port": 2}), enc({"tag": bytes(16)})],
         "relay_punch_addresses": [enc(["192.0.2.1:5", "10.0.0.1:99999", 5])],
+        "relay_tunnel": [struct.pack("!H", 60) + bytes((0x01,)) + bytes(59) + struct.pack("!H", 2) + b"\x03\x01"],
     }
 SEEDS = _seeds()
 
