@@ -36,7 +36,7 @@ def median(samples: Sequence[float]) -> float:
 # Each bench prints its own figures and, when SPT_BENCH_ROWS names a file, also appends one JSON
 # line per headline figure there; bench/all.py runs every bench and turns those lines into
 # bench/RESULTS.md. `goal` is ">= x" (higher is better) or "<= x" (lower is better) and applies to
-# `ratio` (value / baseline) when there is a baseline, else to `value` itself.
+# `ratio` (value / baseline) when there is a baseline, else (or with goal_on="value") to `value`.
 
 ROWS_ENV = "SPT_BENCH_ROWS"
 
@@ -49,6 +49,7 @@ def row(
     baseline_name: str = "",
     baseline: float | None = None,
     goal: str = "",
+    goal_on: str = "",
     note: str = "",
 ) -> None:
     """Record one headline figure for bench/all.py (a no-op when run alone)."""
@@ -59,8 +60,10 @@ def row(
     if not path:
         return
     ratio = value / baseline if baseline else None
+    on_value = goal_on == "value" or not baseline
     record = {"figure": figure, "value": value, "unit": unit, "baseline_name": baseline_name,
-              "baseline": baseline, "ratio": ratio, "goal": goal, "note": note}
+              "baseline": baseline, "ratio": ratio, "goal": goal, "goal_on": "value" if on_value else "ratio",
+              "note": note}
     with open(path, "a", encoding="utf-8") as fh:
         fh.write(json.dumps(record) + "\n")
 

@@ -83,11 +83,12 @@ def fmt(value: float | None, unit: str = "") -> str:
 def table(rows: list[dict[str, Any]]) -> list[str]:
     lines = ["| figure | value | baseline | ratio | goal | met |", "|---|---:|---|---:|---|:-:|"]
     for r in rows:
-        measured = r["ratio"] if r["baseline"] else r["value"]
+        on_value = r.get("goal_on", "ratio" if r["baseline"] else "value") == "value"
+        measured = r["value"] if on_value else r["ratio"]
         met = goal_met(r["goal"], measured)
         baseline = f"{r['baseline_name']} {fmt(r['baseline'], r['unit'])}".strip() if r["baseline"] else ""
         ratio = f"{r['ratio']:.2f}×" if r["ratio"] is not None else ""
-        goal = r["goal"] + ("×" if r["goal"] and r["baseline"] else "")
+        goal = r["goal"] + ((f" {r['unit']}" if on_value else "×") if r["goal"] else "")
         figure = r["figure"] + (f" ({r['note']})" if r.get("note") else "")
         mark = {True: "yes", False: "**no**", None: ""}[met]
         lines.append(f"| {figure} | {fmt(r['value'], r['unit'])} | {baseline} | {ratio} | {goal} | {mark} |")
