@@ -54,6 +54,7 @@ REGISTRATION_HOOKS: Final = (
     "sync_tiers",
     "notification_renderers",
     "updaters",
+    "record_kinds",
     "commands",
     "bulk_transits",
 )

@@ -310,3 +310,34 @@ def sync_scope_remove(endpoint_id: str, subnet: str) -> None:
     """Stop ID's mind syncing to SUBNET."""
     doc = daemon_call("endpoint.scope.set", {"id": endpoint_id, "subnet": subnet, "in_scope": False})
     emit("SCOPE_REMOVED", doc["id"], doc["subnet"])
+
+
+@endpoint.command("mind")
+@click.argument("endpoint_id", metavar="[ID]", required=False)
+@click.option("--tier", type=click.Choice(["live", "project"]), help="Only this tier.")
+@click.option("--project", "project_dir", type=click.Path(file_okay=False), help="The project folder (default: where ID last ran spt ready).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@click.pass_context
+def mind(ctx: click.Context, endpoint_id: str | None, tier: str | None, project_dir: str | None, as_json: bool) -> None:
+    """ID's mind (default $SPT_AGENT_ID): the live tier, then the current project's, in HLC order."""
+    endpoint_id = endpoint_id or os.environ.get("SPT_AGENT_ID")
+    if not endpoint_id:
+        raise UsageError("NO_IDENTITY", "", "give an endpoint id or set SPT_AGENT_ID")
+    args = {"id": endpoint_id, "tier": tier, "project": os.path.abspath(project_dir) if project_dir else None}
+    doc = daemon_call("mind.read", args)
+    if _wants_json(ctx, as_json):
+        print_json(doc)
+        return
+    project = doc["project"]
+    if not doc["live"] and not (project and project["entries"]):
+        from spt.core.errors import Refusal
+
+        raise Refusal("NO_CONTEXT", doc["id"], "no mind entries yet; drop a commune file to write one")
+    if doc["live"]:
+        out("<live-context>")
+        out("\n\n".join(e["body"] for e in doc["live"]))
+        out("</live-context>")
+    if project and project["entries"]:
+        out(f'<project-context project="{project["id"]}">')
+        out("\n\n".join(e["body"] for e in project["entries"]))
+        out("</project-context>")

@@ -220,7 +220,7 @@ def ready(endpoint_id: str | None, once: bool, subnet: str | None, timeout: floa
         elif "line" in event:
             stream.envelope(event)
 
-    args = {"id": endpoint_id, "once": once, "subnet": subnet, "timeout": timeout}
+    args = {"id": endpoint_id, "once": once, "subnet": subnet, "timeout": timeout, "cwd": os.getcwd()}
     while True:
         try:
             result = stream.run("endpoint.ready", args, on_event)
@@ -299,17 +299,33 @@ Subnets join machines; a human does this once, in an elevated terminal.
 - spt subnet create <name> prints a six-digit code; on the other machine: spt subnet join <name>.
 - spt subnet status lists subnets; spt whoami and spt endpoint list show who is reachable.
 - Your endpoint is homed in the node's subnet automatically (with several: --subnet <name>).
-- spt endpoint visibility show|hide <id> <subnet> controls where others can see and reach you.""",
+- spt endpoint visibility show|hide <id> <subnet> controls where others can see and reach you.
+- Tell the human something: spt subnet notify "<text>" [--title <t>] prints NOTIFIED:<id>; it is
+  shown once, on the machine they used last. They read it with spt notif list, clear it with
+  spt notif ack <id>.""",
     "file": """\
 Send files: spt file send <path>… <address> [-m "note"] [--wait]
 - FILE_QUEUED:<tid> means the transfer continues in the background; spt file status <tid>.
 - The receiver gets a <EVENT type="file" …> envelope; the files are in its endpoint folder's
   inbox/<tid>/. Send binary or large data as files, never as message bodies.""",
     "mind": """\
-Your mind: what you are doing, shared with your other instances and (per project) your peers.
-- spt endpoint mind [<id>] prints <live-context> and <project-context> blocks.
-- Drop a commune file in your endpoint folder ($SPT_ENDPOINT_DIR) to record what you did.
-- spt endpoint sync-scope add|remove <id> <subnet> chooses where your mind syncs.""",
+Your mind: read it with spt endpoint mind; write it by dropping <id>-commune.md in your folder.
+The live tier (who you are, what you are doing) follows you to every instance of your endpoint;
+the project tier is shared with instances working on the same project.
+- Write: put Markdown in <your endpoint folder>/<id>-commune.md ($SPT_ENDPOINT_DIR when hosted;
+  else the folder spt endpoint list --detail shows). Write it elsewhere and rename it in, or just
+  write it: it is taken once unchanged for 1 s. Lines "# live" and "# project" start sections;
+  text before the first goes to the project tier. The file disappears once taken: that is
+  success. If it turns into <id>-commune.rejected.md, the reason is in
+  <id>-commune.rejected.reason.txt (and the user gets a notification).
+- Each section becomes one entry (at most 64 KiB). Entries are never edited: write a new one.
+- Read: spt endpoint mind [<id>] [--tier live|project] [--project <dir>] [--json] prints
+  <live-context> and <project-context project="..."> blocks, oldest first; NO_CONTEXT:<id> when
+  there is nothing yet.
+- Your project is the id in .spt/project in your folder, else your git origin; otherwise the
+  project tier stays on this node.
+- spt endpoint sync-scope add|remove <id> <subnet> chooses where your mind syncs (only where
+  you are visible).""",
 }
 
 

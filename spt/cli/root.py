@@ -19,6 +19,7 @@ BUILTIN_COMMANDS: Final = {
     "endpoint": "spt.cli.endpoint:endpoint",
     "how-to": "spt.cli.messaging:how_to",
     "node": "spt.cli.node:node",
+    "notif": "spt.cli.notif:notif",
     "plugins": "spt.cli.plugins:plugins",
     "ready": "spt.cli.messaging:ready",
     "ring": "spt.cli.messaging:ring",

@@ -217,3 +217,20 @@ def unlock(name: str) -> None:
     """End a join lockout early, subnet-wide [elevated]."""
     require_elevation()
     emit("UNLOCKED", daemon_call("subnet.unlock", {"name": name})["name"])
+
+
+@subnet.command()
+@click.argument("body", required=False)
+@click.option("--subnet", "subnet_name", help="The subnet to notify (needed when this node holds several).")
+@click.option("--title", help="A short title (default: the body's first line).")
+def notify(body: str | None, subnet_name: str | None, title: str | None) -> None:
+    """Raise a notification for the user, shown once on the machine they last used."""
+    import sys
+
+    if body is None and not sys.stdin.isatty():
+        body = sys.stdin.read()
+    body = (body or "").rstrip("\n")
+    if not body.strip() and not title:
+        raise UsageError("BAD_USAGE", "", "give a body (argument or stdin) or --title")
+    doc = daemon_call("notif.raise", {"body": body, "subnet": subnet_name, "title": title or ""})
+    emit("NOTIFIED", doc["id"])

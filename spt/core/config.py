@@ -30,7 +30,7 @@ _KNOWN: Final[dict[str, set[str]]] = {
     "update": {"source", "check", "root", "check_interval", "peer_interval"},
     "join": {"max_failures", "lockout_seconds"},
     "plugins": {"disabled"},
-    "timing": {"presence_interval", "offline_after", "idle_timeout"},
+    "timing": {"presence_interval", "offline_after", "idle_timeout", "anti_entropy"},
     "daemon": {"socket_group"},
 }
 

@@ -47,6 +47,7 @@ from spt.core.proto.join import iso_utc
 from spt.core.proto.membership import make_label
 from spt.core.proto.resolve import RemoteTarget, Row
 from spt.core.relaybook import RelayBook
+from spt.core.replication import Replication
 from spt.core.resting import Resting
 from spt.core.resting import register_ops as register_resting_ops
 from spt.core.runtime import Runtime
@@ -54,7 +55,7 @@ from spt.core.store import Store, load_or_create_key
 from spt.core.subnets import HeldSubnet, Subnets, rendezvous_tag
 from spt.core.subnets import register_ops as register_subnet_ops
 from spt.core.types import check_label, label_from_hostname
-from spt.hooks import Candidate, DiscoveryBackend
+from spt.hooks import Candidate, DiscoveryBackend, NotificationSink
 from spt.manager import PluginSystem, blocked_names, build_plugin_manager
 
 log = logging.getLogger(__name__)
@@ -143,6 +144,10 @@ class Daemon:
         self.members: Members
         self.messaging: Messaging
         self.payloads: Payloads
+        self.replication: Replication
+        self.notification_sink: NotificationSink | None = None
+        self.fork_listeners: list[Callable[[str, str], None]] = []
+        self._activity_published = 0.0
         self._ipc_server: asyncio.AbstractServer | None = None
         self.subnets: Subnets
         self.endpoints: Endpoints
@@ -234,7 +239,7 @@ class Daemon:
             "subnets": [s.name for s in self.subnets.held.values()],
             "peers": self._peer_counts(),
             "hosted": self.hosting.count_alive(),
-            "unread": self.store.query("SELECT COUNT(*) AS n FROM notifications WHERE acked=0")[0]["n"],
+            "unread": self.unread(),
             "warnings": warnings,
         }
 
@@ -372,6 +377,7 @@ class Daemon:
         presence = None if is_self else self.messaging.presence_of(sub, key)
         heard = None if is_self else self.messaging.view(sub).last_heard(key)
         detached = (not sub.attached) if is_self else bool(presence and presence.detached)
+        activity = self.user_activity_ms if is_self else (presence.last_activity_ms if presence else None)
         return {
             "label": label,
             "key": key.hex,
@@ -383,6 +389,7 @@ class Daemon:
             "version": __version__ if is_self else (presence.software_version if presence else None),
             "last_seen": iso_utc(heard) if heard is not None else None,
             "path": None if is_self else self.members.path_view(key, sub),
+            "last_activity": iso_utc(activity) if activity is not None else None,  # §8.4, from presence
         }
 
     def join_state(self, sub: HeldSubnet) -> dict[str, Any]:
@@ -406,8 +413,18 @@ class Daemon:
             self.notify(sub, "join-failed", f"a join to {sub.name} failed",
                         f"{joiner.short} from {source} entered a wrong code", dedupe_seconds=600)
 
-    def notify(self, sub: HeldSubnet | None, kind: str, title: str, body: str, *, dedupe_seconds: float = 0) -> None:
-        """Record a notification for the user (SPEC.md §8.4); replication rides the notify plugin."""
+    def notify(
+        self, sub: HeldSubnet | None, kind: str, title: str, body: str, *, dedupe_seconds: float = 0,
+        event: str | None = None,
+    ) -> str | None:
+        """Raise a notification for the user (SPEC.md §8.4). The notify plugin, when loaded,
+        replicates it subnet-wide; without it the record stays in this node's store. `event` names
+        one event several members observe (a key change): they then raise one notification."""
+        log.warning("notification", extra={"kind": kind, "title": title})
+        if self.notification_sink is not None:
+            return self.notification_sink.raise_notification(
+                sub.name if sub else None, kind, title, body, dedupe_seconds=dedupe_seconds, event=event
+            )
         now = time.time()
         with self.store.transaction():
             if dedupe_seconds:
@@ -416,16 +433,31 @@ class Daemon:
                     (kind, sub.id if sub else None, now - dedupe_seconds),
                 ).fetchone()
                 if recent:
-                    return
+                    return None
+            notif_id = os.urandom(16).hex()
             self.store.db.execute(
                 "INSERT INTO notifications(id, subnet, kind, title, body, origin, time) VALUES(?,?,?,?,?,?,?)",
-                (os.urandom(16).hex(), sub.id if sub else None, kind, title, body, self.key.node_id.hex, now),
+                (notif_id, sub.id if sub else None, kind, title, body, self.key.node_id.hex, now),
             )
-        log.warning("notification", extra={"kind": kind, "title": title})
+        return notif_id
+
+    def fork_mind(self, source_id: str, new_id: str) -> None:
+        """`spt endpoint fork` made `new_id` from `source_id`: plugins seed it (minds, §4.7)."""
+        for listener in self.fork_listeners:
+            try:
+                listener(source_id, new_id)
+            except Exception:
+                log.exception("a fork listener failed", extra={"source": source_id, "new": new_id})
+
+    def unread(self) -> int:
+        if self.notification_sink is not None:
+            return self.notification_sink.unread()
+        return int(self.store.query("SELECT COUNT(*) AS n FROM notifications WHERE acked=0")[0]["n"])
 
     def peer_synced(self, conn: Any) -> None:
         """A member connection finished its log sync; services exchange their state now."""
         self.members.spawn(self.messaging.sync(conn), "registry sync")
+        self.members.spawn(self.replication.sync(conn), "replication sync")
 
     def membership_changed(self, sub: HeldSubnet) -> None:
         """Members joined, left or were pruned in `sub`."""
@@ -452,6 +484,15 @@ class Daemon:
             self._user_activity_written = now
             with self.store.transaction():
                 self.store.set_meta("user_activity", repr(now))
+        if now - self._activity_published >= 1.0:
+            # Presence carries the time (§8.4): re-sign and push it now, so the member the user
+            # just touched is where a notification raised a moment later surfaces.
+            self._activity_published = now
+            self.on_endpoint_changed("")
+
+    @property
+    def user_activity_ms(self) -> int | None:
+        return None if self.user_activity_at is None else int(self.user_activity_at * 1000)
 
     def hosted_alive(self, perch_id: str) -> bool:
         return self.hosting.alive(perch_id)
@@ -508,11 +549,15 @@ class Daemon:
         self.members = Members(self)
         register_member_ops(self, self.members)
         await self.members.start()
+        activity = self.store.get_meta("user_activity")
+        self.user_activity_at = float(activity) if activity else None
         self.messaging = Messaging(self)
         self.messaging.start()
         # re-adopt host processes that outlived the last daemon (a run that ended meanwhile is
         # published, so the registry is up before this)
         await self.hosting.start()
+        self.replication = Replication(self)
+        self.replication.start()
         await self._start_discovery()
         self.plugins.pm.hook.spt_node_started(node_id=self.key.node_id.hex, port=self.port)
         register_doctor_ops(self)
@@ -631,10 +676,17 @@ class Daemon:
         if op.elevated and call.uid != 0:
             log.warning("elevated operation refused", extra={"op": call.op, "uid": call.uid})
             return {"error": ElevationRequired("", ELEVATION_MESSAGE).to_wire()}
+        if call.interactive:
+            self.touch_user_activity()
         # system mode: the operation sees only the caller's perches (spt.core.caller)
         token = CALLER_UID.set(call.uid if self.config.socket_group is not None else None)
         try:
-            return {"result": await op.handler(call)}
+            answer: dict[str, Any] = {"result": await op.handler(call)}
+            if call.interactive and self.notification_sink is not None:
+                banner = self.notification_sink.banner()
+                if banner:
+                    answer["banner"] = banner
+            return answer
         except SptError as exc:
             return {"error": exc.to_wire()}
         except (ConnectionError, asyncio.IncompleteReadError):

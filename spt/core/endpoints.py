@@ -93,6 +93,7 @@ class Perch:
     transient: bool
     created: float
     owner: int | None = None  # the uid that made it in system mode; None: the daemon's account
+    workdir: str | None = None  # the folder it last bound from: where its project is (§2.8)
 
     @property
     def key(self) -> str:
@@ -111,6 +112,7 @@ def _perch(row: Any) -> Perch:
         transient=bool(row["transient"]),
         created=float(row["created"]),
         owner=row["owner"],
+        workdir=row["workdir"],
     )
 
 
@@ -887,6 +889,9 @@ class Endpoints:
                 raise Refusal("COLLISION", perch.id, "another listener holds this perch")
         if perch.state == "unbound":
             perch = self._update(perch, state="active")
+        cwd = call.args.get("cwd")
+        if isinstance(cwd, str) and cwd.startswith("/") and cwd != perch.workdir:
+            perch = self._update(perch, publish=False, workdir=cwd)  # the mind's project (§2.8)
         chan = _Channel(call)
         listener = _Listener(perch, chan)
         self.listeners[perch.key] = listener

@@ -149,5 +149,8 @@ def call(
         elif "error" in msg:
             raise SptError.from_wire(msg["error"])
         else:
+            banner = msg.get("banner")
+            if isinstance(banner, str) and banner:
+                sys.stderr.write(banner.splitlines()[0] + "\n")  # SPEC.md §8.4: one line
             return msg.get("result")
     raise DaemonDown("", "the daemon closed the control connection")

@@ -968,6 +968,7 @@ class Members:
             sub, "key-change", f"{label} in {sub.name} presents a new key",
             f"old {old.fingerprint}, new {new.fingerprint}. Compare with `spt node show` on that machine, then "
             f"`spt node trust accept {label}` (or `spt node trust reject {label}`).",
+            event=f"{old.hex}>{new.hex}",  # every member sees the claim: one notification for it
         )
         return "ok", {"pending": True}
 

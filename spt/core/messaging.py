@@ -260,6 +260,7 @@ class Messaging:
             key, subnet=sub.name, version=version, software_version=__version__,
             addresses=tuple(self.daemon.addresses()), relays=self.daemon.announced_relays,
             detached=not sub.attached, staged_release=self.staged_release,
+            last_activity_ms=self.daemon.user_activity_ms,
         ))
         return records
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,7 +18,9 @@ from spt.hooks.interfaces import (
     MemberPresence,
     MemberRequestHandler,
     MemberStreamHandler,
+    NotificationSink,
     OpHandler,
+    Replication,
 )
 
 if TYPE_CHECKING:
@@ -114,6 +117,38 @@ class Runtime:
     async def attach_hosted(self, perch_id: str, hello: Mapping[str, Any]) -> HostedTerminal:
         return await self._daemon.hosting.attach(perch_id, hello)
 
+    # -- replicated records, notifications, user activity ----------------------------------
+
+    @property
+    def replication(self) -> Replication:
+        return self._daemon.replication
+
+    def subnet_names(self) -> list[str]:
+        return [s.name for s in self._daemon.subnets.attached()]
+
+    def subnet_members(self, subnet: str) -> list[NodeId]:
+        sub = self._daemon.subnets.by_name(subnet)
+        if sub is None or not sub.attached:
+            return []
+        return sorted(sub.state().members)
+
+    def online_activity(self, subnet: str) -> dict[NodeId, int | None]:
+        daemon = self._daemon
+        sub = daemon.subnets.by_name(subnet)
+        if sub is None or not sub.attached:
+            return {}
+        me = daemon.key.node_id
+        now_ms = int(time.time() * 1000)
+        ttl_ms = int(daemon.config.offline_after * 1000)
+        view = daemon.messaging.views.get(sub.id)
+        out: dict[NodeId, int | None] = {me: daemon.user_activity_ms}
+        for node in sub.state().members:
+            if node == me or view is None or view.is_offline(node, now_ms, ttl_ms=ttl_ms):
+                continue
+            presence = view.presence(node)
+            out[node] = presence.last_activity_ms if presence is not None else None
+        return out
+
     def touch_user_activity(self) -> None:
         self._daemon.touch_user_activity()
 
@@ -140,8 +175,16 @@ class Runtime:
     def on_network_change(self, listener: Callable[[Any], str | None]) -> None:
         self._daemon.network_listeners.append(listener)
 
-    def raise_notification(self, kind: str, title: str, body: str) -> None:
-        self._daemon.notify(None, kind, title, body)
+    def raise_notification(self, kind: str, title: str, body: str, *, subnet: str | None = None) -> str | None:
+        daemon = self._daemon
+        if subnet is not None:
+            sub = daemon.subnets.by_name(subnet)
+            if sub is None:
+                raise Refusal("NO_SUCH_SUBNET", subnet)
+            return daemon.notify(sub, kind, title, body)
+        # About this node, not one subnet: every attached subnet carries it to the user
+        ids = [daemon.notify(sub, kind, title, body) for sub in daemon.subnets.attached()]
+        return next((i for i in ids if i), None) if ids else daemon.notify(None, kind, title, body)
 
     def announce_release(self, version: str | None) -> None:
         messaging = self._daemon.messaging
@@ -167,3 +210,38 @@ class Runtime:
 
     def restart(self, executable: str) -> None:
         self._daemon.restart_with(executable)
+
+    def set_notification_sink(self, sink: NotificationSink) -> None:
+        self._daemon.notification_sink = sink
+
+    def add_fork_listener(self, listener: Callable[[str, str], None]) -> None:
+        """`listener(source_id, new_id)` runs when `spt endpoint fork` made a new local perch."""
+        self._daemon.fork_listeners.append(listener)
+
+    def local_endpoints(self) -> list[tuple[str, str | None]]:
+        endpoints = self._daemon.endpoints
+        out: list[tuple[str, str | None]] = []
+        for perch in endpoints.perches():
+            home = self._daemon.subnets.held.get(perch.home) if perch.home else None
+            out.append((perch.id, home.name if home else None))
+        return out
+
+    def effective_sync_subnets(self, perch_id: str) -> list[str]:
+        endpoints = self._daemon.endpoints
+        perch = endpoints.get(perch_id)
+        if perch is None:
+            return []
+        return [s.name for s, visible, in_scope in endpoints.settings(perch) if visible and in_scope and s.attached]
+
+    def instance_nodes(self, home: str, endpoint_id: str, subnet: str) -> list[NodeId]:
+        me = self._daemon.key.node_id
+        canonical = subnet.lower()
+        return sorted({
+            r.node for r in self._daemon.messaging.registry_rows()
+            if r.subnet.lower() == canonical and r.visible and r.node != me
+            and r.home.lower() == home.lower() and r.endpoint_id.lower() == endpoint_id.lower()
+        })
+
+    def endpoint_workdir(self, perch_id: str) -> Path | None:
+        perch = self._daemon.endpoints.get(perch_id)
+        return Path(perch.workdir) if perch is not None and perch.workdir else None

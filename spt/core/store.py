@@ -157,6 +157,22 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     """
     ALTER TABLE perches ADD COLUMN owner INTEGER;
     """,
+    # 6: replicated records (spt.core.replication) and the folder a perch last bound from (minds)
+    """
+    CREATE TABLE replicated (
+        kind TEXT NOT NULL,
+        id TEXT NOT NULL,
+        part TEXT NOT NULL,
+        author TEXT NOT NULL,
+        hlc TEXT NOT NULL,
+        raw BLOB NOT NULL,
+        received REAL NOT NULL,
+        PRIMARY KEY (kind, id)
+    );
+    CREATE INDEX replicated_by_part ON replicated(kind, part, id);
+    CREATE INDEX replicated_by_hlc ON replicated(kind, hlc, id);
+    ALTER TABLE perches ADD COLUMN workdir TEXT;
+    """,
 )
 
 

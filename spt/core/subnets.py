@@ -7,6 +7,7 @@ The network half (joins, log sync, prune propagation) is in `spt.core.members`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -15,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
-from spt.core.errors import Refusal, UsageError
+from spt.core.errors import Refusal, RemoteProtocolError, UsageError
 from spt.core.identity import NodeId, sha256
 from spt.core.proto.hlc import Hlc, HlcTimestamp
 from spt.core.proto.membership import Entry, MembershipLog, MembershipState, make_create, subnet_id_of
@@ -113,6 +114,11 @@ class Subnets:
         ts = self.hlc.now(int(time.time() * 1000))
         self.store.set_meta("hlc", json.dumps(ts.to_wire()))
         return ts
+
+    def observe(self, received: HlcTimestamp) -> None:
+        """Absorb a received timestamp, so local events stamped later order after it."""
+        with contextlib.suppress(RemoteProtocolError):  # a wild clock ahead is not followed
+            self.hlc.update(received, int(time.time() * 1000))
 
     # -- lookups --------------------------------------------------------------------------
 

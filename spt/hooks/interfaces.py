@@ -196,13 +196,132 @@ class SyncTier(ABC):
 
 
 class NotificationRenderer(ABC):
-    """Turns a notification record into what the user sees at the surfacing node."""
+    """Turns a notification record into what the user sees at the surfacing node.
+
+    `notification` has the keys of `spt notif list --json` (id, subnet, kind, title, body, from,
+    time, acked). `show` runs once, on the one node that surfaces it; it must not block (spawn
+    detached processes, never wait for them).
+    """
 
     name: ClassVar[str]
     priority: ClassVar[int] = 100
 
     @abstractmethod
     def render(self, notification: Mapping[str, Any]) -> str: ...
+
+    def show(self, notification: Mapping[str, Any], config: Mapping[str, Any]) -> None:
+        """Present the notification (`config` is the `notifications` config section)."""
+
+
+# --- replicated records ---------------------------------------------------------------------
+
+
+class ReplicatedRecord(Protocol):
+    """One signed, never-edited record as the replication facility hands it to plugins.
+
+    `hlc` orders records (compare `(record.hlc, record.id)`); `part` is the partition the kind put
+    it in; `data` is the kind's own JSON payload; `author` signed it.
+    """
+
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def part(self) -> str: ...
+
+    @property
+    def author(self) -> NodeId: ...
+
+    @property
+    def hlc(self) -> Any: ...
+
+    @property
+    def data(self) -> Mapping[str, Any]: ...
+
+
+class RecordKind(ABC):
+    """A kind of replicated record a plugin declares: who may receive it and how it merges.
+
+    Records are immutable and merge by union (a change is a new record naming the old one).
+    The facility signs, stores (SQLite), pushes new records at once to `recipients`, and runs
+    digest anti-entropy with every connected member over the `partitions` both sides name, on
+    connect and every `anti_entropy_seconds`. A record arriving from a peer through subnet S is
+    stored only when its author's signature verifies and `accept` says yes, so a kind enforces
+    on the receiving side what `recipients` promises on the sending side.
+
+    Methods run on the daemon's loop and must not block.
+    """
+
+    name: ClassVar[str]
+    anti_entropy_seconds: ClassVar[float] = 60.0
+
+    @abstractmethod
+    def partitions(self, subnet: str, peer: NodeId) -> Sequence[str]:
+        """The partitions this node compares with member `peer` over `subnet` (both sides must name one)."""
+
+    @abstractmethod
+    def accept(self, record: ReplicatedRecord, *, subnet: str, peer: NodeId) -> bool:
+        """Whether a record `peer` offers over `subnet` may be stored here; raise
+        RemoteProtocolError for malformed data (the peer broke the protocol)."""
+
+    def recipients(self, record: ReplicatedRecord) -> Sequence[tuple[str, NodeId]]:
+        """(subnet, node) pairs a new local record is pushed to at once. Default: none (anti-entropy only)."""
+        return ()
+
+    def merged(self, records: Sequence[ReplicatedRecord]) -> None:
+        """New records were stored (received or local); react here (surface, index…)."""
+
+    def expired(self, record: ReplicatedRecord, now_ms: int) -> bool:
+        """True when a held record may be dropped (and is refused if offered again)."""
+        return False
+
+
+class Replication(Protocol):
+    """The replication facility as plugins use it (`NodeRuntime.replication`)."""
+
+    def publish(
+        self, kind: str, part: str, data: Mapping[str, Any], *, record_id: str | None = None
+    ) -> ReplicatedRecord:
+        """Sign a new record with this node's key, store it and push it to its recipients.
+        `record_id` (32 hex) is for records several nodes may write for one event; default random."""
+        ...
+
+    def records(self, kind: str, part: str | None = None) -> Sequence[ReplicatedRecord]:
+        """Held records of `kind` (one partition, or all), ordered by HLC, then id."""
+        ...
+
+    def get(self, kind: str, record_id: str) -> ReplicatedRecord | None: ...
+
+    def parts(self, kind: str) -> list[str]:
+        """The partitions of `kind` this node holds records in."""
+        ...
+
+    def request_sync(self, node: NodeId) -> None:
+        """Run anti-entropy with a connected member soon (e.g. it newly hosts what we hold)."""
+        ...
+
+
+class NotificationSink(Protocol):
+    """What the notification plugin offers the core (`NodeRuntime.set_notification_sink`)."""
+
+    def raise_notification(
+        self, subnet: str | None, kind: str, title: str, body: str, *, dedupe_seconds: float = 0,
+        event: str | None = None,
+    ) -> str | None:
+        """Record and replicate a notification; its id, or None when deduplicated. Members that
+        raise one for the same `event` produce the same id, so the user sees it once."""
+        ...
+
+    def unread(self) -> int:
+        """Unacknowledged notifications in the subnets this node holds."""
+        ...
+
+    def banner(self) -> str | None:
+        """The one-line stderr banner for an interactive command now, or None (rate-limited)."""
+        ...
 
 
 class Updater(ABC):
@@ -365,8 +484,9 @@ class NodeRuntime(Protocol):
         `spt.core.net.netwatch.NetworkChange`); it returns a short note of what it did, or None."""
         ...
 
-    def raise_notification(self, kind: str, title: str, body: str) -> None:
-        """Record a notification for the user (SPEC.md §8.4 kinds, e.g. `update-consent`)."""
+    def raise_notification(self, kind: str, title: str, body: str, *, subnet: str | None = None) -> str | None:
+        """Raise a notification for the user (SPEC.md §8.4 kinds, e.g. `update-consent`), replicated
+        to the members of `subnet`, or of every attached subnet when None; returns its id."""
         ...
 
     def announce_release(self, version: str | None) -> None:
@@ -384,4 +504,47 @@ class NodeRuntime(Protocol):
     def restart(self, executable: str) -> None:
         """Stop the node as `spt daemon stop` does, then replace this process (same pid and
         environment) with `executable -m spt` and the same arguments: how a new version starts."""
+        ...
+
+    # replicated records, notifications, user activity (since 0.2)
+
+    @property
+    def replication(self) -> Replication:
+        """The replicated-records facility (declare kinds with `spt_register_record_kinds`)."""
+        ...
+
+    def subnet_names(self) -> list[str]:
+        """The attached subnets this node serves, by name."""
+        ...
+
+    def subnet_members(self, subnet: str) -> list[NodeId]:
+        """Current members of an attached subnet (this node included); empty if not held."""
+        ...
+
+    def online_activity(self, subnet: str) -> dict[NodeId, int | None]:
+        """Online members of `subnet` (this node included) → last user-activity time in ms, from presence."""
+        ...
+
+    def set_notification_sink(self, sink: NotificationSink) -> None:
+        """The notification plugin takes over `raise_notification`, `daemon status` unread and the banner."""
+        ...
+
+    def add_fork_listener(self, listener: Callable[[str, str], None]) -> None:
+        """`listener(source_id, new_id)` runs after `spt endpoint fork` created a local perch."""
+        ...
+
+    def local_endpoints(self) -> list[tuple[str, str | None]]:
+        """Local perches as (id, home subnet name or None), transient ones left out."""
+        ...
+
+    def effective_sync_subnets(self, perch_id: str) -> list[str]:
+        """Subnets where a local perch is both visible and in its sync scope (SPEC.md §2.6)."""
+        ...
+
+    def instance_nodes(self, home: str, endpoint_id: str, subnet: str) -> list[NodeId]:
+        """Other nodes with a visible registry row of endpoint (home, id) in `subnet`."""
+        ...
+
+    def endpoint_workdir(self, perch_id: str) -> Path | None:
+        """The working folder a local endpoint last bound from, when known."""
         ...

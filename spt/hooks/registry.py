@@ -98,6 +98,7 @@ class Registries:
             DiscoveryBackend,
             NotificationRenderer,
             PayloadType,
+            RecordKind,
             SyncTier,
             Updater,
         )
@@ -108,6 +109,7 @@ class Registries:
         self.sync_tiers: Registry[SyncTier] = Registry("sync tier")
         self.notification_renderers: Registry[NotificationRenderer] = Registry("notification renderer")
         self.updaters: Registry[Updater] = Registry("updater")
+        self.record_kinds: Registry[RecordKind] = Registry("record kind")
         self.commands: Registry[CommandRef] = Registry("command")
         self.bulk_transits: Registry[BulkTransit] = Registry("bulk transit")
 
@@ -120,6 +122,7 @@ class Registries:
             "sync_tiers": self.sync_tiers,
             "notification_renderers": self.notification_renderers,
             "updaters": self.updaters,
+            "record_kinds": self.record_kinds,
             "commands": self.commands,
             "bulk_transits": self.bulk_transits,
         }

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
         NodeRuntime,
         NotificationRenderer,
         PayloadType,
+        RecordKind,
         SyncTier,
         Updater,
     )
@@ -133,6 +134,17 @@ def spt_register_updaters(registry: Registry[Updater]) -> None:
     Returns: nothing.
     Mode: collect-all.
     Since: 0.1
+    """
+
+
+@_spec
+def spt_register_record_kinds(registry: Registry[RecordKind]) -> None:
+    """Add replicated-record kinds (notifications, mind entries, third parties' dotted names).
+
+    Called by: the plugin manager, once, at start-up.
+    Returns: nothing; a duplicate name marks the plugin failed.
+    Mode: collect-all.
+    Since: 0.2
     """
 
 

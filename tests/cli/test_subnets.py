@@ -123,6 +123,11 @@ def trio(spt_nodes):
     return a, b, c, created
 
 
+def notif_kinds(node):
+    """Kinds of every notification the node holds, acknowledged ones included (`notif list`)."""
+    return sorted(n["kind"] for n in node.json("notif", "list", "--all")["notifications"])
+
+
 def db_rows(node, sql, params=()):
     """Read the node's store directly, read-only (there is no CLI view of notifications yet)."""
     con = sqlite3.connect(f"file:{node.home / 'spt.db'}?mode=ro", uri=True, timeout=5)
@@ -182,7 +187,11 @@ def test_wrong_code_fails_on_both_sides_with_nothing_pinned(trio, spt_nodes):
     eventually(lambda: sub_doc(a)["joins"]["failed_last_hour"] == 1, "alpha to count the failure")
     for n in (a, b, c):
         assert {k: v["key"] for k, v in members(n).items()} == {k: v["key"] for k, v in before[n.name].items()}
-    assert db_rows(b, "SELECT count(*) FROM notifications WHERE kind='join-failed'") == [(1,)]
+    # §8.4: raised where it happened, replicated to every member, and to a member that joins later
+    for n in (a, b, c):
+        eventually(lambda n=n: notif_kinds(n) == ["join-failed"], f"{n.name} to hold the join-failed notification")
+    joined(d, b)
+    eventually(lambda: notif_kinds(d) == ["join-failed"], "the later joiner to receive the join-failed notification")
 
 
 LOCKOUT_CONFIG = """\
@@ -211,9 +220,10 @@ def test_lockout_refuses_the_right_code_until_the_window_passes(spt_nodes):
     assert re.fullmatch(r"JOIN_LOCKED:home until \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|\+00:00)\n", locked.stderr.splitlines(True)[0]), locked.stderr
     joins = sub_doc(a)["joins"]
     assert joins["state"] == "locked" and joins["locked_until"] and joins["failed_last_hour"] == 3
-    assert db_rows(a, "SELECT count(*) FROM notifications WHERE kind='join-lockout'") == [(1,)]
+    assert notif_kinds(a).count("join-lockout") == 1
     eventually(lambda: sub_doc(a)["joins"]["state"] == "open", "the lockout to pass", timeout=10)
     joined(d, a)
+    eventually(lambda: "join-lockout" in notif_kinds(d), "the later joiner to receive the lockout notification")
 
 
 def test_unlock_ends_a_lockout_subnet_wide(spt_nodes):
@@ -232,7 +242,8 @@ def test_unlock_ends_a_lockout_subnet_wide(spt_nodes):
     human = b.cli("subnet", "status", check=True).stdout
     assert re.search(r"joins-failed-1h=3 joins-locked-until=\d\d:\d\d", human), human
     assert join(d, b).stderr.startswith("JOIN_LOCKED:home until ")
-    assert db_rows(a, "SELECT count(*) FROM notifications WHERE kind='join-lockout'") == [(1,)]
+    assert notif_kinds(a).count("join-lockout") == 1
+    eventually(lambda: "join-lockout" in notif_kinds(b), "beta to receive the lockout notification")
 
     assert a.cli("subnet", "unlock", "home").stdout == "UNLOCKED:home\n"
     assert sub_doc(a)["joins"] == {"state": "open", "failed_last_hour": 0, "locked_until": None}
@@ -360,7 +371,8 @@ def test_a_changed_key_is_refused_until_a_member_accepts_it(trio):
         assert re.search(
             rf"^PENDING gamma \({old_key[:8]}\u2026\) -> {new_key[:8]}\u2026 home since \S+$", human, re.M
         ), human
-        assert db_rows(n, "SELECT count(*) FROM notifications WHERE kind='key-change'") == [(1,)]
+        # both members saw the claim; the user gets one notification for it, everywhere
+        eventually(lambda n=n: notif_kinds(n) == ["key-change"], f"{n.name} to hold one key-change notification")
         refusal = asyncio.run(_dial_member(c, n))
         assert "not-a-member" in refusal and "accepted" not in refusal, refusal
         gamma = members(n)["gamma"]
@@ -384,6 +396,8 @@ def test_a_changed_key_is_refused_until_a_member_accepts_it(trio):
     assert f"gamma ({new_key[:8]}\u2026)  online" in a.cli("subnet", "status", "--nodes", check=True).stdout
     former = {m["key"]: m for m in status(a, "--all")["subnets"][0]["members"]}
     assert former[old_key]["standing"] == "rekeyed"
+    # the node under its new key is a member it was not before: the notification reaches it too
+    eventually(lambda: notif_kinds(c) == ["key-change"], "gamma's new key to receive the key-change notification")
 
 
 def test_trust_reject_drops_the_claim(trio):
