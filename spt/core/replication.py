@@ -55,9 +55,24 @@ log = logging.getLogger(__name__)
 
 REQUEST_TIMEOUT: Final = 15.0
 MAX_PUSH_RECORDS: Final = 512  # records one push or reconcile answer carries at most
+MAX_BATCH_BYTES: Final = 4 * 1024 * 1024  # and their bytes, well inside a frame (MAX_FRAME)
 MAX_PARTS: Final = 4096  # partitions one digest names at most
 TICK_SECONDS: Final = 5.0
 MIN_SYNC_GAP: Final = 1.0  # a requested sync with one node runs at most this often
+
+
+def batches(records: Sequence[SignedRecord]) -> list[list[SignedRecord]]:
+    """Split records into batches of at most MAX_PUSH_RECORDS records and MAX_BATCH_BYTES."""
+    out: list[list[SignedRecord]] = [[]]
+    size = 0
+    for r in records:
+        n = len(r.raw())
+        if out[-1] and (len(out[-1]) >= MAX_PUSH_RECORDS or size + n > MAX_BATCH_BYTES):
+            out.append([])
+            size = 0
+        out[-1].append(r)
+        size += n
+    return [b for b in out if b]
 
 
 def _hlc_key(record: SignedRecord) -> str:
@@ -83,6 +98,12 @@ class Replication:
         handlers["rep.push"] = self._handle_push
         handlers["rep.digest"] = self._handle_digest
         handlers["rep.reconcile"] = self._handle_reconcile
+        daemon.op("replication.stats")(self._stats_op)
+
+    async def _stats_op(self, call: Any) -> Any:
+        """Counters of anti-entropy rounds this node started and their bytes (bench, doctor)."""
+        held = self.daemon.store.query("SELECT kind, count(*) AS n FROM replicated GROUP BY kind")
+        return {**self.stats, "held": {r["kind"]: r["n"] for r in held}}
 
     def start(self) -> None:
         self.members.spawn(self._loop(), "replication anti-entropy")
@@ -272,7 +293,9 @@ class Replication:
         theirs = set(check_ids(body.get("ids"), limit=1_000_000))
         mine = set(self._ids(kind, part, buckets))
         give = sorted(mine - theirs)[:MAX_PUSH_RECORDS]
-        records = [r.to_dict() for r in (self.get(kind, rid) for rid in give) if r is not None]
+        held = [r for r in (self.get(kind, rid) for rid in give) if r is not None]
+        first = batches(held)[:1]  # the rest comes in the next round
+        records = [r.to_dict() for r in (first[0] if first else [])]
         return "rep.records", {"records": records, "want": sorted(theirs - mine)[:MAX_PUSH_RECORDS]}
 
     # -- sending ------------------------------------------------------------------------------
@@ -290,8 +313,7 @@ class Replication:
         try:
             async with asyncio.timeout(REQUEST_TIMEOUT):
                 conn = await self.members.connect_member(node)
-            for start in range(0, len(records), MAX_PUSH_RECORDS):
-                chunk = records[start : start + MAX_PUSH_RECORDS]
+            for chunk in batches(records):
                 await conn.request(
                     "rep.push", {"subnet": sub.id.hex(), "records": [r.to_dict() for r in chunk]},
                     timeout=REQUEST_TIMEOUT,
@@ -345,8 +367,8 @@ class Replication:
         self._take(sub, reply.get("records"), conn.peer)
         want = check_ids(reply.get("want"), limit=MAX_PUSH_RECORDS)
         records = [r for r in (self.get(kind, rid) for rid in want) if r is not None and r.part == part]
-        if records:
-            await self._request(conn, "rep.push", {"subnet": sub.id.hex(), "records": [r.to_dict() for r in records]})
+        for chunk in batches(records):
+            await self._request(conn, "rep.push", {"subnet": sub.id.hex(), "records": [r.to_dict() for r in chunk]})
 
     async def _loop(self) -> None:
         """Periodic anti-entropy: each kind with each connected member every `anti_entropy_seconds`."""

@@ -119,7 +119,7 @@ class Notifications(RecordKind):
         self.runtime: NodeRuntime | None = None
         self.renderers: Registry[NotificationRenderer] | None = None
         self._last_banner = 0.0
-        self._check_pending = False
+        self._acks: dict[str, int] | None = None  # notification id -> first ack time (ms), cached
 
     # -- the record kind ------------------------------------------------------------------
 
@@ -142,6 +142,7 @@ class Notifications(RecordKind):
         return [(subnet, node) for node in self._members(subnet) if node != self.runtime.node_id]
 
     def merged(self, records: Sequence[ReplicatedRecord]) -> None:
+        self._acks = None
         self.check_surfacing()
 
     def expired(self, record: ReplicatedRecord, now_ms: int) -> bool:
@@ -159,8 +160,14 @@ class Notifications(RecordKind):
         return self.runtime.replication.records(KIND) if self.runtime is not None else []
 
     def _ack_time(self, notif_id: str) -> int | None:
-        times = [r.hlc.wall_ms for r in self._all() if r.data.get("t") == "ack" and r.data.get("notif") == notif_id]
-        return min(times) if times else None
+        if self._acks is None:
+            acks: dict[str, int] = {}
+            for r in self._all():
+                if r.data.get("t") == "ack":
+                    key = str(r.data.get("notif"))
+                    acks[key] = min(acks.get(key, r.hlc.wall_ms), r.hlc.wall_ms)
+            self._acks = acks
+        return self._acks.get(notif_id)
 
     def _held_parts(self) -> set[str]:
         assert self.runtime is not None
