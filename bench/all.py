@@ -42,6 +42,7 @@ BENCHES: dict[str, tuple[list[str], list[str], float]] = {
     "rc": ([], ["--quick"], 900),
     "update_apply": ([], [], 600),
     "fuzz": ([], ["--inputs", "100000", "--garbage-seconds", "5"], 1800),
+    "replication": ([], ["--quick"], 1200),
 }
 
 

@@ -243,5 +243,9 @@ class Runtime:
         })
 
     def endpoint_workdir(self, perch_id: str) -> Path | None:
+        # §2.8: `endpoint run --project` (the hosted command's folder), else where it ran `spt ready`
+        hosted = self._daemon.store.query("SELECT cwd FROM hosted WHERE perch=?", (perch_id,))
+        if hosted and hosted[0]["cwd"]:
+            return Path(hosted[0]["cwd"])
         perch = self._daemon.endpoints.get(perch_id)
         return Path(perch.workdir) if perch is not None and perch.workdir else None

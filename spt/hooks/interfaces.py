@@ -546,5 +546,6 @@ class NodeRuntime(Protocol):
         ...
 
     def endpoint_workdir(self, perch_id: str) -> Path | None:
-        """The working folder a local endpoint last bound from, when known."""
+        """A local endpoint's working folder (SPEC.md §2.8): its `endpoint run --project`, else
+        where it last ran `spt ready`; None when unknown."""
         ...

@@ -40,6 +40,7 @@ MAX_ENTRY_BYTES: Final = 64 * 1024
 MAX_COMMUNE_BYTES: Final = 1024 * 1024  # larger files are refused unread
 COMPLETE_AFTER: Final = 1.0  # seconds a commune must stay unchanged
 SCAN_SECONDS: Final = 0.25
+PROJECT_RECHECK: Final = 5.0  # seconds a folder's project id is reused before looking again
 LOCAL_PREFIX: Final = "local-"  # projects of one folder on one node: never synced
 _PROJECT_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _HEADING_RE: Final = re.compile(r"#\s*(live|project)\s*", re.IGNORECASE)
@@ -188,6 +189,7 @@ class Minds(RecordKind):
         self.runtime: NodeRuntime | None = None
         self._seen: dict[Path, tuple[int, int, float]] = {}  # commune -> (size, mtime_ns, first seen)
         self._synced: set[tuple[str, str, NodeId]] = set()  # (perch, subnet, node) fetched from
+        self._projects: dict[Path | None, tuple[str | None, float]] = {}  # folder -> (project, when)
 
     # -- who holds what ---------------------------------------------------------------------
 
@@ -200,8 +202,14 @@ class Minds(RecordKind):
         return None
 
     def _project(self, perch_id: str) -> str | None:
+        """The project of a local endpoint's working folder (looked up at most every 5 s)."""
         assert self.runtime is not None
-        return project_of(self.runtime.endpoint_workdir(perch_id), self.runtime.node_id)
+        folder = self.runtime.endpoint_workdir(perch_id)
+        held = self._projects.get(folder)
+        now = time.monotonic()
+        if held is None or now - held[1] > PROJECT_RECHECK:
+            held = self._projects[folder] = (project_of(folder, self.runtime.node_id), now)
+        return held[0]
 
     def partitions(self, subnet: str, peer: NodeId) -> Sequence[str]:
         if self.runtime is None:
