@@ -145,6 +145,7 @@ def anti_entropy_bytes(factory: NodeFactory, count: int, seconds: float) -> tupl
         host(n, "keeper")
     wait_for(lambda: listed_on(a, "keeper") >= 1 and listed_on(b, "keeper") >= 1, "keeper rows")
     for n in (a, b):
+        n.env["SPT_PORT"] = n.address.rsplit(":", 1)[1]  # same ports after the restart: they find each other
         n.stop()
     seed_entries(a, b, count)
     for n in (a, b):
