@@ -514,6 +514,7 @@ class Daemon:
         """This node left or was pruned: drop the subnet's state; returns orphaned endpoint ids."""
         orphaned = self.endpoints.orphan(sub)
         self.messaging.forget(sub)
+        self.replication.forget(sub)
         self.subnets.forget(sub)
         self.store.set_meta(f"departed:{sub.id.hex()}", json.dumps({"name": sub.name, "reason": reason}))
         self.members.keep_members_connected()

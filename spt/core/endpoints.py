@@ -671,14 +671,19 @@ class Endpoints:
     ) -> str:
         """Spool `msg` for `perch` (stamping a ring reply when `claim_from` names a local sender
         perch) and answer SENT when a listener or ring acknowledges it within 5 s, else QUEUED."""
-        with self.store.transaction():
-            if claim_from is not None:
-                reply_to = self.spool.claim_reply(claim_from, msg.sender_node, perch.id)
-                if reply_to is not None:
-                    msg = dataclasses.replace(msg, reply_to=reply_to)
-            earlier = self.spool.append(
-                perch.id, msg, max_bytes=self.daemon.config.spool_max_bytes, subject=subject
-            )
+        try:
+            with self.store.transaction():
+                if claim_from is not None:
+                    reply_to = self.spool.claim_reply(claim_from, msg.sender_node, perch.id)
+                    if reply_to is not None:
+                        msg = dataclasses.replace(msg, reply_to=reply_to)
+                earlier = self.spool.append(
+                    perch.id, msg, max_bytes=self.daemon.config.spool_max_bytes, subject=subject
+                )
+        except Refusal as exc:
+            if exc.instance_token == "SPOOL_FULL":
+                self._spool_full(perch)
+            raise
         if earlier is not None:
             return earlier
         fresh = self.get(perch.id) or perch
@@ -686,6 +691,16 @@ class Endpoints:
         if self._delivery_expected(fresh, msg) and await self._await_delivery(msg.id, SENT_WAIT):
             return "SENT"
         return "QUEUED"
+
+    def _spool_full(self, perch: Perch) -> None:
+        """§8.4: the user hears that messages for a perch are being refused (at most hourly)."""
+        notify = getattr(self.daemon, "notify", None)
+        if notify is None:
+            return
+        home = self.daemon.subnets.held.get(perch.home) if perch.home else None
+        notify(home, "spool-full", f"messages for {perch.id} are refused: its spool is full",
+               f"{perch.id} holds {self.daemon.config.spool_max_bytes} bytes of undelivered messages; "
+               f"run spt ready {perch.id} to drain them", dedupe_seconds=3600)
 
     def _delivered(self, entry: SpoolEntry) -> None:
         if self.spool.mark_delivered(entry):

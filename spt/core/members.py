@@ -705,6 +705,13 @@ class Members:
             return
         removed = [n for n in before.members if n not in after.members]
         for node in removed:
+            standing = after.standing(node)
+            if standing in ("left", "pruned"):  # §8.4; every member sees it: one notification
+                label = before.members[node]
+                self.daemon.notify(
+                    sub, f"member-{standing}", f"{label} {standing if standing == 'left' else 'was pruned from'} {sub.name}",
+                    f"{node.display(label)} is no longer a member of {sub.name}.", event=f"{standing}:{node.hex}",
+                )
             if self.shared_subnets(node):
                 continue
             for conn in self.transport.connections():

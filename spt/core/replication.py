@@ -399,6 +399,14 @@ class Replication:
             self.delete(name, gone)
 
     def forget(self, sub: HeldSubnet) -> None:
-        """This node left `sub`: records only that subnet's members could receive are the kinds'
-        to drop (they know which partitions belong to it); digests are recomputed."""
-        self._digests.clear()
+        """This node left `sub`: each kind names the partitions only that subnet's members held."""
+        for name, impl in self.kinds.items():
+            try:
+                parts = list(impl.left_subnet(sub.name))
+            except Exception:
+                log.exception("a record kind failed to forget a subnet", extra={"kind": name})
+                continue
+            with self.daemon.store.transaction() as db:
+                for part in parts:
+                    db.execute("DELETE FROM replicated WHERE kind=? AND part=?", (name, part))
+                    self._digests.pop((name, part), None)

@@ -278,6 +278,10 @@ class RecordKind(ABC):
         """True when a held record may be dropped (and is refused if offered again)."""
         return False
 
+    def left_subnet(self, subnet: str) -> Sequence[str]:
+        """This node left or was pruned from `subnet`: the partitions to delete (SPEC.md §4.8)."""
+        return ()
+
 
 class Replication(Protocol):
     """The replication facility as plugins use it (`NodeRuntime.replication`)."""

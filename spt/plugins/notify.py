@@ -154,6 +154,10 @@ class Notifications(RecordKind):
             self.runtime is None or self.runtime.replication.get(KIND, notif_id) is None
         )
 
+    def left_subnet(self, subnet: str) -> Sequence[str]:
+        self._acks = None
+        return [subnet.lower()]
+
     # -- reading ----------------------------------------------------------------------------
 
     def _all(self) -> Sequence[ReplicatedRecord]:

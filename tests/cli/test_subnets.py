@@ -322,6 +322,10 @@ def test_leave_makes_a_former_member(trio):
         former = {m["label"]: m for m in status(n, "--all")["subnets"][0]["members"]}
         assert former["beta"]["standing"] == "left" and former["beta"]["key"] == b_key
     assert re.search(r"^home\s+-\s+-\s+left$", b.cli("subnet", "status", check=True).stdout, re.M)
+    # §8.4: the members that stay are told once; the leaver keeps no notification of home
+    for n in (a, c):
+        eventually(lambda n=n: notif_kinds(n) == ["member-left"], f"{n.name} to hold the member-left notification")
+    assert notif_kinds(b) == []
     refusal = asyncio.run(_dial_member(b, a))
     assert "left" in refusal and "accepted" not in refusal, refusal
     # only a fresh join brings it back
