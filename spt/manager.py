@@ -46,6 +46,7 @@ BUILTIN_PLUGINS: Final = (
     ("ring", "spt.plugins.ring"),
     ("notify", "spt.plugins.notify"),
     ("mind_sync", "spt.plugins.mind_sync"),
+    ("rc", "spt.plugins.rc"),
 )
 REGISTRATION_HOOKS: Final = (
     "payload_types",
