@@ -286,7 +286,8 @@ def test_an_attacker_member_cannot_attach_where_the_endpoint_is_not_visible_to_i
                                                  ("home", "shown"))]
 
     results = asyncio.run(attempts())
-    for kind, body in results[:3]:
+    assert results[0][0] == "error" and results[0][1]["code"] == "NOT_A_MEMBER"  # refused by the dispatcher
+    for kind, body in results[1:3]:  # a member of home: the endpoint looks missing from there
         assert kind == "error" and body["code"] == "NO_PERCH"
     assert results[3][0] == "rc.hello"  # the forged client itself is sound: a visible endpoint answers
     for endpoint_id in ("secret", "hidden", "shown"):
