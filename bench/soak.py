@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import sqlite3
-import statistics
 import sys
 import time
 from dataclasses import dataclass, field

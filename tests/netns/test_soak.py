@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
-from soak import check, run_soak  # noqa: E402
+from soak import check, run_soak
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
