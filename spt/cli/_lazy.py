@@ -36,6 +36,34 @@ def load_target(target: str) -> click.Command:
     command = getattr(importlib.import_module(module_name), attr)
     if not isinstance(command, click.Command):
         raise TypeError(f"{target} is not a click command")
+    return accept_json_anywhere(command)
+
+
+def _set_json(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value:
+        from spt.cli._state import state
+
+        state(ctx).json = True
+
+
+def accept_json_anywhere(command: click.Command) -> click.Command:
+    """Give `command` and every subcommand a `--json` flag that sets the global one.
+
+    SPEC.md §3.1: `spt whoami --json` ≡ `spt --json whoami` (agent adapters write the first
+    form). Read commands print their document; action commands ignore it, as they do the global
+    flag. A command that declares its own `--json` keeps it.
+    """
+    if getattr(command, "_spt_json", False):
+        return command
+    command._spt_json = True  # type: ignore[attr-defined]
+    if not any("--json" in getattr(p, "opts", ()) for p in command.params):
+        command.params.append(
+            click.Option(["--json"], is_flag=True, expose_value=False, callback=_set_json,
+                         help="Print one JSON document (read and status commands).")
+        )
+    if isinstance(command, click.Group):
+        for sub in command.commands.values():
+            accept_json_anywhere(sub)
     return command
 
 
@@ -65,7 +93,7 @@ class LazyGroup(click.Group):
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name in self.commands:
-            return self.commands[cmd_name]
+            return accept_json_anywhere(self.commands[cmd_name])
         if cmd_name in self.lazy:
             return load_target(self.lazy[cmd_name])
         if self.with_plugins and cmd_name in self._plugins():

@@ -18,6 +18,7 @@ from spt.core.errors import EXIT_INTERNAL, SptError, UsageError
 
 _VALUE_OPTIONS = {"--from": "from_id", "--json-payload": "json_payload"}
 _FLAGS = {"--active-only": "active_only", "--deferred": "deferred", "--idle-only": "idle_only"}
+_IGNORED = {"--json"}  # SPEC.md §3.1: action commands ignore --json in either position
 
 
 def identity(from_id: str | None) -> str | None:
@@ -74,6 +75,8 @@ def fast_send(args: list[str]) -> int | None:
             options[_VALUE_OPTIONS[name]] = value
         elif arg in _FLAGS:
             options[_FLAGS[arg]] = True
+        elif arg in _IGNORED:
+            pass
         elif arg.startswith("-") and arg != "-":
             return None  # --help, unknown options: click explains them
         else:

@@ -72,8 +72,9 @@ def elevated_command(args: list[str] | None = None) -> str:
     import shlex
 
     args = sys.argv[1:] if args is None else args
-    # SPEC.md §5.7: the state folder travels along, so root acts on the user's node, not its own.
-    env = [f"SPT_HOME={os.environ.get('SPT_HOME') or StatePaths.resolve().root}"]
+    # SPEC.md §5.7: the state folder travels along, so root acts on the user's node, not its own:
+    # SPT_HOME when it is set, otherwise the elevated spt finds the user's folder via SUDO_USER.
+    env = [f"SPT_HOME={os.environ['SPT_HOME']}"] if os.environ.get("SPT_HOME") else []
     return shlex.join(["sudo", *env, *spt_command_prefix(), *args])
 
 

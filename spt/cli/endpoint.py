@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 
+from spt.cli._complete import addresses, local_ids, subnet_names
 from spt.cli._output import emit, hint, out, print_json
 from spt.cli._state import daemon_call, is_interactive, state
 from spt.core.errors import UsageError
@@ -23,18 +24,17 @@ class _EndpointGroup(click.Group):
     an error that names it, never a list."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if not args or (args[0].startswith("-") and args[0] not in ("-h", "--help")):
+        # (not while completing: the verbs themselves are what the shell asks for)
+        if not ctx.resilient_parsing and (
+            not args or (args[0].startswith("-") and args[0] not in ("-h", "--help"))
+        ):
             args = ["list", *args]
         return super().parse_args(ctx, args)
 
 
-@click.group(cls=_EndpointGroup)
+@click.group(cls=_EndpointGroup, epilog="\b\nExamples:\n  spt endpoint list --detail\n  spt endpoint stop bob\n  spt endpoint visibility hide bob work\n")
 def endpoint() -> None:
     """Endpoints: the perches on this node and the rows of your subnets."""
-
-
-def _wants_json(ctx: click.Context, flag: bool) -> bool:
-    return flag or state(ctx).json
 
 
 def _bool(value: Any) -> str:
@@ -47,13 +47,12 @@ def _display(node: dict[str, Any]) -> str:
 
 @endpoint.command("list")
 @click.option("--detail", is_flag=True, help="Add description, home, visibility, scope and folders.")
-@click.option("--subnet", help="Only this subnet.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@click.option("--subnet", shell_complete=subnet_names, help="Only this subnet.")
 @click.pass_context
-def list_(ctx: click.Context, detail: bool, subnet: str | None, as_json: bool) -> None:
+def list_(ctx: click.Context, detail: bool, subnet: str | None) -> None:
     """Endpoints visible in each subnet, then this node's perches."""
     doc = daemon_call("endpoint.list", {"self": os.environ.get("SPT_AGENT_ID") or None, "subnet": subnet})
-    if _wants_json(ctx, as_json):
+    if state(ctx).json:
         doc.pop("node", None)
         print_json(doc)
         return
@@ -66,7 +65,8 @@ def list_(ctx: click.Context, detail: bool, subnet: str | None, as_json: bool) -
         out(f"SUBNET {sub['name']}")
         for row in sub["endpoints"]:
             count += 1
-            out(f"  {row['id']}  {_display(row['node'])}  \u25a0 {row['state'].upper()}")
+            why = f" ({row['offline_reason']})" if row.get("offline_reason") else ""
+            out(f"  {row['id']}  {_display(row['node'])}  \u25a0 {row['state'].upper()}{why}")
             if detail:
                 out(f"    home={row['home'] or '-'}  ready={_bool(row['ready'])} alive={_bool(row['alive'])}")
                 if row["description"]:
@@ -126,13 +126,13 @@ def run(endpoint_id: str | None, subnet: str | None, project: str | None, no_rem
 # --- description -----------------------------------------------------------------------------
 
 
-@endpoint.group()
+@endpoint.group(epilog="\b\nExamples:\n  spt endpoint description set bob 'reviews Python pull requests'\n  spt endpoint description show bob@desk\n")
 def description() -> None:
     """The yellow-pages text of a local perch (≤ 1024 bytes)."""
 
 
 @description.command("set")
-@click.argument("endpoint_id", metavar="ID")
+@click.argument("endpoint_id", metavar="ID", shell_complete=local_ids)
 @click.argument("text", required=False)
 @click.option("--clear", is_flag=True, help="Remove the description.")
 def description_set(endpoint_id: str, text: str | None, clear: bool) -> None:
@@ -146,13 +146,12 @@ def description_set(endpoint_id: str, text: str | None, clear: bool) -> None:
 
 
 @description.command("show")
-@click.argument("address")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@click.argument("address", shell_complete=addresses)
 @click.pass_context
-def description_show(ctx: click.Context, address: str, as_json: bool) -> None:
+def description_show(ctx: click.Context, address: str) -> None:
     """Print the description of the endpoint ADDRESS resolves to."""
     doc = daemon_call("endpoint.description.show", {"address": address})
-    if _wants_json(ctx, as_json):
+    if state(ctx).json:
         print_json(doc)
     else:
         out(doc["description"])
@@ -162,7 +161,7 @@ def description_show(ctx: click.Context, address: str, as_json: bool) -> None:
 
 
 @endpoint.command("state")
-@click.argument("endpoint_id", metavar="ID")
+@click.argument("endpoint_id", metavar="ID", shell_complete=local_ids)
 @click.argument("activity", type=click.Choice(["busy", "idle"]))
 def state_(endpoint_id: str, activity: str) -> None:
     """Report that perch ID is busy or idle (idle-only messages wait for idle)."""
@@ -171,7 +170,7 @@ def state_(endpoint_id: str, activity: str) -> None:
 
 
 @endpoint.command()
-@click.argument("address")
+@click.argument("address", shell_complete=addresses)
 @click.option("--warm", is_flag=True, help="Dormant rather than suspended.")
 @click.option(
     "--grace", type=float, default=10.0, show_default=True, help="Seconds a hosted process gets to exit."
@@ -185,7 +184,7 @@ def suspend(address: str, warm: bool, grace: float) -> None:
 
 
 @endpoint.command()
-@click.argument("address")
+@click.argument("address", shell_complete=addresses)
 def wake(address: str) -> None:
     """Wake the endpoint at ADDRESS; its next spt ready drains what was held."""
     doc = daemon_call("endpoint.wake", {"address": address})
@@ -193,16 +192,16 @@ def wake(address: str) -> None:
 
 
 @endpoint.command()
-@click.argument("endpoint_id", metavar="ID")
+@click.argument("endpoint_id", metavar="ID", shell_complete=local_ids)
 def stop(endpoint_id: str) -> None:
     """End the listener of local perch ID (the spool and state are kept)."""
     emit("STOPPED", daemon_call("endpoint.stop", {"id": endpoint_id})["id"])
 
 
 @endpoint.command()
-@click.argument("endpoint_id", metavar="ID")
+@click.argument("endpoint_id", metavar="ID", shell_complete=local_ids)
 @click.argument("new_id", metavar="NEW-ID")
-@click.option("--subnet", help="Home of the fork (needed when this node holds several subnets).")
+@click.option("--subnet", shell_complete=subnet_names, help="Home of the fork (needed when this node holds several subnets).")
 def fork(endpoint_id: str, new_id: str, subnet: str | None) -> None:
     """Make NEW-ID, a new identity seeded from ID, as an unbound perch."""
     doc = daemon_call("endpoint.fork", {"id": endpoint_id, "new_id": new_id, "subnet": subnet})
@@ -210,7 +209,7 @@ def fork(endpoint_id: str, new_id: str, subnet: str | None) -> None:
 
 
 @endpoint.command()
-@click.argument("endpoint_id", metavar="ID")
+@click.argument("endpoint_id", metavar="ID", shell_complete=local_ids)
 @click.option("--yes", is_flag=True, help="Do not ask (required when not interactive).")
 def purge(endpoint_id: str, yes: bool) -> None:
     """Delete perch ID with its spool, settings and folder."""
@@ -233,27 +232,26 @@ def _settings_lines(doc: dict[str, Any]) -> None:
         out("  ".join([sub["subnet"], "visible" if sub["visible"] else "hidden", *flags]))
 
 
-@endpoint.group()
+@endpoint.group(epilog="\b\nExamples:\n  spt endpoint visibility list bob\n  spt endpoint visibility show bob work\n")
 def visibility() -> None:
     """Where a local instance is advertised and reachable, per subnet."""
 
 
 @visibility.command("list")
-@click.argument("endpoint_id", metavar="ID")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@click.argument("endpoint_id", metavar="ID", shell_complete=local_ids)
 @click.pass_context
-def visibility_list(ctx: click.Context, endpoint_id: str, as_json: bool) -> None:
+def visibility_list(ctx: click.Context, endpoint_id: str) -> None:
     """One line per held subnet: visible or hidden, home, in scope."""
     doc = daemon_call("endpoint.visibility.list", {"id": endpoint_id})
-    if _wants_json(ctx, as_json):
+    if state(ctx).json:
         print_json(doc)
     else:
         _settings_lines(doc)
 
 
 @visibility.command("show")
-@click.argument("endpoint_id", metavar="ID")
-@click.argument("subnet")
+@click.argument("endpoint_id", metavar="ID", shell_complete=local_ids)
+@click.argument("subnet", shell_complete=subnet_names)
 def visibility_show(endpoint_id: str, subnet: str) -> None:
     """Make ID visible (advertised and routable) in SUBNET."""
     doc = daemon_call("endpoint.visibility.set", {"id": endpoint_id, "subnet": subnet, "visible": True})
@@ -261,27 +259,26 @@ def visibility_show(endpoint_id: str, subnet: str) -> None:
 
 
 @visibility.command("hide")
-@click.argument("endpoint_id", metavar="ID")
-@click.argument("subnet")
+@click.argument("endpoint_id", metavar="ID", shell_complete=local_ids)
+@click.argument("subnet", shell_complete=subnet_names)
 def visibility_hide(endpoint_id: str, subnet: str) -> None:
     """Hide ID in SUBNET: from there it looks exactly like a missing endpoint."""
     doc = daemon_call("endpoint.visibility.set", {"id": endpoint_id, "subnet": subnet, "visible": False})
     emit("HIDDEN", doc["id"], doc["subnet"])
 
 
-@endpoint.group("sync-scope")
+@endpoint.group("sync-scope", epilog="\b\nExamples:\n  spt endpoint sync-scope list bob\n  spt endpoint sync-scope add bob work\n")
 def sync_scope() -> None:
     """The subnets an endpoint's mind syncs to (only where it is also visible)."""
 
 
 @sync_scope.command("list")
-@click.argument("endpoint_id", metavar="ID")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@click.argument("endpoint_id", metavar="ID", shell_complete=local_ids)
 @click.pass_context
-def sync_scope_list(ctx: click.Context, endpoint_id: str, as_json: bool) -> None:
+def sync_scope_list(ctx: click.Context, endpoint_id: str) -> None:
     """The subnets in ID's sync scope, one per line."""
     doc = daemon_call("endpoint.scope.list", {"id": endpoint_id})
-    if _wants_json(ctx, as_json):
+    if state(ctx).json:
         print_json(doc)
         return
     for sub in doc["subnets"]:
@@ -290,8 +287,8 @@ def sync_scope_list(ctx: click.Context, endpoint_id: str, as_json: bool) -> None
 
 
 @sync_scope.command("add")
-@click.argument("endpoint_id", metavar="ID")
-@click.argument("subnet")
+@click.argument("endpoint_id", metavar="ID", shell_complete=local_ids)
+@click.argument("subnet", shell_complete=subnet_names)
 def sync_scope_add(endpoint_id: str, subnet: str) -> None:
     """Let ID's mind sync to SUBNET."""
     doc = daemon_call("endpoint.scope.set", {"id": endpoint_id, "subnet": subnet, "in_scope": True})
@@ -304,8 +301,8 @@ def sync_scope_add(endpoint_id: str, subnet: str) -> None:
 
 
 @sync_scope.command("remove")
-@click.argument("endpoint_id", metavar="ID")
-@click.argument("subnet")
+@click.argument("endpoint_id", metavar="ID", shell_complete=local_ids)
+@click.argument("subnet", shell_complete=subnet_names)
 def sync_scope_remove(endpoint_id: str, subnet: str) -> None:
     """Stop ID's mind syncing to SUBNET."""
     doc = daemon_call("endpoint.scope.set", {"id": endpoint_id, "subnet": subnet, "in_scope": False})

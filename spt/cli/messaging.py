@@ -20,6 +20,7 @@ from typing import Any
 
 import click
 
+from spt.cli._complete import addresses, local_ids, subnet_names
 from spt.cli._output import emit, out, print_json
 from spt.cli._send import identity, read_body, send_message, window
 from spt.cli._state import daemon_call, is_interactive, state
@@ -113,7 +114,7 @@ class _Stream:
 
 
 @click.command()
-@click.argument("address")
+@click.argument("address", shell_complete=addresses)
 @_message_options
 def send(
     address: str,
@@ -131,7 +132,7 @@ def send(
 
 
 @click.command()
-@click.argument("address")
+@click.argument("address", shell_complete=addresses)
 @_message_options
 @click.option(
     "--timeout", type=float, default=120.0, show_default=True, help="Seconds to wait for the reply."
@@ -192,9 +193,9 @@ def _daemon_back(timeout: float) -> bool:
 
 
 @click.command()
-@click.argument("endpoint_id", metavar="[ID]", required=False)
+@click.argument("endpoint_id", metavar="[ID]", required=False, shell_complete=local_ids)
 @click.option("--once", is_flag=True, help="Exit after the backlog, or after one delivery.")
-@click.option("--subnet", help="Home subnet for a new perch (needed when this node holds several).")
+@click.option("--subnet", shell_complete=subnet_names, help="Home subnet for a new perch (needed when this node holds several).")
 @click.option("--timeout", type=float, help="With --once: give up after this many seconds (prints TIMEOUT).")
 def ready(endpoint_id: str | None, once: bool, subnet: str | None, timeout: float | None) -> None:
     """Listen as ID (default $SPT_AGENT_ID): print held messages, then new ones, one per line."""
@@ -245,12 +246,11 @@ def ready(endpoint_id: str | None, once: bool, subnet: str | None, timeout: floa
 
 
 @click.command()
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 @click.pass_context
-def whoami(ctx: click.Context, as_json: bool) -> None:
+def whoami(ctx: click.Context) -> None:
     """Who this caller is ($SPT_AGENT_ID), its perch state, and the subnets."""
     doc = daemon_call("endpoint.whoami", {"self": identity(None)})
-    if as_json or state(ctx).json:
+    if state(ctx).json:
         print_json(doc)
         return
     me = doc["self"]
@@ -331,11 +331,10 @@ the project tier is shared with instances working on the same project.
 
 @click.command("how-to")
 @click.argument("topic", required=False)
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 @click.pass_context
-def how_to(ctx: click.Context, topic: str | None, as_json: bool) -> None:
+def how_to(ctx: click.Context, topic: str | None) -> None:
     """Task-oriented guidance for agents: ready, send, ring, subnet, file, mind."""
-    as_json = as_json or state(ctx).json
+    as_json = state(ctx).json
     if topic is None:
         if as_json:
             print_json({"topics": list(TOPICS)})

@@ -8,7 +8,7 @@ from spt.cli._output import emit, out, print_json
 from spt.cli._state import daemon_call, state
 
 
-@click.group()
+@click.group(epilog="\b\nExamples:\n  spt node show\n  spt node label set laptop\n  spt node trust list\n")
 def node() -> None:
     """This node's identity: key, label, addresses."""
 
@@ -28,7 +28,7 @@ def show(ctx: click.Context) -> None:
     out(f"subnets: {', '.join(s['name'] for s in doc['subnets']) or '(none)'}")
 
 
-@node.group()
+@node.group(epilog="\b\nExamples:\n  spt node label set desk-2\n  spt node show\n")
 def label() -> None:
     """The node's human label."""
 
@@ -44,7 +44,7 @@ def label_set(name: str) -> None:
     emit("LABELED", doc["label"])
 
 
-@node.group()
+@node.group(epilog="\b\nExamples:\n  spt node trust list\n  sudo spt node trust accept desk --subnet home\n  spt node trust reject desk\n")
 def trust() -> None:
     """Pinned member keys, and key changes waiting for a human (SPEC.md §6.4)."""
 

@@ -8,7 +8,7 @@ from spt.cli._output import out, print_json
 from spt.cli._state import plugin_system, state
 
 
-@click.group()
+@click.group(epilog="\b\nExamples:\n  spt plugins list\n  spt plugins list --all\n  spt -p no:mdns subnet status\n")
 def plugins() -> None:
     """Installed plugins."""
 

@@ -39,7 +39,8 @@ def _blocks(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...
     return tuple(names)
 
 
-@click.group(cls=LazyGroup, lazy=BUILTIN_COMMANDS, with_plugins=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=LazyGroup, lazy=BUILTIN_COMMANDS, with_plugins=True, context_settings={"help_option_names": ["-h", "--help"]},
+             epilog="\b\nExamples:\n  echo hi | spt send bob              # SENT:bob (a listener took it) or QUEUED:bob (held)\n  spt ready bob --once --timeout 30   # what is held for bob, else wait for one message\n  sudo spt subnet create home         # then: sudo spt subnet join home, on the other machine\n")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document (read and status commands).")
 @click.option("-p", "blocks", multiple=True, callback=_blocks, metavar="no:PLUGIN", help="Disable a plugin by name.")
 @click.option("--debug", is_flag=True, help="Show tracebacks of internal errors.")

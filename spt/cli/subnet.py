@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from spt.cli._complete import subnet_names
 from spt.cli._output import emit, hint, out, print_json
 from spt.cli._state import daemon_call, is_interactive, require_elevation, state
 from spt.core.errors import UsageError
@@ -18,12 +19,15 @@ class _SubnetGroup(click.Group):
     an error that names it."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if not args or (args[0].startswith("-") and args[0] not in ("-h", "--help")):
+        # (not while completing: the verbs themselves are what the shell asks for)
+        if not ctx.resilient_parsing and (
+            not args or (args[0].startswith("-") and args[0] not in ("-h", "--help"))
+        ):
             args = ["status", *args]
         return super().parse_args(ctx, args)
 
 
-@click.group(cls=_SubnetGroup)
+@click.group(cls=_SubnetGroup, epilog="\b\nExamples:\n  sudo spt subnet create home\n  sudo spt subnet join home --peer 192.168.1.20:47470\n  spt subnet status --nodes --json\n")
 def subnet() -> None:
     """Subnets: named groups of your machines, joined once with a six-digit code."""
 
@@ -66,7 +70,7 @@ def _print_homed(doc: dict[str, Any]) -> None:
 
 
 @subnet.command()
-@click.argument("name", required=False)
+@click.argument("name", required=False, shell_complete=subnet_names)
 @click.option("--nodes", is_flag=True, help="One line per member node.")
 @click.option("--all", "show_all", is_flag=True, help="Include nodes that left or were pruned.")
 @click.pass_context
@@ -120,7 +124,7 @@ def create(name: str, allow_duplicate_name: bool) -> None:
 
 
 @subnet.command("show-code")
-@click.argument("name", required=False)
+@click.argument("name", required=False, shell_complete=subnet_names)
 @click.option("--no-qr", is_flag=True, help="Do not print the QR code.")
 def show_code(name: str | None, no_qr: bool) -> None:
     """Print the current six digits, the otpauth:// URI and a QR code [elevated]."""
@@ -166,21 +170,21 @@ def join(name: str, code: str | None, subnet_id: str | None, peers: tuple[str, .
 
 
 @subnet.command()
-@click.argument("name")
+@click.argument("name", shell_complete=subnet_names)
 def detach(name: str) -> None:
     """Stop serving a subnet without leaving it."""
     emit("DETACHED", daemon_call("subnet.detach", {"name": name})["name"])
 
 
 @subnet.command()
-@click.argument("name")
+@click.argument("name", shell_complete=subnet_names)
 def attach(name: str) -> None:
     """Resume serving a detached subnet."""
     emit("ATTACHED", daemon_call("subnet.attach", {"name": name})["name"])
 
 
 @subnet.command()
-@click.argument("name")
+@click.argument("name", shell_complete=subnet_names)
 @click.option("--yes", is_flag=True, help="Do not ask (required when not interactive).")
 def leave(name: str, yes: bool) -> None:
     """Leave a subnet; endpoints homed there become local-only [elevated]."""
@@ -197,7 +201,7 @@ def leave(name: str, yes: bool) -> None:
 
 @subnet.command()
 @click.argument("node")
-@click.option("--subnet", "subnet_name", help="The subnet (needed when this node holds several).")
+@click.option("--subnet", "subnet_name", shell_complete=subnet_names, help="The subnet (needed when this node holds several).")
 @click.option("--yes", is_flag=True, help="Do not ask (required when not interactive).")
 def prune(node: str, subnet_name: str | None, yes: bool) -> None:
     """Remove a node subnet-wide and rotate the joining secret [elevated]."""
@@ -212,7 +216,7 @@ def prune(node: str, subnet_name: str | None, yes: bool) -> None:
 
 
 @subnet.command()
-@click.argument("name")
+@click.argument("name", shell_complete=subnet_names)
 def unlock(name: str) -> None:
     """End a join lockout early, subnet-wide [elevated]."""
     require_elevation()

@@ -24,11 +24,13 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO, Any, Final
 
 from spt import __version__
 from spt.core.caller import CALLER_UID
 from spt.core.config import NodeConfig, load_config
+from spt.core.doctor import answer_clock
 from spt.core.doctor import register_ops as register_doctor_ops
 from spt.core.endpoints import Endpoints
 from spt.core.endpoints import register_ops as register_endpoint_ops
@@ -56,6 +58,7 @@ from spt.core.subnets import HeldSubnet, Subnets, rendezvous_tag
 from spt.core.subnets import register_ops as register_subnet_ops
 from spt.core.types import check_label, label_from_hostname
 from spt.hooks import Candidate, DiscoveryBackend, NotificationSink
+from spt.hooks.interfaces import DoctorCheck
 from spt.manager import PluginSystem, blocked_names, build_plugin_manager
 
 log = logging.getLogger(__name__)
@@ -133,6 +136,7 @@ class Daemon:
         self.config = config
         self.plugins = plugins
         self.ops: dict[str, Op] = {}
+        self.doctor_checks: dict[str, DoctorCheck] = {}  # plugins' `spt doctor` lines, by name
         self.started_at = time.time()
         self._stopping = asyncio.Event()
         self.user_activity_at: float | None = None
@@ -183,6 +187,7 @@ class Daemon:
         self.op("node.label.set")(self._node_label_set)
         self.op("daemon.status")(self._daemon_status)
         self.op("daemon.stop")(self._daemon_stop)
+        self.op("daemon.log_level")(self._daemon_log_level)
 
     @property
     def label(self) -> str:
@@ -255,6 +260,15 @@ class Daemon:
                 kind = self.members.path_view(node, sub)["kind"]
                 counts["direct" if kind.startswith("direct") else "relayed" if kind.startswith("relayed") else "none"] += 1
         return counts
+
+    async def _daemon_log_level(self, call: Call) -> Any:
+        """`spt daemon logs --debug|--level`: the running daemon's level, changed in place."""
+        level = str(call.args.get("level", "")).upper()
+        if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise UsageError("BAD_USAGE", level, "the level is debug, info, warning or error")
+        logging.getLogger().setLevel(level)
+        log.info("log level changed", extra={"level": level})
+        return {"level": level}
 
     async def _daemon_stop(self, call: Call) -> Any:
         asyncio.get_running_loop().call_soon(self._stopping.set)
@@ -503,6 +517,9 @@ class Daemon:
     def offline_nodes(self) -> set[NodeId]:
         return self.messaging.offline_nodes()
 
+    def offline_reasons(self) -> dict[NodeId, str]:
+        return self.messaging.offline_reasons()
+
     def on_endpoint_changed(self, perch_id: str) -> None:
         try:
             self.messaging.publish()
@@ -562,6 +579,7 @@ class Daemon:
         await self._start_discovery()
         self.plugins.pm.hook.spt_node_started(node_id=self.key.node_id.hex, port=self.port)
         register_doctor_ops(self)
+        self.members.handlers["clock"] = answer_clock
         runtime = Runtime(self)
         self.payloads = Payloads(self, runtime)
         self.plugins.pm.hook.spt_runtime_started(runtime=runtime)
@@ -679,6 +697,7 @@ class Daemon:
             return {"error": ElevationRequired("", ELEVATION_MESSAGE).to_wire()}
         if call.interactive:
             self.touch_user_activity()
+        log.debug("control request", extra={"op": call.op, "uid": call.uid})
         # system mode: the operation sees only the caller's perches (spt.core.caller)
         token = CALLER_UID.set(call.uid if self.config.socket_group is not None else None)
         try:
@@ -703,8 +722,13 @@ class Daemon:
         await writer.drain()
 
 
-def configure_logging(stream: IO[str] | None = None) -> None:
-    """Daemon log lines: time, level, logger, message and the structured fields."""
+def configure_logging(stream: IO[str] | None = None, *, log_file: Path | None = None, level: str | None = None) -> None:
+    """Daemon log lines: time, level, logger, message and the structured fields.
+
+    They go to `stream` (stderr: the journal under systemd) and to `log_file` as well, unless
+    stderr already is that file (auto-start appends it there), so `spt daemon logs` always
+    has them in one format.
+    """
 
     class Fmt(logging.Formatter):
         _skip = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
@@ -719,9 +743,22 @@ def configure_logging(stream: IO[str] | None = None) -> None:
 
     handler = logging.StreamHandler(stream)
     handler.setFormatter(Fmt())
+    handlers: list[logging.Handler] = [handler]
+    if log_file is not None and not _is_stderr(log_file):
+        to_file = logging.FileHandler(log_file, encoding="utf-8")
+        to_file.setFormatter(Fmt())
+        handlers.append(to_file)
     root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(os.environ.get("SPT_LOG_LEVEL", "INFO").upper())
+    root.handlers[:] = handlers
+    root.setLevel((level or os.environ.get("SPT_LOG_LEVEL", "INFO")).upper())
+
+
+def _is_stderr(path: Path) -> bool:
+    try:
+        mine, theirs = os.fstat(2), os.stat(path)
+    except OSError:
+        return False
+    return (mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino)
 
 
 def run_daemon(cli_blocks: tuple[str, ...] = ()) -> None:

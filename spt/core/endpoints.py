@@ -6,7 +6,8 @@ builds after its subnets) and `register_ops`, the control operations behind `spt
 
 Rules this module keeps (SPEC.md §2.3–2.6, §4.2–4.4; suspend and wake are `spt.core.resting`,
 hosted processes `spt.core.hosting`):
-1. A perch is created only by its own `ready`, by `fork`, or as a sender's transient `tmp.`
+1. A perch is created only by its own `ready`, by `fork`, for a sender's own identity on first use
+   (`--from`/`SPT_AGENT_ID`, so that replies are held for it), or as a sender's transient `tmp.`
    identity; never for a target (`NO_PERCH`).
 2. A message is committed to the perch's spool before any answer, and it leaves the spool only in
    the transaction that records the listener's acknowledgement (`Spool.mark_delivered`). The
@@ -441,6 +442,10 @@ class Endpoints:
         hook = getattr(self.daemon, "offline_nodes", None)
         return frozenset(hook()) if hook is not None else frozenset()
 
+    def _offline_reasons(self) -> Mapping[NodeId, str]:
+        hook = getattr(self.daemon, "offline_reasons", None)
+        return hook() if hook is not None else {n: "silent" for n in self._offline()}
+
     def snapshot(self) -> Snapshot:
         """What resolution needs (§4.1): local perches, members, and the replicated rows."""
         attached = sorted(self.daemon.subnets.attached(), key=lambda s: s.canonical)
@@ -480,7 +485,7 @@ class Endpoints:
     def subnet_rows(self, sub: HeldSubnet) -> list[dict[str, Any]]:
         """The rows visible in `sub`: this node's perches, then the replicated remote rows."""
         rows = self._own_rows(sub, transient=False)
-        offline = self._offline()
+        offline = self._offline_reasons()
         for row in self._remote_rows():
             if row.subnet.lower() != sub.canonical or not row.visible or row.node == self.node_id:
                 continue
@@ -502,18 +507,20 @@ class Endpoints:
                 "alive": self.alive(p),
                 "hosted": p.hosted,
                 "description": p.description,
+                "offline_reason": None,
             }
             for p in self.perches(transient=transient)
             # an orphan (home left) is local-only (§4.8); a transient sender has no home at all
             if (p.home is not None or p.transient) and any(s.id == sub.id for s in self.visible_in(p))
         ]
 
-    def _remote_view(self, row: Row, offline: frozenset[NodeId]) -> dict[str, Any]:
+    def _remote_view(self, row: Row, offline: Mapping[NodeId, str]) -> dict[str, Any]:
         return {
             "id": row.endpoint_id,
             "home": row.home,
             "node": {"label": self.daemon.subnets.label_of(row.node) or row.node.short, "key": row.node.hex},
             "state": "offline" if row.node in offline else row.state,
+            "offline_reason": offline.get(row.node),  # `detached` or `silent` (§4.8), else null
             "ready": row.ready,
             "alive": row.alive,
             "hosted": row.hosted,
@@ -561,8 +568,11 @@ class Endpoints:
                 "key": self.node_id.hex,
                 "display": self.node_id.display(self.daemon.label),
             },
-            "subnets": [{"name": s.name, "id": s.id.hex(), "endpoints": self.subnet_rows(s)} for s in subs],
-            "local": [self.local_view(p) for p in self.perches() if may_use(p.owner)],
+            "subnets": [
+                {"name": s.name, "id": s.id.hex(), "endpoints": [_nulls(r) for r in self.subnet_rows(s)]}
+                for s in subs
+            ],
+            "local": [_nulls(self.local_view(p)) for p in self.perches() if may_use(p.owner)],
         }
 
     # -- housekeeping ---------------------------------------------------------------------
@@ -720,10 +730,25 @@ class Endpoints:
 
     # -- sending --------------------------------------------------------------------------
 
-    def _sender(self, from_id: str | None, *, ring: bool) -> tuple[str, bool]:
-        """The sender's id and whether it is a fresh transient identity (§4.3)."""
+    def _sender(self, from_id: str | None, *, ring: bool, target: Target) -> tuple[str, bool]:
+        """The sender's id and whether it is a fresh transient identity (§4.3).
+
+        A named sender without a perch here gets one (§3.4: `from` always leads back), homed by
+        the usual rules and not listening, so replies to it are held for its next `spt ready`.
+        With several subnets held, it is homed where this message goes.
+        """
         if from_id:
-            return check_endpoint_id(from_id), False
+            check_endpoint_id(from_id)
+            perch = self.get(from_id)
+            if perch is None:
+                self._check_new_id(from_id)
+                try:
+                    home = self.home_for_new(None)
+                except Refusal:
+                    route = target.subnet if isinstance(target, RemoteTarget) else target.perch.home
+                    home = self.daemon.subnets.by_name(route) if route else None
+                perch = self._create(from_id, home, "active")
+            return perch.id, False
         while True:  # 32 random bits: a clash is rare, and each retry draws anew
             tmp_id = f"{TRANSIENT_PREFIX}{os.urandom(4).hex()}"
             if self.get(tmp_id) is None:
@@ -759,7 +784,7 @@ class Endpoints:
         if json_payload is not None:
             attrs.append(("json", compact_json(json_payload)))
         target = resolve(address, self.snapshot())
-        sender_id, transient = self._sender(from_id, ring=ring)
+        sender_id, transient = self._sender(from_id, ring=ring, target=target)
         if on_sender is not None:
             on_sender(sender_id, transient)
         msg = Message(
@@ -1062,6 +1087,14 @@ def _client_msg_id(value: Any) -> str | None:
     if not isinstance(value, str) or len(value) != 32 or any(c not in "0123456789abcdef" for c in value):
         raise UsageError("BAD_USAGE", str(value)[:40], "a message id is 32 lowercase hex characters")
     return value
+
+
+def _nulls(view: dict[str, Any]) -> dict[str, Any]:
+    """SPEC.md §3.10: an absent optional value is `null` in JSON, never an empty string."""
+    for key in ("description", "home"):
+        if key in view and not view[key]:
+            view[key] = None
+    return view
 
 
 def _bool_arg(args: Mapping[str, Any], name: str) -> bool:

@@ -19,6 +19,17 @@ EXIT_DAEMON_DOWN = 3
 EXIT_ELEVATION = 4
 EXIT_INTERNAL = 5
 
+# What a refusal means when the place that raised it had nothing to add (SPEC.md §3.1: every
+# refusal line explains itself). Each says what to do next.
+EXPLANATIONS: dict[str, str] = {
+    "NO_PERCH": "no endpoint of that name is visible from this node (spt endpoint list shows who is)",
+    "NO_SUCH_NODE": "no node in your subnets has that label or key prefix (spt subnet status --nodes lists them)",
+    "AMBIGUOUS_NODE": "several nodes match; qualify with one of their key prefixes instead",
+    "NO_SUCH_SUBNET": "this node holds no attached subnet of that name (spt subnet status lists them)",
+    "UNREACHABLE": "the hosting node cannot be reached now; try again when it is online",
+    "SPOOL_FULL": "the receiver holds too much for this endpoint already; wait until it drains",
+}
+
 
 class SptError(Exception):
     """Base of every spt error; `token` and `exit_code` say how the CLI reports it.
@@ -39,10 +50,11 @@ class SptError(Exception):
     def status_line(self) -> str:
         """The token line as printed: `TOKEN:subject message`, or `TOKEN: message` without subject."""
         token = self.instance_token
+        message = self.message or EXPLANATIONS.get(token, "")
         if self.subject:
             head = f"{token}:{self.subject}"
-            return f"{head} {self.message}" if self.message else head
-        return f"{token}: {self.message}" if self.message else token
+            return f"{head} {message}" if message else head
+        return f"{token}: {message}" if message else token
 
     @property
     def instance_token(self) -> str:

@@ -475,7 +475,9 @@ class Members:
             self.subnets.save_entries(sub, bundle.log.entries())
         self.subnets.held[sub.id] = sub
         self.daemon.store.db.execute("DELETE FROM meta WHERE key=?", (f"departed:{sub.id.hex()}",))
-        self.remember_address(member, attempt.candidate.host, attempt.candidate.port, "join")
+        given = attempt.candidate.source in ("static", "peer")
+        self.remember_address(member, attempt.candidate.host, attempt.candidate.port,
+                              attempt.candidate.source if given else "join")
         for node, contact in bundle.contacts.items():
             if node != self.daemon.key.node_id:
                 self.daemon.relay_book.learn(node, contact.relays)  # §7.6: the subnet's relays
@@ -526,7 +528,9 @@ class Members:
         with self.daemon.store.transaction():
             self.daemon.store.db.execute(
                 "INSERT INTO peer_addrs(node, host, port, source, seen) VALUES(?,?,?,?,?) "
-                "ON CONFLICT(node, host, port) DO UPDATE SET seen=excluded.seen, source=excluded.source",
+                # an address the user gave (static peers, --peer) stays theirs: the path is `direct static`
+                "ON CONFLICT(node, host, port) DO UPDATE SET seen=excluded.seen, source=CASE WHEN "
+                "peer_addrs.source IN ('static', 'peer') THEN peer_addrs.source ELSE excluded.source END",
                 (node.raw, host, port, source, time.time()),
             )
 
@@ -786,7 +790,8 @@ class Members:
         source = self.daemon.store.query(
             "SELECT source FROM peer_addrs WHERE node=? AND host=? AND port=?", (node.raw, host, port)
         )
-        kind = "direct static" if source and source[0]["source"] in ("static", "peer") else "direct lan"
+        given = (source and source[0]["source"] in ("static", "peer")) or f"{host}:{port}" in self.daemon.config.static_peers
+        kind = "direct static" if given else "direct lan"
         via: str | None = None
         why: str | None = None
         relayed = self.transport.paths.describe(node, (host, port))  # relayed or punched (§7.4, §7.6)

@@ -273,6 +273,16 @@ class Messaging:
             self.view(sub).merge_all(records, now_ms=now_ms)
             self.members.spawn(self._push_records(sub, records), "registry push")
 
+    async def announce(self, sub: HeldSubnet) -> None:
+        """Sign and push this node's rows and presence in `sub` now, and wait for the pushes.
+
+        Detach calls it after marking the subnet detached and before closing connections, so
+        peers show this node `detached` at once rather than after the offline TTL (SPEC.md §4.8).
+        """
+        records = self.own_records(sub, self._next_version())
+        self.view(sub).merge_all(records, now_ms=int(time.time() * 1000))
+        await self._push_records(sub, records)
+
     async def _push_records(self, sub: HeldSubnet, records: list[RegistryRow | Presence]) -> None:
         body = {"subnet": sub.id.hex(), "records": [r.to_dict() for r in records]}
         for node in set(sub.state().members) - {self.daemon.key.node_id}:
@@ -371,13 +381,21 @@ class Messaging:
         return rows
 
     def offline_nodes(self) -> set[NodeId]:
+        return set(self.offline_reasons())
+
+    def offline_reasons(self) -> dict[NodeId, str]:
+        """Offline nodes and why: `detached` (they announced it) or `silent` (no fresh presence)."""
         now_ms = int(time.time() * 1000)
         ttl_ms = int(self.daemon.config.offline_after * 1000)
-        offline: set[NodeId] = set()
+        offline: dict[NodeId, str] = {}
         for sub in self.daemon.subnets.attached():
             view = self.views.get(sub.id)
-            if view is not None:
-                offline |= view.offline(now_ms, ttl_ms=ttl_ms)
+            if view is None:
+                continue
+            for node in view.nodes():
+                reason = view.offline_reason(node, now_ms, ttl_ms=ttl_ms)
+                if reason is not None and offline.get(node) != "detached":
+                    offline[node] = reason
         return offline
 
     def presence_of(self, sub: HeldSubnet, node: NodeId) -> Presence | None:

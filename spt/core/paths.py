@@ -34,14 +34,28 @@ class StatePaths:
 
     @classmethod
     def resolve(cls, env: Mapping[str, str] | None = None) -> StatePaths:
-        """`SPT_HOME` when set, else the platform's per-user data folder."""
+        """`SPT_HOME` when set, else the platform's per-user data folder: under `sudo`, the
+        invoking user's (SPEC.md §5.7: an elevated command acts on the user's node, not root's)."""
         env = os.environ if env is None else env
         home = env.get("SPT_HOME")
         if home:
             return cls(Path(home).expanduser().absolute())
         import platformdirs
 
-        return cls(Path(platformdirs.user_data_dir("spt", appauthor=False)))
+        default = Path(platformdirs.user_data_dir("spt", appauthor=False))
+        sudo_user = env.get("SUDO_USER")
+        if sudo_user and sudo_user != "root" and hasattr(os, "geteuid") and os.geteuid() == 0:
+            import pwd
+
+            try:
+                user_home = Path(pwd.getpwnam(sudo_user).pw_dir)
+            except KeyError:
+                return cls(default)
+            try:
+                return cls(user_home / default.relative_to(Path.home()))
+            except ValueError:
+                return cls(user_home / ".local" / "share" / "spt")
+        return cls(default)
 
     @property
     def key_file(self) -> Path:

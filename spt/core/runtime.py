@@ -13,6 +13,7 @@ from spt.core.identity import NodeId
 from spt.core.spool import Message
 from spt.hooks.interfaces import (
     BulkTransit,
+    DoctorCheck,
     HostedTerminal,
     IncomingPayload,
     MemberPresence,
@@ -48,6 +49,11 @@ class Runtime:
 
     def add_op(self, name: str, handler: OpHandler, *, elevated: bool = False) -> None:
         self._daemon.op(name, elevated=elevated)(handler)
+
+    def add_doctor_check(self, name: str, check: DoctorCheck) -> None:
+        if name in self._daemon.doctor_checks:
+            raise LocalProtocolError(name, "doctor check registered twice")
+        self._daemon.doctor_checks[name] = check
 
     def add_member_request(self, type_name: str, handler: MemberRequestHandler) -> None:
         handlers = self._daemon.members.handlers

@@ -375,6 +375,10 @@ class HostedTerminal(Protocol):
     def close(self) -> None: ...
 
 
+# `spt doctor` lines a plugin adds: (level OK|WARN|FAIL, check name, detail saying what to do next)
+DoctorCheck = Callable[[], Sequence[tuple[str, str, str]]]
+
+
 class NodeRuntime(Protocol):
     """The public surface of a running node, handed to `spt_runtime_started`.
 
@@ -399,6 +403,11 @@ class NodeRuntime(Protocol):
 
     def add_op(self, name: str, handler: OpHandler, *, elevated: bool = False) -> None:
         """A control operation the CLI calls; the handler gets the call (`.args`, `.emit`)."""
+        ...
+
+    def add_doctor_check(self, name: str, check: DoctorCheck) -> None:
+        """Add lines to `spt doctor` (SPEC.md §7.5): `check()` returns (level, name, detail)
+        tuples; a WARN or FAIL detail says what to do next."""
         ...
 
     def add_member_request(self, type_name: str, handler: MemberRequestHandler) -> None:

@@ -55,7 +55,7 @@ def test_send_reaches_a_listener_on_another_node(trio):
         sent = a.cli("send", "bob", "--from", "alice", input="hello <there> & you")
         assert (sent.returncode, sent.stdout) == (0, "SENT:bob\n")
         line = bob.stdout.readline()
-        assert line == '<EVENT type="msg" from="home:alice@alpha">hello &lt;there&gt; &amp; you</EVENT>\n'
+        assert line == '<EVENT type="msg" from="alice">hello &lt;there&gt; &amp; you</EVENT>\n'
     finally:
         bob.terminate()
         bob.wait(10)

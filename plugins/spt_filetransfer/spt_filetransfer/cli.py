@@ -64,7 +64,7 @@ class _Bar:
             sys.stderr.flush()
 
 
-@click.group("file")
+@click.group("file", epilog="\b\nExamples:\n  spt file send report.pdf bob --wait\n  spt file status\n  spt file list --incoming\n")
 def file() -> None:
     """Send files and folders to endpoints on any member; see and cancel transfers."""
 

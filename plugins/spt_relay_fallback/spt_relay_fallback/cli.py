@@ -18,7 +18,7 @@ from spt.cli._state import state
 from spt.core.paths import StatePaths
 
 
-@click.group()
+@click.group(epilog="\b\nExamples:\n  spt relay serve --listen 0.0.0.0:47471\n  spt relay add spt-relay://relay.example.net:47471#KEY\n  spt relay list\n")
 def relay() -> None:
     """Run a relay, or choose the relays this node registers with."""
 

@@ -367,6 +367,7 @@ class RelayClient:
         runtime.add_op("relay.list", self._op_list)
         runtime.add_op("relay.sync", self._op_sync)
         runtime.on_network_change(self._network_moved)
+        runtime.add_doctor_check("relays", self._doctor)
         try:
             self.local = configured_urls(runtime.config_section("relay"))
         except ConfigError as exc:
@@ -378,6 +379,22 @@ class RelayClient:
         self._refresh_sources()
         runtime.spawn(self._sources_loop(), "relay sources")
         runtime.spawn(self._upgrade_loop(), "relay path upgrader")
+
+    def _doctor(self) -> list[tuple[str, str, str]]:
+        """`spt doctor` lines (SPEC.md §7.5): each relay reachable, registered, reflexive address."""
+        if not self.links:
+            return [("OK", "relays", "none configured; nodes behind different NATs need one: spt relay add <url>")]
+        lines = []
+        for link in self.links.values():
+            view = link.view()
+            name = f"relay {view['url']}"
+            if view["reachable"]:
+                detail = f"registered, reflexive {view['reflexive'] or 'unknown'}, mapping {view['mapping'] or 'unknown'}"
+                lines.append(("OK", name, detail))
+            else:
+                lines.append(("WARN", name, f"{view['state']}; check the URL and that UDP to it is allowed "
+                              "(spt relay list), or remove it: spt relay remove <url>"))
+        return lines
 
     async def stop(self) -> None:
         for task in list(self._tasks):

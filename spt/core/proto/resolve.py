@@ -19,6 +19,7 @@ registry views and membership) and turns the target into traffic.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
@@ -327,6 +328,13 @@ def shortest_from_form(
     """
     if sender_node == snapshot.self_node.key:
         return sender_id
+    if via_subnet is not None and not any(
+        r.node == sender_node and r.endpoint_id.lower() == sender_id.lower() for r in snapshot.rows
+    ):
+        # The message came from that instance through `via_subnet`, so it exists there (senders
+        # always have a perch), even if its row has not arrived yet: judge the forms with it.
+        sender_row = Row(via_subnet, sender_id, via_subnet, sender_node, LIVE_STATE)
+        snapshot = dataclasses.replace(snapshot, rows=[*snapshot.rows, sender_row])
     all_nodes: list[NodeInfo] = [snapshot.self_node]
     for members in snapshot.nodes_by_subnet.values():
         all_nodes.extend(members)

@@ -242,7 +242,7 @@ def test_a_hidden_instance_resolves_to_no_perch() -> None:
     )
     with pytest.raises(Refusal) as info:
         resolve(parse_address("sergey"), snapshot)
-    assert info.value.status_line() == "NO_PERCH:sergey"
+    assert info.value.status_line().startswith("NO_PERCH:sergey ")
 
 
 def test_resolve_rows_feed_resolution_under_the_display_name() -> None:
