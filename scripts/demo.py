@@ -8,7 +8,9 @@ each other by name: send, ring and reply, a queued message, and a file.
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -35,27 +37,64 @@ def show(text: str) -> None:
         print(f"             {line}")
 
 
-def run(node: Node, *args: str, input: str | None = None) -> str:
-    result = node.cli(*args, input=input)
+EXIT_ELEVATION = 4  # SPEC.md §3.2
+NEEDS_ROOT = ("spt demo: creating and joining a subnet needs elevation (SPEC.md §5.7), and this shell "
+              "cannot ask for it; run: sudo bash scripts/demo.sh")
+
+
+def elevation() -> list[str] | None:
+    """How elevated steps run: directly as root, else through sudo, asked once up front.
+
+    Like the CLI itself (§5.7), only an interactive terminal is asked for a password; without
+    one (or without sudo) the demo says in one line how to run it and exits 4.
+    """
+    if os.geteuid() == 0:
+        return []
+    sudo = shutil.which("sudo")
+    if sudo is None or not (sys.stdin.isatty() and sys.stderr.isatty()):
+        return None
+    print("The demo creates a subnet and joins two nodes to it, which spt allows only elevated: "
+          "sudo asks once, now.", file=sys.stderr, flush=True)
+    if subprocess.run([sudo, "-v"], check=False).returncode != 0:
+        return None
+    return [sudo, "-n", "env"]
+
+
+ELEVATE: list[str] = []
+
+
+def run(node: Node, *args: str, input: str | None = None, elevated: bool = False) -> str:
+    if elevated and ELEVATE:
+        # the daemon runs as this user; the elevated client acts on it through SPT_HOME (§5.7)
+        command = [*ELEVATE, f"SPT_HOME={node.home}", "SPT_NO_AUTOSTART=1", sys.executable, "-m", "spt", *args]
+        result = subprocess.run(command, input=input, capture_output=True, text=True, timeout=60, check=False)
+    else:
+        result = node.cli(*args, input=input)
     if result.returncode != 0:
         raise SystemExit(f"spt {' '.join(args)} on {node.name} failed ({result.returncode}): {result.stderr.strip()}")
     return (result.stdout + result.stderr).strip()
 
 
 def main() -> int:
+    prefix = elevation()
+    if prefix is None:
+        print(NEEDS_ROOT, file=sys.stderr)
+        return EXIT_ELEVATION
+    ELEVATE[:] = prefix
     factory = NodeFactory()
     try:
         alpha, beta, gamma = step(
             "start three nodes: alpha, beta, gamma", lambda: [factory(n, label=n) for n in ("alpha", "beta", "gamma")]
         )
-        created = step("alpha: spt subnet create home", lambda: run(alpha, "subnet", "create", "home"))
+        created = step("alpha: spt subnet create home", lambda: run(alpha, "subnet", "create", "home", elevated=True))
         show("\n".join(line for line in created.splitlines() if line.startswith(("CREATED", "CODE"))))
         code = re.search(r"^CODE:home (\d{6}) ", created, re.M)
         assert code is not None
         for node in (beta, gamma):
             out = step(
                 f"{node.name}: spt subnet join home --code {code.group(1)} --peer {alpha.address}",
-                lambda node=node: run(node, "subnet", "join", "home", "--code", code.group(1), "--peer", alpha.address),
+                lambda node=node: run(node, "subnet", "join", "home", "--code", code.group(1), "--peer", alpha.address,
+                                      elevated=True),
             )
             show(out)
         show(step("gamma: spt subnet status --nodes", lambda: run(gamma, "subnet", "status", "--nodes")))
@@ -64,7 +103,14 @@ def main() -> int:
         step("gamma: agent bob runs `spt ready bob`", lambda: bob.stderr.readline())
         step("alpha: bob's row replicated to alpha", lambda: alpha.wait_listed("bob"))
         show(step("alpha: echo hi | spt send bob --from alice", lambda: run(alpha, "send", "bob", "--from", "alice", input="hi bob")))
-        show("bob got: " + bob.stdout.readline().strip())
+        got = bob.stdout.readline().strip()
+        show("bob got: " + got)
+        sender = re.search(r'from="([^"]+)"', got)
+        assert sender is not None
+        show(step(f"gamma: bob replies: spt send {sender.group(1)} --from bob (from= leads back)",
+                  lambda: run(gamma, "send", sender.group(1), "--from", "bob", input="hi alice")))
+        show(step("alpha: spt ready alice --once (alice's perch held the reply)",
+                  lambda: run(alpha, "ready", "alice", "--once", "--timeout", "5")))
 
         def bob_answers() -> None:
             line = bob.stdout.readline()

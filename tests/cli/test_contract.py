@@ -179,14 +179,12 @@ def test_the_elevation_hint_names_spt_home_only_when_it_is_set(monkeypatch):
     assert elevated_command(["subnet", "create", "home"]).startswith("sudo 'SPT_HOME=/tmp/my node' ")
 
 
+@pytest.mark.root  # only an elevated spt honours SUDO_USER
 def test_under_sudo_the_state_folder_is_the_invoking_users(monkeypatch):
-    import os
     import pwd
 
     from spt.core.paths import StatePaths
 
-    if os.geteuid() != 0:
-        pytest.skip("only root sees SUDO_USER honoured")  # the rule is about elevated runs
     user = pwd.getpwuid(65534)
     root_default = StatePaths.resolve({})
     assert StatePaths.resolve({"SUDO_USER": user.pw_name}).root.parts[-3:] == root_default.root.parts[-3:]

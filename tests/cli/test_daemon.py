@@ -92,6 +92,7 @@ def test_bad_config_is_a_clear_error(spt_nodes):
     assert "BAD_CONFIG:net.prot unknown key" in result.stderr
 
 
+@pytest.mark.root  # creates a subnet (elevated)
 def test_doctor_reports_each_check_and_peer_paths(spt_nodes):
     a, b = spt_nodes.subnet(["alpha", "beta"])
     import time

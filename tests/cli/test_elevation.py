@@ -20,7 +20,7 @@ def _reachable_by_others(path):
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(os.geteuid() != 0, reason="switching uids needs root"),
+    pytest.mark.root,  # switching uids needs root
     pytest.mark.skipif(not _reachable_by_others(sys.executable),
                        reason="the interpreter is not reachable by other users (scripts/setup.sh uses /usr/bin/python3)"),
 ]

@@ -17,7 +17,7 @@ import time
 import pyte
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.root]  # creates subnets (elevated)
 
 CONFIG = """\
 [net]

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.root]  # creates subnets (elevated)
 
 CONFIG = """\
 [net]

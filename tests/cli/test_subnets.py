@@ -7,7 +7,6 @@
 import asyncio
 import base64
 import json
-import os
 import re
 import sqlite3
 import time
@@ -16,7 +15,7 @@ import pytest
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(os.geteuid() != 0, reason="spt subnet create/join need an elevated caller"),
+    pytest.mark.root,  # spt subnet create/join need an elevated caller
 ]
 
 WAIT = 15.0  # seconds any eventually-true condition gets

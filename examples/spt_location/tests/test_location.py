@@ -3,7 +3,7 @@ refuses the type by name."""
 
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.root]  # creates subnets (elevated)
 
 
 def test_location_reaches_an_endpoint_on_another_node(spt_node_pair):

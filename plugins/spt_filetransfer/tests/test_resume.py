@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from ft_helpers import file_hash, inbox, make_pair, one, random_file, wait_for
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.root]  # creates subnets (elevated)
 
 MIB = 1 << 20
 

@@ -20,7 +20,7 @@ from spt.core.paths import StatePaths
 from spt.core.store import load_or_create_key
 from spt.core.types import parse_hostport
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.root]  # creates subnets (elevated)
 
 
 def offer(tid: str, path: str, data: bytes = b"pwned\n", name: str | None = None) -> dict:

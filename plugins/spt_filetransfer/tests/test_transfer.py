@@ -9,7 +9,7 @@ import shutil
 import pytest
 from ft_helpers import file_hash, inbox, make_pair, one, random_file, status, wait_for
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.root]  # creates subnets (elevated)
 
 MIB = 1 << 20
 

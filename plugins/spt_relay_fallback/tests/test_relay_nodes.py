@@ -38,6 +38,7 @@ def test_relay_add_list_remove_edit_the_config_and_the_daemon_follows(spt_nodes,
     assert bad.returncode != 0 and "RELAYKEYHEX" in bad.stderr
 
 
+@pytest.mark.root  # creates a subnet (elevated)
 def test_a_join_finds_the_member_by_rendezvous_at_the_relay(spt_nodes, relay_url):
     config = DEFAULT_CONFIG + f"\n[relay]\nurls = {json.dumps([relay_url])}\n"
     a = spt_nodes("a", config=config, label="alpha")
