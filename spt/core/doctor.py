@@ -225,7 +225,7 @@ async def clock_checks(daemon: Daemon) -> list[dict[str, str]]:
             name = f"clock {key.display(label)}"
             start = time.time()
             try:
-                reply = await conn.request("clock", {}, timeout=CLOCK_TIMEOUT)
+                reply = await conn.request("clock", {"subnet": sub.id.hex()}, timeout=CLOCK_TIMEOUT)
             except (PeerError, SptError, TimeoutError, ConnectionError) as exc:
                 out.append({"name": name, "level": "WARN", "detail": f"could not ask ({exc}); an older spt there lacks it"})
                 continue
