@@ -310,19 +310,18 @@ def sync_scope_remove(endpoint_id: str, subnet: str) -> None:
 
 
 @endpoint.command("mind")
-@click.argument("endpoint_id", metavar="[ID]", required=False)
+@click.argument("endpoint_id", metavar="[ID]", required=False, shell_complete=local_ids)
 @click.option("--tier", type=click.Choice(["live", "project"]), help="Only this tier.")
 @click.option("--project", "project_dir", type=click.Path(file_okay=False), help="The project folder (default: where ID last ran spt ready).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 @click.pass_context
-def mind(ctx: click.Context, endpoint_id: str | None, tier: str | None, project_dir: str | None, as_json: bool) -> None:
+def mind(ctx: click.Context, endpoint_id: str | None, tier: str | None, project_dir: str | None) -> None:
     """ID's mind (default $SPT_AGENT_ID): the live tier, then the current project's, in HLC order."""
     endpoint_id = endpoint_id or os.environ.get("SPT_AGENT_ID")
     if not endpoint_id:
         raise UsageError("NO_IDENTITY", "", "give an endpoint id or set SPT_AGENT_ID")
     args = {"id": endpoint_id, "tier": tier, "project": os.path.abspath(project_dir) if project_dir else None}
     doc = daemon_call("mind.read", args)
-    if _wants_json(ctx, as_json):
+    if state(ctx).json:  # `--json` before or after the verb (spt.cli._lazy.accept_json_anywhere)
         print_json(doc)
         return
     project = doc["project"]

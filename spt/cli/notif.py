@@ -12,7 +12,7 @@ from spt.cli._state import daemon_call, state
 from spt.core.errors import TokenError, UsageError
 
 
-@click.group()
+@click.group(epilog="\b\nExamples:\n  spt notif list\n  spt notif ack --all\n  spt notif list --all --json\n")
 def notif() -> None:
     """Notifications: shown once where you last worked; an ack anywhere clears them everywhere."""
 
