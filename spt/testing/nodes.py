@@ -17,7 +17,7 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
     from spt.testing.netns import Lab
@@ -30,6 +30,25 @@ bind = "127.0.0.1"
 [discovery]
 mdns = false
 """
+
+
+ELEVATED_COMMANDS: Final = (
+    ("subnet", "create"), ("subnet", "join"), ("subnet", "show-code"), ("subnet", "leave"), ("subnet", "prune"),
+    ("subnet", "unlock"), ("node", "trust", "accept"), ("node", "rekey"), ("update", "apply"), ("update", "auto"),
+)
+
+
+def skip_unless_root(args: Sequence[str]) -> None:
+    """Skip the running test when `args` is an elevated command and this is not root (SPEC §5.7)."""
+    if os.geteuid() == 0 or "PYTEST_CURRENT_TEST" not in os.environ:
+        return
+    words = tuple(a for a in args if not a.startswith("-"))
+    if any(words[: len(cmd)] == cmd for cmd in ELEVATED_COMMANDS):
+        import pytest
+
+        from spt.testing.required import NOT_ROOT
+
+        pytest.skip(NOT_ROOT)
 
 
 class Node:
@@ -45,7 +64,12 @@ class Node:
         self, *args: str, input: str | None = None, check: bool = False, timeout: float = 60.0,
         env: Mapping[str, str] | None = None,
     ) -> subprocess.CompletedProcess[str]:
-        """Run `spt ARGS…` as this node; returns the completed process (text mode)."""
+        """Run `spt ARGS…` as this node; returns the completed process (text mode).
+
+        Under pytest as a normal user, an elevated command (subnet create, join…) skips the test
+        with the one root-only reason (`spt.testing.required`): it could only be refused.
+        """
+        skip_unless_root(args)
         result = subprocess.run(
             [sys.executable, "-m", "spt", *args],
             input=input,

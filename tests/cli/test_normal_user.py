@@ -52,11 +52,13 @@ def test_the_demo_as_a_normal_user_without_sudo_explains_in_one_line(nobody_env)
 
 def test_the_test_command_as_a_normal_user_passes_with_root_tests_skipped_under_one_line(nobody_env):
     selection = ["tests/cli/test_contract_nodes.py", "tests/cli/test_contract.py::test_adapter_command_shapes",
-                 "tests/cli/test_contract.py::test_under_sudo_the_state_folder_is_the_invoking_users"]
+                 "tests/cli/test_contract.py::test_under_sudo_the_state_folder_is_the_invoking_users",
+                 # not marked: the test kit skips it at its `subnet create` (spt.testing.nodes)
+                 "tests/cli/test_notifications.py::test_subnet_notify_refusals"]
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", *selection],
                           cwd=ROOT, env=nobody_env, preexec_fn=as_nobody, stdin=subprocess.DEVNULL,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     skipped = [line for line in done.stdout.splitlines() if line.startswith("SKIPPED")]
     assert len(skipped) == 1 and "needs root" in skipped[0], done.stdout
-    assert done.stdout.splitlines()[-1].startswith("1 passed, 6 skipped")
+    assert done.stdout.splitlines()[-1].startswith("1 passed, 7 skipped")
