@@ -30,6 +30,7 @@ from spt.core.proto.frames import (
 )
 from spt.core.proto.hlc import HlcTimestamp
 from spt.core.proto.registry import digest_from_wire, record_from_dict, sign_presence, sign_row
+from spt.core.proto.replicated import SignedRecord, check_digest_map, check_ids, sign_record
 
 Target = Callable[[bytes], None]
 
@@ -115,6 +116,43 @@ def _mutants(value: Any) -> list[dict[str, Any]]:
         if isinstance(value, dict):
             out.append({**base, **{k: v for k, v in value.items() if isinstance(k, str | int)}})
     return out
+
+
+_NOTIF = {"t": "notif", "kind": "user", "title": "t", "body": "b", "endpoint": None}
+_ENTRY = {"home": "home", "endpoint": "bob", "tier": "live", "project": None, "body": "x", "forked_from": None}
+_RECORD = sign_record(
+    _KEY, kind="notif", record_id="ab" * 16, part="home", hlc=HlcTimestamp(1000, 0, _KEY.node_id.hex), data=_NOTIF
+).to_dict()
+
+
+def replicated_record(data: bytes) -> None:
+    """What `rep.push` / `rep.digest` / `rep.reconcile` carry: records (arbitrary values, and a valid
+    one with one field replaced), the kinds' data checks, digest maps and id lists."""
+    from spt.plugins.mind_sync import check_entry
+    from spt.plugins.notify import check_data
+
+    value = as_value(data)
+    keys = sorted(_RECORD)
+    mutants = [value, {**_RECORD, keys[hash(repr(value)) % len(keys)]: value}]
+    if isinstance(value, dict):
+        mutants.append({**_RECORD, "data": value})
+    for candidate in mutants:
+        try:
+            record = SignedRecord.from_dict(candidate)
+        except SptError:
+            continue
+        record.verify()
+        with contextlib.suppress(SptError):
+            check_data(record.data)
+        with contextlib.suppress(SptError):
+            check_entry(record.data, record.part)
+    if isinstance(value, dict):
+        with contextlib.suppress(SptError):
+            check_entry({**_ENTRY, **{k: v for k, v in value.items() if isinstance(k, str)}}, "live/home/bob")
+    with contextlib.suppress(SptError):
+        check_digest_map(value, "digest", limit=64)
+    with contextlib.suppress(SptError):
+        check_ids(value, limit=64)
 
 
 # --- the envelope parser ----------------------------------------------------------------------------
@@ -325,6 +363,7 @@ TARGETS: dict[str, Target] = {
     "frames_stream": frames_stream,
     "frame_payload": frame_payload,
     "registry_record": registry_record,
+    "replicated_record": replicated_record,
     "envelope_lines": envelope_lines,
     "file_manifest": file_manifest,
     "file_channel": file_channel,
@@ -346,6 +385,7 @@ def _seeds() -> dict[str, list[bytes]]:
         "frames_stream": [bytes((5,)) + frame + frame, bytes((200,)) + frame],
         "frame_payload": [frame[4:], enc({"v": 1, "t": "x", "b": [{}, [], None, 1.5, -3, "s"]})],
         "registry_record": [enc(_ROW), enc(_PRESENCE), enc({_KEY.node_id.hex: 3})],
+        "replicated_record": [enc(_RECORD), enc(_ENTRY), enc({"home": "ab" * 16}), enc(["cd" * 16])],
         "envelope_lines": [b'<EVENT type="msg" from="a@b" k="v">hi &lt;there&gt;</EVENT>\n'],
         "file_manifest": [enc({"name": "f", "files": [["a/b", 3, bytes(32), bytes(32)]]})],
         "file_channel": [b"SPTF\x01" + bytes(32) + struct.pack(">III", 32, 0, 0) + bytes(32)],
