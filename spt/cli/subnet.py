@@ -164,6 +164,8 @@ def join(name: str, code: str | None, subnet_id: str | None, peers: tuple[str, .
             "entered_ago_ms": int((time.monotonic() - entered) * 1000),
         },
         timeout=timeout + 60,
+        # interactive calls get progress events: which member is tried, by which path
+        on_event=lambda event: hint(f"spt: {event['progress']}") if "progress" in event else None,
     )
     emit("JOINED", doc["name"])
     _print_homed(doc)

@@ -388,9 +388,13 @@ class Members:
     # -- the join ceremony: joiner side --------------------------------------------------------
 
     async def join(
-        self, name: str, code: str, *, peers: Sequence[str], timeout: float, entered_at: float, id_prefix: str | None
+        self, name: str, code: str, *, peers: Sequence[str], timeout: float, entered_at: float, id_prefix: str | None,
+        on_progress: Callable[[str], Awaitable[None]] | None = None,
     ) -> JoinResult:
-        """Find members of `name`, run the ceremony with one, install what it sends."""
+        """Find members of `name`, run the ceremony with one, install what it sends.
+
+        `on_progress` hears, in words, which candidate is tried by which path (an interactive
+        `spt subnet join` prints it while it searches)."""
         existing = self.subnets.by_name(name)
         if existing is not None:
             raise Refusal("ALREADY_MEMBER", name, "this node is already a member")
@@ -420,6 +424,12 @@ class Members:
             found = await self.daemon.find_candidates(tag, budget, extra)
             fresh = [c for c in found if (c.host, c.port) not in tried and (not c.tags or tag in c.tags)]
             tried.update((c.host, c.port) for c in fresh)
+            if on_progress is not None:
+                left = max(0.0, deadline - time.monotonic())
+                for c in fresh:
+                    await on_progress(f"trying {c.host}:{c.port} (found by {c.source}; {left:.0f} s left)")
+                if not fresh and rounds in (1, 3, 6, 10):
+                    await on_progress(f"searching for a member of {name} ({left:.0f} s left)")
             attempts = [_JoinAttempt(self, c, name, secret_code, entered_at) for c in fresh]
             dial_budget = max(0.5, min(DIAL_TIMEOUT, deadline - time.monotonic()))
             results = await asyncio.gather(*(a.hello(dial_budget) for a in attempts))
@@ -455,6 +465,8 @@ class Members:
         for _, other in hellos[1:]:
             other.close()
         found_at = time.monotonic()
+        if on_progress is not None:
+            await on_progress(f"{chosen.candidate.host}:{chosen.candidate.port} answered; checking the code")
         try:
             event = await chosen.run()
         finally:
@@ -1303,6 +1315,7 @@ def register_ops(daemon: Daemon, members: Members) -> None:
             timeout=float(args.get("timeout", 30.0)),
             entered_at=entered_at,
             id_prefix=args.get("id"),
+            on_progress=(lambda text: call.emit({"progress": text})) if call.interactive else None,
         )
         homed = daemon.on_first_subnet(result.sub)
         await daemon.subnets_changed()

@@ -134,3 +134,27 @@ def test_doctor_covers_the_checks_of_section_7_5(pair):
     for check in doc["checks"]:  # every line that is not OK says what to do next
         if check["level"] != "OK":
             assert any(w in check["detail"] for w in ("run", "spt ", "check", "remove", "nothing to do", "start")), check
+
+
+def test_an_interactive_join_reports_which_member_it_tries_and_how(pair, spt_nodes):
+    from spt.core.ipc import call, connect
+    from spt.testing.nodes import fresh_code
+
+    alpha, _beta = pair
+    gamma = spt_nodes("g", label="gamma", config=CONFIG)
+    events = []
+    conn = connect(gamma.home / "spt.sock")
+    try:
+        args = {"name": "home", "code": fresh_code(alpha, "home"), "peers": [alpha.address], "timeout": 20,
+                "entered_ago_ms": 0}
+        result = call(conn, "subnet.join", args, interactive=True, on_event=events.append, timeout=80)
+    finally:
+        conn.close()
+    assert result["name"] == "home"
+    progress = [e["progress"] for e in events]
+    assert f"trying {alpha.address} (found by peer; " in progress[0]
+    assert progress[-1] == f"{alpha.address} answered; checking the code"
+    # a non-interactive join (scripts, agents) stays quiet: just the token
+    quiet = spt_nodes("q", label="quiet", config=CONFIG)
+    joined = quiet.cli("subnet", "join", "home", "--code", fresh_code(alpha, "home"), "--peer", alpha.address)
+    assert (joined.returncode, joined.stdout, joined.stderr) == (0, "JOINED:home\n", "")
