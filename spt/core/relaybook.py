@@ -12,7 +12,7 @@ pruned or leaves, the relays it alone announced drop out on the next look.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Final
 
 from spt.core.identity import NodeId
@@ -47,19 +47,22 @@ class RelayBook:
             self._by_node[node] = cleaned
         else:
             self._by_node.pop(node, None)
+        self._save()
+
+    def _save(self) -> None:
         with self._store.transaction():
             self._store.set_meta(META_KEY, json.dumps({n.hex: list(u) for n, u in sorted(self._by_node.items())}))
 
     def announced_by(self, node: NodeId) -> tuple[str, ...]:
         return self._by_node.get(node, ())
 
-    def by_url(self, members: Iterable[NodeId]) -> dict[str, list[NodeId]]:
-        """Each relay URL announced by a current member, with who announces it."""
-        out: dict[str, list[NodeId]] = {}
-        for node in sorted(set(members)):
-            for url in self._by_node.get(node, ()):
-                out.setdefault(url, []).append(node)
-        return out
+    def keep_only(self, members: Iterable[NodeId]) -> None:
+        """Forget what nodes that are no longer members announced (pruned, left)."""
+        gone = set(self._by_node) - set(members)
+        if gone:
+            for node in gone:
+                del self._by_node[node]
+            self._save()
 
 
 def _clean(urls: object) -> tuple[str, ...]:
@@ -68,7 +71,3 @@ def _clean(urls: object) -> tuple[str, ...]:
         return ()
     kept = [u for u in urls if isinstance(u, str) and 0 < len(u) <= MAX_URL_LENGTH]
     return tuple(dict.fromkeys(kept))[:MAX_RELAYS_PER_MEMBER]
-
-
-def as_mapping(book: Mapping[str, list[NodeId]]) -> dict[str, list[str]]:
-    return {url: [n.hex for n in nodes] for url, nodes in book.items()}

@@ -164,10 +164,12 @@ class Runtime:
             daemon.announced_relays = tuple(urls)
             daemon.messaging.publish()
 
-    def member_relays(self) -> Mapping[str, Sequence[NodeId]]:
+    def member_relays(self) -> Mapping[str, Sequence[str]]:
         daemon = self._daemon
         me = daemon.key.node_id
+        book = daemon.relay_book
         members: set[NodeId] = set()
+        out: dict[str, set[str]] = {}
         for sub in daemon.subnets.attached():
             for node in sub.state().members:
                 if node == me:
@@ -175,8 +177,11 @@ class Runtime:
                 members.add(node)
                 presence = daemon.messaging.presence_of(sub, node)
                 if presence is not None:
-                    daemon.relay_book.learn(node, presence.relays)
-        return daemon.relay_book.by_url(members)
+                    book.learn(node, presence.relays)
+                for url in book.announced_by(node):
+                    out.setdefault(url, set()).add(sub.canonical)
+        book.keep_only(members)
+        return {url: sorted(names) for url, names in out.items()}
 
     def on_network_change(self, listener: Callable[[Any], str | None]) -> None:
         self._daemon.network_listeners.append(listener)

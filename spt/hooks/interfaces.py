@@ -487,9 +487,10 @@ class NodeRuntime(Protocol):
         signed presence, so members that have none of their own can use them (SPEC.md §7.6)."""
         ...
 
-    def member_relays(self) -> Mapping[str, Sequence[NodeId]]:
+    def member_relays(self) -> Mapping[str, Sequence[str]]:
         """Relay URLs announced by current members of this node's attached subnets, each with
-        the members announcing it (remembered across restarts; pruned members drop out)."""
+        the (canonical) names of the subnets whose members announce it: only those subnets'
+        business goes to that relay. Remembered across restarts; pruned members drop out."""
         ...
 
     def on_network_change(self, listener: Callable[[Any], str | None]) -> None:

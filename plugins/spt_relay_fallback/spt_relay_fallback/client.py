@@ -40,9 +40,10 @@ from spt.core.net.connections import Connection
 from spt.core.net.paths import MAPPING_ASK, MAPPING_SEEN, NONCE_BYTES, RELAY_NOTICE, Paths, for_node
 from spt.core.net.transport import ALPN_MEMBER, ALPN_RELAY
 from spt.core.proto.frames import Frame
+from spt.core.subnets import rendezvous_tag
 from spt.hooks import Candidate, DiscoveryContext
 from spt.hooks.interfaces import NodeRuntime
-from spt_relay_fallback.sources import LOCAL, Chosen, build_defaults, choose, read_removed
+from spt_relay_fallback.sources import Chosen, build_defaults, choose, read_removed
 from spt_relay_fallback.tunnel import NodeTunnel
 from spt_relay_fallback.url import RelayUrl, token_proof
 
@@ -107,10 +108,12 @@ class _PunchState:
 class RelayLink:
     """One configured relay and this node's registration there."""
 
-    def __init__(self, client: RelayClient, url: RelayUrl, source: str = LOCAL) -> None:
+    def __init__(self, client: RelayClient, chosen: Chosen) -> None:
         self.client = client
-        self.url = url
-        self.source = source
+        self.url = chosen.url
+        self.source = chosen.source
+        self.subnets = chosen.subnets  # None: every subnet's tags; else only these subnets'
+        url = chosen.url
         self.state = "connecting"
         self.addr: Address | None = None  # the relay's resolved address
         self.reflexive: Address | None = None
@@ -188,6 +191,7 @@ class RelayLink:
         return {
             "url": self.url.public,
             "source": self.source,
+            "subnets": sorted(self.subnets) if self.subnets is not None else None,
             "state": self.state,
             "reachable": self.registered.is_set(),
             "reflexive": f"{self.reflexive[0]}:{self.reflexive[1]}" if self.reflexive else None,
@@ -293,6 +297,9 @@ class RelayLink:
         if conn is None or not conn.is_open or not self.registered.is_set():
             return
         tags = list(ctx.advertised_tags()) if ctx is not None else []
+        if self.subnets is not None:  # a relay learned from some subnets hears only theirs
+            allowed = {rendezvous_tag(name) for name in self.subnets}
+            tags = [t for t in tags if t in allowed]
         port = self.client.paths.transport.sockname[1] if self.client.paths is not None else 0
         await conn.request("relay.tags", {"tags": tags, "port": port}, timeout=REQUEST_TIMEOUT)
 
@@ -414,11 +421,13 @@ class RelayClient:
             del self.links[link.url.public]
             self._spawn(link.stop())
         for key, c in wanted.items():
-            if key in self.links:
-                self.links[key].source = c.source
-            else:
-                link = self.links[key] = RelayLink(self, c.url, c.source)
-                link.start()
+            current = self.links.get(key)
+            if current is None:
+                self.links[key] = RelayLink(self, c)
+                self.links[key].start()
+            elif (current.source, current.subnets) != (c.source, c.subnets):
+                current.source, current.subnets = c.source, c.subnets
+                self._spawn(current.push_tags())  # a subnet more or fewer: the relay's tags follow
         return list(self.links.values())
 
     def _refresh_sources(self) -> None:

@@ -84,7 +84,8 @@ NOTICE_UNKNOWN_DEST: Final = 2
 NOTICE_INTERVAL: Final = 1.0  # seconds between notices to one source address
 MIN_BURST: Final = 16 * 1500  # bytes a rate-capped node may send at once
 DEFAULT_RATE: Final = 4 * 1024 * 1024  # bytes/s a node may send through the relay unless told otherwise
-MAX_PER_SOURCE: Final = 16  # registered nodes behind one source address
+MAX_PER_SOURCE: Final = 16  # registered nodes (and UDP-over-TCP tunnels) behind one source address
+TUNNEL_REGISTER_WAIT: Final = 10.0  # seconds a tunnel may carry no registered node
 REGISTER_BURST: Final = 10  # registrations one source address may make at once…
 REGISTER_PER_MINUTE: Final = 10  # …refilled at this rate
 MAPPING_PER_SECOND: Final = 4  # mapping-check answers per source address
@@ -380,15 +381,25 @@ class RelayServer:
         peer = writer.get_extra_info("peername")
         addr: Address = (str(peer[0]), int(peer[1]))
         in_use = addr in self._tunnels or any(n.addr == addr for n in self._nodes.values())
-        if in_use or len(self._tunnels) >= self.max_nodes:
+        same_source = sum(1 for a in self._tunnels if a[0] == addr[0])
+        if in_use or same_source >= MAX_PER_SOURCE or len(self._tunnels) >= self.max_nodes:
             log.info("UDP-over-TCP tunnel refused", extra={"addr": f"{addr[0]}:{addr[1]}"})
             return
         self._tunnels.add(addr)
         self.transport.set_tunnel(addr, tunnel_sender(writer))
         log.info("UDP-over-TCP tunnel open", extra={"addr": f"{addr[0]}:{addr[1]}"})
+        pump = asyncio.ensure_future(tunnel_pump(reader, lambda data: self.transport.tunnel_received(data, addr)))
         try:
-            await tunnel_pump(reader, lambda data: self.transport.tunnel_received(data, addr))
+            # A tunnel serves one registered node: one that registers nobody within the wait, or
+            # whose node is gone, is closed, so idle tunnels cannot crowd out real ones.
+            while not pump.done():
+                await asyncio.wait([pump], timeout=TUNNEL_REGISTER_WAIT)
+                if not pump.done() and not any(n.addr == addr for n in self._nodes.values()):
+                    log.info("UDP-over-TCP tunnel closed: no node registered through it",
+                             extra={"addr": f"{addr[0]}:{addr[1]}"})
+                    break
         finally:
+            pump.cancel()
             self.transport.set_tunnel(addr, None)
             self._tunnels.discard(addr)
             log.info("UDP-over-TCP tunnel closed", extra={"addr": f"{addr[0]}:{addr[1]}"})

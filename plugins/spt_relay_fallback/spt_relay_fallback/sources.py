@@ -36,6 +36,10 @@ MAX_REMOVED: Final = 256
 class Chosen:
     url: RelayUrl
     source: str
+    # the subnets whose business may go to this relay (rendezvous tags): None for this node's own
+    # relays and the build's, which serve every subnet; for a relay learned from members, only
+    # the subnets whose members announce it (SPEC.md §9.13: nothing of S to a stranger to S)
+    subnets: frozenset[str] | None = None
 
 
 def build_defaults() -> list[RelayUrl]:
@@ -70,23 +74,27 @@ def write_removed(state_dir: Path, removed: Iterable[str]) -> None:
 
 def choose(
     local: Sequence[RelayUrl],
-    subnet: Mapping[str, Sequence[Any]],
+    subnet: Mapping[str, Sequence[str]],
     defaults: Sequence[RelayUrl],
     removed: set[str],
 ) -> list[Chosen]:
-    """The relays to register with, each once, local first; removed ones left out (unless
-    the user added them locally again, which `spt relay add` also takes off the deny list)."""
+    """The relays to register with, each once: local, then the build's, then the subnet's
+    (`subnet` maps a URL to the subnets whose members announce it); removed ones left out
+    (unless added locally again, which `spt relay add` also takes off the deny list)."""
     out: dict[str, Chosen] = {}
     for url in local:
         out.setdefault(url.public, Chosen(url, LOCAL))
-    learned: list[RelayUrl] = []
-    for text in subnet:
+    for url in defaults:
+        if url.public not in removed:
+            out.setdefault(url.public, Chosen(url, DEFAULT))
+    for text, names in subnet.items():
         try:
-            learned.append(RelayUrl.parse(text))
+            url = RelayUrl.parse(text)
         except ConfigError:
             continue  # a member announcing garbage costs that entry only
-    for source, urls in ((SUBNET, learned), (DEFAULT, defaults)):
-        for url in urls:
-            if url.public not in removed:
-                out.setdefault(url.public, Chosen(url, source))
+        if url.public in removed or (url.public in out and out[url.public].subnets is None):
+            continue
+        before = out.get(url.public)
+        scope = frozenset(names) | (before.subnets or frozenset() if before is not None else frozenset())
+        out[url.public] = Chosen(url, SUBNET, scope)
     return list(out.values())

@@ -232,6 +232,25 @@ def _server_context(key: NodeKey) -> ssl.SSLContext:
 # --- the node's side (blocking: the file service runs its data path on threads) ------------------
 
 
+def client_context() -> ssl.SSLContext:
+    """TLS 1.3 with no CA: the relay's key is pinned by `check_relay_key`, as on QUIC."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def check_relay_key(der: bytes | None, relay: NodeId) -> None:
+    """TransitError unless the listener's certificate carries the relay's pinned key."""
+    try:
+        seen = peer_id_from_certificate(x509.load_der_x509_certificate(der)) if der else None
+    except (IdentityError, ValueError):
+        seen = None
+    if seen != relay:
+        raise TransitError(relay.short, "the relay's TCP listener presented another key")
+
+
 def dial_transit(host: str, port: int, relay: NodeId, ticket: bytes, timeout: float = TRANSIT_WAIT) -> ssl.SSLSocket:
     """A TLS socket to the relay's listener, matched with the ticket's other side.
 
@@ -241,22 +260,12 @@ def dial_transit(host: str, port: int, relay: NodeId, ticket: bytes, timeout: fl
     raw = socket.create_connection((host, port), timeout=min(timeout, 10.0))
     try:
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE  # no CA: the relay's key is pinned below, as on QUIC
-        sock = ctx.wrap_socket(raw)
+        sock = client_context().wrap_socket(raw)
     except BaseException:
         raw.close()
         raise
     try:
-        der = sock.getpeercert(binary_form=True)
-        try:
-            seen = peer_id_from_certificate(x509.load_der_x509_certificate(der)) if der else None
-        except (IdentityError, ValueError):
-            seen = None
-        if seen != relay:
-            raise TransitError(relay.short, "the relay's TCP listener presented another key")
+        check_relay_key(sock.getpeercert(binary_form=True), relay)
         sock.settimeout(timeout)
         sock.sendall(bytes((KIND_TRANSIT,)) + ticket)
         status = sock.recv(1)

@@ -23,12 +23,15 @@ import struct
 from collections.abc import Callable
 from typing import Final
 
-from cryptography import x509
-
-from spt.core.errors import IdentityError
 from spt.core.identity import NodeId
-from spt.core.net.pinning import peer_id_from_certificate
-from spt_relay_fallback.tcp import KIND_UDP_FRAMES, STATUS_MATCHED, TICKET_BYTES, TransitError
+from spt_relay_fallback.tcp import (
+    KIND_UDP_FRAMES,
+    STATUS_MATCHED,
+    TICKET_BYTES,
+    TransitError,
+    check_relay_key,
+    client_context,
+)
 
 log = logging.getLogger(__name__)
 
@@ -78,19 +81,11 @@ class NodeTunnel:
     @classmethod
     async def open(cls, host: str, port: int, relay: NodeId) -> NodeTunnel:
         """Connect, check the relay's key, ask for kind 0x20; TransitError or OSError on failure."""
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE  # no CA: the relay's key is pinned below, as on QUIC
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, ssl=ctx), CONNECT_TIMEOUT)
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port, ssl=client_context()), CONNECT_TIMEOUT
+        )
         try:
-            der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
-            try:
-                seen = peer_id_from_certificate(x509.load_der_x509_certificate(der)) if der else None
-            except (IdentityError, ValueError):
-                seen = None
-            if seen != relay:
-                raise TransitError(relay.short, "the relay's TCP listener presented another key")
+            check_relay_key(writer.get_extra_info("ssl_object").getpeercert(binary_form=True), relay)
             writer.write(bytes((KIND_UDP_FRAMES,)) + bytes(TICKET_BYTES))
             await writer.drain()
             status = await asyncio.wait_for(reader.readexactly(1), CONNECT_TIMEOUT)

@@ -5,12 +5,13 @@ bundle); a member that removes it locally keeps it removed; a relay announced on
 that is then pruned is dropped everywhere.
 """
 
+import json
 import time
 
 import pytest
 from test_relay_nodes import wait_for
 
-from spt.testing.nodes import fresh_code
+from spt.testing.nodes import DEFAULT_CONFIG, fresh_code
 
 pytestmark = pytest.mark.slow
 
@@ -61,3 +62,21 @@ def test_the_join_bundle_carries_the_subnets_relays_and_a_pruned_members_relay_i
     b.cli("daemon", "stop", check=True)
     b.start()
     assert relay_url not in relays(b)
+
+
+def test_a_relay_learned_from_one_subnet_hears_nothing_of_the_nodes_other_subnets(spt_nodes, relay_url):
+    """SPEC.md §9.13: a relay run by a member of `work` must not learn that this node serves
+    `home`: the node registers its `work` rendezvous tag there, not `home`'s."""
+    a, c = spt_nodes.subnet(["alpha", "gamma"], "work")
+    a.cli("subnet", "create", "home", check=True)
+    c.cli("relay", "add", relay_url, check=True)
+    seen = wait_for(lambda: (r := relays(a).get(relay_url)) and r["reachable"] and r, timeout=15)
+    assert seen["source"] == "subnet" and seen["subnets"] == ["work"]
+    # a stranger at the same relay looks both names up by rendezvous (no --peer, no mDNS)
+    config = DEFAULT_CONFIG + f"\n[relay]\nurls = {json.dumps([relay_url])}\n"
+    e = spt_nodes("eve", config=config, label="eve")
+    wait_for(lambda: (r := relays(e).get(relay_url)) and r["reachable"], timeout=15)
+    home = e.cli("subnet", "join", "home", "--code", "000000", "--timeout", "3", timeout=30)
+    assert home.returncode == 1 and home.stderr.startswith("JOIN_NOT_FOUND:home"), home.stderr
+    work = e.cli("subnet", "join", "work", "--code", "000000", "--timeout", "3", timeout=30)
+    assert work.stderr.startswith("JOIN_REJECTED:work"), work.stderr  # found there; the code was wrong

@@ -12,9 +12,11 @@ def url(port):
 
 def test_local_first_then_subnet_then_build_each_once_and_removed_ones_left_out():
     mine, theirs, shipped, gone = url(1), url(2), url(3), url(4)
-    subnet = {str(theirs): ["a"], str(mine): ["b"], str(gone): ["c"], "not a url": ["d"]}
+    subnet = {str(theirs): ["work"], str(mine): ["home"], str(gone): ["home"], "not a url": ["home"]}
     chosen = choose([mine], subnet, [shipped, gone], {gone.public})
-    assert [(c.url, c.source) for c in chosen] == [(mine, "local"), (theirs, "subnet"), (shipped, "default")]
+    assert [(c.url, c.source, c.subnets) for c in chosen] == [
+        (mine, "local", None), (shipped, "default", None), (theirs, "subnet", frozenset({"work"})),
+    ]  # a learned relay serves only the subnets whose members announce it; our own serve all
     # a relay the user removed but then added locally again is used, as local
     assert next(c.source for c in choose([gone], subnet, [], {gone.public})) == "local"
 

@@ -191,3 +191,20 @@ async def test_garbage_hellos_are_refused_and_the_listener_keeps_serving(nodes, 
     ))
     for sock in socks:
         sock.close()
+
+
+async def test_a_udp_frames_tunnel_that_registers_nobody_is_closed(tcp_relay, monkeypatch):
+    """Kind 0x20 needs no ticket, so an idle tunnel must not hold a slot: the relay closes a
+    tunnel through which no node registered within TUNNEL_REGISTER_WAIT."""
+    from spt_relay_fallback import server as server_module
+    from spt_relay_fallback.tunnel import NodeTunnel
+
+    monkeypatch.setattr(server_module, "TUNNEL_REGISTER_WAIT", 0.3)
+    server, _ = tcp_relay
+    tunnel = await NodeTunnel.open("127.0.0.1", server.tcp_port, server.key.node_id)
+    try:
+        async with asyncio.timeout(5):
+            assert await tunnel.reader.read() == b""  # the relay ended it
+        assert server._tunnels == set()
+    finally:
+        await tunnel.close()
