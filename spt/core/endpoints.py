@@ -449,9 +449,10 @@ class Endpoints:
     def snapshot(self) -> Snapshot:
         """What resolution needs (§4.1): local perches, members, and the replicated rows."""
         attached = sorted(self.daemon.subnets.attached(), key=lambda s: s.canonical)
+        # system mode: a caller resolves only its own local perches (spt.core.caller)
         local = [
             LocalPerch(p.id, self._subnet_name(p.home), frozenset(s.name for s in self.visible_in(p)))
-            for p in self.perches(transient=True)
+            for p in self.perches(transient=True) if may_use(p.owner)
         ]
         return Snapshot(
             self_node=NodeInfo(self.node_id, self.daemon.label),

@@ -127,3 +127,23 @@ def test_user_mode_says_user(tmp_path):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_system_mode_endpoint_run_is_refused_to_group_users_and_rc_keeps_to_the_owner(system_node):
+    home, env = system_node
+    project = str(home.parent)  # reachable by every uid (0755)
+    # attacker: a group uid asks the daemon to run its command, which would run as the daemon's account
+    run = spt(env, "endpoint", "run", "--id", "shell", "--project", project, "--", "sh", "-c", "id > /tmp/x", uid=ALICE)
+    assert run.returncode == 1 and run.stderr.startswith("RUN_REFUSED"), (run.stdout, run.stderr)
+    assert local_ids(env) == []  # nothing made, nothing run
+    # the daemon's own account may host; its terminal is its own
+    made = spt(env, "endpoint", "run", "--id", "hosted", "--project", project, "--",
+               "sh", "-c", "echo hello-from-host; sleep 3", uid=DAEMON)
+    assert made.returncode == 0 and made.stdout.startswith("ENDPOINT_RUN:hosted"), (made.stdout, made.stderr)
+    # attacker: another group uid tries to attach to it, by id and with its exact case changed
+    for address in ("hosted", "HOSTED"):
+        peek = spt(env, "rc", address, uid=ALICE)
+        assert peek.returncode == 1 and "NO_PERCH" in peek.stderr and "hello-from-host" not in peek.stdout, peek
+    assert local_ids(env, ALICE) == []
+    own = spt(env, "rc", "--read-only", "hosted", uid=DAEMON)
+    assert "hello-from-host" in own.stdout and "RC_ENDED" in own.stderr, (own.stdout, own.stderr)

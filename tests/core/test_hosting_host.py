@@ -218,3 +218,91 @@ async def test_offsets_of_another_run_are_not_resumed(hosts, tmp_path):
     got = await frames_until(reader, lambda m, g: b"fresh run" in b"".join(x.get("data", b"") for x in g))
     assert got[0]["start"] == 0 and got[1]["off"] == 0
     writer.close()
+
+
+HELD_READER = r"""
+import os, select, sys, time, tty
+tty.setraw(0)
+go, log = sys.argv[1], open(sys.argv[2], "wb")
+os.write(1, b"ready")
+while not os.path.exists(go):  # not reading yet: the PTY, then the host's input queue, fill up
+    time.sleep(0.05)
+while select.select([0], [], [], 5)[0]:
+    data = os.read(0, 65536)
+    if not data:
+        break
+    log.write(data); log.flush()
+"""
+
+
+async def test_input_beyond_the_hosts_queue_waits_and_is_never_dropped_after_its_ack(hosts, tmp_path):
+    # A viewer types faster than the program reads (1.5 MiB against a 1 MiB queue). Input the host
+    # acknowledges is never resent, so it must reach the program: none dropped, each once, in order.
+    go, log = tmp_path / "go", tmp_path / "in.log"
+    frames = [bytes([97 + i % 26]) * 65536 for i in range(24)]
+    host = hosts(tmp_path, [sys.executable, "-c", HELD_READER, str(go), str(log)])
+    reader, writer = await host.attach(viewer="v")
+    await frames_until(reader, lambda m, g: b"ready" in b"".join(x.get("data", b"") for x in g))
+    acked = [0]
+
+    async def collect():
+        while (msg := await read_frame(reader)) is not None:
+            seq = msg.get("seq") if msg["t"] == "ack" else msg.get("ack")
+            if isinstance(seq, int):
+                acked[0] = max(acked[0], seq)
+
+    async def type_all():
+        for seq, data in enumerate(frames, 1):
+            writer.write(encode({"t": "input", "seq": seq, "data": data}))
+            await writer.drain()
+
+    collector, typing = asyncio.ensure_future(collect()), asyncio.ensure_future(type_all())
+    await asyncio.sleep(1.0)  # the program reads nothing meanwhile
+    assert acked[0] < len(frames)  # what the program cannot take yet is not acknowledged
+    go.touch()
+    async with asyncio.timeout(20):
+        await typing
+        while acked[0] < len(frames):
+            await asyncio.sleep(0.05)
+        want = b"".join(frames)
+        while log.stat().st_size < len(want) if log.exists() else True:
+            await asyncio.sleep(0.05)
+    await asyncio.sleep(0.3)
+    assert log.read_bytes() == want
+    collector.cancel()
+    writer.close()
+
+
+async def test_a_read_only_viewer_cannot_change_the_terminal_size(hosts, tmp_path):
+    host = hosts(tmp_path, [sys.executable, "-c", SIZE_PRINTER])
+    r1, w1 = await host.attach(viewer="a", rows=30, cols=100)
+    await frames_until(r1, lambda m, g: b"size 30 100" in b"".join(x.get("data", b"") for x in g))
+    _r2, w2 = await host.attach(viewer="b", rows=40, cols=120, read_only=True)
+    w2.write(encode({"t": "resize", "rows": 50, "cols": 132}))
+    await w2.drain()
+    await asyncio.sleep(0.3)
+    w1.write(encode({"t": "resize", "rows": 20, "cols": 90}))
+    got = b"".join(m.get("data", b"") for m in
+                   await frames_until(r1, lambda m, g: b"size 20 90" in b"".join(x.get("data", b"") for x in g)))
+    assert b"size 40 120" not in got and b"size 50 132" not in got
+    w1.close()
+    w2.close()
+
+
+async def test_a_read_only_viewer_that_stops_reading_does_not_hold_the_program_back(hosts, tmp_path):
+    total = 4 * 1024 * 1024
+    go = tmp_path / "go"
+    program = (f"import os, sys, time\nwhile not os.path.exists({str(go)!r}): time.sleep(0.05)\n"
+               f"sys.stdout.write('y' * {total}); sys.stdout.flush(); time.sleep(30)")
+    host = hosts(tmp_path, [sys.executable, "-c", program], buffer_bytes=65536)
+    reader, writer = await host.attach(viewer="watcher", read_only=True)  # and never reads
+    go.touch()
+    deadline = time.monotonic() + 15
+    while (await host.ask({"t": "status"}))["end"] < total:
+        assert time.monotonic() < deadline, "the program was held back by a read-only viewer"
+        await asyncio.sleep(0.1)
+    # when it reads again it is told, explicitly, what it missed
+    got = await frames_until(reader, lambda m, g: m["t"] == "lost", timeout=15)
+    lost = got[-1]
+    assert lost["to"] > lost["from"] and lost["to"] >= total - 65536 - 4 * 65536
+    writer.close()

@@ -9,10 +9,13 @@ What it keeps, and why it is here rather than in the daemon: the output numbered
 with the last `buffer_bytes` for replay and resume, and per viewer id the number of the last
 input frame applied (so input resent after any reconnect is applied exactly once, §8.6).
 
-Output is read from the PTY only while every attached viewer is less than a buffer behind:
-a slow viewer slows the program (as a terminal would) instead of losing bytes. A viewer that is
-gone does not hold anything back; it resumes from its offset, with a `lost` marker if the gap
-outgrew the buffer.
+Output is read from the PTY only while every attached writing viewer is less than a buffer
+behind: a slow viewer slows the program (as a terminal would) instead of losing bytes. A
+read-only viewer never holds the program back: when it falls more than a buffer behind it gets a
+`lost` marker and continues from the oldest byte kept. A viewer that is gone does not hold
+anything back either; it resumes from its offset, with a `lost` marker if the gap outgrew the
+buffer. Input waits (the viewer's socket is not read) while a megabyte of earlier input is
+still unwritten, so no input is ever dropped after being counted as applied.
 
 It ends the command (SIGHUP, then SIGKILL) and exits when its socket file is removed, so a
 state folder that is deleted never leaves a process behind.
@@ -40,7 +43,7 @@ from spt.core.hosting.wire import CHUNK, WireError, encode, read_frame
 MAX_VIEWERS_REMEMBERED: Final = 1024  # input counters kept per viewer id (oldest dropped)
 SOCKET_CHECK_SECONDS: Final = 2.0
 EIO_WAIT_SECONDS: Final = 1.0  # output still draining after the command exited
-STOP_WRITE_QUEUE: Final = 1024 * 1024  # unwritten input bytes beyond which input is refused
+STOP_WRITE_QUEUE: Final = 1024 * 1024  # unwritten input bytes beyond which viewers' input waits
 ACK_DELAY: Final = 0.02  # an ack rides the echo's output frame when one follows this soon
 
 
@@ -91,6 +94,8 @@ class Host:
         self.reading = False
         self.write_queue = bytearray()
         self.writing = False
+        self.input_room = asyncio.Event()  # set while the write queue takes more input
+        self.input_room.set()
         self.pid = 0
         self.fd = -1
 
@@ -134,11 +139,16 @@ class Host:
         self.changed.set()
         self._flow()
 
+    def _lagging(self) -> bool:
+        """True when reading on would cost a writing viewer bytes (read-only ones never hold the
+        program back: a remote one that stops reading would stall it for the send timeout)."""
+        return any(self.end - v.sent > self.cap - CHUNK for v in self.viewers if not v.read_only)
+
     def _flow(self) -> None:
-        """Read while no attached viewer would lose bytes; pause otherwise."""
+        """Read while no attached writing viewer would lose bytes; pause otherwise."""
         if self.exit is not None and self.finished.is_set():
             return
-        lagging = any(self.end - v.sent > self.cap - CHUNK for v in self.viewers)
+        lagging = self._lagging()
         if lagging and self.reading:
             self._pause()
         elif not lagging and not self.reading and not self.finished.is_set():
@@ -177,7 +187,7 @@ class Host:
             deadline = asyncio.get_running_loop().time() + EIO_WAIT_SECONDS
             while self.reading and asyncio.get_running_loop().time() < deadline:
                 await asyncio.sleep(0.05)
-                if any(self.end - v.sent > self.cap - CHUNK for v in self.viewers):
+                if self._lagging():
                     deadline += 0.05  # a slow viewer paused reading: wait for it, not for EIO
         if self.finished.is_set():
             return
@@ -191,6 +201,7 @@ class Host:
                 self.end += len(data)
         self.finished.set()
         self.changed.set()
+        self.input_room.set()  # input waiting for room is not applied now: it stops waiting
         tmp = self.exit_file.with_suffix(".tmp")
         tmp.write_text(json.dumps({"exit": self.exit, "end": self.end, "pid": self.pid}))
         os.replace(tmp, self.exit_file)
@@ -200,6 +211,8 @@ class Host:
 
     def _write_input(self, data: bytes) -> None:
         self.write_queue += data
+        if len(self.write_queue) >= STOP_WRITE_QUEUE:
+            self.input_room.clear()
         if not self.writing and self.exit is None:
             asyncio.get_running_loop().add_writer(self.fd, self._on_writable)
             self.writing = True
@@ -212,6 +225,8 @@ class Host:
             return
         except OSError:
             self.write_queue.clear()
+        if len(self.write_queue) < STOP_WRITE_QUEUE:
+            self.input_room.set()
         if not self.write_queue:
             asyncio.get_running_loop().remove_writer(self.fd)
             self.writing = False
@@ -273,7 +288,7 @@ class Host:
                              "applied": self.applied.get(viewer_id, 0)}))
         if start < available:
             writer.write(encode({"t": "lost", "from": start, "to": available}))
-        if first.get("rows") and first.get("cols") and self.exit is None:
+        if first.get("rows") and first.get("cols") and self.exit is None and not viewer.read_only:
             _set_winsize(self.fd, first["rows"], first["cols"])  # §8.6: the latest client's size
         self.viewers.add(viewer)
         sender = asyncio.get_running_loop().create_task(self._send(viewer))
@@ -284,9 +299,12 @@ class Host:
                     break
                 if msg["t"] == "input" and not viewer.read_only and viewer_id:
                     seq = int(msg["seq"])
+                    # A full queue: stop reading this viewer until the program takes input again
+                    # (dropping it here while counting it applied would lose it, §8.6).
+                    while len(self.write_queue) >= STOP_WRITE_QUEUE and not self.finished.is_set():
+                        await self.input_room.wait()
                     if seq > self.applied.get(viewer_id, 0) and self.exit is None:
-                        if len(self.write_queue) < STOP_WRITE_QUEUE:
-                            self._write_input(bytes(msg["data"]))
+                        self._write_input(bytes(msg["data"]))
                         self.applied[viewer_id] = seq
                         self.applied.move_to_end(viewer_id)
                         while len(self.applied) > MAX_VIEWERS_REMEMBERED:
@@ -294,7 +312,7 @@ class Host:
                     if viewer.ack_due is None:
                         asyncio.get_running_loop().call_later(ACK_DELAY, viewer.flush_ack)
                     viewer.ack_due = seq
-                elif msg["t"] == "resize" and self.exit is None:
+                elif msg["t"] == "resize" and self.exit is None and not viewer.read_only:
                     _set_winsize(self.fd, msg["rows"], msg["cols"])
         finally:
             self.viewers.discard(viewer)
@@ -306,7 +324,7 @@ class Host:
         try:
             while True:
                 while viewer.sent < self.end:
-                    if viewer.sent < self.base:  # cannot happen while reading waits for viewers
+                    if viewer.sent < self.base:  # a read-only viewer fell a buffer behind
                         writer.write(encode({"t": "lost", "from": viewer.sent, "to": self.base}))
                         viewer.sent = self.base
                     lo = viewer.sent - self.base

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+from spt.core.caller import restricted_uid
 from spt.core.endpoints import Perch
 from spt.core.errors import Refusal, UsageError
 from spt.core.hosting.wire import WireError, encode, read_frame
@@ -118,9 +119,10 @@ class Hosting:
         return sum(1 for run in self.runs.values() if run.exit is None)
 
     def info(self, perch_id: str) -> dict[str, Any] | None:
-        """None when the perch is not hosted; else alive, pid, remote_attach and the last exit."""
+        """None when the perch is not hosted (or not the caller's); else alive, pid, remote_attach
+        and the last exit."""
         row = self._row(perch_id)
-        if row is None:
+        if row is None or self.daemon.endpoints.get(perch_id) is None:
             return None
         run = self.runs.get(perch_id.lower())
         return {
@@ -216,6 +218,14 @@ class Hosting:
 
     async def run_op(self, call: Call) -> dict[str, Any]:
         """`spt endpoint run` (SPEC.md §3.6)."""
+        uid = restricted_uid()
+        if uid is not None and uid != os.getuid():
+            # System mode: the host process would run the caller's command as the daemon's account.
+            raise Refusal(
+                "RUN_REFUSED", "",
+                "in system mode a hosted command would run as the daemon's account; only root or that "
+                "account may use endpoint run (run the command yourself and bind it with spt ready <id>)",
+            )
         args = call.args
         argv = args.get("argv")
         if not isinstance(argv, list) or not argv or not all(isinstance(a, str) and a for a in argv):
@@ -373,7 +383,10 @@ class Hosting:
 
     async def attach(self, perch_id: str, hello: Mapping[str, Any]) -> HostedTerminal:
         """A viewer connection to the perch's host process. A run that ended and whose host is
-        gone raises Refusal RC_ENDED with `exit=<n>`; a perch that is not hosted, NOT_HOSTED."""
+        gone raises Refusal RC_ENDED with `exit=<n>`; a perch that is not hosted, NOT_HOSTED; one
+        the caller may not use (system mode: another uid's), NO_PERCH."""
+        if self.daemon.endpoints.get(perch_id) is None:
+            raise Refusal("NO_PERCH", perch_id)
         row = self._row(perch_id)
         if row is None:
             raise Refusal("NOT_HOSTED", perch_id, "this endpoint is not hosted")

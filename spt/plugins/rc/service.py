@@ -96,7 +96,8 @@ async def _relay(term: HostedTerminal, out: Out, inward: In, *, read_only: bool,
                     await term.send_input(*item)
                     if on_input is not None:
                         on_input()
-            elif kind == "resize" and isinstance(msg.get("rows"), int) and isinstance(msg.get("cols"), int):
+            elif (kind == "resize" and not read_only  # a read-only viewer watches at the size it gets
+                  and isinstance(msg.get("rows"), int) and isinstance(msg.get("cols"), int)):
                 await term.resize(int(msg["rows"]), int(msg["cols"]))
             elif kind == "ping" and on_ping is not None:
                 await on_ping(msg)
