@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from spt.core.caller import may_use, restricted_uid
+from spt.core.endpoint_views import TRANSIENT_PREFIX, EndpointViews
 from spt.core.errors import DaemonDown, PeerError, Refusal, RemoteProtocolError, UsageError
 from spt.core.identity import NodeId
 from spt.core.proto.address import parse_address
@@ -76,7 +77,6 @@ RESTING: Final = frozenset({"dormant", "suspended"})
 SENT_WAIT: Final = 5.0  # §4.2: SENT when the listener acknowledges within 5 s
 STOP_GRACE: Final = 5.0  # an envelope already on its way may still be acknowledged
 COLLISION_WAIT: Final = 0.5  # a listener whose caller just died is noticed within this
-TRANSIENT_PREFIX: Final = "tmp."
 TRANSIENT_SECONDS: Final = 3600.0  # §4.3: a transient identity lives 1 h after its ring returns
 _CLOSING: Final = "DAEMON_STOPPING"  # a listener's stop reason at shutdown: answered DAEMON_DOWN
 
@@ -224,6 +224,7 @@ class Endpoints:
         self.rings: dict[str, _RingWait] = {}
         self._sent_waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._in_flight: set[int] = set()
+        self.views = EndpointViews(self)  # what listings and the registry see (read-only)
         self.closing = False
         # No ring survives a restart, so transient identities it held start their last hour now.
         with self.store.transaction() as db:
@@ -469,112 +470,16 @@ class Endpoints:
         """Parse and resolve an address (BAD_ADDRESS, NO_PERCH, AMBIGUOUS…, as §4.1)."""
         return resolve(parse_address(text), self.snapshot())
 
-    # -- listing --------------------------------------------------------------------------
-
-    def self_view(self, perch_id: str | None) -> dict[str, Any] | None:
-        """The caller's own row (`SELF:`), or None without an identity."""
-        if not perch_id:
-            return None
-        perch = self.get(perch_id)
-        return {
-            "id": perch.id if perch else perch_id,
-            "status": perch.state if perch else None,
-            "ready": perch is not None and perch.key in self.listeners,
-            "alive": perch is not None and self.alive(perch),
-        }
+    # -- views (spt.core.endpoint_views) -------------------------------------------------
 
     def subnet_rows(self, sub: HeldSubnet) -> list[dict[str, Any]]:
-        """The rows visible in `sub`: this node's perches, then the replicated remote rows."""
-        rows = self._own_rows(sub, transient=False)
-        offline = self._offline_reasons()
-        for row in self._remote_rows():
-            if row.subnet.lower() != sub.canonical or not row.visible or row.node == self.node_id:
-                continue
-            if row.endpoint_id.startswith(TRANSIENT_PREFIX):
-                continue  # transient identities route replies but are not listed
-            rows.append(self._remote_view(row, offline))
-        return rows
-
-    def _own_rows(self, sub: HeldSubnet, *, transient: bool) -> list[dict[str, Any]]:
-        me = {"label": self.daemon.label, "key": self.node_id.hex}
-        return [
-            {
-                "id": p.id,
-                # a transient sender is homed nowhere; its replies come through this subnet
-                "home": self._subnet_name(p.home) or (sub.name if p.transient else None),
-                "node": me,
-                "state": p.state,
-                "ready": p.key in self.listeners,
-                "alive": self.alive(p),
-                "hosted": p.hosted,
-                "description": p.description,
-                "offline_reason": None,
-            }
-            for p in self.perches(transient=transient)
-            # an orphan (home left) is local-only (§4.8); a transient sender has no home at all
-            if (p.home is not None or p.transient) and any(s.id == sub.id for s in self.visible_in(p))
-        ]
-
-    def _remote_view(self, row: Row, offline: Mapping[NodeId, str]) -> dict[str, Any]:
-        return {
-            "id": row.endpoint_id,
-            "home": row.home,
-            "node": {"label": self.daemon.subnets.label_of(row.node) or row.node.short, "key": row.node.hex},
-            "state": "offline" if row.node in offline else row.state,
-            "offline_reason": offline.get(row.node),  # `detached` or `silent` (§4.8), else null
-            "ready": row.ready,
-            "alive": row.alive,
-            "hosted": row.hosted,
-            "description": row.description,
-        }
+        return self.views.subnet_rows(sub)
 
     def local_rows(self, sub: HeldSubnet) -> list[dict[str, Any]]:
-        """What this node advertises in `sub` (§4.5: only where visible), for the registry.
-
-        Transient `tmp.` perches are advertised too, so that replies to a ring reach them.
-        """
-        return self._own_rows(sub, transient=True)
+        return self.views.local_rows(sub)
 
     def count_visible(self, sub: HeldSubnet) -> int:
-        return len(self.subnet_rows(sub))
-
-    def local_view(self, perch: Perch) -> dict[str, Any]:
-        settings = self.settings(perch)
-        return {
-            "id": perch.id,
-            "home": self._subnet_name(perch.home),
-            "state": perch.state,
-            "ready": perch.key in self.listeners,
-            "alive": self.alive(perch),
-            "hosted": perch.hosted,
-            "pid": self._hosted_pid(perch),
-            "folder": os.fspath(self.folder(perch)),
-            "visible_in": [s.name for s, visible, _ in settings if visible],
-            "scope": [s.name for s, _, in_scope in settings if in_scope],
-            "busy": perch.busy,
-            "description": perch.description,
-        }
-
-    def listing(self, self_id: str | None, subnet: str | None) -> dict[str, Any]:
-        """The `spt endpoint list` document (SPEC.md §3.10)."""
-        self.housekeeping()
-        subnets = self.daemon.subnets
-        subs = (
-            [subnets.require(subnet)] if subnet else sorted(subnets.held.values(), key=lambda s: s.canonical)
-        )
-        return {
-            "self": self.self_view(self_id),
-            "node": {
-                "label": self.daemon.label,
-                "key": self.node_id.hex,
-                "display": self.node_id.display(self.daemon.label),
-            },
-            "subnets": [
-                {"name": s.name, "id": s.id.hex(), "endpoints": [_nulls(r) for r in self.subnet_rows(s)]}
-                for s in subs
-            ],
-            "local": [_nulls(self.local_view(p)) for p in self.perches() if may_use(p.owner)],
-        }
+        return self.views.count_visible(sub)
 
     # -- housekeeping ---------------------------------------------------------------------
 
@@ -1090,13 +995,6 @@ def _client_msg_id(value: Any) -> str | None:
     return value
 
 
-def _nulls(view: dict[str, Any]) -> dict[str, Any]:
-    """SPEC.md §3.10: an absent optional value is `null` in JSON, never an empty string."""
-    for key in ("description", "home"):
-        if key in view and not view[key]:
-            view[key] = None
-    return view
-
 
 def _bool_arg(args: Mapping[str, Any], name: str) -> bool:
     return bool(args.get(name))
@@ -1130,7 +1028,7 @@ def register_ops(daemon: Daemon, eps: Endpoints) -> None:
     @daemon.op("endpoint.whoami")
     async def whoami(call: Call) -> Any:
         return {
-            "self": eps.self_view(call.args.get("self") or None),
+            "self": eps.views.self_view(call.args.get("self") or None),
             "subnets": [
                 {"name": s.name} for s in sorted(daemon.subnets.held.values(), key=lambda s: s.canonical)
             ],
@@ -1139,7 +1037,7 @@ def register_ops(daemon: Daemon, eps: Endpoints) -> None:
 
     @daemon.op("endpoint.list")
     async def listing(call: Call) -> Any:
-        return eps.listing(call.args.get("self") or None, call.args.get("subnet") or None)
+        return eps.views.listing(call.args.get("self") or None, call.args.get("subnet") or None)
 
     @daemon.op("endpoint.state")
     async def state(call: Call) -> Any:
