@@ -63,6 +63,8 @@ REFUSED_FOR: Final = 600.0  # seconds a member's bad offer is not tried again
 SELF_CHECK_SECONDS: Final = 30.0
 OWN_DISTS: Final = frozenset({"spt", "spt-relay-fallback", "spt-filetransfer", "spt-selfupdate"})
 RESTART_DELAY: Final = 0.2  # lets the apply answer reach the CLI before the daemon stops
+PARTIAL_FROM: Final = ".partial-from"  # in a member download's folder: who sent the bytes so far
+ARTIFACT_FAILURES: Final = frozenset({"digest-mismatch", "size-mismatch", "bad-artifact"})
 
 
 class UpdateService:
@@ -240,11 +242,18 @@ class UpdateService:
         return {"token": "STAGED", "version": release.version}
 
     def _learn_rotation(self, manifest: bytes, sig: bytes) -> None:
-        """Accept a recovery-signed rotation, whatever its release's version (a node that missed
-        it gets it with a member's offer), but only a newer one than the last accepted here, so
-        an old rotation cannot be replayed to bring back an earlier primary."""
+        """Accept a recovery-signed rotation released after the installed version (a node that
+        missed it gets it with a member's offer), and newer than the last accepted here. The
+        installed build embeds every rotation up to its own release, so an older one changes
+        nothing: replayed, it would bring back a retired primary."""
         keys = self.state.trusted_keys()
-        release = verify_manifest(manifest, sig, keys, installed="0")
+        try:
+            release = verify_manifest(manifest, sig, keys, installed=__version__)
+        except VerifyFailed as exc:
+            if exc.reason in ("up-to-date", "rollback"):
+                log.info("a key rotation not newer than this build was ignored", extra={"detail": exc.message})
+                return
+            raise
         if release.signed_by != "recovery" or release.rotate_primary is None:
             raise VerifyFailed("rotation-not-by-recovery", "not a rotation")
         last = self.state.rotation()
@@ -322,7 +331,16 @@ class UpdateService:
         (folder / MANIFEST).write_bytes(manifest)
         (folder / SIGNATURE).write_bytes(sig)
         target = folder / art.file
-        offset = target.stat().st_size if target.exists() else 0  # resume after what arrived
+        # Resume only bytes this same member sent: another member's partial (garbage, perhaps,
+        # from one that then stopped) would fail the digest and blame this one for it.
+        supplier = folder / PARTIAL_FROM
+        if target.exists() and supplier.exists() and supplier.read_text() == offer.node.hex:
+            offset = target.stat().st_size
+        else:
+            offset = 0
+            target.unlink(missing_ok=True)
+            supplier.write_text(offer.node.hex)
+        resumed = offset > 0
         log.info("fetching a member's release", extra={
             "peer": offer.node.short, "version": release.version, "resume_from": offset, "size": art.size})
         with open(target, "ab") as out:
@@ -343,6 +361,9 @@ class UpdateService:
             await self._finish(release, folder, offer.node.display(offer.label))
         except VerifyFailed as exc:
             shutil.rmtree(folder, ignore_errors=True)
+            if resumed and exc.reason in ARTIFACT_FAILURES:
+                # The bytes from before the resume may be at fault: start over, blaming no one.
+                raise RemoteProtocolError("update.chunk", f"a resumed download failed ({exc.reason}); starting over") from None
             raise exc
 
     def _offered(self, conn: Any, body: Any) -> tuple[dict[str, Any], Path]:

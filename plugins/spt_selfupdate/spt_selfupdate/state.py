@@ -9,9 +9,9 @@ Keys of the `kv` table (JSON values):
 - `last_apply`: `{"version", "previous", "outcome", "reason", "time", "reported"}`.
 
 Folders under `<state dir>/selfupdate/`: `staged/<v>/` (verified release files), `incoming/<v>/`
-(partial downloads, kept for resume), `served/<v>/` (the release this node applied, still offered
-to peers). The watchdog (another process, the previous version's code) writes here too, so each
-call opens its own short transaction.
+(partial downloads, kept for resume; a member's only from the member named in `.partial-from`),
+`served/<v>/` (the release this node applied, still offered to peers). The watchdog (another
+process, the previous version's code) writes here too, so each call opens its own short transaction.
 """
 
 from __future__ import annotations

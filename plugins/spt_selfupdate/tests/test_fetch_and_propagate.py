@@ -11,12 +11,15 @@ from __future__ import annotations
 import functools
 import http.server
 import json
+import os
 import threading
 import time
 
 import pytest
 from spt_selfupdate.release import public_hex
-from spt_selfupdate.trust import platform_tag
+from spt_selfupdate.service import PARTIAL_FROM
+from spt_selfupdate.state import UpdateState
+from spt_selfupdate.trust import TrustedKeys, platform_tag
 from su_helpers import flip_byte, tiny_release, truncate
 
 from spt.testing.nodes import DEFAULT_CONFIG, Node, NodeFactory, fresh_code
@@ -103,6 +106,7 @@ def test_members_without_a_source_stage_from_a_member(trio, test_keys, tmp_path)
     partial.parent.mkdir(parents=True)
     half = artifact.stat().st_size // 2
     partial.write_bytes(artifact.read_bytes()[:half])
+    (partial.parent / PARTIAL_FROM).write_text(alpha.key)  # the bytes came from alpha
     started = time.monotonic()
     result = alpha.cli("update", "fetch", "--from", str(tmp_path / "src"), check=True)
     assert result.stdout == "STAGED:0.1.1\n"
@@ -115,7 +119,10 @@ def test_members_without_a_source_stage_from_a_member(trio, test_keys, tmp_path)
     assert staged["signed_by"] == "primary" and staged["source"].startswith(("alpha (", "beta (")), staged
     assert doc["source"] is None  # it had no source of its own
     assert "release staged" in gamma.log() and "release staged" in beta.log()
-    assert f"resume_from={half} " in gamma.log() and "resume_from=0 " in beta.log()
+    # gamma resumes only from alpha, who sent its partial; from beta it would start over
+    first = next(line for line in gamma.log().splitlines() if "fetching a member's release" in line)
+    assert f"resume_from={half if f'peer={alpha.key[:8]}' in first else 0} " in first, first
+    assert "resume_from=0 " in beta.log()
     text = beta.cli("update", "status", check=True).stdout.splitlines()
     assert text[0] == "CURRENT: 0.1.0"
     assert text[1].startswith("STAGED: 0.1.1 (primary, from ") and "beta (" not in text[1], text
@@ -152,6 +159,75 @@ def test_a_member_that_missed_a_key_rotation_learns_it_from_the_offer(trio, test
     assert "release key rotated by the recovery key" in beta.log()
     old = tiny_release(tmp_path / "old", "0.1.5", test_keys.primary)
     refused(beta, "revoked-key", "--file", str(old / "spt-0.1.5.sptupdate"))
+
+
+def test_a_replayed_old_rotation_does_not_bring_back_a_retired_primary(spt_nodes, test_keys, tmp_path):
+    """The attacker kept a genuine, older recovery-signed rotation (0.0.9, to the primary K1 that
+    was later retired) and offers it with a K1-signed release to a node whose build embeds the
+    successor primary K2 and has stored no rotation. The node refuses both."""
+    k2_build = tmp_path / "k2-build.json"
+    k2_build.write_text(json.dumps({"primary": public_hex(test_keys.next_primary),
+                                    "recovery": public_hex(test_keys.recovery)}))
+    mallory = spt_nodes("mallory", label="mallory", config=FAST, env=test_keys.env, start=False)
+    old_rot = tiny_release(tmp_path / "oldrot", "0.0.9", test_keys.recovery, rotate_primary=public_hex(test_keys.primary))
+    state = UpdateState(mallory.home)  # mallory's own store: it passes this rotation on with its offer
+    k0 = public_hex(test_keys.stranger)
+    state.accept_rotation(TrustedKeys(k0, public_hex(test_keys.recovery)), public_hex(test_keys.primary), "0.0.9",
+                          (old_rot / "manifest.json").read_bytes(), (old_rot / "manifest.sig").read_bytes())
+    state.close()
+    mallory.start()
+    victim = spt_nodes("victim", label="victim", config=FAST, env={"SPT_UPDATE_TEST_KEYS": str(k2_build)})
+    mallory.cli("subnet", "create", "home", check=True)
+    victim.cli("subnet", "join", "home", "--code", fresh_code(mallory, "home"), "--peer", mallory.address, check=True)
+    bait = tiny_release(tmp_path / "bait", "0.1.1", test_keys.primary)
+    assert mallory.cli("update", "fetch", "--file", str(bait / "spt-0.1.1.sptupdate"), check=True).stdout == "STAGED:0.1.1\n"
+    wait_for(lambda: "a member's release was refused" in victim.log(), what="victim to refuse mallory's offer")
+    log = victim.log()
+    assert "a key rotation not newer than this build was ignored" in log, log
+    assert "reason=unknown-key" in log and "release key rotated" not in log
+    assert staged_version(victim) is None
+    refused(victim, "unknown-key", "--file", str(bait / "spt-0.1.1.sptupdate"))  # K1 is still not trusted
+
+
+def _victim_holding_garbage(spt_nodes, test_keys, tmp_path):
+    """mallory offers 0.1.1 but serves 4 KiB of garbage and then nothing; the victim keeps
+    that partial (a pause, not a refusal: a member may just have gone away)."""
+    mallory, victim = (spt_nodes(n, label=n, config=FAST, env=test_keys.env) for n in ("mallory", "victim"))
+    mallory.cli("subnet", "create", "home", check=True)
+    victim.cli("subnet", "join", "home", "--code", fresh_code(mallory, "home"), "--peer", mallory.address, check=True)
+    victim.stop()  # so it sees only the garbage, never the bytes mallory staged
+    release = tiny_release(tmp_path / "src", "0.1.1", test_keys.primary)
+    assert mallory.cli("update", "fetch", "--file", str(release / "spt-0.1.1.sptupdate"), check=True).stdout == "STAGED:0.1.1\n"
+    served = mallory.home / "selfupdate" / "staged" / "0.1.1" / f"spt-0.1.1-{platform_tag()}.tar"
+    served.write_bytes(os.urandom(4096))
+    victim.start()
+    wait_for(lambda: "fetching a member's release paused" in victim.log(), what="victim to keep mallory's garbage")
+    return mallory, victim, release, served
+
+
+def test_a_member_sending_garbage_then_stopping_does_not_poison_an_honest_download(spt_nodes, test_keys, tmp_path):
+    """The honest member's bytes must not be appended to mallory's partial (the digest would
+    fail and the honest member be refused): the release stages from the honest member."""
+    mallory, victim, release, _ = _victim_holding_garbage(spt_nodes, test_keys, tmp_path)
+    honest = spt_nodes("honest", label="honest", config=FAST, env=test_keys.env)
+    honest.cli("subnet", "join", "home", "--code", fresh_code(mallory, "home"), "--peer", mallory.address, check=True)
+    assert honest.cli("update", "fetch", "--file", str(release / "spt-0.1.1.sptupdate"), check=True).stdout == "STAGED:0.1.1\n"
+    wait_for(lambda: has_staged(victim, "0.1.1"), what="victim to stage 0.1.1 from the honest member")
+    assert status(victim)["staged"]["source"].startswith("honest ("), status(victim)
+    log = victim.log()
+    assert f"peer={honest.key[:8]} version=0.1.1 resume_from=0 " in log, log
+    assert "a member's release was refused" not in log, log
+
+
+def test_a_resumed_download_that_fails_its_digest_starts_over_blaming_no_one(spt_nodes, test_keys, tmp_path):
+    """The same member later serves the true bytes: the resumed file fails the digest, which
+    may be the earlier bytes' fault, so the victim starts over instead of refusing the member."""
+    _, victim, release, served = _victim_holding_garbage(spt_nodes, test_keys, tmp_path)
+    served.write_bytes((release / served.name).read_bytes())
+    wait_for(lambda: has_staged(victim, "0.1.1"), what="victim to start over and stage 0.1.1")
+    log = victim.log()
+    assert "a resumed download failed (digest-mismatch); starting over" in log, log
+    assert "a member's release was refused" not in log, log
 
 
 def test_plugins_list_shows_the_updater(trio):
