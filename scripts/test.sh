@@ -16,3 +16,4 @@ else
     echo "== netns lab: not root, so tests marked root/lab skip (one summary line below)"
 fi
 echo "== pytest"; python -m pytest -q -rfEs -p no:cacheprovider "$@"
+echo "== air-gapped build (no relay distribution): scripts/airgap.sh"; bash scripts/airgap.sh

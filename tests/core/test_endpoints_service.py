@@ -84,6 +84,11 @@ async def test_the_forwarder_answers_and_unreachable_falls_back_to_queued(daemon
     )
     assert (await eps.send("far", from_id="me", body="down"))[0] == "QUEUED"
     assert [p.payload["body"] for p in eps.pending_outgoing()] == ["down"]
+    # behind a queued message, the next one queues too (no forwarder call): it must not overtake
+    assert (await eps.send("far", from_id="me", body="behind"))[0] == "QUEUED"
+    assert [p.payload["body"] for p in eps.pending_outgoing()] == ["down", "behind"]
+    assert len(calls) == 2
+    eps.mark_forwarded(*(p.msg_id for p in eps.pending_outgoing()))  # the drain took them
     with pytest.raises(Refusal) as info:
         await eps.send("home:FAR", from_id="me", body="gone")
     assert info.value.status_line().startswith("NO_PERCH:home:FAR")  # the address as typed
