@@ -701,8 +701,11 @@ class Members:
             log.warning("log entry refused", extra={"subnet": sub.name, "entry": h.hex()[:12], "reason": why})
         if not result.added:
             return False
+        added = [e for e in entries if e.hash in set(result.added)]
         with self.daemon.store.transaction():
-            self.subnets.save_entries(sub, [e for e in entries if e.hash in set(result.added)])
+            self.subnets.save_entries(sub, added)
+        for entry in added:  # our later entries order after these, whatever our clock says (§2.10)
+            self.subnets.observe(entry.hlc)
         after = sub.state()
         self._membership_changed(sub, before, after)
         return True

@@ -30,6 +30,7 @@ from spt.core.net.connections import Connection, RequestError
 from spt.core.net.transport import ALPN_MEMBER
 from spt.core.proto.frames import Frame
 from spt.core.proto.registry import (
+    MergeOutcome,
     Presence,
     RegistryRow,
     RegistryView,
@@ -302,8 +303,14 @@ class Messaging:
         view = self.view(sub)
         for item in raw:
             record = record_from_dict(item)
-            if record.node in members:  # rows are accepted only for current members of this subnet
-                view.merge(record, now_ms=now_ms)
+            # rows are accepted only for current members of this subnet; local events after an
+            # accepted row are stamped after it, whatever our own clock says (§2.10)
+            if (
+                record.node in members
+                and view.merge(record, now_ms=now_ms) is MergeOutcome.ACCEPTED
+                and isinstance(record, RegistryRow)
+            ):
+                self.daemon.subnets.observe(record.hlc)
         view.note_heard(source, now_ms)
 
     async def _handle_registry_push(self, conn: Connection, frame: Frame) -> tuple[str, Any]:

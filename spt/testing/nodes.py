@@ -59,6 +59,8 @@ class Node:
         self.home = home
         self.env = dict(env)
         self.proc: subprocess.Popen[bytes] | None = None
+        # how the daemon is started; tests may put a fault point in front (spt.testing.skew)
+        self.daemon_argv: list[str] = [sys.executable, "-m", "spt", "daemon", "run"]
 
     def cli(
         self, *args: str, input: str | None = None, check: bool = False, timeout: float = 60.0,
@@ -118,7 +120,7 @@ class Node:
         """Start the daemon in the foreground of a child process and wait for its socket."""
         log = open(self.home / "daemon.log", "ab")  # noqa: SIM115 - the child owns it
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "spt", "daemon", "run"], env=self.env, stdout=log, stderr=log,
+            self.daemon_argv, env=self.env, stdout=log, stderr=log,
             stdin=subprocess.DEVNULL,
         )
         log.close()
