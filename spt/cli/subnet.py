@@ -92,6 +92,8 @@ def status(ctx: click.Context, name: str | None, nodes: bool, show_all: bool) ->
             continue
         if not sub["attached"]:
             flags.append("detached")
+        if sub.get("conflicts"):
+            flags.append("prune-conflict")
         joins = sub["joins"]
         if joins["failed_last_hour"]:
             flags.append(f"joins-failed-1h={joins['failed_last_hour']}")

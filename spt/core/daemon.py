@@ -221,7 +221,7 @@ class Daemon:
             self.store.set_meta("label", label)
         # SPEC.md §3.9: the new label reaches every held subnet through its log.
         for sub in self.subnets.attached():  # a detached subnet gets the change at attach
-            entry = make_label(self.key, parents=sub.log.heads(), label=label, hlc=self.subnets.stamp())
+            entry = make_label(self.key, parents=sub.log.valid_heads(), label=label, hlc=self.subnets.stamp())
             self.members.merge(sub, [entry])
             self.members.spawn(self.members.push_entries(sub, [entry]), "push label")
         return {"label": label}
@@ -373,6 +373,7 @@ class Daemon:
             "nodes": len(st.members),
             "endpoints": self.endpoints.count_visible(sub),
             "joins": self.join_state(sub),
+            "conflicts": self.members.conflicts_of(sub),
         }
         if nodes:
             members = []

@@ -33,6 +33,7 @@ from spt.core.proto.frames import Frame
 from spt.core.proto.membership import (
     REKEY,
     Entry,
+    PruneConflict,
     countersign_rekey,
     make_leave,
     make_prune,
@@ -58,6 +59,7 @@ STREAM_TIMEOUT: Final = 15.0  # seconds a peer may take for one message of a mul
 REQUEST_TIMEOUT: Final = 10.0
 DIAL_TIMEOUT: Final = 5.0
 MAX_SYNC_ENTRIES: Final = 4096  # entries one sync answer carries at most (§6.3 "a bounded amount")
+MAX_OFFER_ENTRIES: Final = 48  # ancestors a join offer carries at most (join-ALPN frames stay small)
 RECONNECT_MIN: Final = 1.0
 RECONNECT_MAX: Final = 60.0
 FIRST_DISCOVERY_ROUND: Final = 0.1  # seconds the first discovery round of a join waits; doubles each round
@@ -499,12 +501,14 @@ class Members:
                     self.remember_address(node, host, int(port), "introduced")
         log.info("joined subnet", extra={"subnet": sub.name, "id": sub.short_id, "via": member.short})
         self.keep_members_connected()
-        self.spawn(self._offer_join(sub), "offer join entry")
+        self.spawn(self._offer_join(sub, bundle.join_entry), "offer join entry")
         return JoinResult(sub, member)
 
-    async def _offer_join(self, sub: HeldSubnet) -> None:
-        """Reach every member; one that has not heard of our join yet gets it on the join ALPN."""
-        entries = [e.to_dict() for e in sub.log.entries()]
+    async def _offer_join(self, sub: HeldSubnet, join: Entry) -> None:
+        """Reach every member; one that has not heard of our join yet gets it on the join ALPN,
+        with its nearest ancestors (the admitting member pushes it too; this is the fallback)."""
+        ancestry = sub.log.ancestry(join.hash)[-(MAX_OFFER_ENTRIES + 1):]
+        body = {"subnet": sub.id.hex(), "entries": [e.to_dict() for e in ancestry]}
         for node in sub.state().members:
             if node == self.daemon.key.node_id:
                 continue
@@ -513,20 +517,37 @@ class Members:
                 continue
             try:
                 conn = await self.transport.connect(node, addrs, alpn=ALPN_JOIN, timeout=DIAL_TIMEOUT)
-                await conn.request("log.offer", {"subnet": sub.id.hex(), "entries": entries}, timeout=REQUEST_TIMEOUT)
+                await conn.request("log.offer", body, timeout=REQUEST_TIMEOUT)
                 conn.close("offer done")
             except (PeerError, TimeoutError) as exc:
                 log.info("could not offer the join entry", extra={"peer": node.short, "reason": str(exc)})
         self.keep_members_connected()
 
     async def _handle_log_offer(self, conn: Connection, frame: Frame) -> tuple[str, Any]:
+        """A newly joined node offers its own join entry and that entry's ancestors, nothing else.
+
+        The answer is the same whatever the log says of the offerer (a stranger learns nothing),
+        and nothing an offer carries waits for parents here.
+        """
         body = body_map(frame.body)
         sub = self._held(body.get("subnet"))
-        if sub is None:
-            return "error", {"code": "not-here", "message": "this node does not hold that subnet"}
-        entries = _entries(body.get("entries"))
+        if sub is None or not sub.attached:
+            return "error", {"code": "not-here", "message": "this node does not serve that subnet"}
+        raw = body.get("entries")
+        if not isinstance(raw, list) or not raw or len(raw) > MAX_OFFER_ENTRIES + 1:
+            raise RemoteProtocolError("log.offer", f"an offer carries a join entry and at most {MAX_OFFER_ENTRIES} ancestors")
+        entries = [Entry.from_dict(v) for v in raw]
+        join = entries[-1]
+        if join.type != "join" or join.key() != conn.peer:
+            raise RemoteProtocolError("log.offer", "an offer ends with the offerer's own join entry")
+        wanted = set(join.parents)
+        for entry in reversed(entries[:-1]):  # parents first: walk back from the join
+            if entry.hash not in wanted:
+                raise RemoteProtocolError("log.offer", "an offer carries only ancestors of the offerer's join")
+            wanted.update(entry.parents)
         self.merge(sub, entries)
-        return "ok", {"member": sub.state().is_member(conn.peer)}
+        sub.log.forget_pending(e.hash for e in entries)
+        return "ok", {}
 
     # -- member connections and log replication -----------------------------------------------
 
@@ -675,11 +696,10 @@ class Members:
 
     async def _handle_log_push(self, conn: Connection, frame: Frame) -> tuple[str, Any]:
         body = body_map(frame.body)
-        sub = self._held(body.get("subnet"))
-        if sub is None or not sub.attached:
-            return "error", {"code": "not-here", "message": "this node does not serve that subnet"}
-        # A pusher who is no longer a member may still tell us why (its own prune reaching it is
-        # how a pruned node learns): entries verify on their own, whoever carries them.
+        # Only a current member may push (a pruned node learns of its prune from the member that
+        # pruned it, which pushes before merging); what it pushes still passes the log's arrival
+        # checks entry by entry.
+        sub = self.require_member(conn, body.get("subnet"))
         self.merge(sub, _entries(body.get("entries")))
         return "ok", {}
 
@@ -699,6 +719,10 @@ class Members:
         result = sub.log.merge(entries)
         for h, why in result.refused:
             log.warning("log entry refused", extra={"subnet": sub.name, "entry": h.hex()[:12], "reason": why})
+        for h, why in result.dropped:
+            log.info("log entry not stored", extra={"subnet": sub.name, "entry": h.hex()[:12], "reason": why})
+        if result.conflicts:
+            self.prune_conflicts(sub, result.conflicts)
         if not result.added:
             return False
         added = [e for e in entries if e.hash in set(result.added)]
@@ -709,6 +733,45 @@ class Members:
         after = sub.state()
         self._membership_changed(sub, before, after)
         return True
+
+    def prune_conflicts(self, sub: HeldSubnet, conflicts: Iterable[PruneConflict]) -> None:
+        """Record prunes this log refused because histories disagree on who was removed first,
+        once per (author, target), and tell the human: the log never picks by seniority."""
+        store = self.daemon.store
+        meta_key = f"prune_conflicts:{sub.id.hex()}"
+        known = json.loads(store.get_meta(meta_key) or "[]")
+        pairs = {(c["author"], c["target"]) for c in known}
+        fresh = [c for c in conflicts if (c.author.hex, c.target.hex) not in pairs]
+        if not fresh:
+            return
+        for c in fresh:
+            pairs.add((c.author.hex, c.target.hex))
+            known.append({"author": c.author.hex, "target": c.target.hex, "entry": c.entry.hex(), "time": time.time()})
+        store.set_meta(meta_key, json.dumps(known[-64:]))
+        st = sub.state()
+        for c in fresh:
+            who = st.former.get(c.author)
+            author = c.author.display(who.label if who else st.members.get(c.author, ""))
+            target = c.target.display(st.members.get(c.target, ""))
+            log.warning("prune conflict", extra={"subnet": sub.name, "author": c.author.short, "target": c.target.short})
+            self.daemon.notify(
+                sub, "prune-conflict", f"{author} tried to prune {target} in {sub.name}; refused here",
+                f"{author} signed a prune of {target} that did not see {author}'s own removal (or that a removed "
+                f"node's branch carried). This node kept the history it had first. If {target} should go, "
+                f"prune it from a member you trust: `spt subnet prune {c.target.hex[:8]} --subnet {sub.name}`.",
+            )
+
+    def conflicts_of(self, sub: HeldSubnet) -> list[dict[str, Any]]:
+        """Recorded prune conflicts and removals the log holds that void each other."""
+        out = [
+            {"author": c["author"], "target": c["target"]}
+            for c in json.loads(self.daemon.store.get_meta(f"prune_conflicts:{sub.id.hex()}") or "[]")
+        ]
+        for h in sorted(sub.state().conflicts):
+            entry = sub.log.get(h)
+            if entry is not None and entry.subject() is not None:
+                out.append({"author": entry.author.hex, "target": (entry.type == "rekey" and entry.key("old").hex) or entry.key().hex})
+        return out
 
     def _membership_changed(self, sub: HeldSubnet, before: Any, after: Any) -> None:
         me = self.daemon.key.node_id
@@ -1052,7 +1115,7 @@ class Members:
     async def accept_key_change(self, sub: HeldSubnet, old: NodeId, new: NodeId) -> str:
         """Append the `rekey` entry, countersigned by the claimant, and push it; the new display form."""
         me = self.daemon.key
-        entry = propose_rekey(me, parents=sub.log.heads(), old=old, new=new, hlc=self.subnets.stamp())
+        entry = propose_rekey(me, parents=sub.log.valid_heads(), old=old, new=new, hlc=self.subnets.stamp())
         addrs = self.addresses_of(new)
         if not addrs:
             raise Refusal("TRUST_FAILED", new.short, "no known address for the claiming node")
@@ -1120,7 +1183,7 @@ class Members:
         me = self.daemon.key
         if target.key == me.node_id:
             raise Refusal("CANNOT_PRUNE_SELF", target.display, "use spt subnet leave on this node")
-        prune = make_prune(me, parents=sub.log.heads(), target=target.key, hlc=self.subnets.stamp())
+        prune = make_prune(me, parents=sub.log.valid_heads(), target=target.key, hlc=self.subnets.stamp())
         # Tell the pruned node first, while its connection is still open, so it learns why it is
         # refused from now on; merging locally closes that connection.
         await self._push_one(target.key, "log.push", {"subnet": sub.id.hex(), "entries": [prune.to_dict()]})
@@ -1128,7 +1191,7 @@ class Members:
         seed = new_seed(os.urandom(SEED_BYTES))
         epoch = sub.state().epoch + 1
         rotate = make_seed_rotate(
-            me, parents=sub.log.heads(), epoch=epoch,
+            me, parents=sub.log.valid_heads(), epoch=epoch,
             commitment=seed_commitment(sub.state().create_nonce, epoch, seed), hlc=self.subnets.stamp(),
         )
         self.merge(sub, [rotate])
@@ -1141,7 +1204,7 @@ class Members:
                 conn.close("pruned")
 
     async def leave(self, sub: HeldSubnet) -> None:
-        entry = make_leave(self.daemon.key, parents=sub.log.heads(), hlc=self.subnets.stamp())
+        entry = make_leave(self.daemon.key, parents=sub.log.valid_heads(), hlc=self.subnets.stamp())
         sub.log.merge([entry])
         with self.daemon.store.transaction():
             self.subnets.save_entries(sub, [entry])

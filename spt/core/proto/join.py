@@ -55,6 +55,7 @@ from spt.core.identity import NodeId, NodeKey, sha256
 from spt.core.proto.canonical import canonical_bytes, parse_canonical
 from spt.core.proto.hlc import Hlc
 from spt.core.proto.membership import (
+    MAX_LOG_ENTRIES,
     SUBNET_ID_BYTES,
     Entry,
     MembershipLog,
@@ -902,9 +903,13 @@ def _open_bundle(data: object, subnet_id: bytes, join_entry: Entry, *, me: NodeI
     raw_log = d.get("log")
     if not isinstance(raw_log, list):
         raise RemoteProtocolError("bundle", "the log is a list of entries")
+    if len(raw_log) > MAX_LOG_ENTRIES:
+        raise RemoteProtocolError("bundle", f"a log holds at most {MAX_LOG_ENTRIES} entries")
     log = MembershipLog(subnet_id)
-    for raw in raw_log:
-        log.add(Entry.from_dict(raw))  # refuses bad signatures and a foreign create
+    # refuses bad signatures and a foreign create; entries that do not stand here are left out
+    merged = log.merge([Entry.from_dict(raw) for raw in raw_log])
+    if merged.refused:
+        raise RemoteProtocolError("bundle", f"a log entry does not verify: {merged.refused[0][1]}")
     if log.create_entry is None or log.pending():
         raise RemoteProtocolError("bundle", "the log does not reach back to its create entry")
     state = log.state()
@@ -1170,7 +1175,7 @@ class ResponderSession:
             hlc = Hlc(self._key.node_id, ctx.log.latest_hlc()).now(wall_ms)
             self._proposal = propose_join(
                 self._key,
-                parents=ctx.log.heads(),
+                parents=ctx.log.valid_heads(),
                 joiner=self._joiner,
                 label=self._joiner_label,
                 epoch=ctx.epoch,

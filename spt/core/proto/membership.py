@@ -10,31 +10,26 @@ What lives here (SPEC.md §6.1–6.2):
    kept pending; the deterministic order (topological, ties by (HLC, hash)); the validity of each
    entry; `state()`; and the replication helpers `missing_for` / `entries_since`.
 
-Rules of validity, in the order they are checked:
+Arrival and validity (the full rule and what it trades: docs/design/membership-validity.md):
 
-- Entries whose signatures or shape are wrong are refused at `add` (RemoteProtocolError) and never
-  stored: a member merges only entries that verify (§6.3). A second root is refused the same way.
-- Every other entry is stored. It is *valid* when its author is a current member of the state its
-  own ancestors give, its type's rule holds there, and it is not shadowed. Invalid entries are kept
-  (sync stays idempotent) but have no effect.
+- Arrival. An entry whose signatures or shape are wrong is refused (RemoteProtocolError). A
+  verified entry is stored only when its author is a member here and it is valid once stored;
+  otherwise it is dropped: never stored, relayed or built on (a valid entry that names it as a
+  parent brings it in, without effect). New local entries take `valid_heads()` as parents.
+- Validity. An entry is valid when its author is a member in the state its own valid ancestors
+  give and its type's rule holds there, and it is an ancestor of every valid removal (prune,
+  leave, rekey-from) of its author, unless it descends from a re-admission that saw the removal.
 - Type rules: a `join` cites the seed epoch current among its ancestors and admits a non-member; a
-  `seed-rotate` names the next epoch; a `prune` names a known key other than the author; a `rekey`
-  replaces a current member (not the author) with a key never seen in the subnet.
-- Shadowing: an entry by key k is invalid when some valid `prune` or `leave` of k is not one of its
-  descendants, unless the entry descends from a valid admission of k that itself descends from that
-  removal. So a pruned node cannot hang entries (joins included) on parents older than its prune.
-- Membership is sticky: k is a member when some valid admission of k (create, join, rekey to k) has
-  every valid removal of k (prune, leave, rekey from k) among its ancestors. A join concurrent with a
-  prune therefore does not bring the key back; only a join that saw the prune does.
+  `seed-rotate` names the next epoch; a `prune` names a key admitted before (not the author); a
+  `rekey` replaces a current member (not the author) with a key never admitted.
+- Membership is sticky: k is a member when some valid admission of k has every valid removal of k
+  among its ancestors. A join concurrent with a prune does not bring the key back.
 - Seed epochs: the highest epoch wins; between rotations naming the same epoch, the one ordered
   last wins.
-- Mutual prunes: when a and b prune each other concurrently, the literal rule would void both, and
-  a pruned node could then always cancel its prune by pruning its pruner. Instead the more senior
-  of the two wins: the one whose current admission comes first in the order (the creator outranks
-  everyone). So the senior members can always remove anyone.
-- Longer cycles of concurrent removals (a prunes b, b prunes c, c prunes a) stay circular; validity
-  is decided in the total order, and an entry still being decided counts as invalid for the
-  question that depends on it. The outcome is deterministic for a given set of entries.
+- No seniority. Removals that void each other (a prunes b while b prunes a, concurrently) are a
+  conflict: all of them take effect, and `state().conflicts` names them for a human. Arrival
+  makes them rare: where a removal has arrived, a counter-removal by the removed key is dropped
+  (and reported in `MergeResult.conflicts`).
 
 What must not live here: storage, clocks, sockets. HLC timestamps arrive in the constructors.
 """
@@ -43,7 +38,8 @@ from __future__ import annotations
 
 import heapq
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections import Counter, OrderedDict
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
@@ -57,6 +53,7 @@ from spt.core.types import check_label, check_subnet_name
 __all__ = [
     "ENTRY_TYPES",
     "LOG_DOMAIN",
+    "MAX_LOG_ENTRIES",
     "NONCE_BYTES",
     "SUBNET_ID_BYTES",
     "Entry",
@@ -64,6 +61,7 @@ __all__ = [
     "MembershipLog",
     "MembershipState",
     "MergeResult",
+    "PruneConflict",
     "countersign_join",
     "countersign_rekey",
     "entry_hash",
@@ -132,6 +130,8 @@ class Entry:
     sig: bytes = b""
     countersig: bytes | None = None
     oldsig: bytes | None = None
+    _encoded: bytes | None = field(default=None, init=False, compare=False, repr=False)
+    _hash: bytes | None = field(default=None, init=False, compare=False, repr=False)
 
     def unsigned_dict(self) -> dict[str, Any]:
         return {
@@ -158,11 +158,17 @@ class Entry:
 
     def to_bytes(self) -> bytes:
         """The canonical encoding including signatures: what is stored and what is hashed."""
-        return canonical_bytes(self.to_dict())
+        if self._encoded is None:  # computed once: entries are immutable (replace() starts afresh)
+            object.__setattr__(self, "_encoded", canonical_bytes(self.to_dict()))
+        assert self._encoded is not None
+        return self._encoded
 
     @property
     def hash(self) -> bytes:
-        return sha256(self.to_bytes())
+        if self._hash is None:
+            object.__setattr__(self, "_hash", sha256(self.to_bytes()))
+        assert self._hash is not None
+        return self._hash
 
     @classmethod
     def from_dict(cls, data: object, *, proposal: bool = False) -> Entry:
@@ -487,7 +493,8 @@ class FormerMember:
 
 @dataclass(frozen=True, slots=True)
 class MembershipState:
-    """What the log says now. `members` maps key → label; `invalid` lists entries without effect."""
+    """What the log says now. `members` maps key → label; `invalid` lists entries without effect;
+    `conflicts` the removals that void each other (all of them take effect; a human should look)."""
 
     subnet_id: bytes
     name: str
@@ -497,6 +504,7 @@ class MembershipState:
     epoch: int
     commitment: bytes
     invalid: frozenset[bytes] = field(default_factory=frozenset)
+    conflicts: frozenset[bytes] = field(default_factory=frozenset)
 
     def is_member(self, node: NodeId) -> bool:
         return node in self.members
@@ -518,41 +526,66 @@ class MembershipState:
 
 
 @dataclass(frozen=True, slots=True)
+class PruneConflict:
+    """A prune of a member, by a key known here, that was not stored: its history disagrees with
+    this log on who was removed first (a counter-prune by a pruned key, or a branch built by a
+    removed key). The history that arrived first stands here; a human should look."""
+
+    entry: bytes  # the refused entry
+    author: NodeId  # the key that signed it
+    target: NodeId  # the member it tried to remove
+
+
+@dataclass(frozen=True, slots=True)
 class MergeResult:
-    """What a merge did: entries now in the log, entries waiting for parents, entries refused."""
+    """What a merge did.
+
+    `added`: entries now in the log, in order. `pending`: entries waiting for parents.
+    `refused`: entries that do not verify (the sender is at fault). `dropped`: entries that verify
+    but were not stored here: their author is not a member, or they were invalid on arrival, or
+    the log is full (an honest peer may send these: it stored them before it heard of a removal).
+    `conflicts`: removals that would void each other (see `PruneConflict`).
+    """
 
     added: tuple[bytes, ...] = ()
     pending: tuple[bytes, ...] = ()
     refused: tuple[tuple[bytes, str], ...] = ()
+    dropped: tuple[tuple[bytes, str], ...] = ()
+    conflicts: tuple[PruneConflict, ...] = ()
 
 
-@dataclass(slots=True)
-class _Partial:
-    members: dict[NodeId, str]
-    former: dict[NodeId, FormerMember]
-    epoch: int
-    commitment: bytes
+MAX_LOG_ENTRIES: Final = 16384  # per subnet; evaluation stays well under a second at this size
+MAX_ENTRIES_PER_AUTHOR: Final = 1024  # labels and joins; removals and rotations are not capped
+MAX_QUARANTINE: Final = 512  # dropped entries kept in memory in case a valid entry names them
+_UNCAPPED: Final = frozenset({PRUNE, LEAVE, SEED_ROTATE, REKEY})
 
 
 class MembershipLog:
     """One subnet's log. In memory; the store persists entries (`Entry.to_bytes`) and reloads them.
 
-    Call `add` or `merge` with entries from anywhere (own, peers, bundle); `state()` is recomputed
-    lazily after every change. Not thread-safe; the shell owns it.
+    Call `merge` (or `add`) with entries from anywhere (own, peers, bundle); `state()` is
+    recomputed lazily after every change. Not thread-safe; the shell owns it.
+
+    Arrival (see docs/design/membership-validity.md): an entry is stored only when it verifies,
+    its author is a member here, and it is valid once stored. Everything else is dropped, kept only
+    in a small in-memory quarantine so that a valid entry naming it as a parent can still be
+    installed (an honest member may have built on it before it heard of a removal).
     """
 
-    def __init__(self, subnet_id: bytes, *, max_pending: int = 4096) -> None:
+    def __init__(self, subnet_id: bytes, *, max_pending: int = 4096, max_entries: int = MAX_LOG_ENTRIES) -> None:
         if len(subnet_id) != SUBNET_ID_BYTES:
             raise LocalProtocolError(subnet_id.hex(), f"a subnet id is {SUBNET_ID_BYTES} bytes")
         self._subnet_id = bytes(subnet_id)
         self._max_pending = max_pending
+        self._max_entries = max_entries
         self._present: dict[bytes, Entry] = {}
         self._pending: dict[bytes, Entry] = {}
-        self._waiting: dict[bytes, set[bytes]] = {}  # missing parent → pending children
+        self._quarantine: OrderedDict[bytes, Entry] = OrderedDict()
+        self._by_author: Counter[NodeId] = Counter()
         self._create: bytes | None = None
-        self._cache_order: list[bytes] | None = None
-        self._cache_anc: list[int] | None = None
-        self._cache_valid: list[bool] | None = None
+        self._struct: _Structure | None = None
+        self._valid: list[bool] | None = None
+        self._undecided: frozenset[int] = frozenset()
         self._cache_state: MembershipState | None = None
 
     @classmethod
@@ -563,18 +596,22 @@ class MembershipLog:
 
     @classmethod
     def from_entries(cls, subnet_id: bytes, entries: Iterable[Entry]) -> MembershipLog:
-        """A log holding `entries`; a refused entry raises RemoteProtocolError."""
+        """A log holding `entries` (those that stand here); an entry that does not verify raises
+        RemoteProtocolError."""
         log = cls(subnet_id)
-        for entry in entries:
-            log.add(entry)
+        result = log.merge(entries)
+        if result.refused:
+            h, why = result.refused[0]
+            raise RemoteProtocolError(h.hex()[:16], why)
         return log
 
     def copy(self) -> MembershipLog:
         """An independent log with the same entries, without verifying them again."""
-        other = MembershipLog(self._subnet_id, max_pending=self._max_pending)
+        other = MembershipLog(self._subnet_id, max_pending=self._max_pending, max_entries=self._max_entries)
         other._present = dict(self._present)
         other._pending = dict(self._pending)
-        other._waiting = {k: set(v) for k, v in self._waiting.items()}
+        other._quarantine = OrderedDict(self._quarantine)
+        other._by_author = Counter(self._by_author)
         other._create = self._create
         return other
 
@@ -596,76 +633,230 @@ class MembershipLog:
         return self._present.get(entry_hash)
 
     def pending(self) -> tuple[bytes, ...]:
-        """Hashes of stored entries still waiting for a parent."""
+        """Hashes of entries still waiting for a parent (not stored yet)."""
         return tuple(sorted(self._pending))
+
+    def forget_pending(self, hashes: Iterable[bytes]) -> None:
+        """Stop waiting for the parents of these entries (what a stranger offered)."""
+        for h in hashes:
+            self._pending.pop(h, None)
 
     # ---- adding ---------------------------------------------------------------------------
 
     def add(self, entry: Entry) -> bool:
-        """Add one entry; False when already held. Raises RemoteProtocolError if it does not verify."""
-        h = entry.hash
-        if h in self._present or h in self._pending:
-            return False
-        problem = entry.shape_problem() or entry.signature_problem()
-        if not problem and entry.type == CREATE and h[:SUBNET_ID_BYTES] != self._subnet_id:
-            problem = "a create entry of another subnet"
-        if problem:
-            raise RemoteProtocolError(h.hex()[:16], problem)
-        missing = [p for p in entry.parents if p not in self._present]
-        if missing:
-            if len(self._pending) >= self._max_pending:
-                raise RemoteProtocolError(h.hex()[:16], f"over {self._max_pending} entries wait for parents")
-            self._pending[h] = entry
-            for p in missing:
-                self._waiting.setdefault(p, set()).add(h)
-            return True
-        self._install(h, entry)
-        return True
+        """Merge one entry: True when stored or waiting for parents, False when already held or
+        dropped here. Raises RemoteProtocolError when it does not verify."""
+        result = self.merge([entry])
+        if result.refused:
+            raise RemoteProtocolError(result.refused[0][0].hex()[:16], result.refused[0][1])
+        return bool(result.added) or entry.hash in self._pending
 
     def merge(self, entries: Iterable[Entry]) -> MergeResult:
-        """Union with `entries`. Refused entries are reported, not raised, so one bad entry in a
-        batch does not drop the good ones; the shell logs them against the peer."""
-        added: list[bytes] = []
+        """Union with the entries that stand here (see the class docstring). One bad entry in a
+        batch does not drop the good ones; the result says what happened to each."""
         refused: list[tuple[bytes, str]] = []
-        before = set(self._present)
+        dropped: list[tuple[bytes, str]] = []
+        conflicts: list[PruneConflict] = []
+        todo: dict[bytes, Entry] = dict(self._pending)
+        self._pending.clear()
         for entry in entries:
-            try:
-                self.add(entry)
-            except RemoteProtocolError as exc:
-                refused.append((entry.hash, exc.message))
-        added = [h for h in self.ordered_hashes() if h not in before]
-        return MergeResult(tuple(added), self.pending(), tuple(refused))
+            h = entry.hash
+            if h in self._present or h in todo:
+                continue
+            if h in self._quarantine:  # verified before, dropped here: check arrival again
+                todo[h] = self._quarantine.pop(h)
+                continue
+            problem = entry.shape_problem() or entry.signature_problem()
+            if not problem and entry.type == CREATE and h[:SUBNET_ID_BYTES] != self._subnet_id:
+                problem = "a create entry of another subnet"
+            if problem:
+                refused.append((h, problem))
+                continue
+            todo[h] = entry
+        if not todo:
+            return MergeResult((), self.pending(), tuple(refused))
+        state = self.state() if self._create is not None else None
+        members: set[NodeId] = set(state.members) if state is not None else set()
+        new: list[bytes] = []
 
-    def _install(self, h: bytes, entry: Entry) -> None:
-        ready = [(h, entry)]
-        while ready:
-            h, entry = ready.pop()
+        known: set[NodeId] = set(members) | (set(state.former) if state is not None else set())
+        removed_by: dict[NodeId, NodeId] = {}  # prunes: key -> author
+        if state is not None:
+            removed_by.update({k: f.by for k, f in state.former.items() if f.reason == "pruned" and f.by is not None})
+
+        def drop(h: bytes, entry: Entry, why: str) -> None:
+            self._quarantine_entry(h, entry)
+            dropped.append((h, why))
+            # a prune of a member here by a key known here, refused: the histories disagree on
+            # who was removed first (a counter-prune, or a branch built by a removed key)
+            if entry.type == PRUNE and entry.key() in members and (entry.author in known or entry.author in removed_by):
+                conflicts.append(PruneConflict(h, entry.author, entry.key()))
+
+        waiting: dict[bytes, list[bytes]] = {}  # absent parent -> entries of `todo` waiting for it
+
+        def install(h: bytes, entry: Entry) -> None:
+            for child in waiting.pop(h, ()):
+                missing_count[child] -= 1
+                if missing_count[child] == 0 and child in todo:
+                    heapq.heappush(heap, (todo[child].hlc, child))
             self._present[h] = entry
+            self._by_author[entry.author] += 1
+            new.append(h)
             if entry.type == CREATE:
                 self._create = h
-            for child in sorted(self._waiting.pop(h, ())):
-                pending = self._pending[child]
-                if all(p in self._present for p in pending.parents):
-                    del self._pending[child]
-                    ready.append((child, pending))
-        self._cache_order = self._cache_anc = self._cache_valid = None
+            # the members of the state after this entry, as far as the arrival check needs them
+            gone = entry.key("old") if entry.type == REKEY else entry.key() if entry.type in (PRUNE, LEAVE) else None
+            if gone is not None:
+                members.discard(gone)
+                if entry.type == PRUNE:
+                    removed_by[gone] = entry.author
+            admitted = entry.subject() if entry.type in (CREATE, JOIN, REKEY) else None
+            if admitted is not None:
+                members.add(admitted)
+
+        def endorse(h: bytes, depth: int = 0) -> bool:
+            """Install a quarantined entry (and its quarantined ancestors) a stored entry names."""
+            if h in self._present:
+                return True
+            entry = self._quarantine.get(h)
+            if entry is None or depth > MAX_QUARANTINE:
+                return False
+            if not all(endorse(p, depth + 1) for p in entry.parents):
+                return False
+            del self._quarantine[h]
+            install(h, entry)
+            return True
+
+        # entries whose parents are all stored go through the arrival check in (HLC, hash) order
+        missing_count: dict[bytes, int] = {}
+        heap: list[tuple[HlcTimestamp, bytes]] = []
+        for h, entry in todo.items():
+            absent = {p for p in entry.parents if p not in self._present}
+            missing_count[h] = len(absent)
+            for p in absent:
+                waiting.setdefault(p, []).append(h)
+            if not absent:
+                heap.append((entry.hlc, h))
+        heapq.heapify(heap)
+        while True:
+            while heap:
+                _, h = heapq.heappop(heap)
+                entry = todo.pop(h)
+                why = self._arrival_problem(entry, members)
+                if why:
+                    drop(h, entry, why)
+                else:
+                    install(h, entry)
+            # a member's entry that builds on entries dropped here brings them in (no effect)
+            for entry in list(todo.values()):
+                if entry.author in members and all(p in self._present or p in self._quarantine for p in entry.parents):
+                    for p in entry.parents:
+                        endorse(p)
+            if not heap:
+                break
+        stuck = True
+        while stuck:  # entries that build only on dropped entries are dropped too
+            stuck = False
+            for h, entry in list(todo.items()):
+                if all(p in self._present or p in self._quarantine for p in entry.parents):
+                    del todo[h]
+                    drop(h, entry, "it builds on an entry dropped here")
+                    stuck = True
+        for h, entry in todo.items():
+            if len(self._pending) >= self._max_pending:
+                dropped.append((h, f"over {self._max_pending} entries wait for parents"))
+                continue
+            self._pending[h] = entry
+        if new:
+            self._invalidate()
+            self._peel(set(new), dropped, conflicts)
+        added_set = set(new) & set(self._present)
+        added = tuple(h for h in self.ordered_hashes() if h in added_set)
+        return MergeResult(added, self.pending(), tuple(refused), tuple(dropped), tuple(conflicts))
+
+    def _arrival_problem(self, entry: Entry, members: set[NodeId]) -> str:
+        """Why a verified entry whose parents are present is not stored here, or "". Cheap checks
+        only: the author comes first, before anything is computed from the entry's ancestors."""
+        if entry.type == CREATE:
+            return "" if self._create is None else "a second create entry"
+        if entry.author not in members:
+            return "its author is not a member here"
+        if len(self._present) >= self._max_entries:
+            return f"the log holds {self._max_entries} entries already"
+        if entry.type not in _UNCAPPED and self._by_author[entry.author] >= MAX_ENTRIES_PER_AUTHOR:
+            return f"its author has {MAX_ENTRIES_PER_AUTHOR} entries already"
+        return ""
+
+    def _quarantine_entry(self, h: bytes, entry: Entry) -> None:
+        self._quarantine[h] = entry
+        self._quarantine.move_to_end(h)
+        while len(self._quarantine) > MAX_QUARANTINE:
+            self._quarantine.popitem(last=False)
+
+    def _peel(self, new: set[bytes], dropped: list[tuple[bytes, str]], conflicts: list[PruneConflict]) -> None:
+        """Take back entries of this merge that are invalid and that no stored entry names: they
+        were invalid on arrival. Removing an invalid leaf changes no other entry's validity."""
+        valid = self._validity()
+        struct = self._structure()
+        members = self.state().members if self._create is not None else {}
+        named: Counter[bytes] = Counter(p for e in self._present.values() for p in e.parents)
+        gone: list[bytes] = []
+        for i in reversed(range(len(struct.order))):
+            h = struct.order[i]
+            if h in new and not valid[i] and not named[h] and h != self._create:
+                entry = self._present.pop(h)
+                self._by_author[entry.author] -= 1
+                for p in entry.parents:
+                    named[p] -= 1
+                self._quarantine_entry(h, entry)
+                dropped.append((h, "invalid on arrival"))
+                gone.append(h)
+                if entry.type == PRUNE and entry.key() in members:
+                    conflicts.append(PruneConflict(h, entry.author, entry.key()))
+        if gone:
+            self._invalidate()
+
+    def _invalidate(self) -> None:
+        self._struct = None
+        self._valid = None
+        self._undecided = frozenset()
         self._cache_state = None
 
     # ---- order and replication --------------------------------------------------------------
 
     def ordered_hashes(self) -> list[bytes]:
         """Hashes of all present entries in the deterministic order (parents first, ties (HLC, hash))."""
-        order, _ = self._structure()
-        return list(order)
+        return list(self._structure().order)
 
     def entries(self) -> list[Entry]:
-        """All present entries, valid or not, in order: what a bundle or a full sync carries."""
-        return [self._present[h] for h in self.ordered_hashes()]
+        """All stored entries, valid or not, in order: what a full sync carries."""
+        return [self._present[h] for h in self._structure().order]
 
     def heads(self) -> tuple[bytes, ...]:
-        """Present entries no present entry names as parent, sorted: the parents of a new entry."""
+        """Stored entries no stored entry names as parent, sorted: what sync exchanges."""
         named = {p for e in self._present.values() for p in e.parents}
         return tuple(sorted(h for h in self._present if h not in named))
+
+    def valid_heads(self) -> tuple[bytes, ...]:
+        """The parents of a new local entry: valid entries no valid entry names, at most
+        MAX_PARENTS of them (the latest in order). Invalid entries are never built on."""
+        struct = self._structure()
+        valid = self._validity()
+        named: set[int] = set()
+        for i in range(len(struct.order)):
+            if valid[i]:
+                named.update(struct.parents[i])
+        heads = [i for i in range(len(struct.order)) if valid[i] and i not in named]
+        return tuple(sorted(struct.order[i] for i in heads[-MAX_PARENTS:]))
+
+    def ancestry(self, entry_hash: bytes) -> list[Entry]:
+        """An entry and all its ancestors, parents first: what `log.offer` carries."""
+        struct = self._structure()
+        i = struct.index.get(entry_hash)
+        if i is None:
+            return []
+        mask = struct.anc[i]
+        return [self._present[h] for j, h in enumerate(struct.order) if (mask >> j) & 1 or j == i]
 
     def latest_hlc(self) -> HlcTimestamp | None:
         """The greatest timestamp in the log, for the shell's `Hlc.update` before a new entry."""
@@ -677,54 +868,26 @@ class MembershipLog:
 
     def entries_since(self, their_heads: Iterable[bytes], *, limit: int | None = None) -> list[Entry]:
         """Entries a peer with `their_heads` lacks, parents first; heads we do not know are ignored."""
-        order, anc = self._structure()
-        index = {h: i for i, h in enumerate(order)}
+        struct = self._structure()
         known = 0
         for h in their_heads:
-            i = index.get(h)
+            i = struct.index.get(h)
             if i is not None:
-                known |= anc[i] | (1 << i)
-        out = [self._present[h] for i, h in enumerate(order) if not (known >> i) & 1]
+                known |= struct.anc[i] | (1 << i)
+        out = [self._present[h] for i, h in enumerate(struct.order) if not (known >> i) & 1]
         return out if limit is None else out[:limit]
 
-    def _structure(self) -> tuple[list[bytes], list[int]]:
-        if self._cache_order is not None and self._cache_anc is not None:
-            return self._cache_order, self._cache_anc
-        children: dict[bytes, list[bytes]] = {}
-        indegree: dict[bytes, int] = {}
-        for h, e in self._present.items():
-            indegree[h] = len(e.parents)
-            for p in e.parents:
-                children.setdefault(p, []).append(h)
-        heap = [(self._present[h].hlc, h) for h, d in indegree.items() if d == 0]
-        heapq.heapify(heap)
-        order: list[bytes] = []
-        while heap:
-            _, h = heapq.heappop(heap)
-            order.append(h)
-            for c in children.get(h, ()):
-                indegree[c] -= 1
-                if indegree[c] == 0:
-                    heapq.heappush(heap, (self._present[c].hlc, c))
-        index = {h: i for i, h in enumerate(order)}
-        anc: list[int] = []
-        for h in order:
-            mask = 0
-            for p in self._present[h].parents:
-                j = index[p]
-                mask |= anc[j] | (1 << j)
-            anc.append(mask)
-        self._cache_order, self._cache_anc = order, anc
-        return order, anc
+    def _structure(self) -> _Structure:
+        if self._struct is None:
+            self._struct = _Structure.of(self._present)
+        return self._struct
 
     # ---- validity and state -------------------------------------------------------------------
 
     def is_valid(self, entry_hash: bytes) -> bool:
-        """Whether a present entry takes effect. Unknown hashes are not valid."""
-        order, _ = self._structure()
-        if entry_hash not in self._present:
-            return False
-        return self._validity()[order.index(entry_hash)]
+        """Whether a stored entry takes effect. Unknown hashes are not valid."""
+        i = self._structure().index.get(entry_hash)
+        return i is not None and self._validity()[i]
 
     def state(self) -> MembershipState:
         """The current state. Raises LocalProtocolError before the create entry has arrived."""
@@ -733,127 +896,196 @@ class MembershipLog:
         create = self.create_entry
         if create is None:
             raise LocalProtocolError(self._subnet_id.hex()[:8], "the log has no create entry yet")
-        order, _ = self._structure()
+        struct = self._structure()
         valid = self._validity()
-        partial = _Evaluator(self, order).state_of((1 << len(order)) - 1, valid.__getitem__)
+        members, former, epoch, commitment = _Evaluator(struct, self._present).state(valid)
         self._cache_state = MembershipState(
             subnet_id=self._subnet_id,
             name=str(create.body["name"]),
             create_nonce=bytes.fromhex(str(create.body["nonce"])),
-            members=dict(partial.members),
-            former=dict(partial.former),
-            epoch=partial.epoch,
-            commitment=partial.commitment,
-            invalid=frozenset(h for h, ok in zip(order, valid, strict=True) if not ok),
+            members=members,
+            former=former,
+            epoch=epoch,
+            commitment=commitment,
+            invalid=frozenset(h for h, ok in zip(struct.order, valid, strict=True) if not ok),
+            conflicts=frozenset(struct.order[i] for i in self._undecided),
         )
         return self._cache_state
 
     def _validity(self) -> list[bool]:
-        if self._cache_valid is None:
-            order, _ = self._structure()
-            self._cache_valid = _Evaluator(self, order).run()
-        return self._cache_valid
+        if self._valid is None:
+            self._valid, self._undecided = _Evaluator(self._structure(), self._present).run()
+        return self._valid
+
+
+@dataclass(slots=True)
+class _Structure:
+    """The DAG in the deterministic order: parent indices and ancestor bitmasks (bit j set in
+    `anc[i]` when entry j is an ancestor of entry i)."""
+
+    order: list[bytes]
+    index: dict[bytes, int]
+    parents: list[list[int]]
+    anc: list[int]
+
+    @classmethod
+    def of(cls, present: Mapping[bytes, Entry]) -> _Structure:
+        children: dict[bytes, list[bytes]] = {}
+        indegree: dict[bytes, int] = {}
+        for h, e in present.items():
+            indegree[h] = len(e.parents)
+            for p in e.parents:
+                children.setdefault(p, []).append(h)
+        heap = [(present[h].hlc, h) for h, d in indegree.items() if d == 0]
+        heapq.heapify(heap)
+        order: list[bytes] = []
+        while heap:
+            _, h = heapq.heappop(heap)
+            order.append(h)
+            for c in children.get(h, ()):
+                indegree[c] -= 1
+                if indegree[c] == 0:
+                    heapq.heappush(heap, (present[c].hlc, c))
+        index = {h: i for i, h in enumerate(order)}
+        parents = [[index[p] for p in present[h].parents] for h in order]
+        anc: list[int] = []
+        for ps in parents:
+            mask = 0
+            for j in ps:
+                mask |= anc[j] | (1 << j)
+            anc.append(mask)
+        return cls(order, index, parents, anc)
+
+
+_MAX_ROUNDS: Final = 8
 
 
 class _Evaluator:
-    """Decides validity of every present entry (see the module docstring for the rules)."""
+    """Decides the validity of every stored entry (docs/design/membership-validity.md).
 
-    def __init__(self, log: MembershipLog, order: list[bytes]) -> None:
-        _, anc = log._structure()
-        self.entries = [log._present[h] for h in order]
-        self.anc = anc
-        self.n = len(order)
-        self.memo: list[bool | None] = [None] * self.n
-        self.busy: set[int] = set()
-        self.removals: dict[NodeId, list[int]] = {}  # prune/leave of a key: shadowing
-        self.admissions: dict[NodeId, list[int]] = {}  # create/join/rekey-to of a key
-        # key-valued body fields parsed once: state_of runs once per entry
-        self.keys = [
-            {f: NodeId.from_hex(str(v)) for f, v in e.body.items() if f in _KEY_FIELDS} for e in self.entries
+    One pass in order decides each entry from its ancestors (author a member there, the type's
+    rule) and from a given set of removals that shadow it. Which removals shadow depends on which
+    removals are valid, so the passes repeat until that set is stable: twice without conflicts.
+    Removals that void each other make it oscillate; those are the conflicts, and all of them
+    take effect (a pruned key never voids its own prune).
+    """
+
+    def __init__(self, struct: _Structure, present: Mapping[bytes, Entry]) -> None:
+        self.struct = struct
+        self.anc = struct.anc
+        entries = [present[h] for h in struct.order]
+        self.n = len(entries)
+        self.kind = [e.type for e in entries]
+        self.author = [e.author for e in entries]
+        self.entries = entries
+        self.keys: list[dict[str, NodeId]] = [
+            {f: NodeId.from_hex(str(v)) for f, v in e.body.items() if f in _KEY_FIELDS} for e in entries
         ]
-        for i, e in enumerate(self.entries):
+        self.removals: dict[NodeId, list[int]] = {}  # prune, leave, rekey-from of a key
+        self.admissions: dict[NodeId, list[int]] = {}  # create, join, rekey-to of a key
+        for i, e in enumerate(entries):
+            k = self.keys[i]
             if e.type in (PRUNE, LEAVE):
-                self.removals.setdefault(e.key(), []).append(i)
+                self.removals.setdefault(k["key"], []).append(i)
+            elif e.type == REKEY:
+                self.removals.setdefault(k["old"], []).append(i)
             subject = e.subject()
             if e.type in (CREATE, JOIN, REKEY) and subject is not None:
                 self.admissions.setdefault(subject, []).append(i)
+        self.removal_idx = [i for i, e in enumerate(entries) if e.type in (PRUNE, LEAVE, REKEY)]
 
-    def run(self) -> list[bool]:
-        return [self.valid(i) for i in range(self.n)]
+    def run(self) -> tuple[list[bool], frozenset[int]]:
+        """(validity per entry, the removals in conflict)."""
+        shadow: frozenset[int] = frozenset()
+        seen: list[frozenset[int]] = []
+        valid = self.one_pass(shadow, frozenset())
+        for _ in range(_MAX_ROUNDS):
+            nxt = frozenset(r for r in self.removal_idx if valid[r])
+            if nxt == shadow:
+                return valid, frozenset()
+            seen.append(shadow)
+            if nxt in seen:
+                cycle = seen[seen.index(nxt):]
+                break
+            shadow = nxt
+            valid = self.one_pass(shadow, frozenset())
+        else:
+            cycle = seen[-2:]
+        union = frozenset().union(*cycle)
+        undecided = union - frozenset.intersection(*cycle)
+        return self.one_pass(union, undecided), undecided
 
-    def valid(self, i: int) -> bool:
-        known = self.memo[i]
-        if known is not None:
-            return known
-        if i in self.busy:
-            return False  # a cycle: the entry being decided does not count for this question
-        self.busy.add(i)
-        try:
-            result = self._decide(i)
-        finally:
-            self.busy.discard(i)
-        self.memo[i] = result
-        return result
-
-    def _decide(self, i: int) -> bool:
-        e = self.entries[i]
-        if e.type == CREATE:
-            return i == 0
-        st = self.state_of(self.anc[i], self.valid)
-        author = e.author
-        if author not in st.members:
-            return False
-        if not self._type_rule(e, st):
-            return False
-        for r in self.removals.get(author, ()):
-            if r == i or (self.anc[r] >> i) & 1:
+    def one_pass(self, shadow: frozenset[int], forced: frozenset[int]) -> list[bool]:
+        n, kind, anc = self.n, self.kind, self.anc
+        valid = [False] * n
+        epoch_seen = [0] * n  # the highest valid rotation among an entry's ancestors
+        for i in range(n):
+            if kind[i] == CREATE:
+                valid[i] = i == 0
                 continue
-            remover = self.entries[r].author
-            if e.type == PRUNE and e.key() == remover and not self._outranks(remover, r, author, i):
-                continue  # a mutual prune that `author` wins by seniority
-            if not self.valid(r):
+            ep = 0
+            for p in self.struct.parents[i]:
+                x = epoch_seen[p]
+                if valid[p] and kind[p] == SEED_ROTATE:
+                    x = max(x, self.entries[p].epoch())
+                ep = max(ep, x)
+            epoch_seen[i] = ep
+            author, mask = self.author[i], anc[i]
+            if not self.member_at(author, mask, valid):
+                continue  # checked first: nothing else is computed for a non-member's entry
+            if not self.type_rule(i, mask, ep, valid):
                 continue
-            if not any(
-                (self.anc[i] >> a) & 1 and (self.anc[a] >> r) & 1 and self.valid(a)
-                for a in self.admissions.get(author, ())
-            ):
-                return False
-        return True
+            if i not in forced and self.shadowed(i, author, mask, shadow, valid):
+                continue
+            valid[i] = True
+        return valid
 
-    def _outranks(self, a: NodeId, at_a: int, b: NodeId, at_b: int) -> bool:
-        """Whether `a`'s admission seen from entry `at_a` comes before `b`'s seen from `at_b`."""
-        return self._admitted_at(a, self.anc[at_a]) < self._admitted_at(b, self.anc[at_b])
+    def member_at(self, key: NodeId, mask: int, valid: list[bool]) -> bool:
+        """Sticky membership among the entries of `mask`: a valid admission that has seen every
+        valid removal of the key."""
+        adms = [a for a in self.admissions.get(key, ()) if valid[a] and (mask >> a) & 1]
+        if not adms:
+            return False
+        rems = [r for r in self.removals.get(key, ()) if valid[r] and (mask >> r) & 1]
+        return any(all((self.anc[a] >> r) & 1 for r in rems) for a in adms)
 
-    def _admitted_at(self, key: NodeId, mask: int) -> int:
-        """Order position of the latest valid admission of `key` among `mask`; n when none."""
-        found = [a for a in self.admissions.get(key, ()) if (mask >> a) & 1 and self.valid(a)]
-        return max(found, default=self.n)
+    def ever_admitted(self, key: NodeId, mask: int, valid: list[bool]) -> bool:
+        return any(valid[a] and (mask >> a) & 1 for a in self.admissions.get(key, ()))
 
-    @staticmethod
-    def _type_rule(e: Entry, st: _Partial) -> bool:
+    def type_rule(self, i: int, mask: int, epoch: int, valid: list[bool]) -> bool:
+        e, k = self.entries[i], self.keys[i]
         if e.type == JOIN:
-            return e.key() not in st.members and e.epoch() == st.epoch
+            return e.epoch() == epoch and not self.member_at(k["key"], mask, valid)
         if e.type == SEED_ROTATE:
-            return e.epoch() == st.epoch + 1
+            return e.epoch() == epoch + 1
         if e.type == PRUNE:
-            return e.key() in st.members or e.key() in st.former
+            return self.ever_admitted(k["key"], mask, valid)
         if e.type == REKEY:
-            old, new = e.key("old"), e.key("new")
-            return old in st.members and old != e.author and new not in st.members and new not in st.former
+            old, new = k["old"], k["new"]
+            return old != e.author and self.member_at(old, mask, valid) and not self.ever_admitted(new, mask, valid)
         return e.type in (LEAVE, LABEL)
 
-    def state_of(self, mask: int, valid: Callable[[int], bool]) -> _Partial:
-        """The state given by the valid entries among those whose bits are set in `mask`."""
+    def shadowed(self, i: int, key: NodeId, mask: int, shadow: frozenset[int], valid: list[bool]) -> bool:
+        """Whether a removal of `key` in `shadow` voids entry i: i is not one of its ancestors and
+        i does not descend from a re-admission of the key that saw that removal."""
+        for r in self.removals.get(key, ()):
+            if r == i or r not in shadow or (self.anc[r] >> i) & 1:
+                continue
+            readmitted = any(
+                valid[a] and (mask >> a) & 1 and (self.anc[a] >> r) & 1 for a in self.admissions.get(key, ())
+            )
+            if not readmitted:
+                return True
+        return False
+
+    def state(self, valid: list[bool]) -> tuple[dict[NodeId, str], dict[NodeId, FormerMember], int, bytes]:
+        """Members, former members, epoch and commitment given by the valid entries."""
         labels: dict[NodeId, str] = {}
         admitted: dict[NodeId, list[int]] = {}
         removed: dict[NodeId, list[tuple[int, FormerMember]]] = {}
         epoch, commitment = 0, b""
-        rest = mask
-        while rest:  # set bits, lowest (earliest in order) first
-            low = rest & -rest
-            rest ^= low
-            j = low.bit_length() - 1
-            if not valid(j):
+        for j in range(self.n):
+            if not valid[j]:
                 continue
             e, k = self.entries[j], self.keys[j]
             if e.type == CREATE:
@@ -869,11 +1101,9 @@ class _Evaluator:
                 old, new = k["old"], k["new"]
                 labels[new] = labels.get(old, "")
                 admitted.setdefault(new, []).append(j)
-                gone = FormerMember(labels.get(old, ""), "rekeyed", e.author)
-                removed.setdefault(old, []).append((j, gone))
+                removed.setdefault(old, []).append((j, FormerMember(labels.get(old, ""), "rekeyed", e.author)))
             elif e.type == LEAVE:
-                gone = FormerMember(labels.get(k["key"], ""), "left", e.author)
-                removed.setdefault(k["key"], []).append((j, gone))
+                removed.setdefault(k["key"], []).append((j, FormerMember(labels.get(k["key"], ""), "left", e.author)))
             elif e.type == PRUNE:
                 gone = FormerMember(labels.get(k["key"], ""), "pruned", e.author, str(e.body["reason"]))
                 removed.setdefault(k["key"], []).append((j, gone))
@@ -888,4 +1118,4 @@ class _Evaluator:
             elif rems:
                 last = rems[-1][1]
                 former[key] = replace(last, label=labels.get(key, last.label))
-        return _Partial(members, former, epoch, commitment)
+        return members, former, epoch, commitment
