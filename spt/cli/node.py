@@ -89,7 +89,8 @@ def trust_accept(node_name: str, subnet_name: str | None, yes: bool) -> None:
         if not is_interactive():
             raise UsageError("BAD_USAGE", "", "pass --yes to accept without a terminal to confirm")
         click.confirm(f"Trust the new key in {preview['subnet']}?", abort=True)
-    doc = daemon_call("node.trust.accept", args, timeout=60)
+    # the exact key just shown: if the claim changed since (another arrived), the daemon refuses
+    doc = daemon_call("node.trust.accept", {**args, "new": preview["new_key"]}, timeout=60)
     emit("TRUSTED", doc["trusted"])
 
 

@@ -20,26 +20,22 @@ import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from spt.core.errors import IdentityError, PeerError, Refusal, RemoteProtocolError, SptError, UsageError
-from spt.core.identity import NodeId, NodeKey
+from spt.core.errors import PeerError, Refusal, RemoteProtocolError, SptError, UsageError
+from spt.core.identity import NodeId
+from spt.core.key_claims import KeyClaims
 from spt.core.net.connections import Connection, ConnectionClosedError, RequestError, Stream
 from spt.core.net.transport import ALPN_JOIN, ALPN_MEMBER, Transport
 from spt.core.proto import join as jp
 from spt.core.proto.canonical import canonical_bytes
 from spt.core.proto.frames import Frame
 from spt.core.proto.membership import (
-    REKEY,
     Entry,
     PruneConflict,
-    countersign_rekey,
     make_leave,
     make_prune,
     make_seed_rotate,
-    propose_rekey,
-    sign_rekey_as_old,
 )
 from spt.core.proto.resolve import NodeInfo, resolve_node
 from spt.core.proto.totp import SEED_BYTES, Secret, new_seed, seed_commitment
@@ -56,6 +52,10 @@ Address = tuple[str, int]
 MemberHandler = Callable[[Connection, Frame], Awaitable[tuple[str, Any]]]
 
 STREAM_TIMEOUT: Final = 15.0  # seconds a peer may take for one message of a multi-step exchange
+JOIN_EXCHANGE_TIMEOUT: Final = 60.0  # one join exchange, hello to bundle
+JOIN_LOCK_WAIT: Final = 10.0  # a joiner waits this long for another's SPAKE2 run on the subnet
+JOIN_LOCKED_EXCHANGE: Final = 20.0  # an exchange holds its subnet's lock this long at most
+MAX_JOIN_RECORDS: Final = 512  # failure and unlock records one sync answer carries
 REQUEST_TIMEOUT: Final = 10.0
 DIAL_TIMEOUT: Final = 5.0
 MAX_SYNC_ENTRIES: Final = 4096  # entries one sync answer carries at most (§6.3 "a bounded amount")
@@ -64,9 +64,6 @@ RECONNECT_MIN: Final = 1.0
 RECONNECT_MAX: Final = 60.0
 FIRST_DISCOVERY_ROUND: Final = 0.1  # seconds the first discovery round of a join waits; doubles each round
 MAX_DISCOVERY_ROUND: Final = 2.0
-KEY_CLAIM_DOMAIN: Final = b"spt/key-claim/v1"
-MAX_PENDING_KEY_CHANGES: Final = 16  # per subnet (§6.4)
-KEY_CLAIM_ROUNDS: Final = 6  # a claim is re-sent to members that did not take it, backing off
 # Member requests whose handler judges the sender's standing itself, instead of the dispatcher
 # (log.push: what a pruned or departed node may still send is the membership log's business).
 STANDING_CHECKED_BY_HANDLER: Final = frozenset({"log.push"})
@@ -94,16 +91,20 @@ class Members:
             "seed.fetch": self._handle_seed_fetch,
             "seed.install": self._handle_seed_install,
             "join.record": self._handle_join_record,
+            "join.records": self._handle_join_records,
         }
         # Long-lived streams of a plugin's own type (rc): the handler owns the stream.
         self.stream_handlers: dict[str, Callable[[Connection, Stream, Frame], Awaitable[None]]] = {}
+        self.claims = KeyClaims(self)
         # Requests anyone may make on the join ALPN (the peer is not a member, or not yet).
         self.join_handlers: dict[str, MemberHandler] = {
             "log.offer": self._handle_log_offer,
-            "key.claim": self._handle_key_claim,
-            "key.countersign": self._handle_key_countersign,
+            "key.claim": self.claims.handle_claim,
+            "key.countersign": self.claims.handle_countersign,
         }
-        self._responder_lock = asyncio.Lock()  # §5.5: joins are answered one at a time
+        # §5.5: a node answers joins for a subnet one at a time: from the first SPAKE2 message to
+        # the end, and for JOIN_LOCKED_EXCHANGE seconds at most; hellos need no lock
+        self._responder_locks: dict[bytes, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._keepers: dict[NodeId, asyncio.Task[None]] = {}
         self._known_conns: weakref.WeakSet[Connection] = weakref.WeakSet()
@@ -127,9 +128,9 @@ class Members:
             await self.transport.start()
         self.keep_members_connected()
         self.transport.paths.when_relay_registered(self.keep_members_connected)  # §7.3: a new path
-        claims = self.key_change_claims()
+        claims = self.claims.to_claim()
         if claims:
-            self.spawn(self.send_key_claims(claims), "key-change claim")
+            self.spawn(self.claims.send(claims), "key-change claim")
 
     def _make_transport(self, port: int) -> Transport:
         cfg = self.daemon.config
@@ -303,23 +304,35 @@ class Members:
         session = jp.ResponderSession(
             self.daemon.key, conn.peer, exporter, subnets=self._serving(), source=f"{host}:{port}"
         )
+        loop = asyncio.get_running_loop()
+        lock: asyncio.Lock | None = None
+        deadline = loop.time() + JOIN_EXCHANGE_TIMEOUT
         try:
-            async with asyncio.timeout(60.0), self._responder_lock:
-                frame: Frame | None = first
-                while frame is not None and not session.is_finished:
-                    locks = {s.id: self.join_status(s) for s in self.subnets.attached()}
-                    out = session.receive(frame.body, wall=time.time(), locks=locks)
-                    for msg in out.messages:
-                        await stream.send("join", msg)
-                    for event in out.events:
-                        await self._responder_event(event, conn)
-                    if session.is_finished:
-                        break
-                    frame = await stream.recv(timeout=STREAM_TIMEOUT)
+            frame: Frame | None = first
+            while frame is not None and not session.is_finished:
+                if lock is None and session.subnet_id:
+                    # past the hello: the SPAKE2 run and its record, one at a time per subnet
+                    lock = self._responder_locks.setdefault(session.subnet_id, asyncio.Lock())
+                    await asyncio.wait_for(lock.acquire(), JOIN_LOCK_WAIT)
+                    deadline = min(deadline, loop.time() + JOIN_LOCKED_EXCHANGE)
+                locks = {s.id: self.join_status(s) for s in self.subnets.attached()}
+                out = session.receive(frame.body, wall=time.time(), locks=locks)
+                for event in out.events:  # records are stored before the reply goes out
+                    await self._responder_event(event, conn)
+                for msg in out.messages:
+                    await stream.send("join", msg)
+                if session.is_finished:
+                    break
+                left = deadline - loop.time()
+                if left <= 0:
+                    raise TimeoutError("the join exchange took too long")
+                frame = await stream.recv(timeout=min(STREAM_TIMEOUT, left))
         except (TimeoutError, RemoteProtocolError, PeerError) as exc:
             session.abort()
             log.info("join stream ended", extra={"peer": conn.peer.short, "reason": str(exc) or type(exc).__name__})
         finally:
+            if lock is not None and lock.locked():
+                lock.release()
             with contextlib.suppress(Exception):
                 await stream.end()
 
@@ -352,7 +365,6 @@ class Members:
 
     def _store_join_record(self, sub: HeldSubnet, kind: str, data: Mapping[str, Any], time_ms: int) -> None:
         from spt.core.identity import sha256
-        from spt.core.proto.canonical import canonical_bytes
 
         raw = canonical_bytes(dict(data))
         with self.daemon.store.transaction():
@@ -381,6 +393,39 @@ class Members:
         else:
             raise RemoteProtocolError("join.record", "kind is failure or unlock")
         return "ok", {}
+
+    async def _handle_join_records(self, conn: Connection, frame: Frame) -> tuple[str, Any]:
+        """Every failure and unlock record this node holds for the subnet (24 h of them): how a
+        member that joined later counts the failures that came before it (§5.5)."""
+        sub = self.require_member(conn, body_map(frame.body).get("subnet"))
+        rows = self.daemon.store.query(
+            "SELECT kind, data FROM join_records WHERE subnet=? ORDER BY time DESC LIMIT ?", (sub.id, MAX_JOIN_RECORDS)
+        )
+        return "join.records", {"records": [{"kind": r["kind"], "record": _loads(r["data"])} for r in rows]}
+
+    async def _fetch_join_records(self, conn: Connection, sub: HeldSubnet) -> None:
+        try:
+            reply = await conn.request("join.records", {"subnet": sub.id.hex()}, timeout=REQUEST_TIMEOUT)
+        except RequestError as exc:
+            log.info("join records not fetched", extra={"subnet": sub.name, "reason": str(exc)})
+            return
+        records = body_map(reply.body).get("records")
+        if not isinstance(records, list) or len(records) > MAX_JOIN_RECORDS:
+            raise RemoteProtocolError("join.records", f"a list of at most {MAX_JOIN_RECORDS} records")
+        members = sub.state().members
+        for item in records:
+            try:
+                item = body_map(item)
+                if item.get("kind") == "failure":
+                    failure = jp.FailureRecord.from_dict(item.get("record"))
+                    if failure.subnet_id == sub.id and failure.responder in members:
+                        self._store_join_record(sub, "failure", failure.to_dict(), failure.time_ms)
+                elif item.get("kind") == "unlock":
+                    unlock = jp.UnlockRecord.from_dict(item.get("record"))
+                    if unlock.subnet_id == sub.id and unlock.author in members:
+                        self._store_join_record(sub, "unlock", unlock.to_dict(), unlock.time_ms)
+            except RemoteProtocolError as exc:  # one bad record costs itself only
+                log.info("join record refused", extra={"peer": conn.peer.short, "reason": str(exc)})
 
     def unlock(self, sub: HeldSubnet) -> None:
         record = jp.UnlockRecord.sign(self.daemon.key, subnet_id=sub.id, time_ms=int(time.time() * 1000))
@@ -530,7 +575,7 @@ class Members:
         and nothing an offer carries waits for parents here.
         """
         body = body_map(frame.body)
-        sub = self._held(body.get("subnet"))
+        sub = self.held(body.get("subnet"))
         if sub is None or not sub.attached:
             return "error", {"code": "not-here", "message": "this node does not serve that subnet"}
         raw = body.get("entries")
@@ -685,6 +730,8 @@ class Members:
                 )
             if sub.id in self.subnets.held and (sub.seed is None or sub.epoch != sub.state().epoch):
                 await self._fetch_seed(conn, sub)
+            if sub.id in self.subnets.held:
+                await self._fetch_join_records(conn, sub)
         self.daemon.peer_synced(conn)
 
     async def _handle_log_sync(self, conn: Connection, frame: Frame) -> tuple[str, Any]:
@@ -703,7 +750,11 @@ class Members:
         self.merge(sub, _entries(body.get("entries")))
         return "ok", {}
 
-    def _held(self, subnet_hex: Any) -> HeldSubnet | None:
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def held(self, subnet_hex: Any) -> HeldSubnet | None:
         if not isinstance(subnet_hex, str):
             raise RemoteProtocolError("subnet", "a subnet id is hex")
         try:
@@ -759,6 +810,7 @@ class Members:
                 f"{author} signed a prune of {target} that did not see {author}'s own removal (or that a removed "
                 f"node's branch carried). This node kept the history it had first. If {target} should go, "
                 f"prune it from a member you trust: `spt subnet prune {c.target.hex[:8]} --subnet {sub.name}`.",
+                event=f"prune-conflict:{c.author.hex}>{c.target.hex}",  # members that saw it raise one
             )
 
     def conflicts_of(self, sub: HeldSubnet) -> list[dict[str, Any]]:
@@ -775,11 +827,11 @@ class Members:
 
     def _membership_changed(self, sub: HeldSubnet, before: Any, after: Any) -> None:
         me = self.daemon.key.node_id
-        self._settle_key_changes(sub, after)
+        self.claims.settle(sub, after)
         if after.is_member(me) and not before.is_member(me):
             self.daemon.store.db.execute("DELETE FROM meta WHERE key=?", (f"key_claim:{sub.id.hex()}",))
             if not self.daemon.store.query("SELECT 1 FROM meta WHERE key LIKE 'key_claim:%'"):
-                self._forget_old_key()
+                self.claims.forget_old_key()
         if not after.is_member(me) and before.is_member(me):
             reason = after.standing(me)
             log.warning("this node is no longer a member", extra={"subnet": sub.name, "reason": reason})
@@ -898,278 +950,6 @@ class Members:
     def attached(self, sub: HeldSubnet) -> None:
         """Serve `sub` again: dial its members now (their own keepers may be backing off)."""
         self.keep_members_connected()
-
-    # -- key changes (SPEC.md §6.4) ---------------------------------------------------------------
-    #
-    # A node whose key changed while its subnets stayed (its key file lost or replaced) claims, on
-    # the join ALPN, that its old key is now this one. Members never apply a claim by themselves:
-    # they refuse the new key, record the claim and raise a `key-change` notification; a human runs
-    # `spt node trust accept` on one member, which proposes a `rekey` entry, has the claimant
-    # countersign it (it does so only for the claim it made), and pushes it like a join.
-
-    def key_change_claims(self) -> list[tuple[HeldSubnet, NodeId]]:
-        """The (subnet, old key) pairs this node must claim: called once at start.
-
-        The key the store last ran with is kept in meta `node_key`; a held subnet in which this
-        key is not a member but that key (or the one an earlier claim named) is, needs a claim.
-        """
-        store = self.daemon.store
-        me = self.daemon.key.node_id
-        previous = store.get_meta("node_key")
-        claims: list[tuple[HeldSubnet, NodeId]] = []
-        with store.transaction():
-            for sub in self.subnets.held.values():
-                meta_key = f"key_claim:{sub.id.hex()}"
-                st = sub.state()
-                if st.is_member(me):
-                    store.db.execute("DELETE FROM meta WHERE key=?", (meta_key,))
-                    continue
-                earlier = store.get_meta(meta_key)
-                old_hex = json.loads(earlier)["old"] if earlier else previous
-                if not old_hex:
-                    continue
-                old = NodeId.from_hex(old_hex)
-                if old == me or not st.is_member(old):
-                    continue
-                store.set_meta(meta_key, json.dumps({"old": old.hex, "new": me.hex}))
-                claims.append((sub, old))
-            store.set_meta("node_key", me.hex)
-        if not claims:
-            self._forget_old_key()
-        for sub, old in claims:
-            log.warning("this node's key changed; claiming the new key", extra={"subnet": sub.name, "old": old.short, "new": me.short})
-        return claims
-
-    def _claim(self, sub: HeldSubnet, old: NodeId) -> dict[str, Any]:
-        me = self.daemon.key
-        body = {"subnet": sub.id.hex(), "old": old.hex, "new": me.node_id.hex}
-        claim = {**body, "sig": me.sign(_claim_bytes(body)).hex()}
-        old_key = self._old_key(old)
-        if old_key is not None:
-            claim["oldsig"] = old_key.sign(_claim_bytes(body)).hex()
-        return claim
-
-    @property
-    def _old_key_file(self) -> Path:
-        return self.daemon.paths.key_file.with_name("node.key.old")
-
-    def _old_key(self, old: NodeId) -> NodeKey | None:
-        """The replaced key after `spt node rekey`, kept (0600) only to sign its claim and rekey."""
-        try:
-            key = NodeKey.from_private_bytes(self._old_key_file.read_bytes())
-        except (FileNotFoundError, IdentityError):
-            return None
-        return key if key.node_id == old else None
-
-    def _forget_old_key(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self._old_key_file.unlink()
-
-    def rekey(self) -> NodeKey:
-        """`spt node rekey`: write a new key file, keeping the old one to sign the claims.
-
-        Takes effect when the daemon restarts; the claims go out then (`key_change_claims`).
-        """
-        if self.daemon.store.query("SELECT 1 FROM meta WHERE key LIKE 'key_claim:%'"):
-            raise Refusal("REKEY_PENDING", self.daemon.key.node_id.short,
-                          "an earlier key change still waits for a member's `spt node trust accept`")
-        path = self.daemon.paths.key_file
-        new = NodeKey.generate()
-        self._forget_old_key()
-        _write_private(self._old_key_file, self.daemon.key.private_bytes())
-        tmp = path.with_name(path.name + ".new")
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        _write_private(tmp, new.private_bytes())
-        os.replace(tmp, path)
-        log.warning("node key replaced; the daemon restarts to use it", extra={"new": new.node_id.short})
-        return new
-
-    async def send_key_claims(self, claims: Sequence[tuple[HeldSubnet, NodeId]]) -> None:
-        """Offer each claim to every other member, again (backing off) to those that missed it."""
-        todo = {(sub.id, node): (sub, old) for sub, old in claims for node in sub.state().members if node != old}
-        delay = RECONNECT_MIN
-        for _ in range(KEY_CLAIM_ROUNDS):
-            keys = list(todo)
-            results = await asyncio.gather(*(self._send_claim(node, *todo[(sid, node)]) for sid, node in keys))
-            for key, taken in zip(keys, results, strict=True):
-                if taken:
-                    del todo[key]
-            if not todo or self._closing:
-                return
-            await asyncio.sleep(delay)
-            delay = min(delay * 4, RECONNECT_MAX)
-
-    async def _send_claim(self, node: NodeId, sub: HeldSubnet, old: NodeId) -> bool:
-        addrs = self.addresses_of(node)
-        if not addrs:
-            return True  # nothing to dial; another member will have to vouch
-        try:
-            conn = await self.transport.connect(node, addrs, alpn=ALPN_JOIN, timeout=DIAL_TIMEOUT)
-            try:
-                reply = await conn.request("key.claim", self._claim(sub, old), timeout=REQUEST_TIMEOUT)
-            finally:
-                conn.close("claim done")
-        except (PeerError, TimeoutError, RemoteProtocolError) as exc:
-            log.info("key-change claim did not reach a member", extra={"peer": node.short, "reason": str(exc)})
-            return False
-        log.info("key-change claim offered", extra={"peer": node.short, "subnet": sub.name, "answer": reply.type})
-        return True
-
-    async def _handle_key_claim(self, conn: Connection, frame: Frame) -> tuple[str, Any]:
-        body = body_map(frame.body)
-        sub = self._held(body.get("subnet"))
-        if sub is None or not sub.attached:
-            return "error", {"code": "not-here", "message": "this node does not serve that subnet"}
-        old, new = _node(body.get("old")), _node(body.get("new"))
-        if new != conn.peer:
-            raise RemoteProtocolError("key.claim", "a key-change claim is made by the new key itself")
-        signed = {"subnet": sub.id.hex(), "old": old.hex, "new": new.hex}
-        if not new.verify(_sig(body.get("sig")), _claim_bytes(signed)):
-            raise RemoteProtocolError("key.claim", "the new key's signature does not verify")
-        old_signed = body.get("oldsig") is not None and old.verify(_sig(body.get("oldsig")), _claim_bytes(signed))
-        st = sub.state()
-        if not st.is_member(old) or old == self.daemon.key.node_id:
-            # §9.8: a key that was pruned or left never comes back through a claim
-            return "error", {"code": "not-a-member", "message": f"refused: {st.standing(old)}"}
-        if new in st.members or new in st.former:
-            return "error", {"code": "known-key", "message": "that key already has a standing in this subnet"}
-        store = self.daemon.store
-        rows = store.query("SELECT old, new FROM key_changes WHERE subnet=?", (sub.id,))
-        same = [r for r in rows if bytes(r["old"]) == old.raw]
-        if same and bytes(same[0]["new"]) == new.raw:
-            return "ok", {"pending": True}
-        if not same and len(rows) >= MAX_PENDING_KEY_CHANGES:
-            return "error", {"code": "too-many", "message": "too many key changes pending in this subnet"}
-        with store.transaction():
-            store.db.execute(
-                "INSERT INTO key_changes(subnet, old, new, since, old_signed) VALUES(?,?,?,?,?) "
-                "ON CONFLICT(subnet, old) DO UPDATE SET new=excluded.new, since=excluded.since, old_signed=excluded.old_signed",
-                (sub.id, old.raw, new.raw, time.time(), int(old_signed)),
-            )
-        host, port = conn.remote_addr
-        self.remember_address(new, host, port, "claim")
-        label = st.members[old]
-        log.warning(
-            "a member claims a new key; refused until accepted",
-            extra={"subnet": sub.name, "node": old.display(label), "new": new.short},
-        )
-        self.daemon.notify(
-            sub, "key-change", f"{label} in {sub.name} presents a new key",
-            f"old {old.fingerprint}, new {new.fingerprint}. Compare with `spt node show` on that machine, then "
-            f"`spt node trust accept {label}` (or `spt node trust reject {label}`).",
-            event=f"{old.hex}>{new.hex}",  # every member sees the claim: one notification for it
-        )
-        return "ok", {"pending": True}
-
-    def pending_key_changes(self, sub: HeldSubnet | None = None) -> list[dict[str, Any]]:
-        """Pending claims (of every held subnet, or one), oldest first."""
-        out = []
-        rows = self.daemon.store.query("SELECT subnet, old, new, since, old_signed FROM key_changes ORDER BY since")
-        for row in rows:
-            held = self.subnets.held.get(bytes(row["subnet"]))
-            if held is None or (sub is not None and held.id != sub.id):
-                continue
-            old, new = NodeId(bytes(row["old"])), NodeId(bytes(row["new"]))
-            label = held.state().members.get(old)
-            if label is None:
-                continue  # the old key is gone (pruned, left, rekeyed): the claim is moot
-            out.append({
-                "subnet": held.name, "old": old.hex, "new": new.hex, "since": jp.iso_utc(int(float(row["since"]) * 1000)),
-                "old_key_signed": bool(row["old_signed"]), "label": label,
-            })
-        return out
-
-    def resolve_key_change(self, qualifier: str, subnet: str | None) -> tuple[HeldSubnet, NodeId, NodeId]:
-        """The one pending claim `qualifier` names: the old label or key prefix, or the new key prefix."""
-        sub = self.subnets.require(subnet) if subnet else None
-        pending = self.pending_key_changes(sub)
-        matches = [
-            p for p in pending
-            if p["label"].lower() == qualifier.lower() or p["old"].startswith(qualifier.lower()) or p["new"].startswith(qualifier.lower())
-        ]
-        if not matches:
-            raise Refusal("NO_SUCH_CLAIM", qualifier, "no pending key change names that node; see spt node trust list")
-        if len({p["subnet"] for p in matches}) > 1:
-            raise Refusal("SUBNET_REQUIRED", qualifier, "key changes are pending in several subnets; pass --subnet",
-                          lines=[f"  {p['subnet']}" for p in matches])
-        if len(matches) > 1:
-            raise Refusal("AMBIGUOUS_NODE", qualifier, lines=[f"  {NodeId.from_hex(p['old']).display(p['label'])}" for p in matches])
-        found = matches[0]
-        held = self.subnets.require(found["subnet"])
-        return held, NodeId.from_hex(found["old"]), NodeId.from_hex(found["new"])
-
-    def _settle_key_changes(self, sub: HeldSubnet, st: Any) -> None:
-        """Claims whose old key is no longer a member (rekeyed elsewhere, pruned, left) are moot."""
-        rows = self.daemon.store.query("SELECT old FROM key_changes WHERE subnet=?", (sub.id,))
-        gone = [bytes(r["old"]) for r in rows if not st.is_member(NodeId(bytes(r["old"])))]
-        if gone:
-            with self.daemon.store.transaction():
-                for old in gone:
-                    self.daemon.store.db.execute("DELETE FROM key_changes WHERE subnet=? AND old=?", (sub.id, old))
-
-    def drop_key_change(self, sub: HeldSubnet, old: NodeId) -> None:
-        with self.daemon.store.transaction():
-            self.daemon.store.db.execute("DELETE FROM key_changes WHERE subnet=? AND old=?", (sub.id, old.raw))
-
-    async def accept_key_change(self, sub: HeldSubnet, old: NodeId, new: NodeId) -> str:
-        """Append the `rekey` entry, countersigned by the claimant, and push it; the new display form."""
-        me = self.daemon.key
-        entry = propose_rekey(me, parents=sub.log.valid_heads(), old=old, new=new, hlc=self.subnets.stamp())
-        addrs = self.addresses_of(new)
-        if not addrs:
-            raise Refusal("TRUST_FAILED", new.short, "no known address for the claiming node")
-        try:
-            conn = await self.transport.connect(new, addrs, alpn=ALPN_JOIN, timeout=DIAL_TIMEOUT)
-            try:
-                reply = await conn.request(
-                    "key.countersign", {"subnet": sub.id.hex(), "entry": entry.to_dict()}, timeout=REQUEST_TIMEOUT
-                )
-            finally:
-                conn.close("countersign done")
-        except (PeerError, TimeoutError) as exc:
-            raise Refusal("TRUST_FAILED", new.short, f"the claiming node did not answer: {exc}") from None
-        if reply.type != "ok":
-            raise Refusal("TRUST_FAILED", new.short, f"the claiming node refused to countersign: {body_map(reply.body).get('message', '')}")
-        signed = Entry.from_dict(body_map(reply.body).get("entry"))
-        if signed.to_dict() | {"countersig": None, "oldsig": None} != entry.to_dict() | {"countersig": None, "oldsig": None}:
-            raise RemoteProtocolError("key.countersign", "the countersigned entry is not the one proposed")
-        label = sub.state().members.get(old, "")
-        self.merge(sub, [signed])
-        if not sub.state().is_member(new):
-            raise Refusal("TRUST_FAILED", new.short, "the rekey entry did not take effect")
-        self.drop_key_change(sub, old)
-        log.info("key change accepted", extra={"subnet": sub.name, "old": old.short, "new": new.display(label)})
-        await self.push_entries(sub, [signed])
-        return new.display(label)
-
-    async def _handle_key_countersign(self, conn: Connection, frame: Frame) -> tuple[str, Any]:
-        """The claimant's side of `trust accept`: countersign a rekey only for the claim it made."""
-        body = body_map(frame.body)
-        sub = self._held(body.get("subnet"))
-        claimed = self.daemon.store.get_meta(f"key_claim:{sub.id.hex()}") if sub is not None else None
-        if sub is None or claimed is None:
-            return "error", {"code": "no-claim", "message": "this node made no key-change claim for that subnet"}
-        entry = Entry.from_dict(body.get("entry"), proposal=True)
-        me = self.daemon.key.node_id
-        ok = (
-            entry.type == REKEY
-            and entry.author == conn.peer
-            and entry.key("new") == me
-            and entry.key("old") == NodeId.from_hex(json.loads(claimed)["old"])
-            and entry.countersig is None
-            and entry.author.verify(entry.sig, entry.signed_bytes())
-            and sub.state().is_member(entry.author)
-        )
-        if not ok:
-            return "error", {"code": "not-my-claim", "message": "that rekey is not the change this node claimed"}
-        signed = countersign_rekey(entry, self.daemon.key)
-        old_key = self._old_key(entry.key("old"))
-        if old_key is not None:
-            signed = sign_rekey_as_old(signed, old_key)
-        self.merge(sub, [signed])
-        log.info("rekey countersigned", extra={"subnet": sub.name, "by": conn.peer.short})
-        return "ok", {"entry": signed.to_dict()}
 
     # -- prune, leave ---------------------------------------------------------------------------
 
@@ -1315,35 +1095,12 @@ def _candidate(host: str, port: int, source: str) -> Candidate:
     return Candidate(host, port, source=source)
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
-def _claim_bytes(body: Mapping[str, Any]) -> bytes:
-    """What a key-change claim's signatures cover: subnet id, old and new key."""
-    return KEY_CLAIM_DOMAIN + canonical_bytes({k: body[k] for k in ("subnet", "old", "new")})
 
 
-def _node(value: Any) -> NodeId:
-    try:
-        return NodeId.from_hex(str(value))
-    except (ValueError, IdentityError):
-        raise RemoteProtocolError("key", "a node key is 64 hex digits") from None
 
 
-def _sig(value: Any) -> bytes:
-    try:
-        raw = bytes.fromhex(value) if isinstance(value, str) else b""
-    except ValueError:
-        raw = b""
-    if len(raw) != 64:
-        raise RemoteProtocolError("sig", "a signature is 64 bytes as hex")
-    return raw
 
 
 def body_map(value: Any) -> dict[str, Any]:
@@ -1414,27 +1171,34 @@ def register_ops(daemon: Daemon, members: Members) -> None:
             for sub in sorted(daemon.subnets.held.values(), key=lambda s: s.canonical)
             for key, label in sorted(sub.state().members.items(), key=lambda kv: (kv[1].lower(), kv[0].hex))
         ]
-        return {"pins": pins, "pending": members.pending_key_changes()}
+        return {"pins": pins, "pending": members.claims.pending()}
 
     @daemon.op("node.trust.accept", elevated=True)
     async def trust_accept(call: Call) -> Any:
-        sub, old, new = members.resolve_key_change(str(call.args.get("node", "")), call.args.get("subnet"))
+        node, subnet = str(call.args.get("node", "")), call.args.get("subnet")
         if call.args.get("preview"):
+            sub, old, new = members.claims.resolve(node, subnet)
             label = sub.state().members.get(old, "")
             return {"subnet": sub.name, "old": old.display(label), "old_fingerprint": old.fingerprint,
-                    "new": new.display(label), "new_fingerprint": new.fingerprint}
-        return {"subnet": sub.name, "trusted": await members.accept_key_change(sub, old, new)}
+                    "new": new.display(label), "new_fingerprint": new.fingerprint, "new_key": new.hex}
+        # The accept names the exact new key the human compared: a claim that arrived since the
+        # preview (an outsider's, say) is never the one accepted.
+        new_key = call.args.get("new")
+        if not isinstance(new_key, str) or len(new_key) != 64:
+            raise UsageError("BAD_USAGE", node, "trust accept names the previewed new key (64 hex digits)")
+        sub, old, new = members.claims.resolve(node, subnet, new_key)
+        return {"subnet": sub.name, "trusted": await members.claims.accept(sub, old, new)}
 
     @daemon.op("node.trust.reject")
     async def trust_reject(call: Call) -> Any:
         node = str(call.args.get("node", ""))
-        sub, old, _new = members.resolve_key_change(node, call.args.get("subnet"))
-        members.drop_key_change(sub, old)
+        sub, old, new = members.claims.resolve(node, call.args.get("subnet"))
+        members.claims.drop(sub, old, new)
         return {"subnet": sub.name, "node": node}
 
     @daemon.op("node.rekey", elevated=True)
     async def rekey(call: Call) -> Any:
-        new = members.rekey()
+        new = members.claims.rekey()
         # Answer first, then restart under the new key (the service manager or autostart brings
         # the daemon back; `spt node rekey` restarts it itself when it may).
         asyncio.get_running_loop().call_later(0.2, daemon.request_stop)

@@ -173,6 +173,22 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     CREATE INDEX replicated_by_hlc ON replicated(kind, hlc, id);
     ALTER TABLE perches ADD COLUMN workdir TEXT;
     """,
+    # 7: issue 10: every key-change claim is kept (a claim never replaces another), with its source
+    """
+    CREATE TABLE key_changes_new (
+        subnet BLOB NOT NULL REFERENCES subnets(id) ON DELETE CASCADE,
+        old BLOB NOT NULL,
+        new BLOB NOT NULL,
+        since REAL NOT NULL,
+        old_signed INTEGER NOT NULL,
+        source TEXT NOT NULL DEFAULT '',
+        PRIMARY KEY (subnet, old, new)
+    );
+    INSERT INTO key_changes_new(subnet, old, new, since, old_signed)
+        SELECT subnet, old, new, since, old_signed FROM key_changes;
+    DROP TABLE key_changes;
+    ALTER TABLE key_changes_new RENAME TO key_changes;
+    """,
 )
 
 

@@ -104,6 +104,10 @@ DEFAULT_CONNECTION_WINDOW: Final = 4 * 1024 * 1024
 UNPROVED_PER_SOURCE: Final = 4
 """Incoming connections one source address may have open that proved no membership (join and
 relay connections, see `Connection.unproved`); the same number again of handshakes in progress."""
+MAX_UNPROVED: Final = 256
+"""Such connections from all sources together: members keep the rest of `max_connections`."""
+MAX_HANDSHAKING: Final = 256
+"""Incoming handshakes in progress from all sources together."""
 
 
 class AcceptPolicy(Protocol):
@@ -175,7 +179,9 @@ class Transport:
     `dial_alpns` are ALPNs this transport may dial without serving them (the relay's).
     `unproved_per_source` caps a source address's incoming join or relay connections, and
     separately its handshakes in progress: Initials beyond it are dropped, an established
-    connection beyond it is closed. Members, once proved, do not count.
+    connection beyond it is closed. Members, once proved, do not count. `max_unproved` and
+    `max_handshaking` cap the same two across all sources, well under `max_connections`, so
+    strangers on the join port can never take the connection slots members need.
     """
 
     def __init__(
@@ -196,6 +202,8 @@ class Transport:
         max_connections: int = 1024,
         dial_alpns: Sequence[str] = (ALPN_RELAY,),
         unproved_per_source: int = UNPROVED_PER_SOURCE,
+        max_unproved: int = MAX_UNPROVED,
+        max_handshaking: int = MAX_HANDSHAKING,
     ) -> None:
         self._key = key
         self._host = host
@@ -212,6 +220,8 @@ class Transport:
         self._handshake_timeout = handshake_timeout
         self._max_connections = max_connections
         self._unproved_per_source = unproved_per_source
+        self._max_unproved = max_unproved
+        self._max_handshaking = max_handshaking
         self._unproved: dict[str, set[Connection]] = {}  # established join/relay, by source host
         self._handshaking: dict[str, set[Connection]] = {}  # incoming, by source host
         self._certificate: x509.Certificate = make_certificate(key)
@@ -696,6 +706,9 @@ class Transport:
                 "connection limit reached; dropping a new handshake", extra={"addr": f"{addr[0]}:{addr[1]}"}
             )
             return
+        if sum(map(len, self._handshaking.values())) >= self._max_handshaking:
+            log.debug("handshakes in progress at their cap; dropping one", extra={"addr": addr[0]})
+            return
         handshaking = self._handshaking.setdefault(addr[0], set())
         if len(handshaking) >= self._unproved_per_source:
             log.debug("handshakes per source reached; dropping one", extra={"addr": addr[0]})
@@ -809,6 +822,9 @@ class Transport:
             unproved = self._unproved.setdefault(conn._remote_addr[0], set())
             if len(unproved) >= self._unproved_per_source:
                 conn.close("too many connections from this address", code=CloseCode.REFUSED)
+                return
+            if sum(map(len, self._unproved.values())) >= self._max_unproved:
+                conn.close("too many join and relay connections", code=CloseCode.REFUSED)
                 return
             unproved.add(conn)
         if conn in self._unpinned:  # connect_any: a join dial to a key we did not know

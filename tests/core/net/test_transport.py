@@ -465,3 +465,21 @@ async def test_one_source_keeps_only_a_few_unproved_connections(make):
     async with asyncio.timeout(5):
         conn = await b.connect(a.node_id, [a.sockname])
         assert (await conn.request("ping", 1)).body == 1
+
+
+async def test_join_connections_from_many_sources_cannot_take_the_slots_members_need(make):
+    """Strangers on the join port have their own budget across all sources (issue 10)."""
+    a = await make(max_unproved=3, unproved_per_source=8)
+    strangers = [await make() for _ in range(5)]
+    async with asyncio.timeout(15):
+        results = await asyncio.gather(
+            *(s.connect_any(a.sockname, alpn=ALPN_JOIN, timeout=1.0) for s in strangers), return_exceptions=True
+        )
+        await asyncio.sleep(0.2)  # a connection over the budget is closed as soon as it is established
+    held = [r for r in results if not isinstance(r, BaseException) and r.is_open]
+    assert len(held) == 3
+    b = await make(members=[a.node_id])
+    a._accept.keys.add(b.node_id)
+    async with asyncio.timeout(5):
+        conn = await b.connect(a.node_id, [a.sockname])
+        assert (await conn.request("ping", 1)).body == 1

@@ -1,0 +1,294 @@
+"""The membership log against a hostile stranger and a pruned member, over real daemons on
+loopback (issue 10; docs/design/membership-validity.md). Each test plays the attacker with its own
+QUIC endpoint and keys."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+
+import pytest
+from test_subnets import _dial_member, all_online, create, db_rows, eventually, joined, members
+
+from spt.core.identity import NodeId, NodeKey
+from spt.core.net.connections import RequestError
+from spt.core.net.transport import ALPN_JOIN, AllowKeys, Transport
+from spt.core.proto.hlc import Hlc
+from spt.core.proto.membership import (
+    Entry,
+    MembershipLog,
+    countersign_join,
+    make_label,
+    make_prune,
+    propose_join,
+)
+from spt.core.store import load_or_create_key
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(os.geteuid() != 0, reason="spt subnet create/join need an elevated caller"),
+]
+
+
+@pytest.fixture
+def trio(spt_nodes):
+    """alpha created `home`; beta joined via alpha, gamma via beta; everyone sees everyone online."""
+    a = spt_nodes("a", label="alpha")
+    b = spt_nodes("b", label="beta")
+    c = spt_nodes("c", label="gamma")
+    created = create(a)
+    joined(b, a)
+    joined(c, b)
+    for node in (a, b, c):
+        eventually(lambda node=node: all_online(node, {"alpha", "beta", "gamma"}), f"{node.name} to see all three")
+    return a, b, c, created
+
+
+def stored_log(node) -> MembershipLog:
+    """The node's log as its store holds it (read-only)."""
+    con = sqlite3.connect(f"file:{node.home / 'spt.db'}?mode=ro", uri=True, timeout=5)
+    try:
+        (sid,) = con.execute("SELECT id FROM subnets").fetchone()
+        rows = con.execute("SELECT data FROM log_entries WHERE subnet=?", (sid,)).fetchall()
+    finally:
+        con.close()
+    return MembershipLog.from_entries(bytes(sid), [Entry.from_bytes(r[0]) for r in rows])
+
+
+async def offer(key: NodeKey, target, entries: list[Entry], subnet_id: bytes) -> str:
+    """Offer entries on the join ALPN from a fresh socket; the answer's type or the error code."""
+    host, port = target.address.rsplit(":", 1)
+    transport = Transport(key, host="127.0.0.1", port=0, accept=AllowKeys())
+    await transport.start()
+    try:
+        conn = await transport.connect(NodeId.from_hex(target.key), [(host, int(port))], alpn=ALPN_JOIN, timeout=5)
+        try:
+            reply = await conn.request("log.offer", {"subnet": subnet_id.hex(), "entries": [e.to_dict() for e in entries]}, timeout=10)
+        except RequestError as exc:
+            return f"error {exc.code}"
+        return reply.type
+    finally:
+        await transport.close()
+
+
+def truthful(node) -> None:
+    """doctor and daemon status still answer during the attack."""
+    doctor = node.cli("doctor")
+    assert doctor.returncode in (0, 1) and "OK" in doctor.stdout, doctor.stderr
+    status = node.cli("daemon", "status")
+    assert status.returncode == 0 and node.key[:8] in status.stdout, status.stderr
+
+
+def test_junk_heads_then_prune_reaches_every_member(trio, spt_nodes):
+    a, b, c, _ = trio
+    log = stored_log(a)
+    known = log.heads()  # the attacker holds one entry hash: that is enough to try
+    stored_before = db_rows(a, "SELECT count(*) FROM log_entries")
+    # 64 entries signed by throw-away keys on the known hash, and a join admitting the attacker
+    # that names all of them as parents: the offer is shaped as the protocol wants it
+    junk = []
+    for i in range(64):
+        k = NodeKey.generate()
+        junk.append(make_label(k, parents=known, label=f"junk{i}", hlc=Hlc(k.node_id).now(10**13)))
+    mallory, admitter = NodeKey.generate(), NodeKey.generate()
+    fake = countersign_join(
+        propose_join(admitter, parents=[j.hash for j in junk], joiner=mallory.node_id, label="mallory", epoch=0,
+                     hlc=Hlc(admitter.node_id).now(10**13)),
+        mallory,
+    )
+    for target in (a, b):
+        assert asyncio.run(offer(mallory, target, [*junk, fake], log.subnet_id)) == "ok"
+        # a bare batch of junk (no join of the offerer's own) is refused outright
+        assert asyncio.run(offer(mallory, target, junk[:3], log.subnet_id)).startswith("error")
+    # nothing was stored, so nothing is relayed or built on
+    assert db_rows(a, "SELECT count(*) FROM log_entries") == stored_before
+    truthful(a)
+
+    # a later prune and seed rotation reach every member; joins still work
+    pruned = a.cli("subnet", "prune", "gamma", "--yes")
+    assert pruned.returncode == 0, pruned.stderr
+    eventually(lambda: set(members(b)) == {"alpha", "beta"}, "beta to drop gamma")
+    eventually(lambda: "pruned" in c.cli("subnet", "status").stdout, "gamma to learn it was pruned")
+    assert stored_log(b).state().epoch == 1 == stored_log(a).state().epoch
+    # gamma gets no seed: members refuse its key at the handshake, so seed.fetch cannot even be asked
+    for n in (a, b):
+        refusal = asyncio.run(_dial_member(c, n))
+        assert "pruned" in refusal and "accepted" not in refusal, refusal
+    d = spt_nodes("d", label="delta")
+    joined(d, b)
+    eventually(lambda: set(members(a)) == {"alpha", "beta", "delta"}, "alpha to see delta")
+    truthful(b)
+
+
+def test_counter_prune_by_a_pruned_creator_has_no_effect(trio):
+    a, b, c, _ = trio
+    before = stored_log(a)
+    heads = before.valid_heads()  # the creator keeps its pre-prune view
+    creator, _ = load_or_create_key(a.home / "node.key")
+    pruned = b.cli("subnet", "prune", "alpha", "--yes")
+    assert pruned.returncode == 0, pruned.stderr
+    for n in (b, c):
+        eventually(lambda n=n: set(members(n)) == {"beta", "gamma"}, f"{n.name} to drop alpha")
+    a.stop()
+
+    # back-dated prunes of everyone, carried by a join the creator signs for a fresh key
+    clock = Hlc(creator.node_id)
+    counter = [make_prune(creator, parents=heads, target=NodeId.from_hex(n.key), hlc=clock.now(1)) for n in (b, c)]
+    sock = NodeKey.generate()
+    carrier = countersign_join(
+        propose_join(creator, parents=[p.hash for p in counter], joiner=sock.node_id, label="x", epoch=0, hlc=clock.now(2)),
+        sock,
+    )
+    for target in (b, c):
+        assert asyncio.run(offer(sock, target, [*counter, carrier], before.subnet_id)) == "ok"
+    # and over the member ALPN with the creator's own key: refused at the handshake
+    for target in (b, c):
+        refusal = asyncio.run(_dial_member(a, target))
+        assert "pruned" in refusal and "accepted" not in refusal, refusal
+
+    # no effect anywhere: both keep each other, the creator stays pruned, epoch 1 stands
+    for n in (b, c):
+        log = stored_log(n)
+        assert all(p.hash not in log for p in counter) and carrier.hash not in log
+        s = log.state()
+        assert {m.hex for m in s.members} == {b.key, c.key} and s.standing(creator.node_id) == "pruned"
+        assert s.epoch == 1
+        assert set(members(n)) == {"beta", "gamma"}
+        # surfaced for a human, once, never silently picked
+        doc = n.json("subnet", "status")["subnets"][0]
+        assert {(x["author"], x["target"]) for x in doc["conflicts"]} == {(a.key, b.key), (a.key, c.key)}
+        assert "prune-conflict" in n.cli("subnet", "status").stdout
+        assert db_rows(n, "SELECT count(*) FROM notifications WHERE kind='prune-conflict'")[0][0] >= 1
+        truthful(n)
+
+
+# -- key-change claims ---------------------------------------------------------------------------
+
+
+async def claim(key: NodeKey, target, subnet_id: bytes, old: str, repeat: int = 1) -> list[str]:
+    """Claim, as `key`, that `old` is now `key` (on the join ALPN); the answers."""
+    from spt.core.key_claims import claim_bytes
+
+    host, port = target.address.rsplit(":", 1)
+    body = {"subnet": subnet_id.hex(), "old": old, "new": key.node_id.hex}
+    body["sig"] = key.sign(claim_bytes(body)).hex()
+    transport = Transport(key, host="127.0.0.1", port=0, accept=AllowKeys())
+    await transport.start()
+    answers = []
+    try:
+        conn = await transport.connect(NodeId.from_hex(target.key), [(host, int(port))], alpn=ALPN_JOIN, timeout=5)
+        for _ in range(repeat):
+            try:
+                answers.append((await conn.request("key.claim", body, timeout=10)).type)
+            except RequestError as exc:
+                answers.append(f"error {exc.code}")
+    except Exception as exc:  # refused at the transport (per-address caps): a claim that did not land
+        answers.append(f"unreached {type(exc).__name__}")
+    finally:
+        await transport.close()
+    return answers
+
+
+def daemon_op(node, op: str, args: dict):
+    """Call a control operation directly (what the CLI does in two steps for trust accept)."""
+    import json
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys\n"
+        "from spt.cli._state import daemon_call\n"
+        "from spt.core.errors import SptError\n"
+        "try:\n"
+        f"    print(json.dumps(daemon_call({op!r}, json.loads(sys.argv[1]), timeout=60)))\n"
+        "except SptError as exc:\n"
+        "    print(exc.status_line(), file=sys.stderr); sys.exit(1)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(args)], env=node.env, capture_output=True, text=True, timeout=90)
+    return done.returncode, (json.loads(done.stdout) if done.returncode == 0 else done.stderr)
+
+
+def test_an_outsiders_claim_during_trust_accept_is_never_the_one_accepted(trio):
+    a, b, c, _ = trio
+    subnet_id = stored_log(a).subnet_id
+    old = c.key
+    c.stop()
+    (c.home / "node.key").unlink()
+    c.start()
+    real_new = c.key
+    eventually(lambda: a.json("node", "trust", "list")["pending"], "alpha to record gamma's claim")
+
+    # the human previews gamma's claim and compares the fingerprint...
+    code, preview = daemon_op(a, "node.trust.accept", {"node": "gamma", "subnet": None, "preview": True})
+    assert code == 0 and preview["new_key"] == real_new
+    # ...while an outsider claims gamma's old key with its own
+    mallory = NodeKey.generate()
+    assert asyncio.run(claim(mallory, a, subnet_id, old)) == ["ok"]
+    pending = a.json("node", "trust", "list")["pending"]
+    assert {p["new"] for p in pending} == {real_new, mallory.node_id.hex}  # kept side by side, both shown
+    human = a.cli("node", "trust", "list", check=True).stdout
+    assert real_new[:8] in human and mallory.node_id.hex[:8] in human
+
+    # an accept must name the key it previewed; by label alone it is now ambiguous: refused
+    assert daemon_op(a, "node.trust.accept", {"node": "gamma", "subnet": None})[0] == 1
+    ambiguous = a.cli("node", "trust", "accept", "gamma", "--yes")
+    assert ambiguous.returncode == 1 and ambiguous.stderr.startswith("AMBIGUOUS_NODE:gamma"), ambiguous.stderr
+    # the human's previewed key: refused if that claim is gone by now, accepted while it stands
+    daemon_op(a, "node.trust.reject", {"node": real_new[:12], "subnet": None})
+    code, refused = daemon_op(a, "node.trust.accept", {"node": "gamma", "subnet": None, "new": real_new})
+    assert code == 1 and refused.startswith("CLAIM_CHANGED:gamma"), refused
+    assert all(m["key"] != mallory.node_id.hex for m in members(a).values())
+    c.stop()
+    c.start()  # gamma claims again
+    eventually(lambda: len(a.json("node", "trust", "list")["pending"]) == 2, "gamma's claim again")
+    code, done = daemon_op(a, "node.trust.accept", {"node": "gamma", "subnet": None, "new": real_new})
+    assert code == 0 and done["trusted"].startswith("gamma"), done
+    for n in (a, b):
+        eventually(lambda n=n: members(n).get("gamma", {}).get("key") == real_new, f"{n.name} to pin gamma's new key")
+    assert all(m["key"] != mallory.node_id.hex for m in members(a).values())
+    # mallory never gets member traffic
+    refusal = asyncio.run(_dial_member_with(mallory, a))
+    assert "accepted" not in refusal, refusal
+    assert a.json("node", "trust", "list")["pending"] == []  # the old key is gone: its claims are moot
+
+
+async def _dial_member_with(key: NodeKey, target) -> str:
+    from spt.core.net.transport import HandshakeRefusedError
+
+    host, port = target.address.rsplit(":", 1)
+    transport = Transport(key, host="127.0.0.1", port=0, accept=AllowKeys())
+    await transport.start()
+    try:
+        conn = await transport.connect(NodeId.from_hex(target.key), [(host, int(port))], timeout=5)
+    except HandshakeRefusedError as exc:
+        return str(exc)
+    else:
+        return "accepted: " + await asyncio.wait_for(conn.wait_closed(), 5)
+    finally:
+        await transport.close()
+
+
+def test_a_claim_flood_makes_one_notification_and_bounded_rows(trio):
+    a, _, c, _ = trio
+    subnet_id = stored_log(a).subnet_id
+    target_old = c.key
+    addr_rows = db_rows(a, "SELECT count(*) FROM peer_addrs")[0][0]
+
+    async def flood() -> list[str]:
+        answers = await claim(NodeKey.generate(), a, subnet_id, target_old, repeat=50)  # one key, again and again
+        for _ in range(150):  # then fresh keys, one connection each
+            answers += await claim(NodeKey.generate(), a, subnet_id, target_old)
+        return answers
+
+    answers = asyncio.run(flood())
+    assert len(answers) == 200 and answers[0] == "ok"
+    assert any(x == "error too-many" for x in answers)
+    assert db_rows(a, "SELECT count(*) FROM notifications WHERE kind='key-change'") == [(1,)]
+    rows = db_rows(a, "SELECT count(*) FROM key_changes")[0][0]
+    assert 1 <= rows <= 4
+    assert db_rows(a, "SELECT count(*) FROM peer_addrs")[0][0] <= addr_rows + 4
+    assert len(a.json("node", "trust", "list")["pending"]) == rows
+    # the daemon still answers and reports the pending claims truthfully
+    truthful(a)
+    assert "key" in a.cli("doctor").stdout.lower()
