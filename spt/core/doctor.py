@@ -89,6 +89,10 @@ def checks(daemon: Daemon, cli_version: str | None) -> list[dict[str, str]]:
             add("WARN", f"joins {sub.name}", f"locked until {joins['locked_until']}; `spt subnet unlock {sub.name}`")
         elif joins["failed_last_hour"]:
             add("WARN", f"joins {sub.name}", f"{joins['failed_last_hour']} failed attempts in the last hour")
+        conflicts = daemon.members.conflicts_of(sub)
+        if conflicts:
+            add("WARN", f"prunes {sub.name}", f"{len(conflicts)} prune conflicts: histories disagree on who was removed "
+                "first; see the prune-conflict notifications and prune from a member you trust")
         if sub.seed is None or sub.epoch != sub.state().epoch:
             add("WARN", f"seed {sub.name}", "this node lacks the current joining secret; it cannot answer joins yet")
         for key, label in sorted(sub.state().members.items(), key=lambda kv: kv[1]):

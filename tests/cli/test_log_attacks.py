@@ -97,10 +97,17 @@ def test_junk_heads_then_prune_reaches_every_member(trio, spt_nodes):
                      hlc=Hlc(admitter.node_id).now(10**13)),
         mallory,
     )
+    small = countersign_join(
+        propose_join(admitter, parents=[j.hash for j in junk[:40]], joiner=mallory.node_id, label="mallory", epoch=0,
+                     hlc=Hlc(admitter.node_id).now(10**13)),
+        mallory,
+    )
     for target in (a, b):
-        assert asyncio.run(offer(mallory, target, [*junk, fake], log.subnet_id)) == "ok"
-        # a bare batch of junk (no join of the offerer's own) is refused outright
+        # more than an offer may carry, or junk without the offerer's own join: refused outright
+        assert asyncio.run(offer(mallory, target, [*junk, fake], log.subnet_id)).startswith("error")
         assert asyncio.run(offer(mallory, target, junk[:3], log.subnet_id)).startswith("error")
+        # shaped as the protocol wants it: answered like any offer, and nothing of it is kept
+        assert asyncio.run(offer(mallory, target, [*junk[:40], small], log.subnet_id)) == "ok"
     # nothing was stored, so nothing is relayed or built on
     assert db_rows(a, "SELECT count(*) FROM log_entries") == stored_before
     truthful(a)
@@ -126,6 +133,7 @@ def test_counter_prune_by_a_pruned_creator_has_no_effect(trio):
     before = stored_log(a)
     heads = before.valid_heads()  # the creator keeps its pre-prune view
     creator, _ = load_or_create_key(a.home / "node.key")
+    a_key = a.key
     pruned = b.cli("subnet", "prune", "alpha", "--yes")
     assert pruned.returncode == 0, pruned.stderr
     for n in (b, c):
@@ -157,8 +165,9 @@ def test_counter_prune_by_a_pruned_creator_has_no_effect(trio):
         assert set(members(n)) == {"beta", "gamma"}
         # surfaced for a human, once, never silently picked
         doc = n.json("subnet", "status")["subnets"][0]
-        assert {(x["author"], x["target"]) for x in doc["conflicts"]} == {(a.key, b.key), (a.key, c.key)}
+        assert {(x["author"], x["target"]) for x in doc["conflicts"]} == {(a_key, b.key), (a_key, c.key)}
         assert "prune-conflict" in n.cli("subnet", "status").stdout
+        assert "prune conflicts" in n.cli("doctor").stdout
         assert db_rows(n, "SELECT count(*) FROM notifications WHERE kind='prune-conflict'")[0][0] >= 1
         truthful(n)
 
@@ -166,14 +175,14 @@ def test_counter_prune_by_a_pruned_creator_has_no_effect(trio):
 # -- key-change claims ---------------------------------------------------------------------------
 
 
-async def claim(key: NodeKey, target, subnet_id: bytes, old: str, repeat: int = 1) -> list[str]:
-    """Claim, as `key`, that `old` is now `key` (on the join ALPN); the answers."""
+async def claim(key: NodeKey, target, subnet_id: bytes, old: str, repeat: int = 1, source: str = "127.0.0.1") -> list[str]:
+    """Claim, as `key`, that `old` is now `key` (on the join ALPN, from `source`); the answers."""
     from spt.core.key_claims import claim_bytes
 
     host, port = target.address.rsplit(":", 1)
     body = {"subnet": subnet_id.hex(), "old": old, "new": key.node_id.hex}
     body["sig"] = key.sign(claim_bytes(body)).hex()
-    transport = Transport(key, host="127.0.0.1", port=0, accept=AllowKeys())
+    transport = Transport(key, host=source, port=0, accept=AllowKeys())
     await transport.start()
     answers = []
     try:
@@ -276,9 +285,12 @@ def test_a_claim_flood_makes_one_notification_and_bounded_rows(trio):
     addr_rows = db_rows(a, "SELECT count(*) FROM peer_addrs")[0][0]
 
     async def flood() -> list[str]:
-        answers = await claim(NodeKey.generate(), a, subnet_id, target_old, repeat=50)  # one key, again and again
-        for _ in range(150):  # then fresh keys, one connection each
-            answers += await claim(NodeKey.generate(), a, subnet_id, target_old)
+        answers = await claim(NodeKey.generate(), a, subnet_id, target_old, repeat=100)  # one key, again and again
+        sources = [f"127.0.0.{i}" for i in range(2, 12)]
+        for _ in range(5):  # then fresh keys, one connection each, 20 at a time from 10 addresses
+            batch = [claim(NodeKey.generate(), a, subnet_id, target_old, source=src) for src in sources for _ in range(2)]
+            for got in await asyncio.gather(*batch):
+                answers += got
         return answers
 
     answers = asyncio.run(flood())
@@ -291,4 +303,27 @@ def test_a_claim_flood_makes_one_notification_and_bounded_rows(trio):
     assert len(a.json("node", "trust", "list")["pending"]) == rows
     # the daemon still answers and reports the pending claims truthfully
     truthful(a)
-    assert "key" in a.cli("doctor").stdout.lower()
+    assert f"WARN key-changes: {rows} pending" in a.cli("doctor").stdout
+
+
+# -- failed joins ----------------------------------------------------------------------------------
+
+
+def test_failed_join_records_reach_a_member_that_joins_later(spt_nodes):
+    from test_subnets import fresh_code, join, sub_doc, wrong
+
+    a = spt_nodes("a", label="alpha")
+    x = spt_nodes("x", label="guesser")
+    create(a)
+    for _ in range(2):
+        bad = join(x, a, code=wrong(fresh_code(a)))
+        assert bad.stderr.startswith("JOIN_REJECTED:home"), bad.stderr
+        # stored before the refusal went out: counted the moment the guesser hears it
+    assert db_rows(a, "SELECT count(*) FROM join_records WHERE kind='failure'") == [(2,)]
+    assert sub_doc(a)["joins"]["failed_last_hour"] == 2
+    b = spt_nodes("b", label="beta")
+    joined(b, a)
+    # beta was not a member when the guesses were made; it counts them from its first sync on
+    eventually(lambda: sub_doc(b)["joins"]["failed_last_hour"] == 2, "beta to count the earlier failures")
+    assert "joins-failed-1h=2" in b.cli("subnet", "status", check=True).stdout
+    truthful(b)
