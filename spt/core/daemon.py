@@ -234,6 +234,15 @@ class Daemon:
 
     async def _daemon_status(self, call: Call) -> Any:
         warnings = [f"plugin {r.name} failed: {r.reason}" for r in self.plugins.records if r.status == "failed"]
+        for sub in self.subnets.held.values():  # what an attack on the join port or the log leaves
+            joins = self.join_state(sub)
+            if joins["state"] == "locked":
+                warnings.append(f"joins to {sub.name} locked until {joins['locked_until']}")
+            if self.members.conflicts_of(sub):
+                warnings.append(f"prune conflicts in {sub.name}; see spt doctor")
+        pending = len(self.members.claims.pending())
+        if pending:
+            warnings.append(f"{pending} key-change claims pending; see spt node trust list")
         return {
             "version": __version__,
             "uptime_s": round(time.time() - self.started_at, 1),

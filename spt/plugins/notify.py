@@ -43,7 +43,7 @@ KIND: Final = "notif"
 LOCAL_PART: Final = "local"  # notifications of a node in no subnet: never shared
 KINDS: Final = frozenset({
     "user", "join-lockout", "join-failed", "key-change", "update-consent", "member-pruned",
-    "member-left", "dropped-messages", "commune-rejected", "spool-full",
+    "member-left", "dropped-messages", "commune-rejected", "spool-full", "prune-conflict",
 })
 KEEP_AFTER_ACK_MS: Final = 30 * 24 * 3600 * 1000
 BANNER_EVERY: Final = 600.0

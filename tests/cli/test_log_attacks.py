@@ -304,6 +304,7 @@ def test_a_claim_flood_makes_one_notification_and_bounded_rows(trio):
     # the daemon still answers and reports the pending claims truthfully
     truthful(a)
     assert f"WARN key-changes: {rows} pending" in a.cli("doctor").stdout
+    assert f"{rows} key-change claims pending" in a.cli("daemon", "status").stdout
 
 
 # -- failed joins ----------------------------------------------------------------------------------
