@@ -174,7 +174,7 @@ def removed_entries_have_no_effect(log: MembershipLog) -> None:
             assert readmitted, f"{e} by a removed key counts"
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=40, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(data=st.data())
 def test_replicas_agree_and_removed_keys_have_no_effect(data):
     world = World()
