@@ -772,16 +772,17 @@ class Lab:
 
     def capture(self, host: str, bpf_filter: str = "", *, iface: str = "any",
                 max_seconds: float = 60.0, max_packets: int | None = None,
-                start_timeout: float = 10.0) -> Capture:
+                start_timeout: float = 10.0, snaplen: int = 0) -> Capture:
         """Start tcpdump in `host` and wait until it listens; use as ``with lab.capture(...) as c``.
 
         The capture stops itself after `max_seconds` (or `max_packets`); `stop()` ends it and
         returns the pcap bytes, also saved at `capture.path` (in the lab's workdir, removed at
-        close(); `save()` elsewhere to keep it).
+        close(); `save()` elsewhere to keep it). A small `snaplen` (headers only) lets a capture
+        of bulk traffic keep up: lengths are read from the IP headers.
         """
         self._check_open()
         cap = Capture(self, host, bpf_filter, iface=iface, max_seconds=max_seconds,
-                      max_packets=max_packets, start_timeout=start_timeout)
+                      max_packets=max_packets, start_timeout=start_timeout, snaplen=snaplen)
         self._captures.append(cap)
         cap.start()
         return cap
@@ -1049,8 +1050,9 @@ class Capture:
     MAX_BYTES = 256 * 1024 * 1024
 
     def __init__(self, lab: Lab, host: str, bpf_filter: str, *, iface: str, max_seconds: float,
-                 max_packets: int | None, start_timeout: float) -> None:
+                 max_packets: int | None, start_timeout: float, snaplen: int = 0) -> None:
         self.lab = lab
+        self.snaplen = snaplen  # 0: whole packets; a few hundred bytes keeps headers and counts up
         self.host = host
         self.bpf_filter = bpf_filter
         self.iface = iface
@@ -1068,7 +1070,7 @@ class Capture:
     def start(self) -> None:
         tcpdump = _require("tcpdump", "tcpdump")
         argv = [self.lab._ip, "netns", "exec", self.lab.ns(self.host), tcpdump, "-i", self.iface,
-                "-n", "-U", "--immediate-mode", "-s", "0", "-w", "-"]
+                "-n", "-U", "--immediate-mode", "-s", str(self.snaplen), "-w", "-"]
         if self.max_packets is not None:
             argv += ["-c", str(self.max_packets)]
         if self.bpf_filter:
