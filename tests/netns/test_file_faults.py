@@ -99,3 +99,38 @@ def test_a_transfer_resumes_after_a_fault_resending_under_60_percent(netns_lab, 
         assert hashlib.sha256(landed.read_bytes()).digest() == hashlib.sha256(src.read_bytes()).digest()
     finally:
         nodes.close()
+
+
+def test_a_file_over_a_relayed_path_shows_the_relay_no_plaintext(netns_lab, tmp_path):
+    """SPEC §9.11: a capture on the relay host during a relayed file transfer never contains a
+    known plaintext marker (a symmetric NAT on one side keeps the pair relayed)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_reach import ReachLab, wait_settled
+
+    rl = ReachLab(netns_lab(), "eim", "symmetric")
+    try:
+        rl.start_relay()
+        a, b, _ = rl.pair("home")
+        assert wait_settled(a)["kind"].startswith("relayed")
+        b.cli("ready", "bob", "--once", "--timeout", "0.1")
+        wait_for(lambda: any(e["id"] == "bob" for s in a.json("endpoint", "list")["subnets"] for e in s["endpoints"]),
+                 20, "bob's row")
+        marker = b"SPT-FILE-PLAINTEXT-MARKER-5e1d"
+        src = tmp_path / "marked.bin"
+        src.write_bytes((marker + os.urandom(200)) * 4000)  # ~0.9 MiB, the marker everywhere
+        with rl.lab.capture(rl.topo.relay, "tcp or udp", max_seconds=120) as cap:
+            sent = a.cli("file", "send", str(src), "bob", "--wait", timeout=120)
+            assert sent.returncode == 0 and sent.stdout.startswith("FILE_SENT:"), sent.stdout + sent.stderr
+            cap.wait_frames(10, timeout=2.0)
+        data = cap.data
+        _, frames = pcap_frames(data)
+        assert sum(len(f) for f in frames) > src.stat().st_size, "the file did not cross the relay host"
+        assert marker not in data and marker[:12] not in data
+        tid = sent.stdout.strip().split(":", 1)[1]
+        landed = b.home / "endpoints" / "bob" / "inbox" / tid / "marked.bin"
+        assert landed.read_bytes() == src.read_bytes()
+    finally:
+        rl.close()
