@@ -48,3 +48,18 @@ def test_a_join_finds_the_member_by_rendezvous_at_the_relay(spt_nodes, relay_url
     wait_for(lambda: b.json("relay", "list")["relays"][0]["reachable"])
     joined = b.cli("subnet", "join", "home", "--code", code, "--timeout", "15")  # no --peer, no mDNS
     assert joined.stdout == "JOINED:home\n", joined.stderr
+
+
+def test_a_join_that_reaches_the_member_by_two_paths_at_once_completes(spt_nodes, relay_url):
+    # --peer (direct) and the relay's rendezvous (relayed) both find alpha: two join hellos to one
+    # member at once, which once waited on each other until a 15-s stream timeout
+    config = DEFAULT_CONFIG + f"\n[relay]\nurls = {json.dumps([relay_url])}\n"
+    a = spt_nodes("a", config=config, label="alpha")
+    b = spt_nodes("b", config=config, label="beta")
+    a.cli("subnet", "create", "home", check=True)
+    wait_for(lambda: all(n.json("relay", "list")["relays"][0]["reachable"] for n in (a, b)))
+    started = time.monotonic()
+    joined = b.cli("subnet", "join", "home", "--code", fresh_code(a, "home", margin=6), "--peer", a.address,
+                   "--timeout", "20")
+    assert joined.stdout == "JOINED:home\n", joined.stderr
+    assert time.monotonic() - started < 10
