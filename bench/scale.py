@@ -97,10 +97,8 @@ def main() -> None:
     if not ok:
         print(f"bench/scale.py: skipped: {why} (run it as root with iproute2 and iptables installed)")
         return
-    from test_reach import LabNode
-
     from spt.core.ipc import call, connect
-    from spt.testing.nodes import fresh_code
+    from spt.testing.nodes import LabNode, fresh_code
 
     n = max(2, args.nodes)
     root = Path(tempfile.mkdtemp(prefix="spt-scale-"))

@@ -220,6 +220,11 @@ class LabNode(Node):
         doc = self.json("subnet", "status", "--nodes")
         return [m for s in doc["subnets"] for m in s.get("members", []) if not m["self"]]
 
+    def path(self) -> dict[str, Any] | None:
+        """The path to the one other member (None before the join has settled)."""
+        others = self.members()
+        return others[0]["path"] if len(others) == 1 else None
+
 
 def _config_port(home: Path) -> int:
     import tomllib

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from spt.testing.netns import Lab, pcap_frames, udp_datagrams
-from spt.testing.nodes import Node, fresh_code
+from spt.testing.nodes import LabNode, fresh_code
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
@@ -43,40 +43,6 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
             return last
         time.sleep(0.1)
     raise AssertionError(f"timed out after {timeout:g} s waiting for {what} (last: {last!r})")
-
-
-class LabNode(Node):
-    """A node whose daemon runs inside a lab host's namespace."""
-
-    def __init__(self, lab: Lab, host: str, name: str, home: Path, env: dict[str, str]) -> None:
-        super().__init__(name, home, env)
-        self.lab = lab
-        self.host = host
-
-    def start(self, timeout: float = 15.0) -> None:
-        with open(self.home / "daemon.log", "ab") as log:
-            self.proc = self.lab.popen(
-                self.host, [sys.executable, "-m", "spt", "daemon", "run"], env=self.env,
-                stdout=log, stderr=log, stdin=subprocess.DEVNULL,
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            # "daemon started" is logged once discovery (mDNS registration) is up as well
-            if "daemon started" in self.log() and self.cli("daemon", "status").returncode == 0:
-                return
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise AssertionError(f"node {self.name} did not start in {self.host}:\n{self.log()}")
-
-    def members(self) -> list[dict[str, Any]]:
-        doc = self.json("subnet", "status", "--nodes")
-        return [m for s in doc["subnets"] for m in s.get("members", []) if not m["self"]]
-
-    def path(self) -> dict[str, Any] | None:
-        """The path to the one other member (None before the join has settled)."""
-        others = self.members()
-        return others[0]["path"] if len(others) == 1 else None
 
 
 class ReachLab:
