@@ -3,6 +3,7 @@ through the unit's own command bringing the node back with its subnets, and `dae
 
 import configparser
 import os
+import select
 import shlex
 import subprocess
 import sys
@@ -116,12 +117,19 @@ def test_daemon_logs_shows_the_log_and_debug_raises_the_level_live(spt_nodes):
     tail = node.cli("daemon", "logs", "-n", "3")
     assert tail.returncode == 0 and len(tail.stdout.splitlines()) == 3
     assert tail.stdout.splitlines() == node.log().splitlines()[-3:]
-    follow = node.popen("daemon", "logs", "-f", "-n", "0")
+    follow = node.popen("daemon", "logs", "-f", "-n", "1")
     try:
+        # the follower shows the log's last line first: from then on it is following, so the
+        # level change below cannot slip in before it started (reads are bounded in time)
+        assert read_line(follow, 10.0), "the follower printed nothing"
         raised = node.cli("daemon", "logs", "--debug", "-n", "0")
         assert raised.returncode == 0 and raised.stderr == "LOG_LEVEL:DEBUG\n"
-        line = follow.stdout.readline()
-        assert " INFO spt.core.daemon: log level changed level=DEBUG" in line
+        changed = " INFO spt.core.daemon: log level changed level=DEBUG"
+        seen: list[str] = []
+        deadline = time.monotonic() + 10
+        while not any(changed in line for line in seen) and time.monotonic() < deadline:
+            seen.append(read_line(follow, max(0.0, deadline - time.monotonic())))
+        assert any(changed in line for line in seen), seen
         node.cli("endpoint", "list")  # the daemon now logs control requests at DEBUG
         deadline = time.monotonic() + 10
         while " DEBUG " not in node.log() and time.monotonic() < deadline:
@@ -131,3 +139,9 @@ def test_daemon_logs_shows_the_log_and_debug_raises_the_level_live(spt_nodes):
         follow.terminate()
         follow.wait(10)
     assert node.cli("daemon", "logs", "--level", "info", "-n", "0").stderr == "LOG_LEVEL:INFO\n"
+
+
+def read_line(proc, timeout: float) -> str:
+    """One line of `proc`'s stdout, or "" when none comes within `timeout` seconds."""
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    return proc.stdout.readline() if ready else ""
