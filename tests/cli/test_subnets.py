@@ -208,7 +208,9 @@ lockout_seconds = {seconds}
 
 
 def test_lockout_refuses_the_right_code_until_the_window_passes(spt_nodes):
-    a = spt_nodes("a", label="alpha", config=LOCKOUT_CONFIG.format(seconds=3))
+    # 10 s: long enough that the locked attempt (whose fresh code may wait up to ~3 s for the
+    # next 30-s step) always falls inside the window, even on a slow machine
+    a = spt_nodes("a", label="alpha", config=LOCKOUT_CONFIG.format(seconds=10))
     d = spt_nodes("d", label="delta")
     create(a)
     for _ in range(3):
@@ -220,7 +222,7 @@ def test_lockout_refuses_the_right_code_until_the_window_passes(spt_nodes):
     joins = sub_doc(a)["joins"]
     assert joins["state"] == "locked" and joins["locked_until"] and joins["failed_last_hour"] == 3
     assert notif_kinds(a).count("join-lockout") == 1
-    eventually(lambda: sub_doc(a)["joins"]["state"] == "open", "the lockout to pass", timeout=10)
+    eventually(lambda: sub_doc(a)["joins"]["state"] == "open", "the lockout to pass", timeout=20)
     joined(d, a)
     eventually(lambda: "join-lockout" in notif_kinds(d), "the later joiner to receive the lockout notification")
 
