@@ -5,7 +5,9 @@ the control-socket client; everything else waits inside the command that needs i
 
 Delivery is exactly once because of the order here: an envelope is written and flushed to
 stdout, and only then acknowledged on the control connection (SPEC.md §4.2 step 6). SIGINT and
-SIGTERM end `ready` and `ring` with exit 0, but never between that flush and its ack.
+SIGTERM end `ready` and `ring` with exit 0, but never between that flush and its ack. A daemon
+killed after the ack left but before it recorded it hands the message out again once it is back;
+the listener, which outlived it, remembers what it acked and acks such a copy without printing it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
@@ -57,10 +60,13 @@ class _Interrupted(Exception):
 class _Stream:
     """Writes envelopes to stdout and acks them; defers signals while one is in flight."""
 
+    ACKED_REMEMBERED = 4096  # far more than a daemon can have in flight when it dies
+
     def __init__(self) -> None:
         self.conn: IpcConnection | None = None
         self._critical = False
         self._pending = False
+        self._acked: OrderedDict[str, None] = OrderedDict()
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         if self._critical:
@@ -80,11 +86,16 @@ class _Stream:
     def envelope(self, event: dict[str, Any]) -> None:
         """One envelope line; after the last line of a message, flush and then ack it."""
         self._critical = True
-        sys.stdout.write(str(event["line"]) + "\n")
+        msg = str(event["msg"])
+        if msg not in self._acked:  # else a restarted daemon's copy of one already printed
+            sys.stdout.write(str(event["line"]) + "\n")
         if event.get("last"):
             sys.stdout.flush()
             assert self.conn is not None
-            self.conn.send({"ack": event["msg"]})
+            self.conn.send({"ack": msg})
+            self._acked[msg] = None
+            if len(self._acked) > self.ACKED_REMEMBERED:
+                self._acked.popitem(last=False)
             self._critical = False
             if self._pending:
                 raise _Interrupted

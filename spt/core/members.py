@@ -62,6 +62,7 @@ MAX_SYNC_ENTRIES: Final = 4096  # entries one sync answer carries at most (§6.3
 MAX_OFFER_ENTRIES: Final = 48  # ancestors a join offer carries at most (join-ALPN frames stay small)
 RECONNECT_MIN: Final = 1.0
 RECONNECT_MAX: Final = 60.0
+LOG_RESYNC: Final = 60.0  # seconds between log comparisons on a connection that stays up
 FIRST_DISCOVERY_ROUND: Final = 0.1  # seconds the first discovery round of a join waits; doubles each round
 MAX_DISCOVERY_ROUND: Final = 2.0
 # Member requests whose handler judges the sender's standing itself, instead of the dispatcher.
@@ -692,7 +693,7 @@ class Members:
                 await self.sync(conn)
                 self._detached_peers.discard(node)
                 delay = RECONNECT_MIN
-                reason = await conn.wait_closed()
+                reason = await self._hold(conn)
                 log.info("member connection closed", extra={"peer": node.short, "reason": reason})
                 if "detached" in reason:
                     self._detached_peers.add(node)
@@ -707,28 +708,48 @@ class Members:
             await asyncio.sleep(delay)
             delay = min(delay * 2, RECONNECT_MAX)
 
+    async def _hold(self, conn: Connection) -> str:
+        """Wait for the connection to close, comparing logs every LOG_RESYNC seconds meanwhile
+        (a push that missed this member while the connection stayed up is caught here)."""
+        closed = asyncio.ensure_future(conn.wait_closed())
+        try:
+            while not closed.done():
+                await asyncio.wait({closed}, timeout=LOG_RESYNC)
+                if not closed.done():
+                    for sub in list(self.subnets.attached()):
+                        if sub.state().is_member(conn.peer):
+                            with contextlib.suppress(RequestError, TimeoutError, ConnectionClosedError):
+                                await self._sync_log(conn, sub)
+            return closed.result()
+        finally:
+            closed.cancel()
+
+    async def _sync_log(self, conn: Connection, sub: HeldSubnet) -> None:
+        """Exchange log heads for one subnet; fetch and push what is missing."""
+        reply = await conn.request(
+            "log.sync", {"subnet": sub.id.hex(), "heads": [h.hex() for h in sub.log.heads()]},
+            timeout=REQUEST_TIMEOUT,
+        )
+        body = body_map(reply.body)
+        self.merge_from(conn, sub, _entries(body.get("entries")))
+        their_heads = [bytes.fromhex(h) for h in body.get("heads", []) if isinstance(h, str)]
+        theirs_missing = sub.log.entries_since(their_heads, limit=MAX_SYNC_ENTRIES)
+        if theirs_missing:
+            await conn.request(
+                "log.push", {"subnet": sub.id.hex(), "entries": [e.to_dict() for e in theirs_missing]},
+                timeout=REQUEST_TIMEOUT,
+            )
+
     async def sync(self, conn: Connection) -> None:
         """Exchange log heads for every shared subnet; fetch and push what is missing; seeds."""
         for sub in list(self.subnets.attached()):
             if not sub.state().is_member(conn.peer):
                 continue
             try:
-                reply = await conn.request(
-                    "log.sync", {"subnet": sub.id.hex(), "heads": [h.hex() for h in sub.log.heads()]},
-                    timeout=REQUEST_TIMEOUT,
-                )
+                await self._sync_log(conn, sub)
             except RequestError as exc:  # e.g. the peer detached this one subnet; go on with the rest
                 log.info("log sync skipped a subnet", extra={"subnet": sub.name, "reason": str(exc)})
                 continue
-            body = body_map(reply.body)
-            self.merge(sub, _entries(body.get("entries")))
-            their_heads = [bytes.fromhex(h) for h in body.get("heads", []) if isinstance(h, str)]
-            theirs_missing = sub.log.entries_since(their_heads, limit=MAX_SYNC_ENTRIES)
-            if theirs_missing:
-                await conn.request(
-                    "log.push", {"subnet": sub.id.hex(), "entries": [e.to_dict() for e in theirs_missing]},
-                    timeout=REQUEST_TIMEOUT,
-                )
             if sub.id in self.subnets.held and (sub.seed is None or sub.epoch != sub.state().epoch):
                 await self._fetch_seed(conn, sub)
             if sub.id in self.subnets.held:
@@ -747,7 +768,7 @@ class Members:
         # The dispatcher checked the pusher is a member now (a pruned node learns of its prune from
         # the member that pruned it, which pushes before merging).
         sub = self.require_member(conn, body.get("subnet"))
-        self.merge(sub, _entries(body.get("entries")))
+        self.merge_from(conn, sub, _entries(body.get("entries")))
         return "ok", {}
 
     @property
@@ -762,10 +783,10 @@ class Members:
         except ValueError:
             raise RemoteProtocolError(subnet_hex, "a subnet id is hex") from None
 
-    def merge(self, sub: HeldSubnet, entries: Sequence[Entry]) -> bool:
-        """Merge verified entries, persist them, and act on membership changes. True if any added."""
+    def merge(self, sub: HeldSubnet, entries: Sequence[Entry]) -> list[Entry]:
+        """Merge verified entries, persist them, and act on membership changes; the ones added."""
         if not entries:
-            return False
+            return []
         before = sub.state()
         result = sub.log.merge(entries)
         for h, why in result.refused:
@@ -778,7 +799,7 @@ class Members:
             except SptError:  # telling the human must not stop the merge
                 log.exception("prune conflict not recorded", extra={"subnet": sub.name})
         if not result.added:
-            return False
+            return []
         added = [e for e in entries if e.hash in set(result.added)]
         with self.daemon.store.transaction():
             self.subnets.save_entries(sub, added)
@@ -786,7 +807,27 @@ class Members:
             self.subnets.observe(entry.hlc)
         after = sub.state()
         self._membership_changed(sub, before, after)
-        return True
+        return added
+
+    def merge_from(self, conn: Connection, sub: HeldSubnet, entries: Sequence[Entry]) -> None:
+        """Merge entries a member sent, and pass the ones new here to the other members this node
+        is connected to: an author pushes once, to the members it knows then, so a member admitted
+        meanwhile (or one its push missed) would otherwise learn them only at its next reconnect.
+        Each node forwards an entry once, when it first stores it, so the flood ends."""
+        added = self.merge(sub, entries)
+        if not added:
+            return
+        body = {"subnet": sub.id.hex(), "entries": [e.to_dict() for e in added]}
+        members = sub.state().members
+        for other in self.transport.connections():
+            if other.alpn == ALPN_MEMBER and other.peer != conn.peer and other.peer in members:
+                self.spawn(self._forward(other, body), "forward log entries")
+
+    async def _forward(self, conn: Connection, body: Mapping[str, Any]) -> None:
+        try:
+            await conn.request("log.push", dict(body), timeout=REQUEST_TIMEOUT)
+        except (PeerError, TimeoutError, RemoteProtocolError, ConnectionClosedError, RequestError) as exc:
+            log.info("forward did not reach a member", extra={"peer": conn.peer.short, "reason": str(exc)})
 
     def prune_conflicts(self, sub: HeldSubnet, conflicts: Iterable[PruneConflict]) -> None:
         """Record prunes this log refused because histories disagree on who was removed first,

@@ -316,3 +316,26 @@ def test_sigint_ends_ready_with_exit_0(node):
     time.sleep(0.1)
     listener.send_signal(signal.SIGINT)
     assert listener.wait(10) == 0
+
+
+def test_a_listener_acks_a_restarted_daemons_copy_without_printing_it_again(capsys):
+    """The daemon can die after the listener's ack left but before it recorded it; once back it
+    hands the same message out again, and the listener that outlived it must not print it twice."""
+    import socket
+
+    from spt.cli.messaging import _Stream
+    from spt.core.ipc import IpcConnection
+
+    ours, daemons = socket.socketpair()
+    stream = _Stream()
+    stream.conn = IpcConnection(ours)
+    for msg in ("m1", "m2", "m1"):
+        stream.envelope({"msg": msg, "line": f"line of {msg} a", "last": False})
+        stream.envelope({"msg": msg, "line": f"line of {msg} b", "last": True})
+    ours.shutdown(socket.SHUT_WR)
+    daemons.settimeout(10)
+    acks = [json.loads(line)["ack"] for line in daemons.makefile("rb").read().splitlines()]
+    ours.close()
+    daemons.close()
+    assert acks == ["m1", "m2", "m1"]  # the copy is acked, so it leaves the restarted daemon's spool
+    assert capsys.readouterr().out.splitlines() == ["line of m1 a", "line of m1 b", "line of m2 a", "line of m2 b"]

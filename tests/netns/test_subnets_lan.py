@@ -104,7 +104,7 @@ def current_code(node):
     raise AssertionError("no code with time left")
 
 
-def test_three_hosts_join_by_name_over_mdns(lan_nodes):
+def test_three_hosts_join_by_name_over_mdns_and_entries_reach_a_member_cut_off_from_their_author(lan_nodes):
     started = time.monotonic()
     a, b, c = lan_nodes
     created = a.cli("subnet", "create", "home")
@@ -133,3 +133,15 @@ def test_three_hosts_join_by_name_over_mdns(lan_nodes):
             if not m["self"]:
                 assert m["path"]["kind"] == "direct lan" and m["path"]["addr"].startswith("10.10."), m
     assert time.monotonic() - started < 30
+
+    # alpha's label entry cannot reach gamma (the link is cut); beta passes it on
+    cut = a.lab.cut(a.host, c.host)
+    try:
+        renamed = a.cli("node", "label", "set", "alpha-2")
+        assert renamed.returncode == 0, renamed.stderr
+        deadline = time.monotonic() + 10
+        while "alpha-2" not in {m["label"] for m in c.json("subnet", "status", "--nodes")["subnets"][0]["members"]}:
+            assert time.monotonic() < deadline, f"gamma never learned alpha's new label:\n{c.log()[-3000:]}"
+            time.sleep(0.2)
+    finally:
+        cut.heal()
