@@ -662,6 +662,7 @@ class Daemon:
             with contextlib.suppress(FileNotFoundError):
                 self.paths.socket.unlink()
         await self.members.close()
+        await self.endpoints.commits.close()  # a group commit in flight lands before the store closes
         self.store.close()
         log.info("daemon stopped")
 

@@ -35,9 +35,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import shutil
+import sqlite3
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -78,6 +80,7 @@ SENT_WAIT: Final = 5.0  # §4.2: SENT when the listener acknowledges within 5 s
 STOP_GRACE: Final = 5.0  # an envelope already on its way may still be acknowledged
 COLLISION_WAIT: Final = 0.5  # a listener whose caller just died is noticed within this
 TRANSIENT_SECONDS: Final = 3600.0  # §4.3: a transient identity lives 1 h after its ring returns
+EXPIRE_EVERY: Final = 60.0  # seconds between sweeps of the 30-day message ids
 _CLOSING: Final = "DAEMON_STOPPING"  # a listener's stop reason at shutdown: answered DAEMON_DOWN
 
 
@@ -220,12 +223,14 @@ class Endpoints:
         self.daemon = daemon
         self.store = daemon.store
         self.spool = Spool(daemon.store, daemon.key.private_bytes())
+        self.commits = daemon.store.group_commit()  # messages arriving together share one fsync
         self.listeners: dict[str, _Listener] = {}
         self.rings: dict[str, _RingWait] = {}
         self._sent_waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._in_flight: set[int] = set()
         self.views = EndpointViews(self)  # what listings and the registry see (read-only)
         self.closing = False
+        self._expired_at = 0.0  # when the 30-day ids were last swept
         # No ring survives a restart, so transient identities it held start their last hour now.
         with self.store.transaction() as db:
             db.execute(
@@ -493,9 +498,13 @@ class Endpoints:
             listener = self.listeners.get(str(row["id"]).lower())
             if listener is not None:
                 listener.stop("STOPPED")
-        with self.store.transaction() as db:
-            db.execute("DELETE FROM perches WHERE transient=1 AND expires IS NOT NULL AND expires<?", (now,))
-        self.spool.expire(now)
+        if expired:
+            with self.store.transaction() as db:
+                db.execute("DELETE FROM perches WHERE transient=1 AND expires IS NOT NULL AND expires<?", (now,))
+        # every send calls this: the 30-day ids (a scan of all of them) are looked at once a minute
+        if now - self._expired_at >= EXPIRE_EVERY:
+            self._expired_at = now
+            self.spool.expire(now)
 
     def homed_in(self, sub: HeldSubnet) -> list[str]:
         """Ids of the perches homed in `sub`."""
@@ -587,19 +596,26 @@ class Endpoints:
     ) -> str:
         """Spool `msg` for `perch` (stamping a ring reply when `claim_from` names a local sender
         perch) and answer SENT when a listener or ring acknowledges it within 5 s, else QUEUED."""
+        max_bytes = self.daemon.config.spool_max_bytes
+
+        def spool_it(incoming: Message, db: sqlite3.Connection) -> tuple[Message, str | None]:
+            # on the writer thread: only `db` and immutable values
+            held = incoming
+            if claim_from is not None:
+                reply_to = self.spool.claim_reply(claim_from, incoming.sender_node, perch.id, db)
+                if reply_to is not None:
+                    held = dataclasses.replace(incoming, reply_to=reply_to)
+            return held, self.spool.append(perch.id, held, max_bytes=max_bytes, subject=subject, db=db)
+
         try:
-            with self.store.transaction():
-                if claim_from is not None:
-                    reply_to = self.spool.claim_reply(claim_from, msg.sender_node, perch.id)
-                    if reply_to is not None:
-                        msg = dataclasses.replace(msg, reply_to=reply_to)
-                earlier = self.spool.append(
-                    perch.id, msg, max_bytes=self.daemon.config.spool_max_bytes, subject=subject
-                )
+            # committed together with the messages that arrived while the last commit ran
+            msg, earlier = await self.commits.run(functools.partial(spool_it, msg))
         except Refusal as exc:
             if exc.instance_token == "SPOOL_FULL":
                 self._spool_full(perch)
             raise
+        except sqlite3.IntegrityError as exc:  # the perch was purged while the message waited
+            raise Refusal("NO_PERCH", subject, "the perch was removed meanwhile") from exc
         if earlier is not None:
             return earlier
         fresh = self.get(perch.id) or perch
@@ -743,7 +759,7 @@ class Endpoints:
                 log.info("target unreachable; message queued", extra={"node": target.node.key.short})
             else:
                 return token
-        self.spool.queue_outgoing(target.node.key, sub.id, payload)
+        await self.commits.run(functools.partial(self.spool.hold_outgoing, target.node.key, sub.id, payload))
         return "QUEUED"
 
     async def deliver_incoming(

@@ -26,6 +26,7 @@ import hashlib
 import hmac
 import json
 import logging
+import sqlite3
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -141,29 +142,31 @@ class Spool:
         data = json.dumps(fields, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
         return hmac.new(self._mac_key, data, hashlib.sha256).digest()
 
-    def seen(self, msg_id: str) -> str | None:
+    def seen(self, msg_id: str, db: sqlite3.Connection | None = None) -> str | None:
         """ "SENT" when the id was delivered, "QUEUED" when it is held, None when new."""
-        row = self.store.db.execute(
+        row = (db or self.store.db).execute(
             "SELECT delivered FROM seen_messages WHERE msg_id=?", (msg_id,)
         ).fetchone()
         if row is None:
             return None
         return "SENT" if row[0] else "QUEUED"
 
-    def append(self, perch: str, msg: Message, *, max_bytes: int, subject: str) -> str | None:
+    def append(
+        self, perch: str, msg: Message, *, max_bytes: int, subject: str, db: sqlite3.Connection | None = None
+    ) -> str | None:
         """Hold `msg` for `perch`; returns None when new, else the earlier outcome ("SENT"/"QUEUED").
 
         Call inside a store transaction (the caller may claim a ring reply in the same one), and
         announce nothing before it commits. Raises Refusal SPOOL_FULL, naming `subject`, when the
-        perch's held bytes would pass `max_bytes`.
+        perch's held bytes would pass `max_bytes`. `db` is the connection of that transaction
+        (a group commit's writer); default the store's.
         """
-        db = self.store.db
-        earlier = self.seen(msg.id)
+        db = db or self.store.db
+        earlier = self.seen(msg.id, db)
         if earlier is not None:
             return earlier
-        held = int(
-            db.execute("SELECT COALESCE(SUM(size), 0) FROM spool WHERE perch=?", (perch,)).fetchone()[0]
-        )
+        row = db.execute("SELECT bytes FROM spool_held WHERE perch=?", (perch,)).fetchone()
+        held = int(row[0]) if row else 0
         if held + msg.size > max_bytes:
             raise Refusal("SPOOL_FULL", subject, f"the perch holds {held} bytes; the limit is {max_bytes}")
         now = time.time()
@@ -261,18 +264,21 @@ class Spool:
 
     # -- ring replies (SPEC.md §4.3) ------------------------------------------------------
 
-    def claim_reply(self, recipient: str, sender_node: NodeId, sender_id: str) -> str | None:
+    def claim_reply(
+        self, recipient: str, sender_node: NodeId, sender_id: str, db: sqlite3.Connection | None = None
+    ) -> str | None:
         """The oldest ring from (`sender_node`, `sender_id`) that `recipient` received and has not
         answered; it is marked answered, so each ring is matched by one reply. Call inside the
-        transaction that sends the reply."""
-        row = self.store.db.execute(
+        transaction that sends the reply (on its connection `db`, default the store's)."""
+        db = db or self.store.db
+        row = db.execute(
             "SELECT ring_id FROM rings_in WHERE recipient=? AND sender_node=? AND sender_id=? "
             "AND received=1 AND answered=0 ORDER BY time, rowid LIMIT 1",
             (recipient, sender_node.raw, sender_id),
         ).fetchone()
         if row is None:
             return None
-        self.store.db.execute("UPDATE rings_in SET answered=1 WHERE ring_id=?", (row[0],))
+        db.execute("UPDATE rings_in SET answered=1 WHERE ring_id=?", (row[0],))
         return str(row[0])
 
     def release_claim(self, ring_id: str) -> None:
@@ -284,12 +290,18 @@ class Spool:
 
     def queue_outgoing(self, node: NodeId, subnet: bytes, payload: Mapping[str, Any]) -> None:
         """Hold a message for a remote node until a path exists; idempotent per message id."""
+        with self.store.transaction():
+            self.hold_outgoing(node, subnet, payload)
+
+    def hold_outgoing(
+        self, node: NodeId, subnet: bytes, payload: Mapping[str, Any], db: sqlite3.Connection | None = None
+    ) -> None:
+        """`queue_outgoing` inside the caller's transaction (e.g. a group commit's, on its `db`)."""
         msg_id = check_message_id(payload.get("id"))
-        with self.store.transaction() as db:
-            db.execute(
-                "INSERT OR IGNORE INTO outgoing(msg_id, node, subnet, payload, created) VALUES(?,?,?,?,?)",
-                (msg_id, node.raw, subnet, json.dumps(dict(payload)), time.time()),
-            )
+        (db or self.store.db).execute(
+            "INSERT OR IGNORE INTO outgoing(msg_id, node, subnet, payload, created) VALUES(?,?,?,?,?)",
+            (msg_id, node.raw, subnet, json.dumps(dict(payload)), time.time()),
+        )
 
     def pending_outgoing(
         self, node: NodeId | None = None, *, limit: int = 100, due_before: float | None = None

@@ -1,19 +1,23 @@
 """Durable node state: the 0600 key file and the SQLite store (WAL, versioned migrations).
 
 Synchronous calls only; the daemon runs them on its loop (they are short) and never from two
-threads at once. Every change that must survive `kill -9` is committed before it is announced.
+threads at once. The one exception is `GroupCommit`, the writer of spooled messages: its own
+thread with its own connection (SQLite serialises the two writers; WAL lets readers go on).
+Every change that must survive `kill -9` is committed before it is announced.
 Schema changes are appended to `MIGRATIONS`, never edited: `PRAGMA user_version` records how
 many have run.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import os
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from spt.core.errors import IdentityError
 from spt.core.identity import NodeKey
@@ -189,7 +193,27 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     DROP TABLE key_changes;
     ALTER TABLE key_changes_new RENAME TO key_changes;
     """,
+    # 8: issue 14: the bytes each perch's spool holds, kept by triggers (a SUM over the spool on
+    # every arrival grew with the backlog)
+    """
+    CREATE TABLE spool_held (
+        perch TEXT NOT NULL PRIMARY KEY COLLATE NOCASE REFERENCES perches(id) ON DELETE CASCADE,
+        bytes INTEGER NOT NULL
+    );
+    INSERT INTO spool_held(perch, bytes) SELECT perch, SUM(size) FROM spool GROUP BY perch;
+    CREATE TRIGGER spool_held_in AFTER INSERT ON spool BEGIN
+        INSERT INTO spool_held(perch, bytes) VALUES(NEW.perch, NEW.size)
+            ON CONFLICT(perch) DO UPDATE SET bytes=bytes+excluded.bytes;
+    END;
+    CREATE TRIGGER spool_held_out AFTER DELETE ON spool BEGIN
+        UPDATE spool_held SET bytes=bytes-OLD.size WHERE perch=OLD.perch;
+    END;
+    """,
 )
+
+
+T = TypeVar("T")
+GROUP_COMMIT_MAX: Final = 256  # writes committed together at most (the rest wait for the next commit)
 
 
 def load_or_create_key(path: Path) -> tuple[NodeKey, bool]:
@@ -215,19 +239,39 @@ def load_or_create_key(path: Path) -> tuple[NodeKey, bool]:
     return NodeKey.from_private_bytes(raw), False
 
 
+def _statements(script: str) -> Iterator[str]:
+    """The statements of a migration script (a trigger's body holds `;` of its own)."""
+    pending = ""
+    for piece in script.split(";"):
+        pending += piece + ";"
+        if sqlite3.complete_statement(pending):
+            if pending.strip(" \n;"):
+                yield pending
+            pending = ""
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    db.row_factory = sqlite3.Row
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")  # a committed message survives power loss
+    db.execute("PRAGMA foreign_keys=ON")
+    db.execute("PRAGMA busy_timeout=5000")
+    return db
+
+
 class Store:
     """One SQLite database per node."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")  # a committed message survives power loss
-        self.db.execute("PRAGMA foreign_keys=ON")
-        self.db.execute("PRAGMA busy_timeout=5000")
+        self.db = _connect(path)
         os.chmod(path, 0o600)
         self._migrate()
+
+    def group_commit(self) -> GroupCommit:
+        """A group-commit writer on this store's database (its own thread and connection)."""
+        return GroupCommit(self.path)
 
     def _migrate(self) -> None:
         version = int(self.db.execute("PRAGMA user_version").fetchone()[0])
@@ -237,9 +281,8 @@ class Store:
             )
         for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
             with self.transaction():
-                for statement in script.split(";"):
-                    if statement.strip():
-                        self.db.execute(statement)
+                for statement in _statements(script):
+                    self.db.execute(statement)
                 self.db.execute(f"PRAGMA user_version={number}")
 
     @property
@@ -269,3 +312,92 @@ class Store:
 
     def close(self) -> None:
         self.db.close()
+
+
+class GroupCommit:
+    """One writer for the hot durable writes (spooled messages): group commit.
+
+    Writes queued while the writer commits go together into its next transaction, so one fsync
+    covers all of them, and each caller resumes only after the transaction holding its write
+    committed (nothing is answered before it is on disk, so exactly-once is unchanged). The
+    writer is one thread with its own connection to the same database: the fsync happens off
+    the event loop, which keeps taking messages meanwhile; a lone write waits for nothing.
+
+    A write is a synchronous function of the writer's connection, called inside its open
+    transaction on the writer thread (it must touch nothing but that connection and immutable
+    values); each runs in its own savepoint, so one that raises (e.g. SPOOL_FULL) is undone
+    alone and its caller gets the exception. A batch holds at most `max_batch` writes.
+    """
+
+    def __init__(self, path: Path, *, max_batch: int = GROUP_COMMIT_MAX) -> None:
+        self.max_batch = max_batch
+        self._db = _connect(path)
+        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="spt-commit")
+        self._queue: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
+        self._busy = False
+        self._closed = False
+        self.commits = 0  # transactions run, and the writes they carried (benches and tests read them)
+        self.writes = 0
+
+    async def run(self, write: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `write` in the writer's next transaction; its result once that transaction committed."""
+        if self._closed:
+            raise sqlite3.ProgrammingError("the store's writer is closed")
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queue.append((write, future))
+        if not self._busy:
+            self._start()
+        return await future
+
+    def _start(self) -> None:
+        batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
+        batch = [(write, future) for write, future in batch if not future.done()]  # callers gone: skip
+        if not batch:
+            return
+        self._busy = True
+        done = asyncio.get_running_loop().run_in_executor(self._thread, self._commit, [w for w, _ in batch])
+        done.add_done_callback(lambda d: self._finished(batch, d))
+
+    def _finished(
+        self, batch: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]],
+        done: asyncio.Future[list[tuple[bool, Any]]],
+    ) -> None:
+        self._busy = False
+        outcomes = [(False, done.exception())] * len(batch) if done.exception() else done.result()
+        self.commits += 1
+        self.writes += len(batch)
+        for (_, future), (ok, value) in zip(batch, outcomes, strict=True):
+            if not future.done():
+                future.set_result(value) if ok else future.set_exception(value)
+        if self._queue and not self._closed:
+            self._start()  # what arrived during this commit goes in the next
+
+    def _commit(self, writes: list[Callable[[sqlite3.Connection], Any]]) -> list[tuple[bool, Any]]:
+        """On the writer thread: one transaction for the batch (raises when it did not commit)."""
+        db = self._db
+        outcomes: list[tuple[bool, Any]] = []
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for write in writes:
+                db.execute("SAVEPOINT group_write")
+                try:
+                    outcomes.append((True, write(db)))
+                except Exception as exc:
+                    db.execute("ROLLBACK TO group_write")
+                    outcomes.append((False, exc))
+                db.execute("RELEASE group_write")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+        return outcomes
+
+    async def close(self) -> None:
+        """Let the batch in flight commit, refuse the queued ones, and close the connection."""
+        self._closed = True
+        for _, future in self._queue:
+            if not future.done():
+                future.set_exception(sqlite3.ProgrammingError("the store's writer is closed"))
+        self._queue.clear()
+        await asyncio.get_running_loop().run_in_executor(self._thread, self._db.close)
+        self._thread.shutdown(wait=False)

@@ -64,7 +64,62 @@ def test_spool_full_refuses_past_the_byte_limit(spool):
     assert spool.held("bob") == (1, 60)
 
 
+
+def test_the_byte_limit_follows_deliveries_and_purges_whatever_the_case(spool):
+    """The held bytes are kept by triggers (not summed per arrival): an acknowledged message
+    frees its bytes, a purged perch holds nothing, and ids match without regard to case."""
+    assert append(spool, "bob", msg("x" * 60), max_bytes=100) is None
+    assert append(spool, "BOB", msg("y" * 30), max_bytes=100) is None
+    with pytest.raises(Refusal):
+        append(spool, "Bob", msg("z" * 20), max_bytes=100)
+    spool.mark_delivered(spool.entries("bob")[0])
+    assert append(spool, "bob", msg("z" * 60), max_bytes=100) is None  # 30 + 60 fit again
+    assert spool.held("bob") == (2, 90)
+    with spool.store.transaction() as db:
+        db.execute("DELETE FROM perches WHERE id='bob'")
+        db.execute("INSERT INTO perches(id, state, created) VALUES('bob', 'active', 0)")
+    assert append(spool, "bob", msg("w" * 100), max_bytes=100) is None
+
+
+def test_group_commit_answers_each_write_after_one_shared_commit(spool):
+    """Writes queued while the writer is busy share its next transaction; one that raises is
+    undone alone; every caller hears only after its transaction committed (a fresh connection
+    sees the row by then)."""
+    import asyncio
+    import sqlite3
+
+    writer = spool.store.group_commit()
+
+    def add(m, db):
+        return spool.append("bob", m, max_bytes=200, subject="bob", db=db)
+
+    async def main():
+        sent = [msg("m" * 40) for _ in range(6)]  # the 5th and 6th do not fit in 200 bytes
+
+        async def one(m):
+            try:
+                result = await writer.run(lambda db: add(m, db))
+            except Refusal as exc:
+                return exc.instance_token
+            fresh = sqlite3.connect(spool.store.path)
+            try:
+                durable = fresh.execute("SELECT COUNT(*) FROM spool WHERE msg_id=?", (m.id,)).fetchone()[0]
+            finally:
+                fresh.close()
+            return (result, durable)
+
+        outcomes = await asyncio.gather(*(one(m) for m in sent))
+        await writer.close()
+        return outcomes
+
+    outcomes = asyncio.run(main())
+    assert outcomes == [(None, 1)] * 5 + ["SPOOL_FULL"]
+    assert writer.writes == 6 and writer.commits <= 2  # the first alone, the rest together
+    assert spool.held("bob") == (5, 200)
+
+
 def test_windows_filter_what_is_handed_out(spool):
+
     append(spool, "bob", msg("a", window="active"))
     append(spool, "bob", msg("i", window="idle"))
     append(spool, "bob", msg("d"))
