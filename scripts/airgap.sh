@@ -29,6 +29,6 @@ if "$VENV/bin/python" -c "import spt_relay_fallback" 2>/dev/null; then
   exit 1
 fi
 echo "== air-gapped build: $("$VENV/bin/python" -m pip list 2>/dev/null | grep -c -i '^spt') spt distributions, no relay"
-"$VENV/bin/python" -m pytest -q -rfEs -p no:cacheprovider \
+"$VENV/bin/python" -m pytest -q -rfEs -p no:cacheprovider -n 3 --dist loadfile \
   tests/core tests/hooks tests/testing tests/test_meta.py tests/test_manager.py \
   tests/netns/test_subnets_lan.py tests/netns/test_airgap.py "$@"

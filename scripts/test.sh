@@ -15,5 +15,7 @@ if [ "$(id -u)" = 0 ]; then
 else
     echo "== netns lab: not root, so tests marked root/lab skip (one summary line below)"
 fi
-echo "== pytest"; python -m pytest -q -rfEs -p no:cacheprovider "$@"
+# Three workers on two cores: most tests wait on sockets and timers, not the CPU. A file's tests
+# stay on one worker, in order (some share a module-scoped subnet).
+echo "== pytest"; python -m pytest -q -rfEs -p no:cacheprovider -n 3 --dist loadfile "$@"
 echo "== air-gapped build (no relay distribution): scripts/airgap.sh"; bash scripts/airgap.sh

@@ -168,7 +168,9 @@ def send_and_receive(sender: LabNode, receiver: LabNode, endpoint_id: str, text:
         wait_for(lambda: listed(sender, endpoint_id), timeout, f"{endpoint_id}'s row on {sender.name}")
         started = time.monotonic()
         sent = sender.cli("send", endpoint_id, "--from", "alice", input=text, timeout=timeout)
-        assert sent.returncode == 0 and sent.stdout == f"SENT:{endpoint_id}\n", f"{sent.stdout}{sent.stderr}"
+        # QUEUED when the path was still being set up (a loaded machine): it must arrive all the same
+        assert sent.returncode == 0 and sent.stdout in (f"SENT:{endpoint_id}\n", f"QUEUED:{endpoint_id}\n"), \
+            f"{sent.stdout}{sent.stderr}"
         assert listener.stdout is not None
         ready, _, _ = select.select([listener.stdout], [], [], timeout)
         assert ready, "the listener got nothing"
