@@ -135,6 +135,12 @@ class DiscoveryBackend(ABC):
     async def find(self, tag: bytes, timeout: float) -> Sequence[Candidate]:
         """Candidates that serve `tag`, gathered for at most `timeout` seconds."""
 
+    def settled_in(self) -> float:
+        """Seconds until this backend has heard whatever nearby announces, 0 once it has (an
+        mDNS browser that has listened long enough). A check that something is absent waits
+        only this long. Default: 0, a backend that listens for nothing has nothing to wait for."""
+        return 0.0
+
 
 # --- connectors (transports and fallbacks) --------------------------------------------------
 

@@ -25,6 +25,10 @@ log = logging.getLogger(__name__)
 SERVICE_TYPE = "_spt._udp.local."
 # After the first match, wait this long for more answers before returning (other members).
 GATHER_AFTER_FIRST = 0.25
+# A browser has heard every service present when it started once this long has passed: the first
+# query goes out within 120 ms, answers come within 500 ms, the second query a second later
+# (RFC 6762 §5.2, §6); services registered later announce themselves.
+BROWSE_SETTLED = 2.0
 
 
 class MdnsDiscovery(DiscoveryBackend):
@@ -40,6 +44,7 @@ class MdnsDiscovery(DiscoveryBackend):
         self._changed = asyncio.Event()
         self._pending: set[asyncio.Task[None]] = set()
         self._lock = asyncio.Lock()  # refresh() may run while start() is still registering
+        self._browsing_since: float | None = None
 
     async def start(self, ctx: DiscoveryContext) -> None:
         section = ctx.config_section("discovery")
@@ -56,6 +61,7 @@ class MdnsDiscovery(DiscoveryBackend):
         async with self._lock:
             await self._register()
         self._browser = AsyncServiceBrowser(self._azc.zeroconf, [SERVICE_TYPE], handlers=[self._on_change])
+        self._browsing_since = time.monotonic()
 
     def _service_info(self) -> Any:
         from zeroconf.asyncio import AsyncServiceInfo
@@ -138,6 +144,11 @@ class MdnsDiscovery(DiscoveryBackend):
             wait = deadline - now if first_at is None else first_at + GATHER_AFTER_FIRST - now
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), timeout=max(0.0, wait))
+
+    def settled_in(self) -> float:
+        if self._browsing_since is None:
+            return 0.0  # off: nothing will be heard
+        return max(0.0, self._browsing_since + BROWSE_SETTLED - time.monotonic())
 
     async def stop(self) -> None:
         if self._azc is None:
