@@ -231,6 +231,7 @@ class Endpoints:
         self.views = EndpointViews(self)  # what listings and the registry see (read-only)
         self.closing = False
         self._expired_at = 0.0  # when the 30-day ids were last swept
+        self._perch_cache: tuple[int, dict[str, Perch]] | None = None  # (store change count, perches)
         # No ring survives a restart, so transient identities it held start their last hour now.
         with self.store.transaction() as db:
             db.execute(
@@ -269,11 +270,20 @@ class Endpoints:
     def get(self, perch_id: str) -> Perch | None:
         """The local perch `perch_id` (ids match without case), if the current caller may use it:
         in system mode a uid sees only its own perches (spt.core.caller)."""
-        row = self.store.db.execute("SELECT * FROM perches WHERE id=?", (perch_id,)).fetchone()
-        if row is None:
-            return None
-        perch = _perch(row)
-        return perch if may_use(perch.owner) else None
+        # ids are ASCII; SQLite's NOCASE folds ASCII only, so must this lookup
+        perch = self._table().get(perch_id.lower()) if perch_id.isascii() else None
+        return perch if perch is not None and may_use(perch.owner) else None
+
+    def _table(self) -> dict[str, Perch]:
+        """Every perch by lower-case id, in id order. Read again after any write on the store's
+        connection (its change count moved), so it is never stale: every perch change goes
+        through that connection (the group-commit writer touches only spool tables). Sends and
+        arrivals look perches up several times each; this saves a query per look-up."""
+        changes = self.store.db.total_changes
+        if self._perch_cache is None or self._perch_cache[0] != changes:
+            rows = self.store.query("SELECT * FROM perches ORDER BY id")
+            self._perch_cache = (changes, {p.key: p for p in map(_perch, rows)})
+        return self._perch_cache[1]
 
     def require(self, perch_id: str, subject: str | None = None) -> Perch:
         """The local perch `perch_id`, else Refusal NO_PERCH naming `subject` (default the id)."""
@@ -284,8 +294,7 @@ class Endpoints:
 
     def perches(self, *, transient: bool = False) -> list[Perch]:
         """Local perches by id; transient `tmp.` identities only when asked."""
-        rows = self.store.query("SELECT * FROM perches ORDER BY id")
-        return [p for p in map(_perch, rows) if transient or not p.transient]
+        return [p for p in self._table().values() if transient or not p.transient]
 
     def folder(self, perch: Perch) -> Path:
         return self.daemon.paths.endpoints / perch.id
