@@ -95,38 +95,3 @@ def test_kill_9_of_either_daemon_mid_stream_loses_and_duplicates_nothing(spt_nod
     check_stream(bodies, "m", range(TOTAL))
     print(f"kill: receiver killed after {sent_at_kill} sent ({before} read), sender after {killed_at}; "
           f"errors retried: {dict((k, sum(1 for _, t in stream.errors if t == k)) for k in kinds)}")
-
-
-def test_kill_9_amid_group_commits_of_concurrent_senders_loses_and_duplicates_nothing(spt_nodes):
-    """Issue 14: messages arriving together are committed together (one writer, one fsync per
-    batch). Four senders at once to a perch on gamma, no listener, so every message goes
-    through gamma's group commit (or alpha's, queued while gamma is down); gamma is killed
-    mid-stream, then alpha. Each answer comes only after its batch committed, so afterwards
-    bob holds every message of every stream exactly once, in each stream's order."""
-    alpha, gamma = spt_nodes.subnet(["alpha", "gamma"], config=CONFIG)
-    gamma.cli("ready", "bob", "--once", "--timeout", "0.1", check=True)
-    wait_for(lambda: listed(alpha, "bob"), 15, "bob's row on alpha")
-    count = 150
-    retry = frozenset({"DAEMON_DOWN", "NO_PERCH"})
-    streams = [Stream(alpha, "bob", f"sender{k}", tag, count, retry_on=retry).start() for k, tag in enumerate("abcd")]
-
-    def sent() -> int:
-        return sum(len(s.sent) for s in streams)
-
-    wait_for(lambda: sent() >= count, 60, "a quarter of the messages")
-    gamma.kill(signal.SIGKILL)
-    gamma.start()
-    at_gamma_kill = sent()
-    wait_for(lambda: sent() >= at_gamma_kill + count, 60, "sends after the receiver's restart")
-    alpha.kill(signal.SIGKILL)
-    wait_for(lambda: any(s.errors for s in streams) or any(s.failure for s in streams), 20, "a sender to see alpha down")
-    alpha.start()
-    for s in streams:
-        s.join(120)
-    assert all(len(s.sent) == count for s in streams)
-    assert {x.token for s in streams for x in s.sent} <= {"SENT", "QUEUED"}
-    wait_for(lambda: not [c for c in alpha.json("doctor")["checks"] if c["name"] == "outgoing-spool"], 120,
-             "alpha's outgoing spool to drain")
-    bodies = [r.body for r in drain(gamma, "bob")]
-    for tag in "abcd":
-        check_stream(bodies, tag, range(count))
