@@ -35,19 +35,9 @@ from _util import pct, row
 from transport import bench_spt
 
 from spt.core.ipc import IpcConnection, connect
-from spt.testing.nodes import NodeFactory
+from spt.testing.nodes import DEFAULT_CONFIG, NodeFactory
 
-CONFIG = """\
-[net]
-port = 0
-bind = "127.0.0.1"
-
-[discovery]
-mdns = false
-
-[timing]
-presence_interval = 1.0
-"""
+CONFIG = DEFAULT_CONFIG + "\n[timing]\npresence_interval = 1.0\n"
 
 ECHO = r"""
 import os, tty

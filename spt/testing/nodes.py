@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
+    from spt.core.identity import NodeKey
     from spt.testing.netns import Lab
 
 DEFAULT_CONFIG = """\
@@ -326,3 +327,28 @@ class NodeFactory:
         for node in self.nodes:
             node.kill(signal.SIGTERM)
         shutil.rmtree(self._root, ignore_errors=True)
+
+
+async def dial_as_member(key: NodeKey | Node, target: Node) -> str:
+    """Dial `target` on the member ALPN with `key` (a node's: its key file) from a throwaway
+    socket: the refusal `target` gave, or "accepted: <why it closed>" if it let the key in."""
+    import asyncio
+
+    from spt.core.identity import NodeId
+    from spt.core.net.transport import AllowKeys, HandshakeRefusedError, Transport
+    from spt.core.store import load_or_create_key
+
+    if isinstance(key, Node):
+        key, _ = load_or_create_key(key.home / "node.key")
+    host, port = target.address.rsplit(":", 1)
+    transport = Transport(key, host="127.0.0.1", port=0, accept=AllowKeys())
+    await transport.start()
+    try:
+        conn = await transport.connect(NodeId.from_hex(target.key), [(host, int(port))], timeout=5)
+    except HandshakeRefusedError as exc:
+        return str(exc)
+    else:
+        return "accepted: " + await asyncio.wait_for(conn.wait_closed(), 5)
+    finally:
+        await transport.close()
+

@@ -15,21 +15,11 @@ import time
 import pytest
 
 from spt.core.proto.membership import Entry
-from spt.testing.nodes import fresh_code
+from spt.testing.nodes import DEFAULT_CONFIG, fresh_code
 
 pytestmark = [pytest.mark.slow, pytest.mark.root]  # subnet create/join are elevated
 
-CONFIG = """\
-[net]
-port = 0
-bind = "127.0.0.1"
-
-[discovery]
-mdns = false
-
-[timing]
-presence_interval = 0.5
-"""
+CONFIG = DEFAULT_CONFIG + "\n[timing]\npresence_interval = 0.5\n"
 
 SKEW = 90.0
 

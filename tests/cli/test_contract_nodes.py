@@ -7,29 +7,12 @@ import time
 
 import pytest
 
+from spt.testing.nodes import DEFAULT_CONFIG
+from spt.testing.wait import wait_for
+
 pytestmark = [pytest.mark.slow, pytest.mark.root]  # subnet create and join are elevated
 
-CONFIG = """\
-[net]
-port = 0
-bind = "127.0.0.1"
-
-[discovery]
-mdns = false
-
-[timing]
-presence_interval = 1.0
-"""
-
-
-def wait_for(predicate, timeout=15.0, what="condition", step=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    raise AssertionError(f"timed out waiting for {what}")
+CONFIG = DEFAULT_CONFIG + "\n[timing]\npresence_interval = 1.0\n"
 
 
 def rows(node, endpoint_id):
@@ -99,7 +82,7 @@ def test_detach_is_seen_by_the_peer_within_two_seconds(pair):
     assert beta.cli("subnet", "detach", "home", check=True).stdout == "DETACHED:home\n"
     start = time.monotonic()
     seen = wait_for(lambda: member(alpha, "beta")["detached"] and member(alpha, "beta"), timeout=2.0,
-                    what="beta detached on alpha", step=0.02)
+                    what="beta detached on alpha", every=0.02)
     assert time.monotonic() - start < 2.0
     assert seen["online"] is False
     carol = rows(alpha, "carol")[0]

@@ -17,20 +17,12 @@ import time
 import pyte
 import pytest
 
+from spt.testing.nodes import DEFAULT_CONFIG
+from spt.testing.wait import wait_for
+
 pytestmark = [pytest.mark.slow, pytest.mark.root]  # creates subnets (elevated)
 
-CONFIG = """\
-[net]
-port = 0
-bind = "127.0.0.1"
-
-[discovery]
-mdns = false
-
-[timing]
-presence_interval = 1.0
-idle_timeout = 4.0
-"""
+CONFIG = DEFAULT_CONFIG + "\n[timing]\npresence_interval = 1.0\nidle_timeout = 4.0\n"
 
 PROGRAM = r"""
 import os, select, sys, tty
@@ -55,16 +47,6 @@ while not done:
         w(b"line %06d\r\n" % i)
 sys.exit(7)
 """
-
-
-def wait_for(predicate, timeout=20.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def row(node, endpoint_id):

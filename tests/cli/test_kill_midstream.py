@@ -12,37 +12,18 @@ exactly once, in order.
 from __future__ import annotations
 
 import signal
-import time
 
 import pytest
 
+from spt.testing.nodes import DEFAULT_CONFIG
 from spt.testing.traffic import Listener, Stream, check_stream, drain
+from spt.testing.wait import wait_for
 
 pytestmark = pytest.mark.slow
 
-CONFIG = """\
-[net]
-port = 0
-bind = "127.0.0.1"
-
-[discovery]
-mdns = false
-
-[timing]
-presence_interval = 1.0
-"""
+CONFIG = DEFAULT_CONFIG + "\n[timing]\npresence_interval = 1.0\n"
 
 TOTAL = 10_000
-
-
-def wait_for(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def listed(node, endpoint_id):

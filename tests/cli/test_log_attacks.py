@@ -9,7 +9,7 @@ import os
 import sqlite3
 
 import pytest
-from test_subnets import _dial_member, all_online, create, db_rows, eventually, joined, members, notif_kinds
+from test_subnets import WAIT, all_online, create, db_rows, joined, members, notif_kinds
 
 from spt.core.identity import NodeId, NodeKey
 from spt.core.net.connections import RequestError
@@ -24,6 +24,8 @@ from spt.core.proto.membership import (
     propose_join,
 )
 from spt.core.store import load_or_create_key
+from spt.testing.nodes import dial_as_member
+from spt.testing.wait import wait_for
 
 pytestmark = [
     pytest.mark.slow,
@@ -41,7 +43,7 @@ def trio(spt_nodes):
     joined(b, a)
     joined(c, b)
     for node in (a, b, c):
-        eventually(lambda node=node: all_online(node, {"alpha", "beta", "gamma"}), f"{node.name} to see all three")
+        wait_for(lambda node=node: all_online(node, {"alpha", "beta", "gamma"}), WAIT, f"{node.name} to see all three")
     return a, b, c, created
 
 
@@ -115,16 +117,16 @@ def test_junk_heads_then_prune_reaches_every_member(trio, spt_nodes):
     # a later prune and seed rotation reach every member; joins still work
     pruned = a.cli("subnet", "prune", "gamma", "--yes")
     assert pruned.returncode == 0, pruned.stderr
-    eventually(lambda: set(members(b)) == {"alpha", "beta"}, "beta to drop gamma")
-    eventually(lambda: "pruned" in c.cli("subnet", "status").stdout, "gamma to learn it was pruned")
+    wait_for(lambda: set(members(b)) == {"alpha", "beta"}, WAIT, "beta to drop gamma")
+    wait_for(lambda: "pruned" in c.cli("subnet", "status").stdout, WAIT, "gamma to learn it was pruned")
     assert stored_log(b).state().epoch == 1 == stored_log(a).state().epoch
     # gamma gets no seed: members refuse its key at the handshake, so seed.fetch cannot even be asked
     for n in (a, b):
-        refusal = asyncio.run(_dial_member(c, n))
+        refusal = asyncio.run(dial_as_member(c, n))
         assert "pruned" in refusal and "accepted" not in refusal, refusal
     d = spt_nodes("d", label="delta")
     joined(d, b)
-    eventually(lambda: set(members(a)) == {"alpha", "beta", "delta"}, "alpha to see delta")
+    wait_for(lambda: set(members(a)) == {"alpha", "beta", "delta"}, WAIT, "alpha to see delta")
     truthful(b)
 
 
@@ -137,7 +139,7 @@ def test_counter_prune_by_a_pruned_creator_has_no_effect(trio):
     pruned = b.cli("subnet", "prune", "alpha", "--yes")
     assert pruned.returncode == 0, pruned.stderr
     for n in (b, c):
-        eventually(lambda n=n: set(members(n)) == {"beta", "gamma"}, f"{n.name} to drop alpha")
+        wait_for(lambda n=n: set(members(n)) == {"beta", "gamma"}, WAIT, f"{n.name} to drop alpha")
     a.stop()
 
     # back-dated prunes of everyone, carried by a join the creator signs for a fresh key
@@ -152,7 +154,7 @@ def test_counter_prune_by_a_pruned_creator_has_no_effect(trio):
         assert asyncio.run(offer(sock, target, [*counter, carrier], before.subnet_id)) == "ok"
     # and over the member ALPN with the creator's own key: refused at the handshake
     for target in (b, c):
-        refusal = asyncio.run(_dial_member(a, target))
+        refusal = asyncio.run(dial_as_member(a, target))
         assert "pruned" in refusal and "accepted" not in refusal, refusal
 
     # no effect anywhere: both keep each other, the creator stays pruned, epoch 1 stands
@@ -168,7 +170,7 @@ def test_counter_prune_by_a_pruned_creator_has_no_effect(trio):
         assert {(x["author"], x["target"]) for x in doc["conflicts"]} == {(a_key, b.key), (a_key, c.key)}
         assert "prune-conflict" in n.cli("subnet", "status").stdout
         assert "prune conflicts" in n.cli("doctor").stdout
-        eventually(lambda n=n: "prune-conflict" in notif_kinds(n), f"{n.name} to hold the prune-conflict notification")
+        wait_for(lambda n=n: "prune-conflict" in notif_kinds(n), WAIT, f"{n.name} to hold the prune-conflict notification")
         truthful(n)
 
 
@@ -226,7 +228,7 @@ def test_an_outsiders_claim_during_trust_accept_is_never_the_one_accepted(trio):
     (c.home / "node.key").unlink()
     c.start()
     real_new = c.key
-    eventually(lambda: a.json("node", "trust", "list")["pending"], "alpha to record gamma's claim")
+    wait_for(lambda: a.json("node", "trust", "list")["pending"], WAIT, "alpha to record gamma's claim")
 
     # the human previews gamma's claim and compares the fingerprint...
     code, preview = daemon_op(a, "node.trust.accept", {"node": "gamma", "subnet": None, "preview": True})
@@ -250,32 +252,16 @@ def test_an_outsiders_claim_during_trust_accept_is_never_the_one_accepted(trio):
     assert all(m["key"] != mallory.node_id.hex for m in members(a).values())
     c.stop()
     c.start()  # gamma claims again
-    eventually(lambda: len(a.json("node", "trust", "list")["pending"]) == 2, "gamma's claim again")
+    wait_for(lambda: len(a.json("node", "trust", "list")["pending"]) == 2, WAIT, "gamma's claim again")
     code, done = daemon_op(a, "node.trust.accept", {"node": "gamma", "subnet": None, "new": real_new})
     assert code == 0 and done["trusted"].startswith("gamma"), done
     for n in (a, b):
-        eventually(lambda n=n: members(n).get("gamma", {}).get("key") == real_new, f"{n.name} to pin gamma's new key")
+        wait_for(lambda n=n: members(n).get("gamma", {}).get("key") == real_new, WAIT, f"{n.name} to pin gamma's new key")
     assert all(m["key"] != mallory.node_id.hex for m in members(a).values())
     # mallory never gets member traffic
-    refusal = asyncio.run(_dial_member_with(mallory, a))
+    refusal = asyncio.run(dial_as_member(mallory, a))
     assert "accepted" not in refusal, refusal
     assert a.json("node", "trust", "list")["pending"] == []  # the old key is gone: its claims are moot
-
-
-async def _dial_member_with(key: NodeKey, target) -> str:
-    from spt.core.net.transport import HandshakeRefusedError
-
-    host, port = target.address.rsplit(":", 1)
-    transport = Transport(key, host="127.0.0.1", port=0, accept=AllowKeys())
-    await transport.start()
-    try:
-        conn = await transport.connect(NodeId.from_hex(target.key), [(host, int(port))], timeout=5)
-    except HandshakeRefusedError as exc:
-        return str(exc)
-    else:
-        return "accepted: " + await asyncio.wait_for(conn.wait_closed(), 5)
-    finally:
-        await transport.close()
 
 
 def test_a_claim_flood_makes_one_notification_and_bounded_rows(trio):
@@ -325,6 +311,6 @@ def test_failed_join_records_reach_a_member_that_joins_later(spt_nodes):
     b = spt_nodes("b", label="beta")
     joined(b, a)
     # beta was not a member when the guesses were made; it counts them from its first sync on
-    eventually(lambda: sub_doc(b)["joins"]["failed_last_hour"] == 2, "beta to count the earlier failures")
+    wait_for(lambda: sub_doc(b)["joins"]["failed_last_hour"] == 2, WAIT, "beta to count the earlier failures")
     assert "joins-failed-1h=2" in b.cli("subnet", "status", check=True).stdout
     truthful(b)

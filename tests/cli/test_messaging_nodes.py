@@ -2,33 +2,15 @@
 
 import signal
 import subprocess
-import time
 
 import pytest
 
+from spt.testing.nodes import DEFAULT_CONFIG
+from spt.testing.wait import wait_for
+
 pytestmark = [pytest.mark.slow, pytest.mark.root]  # creates subnets (elevated)
 
-CONFIG = """\
-[net]
-port = 0
-bind = "127.0.0.1"
-
-[discovery]
-mdns = false
-
-[timing]
-presence_interval = 1.0
-"""
-
-
-def wait_for(predicate, timeout=15.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+CONFIG = DEFAULT_CONFIG + "\n[timing]\npresence_interval = 1.0\n"
 
 
 def listed(node, endpoint_id):

@@ -16,22 +16,12 @@ import time
 import pytest
 
 from spt.testing.nodes import DEFAULT_CONFIG, fresh_code
+from spt.testing.wait import wait_for
 
 pytestmark = pytest.mark.slow
 
 CONFIG = DEFAULT_CONFIG + "\n[timing]\npresence_interval = 1.0\nanti_entropy = 1.0\n"
 WAIT = 20.0
-
-
-def eventually(check, what, timeout=WAIT):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def bind(node, endpoint_id, cwd):
@@ -75,14 +65,14 @@ def test_concurrent_communes_converge_and_go_nowhere_else(spt_nodes, tmp_path):
     d.cli("endpoint", "visibility", "hide", "bob", "home", check=True)
     e.cli("endpoint", "sync-scope", "remove", "bob", "home", check=True)
     e_key = e.key
-    eventually(lambda: {r["node"]["key"] for s in a.json("endpoint", "list")["subnets"] for r in s["endpoints"]
-                        if r["id"] == "bob"} >= {b.key, e_key}, "alpha to see bob on beta and epsilon")
+    wait_for(lambda: {r["node"]["key"] for s in a.json("endpoint", "list")["subnets"] for r in s["endpoints"]
+                        if r["id"] == "bob"} >= {b.key, e_key}, WAIT, "alpha to see bob on beta and epsilon")
 
     # concurrent communes on both instances
     (folder(a) / "bob-commune.md").write_text("# live\nalpha: refactoring the parser\n# project\nalpha: parser uses PEG\n")
     (folder(b) / "bob-commune.md").write_text("# live\nbeta: writing tests\n# project\nbeta: tests live in t/\n")
     for n in (a, b):
-        eventually(lambda n=n: not (folder(n) / "bob-commune.md").exists(), f"{n.name} to take its commune")
+        wait_for(lambda n=n: not (folder(n) / "bob-commune.md").exists(), WAIT, f"{n.name} to take its commune")
     want_live = {"alpha: refactoring the parser", "beta: writing tests"}
     want_project = {"alpha: parser uses PEG", "beta: tests live in t/"}
 
@@ -90,7 +80,7 @@ def test_concurrent_communes_converge_and_go_nowhere_else(spt_nodes, tmp_path):
         ea, eb = entries(a), entries(b)
         return ea == eb and {x[1] for x in ea[0]} == want_live and {x[1] for x in ea[1]} == want_project and ea
 
-    live, proj = eventually(converged, "alpha and beta to hold the same entries in the same order")
+    live, proj = wait_for(converged, WAIT, "alpha and beta to hold the same entries in the same order")
     assert len(live) == 2 and len(proj) == 2
     human = a.cli("endpoint", "mind", "bob", check=True).stdout
     assert human.startswith("<live-context>\n") and '<project-context project="shared-project">' in human
@@ -98,7 +88,7 @@ def test_concurrent_communes_converge_and_go_nowhere_else(spt_nodes, tmp_path):
 
     # gamma creates bob afterwards: its new instance fetches the live tier (and its project's)
     bind(c, "bob", project)
-    eventually(lambda: entries(c) == (live, proj), "gamma's new instance to fetch bob's mind")
+    wait_for(lambda: entries(c) == (live, proj), WAIT, "gamma's new instance to fetch bob's mind")
 
     # hidden on delta, out of scope on epsilon: after several anti-entropy rounds, nothing arrived
     time.sleep(3)
@@ -106,7 +96,7 @@ def test_concurrent_communes_converge_and_go_nowhere_else(spt_nodes, tmp_path):
     assert entries(d) == ([], []) and entries(e) == ([], [])
     # a live entry written now is pushed to the instances in the sync set only
     (folder(a) / "bob-commune.md").write_text("# live\nalpha: done with the parser\n")
-    eventually(lambda: len(entries(c)[0]) == 3 and len(entries(b)[0]) == 3, "the new live entry to reach beta and gamma")
+    wait_for(lambda: len(entries(c)[0]) == 3 and len(entries(b)[0]) == 3, WAIT, "the new live entry to reach beta and gamma")
     time.sleep(1.5)
     assert mind_rows(d) == 0 and mind_rows(e) == 0
 
@@ -120,17 +110,16 @@ def test_commune_rejections_fork_and_reading(spt_nodes, tmp_path):
     # malformed: not UTF-8 → renamed, a reason next to it, a commune-rejected notification
     (folder(a) / "bob-commune.md").write_bytes(b"# live\n\xff\xfe broken\n")
     rejected = folder(a) / "bob-commune.rejected.md"
-    eventually(rejected.exists, "the malformed commune to be rejected")
+    wait_for(rejected.exists, WAIT, "the malformed commune to be rejected")
     assert not (folder(a) / "bob-commune.md").exists()
     assert "UTF-8" in (folder(a) / "bob-commune.rejected.reason.txt").read_text()
-    notes = eventually(lambda: [n for n in a.json("notif", "list")["notifications"] if n["kind"] == "commune-rejected"],
-                       "the commune-rejected notification")
+    notes = wait_for(lambda: [n for n in a.json("notif", "list")["notifications"] if n["kind"] == "commune-rejected"], WAIT, "the commune-rejected notification")
     assert notes[0]["subnet"] == "home" and "UTF-8" in notes[0]["body"]
 
     # huge: refused unread, the daemon unharmed
     with open(folder(a) / "bob-commune.md", "wb") as fh:
         fh.truncate(64 * 1024 * 1024)  # sparse: 64 MiB of NULs
-    eventually(lambda: not (folder(a) / "bob-commune.md").exists(), "the huge commune to be refused")
+    wait_for(lambda: not (folder(a) / "bob-commune.md").exists(), WAIT, "the huge commune to be refused")
     assert "limit" in (folder(a) / "bob-commune.rejected.reason.txt").read_text()
     assert a.json("daemon", "status")["unread"] == 2
     nothing = a.cli("endpoint", "mind", "bob")
@@ -139,7 +128,7 @@ def test_commune_rejections_fork_and_reading(spt_nodes, tmp_path):
     # a good one; text before the first heading goes to the project tier (here a local-only
     # project: a folder with neither .spt/project nor a git origin)
     (folder(a) / "bob-commune.md").write_text("I review code in this folder\n# live\nreviewing PR 7\n")
-    eventually(lambda: entries(a) != ([], []), "bob's commune to be taken")
+    wait_for(lambda: entries(a) != ([], []), WAIT, "bob's commune to be taken")
     assert [body for _, body in entries(a)[0]] == ["reviewing PR 7"]
     assert [body for _, body in entries(a)[1]] == ["I review code in this folder"]
     assert a.json("endpoint", "mind", "bob")["project"]["id"].startswith("local-")

@@ -18,21 +18,11 @@ import time
 import pytest
 
 from spt.testing.nodes import DEFAULT_CONFIG
+from spt.testing.wait import wait_for
 
 pytestmark = pytest.mark.slow
 
 WAIT = 15.0
-
-
-def eventually(check, what, timeout=WAIT):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def interactive(node, *args):
@@ -90,11 +80,8 @@ def trio(spt_nodes):
     for n in (b, c):
         n.cli("subnet", "join", "home", "--code", fresh_code(a, "home"), "--peer", a.address, check=True)
     for n in nodes:
-        eventually(
-            lambda n=n: all(m["online"] for m in n.json("subnet", "status", "--nodes")["subnets"][0]["members"])
-            and len(n.json("subnet", "status", "--nodes")["subnets"][0]["members"]) == 3,
-            f"{n.name} to see all three online",
-        )
+        wait_for(lambda n=n: all(m["online"] for m in n.json("subnet", "status", "--nodes")["subnets"][0]["members"])
+            and len(n.json("subnet", "status", "--nodes")["subnets"][0]["members"]) == 3, WAIT, f"{n.name} to see all three online")
     return a, b, c
 
 
@@ -104,7 +91,7 @@ def test_a_notification_surfaces_once_where_the_user_was_and_an_ack_anywhere_cle
     assert code == 0
     c_key = c.key
     # gamma's activity reaches alpha in its presence before the notification is raised
-    eventually(lambda: _activity(a, c_key), "alpha to learn gamma's activity from its presence")
+    wait_for(lambda: _activity(a, c_key), WAIT, "alpha to learn gamma's activity from its presence")
     assert _activity(a, a.key) is None and _activity(c, c_key)
 
     raised = a.cli("subnet", "notify", "--title", "disk nearly full", input="only 2% left on /\n")
@@ -115,13 +102,13 @@ def test_a_notification_surfaces_once_where_the_user_was_and_an_ack_anywhere_cle
 
     # every member holds it; gamma showed it (ran notifications.command) and recorded surfaced_at
     for n in (a, b, c):
-        rows = eventually(lambda n=n: listed(n), f"{n.name} to hold the notification")
+        rows = wait_for(lambda n=n: listed(n), WAIT, f"{n.name} to hold the notification")
         assert [(r["id"], r["kind"], r["title"], r["body"], r["subnet"]) for r in rows] == [
             (notif_id, "user", "disk nearly full", "only 2% left on /", "home")
         ]
-    eventually(lambda: shown_file(c).exists() and notif_id in shown_file(c).read_text(), "gamma to run the command")
+    wait_for(lambda: shown_file(c).exists() and notif_id in shown_file(c).read_text(), WAIT, "gamma to run the command")
     for n in (a, b, c):
-        eventually(lambda n=n: listed(n)[0]["surfaced_at"] == c_key, f"{n.name} to learn where it surfaced")
+        wait_for(lambda n=n: listed(n)[0]["surfaced_at"] == c_key, WAIT, f"{n.name} to learn where it surfaced")
     time.sleep(2.5)  # two surfacing rounds: nobody else shows it
     assert not shown_file(a).exists() and not shown_file(b).exists()
     assert shown_file(c).read_text().count(notif_id) == 1
@@ -140,7 +127,7 @@ def test_a_notification_surfaces_once_where_the_user_was_and_an_ack_anywhere_cle
     acked = b.cli("notif", "ack", notif_id[:8])
     assert acked.stdout == f"ACKED:{notif_id}\n", acked.stderr
     for n in (a, b, c):
-        eventually(lambda n=n: listed(n) == [] and n.json("daemon", "status")["unread"] == 0, f"{n.name} to see the ack")
+        wait_for(lambda n=n: listed(n) == [] and n.json("daemon", "status")["unread"] == 0, WAIT, f"{n.name} to see the ack")
         assert listed(n, "--all")[0]["acked"] is True
     missing = b.cli("notif", "ack", "0123456789abcdef")
     assert missing.returncode == 1 and missing.stderr.startswith("NO_SUCH_NOTIF:0123456789abcdef")
@@ -155,12 +142,12 @@ def _activity(node, key):
 def test_an_offline_node_learns_the_ack_when_it_reconnects(trio):
     a, b, c = trio
     notif_id = a.cli("subnet", "notify", "backup failed", check=True).stdout.strip().split(":", 1)[1]
-    eventually(lambda: [r["id"] for r in listed(c)] == [notif_id], "gamma to hold the notification")
+    wait_for(lambda: [r["id"] for r in listed(c)] == [notif_id], WAIT, "gamma to hold the notification")
     c.stop()
     assert a.cli("notif", "ack", "--all").stdout == f"ACKED:{notif_id}\n"
-    eventually(lambda: listed(b) == [], "beta to see the ack")
+    wait_for(lambda: listed(b) == [], WAIT, "beta to see the ack")
     c.start()
-    eventually(lambda: listed(c) == [] and listed(c, "--all")[0]["acked"], "gamma to learn the ack on reconnect")
+    wait_for(lambda: listed(c) == [] and listed(c, "--all")[0]["acked"], WAIT, "gamma to learn the ack on reconnect")
 
 
 def test_subnet_notify_refusals(spt_nodes):

@@ -6,9 +6,10 @@ import shlex
 import shutil
 import subprocess
 import sys
-import time
 
 import pytest
+
+from spt.testing.wait import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.root]
 
@@ -22,16 +23,6 @@ for _ in range(1200):
         last = size
     time.sleep(0.05)
 """
-
-
-def wait_for(predicate, timeout=20.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_rc_follows_the_terminal_size_and_restores_the_terminal_on_detach(spt_nodes, tmp_path):

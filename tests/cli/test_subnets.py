@@ -13,24 +13,15 @@ import time
 
 import pytest
 
+from spt.testing.nodes import dial_as_member
+from spt.testing.wait import wait_for
+
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.root,  # spt subnet create/join need an elevated caller
 ]
 
 WAIT = 15.0  # seconds any eventually-true condition gets
-
-
-def eventually(check, what, timeout=WAIT):
-    """Poll `check()` until it returns a truthy value, at most `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def code_of(stdout):
@@ -118,7 +109,7 @@ def trio(spt_nodes):
     joined(b, a)
     joined(c, b)
     for node in (a, b, c):
-        eventually(lambda node=node: all_online(node, {"alpha", "beta", "gamma"}), f"{node.name} to see all three")
+        wait_for(lambda node=node: all_online(node, {"alpha", "beta", "gamma"}), WAIT, f"{node.name} to see all three")
     return a, b, c, created
 
 
@@ -183,14 +174,14 @@ def test_wrong_code_fails_on_both_sides_with_nothing_pinned(trio, spt_nodes):
     assert sub_doc(b)["joins"]["failed_last_hour"] == 1
     assert "joins-failed-1h=1" in b.cli("subnet", "status", check=True).stdout
     # the failure record is gossiped: the other members count it too
-    eventually(lambda: sub_doc(a)["joins"]["failed_last_hour"] == 1, "alpha to count the failure")
+    wait_for(lambda: sub_doc(a)["joins"]["failed_last_hour"] == 1, WAIT, "alpha to count the failure")
     for n in (a, b, c):
         assert {k: v["key"] for k, v in members(n).items()} == {k: v["key"] for k, v in before[n.name].items()}
     # §8.4: raised where it happened, replicated to every member, and to a member that joins later
     for n in (a, b, c):
-        eventually(lambda n=n: notif_kinds(n) == ["join-failed"], f"{n.name} to hold the join-failed notification")
+        wait_for(lambda n=n: notif_kinds(n) == ["join-failed"], WAIT, f"{n.name} to hold the join-failed notification")
     joined(d, b)
-    eventually(lambda: notif_kinds(d) == ["join-failed"], "the later joiner to receive the join-failed notification")
+    wait_for(lambda: notif_kinds(d) == ["join-failed"], WAIT, "the later joiner to receive the join-failed notification")
 
 
 LOCKOUT_CONFIG = """\
@@ -222,9 +213,9 @@ def test_lockout_refuses_the_right_code_until_the_window_passes(spt_nodes):
     joins = sub_doc(a)["joins"]
     assert joins["state"] == "locked" and joins["locked_until"] and joins["failed_last_hour"] == 3
     assert notif_kinds(a).count("join-lockout") == 1
-    eventually(lambda: sub_doc(a)["joins"]["state"] == "open", "the lockout to pass", timeout=20)
+    wait_for(lambda: sub_doc(a)["joins"]["state"] == "open", 20, "the lockout to pass")
     joined(d, a)
-    eventually(lambda: "join-lockout" in notif_kinds(d), "the later joiner to receive the lockout notification")
+    wait_for(lambda: "join-lockout" in notif_kinds(d), WAIT, "the later joiner to receive the lockout notification")
 
 
 def test_unlock_ends_a_lockout_subnet_wide(spt_nodes):
@@ -234,21 +225,21 @@ def test_unlock_ends_a_lockout_subnet_wide(spt_nodes):
     d = spt_nodes("d", label="delta")
     create(a)
     joined(b, a)
-    eventually(lambda: all_online(a, {"alpha", "beta"}), "alpha and beta connected")
+    wait_for(lambda: all_online(a, {"alpha", "beta"}), WAIT, "alpha and beta connected")
     for _ in range(3):
         assert join(d, a, code=wrong(fresh_code(a))).stderr.startswith("JOIN_REJECTED:home")
     assert join(d, a).stderr.startswith("JOIN_LOCKED:home until ")
     # the records reached beta: it is locked too, and shows it
-    eventually(lambda: sub_doc(b)["joins"]["state"] == "locked", "beta to see the lockout")
+    wait_for(lambda: sub_doc(b)["joins"]["state"] == "locked", WAIT, "beta to see the lockout")
     human = b.cli("subnet", "status", check=True).stdout
     assert re.search(r"joins-failed-1h=3 joins-locked-until=\d\d:\d\d", human), human
     assert join(d, b).stderr.startswith("JOIN_LOCKED:home until ")
     assert notif_kinds(a).count("join-lockout") == 1
-    eventually(lambda: "join-lockout" in notif_kinds(b), "beta to receive the lockout notification")
+    wait_for(lambda: "join-lockout" in notif_kinds(b), WAIT, "beta to receive the lockout notification")
 
     assert a.cli("subnet", "unlock", "home").stdout == "UNLOCKED:home\n"
     assert sub_doc(a)["joins"] == {"state": "open", "failed_last_hour": 0, "locked_until": None}
-    eventually(lambda: sub_doc(b)["joins"]["state"] == "open", "the unlock to reach beta")
+    wait_for(lambda: sub_doc(b)["joins"]["state"] == "open", WAIT, "the unlock to reach beta")
     joined(d, b)
 
 
@@ -266,16 +257,16 @@ def test_prune_sticks_and_a_fresh_code_readmits(trio, spt_nodes):
     _, new_seed = seed_of(pruned.stdout)
     assert new_seed != old_seed
 
-    eventually(lambda: "pruned" in c.cli("subnet", "status").stdout, "gamma to learn it was pruned")
+    wait_for(lambda: "pruned" in c.cli("subnet", "status").stdout, WAIT, "gamma to learn it was pruned")
     assert re.search(r"^home\s+-\s+-\s+pruned$", c.cli("subnet", "status", check=True).stdout, re.M)
     for n in (a, b):
-        eventually(lambda n=n: set(members(n)) == {"alpha", "beta"}, f"{n.name} to drop gamma")
+        wait_for(lambda n=n: set(members(n)) == {"alpha", "beta"}, WAIT, f"{n.name} to drop gamma")
         former = {m["label"]: m for m in status(n, "--all")["subnets"][0]["members"]}
         assert former["gamma"]["standing"] == "pruned" and former["gamma"]["key"] == c_key
 
     # a raw member dial with gamma's key is refused by both, with the reason
     for n in (a, b):
-        refusal = asyncio.run(_dial_member(c, n))
+        refusal = asyncio.run(dial_as_member(c, n))
         assert "pruned" in refusal and "accepted" not in refusal, refusal
 
     # the old seed's code is dead everywhere the rotation arrived
@@ -289,27 +280,7 @@ def test_prune_sticks_and_a_fresh_code_readmits(trio, spt_nodes):
     joined(d, b)
     joined(c, a)
     for n in (a, b, c, d):
-        eventually(lambda n=n: all_online(n, {"alpha", "beta", "gamma", "delta"}), f"{n.name} to see four")
-
-
-async def _dial_member(node, target):
-    """Dial `target` on the member ALPN with `node`'s key from a throwaway socket; the refusal."""
-    from spt.core.identity import NodeId
-    from spt.core.net.transport import AllowKeys, HandshakeRefusedError, Transport
-    from spt.core.store import load_or_create_key
-
-    key, _ = load_or_create_key(node.home / "node.key")
-    host, port = target.address.rsplit(":", 1)
-    transport = Transport(key, host="127.0.0.1", port=0, accept=AllowKeys())
-    await transport.start()
-    try:
-        conn = await transport.connect(NodeId.from_hex(target.key), [(host, int(port))], timeout=5)
-    except HandshakeRefusedError as exc:
-        return str(exc)
-    else:
-        return "accepted: " + await asyncio.wait_for(conn.wait_closed(), 5)
-    finally:
-        await transport.close()
+        wait_for(lambda n=n: all_online(n, {"alpha", "beta", "gamma", "delta"}), WAIT, f"{n.name} to see four")
 
 
 def test_leave_makes_a_former_member(trio):
@@ -319,19 +290,19 @@ def test_leave_makes_a_former_member(trio):
     assert left.returncode == 0, left.stderr
     assert left.stdout.splitlines()[0] == "LEFT:home"
     for n in (a, c):
-        eventually(lambda n=n: set(members(n)) == {"alpha", "gamma"}, f"{n.name} to drop beta")
+        wait_for(lambda n=n: set(members(n)) == {"alpha", "gamma"}, WAIT, f"{n.name} to drop beta")
         former = {m["label"]: m for m in status(n, "--all")["subnets"][0]["members"]}
         assert former["beta"]["standing"] == "left" and former["beta"]["key"] == b_key
     assert re.search(r"^home\s+-\s+-\s+left$", b.cli("subnet", "status", check=True).stdout, re.M)
     # §8.4: the members that stay are told once; the leaver keeps no notification of home
     for n in (a, c):
-        eventually(lambda n=n: notif_kinds(n) == ["member-left"], f"{n.name} to hold the member-left notification")
+        wait_for(lambda n=n: notif_kinds(n) == ["member-left"], WAIT, f"{n.name} to hold the member-left notification")
     assert notif_kinds(b) == []
-    refusal = asyncio.run(_dial_member(b, a))
+    refusal = asyncio.run(dial_as_member(b, a))
     assert "left" in refusal and "accepted" not in refusal, refusal
     # only a fresh join brings it back
     joined(b, c)
-    eventually(lambda: all_online(a, {"alpha", "beta", "gamma"}), "beta back")
+    wait_for(lambda: all_online(a, {"alpha", "beta", "gamma"}), WAIT, "beta back")
 
 
 def test_detach_stops_answering_joins_until_attach(trio, spt_nodes):
@@ -346,14 +317,14 @@ def test_detach_stops_answering_joins_until_attach(trio, spt_nodes):
     refused = d.cli("subnet", "join", "home", "--code", code, "--peer", a.address, "--timeout", "2")
     assert refused.returncode == 1 and refused.stderr.startswith("JOIN_NOT_FOUND:home"), refused.stderr
     # members stop serving each other: beta shows alpha without a path, reason detached
-    eventually(lambda: members(b)["alpha"]["path"]["reason"] == "detached", "beta to see alpha detached")
+    wait_for(lambda: members(b)["alpha"]["path"]["reason"] == "detached", WAIT, "beta to see alpha detached")
     # detach survives a restart
     a.stop()
     a.start()
     assert sub_doc(a)["attached"] is False
     assert a.cli("subnet", "attach", "home").stdout == "ATTACHED:home\n"
     assert sub_doc(a)["attached"] is True
-    eventually(lambda: members(b)["alpha"]["path"]["kind"] != "none", "alpha and beta connected again")
+    wait_for(lambda: members(b)["alpha"]["path"]["kind"] != "none", WAIT, "alpha and beta connected again")
     joined(d, a)
 
 
@@ -368,7 +339,7 @@ def test_a_changed_key_is_refused_until_a_member_accepts_it(trio):
 
     # every member records the claim, refuses the new key, and warns
     for n in (a, b):
-        pending = eventually(lambda n=n: n.json("node", "trust", "list")["pending"], f"{n.name} to record the claim")
+        pending = wait_for(lambda n=n: n.json("node", "trust", "list")["pending"], WAIT, f"{n.name} to record the claim")
         assert pending == [
             {"subnet": "home", "old": old_key, "new": new_key, "since": pending[0]["since"], "old_key_signed": False}
         ]
@@ -377,8 +348,8 @@ def test_a_changed_key_is_refused_until_a_member_accepts_it(trio):
             rf"^PENDING gamma \({old_key[:8]}\u2026\) -> {new_key[:8]}\u2026 home since \S+$", human, re.M
         ), human
         # both members saw the claim; the user gets one notification for it, everywhere
-        eventually(lambda n=n: notif_kinds(n) == ["key-change"], f"{n.name} to hold one key-change notification")
-        refusal = asyncio.run(_dial_member(c, n))
+        wait_for(lambda n=n: notif_kinds(n) == ["key-change"], WAIT, f"{n.name} to hold one key-change notification")
+        refusal = asyncio.run(dial_as_member(c, n))
         assert "not-a-member" in refusal and "accepted" not in refusal, refusal
         gamma = members(n)["gamma"]
         assert gamma["key"] == old_key and gamma["path"]["kind"] == "none"  # no member connection
@@ -394,15 +365,14 @@ def test_a_changed_key_is_refused_until_a_member_accepts_it(trio):
     assert accepted.stdout == f"TRUSTED:gamma ({new_key[:8]}\u2026)\n"
     assert old_key[:8] in accepted.stderr and "fingerprint" in accepted.stderr
     for n in (a, b, c):
-        eventually(lambda n=n: all_online(n, {"alpha", "beta", "gamma"}) and members(n)["gamma"]["key"] == new_key,
-                   f"{n.name} to see gamma online with its new key")
+        wait_for(lambda n=n: all_online(n, {"alpha", "beta", "gamma"}) and members(n)["gamma"]["key"] == new_key, WAIT, f"{n.name} to see gamma online with its new key")
     assert a.json("node", "trust", "list")["pending"] == []
-    eventually(lambda: b.json("node", "trust", "list")["pending"] == [], "beta to drop the settled claim")
+    wait_for(lambda: b.json("node", "trust", "list")["pending"] == [], WAIT, "beta to drop the settled claim")
     assert f"gamma ({new_key[:8]}\u2026)  online" in a.cli("subnet", "status", "--nodes", check=True).stdout
     former = {m["key"]: m for m in status(a, "--all")["subnets"][0]["members"]}
     assert former[old_key]["standing"] == "rekeyed"
     # the node under its new key is a member it was not before: the notification reaches it too
-    eventually(lambda: notif_kinds(c) == ["key-change"], "gamma's new key to receive the key-change notification")
+    wait_for(lambda: notif_kinds(c) == ["key-change"], WAIT, "gamma's new key to receive the key-change notification")
 
 
 def test_trust_reject_drops_the_claim(trio):
@@ -410,7 +380,7 @@ def test_trust_reject_drops_the_claim(trio):
     c.stop()
     (c.home / "node.key").unlink()
     c.start()
-    eventually(lambda: a.json("node", "trust", "list")["pending"], "alpha to record the claim")
+    wait_for(lambda: a.json("node", "trust", "list")["pending"], WAIT, "alpha to record the claim")
     assert a.cli("node", "trust", "reject", "gamma").stdout == "REJECTED:gamma\n"
     assert a.json("node", "trust", "list")["pending"] == []
     missing = a.cli("node", "trust", "accept", "gamma", "--yes")
@@ -442,7 +412,7 @@ def test_no_secret_in_any_ungated_output_or_log(spt_nodes):
     refused = join(d, b, code=wrong(fresh_code(b)))
     assert refused.returncode == 1
     outputs.append(refused.stderr)  # refusals are output too
-    eventually(lambda: all_online(a, {"alpha", "beta", "gamma"}), "three online")
+    wait_for(lambda: all_online(a, {"alpha", "beta", "gamma"}), WAIT, "three online")
     for node in (a, b, c, d):
         for args in (("subnet", "status"), ("subnet", "status", "--nodes", "--all"), ("node", "show"),
                      ("node", "trust", "list"), ("daemon", "status"), ("endpoint", "list")):
@@ -456,7 +426,7 @@ def test_no_secret_in_any_ungated_output_or_log(spt_nodes):
     ungated(a, "subnet", "detach", "home")
     ungated(a, "subnet", "attach", "home")
     outputs.append(join(d, b).stdout)
-    eventually(lambda: "pruned" in c.cli("subnet", "status").stdout, "gamma to learn it was pruned")
+    wait_for(lambda: "pruned" in c.cli("subnet", "status").stdout, WAIT, "gamma to learn it was pruned")
     for node in (a, b, c, d):
         ungated(node, "--json", "subnet", "status", "--nodes", "--all")
         ungated(node, "subnet", "status", "--nodes", "--all")
@@ -502,10 +472,10 @@ def test_rekey_is_signed_by_the_old_key_and_still_needs_a_human(trio):
     assert (c.home / "node.key.old").exists()
 
     # §9.10: the old key's signature on the claim changes nothing until someone accepts
-    pending = eventually(lambda: b.json("node", "trust", "list")["pending"], "beta to record the claim")
+    pending = wait_for(lambda: b.json("node", "trust", "list")["pending"], WAIT, "beta to record the claim")
     assert [(p["old"], p["new"], p["old_key_signed"]) for p in pending] == [(old_key, new_key, True)]
     assert b.cli("node", "trust", "list", check=True).stdout.rstrip().endswith("old-key-signed")
-    refusal = asyncio.run(_dial_member(c, b))
+    refusal = asyncio.run(dial_as_member(c, b))
     assert "not-a-member" in refusal and "accepted" not in refusal, refusal
     again = c.cli("node", "rekey", "--yes")
     assert again.returncode == 1 and again.stderr.startswith("REKEY_PENDING:")
@@ -513,12 +483,11 @@ def test_rekey_is_signed_by_the_old_key_and_still_needs_a_human(trio):
     trusted = b.cli("node", "trust", "accept", new_key[:10], "--subnet", "home", "--yes")
     assert trusted.stdout == f"TRUSTED:gamma ({new_key[:8]}\u2026)\n", trusted.stderr
     for n in (a, b, c):
-        eventually(lambda n=n: all_online(n, {"alpha", "beta", "gamma"}) and members(n)["gamma"]["key"] == new_key,
-                   f"{n.name} to see gamma online with its new key")
+        wait_for(lambda n=n: all_online(n, {"alpha", "beta", "gamma"}) and members(n)["gamma"]["key"] == new_key, WAIT, f"{n.name} to see gamma online with its new key")
     rekeys = [json.loads(raw) for (raw,) in db_rows(a, "SELECT data FROM log_entries")]
     [entry] = [e for e in rekeys if e["type"] == "rekey"]
     assert entry["body"] == {"old": old_key, "new": new_key} and entry["oldsig"] and entry["countersig"]
-    eventually(lambda: not (c.home / "node.key.old").exists(), "gamma to delete its old key")
+    wait_for(lambda: not (c.home / "node.key.old").exists(), WAIT, "gamma to delete its old key")
 
 
 def test_two_subnets_of_one_name_are_ambiguous_until_id_chooses(spt_nodes):

@@ -17,21 +17,11 @@ import pytest
 from spt.testing.netns import Lab
 from spt.testing.nodes import LabNode, LabNodes
 from spt.testing.traffic import Listener, Stream, check_stream, drain
+from spt.testing.wait import wait_for
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
 OFFLINE_AFTER = 3.0
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what} (last: {last!r})")
 
 
 @pytest.fixture

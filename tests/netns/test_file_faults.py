@@ -16,6 +16,7 @@ import pytest
 
 from spt.testing.netns import pcap_frames
 from spt.testing.nodes import LabNodes
+from spt.testing.wait import wait_for
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
@@ -44,16 +45,6 @@ def transfer(node, tid):
     result = node.cli("--json", "file", "status", tid)
     docs = json.loads(result.stdout)["transfers"] if result.returncode == 0 else []
     return docs[0] if docs else {}
-
-
-def wait_for(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 @pytest.mark.parametrize("fault", ["kill-sender", "drop-connection"])

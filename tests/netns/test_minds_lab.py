@@ -16,6 +16,7 @@ import pytest
 from test_subnets_lan import current_code, lan_nodes  # noqa: F401  (the three-host fixture)
 
 from spt.testing.netns import udp_datagrams
+from spt.testing.wait import wait_for
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
@@ -30,16 +31,6 @@ def mind_rows(node):
         con.close()
 
 
-def wait_for(check, what, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_a_hidden_instance_receives_no_mind_bytes(lan_nodes):  # noqa: F811
     a, b, c = lan_nodes
     assert a.cli("subnet", "create", "home").returncode == 0
@@ -51,13 +42,13 @@ def test_a_hidden_instance_receives_no_mind_bytes(lan_nodes):  # noqa: F811
     assert c.cli("endpoint", "visibility", "hide", "bob", "home").returncode == 0
     b_key = b.json("node", "show")["key"]
     wait_for(lambda: any(r["node"]["key"] == b_key for s in a.json("endpoint", "list")["subnets"]
-                         for r in s["endpoints"] if r["id"] == "bob"), "alpha to see bob on beta")
+                         for r in s["endpoints"] if r["id"] == "bob"), 20.0, "alpha to see bob on beta")
     a_addr = a.lab.addr(a.host)
 
     with a.lab.capture(b.host, "udp port 47470") as cap_b, a.lab.capture(c.host, "udp port 47470") as cap_c:
         body = os.urandom(ENTRY_BYTES // 2).hex()  # random: nothing on the way compresses it
         (a.home / "endpoints" / "bob" / "bob-commune.md").write_text(f"# live\n{body}\n")
-        entry = wait_for(lambda: mind_rows(b), "beta to receive bob's entry")
+        entry = wait_for(lambda: mind_rows(b), 20.0, "beta to receive bob's entry")
         time.sleep(1.0)
         data_b, data_c = cap_b.stop(), cap_c.stop()
     from_a_to_b = sum(len(d.payload) for d in udp_datagrams(data_b) if d.src == a_addr)

@@ -27,22 +27,12 @@ import pytest
 
 from spt.testing.netns import Lab, pcap_frames, udp_datagrams
 from spt.testing.nodes import LabNode, fresh_code
+from spt.testing.wait import wait_for
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
 NODE_PORT = 47470
 RELAY_PORT = 47471
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what} (last: {last!r})")
 
 
 class ReachLab:

@@ -4,25 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import blake3
 
 from spt.testing.nodes import DEFAULT_CONFIG, Node, NodeFactory, fresh_code
+from spt.testing.wait import wait_for
 
 CONFIG = DEFAULT_CONFIG + "\n[timing]\npresence_interval = 1.0\n"
 PERCH = "bob"
-
-
-def wait_for(predicate, timeout=30.0, what="condition", every=0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def listed(node: Node, endpoint_id: str) -> bool:

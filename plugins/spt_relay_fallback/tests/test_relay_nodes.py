@@ -6,17 +6,9 @@ import time
 import pytest
 
 from spt.testing.nodes import DEFAULT_CONFIG, fresh_code
+from spt.testing.wait import wait_for
 
 pytestmark = pytest.mark.slow
-
-
-def wait_for(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(0.05)
-    raise AssertionError("timed out")
 
 
 def test_relay_add_list_remove_edit_the_config_and_the_daemon_follows(spt_nodes, relay_url):

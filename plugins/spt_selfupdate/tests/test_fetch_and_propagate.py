@@ -23,20 +23,11 @@ from spt_selfupdate.trust import TrustedKeys, platform_tag
 from su_helpers import flip_byte, tiny_release, truncate
 
 from spt.testing.nodes import DEFAULT_CONFIG, Node, NodeFactory, fresh_code
+from spt.testing.wait import wait_for
 
 pytestmark = pytest.mark.slow
 
 FAST = DEFAULT_CONFIG + "\n[timing]\npresence_interval = 0.5\n\n[update]\npeer_interval = 0.5\n"
-
-
-def wait_for(predicate, timeout=20.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def status(node: Node) -> dict:

@@ -198,7 +198,7 @@ def test_replicas_agree_and_removed_keys_have_no_effect(data):
         assert all(effect(v.state()) == first for v in world.views.values())
 
 
-def test_ten_thousand_entries_evaluate_in_under_a_second():
+def test_ten_thousand_entries_evaluate_without_a_quadratic_pass():
     keys = [NodeKey.generate() for _ in range(50)]
     clocks = {k.node_id: Hlc(k.node_id) for k in keys}
     wall = [1_000]
@@ -231,4 +231,7 @@ def test_ten_thousand_entries_evaluate_in_under_a_second():
     elapsed = time.perf_counter() - started
     assert len(s.members) == 50 and not s.invalid
     print(f"evaluating {len(log)} entries took {elapsed:.3f} s")
-    assert elapsed < 1.0, f"evaluating 10,000 entries took {elapsed:.2f} s"
+    # Speed is bench/scale.py's to report (about 0.4 s here on a quiet machine); this bound, far
+    # above it so that a loaded CI machine passes, catches only a return of the quadratic pass
+    # (5.6 s for 4,096 entries before issue 10).
+    assert elapsed < 10.0, f"evaluating 10,000 entries took {elapsed:.2f} s"
