@@ -485,6 +485,11 @@ class Daemon:
         self.members.spawn(self.messaging.sync(conn), "registry sync")
         self.members.spawn(self.replication.sync(conn), "replication sync")
 
+    def peer_disconnected(self, node: NodeId) -> None:
+        """The member connection to `node` closed: what waits for it is tried again at once,
+        over whichever path dials now (a relay when the direct path died)."""
+        self.messaging.retry_now(node)
+
     def membership_changed(self, sub: HeldSubnet) -> None:
         """Members joined, left or were pruned in `sub`."""
         self.messaging.membership_changed(sub)

@@ -695,6 +695,7 @@ class Members:
                 delay = RECONNECT_MIN
                 reason = await self._hold(conn)
                 log.info("member connection closed", extra={"peer": node.short, "reason": reason})
+                self.daemon.peer_disconnected(node)
                 if "detached" in reason:
                     self._detached_peers.add(node)
             except asyncio.CancelledError:

@@ -347,7 +347,12 @@ class Messaging:
                     "registry.push", {"subnet": sub.id.hex(), "records": [r.to_dict() for r in lacking]},
                     timeout=FORWARD_TIMEOUT,
                 )
-        self.endpoints.retry_node_now(conn.peer)  # queued traffic goes now, not after its backoff
+        self.retry_now(conn.peer)  # queued traffic goes now, not after its backoff
+
+    def retry_now(self, node: NodeId) -> None:
+        """A path to `node` appeared, or the one in use closed (messages in flight on it were
+        queued): forward its queued messages now, not after their backoff or the next tick."""
+        self.endpoints.retry_node_now(node)
         self._drain_wake.set()
 
     async def _presence_loop(self) -> None:

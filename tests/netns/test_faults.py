@@ -135,12 +135,14 @@ def path_kind(node: LabNode) -> str:
     return str(members[0]["path"]["kind"]) if len(members) == 1 and members[0].get("path") else "?"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "found by this test: after direct -> relayed (NAT mappings flushed, direct path cut) the messages "
-    "queued from then on are not delivered within 60 s, even after the cut heals; to fix in the path layer"))
 def test_the_path_moves_under_load_relayed_to_direct_and_back_without_loss(netns_lab, lab_nodes):
     """Relayed -> direct when the punch succeeds mid-stream; direct -> relayed when the NATs forget
-    their mappings and the direct path stays blocked. Exactly once, in order, no stall > 2 s."""
+    their mappings and the direct path stays blocked. Exactly once, in order, no stall > 2 s.
+
+    Timing knobs: an idle timeout of 1 s (offline 1.5 s) is what bounds noticing that the direct
+    path died; the move back to the relay takes that plus one dial, well under the 2 s. The
+    stream stops 200 messages after the move back, so the test lasts ~20 s unless the first
+    punch round ends before the block lifts (the next is 30 s later)."""
     import sys
     from pathlib import Path
 
@@ -151,7 +153,7 @@ def test_the_path_moves_under_load_relayed_to_direct_and_back_without_loss(netns
     rl = ReachLab(lab, "eim", "eim")
     try:
         url = rl.start_relay()
-        nodes = lab_nodes(lab, presence=0.5, offline=OFFLINE_AFTER, config=f'\n[relay]\nurls = ["{url}"]\n')
+        nodes = lab_nodes(lab, presence=0.25, offline=1.5, config=f'\n[relay]\nurls = ["{url}"]\n')
         t = rl.topo
         # the direct path is blocked at first, so the pair starts relayed
         blocked = lab.cut(t.a, t.b)
@@ -162,8 +164,7 @@ def test_the_path_moves_under_load_relayed_to_direct_and_back_without_loss(netns
         wait_for(lambda: path_kind(a).startswith("relayed"), 20, "a relayed path")
         listener = Listener(b, "bob")
         wait_for(lambda: row_state(a, "bob") == "active", 20, "bob's row")
-        count = 2000
-        stream = Stream(a, "bob", "alice", "pm", count, rate=40).start()
+        stream = Stream(a, "bob", "alice", "pm", 3000, rate=40).start()
         began = time.monotonic()
         kinds: list[tuple[float, str]] = []
 
@@ -174,21 +175,28 @@ def test_the_path_moves_under_load_relayed_to_direct_and_back_without_loss(netns
                 time.sleep(0.3)
 
         watch(lambda: len(stream.sent) > 100, 30)
+        # No conntrack flush here: flushing a Linux MASQUERADE while relayed packets keep arriving
+        # makes it give the host another port towards the relay (the relay's packet took the old
+        # one first), so its mapping is no longer endpoint-independent and whether a punch can
+        # still work depends on which side's key is lower. The punch only needs the block lifted.
         blocked.heal()  # the next punch round succeeds: relayed -> direct, mid-stream
-        lab.flush_conntrack()
-        a.cli("relay", "list")  # nudge nothing: punching retries on its own schedule
-        watch(lambda: path_kind(a) == "direct punched", 90)
+        watch(lambda: path_kind(a) == "direct punched", 60)
         assert path_kind(a) == "direct punched", kinds[-5:]
         moved_direct = len(stream.sent)
         print(f"direct after {time.monotonic() - began:.1f} s at {moved_direct}")
         watch(lambda: len(stream.sent) > moved_direct + 100, 30)
+        # one move: the relayed connection lingering in its grace is not punched and moved again
+        assert a.log().count("moved to a punched path") + b.log().count("moved to a punched path") == 1
         lab.flush_conntrack(t.nat_a)  # direct -> relayed: the NATs forget, the direct path stays cut
         lab.flush_conntrack(t.nat_b)
         cut = lab.cut(t.a, t.b)
         watch(lambda: path_kind(a).startswith("relayed"), 30)
         moved_relayed = len(stream.sent)
         print(f"relayed after {time.monotonic() - began:.1f} s at {moved_relayed}")
-        stream.join(120)
+        watch(lambda: len(stream.sent) > moved_relayed + 200, 30)  # queued and sent over the relay
+        stream.stop()
+        stream.join(60)
+        count = len(stream.sent)
         cut.heal()
         deadline = time.monotonic() + 30
         while len(listener.bodies("pm")) < count and time.monotonic() < deadline:
@@ -196,8 +204,9 @@ def test_the_path_moves_under_load_relayed_to_direct_and_back_without_loss(netns
         arrivals = [r.at for r in listener.received if r.body.startswith("pm")]
         listener.close()
         check_stream(listener.bodies("pm") + [r.body for r in drain(b, "bob")], "pm", range(count))
-        assert 100 < moved_direct < moved_relayed < count, (moved_direct, moved_relayed)
+        assert 100 < moved_direct < moved_relayed < count - 200, (moved_direct, moved_relayed, count)
         gaps = sorted((b2 - b1 for b1, b2 in itertools.pairwise(arrivals)), reverse=True)
+        print(f"path moves: {count} messages, longest stalls {[round(g, 2) for g in gaps[:3]]} s")
         assert gaps[0] <= 2.0, f"stalls: {gaps[:5]}"
     finally:
         rl.close()

@@ -599,8 +599,8 @@ class RelayClient:
                 return
             for conn in paths.transport.connections():
                 route = paths.relay_of(conn.remote_addr) if conn.alpn == ALPN_MEMBER else None
-                if route is None:
-                    continue
+                if route is None or paths.transport.connection(conn.peer) is not conn:
+                    continue  # not relayed, or a relayed one lingering after a move (its grace)
                 if self._tunnelled(route[0]):
                     paths.set_reason(conn.peer, "udp-blocked")  # punching needs UDP
                     continue

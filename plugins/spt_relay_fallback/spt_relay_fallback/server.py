@@ -18,6 +18,9 @@ The protocol, as a node sees it (our design where the spec leaves it open):
 3. **Forwarding.** Plain datagrams on the same port: `0x01 ‖ dest key ‖ token ‖ packet` from
    the registered (key, address) becomes `0x02 ‖ source key ‖ packet` to the destination's
    registered address. The packet is opaque QUIC; the relay holds no key that opens it.
+   "Registered address" follows the node's relay connection: once QUIC has validated a new
+   address for it (its NAT forgot the mapping and gave it another port), frames come from and
+   go to that one, without a new registration.
    A frame with an unknown token or from another address is dropped and answered
    `0x03 ‖ 1` ("register again"), one to an unknown destination `0x03 ‖ 2`.
 4. **Mapping check.** A second UDP port (the listen port + 1, when free) answers
@@ -426,7 +429,7 @@ class RelayServer:
             return
         token = data[1 + KEY_BYTES : 1 + KEY_BYTES + TOKEN_BYTES]
         source = self._by_token.get(token)
-        if source is None or source.addr != addr:
+        if source is None or (addr != source.addr and addr != source.conn.validated_remote_addr):
             self.stats["dropped_token"] += 1
             self._notice(addr, NOTICE_REREGISTER)
             return
@@ -447,7 +450,9 @@ class RelayServer:
             source.allowance -= len(inner)
         self.stats["forwarded"] += 1
         self.stats["forwarded_bytes"] += len(inner)
-        self.transport.send_datagram(bytes((RELAY_DELIVER,)) + source.key.raw + inner, dest.addr)
+        # where QUIC last validated the destination: a NAT that forgot its mapping gives the
+        # node a new public port, which its keepalives on the relay connection prove at once
+        self.transport.send_datagram(bytes((RELAY_DELIVER,)) + source.key.raw + inner, dest.conn.validated_remote_addr)
 
     def _notice(self, addr: Address, code: int) -> None:
         now = time.monotonic()

@@ -84,6 +84,7 @@ OPEN_STREAMS: Final = 8  # concurrent peer streams on a connection from a peer t
 MEMBER_PARTIAL_BYTES: Final = 64 * 1024 * 1024  # unheld partial-frame bytes per member connection
 _MAX_REASON: Final = 200  # bytes of close reason put on the wire
 SILENT_KEEPALIVES: Final = 2.5  # keepalive periods of silence (two unanswered pings) that close
+KEEPALIVES_PER_IDLE: Final = 3.0  # keepalive periods at least within the idle timeout in force
 
 
 class CloseCode(enum.IntEnum):
@@ -435,7 +436,7 @@ class Connection:
             reason = f"protocol error detected here: {phrase} (code 0x{event.error_code:x})"
         elif event.reason_phrase == "Idle timeout" and event.error_code == QuicErrorCode.INTERNAL_ERROR:
             if self.established.done():
-                reason = f"idle timeout: nothing heard from the peer for {self._idle_timeout:g} s"
+                reason = f"idle timeout: nothing heard from the peer for {self._quic.idle_timeout:g} s"
             else:
                 reason = "no answer: the handshake timed out"
         elif crypto and not self.established.done():
@@ -502,21 +503,30 @@ class Connection:
         self._process()
         self._transmit()
 
+    @property
+    def keepalive_period(self) -> float:
+        """Seconds between keepalive looks: the configured period, shortened to a third of the
+        idle timeout in force (ours or the peer's, whichever is smaller). A connection that
+        carries nothing of its own for longer (a relay registration between refreshes) must
+        still not idle out, whatever idle timeout either side configured."""
+        return min(self._keepalive, self._quic.idle_timeout / KEEPALIVES_PER_IDLE)
+
     def _arm_keepalive(self) -> None:
         if self._keepalive > 0 and self._close_reason is None:
-            self._keepalive_handle = self._loop.call_later(self._keepalive, self._keepalive_tick)
+            self._keepalive_handle = self._loop.call_later(self.keepalive_period, self._keepalive_tick)
 
     def _keepalive_tick(self) -> None:
         self._keepalive_handle = None
         if self._close_reason is not None:
             return
+        period = self.keepalive_period
         silent = self._loop.time() - self._last_rx
-        if silent >= self._keepalive * SILENT_KEEPALIVES:
+        if silent >= period * SILENT_KEEPALIVES:
             # Two pings went unanswered: the peer moved, slept or vanished. Closing now (not at
             # the idle timeout) lets the member keeper dial every path again, the relay included.
-            self.close(f"peer silent for {silent:.0f} s (no answer to keepalives)")
+            self.close(f"peer silent for {silent:.1f} s (no answer to keepalives)")
             return
-        if silent >= self._keepalive * 0.9:
+        if silent >= period * 0.9:
             self._quic.send_ping(0)
             self._transmit()
         self._arm_keepalive()

@@ -322,6 +322,12 @@ class PinnedQuicConnection(QuicConnection):
         return loss._rtt_smoothed if loss._rtt_initialized else None
 
     @property
+    def idle_timeout(self) -> float:
+        """The idle timeout in force, in seconds: the smaller of ours and the peer's once its
+        transport parameters arrived (RFC 9000 §10.1), never under three probe timeouts."""
+        return float(self._idle_timeout())
+
+    @property
     def close_event(self) -> ConnectionTerminated | None:
         """Why the connection is closing, as soon as either side decided (not after draining)."""
         return self._close_event
