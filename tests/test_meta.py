@@ -50,3 +50,23 @@ def test_core_never_imports_the_plugin_distributions():
         text = path.read_text()
         for dist in ("spt_relay_fallback", "spt_filetransfer", "spt_selfupdate"):
             assert f"import {dist}" not in text and f"from {dist}" not in text, path
+
+
+def test_no_log_call_passes_a_logrecord_attribute_as_an_extra_field():
+    # logging raises KeyError for `extra={"msg": …}` and the like, but only when the record is
+    # made: a debug line or a rare warning then crashes the code path it reports on
+    import logging
+
+    reserved = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+    found = []
+    for path in [*(ROOT / "spt").rglob("*.py"), *(ROOT / "plugins").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call):
+                for kw in node.keywords:
+                    if kw.arg == "extra" and isinstance(kw.value, ast.Dict):
+                        found += [
+                            f"{path.relative_to(ROOT)}:{node.lineno}: {k.value}"
+                            for k in kw.value.keys
+                            if isinstance(k, ast.Constant) and k.value in reserved
+                        ]
+    assert found == []

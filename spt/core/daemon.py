@@ -485,6 +485,10 @@ class Daemon:
         self.members.spawn(self.messaging.sync(conn), "registry sync")
         self.members.spawn(self.replication.sync(conn), "replication sync")
 
+    def outgoing_queued(self) -> None:
+        """A message was put in the outgoing spool (and committed)."""
+        self.messaging.wake_drain()
+
     def peer_disconnected(self, node: NodeId) -> None:
         """The member connection to `node` closed: what waits for it is tried again at once,
         over whichever path dials now (a relay when the direct path died)."""

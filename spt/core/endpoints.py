@@ -769,6 +769,9 @@ class Endpoints:
             else:
                 return token
         await self.commits.run(functools.partial(self.spool.hold_outgoing, target.node.key, sub.id, payload))
+        queued = getattr(self.daemon, "outgoing_queued", None)
+        if queued is not None:
+            queued()  # committed now: the drain may forward it at once, not at its next tick
         return "QUEUED"
 
     async def deliver_incoming(

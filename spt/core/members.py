@@ -695,7 +695,6 @@ class Members:
                 delay = RECONNECT_MIN
                 reason = await self._hold(conn)
                 log.info("member connection closed", extra={"peer": node.short, "reason": reason})
-                self.daemon.peer_disconnected(node)
                 if "detached" in reason:
                     self._detached_peers.add(node)
             except asyncio.CancelledError:
@@ -706,6 +705,8 @@ class Members:
                 log.debug("member unreachable", extra={"peer": node.short, "reason": str(exc)})
             except Exception:
                 log.exception("member keeper failed", extra={"peer": node.short})
+            if conn is not None and not conn.is_open:
+                self.daemon.peer_disconnected(node)  # held or mid-sync: what was in flight goes on
             await asyncio.sleep(delay)
             delay = min(delay * 2, RECONNECT_MAX)
 

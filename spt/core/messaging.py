@@ -190,12 +190,12 @@ class Messaging:
             # The whole node backs off, so its messages keep their order (§4.2 step 7).
             self.endpoints.defer_node(msg.node, now + min(2.0 ** min(msg.attempts, 10), BACKOFF_MAX))
             held_back.add(msg.node)
-            log.debug("queued message not forwarded yet", extra={"msg": msg.msg_id[:12], "reason": str(exc)})
+            log.debug("queued message not forwarded yet", extra={"msg_id": msg.msg_id[:12], "reason": str(exc)})
             return False
         return True
 
     def _drop(self, msg_id: str, sub: HeldSubnet | None, why: str) -> None:
-        log.warning("queued message dropped", extra={"msg": msg_id[:12], "reason": why})
+        log.warning("queued message dropped", extra={"msg_id": msg_id[:12], "reason": why})
         self.endpoints.mark_forwarded(msg_id)
         self.daemon.notify(sub, "dropped-messages", "a queued message was dropped", f"{why} (message {msg_id[:12]})")
 
@@ -353,6 +353,10 @@ class Messaging:
         """A path to `node` appeared, or the one in use closed (messages in flight on it were
         queued): forward its queued messages now, not after their backoff or the next tick."""
         self.endpoints.retry_node_now(node)
+        self._drain_wake.set()
+
+    def wake_drain(self) -> None:
+        """Look at the outgoing spool now (what is due goes; backoffs are kept)."""
         self._drain_wake.set()
 
     async def _presence_loop(self) -> None:

@@ -298,9 +298,13 @@ class Spool:
     ) -> None:
         """`queue_outgoing` inside the caller's transaction (e.g. a group commit's, on its `db`)."""
         msg_id = check_message_id(payload.get("id"))
+        # Behind messages the node's backoff holds, a new one waits as long: due at once, it
+        # would be forwarded before them (§4.2 step 7). Every message of a node shares its
+        # backoff (`defer_node`), so the oldest one's is the node's.
         (db or self.store.db).execute(
-            "INSERT OR IGNORE INTO outgoing(msg_id, node, subnet, payload, created) VALUES(?,?,?,?,?)",
-            (msg_id, node.raw, subnet, json.dumps(dict(payload)), time.time()),
+            "INSERT OR IGNORE INTO outgoing(msg_id, node, subnet, payload, created, next_try) VALUES(?,?,?,?,?,"
+            "COALESCE((SELECT next_try FROM outgoing WHERE node=? ORDER BY seq LIMIT 1), 0))",
+            (msg_id, node.raw, subnet, json.dumps(dict(payload)), time.time(), node.raw),
         )
 
     def pending_outgoing(

@@ -185,3 +185,20 @@ def test_the_outgoing_spool_keeps_messages_until_forwarded(spool):
     assert spool.pending_outgoing()[0].attempts == 1
     spool.mark_forwarded(pending.msg_id)
     assert spool.pending_outgoing() == []
+
+
+def test_a_message_queued_behind_a_backoff_is_not_due_before_the_ones_it_follows(spool):
+    # §4.2 step 7: the drain forwards what is due in order; a new message due at once while the
+    # node's older ones wait out their backoff would overtake them
+    with spool.store.transaction() as db:
+        db.execute(
+            "INSERT INTO subnets(id, name, canonical, joined_at) VALUES(?, 'home', 'home', 0)", (b"s" * 16,)
+        )
+    first, second, elsewhere = ({"id": c * 32, "to": "bob", "body": c} for c in "abc")
+    spool.queue_outgoing(OTHER, b"s" * 16, first)
+    spool.defer_node(OTHER, time.time() + 60)
+    spool.queue_outgoing(OTHER, b"s" * 16, second)
+    spool.queue_outgoing(NODE, b"s" * 16, elsewhere)  # another node's backoff is not this one's
+    assert [m.msg_id for m in spool.pending_outgoing(due_before=time.time())] == ["c" * 32]
+    spool.retry_node_now(OTHER)
+    assert [m.msg_id for m in spool.pending_outgoing(OTHER, due_before=time.time())] == ["a" * 32, "b" * 32]
