@@ -684,12 +684,34 @@ class MembershipLog:
         if state is not None:
             removed_by.update({k: f.by for k, f in state.former.items() if f.reason == "pruned" and f.by is not None})
 
+        admitted_by: dict[NodeId, set[NodeId]] | None = None  # key -> the keys that admitted it
+
+        def vouched(author: NodeId) -> bool:
+            """`author` is known here, or was admitted (by entries stored, dropped or arriving
+            here) by a chain of keys that starts at one known here: not a stranger's key."""
+            nonlocal admitted_by
+            if admitted_by is None:  # built once, and only when a prune of a member is dropped
+                admitted_by = {}
+                for e in [*self._present.values(), *self._quarantine.values(), *todo.values()]:
+                    subject = e.subject() if e.type in (JOIN, REKEY) else None
+                    if subject is not None:
+                        admitted_by.setdefault(subject, set()).add(e.author)
+            seen: set[NodeId] = set()
+            frontier = {author}
+            while frontier:
+                if frontier & known or frontier & removed_by.keys():
+                    return True
+                seen |= frontier
+                frontier = {a for k in frontier for a in admitted_by.get(k, ())} - seen
+            return False
+
         def drop(h: bytes, entry: Entry, why: str) -> None:
             self._quarantine_entry(h, entry)
             dropped.append((h, why))
-            # a prune of a member here by a key known here, refused: the histories disagree on
-            # who was removed first (a counter-prune, or a branch built by a removed key)
-            if entry.type == PRUNE and entry.key() in members and (entry.author in known or entry.author in removed_by):
+            # a prune of a member here by a key whose standing traces to this log, refused: the
+            # histories disagree on who was removed first (a counter-prune, a branch built by a
+            # removed key, or by a key that only such a branch admitted)
+            if entry.type == PRUNE and entry.key() in members and vouched(entry.author):
                 conflicts.append(PruneConflict(h, entry.author, entry.key()))
 
         waiting: dict[bytes, list[bytes]] = {}  # absent parent -> entries of `todo` waiting for it

@@ -291,6 +291,32 @@ def test_a_counter_prune_by_the_pruned_key_is_dropped_and_reported(nodes):
     assert set(log.state().members) == {b.id, c.id} and log.state().standing(a.id) == "pruned"
 
 
+def test_prunes_whose_authors_stand_only_in_each_others_branches_are_a_conflict_both_ways(nodes):
+    """Bob admits dave while alice admits eve; dave prunes alice, eve prunes bob. Each prune's
+    author stands only in a branch the other prune voids, so arrival order decides; the prune
+    that lost must be reported wherever it is dropped (found by the property test: replicas
+    diverged with nothing reported). A stranger's prune is still dropped without a word."""
+    a, b, d, e = nodes["alice"], nodes["bob"], nodes["dave"], nodes["eve"]
+    log, entries = base_log(nodes, "bob", "carol")
+    fork = log.valid_heads()
+    j_dave = join(b, d, fork)
+    p_alice = make_prune(d.key, parents=[j_dave.hash], target=a.id, hlc=d.hlc())
+    j_eve = join(a, e, fork)
+    p_bob = make_prune(e.key, parents=[j_eve.hash], target=b.id, hlc=e.hlc())
+    first_dave = MembershipLog.from_entries(log.subnet_id, [*entries, j_dave, p_alice])
+    first_eve = MembershipLog.from_entries(log.subnet_id, [*entries, j_eve, p_bob])
+    late_eve = first_dave.merge([j_eve, p_bob])
+    late_dave = first_eve.merge([j_dave, p_alice])
+    assert {(x.author, x.target) for x in late_eve.conflicts} == {(e.id, b.id)}
+    assert {(x.author, x.target) for x in late_dave.conflicts} == {(d.id, a.id)}
+    assert first_dave.state().standing(a.id) == "pruned" and first_eve.state().standing(b.id) == "pruned"
+
+    stranger = NodeKey.generate()
+    junk = make_prune(stranger, parents=first_dave.valid_heads(), target=b.id, hlc=Hlc(stranger.node_id).now(5_000))
+    result = first_dave.merge([junk])
+    assert result.dropped and not result.conflicts
+
+
 def test_mutual_prunes_that_both_stand_take_effect_and_are_a_conflict(nodes):
     """Where both removals got stored (each side built on its own), neither key stays: no
     seniority, and state().conflicts names them for a human."""
