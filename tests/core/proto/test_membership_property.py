@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from spt.core.identity import NodeKey
@@ -174,7 +174,10 @@ def removed_entries_have_no_effect(log: MembershipLog) -> None:
             assert readmitted, f"{e} by a removed key counts"
 
 
-@settings(max_examples=40, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+# No explain phase: it replays a failure under a tracer, which took this test past the 300-s
+# timeout in CI and hid the failing example.
+@settings(max_examples=40, deadline=None, database=None, phases=[Phase.generate, Phase.shrink],
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(data=st.data())
 def test_replicas_agree_and_removed_keys_have_no_effect(data):
     world = World()
