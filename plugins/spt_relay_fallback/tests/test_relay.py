@@ -307,3 +307,74 @@ async def test_punching_finds_the_direct_path_and_the_connection_moves_to_it(mak
 async def test_a_punch_towards_nobody_times_out(make):
     a = await make()
     assert await a.paths.punch(NodeKey.generate().node_id, os.urandom(16), [("127.0.0.1", 9)], timeout=0.3) is None
+
+
+class _Nat:
+    """A NAT in front of one node, towards one server: the node sends to `inside`, the server sees
+    the NAT's outside port, which `rebind()` replaces (the NAT forgot the mapping)."""
+
+    def __init__(self, server_addr):
+        self.server_addr = server_addr
+        self.node_addr = None
+        self.inside = None
+        self.outside = None
+
+    class _Side(asyncio.DatagramProtocol):
+        def __init__(self, received):
+            self.received = received
+
+        def datagram_received(self, data, addr):
+            self.received(data, addr)
+
+    async def start(self):
+        loop = asyncio.get_running_loop()
+        self.inside, _ = await loop.create_datagram_endpoint(
+            lambda: self._Side(self._from_node), local_addr=("127.0.0.1", 0))
+        await self.rebind()
+        return self.inside.get_extra_info("sockname")
+
+    async def rebind(self):
+        old = self.outside
+        self.outside, _ = await asyncio.get_running_loop().create_datagram_endpoint(
+            lambda: self._Side(self._from_server), local_addr=("127.0.0.1", 0))
+        if old is not None:
+            old.close()
+
+    def _from_node(self, data, addr):
+        self.node_addr = addr
+        self.outside.sendto(data, self.server_addr)
+
+    def _from_server(self, data, addr):
+        if self.node_addr is not None:
+            self.inside.sendto(data, self.node_addr)
+
+    def close(self):
+        for side in (self.inside, self.outside):
+            if side is not None:
+                side.close()
+
+
+async def test_relaying_follows_a_node_whose_nat_gave_it_another_port(make, relay):
+    """A NAT that forgot its mapping gives the node a new public port. Once the node's relay
+    connection has been seen there (QUIC validates the new path), frames go to and come from that
+    port, without a new registration (it once needed a notice and a re-registration each way,
+    and registrations are rate-limited per address)."""
+    ka, kb = NodeKey.generate(), NodeKey.generate()
+    a = await make(ka, members=[kb.node_id])
+    b = await make(kb, members=[ka.node_id])
+    server = await relay()
+    await register(a, server)
+    nat = _Nat(("127.0.0.1", server.port))
+    inside = await nat.start()
+    try:
+        to_relay = await b.connect(server.key.node_id, [inside], alpn=ALPN_RELAY)
+        reply = await to_relay.request("relay.register", {"port": b.sockname[1]})
+        b.paths.set_relay(server.key.node_id, inside, reply.body["token"])
+        conn = await a.connect(b.node_id, [a.paths.relay_path(server.key.node_id, b.node_id)])
+        assert (await conn.request("ping", "before")).body == "before"
+        await nat.rebind()
+        await to_relay.request("relay.lookup", {"tag": bytes(16)})  # the relay hears b's new port
+        assert (await conn.request("ping", "after", timeout=3.0)).body == "after"
+        assert server.registered == [a.node_id, b.node_id] and server.stats["registrations"] == 2
+    finally:
+        nat.close()
