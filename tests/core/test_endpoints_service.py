@@ -174,3 +174,21 @@ async def test_leaving_the_home_subnet_orphans_its_perches(daemon):
     assert eps.orphan(daemon.home) == ["bob"]
     daemon.subnets.forget(daemon.home)
     assert eps.get("bob").home is None and eps.get("wendy").home == daemon.work.id
+
+
+async def test_perches_read_from_memory_follow_every_write_to_the_store(daemon):
+    """Perches are read once per change of the store's connection (issue 14), so a change made
+    by any statement on it, in a transaction or not, and a cascade from a subnet, is seen at once."""
+    eps = daemon.endpoints
+    await eps.send("far", from_id="me", body="hi")  # makes perch `me`, homed in `home`
+    assert eps.get("ME") is not None and eps.get("me").busy is False
+    daemon.store.db.execute("UPDATE perches SET busy=1 WHERE id='me'")  # autocommit, no transaction
+    assert eps.get("me").busy is True
+    await eps.send("far", from_id="ke", body="hi")
+    assert eps.get("KE") is not None
+    assert eps.get("\u212ae") is None  # KELVIN SIGN lower-cases to "k" in Python, not in SQLite
+    with daemon.store.transaction() as db:
+        db.execute("DELETE FROM subnets WHERE id=?", (daemon.home.id,))  # home set NULL by the cascade
+    assert eps.get("me").home is None
+    eps.purge(eps.get("me"))
+    assert eps.get("me") is None and "me" not in [p.id for p in eps.perches()]
