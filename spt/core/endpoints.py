@@ -737,8 +737,10 @@ class Endpoints:
         sub = self.daemon.subnets.by_name(target.subnet)
         if sub is None:
             raise Refusal("NO_SUCH_SUBNET", target.subnet)
-        with self.store.transaction():
-            reply_to = self.spool.claim_reply(msg.sender_id, target.node.key, target.row.endpoint_id)
+        reply_to = None
+        if self.spool.may_claim_reply(msg.sender_id, target.node.key, target.row.endpoint_id):
+            with self.store.transaction():
+                reply_to = self.spool.claim_reply(msg.sender_id, target.node.key, target.row.endpoint_id)
         payload: dict[str, Any] = {
             "id": msg.id,
             "type": msg.type,

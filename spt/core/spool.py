@@ -271,15 +271,25 @@ class Spool:
         answered; it is marked answered, so each ring is matched by one reply. Call inside the
         transaction that sends the reply (on its connection `db`, default the store's)."""
         db = db or self.store.db
+        ring_id = self._ring_to_answer(db, recipient, sender_node, sender_id)
+        if ring_id is not None:
+            db.execute("UPDATE rings_in SET answered=1 WHERE ring_id=?", (ring_id,))
+        return ring_id
+
+    def may_claim_reply(self, recipient: str, sender_node: NodeId, sender_id: str) -> bool:
+        """True when `claim_reply` could find a ring, read without a transaction: most sends
+        answer none, and need not take the write lock (the group-commit writer may hold it).
+        Rings become answerable only on the store's own connection (`mark_delivered`)."""
+        return self._ring_to_answer(self.store.db, recipient, sender_node, sender_id) is not None
+
+    @staticmethod
+    def _ring_to_answer(db: sqlite3.Connection, recipient: str, sender_node: NodeId, sender_id: str) -> str | None:
         row = db.execute(
             "SELECT ring_id FROM rings_in WHERE recipient=? AND sender_node=? AND sender_id=? "
             "AND received=1 AND answered=0 ORDER BY time, rowid LIMIT 1",
             (recipient, sender_node.raw, sender_id),
         ).fetchone()
-        if row is None:
-            return None
-        db.execute("UPDATE rings_in SET answered=1 WHERE ring_id=?", (row[0],))
-        return str(row[0])
+        return None if row is None else str(row[0])
 
     def release_claim(self, ring_id: str) -> None:
         """Undo `claim_reply` when the reply never left (the target refused it)."""
