@@ -386,10 +386,11 @@ class GroupCommit:
                     db.execute("ROLLBACK TO group_write")
                     outcomes.append((False, exc))
                 db.execute("RELEASE group_write")
+            db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # a failed COMMIT (I/O error) can leave it open: the next batch must begin anew
+                db.execute("ROLLBACK")
             raise
-        db.execute("COMMIT")
         return outcomes
 
     async def close(self) -> None:

@@ -202,3 +202,34 @@ def test_a_message_queued_behind_a_backoff_is_not_due_before_the_ones_it_follows
     assert [m.msg_id for m in spool.pending_outgoing(due_before=time.time())] == ["c" * 32]
     spool.retry_node_now(OTHER)
     assert [m.msg_id for m in spool.pending_outgoing(OTHER, due_before=time.time())] == ["a" * 32, "b" * 32]
+
+
+def test_a_batch_whose_commit_fails_fails_every_caller_and_the_writer_goes_on(spool):
+    """A COMMIT that fails (here a deferred foreign key; on a real node an I/O error) leaves
+    nothing of the batch on disk, tells every caller in it, and the next batch begins anew."""
+    import asyncio
+    import sqlite3
+
+    writer = spool.store.group_commit()
+
+    def dangling(db):  # checked only at COMMIT, which then fails with the transaction still open
+        db.execute("PRAGMA defer_foreign_keys=ON")
+        db.execute("INSERT INTO perch_subnets(perch, subnet, visible, in_scope) VALUES('nobody', x'00', 1, 1)")
+
+    async def main():
+        m = msg()
+        first = await asyncio.gather(
+            writer.run(lambda db: time.sleep(0.05)),  # holds the writer, so the next two share a batch
+            writer.run(dangling), writer.run(lambda db: spool.append("bob", m, max_bytes=10_000, subject="bob", db=db)),
+            return_exceptions=True,
+        )
+        first = first[1:]
+        later = msg()
+        second = await writer.run(lambda db: spool.append("bob", later, max_bytes=10_000, subject="bob", db=db))
+        await writer.close()
+        return first, second, later
+
+    first, second, later = asyncio.run(main())
+    assert all(isinstance(x, sqlite3.IntegrityError) for x in first), first
+    assert second is None
+    assert [e.message.id for e in spool.entries("bob")] == [later.id]  # m was never committed
