@@ -247,3 +247,9 @@ def listening(node: Node, endpoint_id: str) -> Any:
         yield listener
     finally:
         listener.close()
+
+
+def listed(node: Node, endpoint_id: str) -> list[dict[str, Any]]:
+    """The rows of `endpoint_id` in `node`'s `spt endpoint list` (empty until its row arrives)."""
+    doc = node.json("endpoint", "list")
+    return [e for s in doc["subnets"] for e in s["endpoints"] if e["id"] == endpoint_id]

@@ -5,40 +5,16 @@ committed, so exactly-once holds with many senders at once."""
 from __future__ import annotations
 
 import signal
-import time
 
 import pytest
 
-from spt.testing.traffic import Stream, check_stream, drain
+from spt.testing.nodes import DEFAULT_CONFIG
+from spt.testing.traffic import Stream, check_stream, drain, listed
+from spt.testing.wait import wait_for
 
 pytestmark = pytest.mark.slow
 
-CONFIG = """\
-[net]
-port = 0
-bind = "127.0.0.1"
-
-[discovery]
-mdns = false
-
-[timing]
-presence_interval = 1.0
-"""
-
-
-def wait_for(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-def listed(node, endpoint_id):
-    doc = node.json("endpoint", "list")
-    return [e for s in doc["subnets"] for e in s["endpoints"] if e["id"] == endpoint_id]
+CONFIG = DEFAULT_CONFIG + "\n[timing]\npresence_interval = 1.0\n"
 
 
 def test_kill_9_amid_group_commits_of_concurrent_senders_loses_and_duplicates_nothing(spt_nodes):

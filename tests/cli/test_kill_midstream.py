@@ -16,7 +16,7 @@ import signal
 import pytest
 
 from spt.testing.nodes import DEFAULT_CONFIG
-from spt.testing.traffic import Listener, Stream, check_stream, drain
+from spt.testing.traffic import Listener, Stream, check_stream, drain, listed
 from spt.testing.wait import wait_for
 
 pytestmark = pytest.mark.slow
@@ -24,11 +24,6 @@ pytestmark = pytest.mark.slow
 CONFIG = DEFAULT_CONFIG + "\n[timing]\npresence_interval = 1.0\n"
 
 TOTAL = 10_000
-
-
-def listed(node, endpoint_id):
-    doc = node.json("endpoint", "list")
-    return [e for s in doc["subnets"] for e in s["endpoints"] if e["id"] == endpoint_id]
 
 
 def test_kill_9_of_either_daemon_mid_stream_loses_and_duplicates_nothing(spt_nodes):

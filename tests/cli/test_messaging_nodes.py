@@ -6,16 +6,12 @@ import subprocess
 import pytest
 
 from spt.testing.nodes import DEFAULT_CONFIG
+from spt.testing.traffic import listed
 from spt.testing.wait import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.root]  # creates subnets (elevated)
 
 CONFIG = DEFAULT_CONFIG + "\n[timing]\npresence_interval = 1.0\n"
-
-
-def listed(node, endpoint_id):
-    doc = node.json("endpoint", "list")
-    return [e for s in doc["subnets"] for e in s["endpoints"] if e["id"] == endpoint_id]
 
 
 @pytest.fixture

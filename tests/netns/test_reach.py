@@ -27,6 +27,7 @@ import pytest
 
 from spt.testing.netns import Lab, pcap_frames, udp_datagrams
 from spt.testing.nodes import LabNode, fresh_code
+from spt.testing.traffic import listed
 from spt.testing.wait import wait_for
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
@@ -144,11 +145,6 @@ def start_listener(node: LabNode, endpoint_id: str) -> subprocess.Popen[str]:
     proc = node.popen("ready", endpoint_id)
     assert proc.stderr is not None and proc.stderr.readline().strip() == f"READY:{endpoint_id}"
     return proc
-
-
-def listed(node: LabNode, endpoint_id: str) -> bool:
-    doc = node.json("endpoint", "list")
-    return any(e["id"] == endpoint_id for s in doc["subnets"] for e in s["endpoints"])
 
 
 def send_and_receive(sender: LabNode, receiver: LabNode, endpoint_id: str, text: str, timeout: float = 20.0) -> float:

@@ -9,15 +9,11 @@ from pathlib import Path
 import blake3
 
 from spt.testing.nodes import DEFAULT_CONFIG, Node, NodeFactory, fresh_code
+from spt.testing.traffic import listed
 from spt.testing.wait import wait_for
 
 CONFIG = DEFAULT_CONFIG + "\n[timing]\npresence_interval = 1.0\n"
 PERCH = "bob"
-
-
-def listed(node: Node, endpoint_id: str) -> bool:
-    doc = node.json("endpoint", "list")
-    return any(e["id"] == endpoint_id for s in doc["subnets"] for e in s["endpoints"])
 
 
 def join_pair(a: Node, b: Node, perch: str = PERCH) -> None:

@@ -6,6 +6,7 @@ The receiving node's SPT_HOME is a 160 MiB tmpfs mounted for the test, which nee
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -57,8 +58,18 @@ def test_too_small_is_refused_before_writing_and_a_full_disk_fails_cleanly(small
         tid = wait_for(lambda: next((t["id"] for t in _incoming(b) if t["done"] > 0), None), what="data at the receiver")
         filler = b.home / "filler"
         fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-        try:  # take what is left, so that the second file cannot be reserved
-            os.posix_fallocate(fd, 0, os.statvfs(b.home).f_bavail * os.statvfs(b.home).f_frsize - 4096)
+        try:  # take what is left, so that the second file cannot be reserved (the first one is
+            # still being written: what is free shrinks meanwhile, so ask again for less)
+            for attempt in range(20):
+                fs = os.statvfs(b.home)
+                try:
+                    os.posix_fallocate(fd, 0, fs.f_bavail * fs.f_frsize - (attempt + 1) * MIB)
+                    break
+                except OSError as exc:
+                    if exc.errno != errno.ENOSPC:
+                        raise
+            else:
+                raise AssertionError("could not fill the receiver's disk")
         finally:
             os.close(fd)
         stdout, stderr = sending.communicate(timeout=60)
