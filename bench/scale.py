@@ -1,8 +1,21 @@
-"""Scale on real daemons: N nodes on one LAN of the namespace lab, all in one subnet.
+"""Scale: a simulated network of 100 and 500 nodes, and real daemons on one LAN of the namespace lab.
 
+    .venv/bin/python bench/scale.py --simulate 100,500 [--latency-ms 5] [--loss 0,0.01,0.05] [--no-lab]
     sudo .venv/bin/python bench/scale.py [--nodes 20] [--idle 10]
 
-Starts N daemons (one per lab host, mDNS off), creates a subnet on the first and joins every
+With `--simulate`, first (no root, no sockets, no daemons): a simulated network of each listed size
+drives the real sans-IO registry core (`RegistryView`, `sign_row`, `sign_presence`, `digest`,
+`missing_for`, `merge` with its signature check), every node with its own key, as
+spt/core/messaging.py does it: a presence tick every 30 s re-signs each node's rows and presence
+and pushes them to every member in turn (full mesh, one request and one `ok` per member, a lost
+frame holding the push loop 10 s), a change is pushed at once, digests are compared every 60 s.
+A deterministic discrete-event loop, seeded, with per-link latency and frame loss (details and
+what each figure covers: bench/_simnet.py). Printed, per size: registry convergence after one
+change (an endpoint row added on one node) at each loss rate, goal <= 3 s at 100 nodes; the
+frames that change sent, goal <= 2N; merges accepted and stale; and one node's registry traffic
+per minute in an idle subnet (messages and bytes, as `encode_frame` writes them).
+
+Then, as root (unless `--no-lab`), the lab: starts N daemons (one per lab host, mDNS off), creates a subnet on the first and joins every
 other node to it by code (`--peer` the first node), waits until every node sees all N members
 online, lets them idle, reads each daemon's resident memory (VmRSS), then sends one durable
 message between every ordered pair of nodes (through the control socket, as `spt send` does,
@@ -15,8 +28,7 @@ Also, without root and before the lab: a membership log of `--log-members` membe
 then a join per member, each signed and countersigned) evaluated from scratch by the sans-IO core
 (`MembershipLog.from_entries(...).state()`); goal < 1 s for 500.
 
-Not built yet (issue 14, goal 5): the simulated network of 100 and 500 nodes (registry
-convergence, messages per change, presence traffic). Not a test.
+Not a test.
 """
 
 from __future__ import annotations
@@ -79,18 +91,85 @@ def membership_seconds(members: int) -> tuple[float, int]:
     return elapsed, len(entries)
 
 
+def sizes(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part.strip()]
+
+
+def rates(text: str) -> list[float]:
+    values = [float(part) for part in text.split(",") if part.strip()]
+    if not values or any(not 0 <= v < 1 for v in values):
+        raise argparse.ArgumentTypeError("loss rates are fractions in [0, 1), comma-separated: 0,0.01,0.05")
+    return values
+
+
+def simulate(node_counts: list[int], *, latency_ms: float, losses: list[float], seed: int, trials: int,
+             verify_all: bool) -> None:
+    import _simnet
+
+    began = time.perf_counter()
+    print(f"simulated registry: full mesh, one-way latency {latency_ms:g} ms per link (x0.5-1.5), seed {seed},"
+          f" presence every {_simnet.PRESENCE_INTERVAL:g} s, anti-entropy every {_simnet.ANTI_ENTROPY_SECONDS:g} s")
+    for n in node_counts:
+        for loss in losses:
+            runs = [_simnet.converge(n, latency_ms=latency_ms, loss=loss, seed=seed + t, verify_all=verify_all)
+                    for t in range(trials)]
+            done = [r.seconds for r in runs if r.seconds is not None]
+            worst = max(done) if len(done) == len(runs) else None
+            loops = [r.push_loop_seconds for r in runs if r.push_loop_seconds is not None]
+            c = runs[0]
+            converged = (f"median {median(done):.2f} s, max {worst:.2f} s" if worst is not None
+                         else f"{len(runs) - len(done)} of {len(runs)} runs not converged")
+            print(f"  {n} nodes, loss {loss:.0%}: converged {converged} over {trials} run(s);"
+                  f" the change's push loop took {median(loops):.1f} s;"
+                  f" change sent {c.change_messages} frames ({c.change_bytes / 1024:.0f} KiB; 2N = {2 * n});"
+                  f" until convergence {c.messages} frames, {c.lost} lost, merges {c.merges.accepted} accepted"
+                  f" {c.merges.stale} stale {c.merges.refused} refused, {c.verifications} signatures checked")
+            goal = "<= 3" if n == 100 else ""
+            row(f"simulated registry convergence after one change, {n} nodes, loss {loss:.0%}",
+                worst if worst is not None else float("inf"), "s", goal=goal,
+                note=f"max of {trials}, {latency_ms:g} ms links")
+            if loss == losses[0]:
+                row(f"simulated frames sent per change, {n} nodes", c.change_messages, "frames",
+                    baseline_name="2N", baseline=2 * n, goal="<= 1.0", note=f"loss {loss:.0%}")
+        t = _simnet.traffic(n, latency_ms=latency_ms, loss=0.0, seed=seed, verify_all=verify_all)
+        per_min = 60 / t.seconds
+        kinds = ", ".join(f"{k} {v}" for k, v in sorted(t.sent.by_type.items()))
+        print(f"  {n} nodes, idle, one node per minute: sent {t.sent.messages * per_min:.0f} frames"
+              f" ({t.sent.bytes * per_min / 1e6:.2f} MB: {kinds}), received {t.received.messages * per_min:.0f}"
+              f" ({t.received.bytes * per_min / 1e6:.2f} MB)")
+        row(f"simulated registry traffic per node per minute, {n} nodes", t.sent.messages * per_min, "frames",
+            note=f"{t.sent.bytes * per_min / 1e6:.2f} MB sent, {t.received.bytes * per_min / 1e6:.2f} MB received")
+    print(f"  simulation wall time {time.perf_counter() - began:.1f} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nodes", type=int, default=20)
     parser.add_argument("--idle", type=float, default=10.0, help="seconds of idling before RSS is read")
     parser.add_argument("--log-members", type=int, default=500, help="members in the evaluated membership log")
+    parser.add_argument("--simulate", type=sizes, default=[], metavar="N,N",
+                        help="simulated network sizes, e.g. 100,500 (no root needed)")
+    parser.add_argument("--latency-ms", type=float, default=5.0, help="mean one-way latency of a simulated link")
+    parser.add_argument("--loss", type=rates, default=[0.0, 0.01, 0.05], metavar="P,P",
+                        help="frame loss rates of the simulated links, e.g. 0,0.01,0.05")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--trials", type=int, default=1, help="simulated changes per size and loss rate")
+    parser.add_argument("--verify-all", action="store_true",
+                        help="every simulated receiver checks every signature (slow at 500 nodes)")
+    parser.add_argument("--no-lab", action="store_true", help="skip the namespace lab")
     args = parser.parse_args()
+
+    if args.simulate:
+        simulate(args.simulate, latency_ms=args.latency_ms, losses=args.loss, seed=args.seed,
+                 trials=max(1, args.trials), verify_all=args.verify_all)
 
     seconds, entries = membership_seconds(args.log_members)
     print(f"membership log of {args.log_members} members ({entries} entries) evaluated in {seconds * 1e3:.0f} ms"
           " (goal < 1 s)")
     row(f"membership log of {args.log_members} members evaluated", seconds * 1e3, "ms", goal="<= 1000")
 
+    if args.no_lab:
+        return
     from spt.testing import netns
 
     ok, why = netns.available()
