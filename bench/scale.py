@@ -121,7 +121,7 @@ def simulate(node_counts: list[int], *, latency_ms: float, losses: list[float], 
                          else f"{len(runs) - len(done)} of {len(runs)} runs not converged")
             print(f"  {n} nodes, loss {loss:.0%}: converged {converged} over {trials} run(s);"
                   f" the change's push loop took {median(loops):.1f} s;"
-                  f" change sent {c.change_messages} frames ({c.change_bytes / 1024:.0f} KiB; 2N = {2 * n});"
+                  f" first run: change sent {c.change_messages} frames ({c.change_bytes / 1024:.0f} KiB; 2N = {2 * n});"
                   f" until convergence {c.messages} frames, {c.lost} lost, merges {c.merges.accepted} accepted"
                   f" {c.merges.stale} stale {c.merges.refused} refused, {c.verifications} signatures checked")
             goal = "<= 3" if n == 100 else ""
