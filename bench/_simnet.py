@@ -8,9 +8,9 @@ event)) with a seeded RNG moves frames between nodes; every node has its own `No
 What is modelled, from spt/core/messaging.py:
 - `publish`: a node re-signs all its rows and its presence at its next version, merges them into
   its own view and pushes them (`registry.push`, one request per member, answered by `ok`) to
-  every connected member: full mesh, no forwarding. `_push_records` awaits each member's reply
-  before the next member, so a push to N - 1 members is sequential, and a push whose request or
-  reply is lost holds the loop for FORWARD_TIMEOUT (10 s), then goes on; nothing is re-sent.
+  every connected member: full mesh, no forwarding. `_push_records` sends to every member at
+  once and is done when each answered or its FORWARD_TIMEOUT (10 s) ran out; nothing is re-sent.
+  (It pushed to one member after another until this simulation showed what that cost.)
 - `_presence_loop`: `publish` every `presence_interval` (30 s, spt/core/config.py), each node at its
   own phase; every ANTI_ENTROPY_SECONDS / interval ticks (60 s) a `sync` with every connection,
   concurrently: `registry.sync` with our digest, answered by `registry.records` (what we lack, and
@@ -272,36 +272,37 @@ class Net:
         node.view.note_heard(self.nodes[src].key.node_id, now_ms)
 
     def publish(self, i: int, *, tag: Counts | None = None, done: Callable[[], None] | None = None) -> None:
-        """`Messaging.publish`: sign, merge our own, push to every member in turn."""
+        """`Messaging.publish`: sign, merge our own, push to every member at once."""
         node = self.nodes[i]
         records = self.sign(node)
         node.view.merge_all(records, now_ms=self.ms())
         node.digest_cache = None
         body = {"subnet": SUBNET_ID_HEX, "records": [r.to_dict() for r in records]}
         size = len(encode_frame("registry.push", body, req_id=REQ_ID))
-        self._push_next(i, records, size, list(reversed(node.order)), tag, done)
+        self._push_all(i, records, size, list(node.order), tag, done)
 
-    def _push_next(self, i: int, records: list[Record], size: int, members: list[int], tag: Counts | None,
-                   done: Callable[[], None] | None) -> None:
-        """`_push_records`: a request to the next member; the one after once it is answered, or after
-        FORWARD_TIMEOUT when the request or its answer was lost."""
-        if not members:
-            if done is not None:
-                done()
-            return
-        j = members.pop()
+    def _push_all(self, i: int, records: list[Record], size: int, members: list[int], tag: Counts | None,
+                  done: Callable[[], None] | None) -> None:
+        """`_push_records`: a request to every member at once; done when each was answered, or its
+        FORWARD_TIMEOUT ran out because the request or its answer was lost."""
+        left = [len(members)]
         sent_at = self.now
 
-        def go_on() -> None:
-            self._push_next(i, records, size, members, tag, done)
+        def one_done() -> None:
+            left[0] -= 1
+            if left[0] == 0 and done is not None:
+                done()
 
-        def arrive() -> None:  # `_handle_registry_push` on j, and its `ok`
-            self.merge(j, i, records)
-            if not self.send(j, i, "ok", OK_SIZE, go_on, tag):
-                self.at(sent_at + FORWARD_TIMEOUT, go_on)
+        if not members and done is not None:
+            done()
+        for j in members:
+            def arrive(j: int = j) -> None:  # `_handle_registry_push` on j, and its `ok`
+                self.merge(j, i, records)
+                if not self.send(j, i, "ok", OK_SIZE, one_done, tag):
+                    self.at(sent_at + FORWARD_TIMEOUT, one_done)
 
-        if not self.send(i, j, "registry.push", size, arrive, tag):
-            self.at(sent_at + FORWARD_TIMEOUT, go_on)
+            if not self.send(i, j, "registry.push", size, arrive, tag):
+                self.at(sent_at + FORWARD_TIMEOUT, one_done)
 
     def digest(self, i: int) -> Digest:
         node = self.nodes[i]

@@ -285,15 +285,20 @@ class Messaging:
         await self._push_records(sub, records)
 
     async def _push_records(self, sub: HeldSubnet, records: list[RegistryRow | Presence]) -> None:
+        """Push to every connected member at once: one after another, a change took N-1 round
+        trips to reach the last member, and a member that did not answer held the rest back for
+        FORWARD_TIMEOUT (bench/scale.py --simulate)."""
         body = {"subnet": sub.id.hex(), "records": [r.to_dict() for r in records]}
-        for node in set(sub.state().members) - {self.daemon.key.node_id}:
-            conn = self.members.transport.connection(node)
-            if conn is None:
-                continue  # it gets them by digest at its next connect
+
+        async def push(node: NodeId, conn: Connection) -> None:
             try:
                 await conn.request("registry.push", body, timeout=FORWARD_TIMEOUT)
             except (PeerError, TimeoutError, RemoteProtocolError) as exc:
                 log.debug("registry push missed a member", extra={"peer": node.short, "reason": str(exc)})
+
+        conns = {n: self.members.transport.connection(n) for n in set(sub.state().members) - {self.daemon.key.node_id}}
+        # a member without a connection gets the records by digest at its next connect
+        await asyncio.gather(*(push(n, c) for n, c in conns.items() if c is not None))
 
     def _merge_records(self, sub: HeldSubnet, raw: Any, source: NodeId) -> None:
         if not isinstance(raw, list) or len(raw) > MAX_RECORDS:
