@@ -13,8 +13,9 @@ What is modelled, from spt/core/messaging.py:
   (It pushed to one member after another until this simulation showed what that cost.)
 - `_presence_loop`: `publish` every `presence_interval` (30 s, spt/core/config.py), each node at its
   own phase; every ANTI_ENTROPY_SECONDS / interval ticks (60 s) a `sync` with every connection,
-  concurrently: `registry.sync` with our digest, answered by `registry.records` (what we lack, and
-  the peer's digest), then a `registry.push` of what the peer lacks, if anything.
+  concurrently: `registry.sync` with a hash of our digest, answered `same` or not; if not, the
+  full `registry.sync` with our digest, answered by `registry.records` (what we lack, and the
+  peer's digest), then a `registry.push` of what the peer lacks, if anything.
 - A change (an endpoint row added on one node) is a `publish` at once.
 
 Loss drops a whole frame (a request or a reply) with probability `loss` on each send. QUIC
@@ -320,8 +321,17 @@ class Net:
         return self.nodes[i].view.missing_for(theirs.versions)
 
     def sync(self, i: int, j: int) -> None:
-        """`Messaging.sync` from node i over its connection to j (each step a frame that may be lost)."""
+        """`Messaging.sync(periodic=True)` from node i over its connection to j: a hash of the
+        digest first, the full exchange only when the views differ (each step a frame that may
+        be lost)."""
         mine = self.digest(i)
+
+        def probed() -> None:  # `_handle_registry_sync` on j, answering the hash
+            same = self.digest(j).ident == mine.ident
+            self.send(j, i, "registry.records", PROBE_REPLY_SIZE, lambda: None if same else full())
+
+        def full() -> None:
+            self.send(i, j, "registry.sync", mine.size, at_peer)
 
         def at_peer() -> None:  # `_handle_registry_sync` on j
             lacking = self.missing(j, mine)
@@ -342,7 +352,7 @@ class Net:
 
                 self.send(i, j, "registry.push", len(encode_frame("registry.push", body, req_id=REQ_ID)), pushed)
 
-        self.send(i, j, "registry.sync", mine.size, at_peer)
+        self.send(i, j, "registry.sync", PROBE_SIZE, probed)
 
     def presence_loop(self, i: int, *, publishes: bool, syncs_with: Callable[[int], list[int]]) -> None:
         """`Messaging._presence_loop` of node i, from its phase on (it runs until the run stops)."""
@@ -366,6 +376,8 @@ class Net:
 OK_SIZE = len(encode_frame("ok", {}, req_id=REQ_ID))
 EMPTY_SYNC_SIZE = len(encode_frame("registry.sync", {"subnet": SUBNET_ID_HEX, "digest": {}}, req_id=REQ_ID))
 EMPTY_RECORDS_SIZE = len(encode_frame("registry.records", {"records": [], "digest": {}}, req_id=REQ_ID))
+PROBE_SIZE = len(encode_frame("registry.sync", {"subnet": SUBNET_ID_HEX, "digest_hash": "0" * 32}, req_id=REQ_ID))
+PROBE_REPLY_SIZE = len(encode_frame("registry.records", {"records": [], "same": True}, req_id=REQ_ID))
 
 
 def records_size(records: list[Record]) -> int:

@@ -8,7 +8,8 @@ drives the real sans-IO registry core (`RegistryView`, `sign_row`, `sign_presenc
 `missing_for`, `merge` with its signature check), every node with its own key, as
 spt/core/messaging.py does it: a presence tick every 30 s re-signs each node's rows and presence
 and pushes them to every member at once (full mesh, one request and one `ok` per member, nothing
-re-sent when a frame is lost), a change is pushed at once, digests are compared every 60 s.
+re-sent when a frame is lost), a change is pushed at once, digests are compared every 60 s
+(a hash of them first).
 A deterministic discrete-event loop, seeded, with per-link latency and frame loss (details and
 what each figure covers: bench/_simnet.py). Printed, per size: registry convergence after one
 change (an endpoint row added on one node) at each loss rate, goal <= 3 s at 100 nodes; the

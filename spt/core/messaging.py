@@ -24,10 +24,11 @@ from typing import TYPE_CHECKING, Any, Final
 
 from spt import __version__
 from spt.core.errors import PeerError, Refusal, RemoteProtocolError
-from spt.core.identity import NodeId
+from spt.core.identity import NodeId, sha256
 from spt.core.members import body_map, remote_refusal
 from spt.core.net.connections import Connection, RequestError
 from spt.core.net.transport import ALPN_MEMBER
+from spt.core.proto.canonical import canonical_bytes
 from spt.core.proto.frames import Frame
 from spt.core.proto.registry import (
     MergeOutcome,
@@ -327,16 +328,27 @@ class Messaging:
     async def _handle_registry_sync(self, conn: Connection, frame: Frame) -> tuple[str, Any]:
         body = body_map(frame.body)
         sub = self.members.require_member(conn, body.get("subnet"))
-        theirs = digest_from_wire(body.get("digest"))
         view = self.view(sub)
+        if "digest_hash" in body:  # a periodic round: the full exchange only when the views differ
+            return "registry.records", {"records": [], "same": body["digest_hash"] == _digest_hash(view)}
+        theirs = digest_from_wire(body.get("digest"))
         missing = view.missing_for(theirs)[:MAX_RECORDS]
         return "registry.records", {"records": [r.to_dict() for r in missing], "digest": digest_to_wire(view.digest())}
 
-    async def sync(self, conn: Connection) -> None:
-        """On connect: compare digests per shared subnet and exchange what each side lacks."""
+    async def sync(self, conn: Connection, *, periodic: bool = False) -> None:
+        """Compare digests per shared subnet and exchange what each side lacks. A periodic round
+        first compares a hash of the digests: a digest names every node of the subnet, so sending
+        it to every member every minute grew as N² per node (bench/scale.py --simulate)."""
         for sub in self.members.shared_subnets(conn.peer):
             view = self.view(sub)
             try:
+                if periodic:
+                    probe = await conn.request(
+                        "registry.sync", {"subnet": sub.id.hex(), "digest_hash": _digest_hash(view)},
+                        timeout=FORWARD_TIMEOUT,
+                    )
+                    if body_map(probe.body).get("same") is True:
+                        continue
                 reply = await conn.request(
                     "registry.sync", {"subnet": sub.id.hex(), "digest": digest_to_wire(view.digest())},
                     timeout=FORWARD_TIMEOUT,
@@ -375,7 +387,7 @@ class Messaging:
                 if tick % every == 0:  # §4.5: digests are compared every 60 s, not only on connect
                     for conn in self.members.transport.connections():
                         if conn.alpn == ALPN_MEMBER and self.members.shared_subnets(conn.peer):
-                            self.members.spawn(self.sync(conn), "registry anti-entropy")
+                            self.members.spawn(self.sync(conn, periodic=True), "registry anti-entropy")
             except Exception:
                 log.exception("publishing presence failed")
             await asyncio.sleep(interval)
@@ -423,3 +435,7 @@ class Messaging:
         view = self.views.get(sub.id)
         return view.presence(node) if view is not None else None
 
+
+def _digest_hash(view: RegistryView) -> str:
+    """A short hash of a view's digest: equal views, equal hashes."""
+    return sha256(canonical_bytes(digest_to_wire(view.digest())))[:16].hex()
