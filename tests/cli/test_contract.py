@@ -31,7 +31,7 @@ READ_COMMANDS = [
     ["daemon", "status"],
     ["node", "show"],
     ["node", "trust", "list"],
-    ["relay", "list"],
+    pytest.param(["relay", "list"], marks=pytest.mark.relay),
     ["plugins", "list"],
     ["doctor"],
 ]

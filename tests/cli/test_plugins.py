@@ -12,6 +12,7 @@ def run_spt(*args, env=None):
     return subprocess.run([sys.executable, "-m", "spt", *args], capture_output=True, text=True, env=env, timeout=60)
 
 
+@pytest.mark.relay
 def test_lists_builtins_and_the_three_distributions_ok():
     doc = json.loads(run_spt("--json", "plugins", "list").stdout)
     by_name = {p["name"]: p for p in doc["plugins"]}
@@ -25,6 +26,7 @@ def test_lists_builtins_and_the_three_distributions_ok():
     assert human.splitlines()[0].split() == ["NAME", "DIST", "VERSION", "STATUS", "PROVIDES"]
 
 
+@pytest.mark.relay  # blocks the relay by name
 def test_disabling_by_flag_and_env():
     doc = json.loads(run_spt("--json", "-p", "no:ring", "plugins", "list").stdout)
     assert {p["name"]: p["status"] for p in doc["plugins"]}["ring"] == "blocked"

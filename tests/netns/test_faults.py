@@ -135,6 +135,7 @@ def path_kind(node: LabNode) -> str:
     return str(members[0]["path"]["kind"]) if len(members) == 1 and members[0].get("path") else "?"
 
 
+@pytest.mark.relay
 def test_the_path_moves_under_load_relayed_to_direct_and_back_without_loss(netns_lab, lab_nodes):
     """Relayed -> direct when the punch succeeds mid-stream; direct -> relayed when the NATs forget
     their mappings and the direct path stays blocked. Exactly once, in order, no stall > 2 s.

@@ -92,6 +92,7 @@ def test_a_transfer_resumes_after_a_fault_resending_under_60_percent(netns_lab, 
         nodes.close()
 
 
+@pytest.mark.relay
 def test_a_file_over_a_relayed_path_shows_the_relay_no_plaintext(netns_lab, tmp_path):
     """SPEC §9.11: a capture on the relay host during a relayed file transfer never contains a
     known plaintext marker (a symmetric NAT on one side keeps the pair relayed)."""

@@ -21,7 +21,7 @@ from test_reach import NODE_PORT, logs, send_and_receive, start_listener, wait_f
 
 from spt.testing.nodes import fresh_code
 
-pytestmark = [pytest.mark.lab, pytest.mark.slow]
+pytestmark = [pytest.mark.lab, pytest.mark.slow, pytest.mark.relay]
 
 DELIVERY_BUDGET = 30.0  # seconds from the move to the message in B's listener (the bound)
 

@@ -30,7 +30,7 @@ from spt.testing.nodes import LabNode, fresh_code
 from spt.testing.traffic import listed
 from spt.testing.wait import wait_for
 
-pytestmark = [pytest.mark.lab, pytest.mark.slow]
+pytestmark = [pytest.mark.lab, pytest.mark.slow, pytest.mark.relay]
 
 NODE_PORT = 47470
 RELAY_PORT = 47471

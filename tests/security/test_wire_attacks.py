@@ -182,6 +182,7 @@ async def relay_round_trips(target: tuple[str, int], relay: NodeId, stop: asynci
     return times
 
 
+@pytest.mark.relay
 def test_a_stranger_cannot_balloon_a_relay_or_starve_its_nodes(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SPT_")}
     env["SPT_HOME"] = str(tmp_path)

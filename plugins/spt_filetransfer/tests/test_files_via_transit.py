@@ -18,7 +18,7 @@ from ft_helpers import CONFIG, PERCH, file_hash, inbox, listed, one, random_file
 
 from spt.testing.nodes import fresh_code
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.relay]
 
 
 @pytest.fixture

@@ -79,6 +79,7 @@ def update_status(node: Node) -> dict:
     return json.loads(node.cli("update", "status", "--json", check=True).stdout)
 
 
+@pytest.mark.relay  # its releases bundle every spt distribution, the relay's included
 def test_apply_switches_versions_and_a_bad_release_rolls_back(spt_nodes, test_keys, releases, tmp_path):
     good, bad = releases
     root = tmp_path / "install"

@@ -68,6 +68,7 @@ def trio(test_keys):
         factory.close()
 
 
+@pytest.mark.relay  # `fetch --from` a source: the air-gapped build takes --file bundles only
 def test_bad_releases_are_refused_and_nothing_is_staged(trio, test_keys, tmp_path):
     alpha = trio[0]
     tampered = tiny_release(tmp_path / "tampered", "0.1.2", test_keys.primary)
@@ -88,6 +89,7 @@ def test_bad_releases_are_refused_and_nothing_is_staged(trio, test_keys, tmp_pat
     assert result.stdout == "UP_TO_DATE:0.1.0\n"
 
 
+@pytest.mark.relay  # `fetch --from` a source: the air-gapped build takes --file bundles only
 def test_members_without_a_source_stage_from_a_member(trio, test_keys, tmp_path):
     alpha, beta, gamma = trio
     release = tiny_release(tmp_path / "src", "0.1.1", test_keys.primary)
@@ -122,6 +124,7 @@ def test_members_without_a_source_stage_from_a_member(trio, test_keys, tmp_path)
     assert "update-consent" in gamma.log() or gamma.json("daemon", "status")["unread"] >= 1
 
 
+@pytest.mark.relay  # `fetch --from` a source: the air-gapped build takes --file bundles only
 def test_a_member_offering_tampered_bytes_is_refused(trio, test_keys, tmp_path):
     alpha, beta, gamma = trio
     gamma.stop()
@@ -261,6 +264,7 @@ def test_air_gapped_rotation_through_the_recovery_key(spt_nodes, test_keys, tmp_
     assert node.cli("update", "auto", "off", check=True).stdout == "AUTO_UPDATE:off\n"
 
 
+@pytest.mark.relay  # `fetch --from` a source: the air-gapped build takes --file bundles only
 def test_nothing_staged_then_the_periodic_check_stages_from_the_source(spt_nodes, test_keys, tmp_path):
     source = tmp_path / "src"
     config = DEFAULT_CONFIG + f'\n[update]\nsource = "{source}"\ncheck_interval = 1.0\n'
