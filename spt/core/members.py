@@ -823,13 +823,7 @@ class Members:
         members = sub.state().members
         for other in self.transport.connections():
             if other.alpn == ALPN_MEMBER and other.peer != conn.peer and other.peer in members:
-                self.spawn(self._forward(other, body), "forward log entries")
-
-    async def _forward(self, conn: Connection, body: Mapping[str, Any]) -> None:
-        try:
-            await conn.request("log.push", dict(body), timeout=REQUEST_TIMEOUT)
-        except (PeerError, TimeoutError, RemoteProtocolError, ConnectionClosedError, RequestError) as exc:
-            log.info("forward did not reach a member", extra={"peer": conn.peer.short, "reason": str(exc)})
+                self.spawn(self._push_one(other.peer, "log.push", body), "forward log entries")
 
     def prune_conflicts(self, sub: HeldSubnet, conflicts: Iterable[PruneConflict]) -> None:
         """Record prunes this log refused because histories disagree on who was removed first,
@@ -913,9 +907,10 @@ class Members:
         await asyncio.gather(*(self._push_one(node, type_name, body) for node in targets))
 
     async def _push_one(self, node: NodeId, type_name: str, body: Mapping[str, Any]) -> None:
-        addrs = await self.dial_addresses(node)
         try:
-            conn = self.transport.connection(node) or await self.transport.connect(node, addrs, timeout=DIAL_TIMEOUT)
+            conn = self.transport.connection(node) or await self.transport.connect(
+                node, await self.dial_addresses(node), timeout=DIAL_TIMEOUT
+            )
             await conn.request(type_name, dict(body), timeout=REQUEST_TIMEOUT)
         except (PeerError, TimeoutError, RemoteProtocolError, ConnectionClosedError) as exc:
             log.info("push did not reach a member", extra={"peer": node.short, "what": type_name, "reason": str(exc)})
