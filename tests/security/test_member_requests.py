@@ -52,6 +52,7 @@ def test_a_member_request_naming_a_subnet_the_sender_is_not_in_is_refused(spt_no
                 out[where] = {
                     "log.sync": await ask(conn, "log.sync", {**body, "heads": []}),
                     "registry.sync": await ask(conn, "registry.sync", {**body, "digest": {}}),
+                    "registry.sync (hash)": await ask(conn, "registry.sync", {**body, "digest_hash": "00" * 16}),
                     "msg.deliver": await ask(conn, "msg.deliver", {**body, "payload": {}}),
                     "file.offer": await ask(conn, "file.offer", {**body, "tid": tid, "to": "x"}),
                     "file.chunk": await ask(conn, "file.chunk", {**body, "tid": tid, "f": 0, "c": 0, "d": b"x"}),
