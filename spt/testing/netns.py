@@ -77,7 +77,7 @@ import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Literal, TypeVar
+from typing import Any, Final, Literal, TypeVar
 
 import pytest
 
@@ -1044,6 +1044,9 @@ def self_check() -> dict[str, float]:
 # packet capture
 
 
+CAPTURE_BUFFER_KIB: Final = 32 * 1024
+
+
 class Capture:
     """One tcpdump run inside a lab host; see `Lab.capture`."""
 
@@ -1070,7 +1073,10 @@ class Capture:
     def start(self) -> None:
         tcpdump = _require("tcpdump", "tcpdump")
         argv = [self.lab._ip, "netns", "exec", self.lab.ns(self.host), tcpdump, "-i", self.iface,
-                "-n", "-U", "--immediate-mode", "-s", str(self.snaplen), "-w", "-"]
+                "-n", "-U", "--immediate-mode", "-s", str(self.snaplen), "-w", "-",
+                # a 32 MiB kernel buffer: with the 2 MiB default a loaded machine dropped packets
+                # of a relayed file transfer, and the capture no longer held the whole file
+                "-B", str(CAPTURE_BUFFER_KIB)]
         if self.max_packets is not None:
             argv += ["-c", str(self.max_packets)]
         if self.bpf_filter:
