@@ -23,6 +23,32 @@ def time_command(
     return samples
 
 
+def time_interleaved(
+    commands: Sequence[tuple[Sequence[str], Mapping[str, str] | None, bytes]], runs: int, *, timeout: float = 60
+) -> list[list[float]]:
+    """`time_command` for several (argv, env, input) commands, one run of each in turn, so that
+    load from elsewhere on a shared machine falls on all of them alike; samples per command."""
+    samples: list[list[float]] = [[] for _ in commands]
+    for _ in range(runs):
+        for i, (argv, env, input) in enumerate(commands):
+            samples[i] += time_command(argv, 1, env, input=input, timeout=timeout)
+    return samples
+
+
+def compile_spt() -> None:
+    """Write spt's bytecode, as installing it does (pip compiles a wheel's modules at install).
+
+    A start-up figure is about an installed spt: an editable tree run under
+    PYTHONDONTWRITEBYTECODE=1 would compile every module it loads, at every start.
+    """
+    import compileall
+    import os
+
+    import spt
+
+    compileall.compile_dir(os.path.dirname(spt.__file__), quiet=1)
+
+
 def pct(samples: Sequence[float], q: float) -> float:
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _util import median, pct, row, time_command
+from _util import compile_spt, median, pct, row, time_command, time_interleaved
 from transport import bench_spt
 
 from spt.core.errors import DaemonDown
@@ -147,9 +147,11 @@ def main() -> None:
         alpha.cli("ready", "local", "--once", "--timeout", "0.1")  # a local perch to send to
         beta.cli("ready", "sink", "--once", "--timeout", "0.1")
         agent_env = {**alpha.env, "SPT_AGENT_ID": "alice"}
+        compile_spt()  # start-up figures are about an installed spt (bench/_util.py)
         time_command([spt_exe, "send", "local"], 3, env=agent_env, input=b"hello")
-        base = time_command([sys.executable, "-c", "pass"], runs)
-        send = time_command([spt_exe, "send", "local"], runs, env=agent_env, input=b"hello")
+        base, send = time_interleaved(
+            [([sys.executable, "-c", "pass"], None, b""), ([spt_exe, "send", "local"], agent_env, b"hello")], runs
+        )
 
         bob_conn = connect(beta.home / "spt.sock")
         bob = threading.Thread(target=responder, args=(bob_conn, beta), daemon=True)

@@ -1,27 +1,30 @@
 """The `spt` command.
 
-`main()` is the executable's entry point. It stays free of click: `spt send`, which agents run
-once per message, takes the click-free path of `spt.cli._send`; everything else goes to the lazy
-click group in `spt.cli.root`.
+`main()` is the executable's entry point. It stays free of click: the commands agents and
+scripts run most (`spt send`, `spt node show`, `spt whoami`), given in their plain shape, take
+the click-free path of `spt.cli._fast`; everything else goes to the lazy click group in
+`spt.cli.root`.
 """
 
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Any, NoReturn
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
 if TYPE_CHECKING:
+    from typing import Any, NoReturn
+
     import click
 
 
 def main() -> NoReturn:
-    args = sys.argv[1:]
-    if args and args[0] == "send":
-        from spt.cli._send import fast_send
+    from spt.cli._dispatch import guarded
+    from spt.cli._fast import plain_command
 
-        code = fast_send(args[1:])
-        if code is not None:
-            sys.exit(code)
+    args = sys.argv[1:]
+    command = plain_command(args)
+    if command is not None:
+        sys.exit(guarded(command, args))
     from spt.cli._dispatch import run
     from spt.cli.root import cli
 

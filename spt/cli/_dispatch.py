@@ -3,47 +3,65 @@
 Commands raise; they never call `sys.exit` or print an error token. An SptError prints its
 token line (and any candidate lines) on stderr and exits with its code; click usage errors
 exit 2; anything else is a bug: a short notice, the traceback with `--debug`, exit 5.
+
+`guarded` does all but the click part and imports no click: the plain commands of `_fast.py`
+run through it too.
 """
 
 from __future__ import annotations
 
 import sys
 
-import click
-
 from spt.cli._output import report
 from spt.core.errors import EXIT_INTERNAL, EXIT_USAGE, SptError
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
-def run(cli: click.Group, argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in args
+    import click
+
+
+def guarded(body: Callable[[], object], args: list[str]) -> int:
+    """Run `body` (a whole command) and turn what it returns or raises into an exit code."""
     try:
-        # Without standalone mode click returns `ctx.exit(n)`'s code instead of exiting.
-        code = cli.main(args=args, prog_name="spt", standalone_mode=False)
+        code = body()
     except SptError as exc:
         if exc.instance_token == "ELEVATION_REQUIRED" and not exc.lines:
             from spt.cli._state import elevated_command
 
             exc.lines = (elevated_command(args),)
         return report(exc)
-    except click.exceptions.Exit as exc:
-        return int(exc.exit_code)
-    except click.ClickException as exc:
-        exc.show()
-        return EXIT_USAGE
-    except click.Abort:
-        sys.stderr.write("Aborted.\n")
-        return 1
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
         return 0
     except Exception as exc:
         sys.stderr.write(f"spt: internal error: {type(exc).__name__}: {exc} (this is a bug; rerun with --debug)\n")
-        if debug:
+        if "--debug" in args:
             import traceback
 
             traceback.print_exc()
         return EXIT_INTERNAL
     return code if isinstance(code, int) else 0
+
+
+def run(cli: click.Group, argv: list[str] | None = None) -> int:
+    import click
+
+    args = sys.argv[1:] if argv is None else argv
+
+    def body() -> object:
+        try:
+            # Without standalone mode click returns `ctx.exit(n)`'s code instead of exiting.
+            return cli.main(args=args, prog_name="spt", standalone_mode=False)
+        except click.exceptions.Exit as exc:
+            return int(exc.exit_code)
+        except click.ClickException as exc:
+            exc.show()
+            return EXIT_USAGE
+        except click.Abort:
+            sys.stderr.write("Aborted.\n")
+            return 1
+
+    return guarded(body, args)

@@ -1,11 +1,7 @@
-"""`spt send` without click: the one command agents run per message, kept cheap.
+"""`spt send`'s body, click-free: the one command agents run per message, kept cheap.
 
-`spt send` must start fast (DESIGN.md §4: measured against `python3 -c pass`), and importing
-click costs more than everything else it does. So the entry point hands plain `spt send ADDRESS
-[--from ID] [--active-only|--deferred|--idle-only] [--json-payload JSON]` to `fast_send`; any
-other shape (help, unknown or global options) returns None and goes to the click command, which
-calls the same `send_message`. Only the argument parsing exists twice, and a test compares the
-two paths' output.
+Both the plain path (`_fast.py`) and the click command call `send_message`; `spt ring` shares
+the identity, body and window helpers.
 """
 
 from __future__ import annotations
@@ -13,12 +9,8 @@ from __future__ import annotations
 import os
 import sys
 
-from spt.cli._output import emit, report
-from spt.core.errors import EXIT_INTERNAL, SptError, UsageError
-
-_VALUE_OPTIONS = {"--from": "from_id", "--json-payload": "json_payload"}
-_FLAGS = {"--active-only": "active_only", "--deferred": "deferred", "--idle-only": "idle_only"}
-_IGNORED = {"--json"}  # SPEC.md §3.1: action commands ignore --json in either position
+from spt.cli._output import emit
+from spt.core.errors import UsageError
 
 
 def identity(from_id: str | None) -> str | None:
@@ -55,42 +47,3 @@ def send_message(
         {"address": address, "from": identity(from_id), "body": body, "json": json_payload, "window": chosen},
     )
     emit(doc["token"], address)
-
-
-def fast_send(args: list[str]) -> int | None:
-    """Run `spt send ARGS` if they are of the plain shape; None hands them to click."""
-    options: dict[str, object] = {"from_id": None, "json_payload": None, "active_only": False,
-                                  "deferred": False, "idle_only": False}
-    positional: list[str] = []
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        name, eq, value = arg.partition("=")
-        if name in _VALUE_OPTIONS:
-            if not eq:
-                if i + 1 >= len(args):
-                    return None
-                i += 1
-                value = args[i]
-            options[_VALUE_OPTIONS[name]] = value
-        elif arg in _FLAGS:
-            options[_FLAGS[arg]] = True
-        elif arg in _IGNORED:
-            pass
-        elif arg.startswith("-") and arg != "-":
-            return None  # --help, unknown options: click explains them
-        else:
-            positional.append(arg)
-        i += 1
-    if len(positional) != 1:
-        return None
-    try:
-        send_message(positional[0], **options)  # type: ignore[arg-type]
-    except SptError as exc:
-        return report(exc)
-    except KeyboardInterrupt:
-        return 130
-    except Exception as exc:
-        sys.stderr.write(f"spt: internal error: {type(exc).__name__}: {exc} (this is a bug; rerun with --debug)\n")
-        return EXIT_INTERNAL
-    return 0

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import TYPE_CHECKING, Any
 
 from spt.core.errors import ElevationRequired
-from spt.core.paths import StatePaths
+from spt.core.paths import StatePaths, state_root
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
 if TYPE_CHECKING:
+    from typing import Any
+
     import click
 
     from spt.manager import PluginSystem
@@ -99,9 +101,8 @@ def daemon_call(op: str, args: dict[str, Any] | None = None, **kwargs: Any) -> A
     """Ask the daemon (starting it unless `SPT_NO_AUTOSTART=1`) and return the result."""
     from spt.core.ipc import call, connect_or_start
 
-    paths = StatePaths.resolve()
     autostart = os.environ.get("SPT_NO_AUTOSTART") != "1"
-    conn = connect_or_start(paths.root, autostart=autostart)
+    conn = connect_or_start(state_root(), autostart=autostart)
     try:
         return call(conn, op, args, interactive=is_interactive(), **kwargs)
     finally:

@@ -26,7 +26,7 @@ import click
 from spt.cli._complete import addresses, local_ids, subnet_names
 from spt.cli._output import emit, out, print_json
 from spt.cli._send import identity, read_body, send_message, window
-from spt.cli._state import daemon_call, is_interactive, state
+from spt.cli._state import is_interactive, state
 from spt.core.errors import SptError, UsageError
 from spt.core.ipc import IpcConnection
 
@@ -260,22 +260,9 @@ def ready(endpoint_id: str | None, once: bool, subnet: str | None, timeout: floa
 @click.pass_context
 def whoami(ctx: click.Context) -> None:
     """Who this caller is ($SPT_AGENT_ID), its perch state, and the subnets."""
-    doc = daemon_call("endpoint.whoami", {"self": identity(None)})
-    if state(ctx).json:
-        print_json(doc)
-        return
-    me = doc["self"]
-    if me is None:
-        out("SELF: none")
-    else:
-        out(_self_line(me))
-    for sub in doc["subnets"]:
-        out(f"SUBNET {sub['name']}")
+    from spt.cli._views import show_whoami
 
-
-def _self_line(me: dict[str, Any]) -> str:
-    status = me["status"] or "no-perch"
-    return f"SELF: {me['id']}  {status}  ready={str(me['ready']).lower()} alive={str(me['alive']).lower()}"
+    show_whoami(as_json=state(ctx).json)
 
 
 # --- how-to ----------------------------------------------------------------------------------

@@ -17,15 +17,9 @@ def node() -> None:
 @click.pass_context
 def show(ctx: click.Context) -> None:
     """Show this node's display form, key, fingerprint and listening addresses."""
-    doc = daemon_call("node.show")
-    if state(ctx).json:
-        print_json({k: doc[k] for k in ("label", "key", "fingerprint", "addresses", "subnets")})
-        return
-    out(f"NODE: {doc['display']}")
-    out(f"key: {doc['key']}")
-    out(f"fingerprint: {doc['fingerprint']}")
-    out(f"addresses: {' '.join(doc['addresses'])}")
-    out(f"subnets: {', '.join(s['name'] for s in doc['subnets']) or '(none)'}")
+    from spt.cli._views import show_node
+
+    show_node(as_json=state(ctx).json)
 
 
 @node.group(epilog="\b\nExamples:\n  spt node label set desk-2\n  spt node show\n")

@@ -9,8 +9,10 @@ Nothing here imports anything from spt: every layer may raise these.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, ClassVar
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: every CLI start loads this
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from typing import Any, ClassVar
 
 EXIT_OK = 0
 EXIT_REFUSED = 1

@@ -5,26 +5,30 @@ answers with zero or more `{"event": ...}` lines (streams such as `spt ready`), 
 `{"result": ...}` or `{"error": {...}}` line. A streaming client may send further lines (acks).
 
 This module is the client half and the wire helpers. It is imported by every CLI command, so it
-stays on the standard library's blocking sockets: no asyncio, no crypto. The daemon's half
-lives in `spt.core.daemon`.
+stays on the standard library's blocking sockets: no asyncio, no crypto, and not even `socket`,
+`pathlib` or `typing` at run time (their imports cost more than a control call takes): the raw
+`_socket` module and a line buffer of its own. The daemon's half lives in `spt.core.daemon`.
 """
 
 from __future__ import annotations
 
+import _socket
 import json
 import os
-import socket
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
-from pathlib import Path
-from typing import Any, Final
 
 from spt.core.errors import DaemonDown, SptError
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator, Mapping
+    from typing import Any, Final
 
 PROTOCOL_VERSION: Final = 1
 MAX_LINE: Final = 8 * 1024 * 1024
 AUTOSTART_WAIT: Final = 15.0
+_RECV: Final = 64 * 1024
 
 
 def encode_line(obj: Mapping[str, Any]) -> bytes:
@@ -32,11 +36,11 @@ def encode_line(obj: Mapping[str, Any]) -> bytes:
 
 
 class IpcConnection:
-    """A connected control socket; `request()` sends the request line, `lines()` reads answers."""
+    """A connected control socket; `send()` writes a request or ack line, `lines()` reads answers."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: _socket.socket) -> None:
         self.sock = sock
-        self._file = sock.makefile("rb")
+        self._buf = bytearray()
 
     def send(self, obj: Mapping[str, Any]) -> None:
         try:
@@ -44,12 +48,29 @@ class IpcConnection:
         except (BrokenPipeError, ConnectionResetError):  # the daemon died (kill -9): not a bug here
             raise DaemonDown("", "the daemon closed the control connection") from None
 
+    def _readline(self) -> bytes:
+        """One line with its newline; b"" once the daemon closed the connection."""
+        start = 0
+        while True:
+            end = self._buf.find(b"\n", start)
+            if end >= 0:
+                line = bytes(self._buf[: end + 1])
+                del self._buf[: end + 1]
+                return line
+            if len(self._buf) > MAX_LINE:
+                raise DaemonDown("", f"the daemon sent an answer line over {MAX_LINE} bytes")
+            start = len(self._buf)
+            chunk = self.sock.recv(_RECV)
+            if not chunk:
+                return b""  # a partial line without its newline is no answer either
+            self._buf += chunk
+
     def lines(self, timeout: float | None = None) -> Iterator[dict[str, Any]]:
         """Answer lines as dicts until the final one; `timeout` bounds the wait for each line."""
         self.sock.settimeout(timeout)
         while True:
             try:
-                raw = self._file.readline(MAX_LINE)
+                raw = self._readline()
             except TimeoutError:
                 raise DaemonDown("", "the daemon did not answer in time") from None
             except ConnectionResetError:
@@ -64,39 +85,39 @@ class IpcConnection:
                 return
 
     def close(self) -> None:
-        self._file.close()
         self.sock.close()
 
 
-def connect(socket_path: Path) -> IpcConnection:
+def connect(socket_path: str | os.PathLike[str]) -> IpcConnection:
     """Connect to a running daemon; raises DaemonDown when none listens there."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         sock.connect(os.fspath(socket_path))
     except PermissionError:
         sock.close()
         raise DaemonDown(
-            "", f"the control socket {socket_path} belongs to another user; run spt as that user"
+            "", f"the control socket {os.fspath(socket_path)} belongs to another user; run spt as that user"
         ) from None
     except (FileNotFoundError, ConnectionRefusedError):
         sock.close()
-        raise DaemonDown("", f"no daemon listens on {socket_path}") from None
+        raise DaemonDown("", f"no daemon listens on {os.fspath(socket_path)}") from None
     return IpcConnection(sock)
 
 
-def start_daemon(state_root: Path, env: Mapping[str, str] | None = None) -> None:
+def start_daemon(state_root: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> None:
     """Start `spt daemon run` detached, its output appended to the state folder's log."""
     import subprocess
 
-    state_root.mkdir(parents=True, exist_ok=True)
-    os.chmod(state_root, 0o700)
+    root = os.fspath(state_root)
+    os.makedirs(root, exist_ok=True)
+    os.chmod(root, 0o700)
     child_env = dict(os.environ if env is None else env)
-    child_env["SPT_HOME"] = os.fspath(state_root)
+    child_env["SPT_HOME"] = root
     # An elevated command (sudo) must not leave a root daemon on the user's state folder.
     uid = gid = None
     if os.geteuid() == 0 and child_env.get("SUDO_UID", "").isdigit() and child_env.get("SUDO_GID", "").isdigit():
         uid, gid = int(child_env["SUDO_UID"]), int(child_env["SUDO_GID"])
-    with open(state_root / "daemon.log", "ab") as log:
+    with open(os.path.join(root, "daemon.log"), "ab") as log:
         subprocess.Popen(
             [sys.executable, "-m", "spt", "daemon", "run"],
             stdin=subprocess.DEVNULL,
@@ -110,15 +131,16 @@ def start_daemon(state_root: Path, env: Mapping[str, str] | None = None) -> None
         )
 
 
-def connect_or_start(state_root: Path, *, autostart: bool) -> IpcConnection:
+def connect_or_start(state_root: str | os.PathLike[str], *, autostart: bool) -> IpcConnection:
     """Connect, starting the daemon first when allowed (SPEC.md §3.1, `SPT_NO_AUTOSTART`)."""
-    socket_path = state_root / "spt.sock"
+    root = os.fspath(state_root)
+    socket_path = os.path.join(root, "spt.sock")
     try:
         return connect(socket_path)
     except DaemonDown:
         if not autostart:
             raise
-    start_daemon(state_root)
+    start_daemon(root)
     deadline = time.monotonic() + AUTOSTART_WAIT
     delay = 0.01
     while time.monotonic() < deadline:
@@ -128,7 +150,8 @@ def connect_or_start(state_root: Path, *, autostart: bool) -> IpcConnection:
             return connect(socket_path)
         except DaemonDown as exc:
             last = exc
-    raise DaemonDown("", f"the daemon did not start within {AUTOSTART_WAIT:.0f} s; see {state_root / 'daemon.log'}") from last
+    log = os.path.join(root, "daemon.log")
+    raise DaemonDown("", f"the daemon did not start within {AUTOSTART_WAIT:.0f} s; see {log}") from last
 
 
 def call(

@@ -6,9 +6,11 @@ this module is cheap to import.
 
 from __future__ import annotations
 
-from typing import Final
-
 from spt.core.errors import UsageError
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (every `spt send` loads this)
+if TYPE_CHECKING:
+    from typing import Final
 
 __all__ = ["MAX_BODY_BYTES", "check_body"]
 

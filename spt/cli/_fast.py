@@ -1,0 +1,92 @@
+"""Plain commands without click: what agents and scripts run most, kept cheap.
+
+Importing click costs more than everything `spt send` or `spt node show` does (DESIGN.md §4;
+bench/cli_startup.py and bench/messaging.py measure them against `python3 -c pass`). So `main()`
+first asks `plain_command`: when the arguments have the plain shape of a command in `PLAIN` (its
+words, its positional arguments, its own options, and `--json` before or after the words), it
+returns the function the click command also calls, with the same arguments. Any other shape
+(`--help`, another global option, an unknown option, a missing value, too many arguments) gives
+None, and click parses and explains it. Only the argument parsing exists twice; a test runs each
+case both ways and compares the output.
+"""
+
+from __future__ import annotations
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+
+
+class Plain:
+    """One command's plain shape: `target` ("module:function") is called as
+    `function(*positional, **options)`, plus `as_json=` for a read command (`reads_json`);
+    action commands ignore `--json`, as their click commands do (SPEC.md §3.1)."""
+
+    __slots__ = ("flags", "positional", "reads_json", "target", "values")
+
+    def __init__(
+        self, target: str, *, positional: int = 0, values: Mapping[str, str] | None = None,
+        flags: Mapping[str, str] | None = None, reads_json: bool = False,
+    ) -> None:
+        self.target = target
+        self.positional = positional
+        self.values = dict(values or {})  # option -> keyword, the option takes a value
+        self.flags = dict(flags or {})  # option -> keyword, True when given
+        self.reads_json = reads_json
+
+
+PLAIN: dict[tuple[str, ...], Plain] = {
+    ("send",): Plain(
+        "spt.cli._send:send_message", positional=1,
+        values={"--from": "from_id", "--json-payload": "json_payload"},
+        flags={"--active-only": "active_only", "--deferred": "deferred", "--idle-only": "idle_only"},
+    ),
+    ("node", "show"): Plain("spt.cli._views:show_node", reads_json=True),
+    ("whoami",): Plain("spt.cli._views:show_whoami", reads_json=True),
+}
+
+
+def plain_command(args: list[str]) -> Callable[[], None] | None:
+    """The command `args` name, ready to run, if they have its plain shape; else None."""
+    as_json = False
+    start = 0
+    while start < len(args) and args[start] == "--json":
+        as_json = True
+        start += 1
+    words = next((w for w in PLAIN if tuple(args[start:start + len(w)]) == w), None)
+    if words is None:
+        return None
+    spec = PLAIN[words]
+    options: dict[str, object] = {keyword: None for keyword in spec.values.values()}
+    options.update({keyword: False for keyword in spec.flags.values()})
+    positional: list[str] = []
+    rest = args[start + len(words):]
+    i = 0
+    while i < len(rest):
+        arg = rest[i]
+        name, eq, value = arg.partition("=")
+        if name in spec.values:
+            if not eq:
+                if i + 1 >= len(rest):
+                    return None
+                i += 1
+                value = rest[i]
+            options[spec.values[name]] = value
+        elif arg in spec.flags:
+            options[spec.flags[arg]] = True
+        elif arg == "--json":
+            as_json = True
+        elif arg.startswith("-") and arg != "-":
+            return None  # --help, --, unknown options: click explains them
+        else:
+            positional.append(arg)
+        i += 1
+    if len(positional) != spec.positional:
+        return None
+    if spec.reads_json:
+        options["as_json"] = as_json
+    import importlib
+
+    module, _, attr = spec.target.partition(":")
+    function = getattr(importlib.import_module(module), attr)
+    return lambda: function(*positional, **options)

@@ -1,0 +1,100 @@
+"""The plain commands (`spt send`, `spt node show`, `spt whoami`) take a click-free path that
+loads only the control-socket client; their output is the same as the click commands'."""
+
+import subprocess
+import sys
+
+import pytest
+
+# What spt itself must not load on the plain path, beyond what the interpreter loads at start:
+# click and typing cost more start-up time than the control call (bench/cli_startup.py), and the
+# rest belongs to the daemon.
+NOT_ON_THE_PLAIN_PATH = (
+    "click", "typing", "pathlib", "socket", "platformdirs", "asyncio", "aioquic", "cryptography",
+    "nacl", "zeroconf", "spake2", "pluggy", "stevedore", "msgspec", "spt.manager", "spt.core.identity",
+)
+
+PROBE = (
+    "import sys\n"
+    "before = set(sys.modules)\n"
+    "sys.argv = ['spt', *sys.argv[1:]]\n"
+    "from spt.cli import main\n"
+    "try:\n"
+    "    main()\n"
+    "except SystemExit as exc:\n"
+    "    code = exc.code\n"
+    "loaded = set(sys.modules) - before\n"
+    "print(code, ','.join(sorted(m for m in loaded if any(m == n or m.startswith(n + '.') for n in NOT))) or '-')\n"
+)
+
+
+def probe(args, env):
+    code = f"NOT = {NOT_ON_THE_PLAIN_PATH!r}\n" + PROBE
+    result = subprocess.run([sys.executable, "-c", code, *args], input="hi", capture_output=True, text=True, env=env)
+    return result.stdout.split(), result.stderr
+
+
+@pytest.mark.parametrize("args", [["send", "bob"], ["node", "show"], ["--json", "whoami"]], ids=" ".join)
+def test_plain_commands_load_only_the_control_client(tmp_path, args):
+    env = {"SPT_HOME": str(tmp_path), "SPT_NO_AUTOSTART": "1", "PATH": "/usr/bin:/bin"}
+    out, err = probe(args, env)
+    assert out == ["3", "-"], err  # DAEMON_DOWN, and none of the heavy modules loaded on the way
+
+
+def test_the_default_state_folder_needs_no_platformdirs_on_linux(tmp_path):
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the XDG rule is written out for Linux only")
+    env = {"HOME": str(tmp_path), "SPT_NO_AUTOSTART": "1", "PATH": "/usr/bin:/bin"}
+    out, err = probe(["node", "show"], env)
+    assert out == ["3", "-"], err
+    assert f"no daemon listens on {tmp_path}/.local/share/spt/spt.sock" in err
+
+
+def test_a_non_plain_shape_goes_to_click():
+    from spt.cli._fast import plain_command
+
+    for args in (["send", "--help"], ["send"], ["send", "a", "b"], ["send", "a", "--from"], ["--debug", "send", "a"],
+                 ["node", "show", "x"], ["node", "--json", "show"], ["whoami", "--bogus"], ["send", "a", "--active-only=1"]):
+        assert plain_command(args) is None, args
+    assert plain_command(["--json", "send", "a", "--from=x", "--idle-only", "--json"]) is not None
+
+
+def test_help_still_goes_to_click(spt_nodes):
+    node = spt_nodes("n", start=False)
+    for args in (["send", "--help"], ["node", "show", "--help"], ["whoami", "-h"]):
+        result = node.cli(*args)
+        assert result.returncode == 0 and "Usage:" in result.stdout, args
+
+
+CASES = [
+    ["send", "local"],
+    ["send", "local", "--from", "alice"],
+    ["send", "--from=alice", "--active-only", "local"],
+    ["send", "nobody"],
+    ["send", "bad address!"],
+    ["send", "local", "--active-only", "--idle-only"],
+    ["send", "local", "--json-payload", '{"a": 1}'],
+    ["send", "local", "--json-payload", "{nope"],
+    ["--json", "send", "local"],
+    ["send", "local", "--json"],
+    ["node", "show"],
+    ["node", "show", "--json"],
+    ["--json", "node", "show"],
+    ["whoami"],
+    ["whoami", "--json"],
+    ["--json", "whoami"],
+]
+
+
+@pytest.mark.slow
+def test_fast_path_and_click_path_print_the_same(spt_nodes):
+    node = spt_nodes("n")
+    node.cli("ready", "local", "--once", "--timeout", "0.1")
+    down = spt_nodes("down", start=False)
+    runs = [(node, args, {}) for args in CASES]
+    runs += [(node, ["whoami"], {"SPT_AGENT_ID": "local"}), (node, ["--json", "whoami"], {"SPT_AGENT_ID": "local"})]
+    runs += [(down, args, {}) for args in (["send", "local"], ["node", "show"], ["whoami"])]
+    for target, args, env in runs:
+        fast = target.cli(*args, input="body", env=env)
+        slow = target.cli("--debug", *args, input="body", env=env)  # a global option: the click command runs
+        assert (fast.returncode, fast.stdout, fast.stderr) == (slow.returncode, slow.stdout, slow.stderr), args
