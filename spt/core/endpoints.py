@@ -138,6 +138,7 @@ class _Channel:
         self.closed = asyncio.Event()
         self._acks: deque[str] = deque(maxlen=1024)
         self._ack_arrived = asyncio.Event()
+        self._on_ack: tuple[str, Callable[[], None]] | None = None  # the envelope out, and its ack's effect
         self._reader = asyncio.ensure_future(self._read())
 
     async def _read(self) -> None:
@@ -148,6 +149,11 @@ class _Channel:
                     return
                 ack = msg.get("ack")
                 if isinstance(ack, str):
+                    if self._on_ack is not None and self._on_ack[0] == ack:
+                        # at once, as the line is read: a request the agent sent after its ack
+                        # (a ring's reply) must find the delivery recorded
+                        self._on_ack[1]()
+                        self._on_ack = None
                     self._acks.append(ack)
                     self._ack_arrived.set()
         except (ConnectionError, ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
@@ -155,9 +161,16 @@ class _Channel:
         finally:
             self.closed.set()
 
-    async def deliver(self, entry: SpoolEntry, stopped: asyncio.Event) -> bool:
-        """Emit the envelope lines, then wait for their ack. False when the caller is gone, or
-        when `stopped` was set and no ack came within STOP_GRACE."""
+    async def deliver(self, entry: SpoolEntry, stopped: asyncio.Event, on_ack: Callable[[], None]) -> bool:
+        """Emit the envelope lines, then wait for their ack; `on_ack` runs as the ack is read.
+        False when the caller is gone, or when `stopped` was set and no ack came within STOP_GRACE."""
+        self._on_ack = (entry.message.id, on_ack)
+        try:
+            return await self._deliver(entry, stopped)
+        finally:
+            self._on_ack = None
+
+    async def _deliver(self, entry: SpoolEntry, stopped: asyncio.Event) -> bool:
         lines = entry.envelope()
         try:
             for i, line in enumerate(lines):
@@ -228,6 +241,7 @@ class Endpoints:
         self.rings: dict[str, _RingWait] = {}
         self._sent_waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._in_flight: set[int] = set()
+        self._recording: set[asyncio.Future[bool]] = set()  # acknowledgements being committed
         self.views = EndpointViews(self)  # what listings and the registry see (read-only)
         self.closing = False
         self._expired_at = 0.0  # when the 30-day ids were last swept
@@ -258,6 +272,8 @@ class Endpoints:
         for task in pending:
             task.cancel()
         await asyncio.sleep(0)  # let rings that were woken answer
+        if self._recording:  # acknowledgements read land before the writer closes
+            await asyncio.wait(list(self._recording), timeout=STOP_GRACE)
 
     def _shutting_down(self) -> bool:
         """True once the daemon is stopping: cleanup then leaves the store alone (it may be closed,
@@ -643,21 +659,47 @@ class Endpoints:
                f"{perch.id} holds {self.daemon.config.spool_max_bytes} bytes of undelivered messages; "
                f"run spt ready {perch.id} to drain them", dedupe_seconds=3600)
 
-    def _delivered(self, entry: SpoolEntry) -> None:
-        if self.spool.mark_delivered(entry):
+    async def _hand_over(self, chan: _Channel, entry: SpoolEntry, stopped: asyncio.Event) -> bool:
+        """Hand `entry` to a listener or ring; True once it acknowledged.
+
+        The acknowledgement is recorded (`mark_delivered`) by the group-commit writer, off the
+        event loop and off the round trip: whoever waits for SENT hears it at once, since the
+        listener has the message. Until that commit lands the entry stays in flight, so no drain
+        hands it out again; were the daemon killed first, the message would be handed out again
+        after the restart, as it would have been had the kill come before the ack was read.
+        """
+        acknowledged = False
+
+        def record() -> None:
+            nonlocal acknowledged
+            acknowledged = True
             for fut in self._sent_waiters.get(entry.message.id, []):
                 if not fut.done():
                     fut.set_result(None)
+            recorded = self.commits.submit(functools.partial(self.spool.mark_delivered, entry))
+            self._recording.add(recorded)
+            recorded.add_done_callback(functools.partial(self._recorded, entry))
 
-    async def _hand_over(self, chan: _Channel, entry: SpoolEntry, stopped: asyncio.Event) -> bool:
         self._in_flight.add(entry.seq)
         try:
-            acked = await chan.deliver(entry, stopped)
+            if await chan.deliver(entry, stopped, record) and not acknowledged:
+                record()  # its ack was read before this delivery began (a repeated ack)
         finally:
-            self._in_flight.discard(entry.seq)
-        if acked:
-            self._delivered(entry)
-        return acked
+            if not acknowledged:  # else it stays in flight until the record commits
+                self._in_flight.discard(entry.seq)
+        return acknowledged
+
+    def _recorded(self, entry: SpoolEntry, recorded: asyncio.Future[bool]) -> None:
+        self._recording.discard(recorded)
+        self._in_flight.discard(entry.seq)
+        if not recorded.cancelled() and recorded.exception() is not None:
+            log.warning("an acknowledged delivery was not recorded; the message will be handed out again",
+                        extra={"perch": entry.perch, "error": str(recorded.exception())})
+
+    async def _acks_recorded(self) -> None:
+        """Wait until the acknowledgements read so far are committed (a ring becomes answerable then)."""
+        if self._recording:
+            await asyncio.wait(list(self._recording))
 
     # -- sending --------------------------------------------------------------------------
 
@@ -738,9 +780,10 @@ class Endpoints:
         if sub is None:
             raise Refusal("NO_SUCH_SUBNET", target.subnet)
         reply_to = None
+        await self._acks_recorded()  # the ring this send answers may have been acknowledged just now
         if self.spool.may_claim_reply(msg.sender_id, target.node.key, target.row.endpoint_id):
-            with self.store.transaction():
-                reply_to = self.spool.claim_reply(msg.sender_id, target.node.key, target.row.endpoint_id)
+            claim = functools.partial(self.spool.claim_reply, msg.sender_id, target.node.key, target.row.endpoint_id)
+            reply_to = await self.commits.run(claim)
         payload: dict[str, Any] = {
             "id": msg.id,
             "type": msg.type,

@@ -241,18 +241,20 @@ class Spool:
         found = self.entries(perch, after=int(row[0]) - 1, limit=1)
         return found[0] if found and found[0].message.reply_to == ring_id else None
 
-    def mark_delivered(self, entry: SpoolEntry) -> bool:
-        """Record the listener's acknowledgement: one transaction deletes the row and marks the id.
+    def mark_delivered(self, entry: SpoolEntry, db: sqlite3.Connection | None = None) -> bool:
+        """Record the listener's acknowledgement: one transaction deletes the row and marks the id
+        (the caller's, on its connection `db`, e.g. a group commit's; else one of its own).
 
         Returns False when the row was already gone (delivered or purged meanwhile).
         """
-        with self.store.transaction() as db:
-            gone = db.execute("DELETE FROM spool WHERE seq=?", (entry.seq,)).rowcount
-            if not gone:
-                return False
-            db.execute("UPDATE seen_messages SET delivered=1 WHERE msg_id=?", (entry.message.id,))
-            if entry.message.is_ring:
-                db.execute("UPDATE rings_in SET received=1 WHERE ring_id=?", (entry.message.id,))
+        if db is None:
+            with self.store.transaction() as own:
+                return self.mark_delivered(entry, own)
+        if not db.execute("DELETE FROM spool WHERE seq=?", (entry.seq,)).rowcount:
+            return False
+        db.execute("UPDATE seen_messages SET delivered=1 WHERE msg_id=?", (entry.message.id,))
+        if entry.message.is_ring:
+            db.execute("UPDATE rings_in SET received=1 WHERE ring_id=?", (entry.message.id,))
         return True
 
     def held(self, perch: str) -> tuple[int, int]:
@@ -279,7 +281,8 @@ class Spool:
     def may_claim_reply(self, recipient: str, sender_node: NodeId, sender_id: str) -> bool:
         """True when `claim_reply` could find a ring, read without a transaction: most sends
         answer none, and need not take the write lock (the group-commit writer may hold it).
-        Rings become answerable only on the store's own connection (`mark_delivered`)."""
+        A ring becomes answerable when its acknowledgement commits (`mark_delivered`): the caller
+        waits for acknowledgements still committing first."""
         return self._ring_to_answer(self.store.db, recipient, sender_node, sender_id) is not None
 
     @staticmethod

@@ -341,13 +341,19 @@ class GroupCommit:
 
     async def run(self, write: Callable[[sqlite3.Connection], T]) -> T:
         """Run `write` in the writer's next transaction; its result once that transaction committed."""
+        return await self.submit(write)
+
+    def submit(self, write: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        """`run` for a caller that does not wait: `write` is queued now, behind every write
+        submitted before it (so a later write sees its effect), and the future completes once
+        its transaction committed."""
         if self._closed:
             raise sqlite3.ProgrammingError("the store's writer is closed")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._queue.append((write, future))
         if not self._busy:
             self._start()
-        return await future
+        return future
 
     def _start(self) -> None:
         batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]

@@ -1,10 +1,13 @@
 """Messaging across real nodes in one subnet on loopback (issue 5's must-shows)."""
 
 import signal
+import socket
 import subprocess
+import threading
 
 import pytest
 
+from spt.core.ipc import call, connect
 from spt.testing.nodes import DEFAULT_CONFIG
 from spt.testing.traffic import listed
 from spt.testing.wait import wait_for
@@ -75,6 +78,41 @@ def test_ring_gets_the_reply_and_a_late_reply_lands_in_the_perch(trio):
     finally:
         bob.terminate()
         bob.wait(10)
+
+
+def test_a_reply_sent_the_moment_a_ring_is_acknowledged_answers_it(trio):
+    """The acknowledgement that makes a ring answerable commits off the round trip; a reply that
+    arrives before that commit landed must still be stamped as the ring's answer (SPEC §4.3)."""
+    a, _, c = trio
+    bob = connect(c.home / "spt.sock")
+    bob.send({"v": 1, "op": "endpoint.ready", "args": {"id": "bob"}, "interactive": False})
+    assert next(bob.lines(timeout=10))["event"] == {"ready": "bob"}
+    start_listener(a, "alice").terminate()
+    wait_for(lambda: listed(c, "alice") and listed(a, "bob"), what="rows")
+    answered = []
+
+    def answer_each_ring() -> None:
+        for msg in bob.lines(timeout=30):
+            event = msg.get("event", {})
+            if not event.get("last"):
+                continue
+            reply = connect(c.home / "spt.sock")  # opened first: the send follows the ack at once
+            bob.send({"ack": event["msg"]})
+            answered.append(call(reply, "msg.send", {"address": "alice", "from": "bob", "body": "pong"}))
+            reply.close()
+
+    responder = threading.Thread(target=answer_each_ring, daemon=True)
+    responder.start()
+    try:
+        for _ in range(15):
+            ring = a.ipc("msg.ring", {"address": "bob", "from": "alice", "body": "ping", "timeout": 10})
+            assert ring.get("reply") is True, ring
+        wait_for(lambda: len(answered) == 15, what="the last reply's answer")  # it may trail the ring's
+        assert [r["token"] for r in answered] == ["SENT"] * 15
+    finally:
+        bob.sock.shutdown(socket.SHUT_RDWR)
+        responder.join(10)
+        bob.close()
 
 
 def test_hidden_endpoint_is_neither_listed_nor_routable(trio):
