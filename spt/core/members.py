@@ -802,7 +802,10 @@ class Members:
                 log.exception("prune conflict not recorded", extra={"subnet": sub.name})
         if not result.added:
             return []
-        added = [e for e in entries if e.hash in set(result.added)]
+        # what the log stored, not only what was sent: entries that waited for parents from an
+        # earlier merge, and dropped ones a member's entry brought in, must reach the store too
+        # (or a restart loses them and the entries built on them wait for parents again)
+        added = [e for e in map(sub.log.get, result.added) if e is not None]
         with self.daemon.store.transaction():
             self.subnets.save_entries(sub, added)
         for entry in added:  # our later entries order after these, whatever our clock says (§2.10)

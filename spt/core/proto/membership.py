@@ -14,8 +14,9 @@ Arrival and validity (the full rule and what it trades: docs/design/membership-v
 
 - Arrival. An entry whose signatures or shape are wrong is refused (RemoteProtocolError). A
   verified entry is stored only when its author is a member here and it is valid once stored;
-  otherwise it is dropped: never stored, relayed or built on (a valid entry that names it as a
-  parent brings it in, without effect). New local entries take `valid_heads()` as parents.
+  otherwise it is dropped: never stored, relayed or built on (a member's entry built on it,
+  however far above, brings it in, without effect). New local entries take `valid_heads()` as
+  parents.
 - Validity. An entry is valid when its author is a member in the state its own valid ancestors
   give and its type's rule holds there, and it is an ancestor of every valid removal (prune,
   leave, rekey-from) of its author, unless it descends from a re-admission that saw the removal.
@@ -568,8 +569,8 @@ class MembershipLog:
 
     Arrival (see docs/design/membership-validity.md): an entry is stored only when it verifies,
     its author is a member here, and it is valid once stored. Everything else is dropped, kept only
-    in a small in-memory quarantine so that a valid entry naming it as a parent can still be
-    installed (an honest member may have built on it before it heard of a removal).
+    in a small in-memory quarantine so that a member's entry built on it can still be installed
+    (an honest member may have built on it before it heard of a removal).
     """
 
     def __init__(self, subnet_id: bytes, *, max_pending: int = 4096, max_entries: int = MAX_LOG_ENTRIES) -> None:
@@ -736,18 +737,52 @@ class MembershipLog:
             if admitted is not None:
                 members.add(admitted)
 
-        def endorse(h: bytes, depth: int = 0) -> bool:
-            """Install a quarantined entry (and its quarantined ancestors) a stored entry names."""
-            if h in self._present:
-                return True
-            entry = self._quarantine.get(h)
-            if entry is None or depth > MAX_QUARANTINE:
-                return False
-            if not all(endorse(p, depth + 1) for p in entry.parents):
-                return False
-            del self._quarantine[h]
-            install(h, entry)
-            return True
+        at_hand: dict[bytes, bool] = {}  # not stored: is all its unstored ancestry dropped or arriving?
+
+        def is_at_hand(root: bytes) -> bool:
+            """Whether `root` and its ancestors not stored here are all quarantined or arriving
+            in this merge. Memoized for the whole merge (what is absent stays absent), and
+            iterative: a chain may be thousands of entries long."""
+            stack = [(root, False)]
+            while stack:
+                h, parents_done = stack.pop()
+                if h in at_hand:
+                    continue
+                found = todo.get(h) or self._quarantine.get(h)
+                if found is None:
+                    at_hand[h] = h in self._present
+                elif parents_done:
+                    at_hand[h] = all(p in self._present or at_hand[p] for p in found.parents)
+                else:
+                    stack.append((h, True))
+                    stack.extend((p, False) for p in found.parents if p not in self._present)
+            return at_hand[root]
+
+        def endorse(entry: Entry) -> None:
+            """A member's entry that builds on entries dropped here brings them in, with the
+            entries between them and it (arriving now, waiting on the dropped ones): they take
+            effect only if the evaluation says so; the member's entry itself then meets the
+            arrival check like any other."""
+            if not all(p in self._present or is_at_hand(p) for p in entry.parents):
+                return
+            chain: list[bytes] = []  # its unstored ancestors, parents first
+            seen: set[bytes] = set()
+            stack = [(p, False) for p in entry.parents]
+            while stack:
+                h, parents_done = stack.pop()
+                if parents_done:
+                    chain.append(h)
+                elif h not in self._present and h not in seen:
+                    found = todo.get(h) or self._quarantine.get(h)
+                    if found is None:  # pushed out of a full quarantine during this merge
+                        return
+                    seen.add(h)
+                    stack.append((h, True))
+                    stack.extend((p, False) for p in found.parents)
+            if len(self._present) + len(chain) >= self._max_entries:
+                return
+            for h in chain:
+                install(h, todo.pop(h) if h in todo else self._quarantine.pop(h))
 
         # entries whose parents are all stored go through the arrival check in (HLC, hash) order
         missing_count: dict[bytes, int] = {}
@@ -763,17 +798,19 @@ class MembershipLog:
         while True:
             while heap:
                 _, h = heapq.heappop(heap)
+                if h not in todo:  # endorsed meanwhile
+                    continue
                 entry = todo.pop(h)
                 why = self._arrival_problem(entry, members)
                 if why:
                     drop(h, entry, why)
                 else:
                     install(h, entry)
-            # a member's entry that builds on entries dropped here brings them in (no effect)
-            for entry in list(todo.values()):
-                if entry.author in members and all(p in self._present or p in self._quarantine for p in entry.parents):
-                    for p in entry.parents:
-                        endorse(p)
+            # a member's entry that builds on entries dropped here brings them in (no effect),
+            # however deep the chain and whichever of its entries arrive only now
+            for h, entry in list(todo.items()):
+                if h in todo and entry.author in members:
+                    endorse(entry)
             if not heap:
                 break
         stuck = True

@@ -384,6 +384,40 @@ def test_an_entry_stored_before_the_prune_arrived_stays_but_counts_for_nothing(n
     assert early.hash not in log.valid_heads()  # never built on
 
 
+@pytest.mark.parametrize("batches", ["one batch", "the pruned key's first entry alone"])
+def test_a_members_entry_on_a_chain_dropped_here_brings_the_whole_chain_in(nodes, batches):
+    """Bob admits dave and relabels; alice, having seen both, relabels on top; carol meanwhile
+    prunes bob. A replica that had the prune first drops bob's entries on arrival; alice's label
+    must still bring them in (without effect) and count, as on a replica that stored them before
+    the prune arrived. Reduced from the property test: the member's entry was dropped as building
+    on dropped entries when the chain under it was two entries deep (the second one arriving with
+    it), and replicas disagreed on alice's label with no conflict reported."""
+    a, b, c, d = nodes["alice"], nodes["bob"], nodes["carol"], nodes["dave"]
+    log, entries = base_log(nodes, "bob", "carol")
+    fork = log.valid_heads()
+    admit_dave = join(b, d, fork)
+    bob_label = make_label(b.key, parents=[admit_dave.hash], label="bob2", hlc=b.hlc())
+    alice_label = make_label(a.key, parents=[bob_label.hash], label="alice2", hlc=a.hlc())
+    prune_bob = make_prune(c.key, parents=fork, target=b.id, hlc=c.hlc())
+
+    chain_first = MembershipLog.from_entries(log.subnet_id, [*entries, admit_dave, bob_label, alice_label])
+    chain_first.add(prune_bob)
+    prune_first = MembershipLog.from_entries(log.subnet_id, [*entries, prune_bob])
+    if batches == "one batch":
+        prune_first.merge([admit_dave, bob_label, alice_label])
+    else:
+        assert admit_dave.hash in dict(prune_first.merge([admit_dave]).dropped)
+        prune_first.merge([bob_label, alice_label])
+
+    for replica in (chain_first, prune_first):
+        s = replica.state()
+        assert s.members == {a.id: "alice2", c.id: "carol"} and s.former[b.id].reason == "pruned"
+        assert all(x.hash in replica for x in (admit_dave, bob_label, alice_label))
+        assert not replica.is_valid(admit_dave.hash) and not replica.is_valid(bob_label.hash)
+        assert replica.valid_heads() == tuple(sorted((alice_label.hash, prune_bob.hash))) and not s.conflicts
+    assert effect(chain_first.state()) == effect(prune_first.state())
+
+
 def test_junk_heads_from_strangers_are_not_stored_and_cost_little(nodes):
     """65 entries by throw-away keys on a known hash: all dropped, parents of new entries unchanged."""
     log, _ = base_log(nodes, "bob")
