@@ -242,6 +242,7 @@ class Endpoints:
         self._sent_waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._in_flight: set[int] = set()
         self._recording: set[asyncio.Future[bool]] = set()  # acknowledgements being committed
+        self._claiming: set[str] = set()  # ring ids a reply claimed, until that claim commits
         self.views = EndpointViews(self)  # what listings and the registry see (read-only)
         self.closing = False
         self._expired_at = 0.0  # when the 30-day ids were last swept
@@ -676,7 +677,11 @@ class Endpoints:
             for fut in self._sent_waiters.get(entry.message.id, []):
                 if not fut.done():
                     fut.set_result(None)
-            recorded = self.commits.submit(functools.partial(self.spool.mark_delivered, entry))
+            try:
+                recorded = self.commits.submit(functools.partial(self.spool.mark_delivered, entry))
+            except sqlite3.ProgrammingError:  # the daemon is stopping: handed out again after the restart
+                self._in_flight.discard(entry.seq)
+                return
             self._recording.add(recorded)
             recorded.add_done_callback(functools.partial(self._recorded, entry))
 
@@ -695,6 +700,20 @@ class Endpoints:
         if not recorded.cancelled() and recorded.exception() is not None:
             log.warning("an acknowledged delivery was not recorded; the message will be handed out again",
                         extra={"perch": entry.perch, "error": str(recorded.exception())})
+
+    def _write_behind(
+        self, write: Callable[[sqlite3.Connection], object], then: Callable[[], None] | None = None
+    ) -> None:
+        """Queue `write` for the group-commit writer without waiting for it (behind every write
+        queued before it); `then` runs once it committed or failed."""
+
+        def done(fut: asyncio.Future[object]) -> None:
+            if not fut.cancelled() and fut.exception() is not None:
+                log.warning("a write-behind failed", extra={"error": str(fut.exception())})
+            if then is not None:
+                then()
+
+        self.commits.submit(write).add_done_callback(done)
 
     async def _acks_recorded(self) -> None:
         """Wait until the acknowledgements read so far are committed (a ring becomes answerable then)."""
@@ -779,11 +798,16 @@ class Endpoints:
         sub = self.daemon.subnets.by_name(target.subnet)
         if sub is None:
             raise Refusal("NO_SUCH_SUBNET", target.subnet)
-        reply_to = None
         await self._acks_recorded()  # the ring this send answers may have been acknowledged just now
-        if self.spool.may_claim_reply(msg.sender_id, target.node.key, target.row.endpoint_id):
-            claim = functools.partial(self.spool.claim_reply, msg.sender_id, target.node.key, target.row.endpoint_id)
-            reply_to = await self.commits.run(claim)
+        reply_to = self.spool.ring_to_answer(
+            msg.sender_id, target.node.key, target.row.endpoint_id, excluding=self._claiming
+        )
+        if reply_to is not None:
+            # The claim commits while the reply travels: were it lost to a crash, the ring would be
+            # answerable again, which is right, as the reply may not have left either.
+            self._claiming.add(reply_to)
+            self._write_behind(functools.partial(self.spool.mark_answered, reply_to, True),
+                               lambda: self._claiming.discard(reply_to))
         payload: dict[str, Any] = {
             "id": msg.id,
             "type": msg.type,
@@ -804,7 +828,7 @@ class Endpoints:
                 token = str(await forward(target, payload))
             except Refusal as exc:
                 if reply_to is not None:
-                    self.spool.release_claim(reply_to)
+                    self._write_behind(functools.partial(self.spool.mark_answered, reply_to, False))
                 if exc.instance_token in ("NO_PERCH", "SPOOL_FULL"):
                     # §3.7: these name the address as typed, whatever the target called its perch
                     raise Refusal(exc.instance_token, subject, exc.message, lines=exc.lines) from exc

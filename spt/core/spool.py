@@ -28,7 +28,7 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -278,26 +278,28 @@ class Spool:
             db.execute("UPDATE rings_in SET answered=1 WHERE ring_id=?", (ring_id,))
         return ring_id
 
-    def may_claim_reply(self, recipient: str, sender_node: NodeId, sender_id: str) -> bool:
-        """True when `claim_reply` could find a ring, read without a transaction: most sends
-        answer none, and need not take the write lock (the group-commit writer may hold it).
-        A ring becomes answerable when its acknowledgement commits (`mark_delivered`): the caller
-        waits for acknowledgements still committing first."""
-        return self._ring_to_answer(self.store.db, recipient, sender_node, sender_id) is not None
+    def ring_to_answer(
+        self, recipient: str, sender_node: NodeId, sender_id: str, *, excluding: Collection[str] = ()
+    ) -> str | None:
+        """What `claim_reply` would claim, read on the store's connection without a transaction
+        and without claiming, skipping the ring ids in `excluding` (claims not yet committed)."""
+        return self._ring_to_answer(self.store.db, recipient, sender_node, sender_id, excluding)
+
+    def mark_answered(self, ring_id: str, answered: bool, db: sqlite3.Connection) -> None:
+        """Claim a ring for a reply, or release the claim when the reply never left (the target
+        refused it), in the caller's transaction on `db`."""
+        db.execute("UPDATE rings_in SET answered=? WHERE ring_id=?", (int(answered), ring_id))
 
     @staticmethod
-    def _ring_to_answer(db: sqlite3.Connection, recipient: str, sender_node: NodeId, sender_id: str) -> str | None:
-        row = db.execute(
+    def _ring_to_answer(
+        db: sqlite3.Connection, recipient: str, sender_node: NodeId, sender_id: str, excluding: Collection[str] = ()
+    ) -> str | None:
+        rows = db.execute(
             "SELECT ring_id FROM rings_in WHERE recipient=? AND sender_node=? AND sender_id=? "
-            "AND received=1 AND answered=0 ORDER BY time, rowid LIMIT 1",
+            "AND received=1 AND answered=0 ORDER BY time, rowid",
             (recipient, sender_node.raw, sender_id),
-        ).fetchone()
-        return None if row is None else str(row[0])
-
-    def release_claim(self, ring_id: str) -> None:
-        """Undo `claim_reply` when the reply never left (the target refused it)."""
-        with self.store.transaction() as db:
-            db.execute("UPDATE rings_in SET answered=0 WHERE ring_id=?", (ring_id,))
+        )
+        return next((str(row[0]) for row in rows if row[0] not in excluding), None)
 
     # -- outgoing (SPEC.md §4.2 step 4) ---------------------------------------------------
 

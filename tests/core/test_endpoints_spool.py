@@ -150,7 +150,10 @@ def test_a_reply_claims_the_oldest_received_ring_once(spool):
         second = spool.claim_reply("bob", NODE, "alice")
         third = spool.claim_reply("bob", NODE, "alice")
     assert (first, second, third) == (rings[0].id, rings[1].id, None)
-    spool.release_claim(first)
+    with spool.store.transaction() as db:
+        spool.mark_answered(first, False, db)  # the reply never left: the ring is answerable again
+    assert spool.ring_to_answer("bob", NODE, "alice") == first
+    assert spool.ring_to_answer("bob", NODE, "alice", excluding={first}) is None  # a claim on its way
     with spool.store.transaction():
         assert spool.claim_reply("bob", NODE, "alice") == first
 
