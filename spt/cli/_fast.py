@@ -1,7 +1,8 @@
 """Plain commands without click: what agents and scripts run most, kept cheap.
 
 Importing click costs more than everything `spt send` or `spt node show` does (DESIGN.md §4;
-bench/cli_startup.py and bench/messaging.py measure them against `python3 -c pass`). So `main()`
+bench/cli_startup.py and bench/messaging.py measure them against `python3 -c pass`), and agents
+run `spt send`, `spt ring` and `spt ready --once` once per message or poll. So `main()`
 first asks `plain_command`: when the arguments have the plain shape of a command in `PLAIN` (its
 words, its positional arguments, its own options, and `--json` before or after the words), it
 returns the function the click command also calls, with the same arguments. Any other shape
@@ -14,32 +15,47 @@ from __future__ import annotations
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping
+    from collections.abc import Callable, Collection, Mapping
 
 
 class Plain:
     """One command's plain shape: `target` ("module:function") is called as
     `function(*positional, **options)`, plus `as_json=` for a read command (`reads_json`);
-    action commands ignore `--json`, as their click commands do (SPEC.md §3.1)."""
+    action commands ignore `--json`, as their click commands do (SPEC.md §3.1).
 
-    __slots__ = ("flags", "positional", "reads_json", "target", "values")
+    `positional` is how many arguments it takes (least, most); `values` and `flags` map each
+    option to its keyword, `numbers` names the values that are floats, `defaults` the values an
+    absent option has (else None; an absent flag is False).
+    """
+
+    __slots__ = ("defaults", "flags", "numbers", "positional", "reads_json", "target", "values")
 
     def __init__(
-        self, target: str, *, positional: int = 0, values: Mapping[str, str] | None = None,
-        flags: Mapping[str, str] | None = None, reads_json: bool = False,
+        self, target: str, *, positional: tuple[int, int] = (0, 0), values: Mapping[str, str] | None = None,
+        flags: Mapping[str, str] | None = None, numbers: Collection[str] = (),
+        defaults: Mapping[str, object] | None = None, reads_json: bool = False,
     ) -> None:
         self.target = target
         self.positional = positional
-        self.values = dict(values or {})  # option -> keyword, the option takes a value
-        self.flags = dict(flags or {})  # option -> keyword, True when given
+        self.values = dict(values or {})
+        self.flags = dict(flags or {})
+        self.numbers = frozenset(numbers)
+        self.defaults = dict(defaults or {})
         self.reads_json = reads_json
 
 
+_MESSAGE_VALUES = {"--from": "from_id", "--json-payload": "json_payload"}
+_MESSAGE_FLAGS = {"--active-only": "active_only", "--deferred": "deferred", "--idle-only": "idle_only"}
+
 PLAIN: dict[tuple[str, ...], Plain] = {
-    ("send",): Plain(
-        "spt.cli._send:send_message", positional=1,
-        values={"--from": "from_id", "--json-payload": "json_payload"},
-        flags={"--active-only": "active_only", "--deferred": "deferred", "--idle-only": "idle_only"},
+    ("send",): Plain("spt.cli._send:send_message", positional=(1, 1), values=_MESSAGE_VALUES, flags=_MESSAGE_FLAGS),
+    ("ring",): Plain(
+        "spt.cli._stream:ring_message", positional=(1, 1), values={**_MESSAGE_VALUES, "--timeout": "timeout"},
+        flags=_MESSAGE_FLAGS, numbers={"timeout"}, defaults={"timeout": 120.0},
+    ),
+    ("ready",): Plain(
+        "spt.cli._stream:listen", positional=(0, 1), values={"--subnet": "subnet", "--timeout": "timeout"},
+        flags={"--once": "once"}, numbers={"timeout"},
     ),
     ("node", "show"): Plain("spt.cli._views:show_node", reads_json=True),
     ("whoami",): Plain("spt.cli._views:show_whoami", reads_json=True),
@@ -57,7 +73,7 @@ def plain_command(args: list[str]) -> Callable[[], None] | None:
     if words is None:
         return None
     spec = PLAIN[words]
-    options: dict[str, object] = {keyword: None for keyword in spec.values.values()}
+    options: dict[str, object] = {keyword: spec.defaults.get(keyword) for keyword in spec.values.values()}
     options.update({keyword: False for keyword in spec.flags.values()})
     positional: list[str] = []
     rest = args[start + len(words):]
@@ -71,7 +87,14 @@ def plain_command(args: list[str]) -> Callable[[], None] | None:
                     return None
                 i += 1
                 value = rest[i]
-            options[spec.values[name]] = value
+            keyword = spec.values[name]
+            if keyword in spec.numbers:
+                try:
+                    options[keyword] = float(value)
+                except ValueError:
+                    return None  # click says what is wrong with it
+            else:
+                options[keyword] = value
         elif arg in spec.flags:
             options[spec.flags[arg]] = True
         elif arg == "--json":
@@ -81,7 +104,7 @@ def plain_command(args: list[str]) -> Callable[[], None] | None:
         else:
             positional.append(arg)
         i += 1
-    if len(positional) != spec.positional:
+    if not spec.positional[0] <= len(positional) <= spec.positional[1]:
         return None
     if spec.reads_json:
         options["as_json"] = as_json

@@ -7,9 +7,12 @@ Pure: nothing here touches files, sockets or clocks.
 from __future__ import annotations
 
 import re
-from typing import Final
 
 from spt.core.errors import UsageError
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (`spt ready` loads this)
+if TYPE_CHECKING:
+    from typing import Final
 
 _LABEL_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,63}")
 _SUBNET_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}")

@@ -1,4 +1,4 @@
-"""The plain commands (`spt send`, `spt node show`, `spt whoami`) take a click-free path that
+"""The plain commands (`spt send`, `ring`, `ready`, `node show`, `whoami`) take a click-free path that
 loads only the control-socket client; their output is the same as the click commands'."""
 
 import subprocess
@@ -34,7 +34,10 @@ def probe(args, env):
     return result.stdout.split(), result.stderr
 
 
-@pytest.mark.parametrize("args", [["send", "bob"], ["node", "show"], ["--json", "whoami"]], ids=" ".join)
+@pytest.mark.parametrize(
+    "args", [["send", "bob"], ["ring", "bob"], ["ready", "bob", "--once"], ["node", "show"], ["--json", "whoami"]],
+    ids=" ".join,
+)
 def test_plain_commands_load_only_the_control_client(tmp_path, args):
     env = {"SPT_HOME": str(tmp_path), "SPT_NO_AUTOSTART": "1", "PATH": "/usr/bin:/bin"}
     out, err = probe(args, env)
@@ -54,9 +57,11 @@ def test_a_non_plain_shape_goes_to_click():
     from spt.cli._fast import plain_command
 
     for args in (["send", "--help"], ["send"], ["send", "a", "b"], ["send", "a", "--from"], ["--debug", "send", "a"],
-                 ["node", "show", "x"], ["node", "--json", "show"], ["whoami", "--bogus"], ["send", "a", "--active-only=1"]):
+                 ["node", "show", "x"], ["node", "--json", "show"], ["whoami", "--bogus"], ["send", "a", "--active-only=1"],
+                 ["ring", "a", "--timeout", "soon"], ["ready", "a", "b"], ["ready", "--timeout="]):
         assert plain_command(args) is None, args
-    assert plain_command(["--json", "send", "a", "--from=x", "--idle-only", "--json"]) is not None
+    for args in (["--json", "send", "a", "--from=x", "--idle-only", "--json"], ["ready"], ["ready", "a", "--timeout", "1e1"]):
+        assert plain_command(args) is not None, args
 
 
 def test_help_still_goes_to_click(spt_nodes):
@@ -77,6 +82,15 @@ CASES = [
     ["send", "local", "--json-payload", "{nope"],
     ["--json", "send", "local"],
     ["send", "local", "--json"],
+    ["ring", "local", "--timeout", "0.3"],
+    ["ring", "--timeout=0.3", "local", "--from", "alice", "--json-payload", "[1]"],
+    ["ring", "nobody", "--timeout", "0.3"],
+    ["ring", "local", "--timeout", "-1"],
+    ["ready", "quiet", "--once", "--timeout", "0.2"],
+    ["ready", "--once", "quiet", "--timeout=0.2", "--subnet", "nowhere"],
+    ["ready", "quiet", "--timeout", "0.2"],
+    ["ready"],
+    ["ready", "bad id!", "--once"],
     ["node", "show"],
     ["node", "show", "--json"],
     ["--json", "node", "show"],

@@ -323,11 +323,11 @@ def test_a_listener_acks_a_restarted_daemons_copy_without_printing_it_again(caps
     hands the same message out again, and the listener that outlived it must not print it twice."""
     import socket
 
-    from spt.cli.messaging import _Stream
+    from spt.cli._stream import Stream
     from spt.core.ipc import IpcConnection
 
     ours, daemons = socket.socketpair()
-    stream = _Stream()
+    stream = Stream()
     stream.conn = IpcConnection(ours)
     for msg in ("m1", "m2", "m1"):
         stream.envelope({"msg": msg, "line": f"line of {msg} a", "last": False})
