@@ -2,8 +2,9 @@
 
 Built-in commands are a static table, so `spt send` imports nothing else. Plugin commands come
 from the `spt_register_commands` hook, asked only when a name is not built in or when the full
-list is needed (`--help`, completion). A command whose import fails stays visible as a
-`BrokenCommand` that names the error and the owning plugin.
+list is needed (`--help`, completion), and then through the cached table of `_command_cache`.
+A command whose import fails stays visible as a `BrokenCommand` that names the error and the
+owning plugin.
 """
 
 from __future__ import annotations
@@ -78,11 +79,10 @@ class LazyGroup(click.Group):
 
     def _plugins(self) -> dict[str, tuple[str, str]]:
         if self._plugin_refs is None:
-            from spt.cli._state import plugin_system
+            from spt.cli._command_cache import plugin_commands
 
-            system = plugin_system(click.get_current_context(silent=True))
-            reg = system.registries.commands
-            self._plugin_refs = {ref.name: (ref.target, reg.owner(ref.name)) for ref in reg if ref.name not in self.lazy}
+            found = plugin_commands(click.get_current_context(silent=True))
+            self._plugin_refs = {name: ref for name, ref in found.items() if name not in self.lazy}
         return self._plugin_refs
 
     def list_commands(self, ctx: click.Context) -> list[str]:

@@ -152,7 +152,9 @@ def spt_register_record_kinds(registry: Registry[RecordKind]) -> None:
 def spt_register_commands(registry: Registry[CommandRef]) -> None:
     """Add top-level CLI commands as lazy `CommandRef("name", "module:attribute")`.
 
-    Called by: the CLI, only when a command is not built in (so `spt send` loads no plugin).
+    Called by: the CLI, only when a command is not built in (so `spt send` loads no plugin),
+    and only when its cached table is out of date (`spt/cli/_command_cache.py`): what this
+    registers must depend on the plugin's code alone, not on the time, the network or the node.
     Returns: nothing.
     Mode: collect-all.
     Since: 0.1
