@@ -26,22 +26,30 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=30)
     args = parser.parse_args()
     spt_exe = shutil.which("spt", path=str(Path(sys.executable).parent)) or "spt"
+    others = [
+        ("spt ready --once (poll)", ["ready", "poller", "--once", "--timeout", "0"]),  # plain, like node show
+        ("spt subnet status", ["subnet", "status"]),  # a built-in command through click
+        ("spt rc --help", ["rc", "--help"]),  # a plugin's command, found in the cached table
+    ]
     factory = NodeFactory()
     try:
         node = factory("bench")
         compile_spt()
-        time_command([spt_exe, "node", "show"], 3, env=node.env)  # warm the page cache
-        base, spt = time_interleaved(
-            [([sys.executable, "-c", "pass"], None, b""), ([spt_exe, "node", "show"], node.env, b"")], args.runs
-        )
+        for argv in (["node", "show"], *(a for _, a in others)):
+            time_command([spt_exe, *argv], 3, env=node.env)  # warm the page cache and the command table
+        commands = [([sys.executable, "-c", "pass"], None, b""), ([spt_exe, "node", "show"], node.env, b"")]
+        commands += [([spt_exe, *argv], node.env, b"") for _, argv in others]
+        base, spt, *rest = time_interleaved(commands, args.runs)
     finally:
         factory.close()
     b, s = median(base), median(spt)
     print(f"python3 -c pass      median {b * 1000:7.1f} ms  p90 {pct(base, 0.9) * 1000:7.1f} ms")
     print(f"spt node show        median {s * 1000:7.1f} ms  p90 {pct(spt, 0.9) * 1000:7.1f} ms")
     print(f"ratio spt/python     {s / b:7.2f}x   (target <= 4)")
+    print("other commands, same runs:")
+    for (name, _), samples in zip(others, rest, strict=True):
+        print(f"  {name:24} median {median(samples) * 1000:7.1f} ms  ratio {median(samples) / b:5.2f}x")
     row("`spt node show` wall time", s * 1000, "ms", baseline_name="python3 -c pass", baseline=b * 1000, goal="<= 4")
-
 
 if __name__ == "__main__":
     tempfile.tempdir = os.environ.get("TMPDIR")
