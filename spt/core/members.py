@@ -846,7 +846,8 @@ class Members:
         for c in fresh:
             who = st.former.get(c.author)
             author = c.author.display(who.label if who else st.members.get(c.author, ""))
-            target = c.target.display(st.members.get(c.target, ""))
+            gone = st.former.get(c.target)  # a target may have left or been removed since
+            target = c.target.display(gone.label if gone else st.members.get(c.target, ""))
             log.warning("prune conflict", extra={"subnet": sub.name, "author": c.author.short, "target": c.target.short})
             self.daemon.notify(
                 sub, "prune-conflict", f"{author} tried to prune {target} in {sub.name}; refused here",

@@ -528,13 +528,14 @@ class MembershipState:
 
 @dataclass(frozen=True, slots=True)
 class PruneConflict:
-    """A prune of a member, by a key known here, that was not stored: its history disagrees with
+    """A prune of a key admitted here (a member, or a former member: it may have left after
+    pruning the author), by a key known here, that was not stored: its history disagrees with
     this log on who was removed first (a counter-prune by a pruned key, or a branch built by a
     removed key). The history that arrived first stands here; a human should look."""
 
     entry: bytes  # the refused entry
     author: NodeId  # the key that signed it
-    target: NodeId  # the member it tried to remove
+    target: NodeId  # the key it tried to remove
 
 
 @dataclass(frozen=True, slots=True)
@@ -709,10 +710,11 @@ class MembershipLog:
         def drop(h: bytes, entry: Entry, why: str) -> None:
             self._quarantine_entry(h, entry)
             dropped.append((h, why))
-            # a prune of a member here by a key whose standing traces to this log, refused: the
+            # a prune of a key admitted here (a member, or one gone since: it may have left after
+            # pruning the author) by a key whose standing traces to this log, refused: the
             # histories disagree on who was removed first (a counter-prune, a branch built by a
             # removed key, or by a key that only such a branch admitted)
-            if entry.type == PRUNE and entry.key() in members and vouched(entry.author):
+            if entry.type == PRUNE and entry.key() in known and vouched(entry.author):
                 conflicts.append(PruneConflict(h, entry.author, entry.key()))
 
         waiting: dict[bytes, list[bytes]] = {}  # absent parent -> entries of `todo` waiting for it
@@ -736,6 +738,7 @@ class MembershipLog:
             admitted = entry.subject() if entry.type in (CREATE, JOIN, REKEY) else None
             if admitted is not None:
                 members.add(admitted)
+                known.add(admitted)
 
         at_hand: dict[bytes, bool] = {}  # not stored: is all its unstored ancestry dropped or arriving?
 
@@ -857,7 +860,8 @@ class MembershipLog:
         were invalid on arrival. Removing an invalid leaf changes no other entry's validity."""
         valid = self._validity()
         struct = self._structure()
-        members = self.state().members if self._create is not None else {}
+        state = self.state() if self._create is not None else None
+        known = set(state.members) | set(state.former) if state is not None else set()
         named: Counter[bytes] = Counter(p for e in self._present.values() for p in e.parents)
         gone: list[bytes] = []
         for i in reversed(range(len(struct.order))):
@@ -870,7 +874,7 @@ class MembershipLog:
                 self._quarantine_entry(h, entry)
                 dropped.append((h, "invalid on arrival"))
                 gone.append(h)
-                if entry.type == PRUNE and entry.key() in members:
+                if entry.type == PRUNE and entry.key() in known:
                     conflicts.append(PruneConflict(h, entry.author, entry.key()))
         if gone:
             self._invalidate()

@@ -317,6 +317,33 @@ def test_prunes_whose_authors_stand_only_in_each_others_branches_are_a_conflict_
     assert result.dropped and not result.conflicts
 
 
+def test_mutual_prunes_are_a_conflict_where_the_target_has_left_since(nodes):
+    """Bob prunes alice (and rotates), then leaves; alice meanwhile prunes bob (and rotates).
+    Where bob's side arrived first, alice's prune is dropped although bob is no member any more:
+    the two sides still disagree (bob left or was pruned, whose rotation counts), so it must be
+    reported there too, as it is on alice's side. Reduced from the property test (a search of
+    5,000 histories after the fix of the dropped chain: nothing was reported on bob's side)."""
+    a, b, c = nodes["alice"], nodes["bob"], nodes["carol"]
+    log, entries = base_log(nodes, "bob", "carol")
+    fork = log.valid_heads()
+    prune_alice = make_prune(b.key, parents=fork, target=a.id, hlc=b.hlc())
+    rotate_b = rotate(b, [prune_alice.hash], 1, 1)
+    bob_leaves = make_leave(b.key, parents=[rotate_b.hash], hlc=b.hlc())
+    prune_bob = make_prune(a.key, parents=fork, target=b.id, hlc=a.hlc())
+    rotate_a = rotate(a, [prune_bob.hash], 1, 2)
+
+    bob_first = MembershipLog.from_entries(log.subnet_id, [*entries, prune_alice, rotate_b, bob_leaves])
+    late_alice = bob_first.merge([prune_bob, rotate_a])
+    alice_first = MembershipLog.from_entries(log.subnet_id, [*entries, prune_bob, rotate_a])
+    late_bob = alice_first.merge([prune_alice, rotate_b, bob_leaves])
+    assert {(x.author, x.target) for x in late_bob.conflicts} == {(b.id, a.id)}
+    assert {(x.author, x.target) for x in late_alice.conflicts} == {(a.id, b.id)}
+    # each side keeps the history it had first; the human is told on both
+    assert bob_first.state().standing(a.id) == "pruned" and bob_first.state().standing(b.id) == "left"
+    assert alice_first.state().standing(b.id) == "pruned" and a.id in alice_first.state().members
+    assert all(c.id in side.state().members for side in (bob_first, alice_first))
+
+
 def test_mutual_prunes_that_both_stand_take_effect_and_are_a_conflict(nodes):
     """Where both removals got stored (each side built on its own), neither key stays: no
     seniority, and state().conflicts names them for a human."""
