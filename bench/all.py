@@ -39,7 +39,7 @@ BENCHES: dict[str, tuple[list[str], list[str], float]] = {
     "reach": ([], ["--quick"], 900),
     "nat_files": ([], ["--mb", "32", "--runs", "3"], 900),
     "scale": (["--simulate", "100,500", "--trials", "3"],
-              ["--simulate", "100,500", "--loss", "0,0.01", "--nodes", "10", "--idle", "5"], 1200),
+              ["--simulate", "100,500", "--loss", "0,0.01", "--nodes", "20", "--idle", "5"], 1200),
     "rc": ([], ["--quick"], 900),
     "update_apply": ([], [], 600),
     "fuzz": ([], ["--inputs", "100000", "--garbage-seconds", "5"], 1800),
