@@ -23,20 +23,22 @@ class Plain:
     `function(*positional, **options)`, plus `as_json=` for a read command (`reads_json`);
     action commands ignore `--json`, as their click commands do (SPEC.md §3.1).
 
-    `positional` is how many arguments it takes (least, most); `values` and `flags` map each
-    option to its keyword, `numbers` names the values that are floats, `defaults` the values an
-    absent option has (else None; an absent flag is False).
+    `positional` is how many arguments it takes (least, most), `choices` what the argument at an
+    index may be; `values` and `flags` map each option to its keyword, `numbers` names the values
+    that are floats, `defaults` the values an absent option has (else None; an absent flag is
+    False).
     """
 
-    __slots__ = ("defaults", "flags", "numbers", "positional", "reads_json", "target", "values")
+    __slots__ = ("choices", "defaults", "flags", "numbers", "positional", "reads_json", "target", "values")
 
     def __init__(
-        self, target: str, *, positional: tuple[int, int] = (0, 0), values: Mapping[str, str] | None = None,
-        flags: Mapping[str, str] | None = None, numbers: Collection[str] = (),
-        defaults: Mapping[str, object] | None = None, reads_json: bool = False,
+        self, target: str, *, positional: tuple[int, int] = (0, 0), choices: Mapping[int, Collection[str]] | None = None,
+        values: Mapping[str, str] | None = None, flags: Mapping[str, str] | None = None,
+        numbers: Collection[str] = (), defaults: Mapping[str, object] | None = None, reads_json: bool = False,
     ) -> None:
         self.target = target
         self.positional = positional
+        self.choices = dict(choices or {})
         self.values = dict(values or {})
         self.flags = dict(flags or {})
         self.numbers = frozenset(numbers)
@@ -59,6 +61,10 @@ PLAIN: dict[tuple[str, ...], Plain] = {
     ),
     ("node", "show"): Plain("spt.cli._views:show_node", reads_json=True),
     ("whoami",): Plain("spt.cli._views:show_whoami", reads_json=True),
+    ("endpoint", "list"): Plain(
+        "spt.cli._views:list_endpoints", values={"--subnet": "subnet"}, flags={"--detail": "detail"}, reads_json=True,
+    ),
+    ("endpoint", "state"): Plain("spt.cli._views:set_activity", positional=(2, 2), choices={1: ("busy", "idle")}),
 }
 
 
@@ -106,6 +112,8 @@ def plain_command(args: list[str]) -> Callable[[], None] | None:
         i += 1
     if not spec.positional[0] <= len(positional) <= spec.positional[1]:
         return None
+    if any(i < len(positional) and positional[i] not in allowed for i, allowed in spec.choices.items()):
+        return None  # click lists the choices
     if spec.reads_json:
         options["as_json"] = as_json
     import importlib

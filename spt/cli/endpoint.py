@@ -16,8 +16,6 @@ from spt.cli._output import emit, hint, out, print_json
 from spt.cli._state import daemon_call, is_interactive, state
 from spt.core.errors import UsageError
 
-ELLIPSIS = "\u2026"
-
 
 class _EndpointGroup(click.Group):
     """`spt endpoint` alone (or with list's options) is `spt endpoint list`; an unknown verb is
@@ -37,54 +35,15 @@ def endpoint() -> None:
     """Endpoints: the perches on this node and the rows of your subnets."""
 
 
-def _bool(value: Any) -> str:
-    return str(bool(value)).lower()
-
-
-def _display(node: dict[str, Any]) -> str:
-    return f"{node['label']} ({node['key'][:8]}{ELLIPSIS})"
-
-
 @endpoint.command("list")
 @click.option("--detail", is_flag=True, help="Add description, home, visibility, scope and folders.")
 @click.option("--subnet", shell_complete=subnet_names, help="Only this subnet.")
 @click.pass_context
 def list_(ctx: click.Context, detail: bool, subnet: str | None) -> None:
     """Endpoints visible in each subnet, then this node's perches."""
-    doc = daemon_call("endpoint.list", {"self": os.environ.get("SPT_AGENT_ID") or None, "subnet": subnet})
-    if state(ctx).json:
-        doc.pop("node", None)
-        print_json(doc)
-        return
-    me = doc["self"]
-    if me is not None:
-        status = me["status"] or "no-perch"
-        out(f"SELF: {me['id']}  {status}  ready={_bool(me['ready'])} alive={_bool(me['alive'])}")
-    count = 0
-    for sub in doc["subnets"]:
-        out(f"SUBNET {sub['name']}")
-        for row in sub["endpoints"]:
-            count += 1
-            why = f" ({row['offline_reason']})" if row.get("offline_reason") else ""
-            out(f"  {row['id']}  {_display(row['node'])}  \u25a0 {row['state'].upper()}{why}")
-            if detail:
-                out(f"    home={row['home'] or '-'}  ready={_bool(row['ready'])} alive={_bool(row['alive'])}")
-                if row["description"]:
-                    out(f"    {row['description']}")
-    out(f"ENDPOINTS:{count}")
-    out(f"This node: {doc['node']['display']}")
-    if not doc["local"]:
-        out("  (no local perches)")
-    for perch in doc["local"]:
-        out(f"  {perch['id']}  {perch['state']}  ready={_bool(perch['ready'])} alive={_bool(perch['alive'])}")
-        if detail:
-            out(
-                f"    home={perch['home'] or '-'}  visible_in={','.join(perch['visible_in']) or '-'}"
-                f"  scope={','.join(perch['scope']) or '-'}"
-            )
-            out(f"    folder={perch['folder']}")
-            if perch.get("description"):
-                out(f"    {perch['description']}")
+    from spt.cli._views import list_endpoints
+
+    list_endpoints(detail=detail, subnet=subnet, as_json=state(ctx).json)
 
 
 # --- hosted endpoints ------------------------------------------------------------------------
@@ -165,8 +124,9 @@ def description_show(ctx: click.Context, address: str) -> None:
 @click.argument("activity", type=click.Choice(["busy", "idle"]))
 def state_(endpoint_id: str, activity: str) -> None:
     """Report that perch ID is busy or idle (idle-only messages wait for idle)."""
-    doc = daemon_call("endpoint.state", {"id": endpoint_id, "activity": activity})
-    emit("STATE", doc["id"], doc["activity"])
+    from spt.cli._views import set_activity
+
+    set_activity(endpoint_id, activity)
 
 
 @endpoint.command()

@@ -1,5 +1,5 @@
-"""The plain commands (`spt send`, `ring`, `ready`, `node show`, `whoami`) take a click-free path that
-loads only the control-socket client; their output is the same as the click commands'."""
+"""The plain commands (`send`, `ring`, `ready`, `whoami`, `node show`, `endpoint list|state`) take a
+click-free path that loads only the control-socket client; their output is the click commands'."""
 
 import subprocess
 import sys
@@ -35,7 +35,8 @@ def probe(args, env):
 
 
 @pytest.mark.parametrize(
-    "args", [["send", "bob"], ["ring", "bob"], ["ready", "bob", "--once"], ["node", "show"], ["--json", "whoami"]],
+    "args", [["send", "bob"], ["ring", "bob"], ["ready", "bob", "--once"], ["node", "show"], ["--json", "whoami"],
+             ["endpoint", "list", "--detail"], ["endpoint", "state", "bob", "busy"]],
     ids=" ".join,
 )
 def test_plain_commands_load_only_the_control_client(tmp_path, args):
@@ -58,7 +59,8 @@ def test_a_non_plain_shape_goes_to_click():
 
     for args in (["send", "--help"], ["send"], ["send", "a", "b"], ["send", "a", "--from"], ["--debug", "send", "a"],
                  ["node", "show", "x"], ["node", "--json", "show"], ["whoami", "--bogus"], ["send", "a", "--active-only=1"],
-                 ["ring", "a", "--timeout", "soon"], ["ready", "a", "b"], ["ready", "--timeout="]):
+                 ["ring", "a", "--timeout", "soon"], ["ready", "a", "b"], ["ready", "--timeout="], ["endpoint"],
+                 ["endpoint", "--detail"], ["endpoint", "state", "a", "asleep"], ["endpoint", "state", "a"]):
         assert plain_command(args) is None, args
     for args in (["--json", "send", "a", "--from=x", "--idle-only", "--json"], ["ready"], ["ready", "a", "--timeout", "1e1"]):
         assert plain_command(args) is not None, args
@@ -97,6 +99,12 @@ CASES = [
     ["whoami"],
     ["whoami", "--json"],
     ["--json", "whoami"],
+    ["endpoint", "list"],
+    ["endpoint", "list", "--detail", "--json"],
+    ["--json", "endpoint", "list", "--subnet", "nowhere"],
+    ["endpoint", "state", "local", "busy"],
+    ["endpoint", "state", "local", "idle"],
+    ["endpoint", "state", "nobody", "idle"],
 ]
 
 
@@ -107,7 +115,8 @@ def test_fast_path_and_click_path_print_the_same(spt_nodes):
     down = spt_nodes("down", start=False)
     runs = [(node, args, {}) for args in CASES]
     runs += [(node, ["whoami"], {"SPT_AGENT_ID": "local"}), (node, ["--json", "whoami"], {"SPT_AGENT_ID": "local"})]
-    runs += [(down, args, {}) for args in (["send", "local"], ["node", "show"], ["whoami"])]
+    runs += [(node, ["endpoint", "list", "--detail"], {"SPT_AGENT_ID": "local"})]
+    runs += [(down, args, {}) for args in (["send", "local"], ["node", "show"], ["whoami"], ["endpoint", "list"])]
     for target, args, env in runs:
         fast = target.cli(*args, input="body", env=env)
         slow = target.cli("--debug", *args, input="body", env=env)  # a global option: the click command runs
