@@ -34,6 +34,7 @@ import asyncio
 import collections
 import contextlib
 import errno
+import functools
 import ipaddress
 import json
 import logging
@@ -87,7 +88,8 @@ DIAL_TIMEOUT: Final = 10.0
 FIRST_OFFER_WAIT: Final = 5.0  # then FILE_QUEUED: the driver keeps trying in the background
 TCP_PROBE_SECONDS: Final = 3.0
 TCP_IO_TIMEOUT: Final = 60.0
-WRITE_QUEUE: Final = 4  # received chunks waiting for the writer thread (verify, write)
+WRITE_QUEUE: Final = 4  # verified chunks waiting for the writer thread
+WRITE_BATCH: Final = 4  # chunks the writer takes off the queue for one write
 SESSION_SECONDS: Final = 600.0
 QUIC_WINDOW: Final = 8  # chunk requests in flight on the QUIC path
 MAX_BAD_ROUNDS: Final = 3
@@ -253,12 +255,15 @@ class Outgoing:
     def read_chunk(self, f: int, c: int) -> bytes: ...
 
     @overload
-    def read_chunk(self, f: int, c: int, into: bytearray) -> memoryview: ...
+    def read_chunk(self, f: int, c: int, into: bytearray, *, check: bool = True) -> memoryview: ...
 
-    def read_chunk(self, f: int, c: int, into: bytearray | None = None) -> bytes | memoryview:
+    def read_chunk(self, f: int, c: int, into: bytearray | None = None, *, check: bool = True) -> bytes | memoryview:
         """Chunk `c` of file `f` from the source, checked against the manifest (blocking).
 
         With `into` (at least CHUNK bytes), the chunk is read into it and returned as a view.
+        `check=False` skips the hash (only the length is checked): for a first send, where the
+        receiver verifies every chunk anyway and a source changed since the offer shows up as
+        chunks it refused, which the next round reads with the check and reports.
         """
         entry = self.manifest.files[f]
         with self._src_lock:
@@ -278,7 +283,7 @@ class Outgoing:
             else:  # the TCP path reuses one buffer: no fresh 1 MiB object per chunk
                 view = memoryview(into)[: entry.chunk_len(c)]
                 data = view[: os.preadv(fd, [view], c * CHUNK)]
-        if len(data) != entry.chunk_len(c) or blake3.blake3(data).digest() != entry.chunks[c]:
+        if len(data) != entry.chunk_len(c) or (check and blake3.blake3(data).digest() != entry.chunks[c]):
             raise _Fatal(f"{self.sources[f]} changed since it was offered; send it again")
         return data
 
@@ -806,12 +811,18 @@ class FileService:
                     path = await self._connect_transit(conn, out, key)
             kind = path.kind if path is not None else "quic"
             idle_rounds = 0
+            rounds = 0
             while out.remote_state != "complete":
                 before = out.base_done
                 if needed:
                     self._set_out(out, "transferring", path=kind)
                     if path is not None:
-                        await self.loop.run_in_executor(self.executor, self._tcp_round, out, path, needed)
+                        # the first round skips the sender's hash: the receiver verifies each chunk
+                        check = rounds > 0
+                        await self.loop.run_in_executor(
+                            self.executor, functools.partial(self._tcp_round, out, path, needed, check=check)
+                        )
+                        rounds += 1
                     else:
                         await self._quic_round(conn, out, needed)
                     self._set_out(out, "verifying", path=kind)
@@ -876,8 +887,11 @@ class FileService:
             return path
         return None
 
-    def _tcp_round(self, out: Outgoing, path: _TcpPath, needed: Sequence[tuple[int, int]]) -> None:
-        """Send `needed` chunks over the TCP path, then wait for the receiver's END_ACK (blocking)."""
+    def _tcp_round(self, out: Outgoing, path: _TcpPath, needed: Sequence[tuple[int, int]], *, check: bool) -> None:
+        """Send `needed` chunks over the TCP path, then wait for the receiver's END_ACK (blocking).
+
+        `check`: hash each chunk before sending it (rounds that resend what the receiver refused).
+        """
         pacer = _Pacer(self.max_rate)
         sock = path.sock
         sock.settimeout(TCP_IO_TIMEOUT)
@@ -885,7 +899,7 @@ class FileService:
         for f, c in needed:
             if out.cancel_event.is_set():
                 raise _Cancelled("cancelled")
-            data = out.read_chunk(f, c, buf)
+            data = out.read_chunk(f, c, buf, check=check)
             path.tx.send(sock, f, c, data)
             out.round_sent += len(data)
             out.sent += len(data)
@@ -1339,8 +1353,9 @@ class FileService:
             server_salt = os.urandom(channel.SALT)
             sock.sendall(server_salt)
             c2s, s2c = channel.derive_keys(session[0], raw_tid, client_salt, server_salt)
-            # the writer holds at most WRITE_QUEUE queued payloads and one it is writing
-            rx = channel.Receiver(c2s, channel.C2S, buffers=WRITE_QUEUE + 2)
+            # payloads in use: WRITE_QUEUE queued, WRITE_BATCH (and one held back) at the
+            # writer, one the data thread verifies
+            rx = channel.Receiver(c2s, channel.C2S, buffers=WRITE_QUEUE + WRITE_BATCH + 2)
             tx = channel.Sender(s2c, channel.S2C)
             f, c, _ = rx.recv(sock)
             if f != channel.CONTROL or c != channel.HELLO:
@@ -1368,7 +1383,8 @@ class FileService:
                             tx.send(sock, channel.CONTROL, channel.END_ACK)
                             continue
                         raise channel.ChannelError("control", f"unknown control frame {c}")
-                    writer.put(f, c, payload)
+                    if inc.verify(f, c, payload):  # a bad chunk is dropped: the sender's next round resends it
+                        writer.put(f, c, payload)
             finally:
                 writer.close()
         except TransferFailedError as exc:
@@ -1393,7 +1409,9 @@ class FileService:
 
 
 class _ChunkWriter:
-    """Verifies and writes chunks on its own thread while the data thread reads the next frame."""
+    """Writes verified chunks on its own thread while the data thread reads, opens and verifies
+    the next frames (BLAKE3 and the disk each get a thread: both release the GIL). Consecutive
+    chunks waiting in the queue go to disk in one write of up to WRITE_BATCH chunks."""
 
     def __init__(self, inc: Incoming) -> None:
         self.inc = inc
@@ -1403,17 +1421,32 @@ class _ChunkWriter:
         self.thread.start()
 
     def _run(self) -> None:
+        held: tuple[int, int, memoryview] | None = None  # taken from the queue, not in this batch
         while True:
-            item = self.queue.get()
+            item = held if held is not None else self.queue.get()
+            held = None
+            if item is None:
+                self.queue.task_done()
+                return
+            f, first, data = item
+            run = [data]
+            while len(run) < WRITE_BATCH:
+                try:
+                    nxt = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None or nxt[0] != f or nxt[1] != first + len(run):
+                    held = nxt
+                    break
+                run.append(nxt[2])
             try:
-                if item is None:
-                    return
                 if self.error is None:
-                    self.inc.accept(*item)
+                    self.inc.store_run(f, first, run, aligned=True)  # payloads of channel.Receiver are page-aligned
             except BaseException as exc:  # handed to the data thread at its next put or drain
                 self.error = exc
             finally:
-                self.queue.task_done()
+                for _ in run:
+                    self.queue.task_done()
 
     def put(self, f: int, c: int, data: memoryview) -> None:
         if self.error is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 from unittest import mock
 
@@ -89,6 +90,33 @@ def test_a_recorded_chunk_that_is_bad_on_disk_is_fetched_again(tmp_path, db):
     assert not (tmp_path / "ep" / "inbox" / TID / "f.bin").exists()
     inc.accept(0, 0, parts[0])
     assert inc.complete and (tmp_path / "ep" / "inbox" / TID / "f.bin").read_bytes() == data
+
+
+def test_runs_from_aligned_buffers_go_direct_and_the_tail_and_resent_chunks_still_land(tmp_path, db):
+    """The TCP path: `verify` on the data thread, `store_run` of consecutive chunks from
+    page-aligned buffers on the writer thread (O_DIRECT where the file system has it)."""
+    data = os.urandom(5 * CHUNK + 1000)
+    m = manifest_of({"f.bin": data})
+    parts = chunks_of(data)
+    aligned = []
+    for part in parts:  # page-aligned memory, as channel.Receiver opens frames into
+        buf = mmap.mmap(-1, CHUNK)
+        buf[: len(part)] = part
+        aligned.append(memoryview(buf)[: len(part)])
+    done = []
+    inc = Incoming(db, TID, m, tmp_path / "ep", on_complete=done.append)
+    assert inc.verify(0, 1, b"\0" * CHUNK) is False and inc.verified[0] == set()
+    assert all(inc.verify(0, c, aligned[c]) for c in range(6))
+    inc.store_run(0, 0, aligned[:3], aligned=True)
+    assert inc.verified[0] == {0, 1, 2} and not inc.complete
+    direct = inc._direct.get(0)
+    inc.store_run(0, 2, aligned[2:6], aligned=True)  # chunk 2 again (a resend) among new ones
+    assert done == [TID] and db.files_done(TID) == {0}
+    assert (tmp_path / "ep" / "inbox" / TID / "f.bin").read_bytes() == data
+    if os.uname().sysname == "Linux":
+        assert direct is not None  # the aligned chunks took the O_DIRECT descriptor
+    for buf in aligned:
+        buf.release()
 
 
 def test_symlinked_inbox_or_transfer_folder_is_refused(tmp_path):

@@ -97,3 +97,19 @@ def test_the_quic_path_carries_chunks_and_a_cancel_deletes_partial_data(spt_node
     assert not (inbox(b) / tid).exists()
     assert one(a, tid)["state"] == "cancelled"
     assert [t["id"] for t in status(a) if t["state"] == "transferring"] == []
+
+
+def test_a_source_changed_after_the_offer_fails_with_the_reason_and_never_lands(spt_nodes, tmp_path):
+    """The first round on the TCP path sends without hashing at the sender (the receiver verifies
+    every chunk): chunks of a source changed since the offer are refused there, and the round
+    that resends them checks the source and ends the transfer, saying why."""
+    a, b = make_pair(spt_nodes, a_env={"SPT_FILE_MAX_RATE": str(2 * MIB)})
+    src = random_file(tmp_path / "moving.bin", 6)
+    tid = sent_tid(a.cli("file", "send", str(src), "bob"))  # offered: the manifest is fixed
+    with open(src, "r+b") as fh:  # same size, other bytes in the last two chunks (sent after 2 s)
+        fh.seek(4 * MIB)
+        fh.write(os.urandom(2 * MIB))
+    failed = wait_for(lambda: (t := one(a, tid)).get("state") == "failed" and t, timeout=60, what="the sender to fail")
+    assert "changed since it was offered" in failed["reason"] and failed["path"] == "tcp"
+    assert one(b, tid)["done"] <= 4 * MIB  # the changed chunks were never taken as verified
+    assert not (inbox(b) / tid / "moving.bin").exists()
