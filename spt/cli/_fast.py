@@ -116,8 +116,9 @@ def plain_command(args: list[str]) -> Callable[[], None] | None:
         return None  # click lists the choices
     if spec.reads_json:
         options["as_json"] = as_json
-    import importlib
+    import sys
 
     module, _, attr = spec.target.partition(":")
-    function = getattr(importlib.import_module(module), attr)
+    __import__(module)  # the builtin: the importlib package costs as much as a command module
+    function = getattr(sys.modules[module], attr)
     return lambda: function(*positional, **options)
