@@ -247,6 +247,7 @@ class Endpoints:
         self.closing = False
         self._expired_at = 0.0  # when the 30-day ids were last swept
         self._perch_cache: tuple[int, dict[str, Perch]] | None = None  # (store change count, perches)
+        self._settings_cache: tuple[int, dict[str, dict[bytes, tuple[bool, bool]]]] | None = None
         # No ring survives a restart, so transient identities it held start their last hour now.
         with self.store.transaction() as db:
             db.execute(
@@ -421,18 +422,25 @@ class Endpoints:
 
     def settings(self, perch: Perch) -> list[tuple[HeldSubnet, bool, bool]]:
         """(subnet, visible, in scope) for every held subnet; unset means home only."""
-        explicit = {
-            bytes(r["subnet"]): (bool(r["visible"]), bool(r["in_scope"]))
-            for r in self.store.query(
-                "SELECT subnet, visible, in_scope FROM perch_subnets WHERE perch=?", (perch.id,)
-            )
-        }
+        explicit = self._explicit_settings().get(perch.key, {})
         out = []
         for sub in sorted(self.daemon.subnets.held.values(), key=lambda s: s.canonical):
             default = (sub.id == perch.home, sub.id == perch.home)
             visible, in_scope = explicit.get(sub.id, default)
             out.append((sub, visible, in_scope))
         return out
+
+    def _explicit_settings(self) -> dict[str, dict[bytes, tuple[bool, bool]]]:
+        """Every perch's explicit (visible, in scope) by subnet, read again after any write on
+        the store's connection, like `_table`: resolution reads them for every perch per send."""
+        changes = self.store.db.total_changes
+        if self._settings_cache is None or self._settings_cache[0] != changes:
+            explicit: dict[str, dict[bytes, tuple[bool, bool]]] = {}
+            for r in self.store.query("SELECT perch, subnet, visible, in_scope FROM perch_subnets"):
+                explicit.setdefault(str(r["perch"]).lower(), {})[bytes(r["subnet"])] = (
+                    bool(r["visible"]), bool(r["in_scope"]))
+            self._settings_cache = (changes, explicit)
+        return self._settings_cache[1]
 
     def visible_in(self, perch: Perch) -> list[HeldSubnet]:
         if perch.transient:
