@@ -1421,10 +1421,9 @@ class _ChunkWriter:
         self.thread.start()
 
     def _run(self) -> None:
-        held: tuple[int, int, memoryview] | None = None  # taken from the queue, not in this batch
+        held: list[tuple[int, int, memoryview] | None] = []  # taken from the queue, not in the last batch
         while True:
-            item = held if held is not None else self.queue.get()
-            held = None
+            item = held.pop() if held else self.queue.get()
             if item is None:
                 self.queue.task_done()
                 return
@@ -1436,7 +1435,7 @@ class _ChunkWriter:
                 except queue.Empty:
                     break
                 if nxt is None or nxt[0] != f or nxt[1] != first + len(run):
-                    held = nxt
+                    held.append(nxt)  # the stop mark, or a chunk that starts the next batch
                     break
                 run.append(nxt[2])
             try:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import mmap
 import os
+import threading
+import time
 from unittest import mock
 
 import blake3
@@ -148,3 +150,30 @@ def test_a_symlink_planted_inside_the_transfer_folder_is_not_followed(tmp_path, 
     with pytest.raises(Refusal):
         inc.accept(0, 0, data)
     assert list(outside.iterdir()) == []
+
+
+def test_the_writer_batches_consecutive_chunks_and_stops_when_the_stop_mark_is_batched():
+    """The writer thread takes consecutive chunks off its queue for one write; the stop mark
+    (`close`) may arrive while it gathers a batch, and it still stops at once."""
+    from spt_filetransfer.service import _ChunkWriter
+
+    entered, release = threading.Event(), threading.Event()
+    runs = []
+
+    class Recorder:
+        def store_run(self, f, first, run, *, aligned):
+            entered.set()
+            release.wait(5)  # the first store blocks until everything else is queued
+            runs.append((f, first, [bytes(d) for d in run], aligned))
+
+    writer = _ChunkWriter(Recorder())
+    writer.put(0, 0, memoryview(b"\0"))
+    assert entered.wait(5)
+    for c in (1, 2):
+        writer.put(0, c, memoryview(bytes([c])))
+    writer.put(1, 0, memoryview(b"x"))  # another file: its own batch
+    threading.Timer(0.2, release.set).start()
+    started = time.monotonic()
+    writer.close()
+    assert time.monotonic() - started < 4 and not writer.thread.is_alive()
+    assert runs == [(0, 0, [b"\0"], True), (0, 1, [b"\1", b"\2"], True), (1, 0, [b"x"], True)]
