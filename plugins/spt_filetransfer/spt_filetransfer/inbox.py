@@ -60,6 +60,7 @@ FLUSH_CHUNKS: Final = 8  # verified chunks recorded at least every 8 MiB…
 FLUSH_SECONDS: Final = 0.25  # …or every quarter second
 READ_BACK: Final = 8 * CHUNK
 DIRECT_ALIGN: Final = 4096
+DIRECT_MIN_FILE: Final = 4 * CHUNK  # smaller files are written through the page cache
 _O_DIRECT: Final = getattr(os, "O_DIRECT", 0)
 _DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS: Final = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -396,6 +397,8 @@ class Incoming:
         """Write the leading chunks of `run` (page-aligned memory) with O_DIRECT, skipping the
         copy into the page cache; how many were written. Stops at a length that is not a
         multiple of 4 KiB (the end of a file); 0 on a file system without O_DIRECT."""
+        if self.manifest.files[f].size < DIRECT_MIN_FILE:
+            return 0  # a small file: an O_DIRECT open and a synchronous request cost more than the copy
         count = 0
         while count < len(run) and len(run[count]) % DIRECT_ALIGN == 0:
             count += 1

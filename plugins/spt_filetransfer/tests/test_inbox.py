@@ -117,6 +117,10 @@ def test_runs_from_aligned_buffers_go_direct_and_the_tail_and_resent_chunks_stil
     assert (tmp_path / "ep" / "inbox" / TID / "f.bin").read_bytes() == data
     if os.uname().sysname == "Linux":
         assert direct is not None  # the aligned chunks took the O_DIRECT descriptor
+    small = Incoming(db, "cd" * 16, manifest_of({"s.bin": data[: 2 * CHUNK]}), tmp_path / "ep", on_complete=done.append)
+    small.store_run(0, 0, aligned[:2], aligned=True)
+    assert 0 not in small._direct and small.complete  # a small file goes through the page cache
+    assert (tmp_path / "ep" / "inbox" / ("cd" * 16) / "s.bin").read_bytes() == data[: 2 * CHUNK]
     for buf in aligned:
         buf.release()
 
