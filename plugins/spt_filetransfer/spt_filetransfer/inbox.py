@@ -330,10 +330,11 @@ class Incoming:
         self.store(f, c, data, aligned=aligned)
         return True
 
-    def verify(self, f: int, c: int, data: bytes | memoryview) -> bool:
+    def verify(self, f: int, c: int, data: bytes | memoryview, *, running: bool = False) -> bool:
         """The first half of `accept`: check a chunk against the manifest (True when it matches
-        or is already stored). The TCP path calls it on its data thread while the writer thread
-        stores the chunks before it."""
+        or is already stored). The TCP path calls it on its data thread, in order, while the
+        writer thread stores the chunks before it; with `running` it also feeds the running
+        whole-file hash here, and stores with `hashed=True`."""
         files = self.manifest.files
         if not 0 <= f < len(files) or not 0 <= c < len(files[f].chunks):
             raise RemoteProtocolError("chunk", f"chunk {f}/{c} is not in the manifest")
@@ -347,6 +348,9 @@ class Incoming:
                 self.bad_chunks += 1
             log.info("chunk failed verification; it will be fetched again", extra={"tid": self.tid, "file": f, "chunk": c})
             return False
+        if running:
+            with self._hash_lock:
+                self._hash_in_order(f, c, data)
         return True
 
     def store(self, f: int, c: int, data: bytes | memoryview, *, aligned: bool = False) -> None:
@@ -354,9 +358,12 @@ class Incoming:
         whole-file hash, record the chunk, finish its file when it was the last one."""
         self.store_run(f, c, [data], aligned=aligned)
 
-    def store_run(self, f: int, first: int, run: Sequence[bytes | memoryview], *, aligned: bool = False) -> None:
+    def store_run(
+        self, f: int, first: int, run: Sequence[bytes | memoryview], *, aligned: bool = False, hashed: bool = False,
+    ) -> None:
         """`store` for the consecutive chunks `first`, `first + 1`, … of file `f`, in one write
-        (one O_DIRECT request of several MiB costs little more than one of 1 MiB)."""
+        (one O_DIRECT request of several MiB costs little more than one of 1 MiB). `hashed`: the
+        running hash was fed by `verify(running=True)`."""
         entry = self.manifest.files[f]
         with self.lock:
             if self.state not in ("offered", "transferring", "verifying"):
@@ -365,7 +372,7 @@ class Incoming:
                 return
             if len(run) > 1 and any(first + i in self.verified[f] for i in range(len(run))):
                 for i, data in enumerate(run):  # a resent chunk among them: one at a time
-                    self.store_run(f, first + i, [data], aligned=aligned)
+                    self.store_run(f, first + i, [data], aligned=aligned, hashed=hashed)
                 return
             if first in self.verified[f]:
                 return
@@ -381,9 +388,10 @@ class Incoming:
             except OSError as exc:
                 raise _disk_error(exc) from exc
             self.state = "transferring"
-            with self._hash_lock:
-                for i, data in enumerate(run):
-                    self._hash_in_order(f, first + i, data)
+            if not hashed:
+                with self._hash_lock:
+                    for i, data in enumerate(run):
+                        self._hash_in_order(f, first + i, data)
             for i, data in enumerate(run):
                 self.verified[f].add(first + i)
                 self._pending.append((f, first + i))

@@ -1383,7 +1383,7 @@ class FileService:
                             tx.send(sock, channel.CONTROL, channel.END_ACK)
                             continue
                         raise channel.ChannelError("control", f"unknown control frame {c}")
-                    if inc.verify(f, c, payload):  # a bad chunk is dropped: the sender's next round resends it
+                    if inc.verify(f, c, payload, running=True):  # a bad chunk is dropped: the sender's next round resends it
                         writer.put(f, c, payload)
             finally:
                 writer.close()
@@ -1409,9 +1409,9 @@ class FileService:
 
 
 class _ChunkWriter:
-    """Writes verified chunks on its own thread while the data thread reads, opens and verifies
-    the next frames (BLAKE3 and the disk each get a thread: both release the GIL). Consecutive
-    chunks waiting in the queue go to disk in one write of up to WRITE_BATCH chunks."""
+    """Writes verified chunks on its own thread while the data thread reads, opens, verifies and
+    hashes the next frames (BLAKE3 and the disk each get a thread: both release the GIL).
+    Consecutive chunks waiting in the queue go to disk in one write of up to WRITE_BATCH chunks."""
 
     def __init__(self, inc: Incoming) -> None:
         self.inc = inc
@@ -1440,7 +1440,7 @@ class _ChunkWriter:
                 run.append(nxt[2])
             try:
                 if self.error is None:
-                    self.inc.store_run(f, first, run, aligned=True)  # payloads of channel.Receiver are page-aligned
+                    self.inc.store_run(f, first, run, aligned=True, hashed=True)  # payloads of channel.Receiver are page-aligned
             except BaseException as exc:  # handed to the data thread at its next put or drain
                 self.error = exc
             finally:
