@@ -156,8 +156,8 @@ class Receiver:
         self._count = 0
         self._buf = bytearray(MAX_FRAME)
         self._head = bytearray(_HEAD.size)
-        # page-aligned (anonymous maps): a payload can be written to disk with O_DIRECT
-        self._out = [mmap.mmap(-1, MAX_FRAME - 16) for _ in range(max(1, buffers))]
+        # page-aligned (private anonymous maps): a payload can be written to disk with O_DIRECT
+        self._out = [mmap.mmap(-1, MAX_FRAME - 16, flags=_PRIVATE) for _ in range(max(1, buffers))]
         self._next = 0
 
     def recv(self, sock: socket.socket) -> tuple[int, int, memoryview]:
@@ -180,5 +180,6 @@ class Receiver:
 
 
 _NONCE_PREFIX: Final = {0: b"c2s\0", 1: b"s2c\0"}
+_PRIVATE: Final = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS  # plain memory, not shared (shmem) pages
 C2S: Final = 0
 S2C: Final = 1
