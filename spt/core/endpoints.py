@@ -139,6 +139,7 @@ class _Channel:
         self._acks: deque[str] = deque(maxlen=1024)
         self._ack_arrived = asyncio.Event()
         self._on_ack: tuple[str, Callable[[], None]] | None = None  # the envelope out, and its ack's effect
+        self.recorded: asyncio.Future[bool] | None = None  # the last acknowledgement's commit
         self._reader = asyncio.ensure_future(self._read())
 
     async def _read(self) -> None:
@@ -196,6 +197,12 @@ class _Channel:
             else:
                 waits.append(stopped.wait())
             await _first(*waits, timeout=timeout)
+
+    async def acks_recorded(self) -> None:
+        """Wait until every acknowledgement read here is committed (or failed to be): the writer
+        commits in order, so the last one's commit covers the ones before it."""
+        if self.recorded is not None:
+            await asyncio.wait([self.recorded])
 
     def close(self) -> None:
         self._reader.cancel()
@@ -691,6 +698,7 @@ class Endpoints:
                 self._in_flight.discard(entry.seq)
                 return
             self._recording.add(recorded)
+            chan.recorded = recorded
             recorded.add_done_callback(functools.partial(self._recorded, entry))
 
         self._in_flight.add(entry.seq)
@@ -949,9 +957,13 @@ class Endpoints:
         self._changed(perch)
         try:
             await call.emit({"ready": perch.id})
-            return await self._listen(
+            result = await self._listen(
                 listener, once=once, timeout=None if timeout is None else float(timeout)
             )
+            # The caller exits on this answer and forgets what it acked: answered before its acks
+            # are on disk, a daemon killed then would hand those messages to its next run again.
+            await chan.acks_recorded()
+            return result
         finally:
             if self.listeners.get(perch.key) is listener:
                 del self.listeners[perch.key]
@@ -1042,6 +1054,7 @@ class Endpoints:
                 entry = self.spool.find_reply(sender_id, ring_id)
                 if entry is not None and entry.seq not in self._in_flight:
                     if await self._hand_over(chan, entry, never):
+                        await chan.acks_recorded()  # as for `ready`: the caller exits on the answer
                         return {"reply": True, "token": token}
                     return {"closed": True, "token": token}
                 remaining = deadline - loop.time()

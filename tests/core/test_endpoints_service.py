@@ -192,3 +192,99 @@ async def test_perches_read_from_memory_follow_every_write_to_the_store(daemon):
     assert eps.get("me").home is None
     eps.purge(eps.get("me"))
     assert eps.get("me") is None and "me" not in [p.id for p in eps.perches()]
+
+
+async def _control_call(op, args):
+    """A control connection on a socket pair: the daemon side as a Call, the caller's streams."""
+    import asyncio
+    import socket
+
+    from spt.core.daemon import Call
+
+    ours, theirs = socket.socketpair()
+    d_reader, d_writer = await asyncio.open_unix_connection(sock=theirs)
+    c_reader, c_writer = await asyncio.open_unix_connection(sock=ours)
+    return Call(op, args, uid=0, interactive=False, reader=d_reader, writer=d_writer), c_reader, c_writer
+
+
+async def _ack_each_envelope(reader, writer):
+    """The caller's side of a stream: acknowledge every envelope once its last line arrived."""
+    import json
+
+    while line := await reader.readline():
+        event = json.loads(line).get("event", {})
+        if event.get("last"):
+            writer.write(json.dumps({"ack": event["msg"]}).encode() + b"\n")
+            await writer.drain()
+
+
+def _hold_the_writer(eps, seconds):
+    """Keep the group-commit writer busy for `seconds`: acknowledgements queue behind it."""
+    import asyncio
+    import threading
+
+    gate = threading.Event()
+    eps.commits.submit(lambda db: gate.wait(5))
+    asyncio.get_running_loop().call_later(seconds, gate.set)
+
+
+async def test_ready_once_answers_only_after_its_acknowledgement_committed(daemon):
+    """`spt ready --once` exits on the op's answer; answered before the delivery is on disk, a
+    daemon killed then would hand the message to the next `ready --once`, which prints it again."""
+    import asyncio
+
+    eps = daemon.endpoints
+    eps._create("bob", daemon.home, "active")
+    assert (await eps.send("bob", from_id="me", body="once only"))[0] == "QUEUED"
+    call, reader, writer = await _control_call("endpoint.ready", {"id": "bob", "once": True})
+    acker = asyncio.ensure_future(_ack_each_envelope(reader, writer))
+    try:
+        _hold_the_writer(eps, 0.5)
+        result = await asyncio.wait_for(eps.ready(call), 10)
+        assert result.get("delivered") == 1
+        assert eps.spool.held("bob")[0] == 0, "answered while the delivery was not yet recorded"
+    finally:
+        acker.cancel()
+        await eps.commits.close()
+
+
+async def test_a_ring_answers_only_after_the_reply_it_printed_is_recorded(daemon):
+    """`spt ring` exits on the op's answer: the reply must have left the sender's spool by then,
+    else a daemon killed at that moment hands it to the sender's next `spt ready` too."""
+    import asyncio
+    import json
+
+    eps = daemon.endpoints
+
+    async def envelope(reader):  # the message id, once its last line arrived
+        while True:
+            event = json.loads(await reader.readline())["event"]
+            if event.get("last"):
+                return event["msg"]
+
+    async def ack(writer, msg_id):
+        writer.write(json.dumps({"ack": msg_id}).encode() + b"\n")
+        await writer.drain()
+
+    for perch in ("alice", "bob"):
+        eps._create(perch, daemon.home, "active")
+    bob_call, bob_reader, bob_writer = await _control_call("endpoint.ready", {"id": "bob"})
+    bob = asyncio.ensure_future(eps.ready(bob_call))
+    try:
+        assert json.loads(await asyncio.wait_for(bob_reader.readline(), 10))["event"] == {"ready": "bob"}
+        ring_call, ring_reader, ring_writer = await _control_call(
+            "msg.ring", {"address": "bob", "from": "alice", "body": "ping", "timeout": 10})
+        ring = asyncio.ensure_future(eps.ring(ring_call))
+        await ack(bob_writer, await asyncio.wait_for(envelope(bob_reader), 10))
+        assert json.loads(await ring_reader.readline())["event"]["sent"] == "SENT"
+        reply = asyncio.ensure_future(eps.send("alice", from_id="bob", body="pong"))
+        reply_id = await asyncio.wait_for(envelope(ring_reader), 10)
+        _hold_the_writer(eps, 0.5)
+        await ack(ring_writer, reply_id)
+        assert (await asyncio.wait_for(ring, 10)).get("reply") is True
+        assert eps.spool.held("alice")[0] == 0, "answered while the reply's delivery was not yet recorded"
+        assert (await asyncio.wait_for(reply, 10))[0] == "SENT"
+    finally:
+        bob.cancel()
+        await asyncio.gather(bob, return_exceptions=True)
+        await eps.commits.close()
