@@ -61,6 +61,10 @@ def _key(blocked: Iterable[str], files: Iterable[str]) -> dict[str, object]:
 def _cached(path: str, blocked: Iterable[str]) -> dict[str, list[str]] | None:
     try:
         with open(path, encoding="utf-8") as fh:
+            # A table names the modules to import: one another user could write (under sudo, the
+            # invoking user's folder; a shared SPT_HOME) would pick the code this run executes.
+            if os.fstat(fh.fileno()).st_uid != os.geteuid() or os.stat(os.path.dirname(path)).st_uid != os.geteuid():
+                return None
             doc = json.load(fh)
         if doc["key"] == _key(blocked, doc["key"]["files"]):
             commands = doc["commands"]

@@ -103,3 +103,26 @@ def test_an_edited_plugin_registers_again(tmp_path, hello_plugin):
     assert (code, built) == (2, True) and "No such command 'hello'" in out
     code, built, out = spt(home, "greet", env=env)
     assert (code, built, out.strip()) == (0, False, "HELLO")
+
+
+@pytest.mark.root  # giving the table to another user needs root
+def test_a_table_another_user_could_write_is_not_trusted(tmp_path):
+    """Under sudo the state folder is the invoking user's: a table they wrote must not choose the
+    modules root imports and runs as commands (nor may one in a folder another user owns)."""
+    assert spt(tmp_path, "rc", "--help")[:2] == (0, True)
+    table = tmp_path / "cli-commands.json"
+    doc = json.loads(table.read_text())
+    doc["commands"]["planted"] = ["spt.plugins.rc.cli:rc", "rc"]
+    table.write_text(json.dumps(doc))
+    assert spt(tmp_path, "planted", "--help")[:2] == (0, False)  # ours: trusted, as it should be
+    table.write_text(json.dumps(doc))
+    os.chown(table, 65534, 65534)
+    code, built, out = spt(tmp_path, "planted", "--help")
+    assert (code, built) == (2, True) and "No such command 'planted'" in out
+    os.chown(table, 0, 0)
+    os.chown(tmp_path, 65534, 65534)  # a folder another user owns: they could swap the file
+    try:
+        code, built, out = spt(tmp_path, "planted", "--help")
+        assert (code, built) == (2, True) and "No such command 'planted'" in out
+    finally:
+        os.chown(tmp_path, 0, 0)
