@@ -9,6 +9,11 @@ own split comes from the joiner's `join timing` log line: `discovery` is from th
 the first member hello, `ceremony` from there to the installed bundle (SPAKE2, admission, bundle).
 `cli` is the rest: two CLI processes and the create itself.
 
+A daemon checks that no subnet of the name answers nearby before it creates one, and a daemon
+that started browsing mDNS less than BROWSE_SETTLED ago waits up to 0.15 s for answers first.
+So the first create runs at once on freshly started daemons and is printed on its own (what a
+user sees when `subnet create` starts the daemon); the timed runs follow on settled daemons.
+
 Target (issue 14): total ≤ 1 s, `subnet create` ≤ 200 ms.
 """
 
@@ -26,6 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from _util import median, pct, row
 
+from spt.plugins.mdns import BROWSE_SETTLED
 from spt.testing import netns
 
 CONFIG = """\
@@ -101,6 +107,9 @@ def main() -> None:
         a, b = LabNode(lab, "h1", root), LabNode(lab, "h2", root)
         a.wait_ready()
         b.wait_ready()
+        started = time.monotonic()
+        fresh = one_run(a, b, "fresh")
+        time.sleep(max(0.0, started + BROWSE_SETTLED - time.monotonic()))
         runs = [one_run(a, b, f"bench{i + 1}") for i in range(max(1, args.runs))]
     finally:
         lab.close()
@@ -111,10 +120,14 @@ def main() -> None:
         print(f"{i:>5}" + "".join(f"{r[c] * 1000:>9.0f}ms" for c in cols))
     print(f"{'med':>5}" + "".join(f"{median([r[c] for r in runs]) * 1000:>9.0f}ms" for c in cols))
     print(f"{'p90':>5}" + "".join(f"{pct([r[c] for r in runs], 0.9) * 1000:>9.0f}ms" for c in cols))
+    print(f"first run, daemons started a moment before: create {fresh['create'] * 1000:.0f}ms, "
+          f"create→JOINED {fresh['total'] * 1000:.0f}ms (mDNS not settled yet)")
     total = median([r["total"] for r in runs])
     print(f"median create→JOINED {total:.2f} s (target <= 1 s): {'OK' if total <= 1 else 'OVER'}")
     row("create → JOINED, LAN lab with mDNS", total * 1000, "ms", goal="<= 1000", note=f"median of {len(runs)}")
     row("`subnet create`", median([r["create"] for r in runs]) * 1000, "ms", goal="<= 200")
+    row("`subnet create` on a daemon started a moment before", fresh["create"] * 1000, "ms",
+        note="waits up to 0.15 s for mDNS answers to a name check")
 
 
 if __name__ == "__main__":
