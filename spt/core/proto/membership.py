@@ -741,6 +741,11 @@ class MembershipLog:
                 known.add(admitted)
 
         at_hand: dict[bytes, bool] = {}  # not stored: is all its unstored ancestry dropped or arriving?
+        # Entries `endorse` may still visit in this merge. A walk that installs its chain is never
+        # repeated (the next one stops at stored entries), so honest merges stay far below it; walks
+        # that fail (a full log, an evicted ancestor) are, once for every member's entry on top
+        # of the same chain: without a bound, one member's sync cost chain x entries on top.
+        endorse_budget = 4 * (len(todo) + len(self._quarantine)) + 64
 
         def is_at_hand(root: bytes) -> bool:
             """Whether `root` and its ancestors not stored here are all quarantined or arriving
@@ -768,10 +773,14 @@ class MembershipLog:
             arrival check like any other."""
             if not all(p in self._present or is_at_hand(p) for p in entry.parents):
                 return
+            nonlocal endorse_budget
             chain: list[bytes] = []  # its unstored ancestors, parents first
             seen: set[bytes] = set()
             stack = [(p, False) for p in entry.parents]
             while stack:
+                endorse_budget -= 1
+                if endorse_budget < 0:  # it stays waiting, and is considered again at a later merge
+                    return
                 h, parents_done = stack.pop()
                 if parents_done:
                     chain.append(h)
@@ -816,14 +825,19 @@ class MembershipLog:
                     endorse(entry)
             if not heap:
                 break
-        stuck = True
-        while stuck:  # entries that build only on dropped entries are dropped too
-            stuck = False
-            for h, entry in list(todo.items()):
-                if all(p in self._present or p in self._quarantine for p in entry.parents):
-                    del todo[h]
-                    drop(h, entry, "it builds on an entry dropped here")
-                    stuck = True
+        # entries that build only on dropped entries are dropped too, each as its last parent is
+        # (a worklist: passes over the batch until none dropped cost chain x batch on a chain
+        # sent top first)
+        def builds_on_dropped(h: bytes) -> bool:
+            return h in todo and all(p in self._present or p in self._quarantine for p in todo[h].parents)
+
+        stuck = [h for h in todo if builds_on_dropped(h)]
+        while stuck:
+            h = stuck.pop()
+            if not builds_on_dropped(h):
+                continue
+            drop(h, todo.pop(h), "it builds on an entry dropped here")
+            stuck.extend(child for child in waiting.get(h, ()) if builds_on_dropped(child))
         for h, entry in todo.items():
             if len(self._pending) >= self._max_pending:
                 dropped.append((h, f"over {self._max_pending} entries wait for parents"))
