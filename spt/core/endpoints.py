@@ -716,6 +716,9 @@ class Endpoints:
         if not recorded.cancelled() and recorded.exception() is not None:
             log.warning("an acknowledged delivery was not recorded; the message will be handed out again",
                         extra={"perch": entry.perch, "error": str(recorded.exception())})
+            perch = None if self._shutting_down() else self.get(entry.perch)
+            if perch is not None:
+                self._poke(perch)  # a listener waiting idle takes it again now, not at the next message
 
     def _write_behind(
         self, write: Callable[[sqlite3.Connection], object], then: Callable[[], None] | None = None

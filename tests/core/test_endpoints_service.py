@@ -4,6 +4,8 @@ These pin the contract the network half builds on: `forward_message`, the outgoi
 `deliver_incoming`, `remote_request` / `Resting.handle_remote_request` and ring-reply stamping.
 """
 
+import sqlite3
+
 import pytest
 
 from spt.core.config import NodeConfig
@@ -287,4 +289,46 @@ async def test_a_ring_answers_only_after_the_reply_it_printed_is_recorded(daemon
     finally:
         bob.cancel()
         await asyncio.gather(bob, return_exceptions=True)
+        await eps.commits.close()
+
+
+async def test_a_delivery_whose_record_failed_is_handed_to_the_waiting_listener_again(daemon):
+    """The acknowledgement's commit failed (an I/O error, say): the message is still held, and
+    a listener that is already waiting gets it again at once, not only when another arrives."""
+    import asyncio
+    import json
+
+    eps = daemon.endpoints
+    eps._create("bob", daemon.home, "active")
+    record = eps.spool.mark_delivered
+    failures = []
+
+    def fail_once(entry, db):
+        if not failures:
+            failures.append(entry.message.id)
+            raise sqlite3.OperationalError("disk I/O error")
+        return record(entry, db)
+
+    eps.spool.mark_delivered = fail_once
+    call, reader, writer = await _control_call("endpoint.ready", {"id": "bob"})
+    listener = asyncio.ensure_future(eps.ready(call))
+    try:
+        assert json.loads(await asyncio.wait_for(reader.readline(), 10))["event"] == {"ready": "bob"}
+        sent = asyncio.ensure_future(eps.send("bob", from_id="me", body="twice if need be"))
+        seen = []
+        for _ in range(2):
+            while True:
+                event = json.loads(await asyncio.wait_for(reader.readline(), 5))["event"]
+                if event.get("last"):
+                    break
+            seen.append(event["msg"])
+            writer.write(json.dumps({"ack": event["msg"]}).encode() + b"\n")
+            await writer.drain()
+        assert seen == failures * 2  # the same message, handed out again after its record failed
+        assert (await sent)[0] == "SENT"
+        await asyncio.sleep(0.2)
+        assert eps.spool.held("bob")[0] == 0  # the second record landed
+    finally:
+        listener.cancel()
+        await asyncio.gather(listener, return_exceptions=True)
         await eps.commits.close()
