@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
     from spt.core.identity import NodeKey
+    from spt.core.proto.membership import MembershipLog
     from spt.testing.netns import Lab
 
 DEFAULT_CONFIG = """\
@@ -352,3 +353,37 @@ async def dial_as_member(key: NodeKey | Node, target: Node) -> str:
     finally:
         await transport.close()
 
+
+
+def stored_log(node: Node) -> MembershipLog:
+    """The membership log of `node`'s one subnet as its store holds it (what a restart loads),
+    read without disturbing the running daemon."""
+    import sqlite3
+
+    from spt.core.proto.membership import Entry, MembershipLog
+
+    con = sqlite3.connect(f"file:{node.home / 'spt.db'}?mode=ro", uri=True, timeout=5)
+    try:
+        (sid,) = con.execute("SELECT id FROM subnets").fetchone()
+        rows = con.execute("SELECT data FROM log_entries WHERE subnet=?", (sid,)).fetchall()
+    finally:
+        con.close()
+    return MembershipLog.from_entries(bytes(sid), [Entry.from_bytes(bytes(r[0])) for r in rows])
+
+
+def installed_plugin(site: Path, name: str, modules: Mapping[str, str], *, version: str = "1.0") -> Path:
+    """A real installed distribution in the folder `site` (put it on PYTHONPATH): package
+    `spt_<name>` holding `modules` (file name -> source), registered as spt plugin `name` by an
+    entry point to its module `plugin`. Returns `site`."""
+    pkg = site / f"spt_{name}"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    for filename, source in modules.items():
+        (pkg / filename).write_text(source)
+    info = site / f"spt_{name}-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: spt-{name}\nVersion: {version}\n")
+    (info / "entry_points.txt").write_text(f"[spt.plugins]\n{name} = spt_{name}.plugin\n")
+    (info / "top_level.txt").write_text(f"spt_{name}\n")
+    (info / "RECORD").write_text("")
+    return site

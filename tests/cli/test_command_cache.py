@@ -9,6 +9,8 @@ import textwrap
 
 import pytest
 
+from spt.testing.nodes import installed_plugin
+
 PROBE = (
     "import sys\n"
     "sys.argv = ['spt', *sys.argv[1:]]\n"
@@ -57,24 +59,14 @@ def test_blocking_a_plugin_by_env_or_config_is_seen_at_once(tmp_path):
 @pytest.fixture
 def hello_plugin(tmp_path):
     """An installed distribution whose plugin registers one command, `hello`."""
-    site = tmp_path / "site"
-    pkg = site / "spt_hello"
-    pkg.mkdir(parents=True)
-    (pkg / "__init__.py").write_text("")
-    (pkg / "cli.py").write_text(textwrap.dedent("""\
+    return installed_plugin(tmp_path / "site", "hello", {"cli.py": textwrap.dedent("""\
         import click
 
         @click.command()
         def hello():
             \"\"\"Say hello.\"\"\"
             click.echo("HELLO")
-    """))
-    info = site / "spt_hello-1.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: spt-hello\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text("[spt.plugins]\nhello = spt_hello.plugin\n")
-    (info / "RECORD").write_text("")
-    return site
+    """)})
 
 
 def write_plugin(site, command):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sqlite3
 
 import pytest
 from test_subnets import WAIT, all_online, create, db_rows, joined, members, notif_kinds
@@ -17,14 +16,13 @@ from spt.core.net.transport import ALPN_JOIN, AllowKeys, Transport
 from spt.core.proto.hlc import Hlc
 from spt.core.proto.membership import (
     Entry,
-    MembershipLog,
     countersign_join,
     make_label,
     make_prune,
     propose_join,
 )
 from spt.core.store import load_or_create_key
-from spt.testing.nodes import dial_as_member
+from spt.testing.nodes import dial_as_member, stored_log
 from spt.testing.wait import wait_for
 
 pytestmark = [
@@ -45,17 +43,6 @@ def trio(spt_nodes):
     for node in (a, b, c):
         wait_for(lambda node=node: all_online(node, {"alpha", "beta", "gamma"}), WAIT, f"{node.name} to see all three")
     return a, b, c, created
-
-
-def stored_log(node) -> MembershipLog:
-    """The node's log as its store holds it (read-only)."""
-    con = sqlite3.connect(f"file:{node.home / 'spt.db'}?mode=ro", uri=True, timeout=5)
-    try:
-        (sid,) = con.execute("SELECT id FROM subnets").fetchone()
-        rows = con.execute("SELECT data FROM log_entries WHERE subnet=?", (sid,)).fetchall()
-    finally:
-        con.close()
-    return MembershipLog.from_entries(bytes(sid), [Entry.from_bytes(r[0]) for r in rows])
 
 
 async def offer(key: NodeKey, target, entries: list[Entry], subnet_id: bytes) -> str:

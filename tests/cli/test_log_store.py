@@ -9,7 +9,6 @@ built on them waits for parents again (its effect gone until a peer resends the 
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import time
 
 import pytest
@@ -19,25 +18,14 @@ from spt.core.net.transport import AllowKeys, Transport
 from spt.core.proto.hlc import Hlc
 from spt.core.proto.membership import (
     Entry,
-    MembershipLog,
     countersign_join,
     make_label,
     make_prune,
     propose_join,
 )
+from spt.testing.nodes import stored_log
 
 pytestmark = [pytest.mark.slow, pytest.mark.root]  # subnet create/join are elevated
-
-
-def stored_log(node) -> MembershipLog:
-    """The log a restart of `node` would load: its store's rows, read-only."""
-    con = sqlite3.connect(f"file:{node.home / 'spt.db'}?mode=ro", uri=True, timeout=5)
-    try:
-        (sid,) = con.execute("SELECT id FROM subnets").fetchone()
-        rows = con.execute("SELECT data FROM log_entries WHERE subnet=?", (sid,)).fetchall()
-    finally:
-        con.close()
-    return MembershipLog.from_entries(bytes(sid), [Entry.from_bytes(bytes(r[0])) for r in rows])
 
 
 def test_a_dropped_chain_a_member_built_on_reaches_the_store(spt_nodes):

@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from spt.testing.nodes import installed_plugin
+
 
 def run_spt(*args, env=None):
     return subprocess.run([sys.executable, "-m", "spt", *args], capture_output=True, text=True, env=env, timeout=60)
@@ -39,18 +41,8 @@ def test_disabling_by_flag_and_env():
 @pytest.fixture
 def broken_plugin_path(tmp_path):
     """A real installed distribution (dist-info + entry point) whose module fails to import."""
-    site = tmp_path / "site"
-    pkg = site / "spt_broken"
-    pkg.mkdir(parents=True)
-    (pkg / "__init__.py").write_text("")
-    (pkg / "plugin.py").write_text("raise ImportError('this plugin is broken on purpose')\n")
-    info = site / "spt_broken-1.2.3.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: spt-broken\nVersion: 1.2.3\n")
-    (info / "entry_points.txt").write_text("[spt.plugins]\nbroken = spt_broken.plugin\n")
-    (info / "top_level.txt").write_text("spt_broken\n")
-    (info / "RECORD").write_text("")
-    return site
+    return installed_plugin(tmp_path / "site", "broken", {
+        "plugin.py": "raise ImportError('this plugin is broken on purpose')\n"}, version="1.2.3")
 
 
 @pytest.mark.slow
