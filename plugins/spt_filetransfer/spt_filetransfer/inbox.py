@@ -318,16 +318,15 @@ class Incoming:
 
     # -- data -------------------------------------------------------------------------------
 
-    def accept(self, f: int, c: int, data: bytes | memoryview, *, aligned: bool = False) -> bool:
+    def accept(self, f: int, c: int, data: bytes | memoryview) -> bool:
         """Verify and store one chunk. True when it is (now) verified, False when its hash failed.
 
-        `aligned`: `data` lies in page-aligned memory (the TCP path's receive buffers), so it may
-        be written with O_DIRECT. Raises RemoteProtocolError for indexes outside the manifest,
-        TransferGoneError when the transfer has ended, DiskFullError when it cannot be written.
+        Raises RemoteProtocolError for indexes outside the manifest, TransferGoneError when the
+        transfer has ended, DiskFullError when it cannot be written.
         """
         if not self.verify(f, c, data):
             return False
-        self.store(f, c, data, aligned=aligned)
+        self.store_run(f, c, [data])
         return True
 
     def verify(self, f: int, c: int, data: bytes | memoryview, *, running: bool = False) -> bool:
@@ -353,17 +352,15 @@ class Incoming:
                 self._hash_in_order(f, c, data)
         return True
 
-    def store(self, f: int, c: int, data: bytes | memoryview, *, aligned: bool = False) -> None:
-        """The second half of `accept`: write a chunk `verify` passed, feed the running
-        whole-file hash, record the chunk, finish its file when it was the last one."""
-        self.store_run(f, c, [data], aligned=aligned)
-
     def store_run(
         self, f: int, first: int, run: Sequence[bytes | memoryview], *, aligned: bool = False, hashed: bool = False,
     ) -> None:
-        """`store` for the consecutive chunks `first`, `first + 1`, … of file `f`, in one write
-        (one O_DIRECT request of several MiB costs little more than one of 1 MiB). `hashed`: the
-        running hash was fed by `verify(running=True)`."""
+        """The second half of `accept`: write the consecutive chunks `first`, `first + 1`, … of
+        file `f` that `verify` passed, in one write (one O_DIRECT request of several MiB costs
+        little more than one of 1 MiB); feed the running whole-file hash unless `hashed` (fed by
+        `verify(running=True)`); record them; finish the file after its last chunk. `aligned`:
+        the chunks lie in page-aligned memory (the TCP path's receive buffers), so they may be
+        written with O_DIRECT."""
         entry = self.manifest.files[f]
         with self.lock:
             if self.state not in ("offered", "transferring", "verifying"):
@@ -549,14 +546,6 @@ def _pwritev_all(fd: int, run: Sequence[bytes | memoryview], offset: int) -> Non
             views.pop(0)
         if n:
             views[0] = views[0][n:]
-
-
-def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n
 
 
 def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
