@@ -47,7 +47,7 @@ def show_whoami(*, as_json: bool) -> None:
 
 def _self_line(me: dict[str, Any]) -> str:
     status = me["status"] or "no-perch"
-    return f"SELF: {me['id']}  {status}  ready={str(me['ready']).lower()} alive={str(me['alive']).lower()}"
+    return f"SELF: {me['id']}  {status}  ready={_bool(me['ready'])} alive={_bool(me['alive'])}"
 
 
 def _bool(value: Any) -> str:
@@ -65,10 +65,8 @@ def list_endpoints(*, detail: bool, subnet: str | None, as_json: bool) -> None:
         doc.pop("node", None)
         print_json(doc)
         return
-    me = doc["self"]
-    if me is not None:
-        status = me["status"] or "no-perch"
-        out(f"SELF: {me['id']}  {status}  ready={_bool(me['ready'])} alive={_bool(me['alive'])}")
+    if doc["self"] is not None:
+        out(_self_line(doc["self"]))
     count = 0
     for sub in doc["subnets"]:
         out(f"SUBNET {sub['name']}")

@@ -275,7 +275,7 @@ class Spool:
         db = db or self.store.db
         ring_id = self._ring_to_answer(db, recipient, sender_node, sender_id)
         if ring_id is not None:
-            db.execute("UPDATE rings_in SET answered=1 WHERE ring_id=?", (ring_id,))
+            self.mark_answered(ring_id, True, db)
         return ring_id
 
     def ring_to_answer(
