@@ -156,13 +156,10 @@ class Node:
 
     def wait_listed(self, endpoint_id: str, timeout: float = 15.0) -> None:
         """Wait until `endpoint_id` shows in this node's `endpoint list` (rows replicate)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            doc = self.json("endpoint", "list")
-            if any(e["id"] == endpoint_id for s in doc["subnets"] for e in s["endpoints"]):
-                return
-            time.sleep(0.05)
-        raise AssertionError(f"{endpoint_id} did not appear in {self.name}'s registry within {timeout:g} s")
+        from spt.testing.traffic import listed  # traffic imports this module
+        from spt.testing.wait import wait_for
+
+        wait_for(lambda: listed(self, endpoint_id), timeout, f"{endpoint_id} in {self.name}'s endpoint list", every=0.05)
 
     @property
     def key(self) -> str:
