@@ -45,7 +45,7 @@ class EndpointViews:
         return {
             "id": perch.id if perch else perch_id,
             "status": perch.state if perch else None,
-            "ready": perch is not None and perch.key in self.eps.listeners,
+            "ready": perch is not None and self.eps.delivery.listening(perch),
             "alive": perch is not None and self.eps.alive(perch),
         }
 
@@ -70,7 +70,7 @@ class EndpointViews:
                 "home": self.eps._subnet_name(p.home) or (sub.name if p.transient else None),
                 "node": me,
                 "state": p.state,
-                "ready": p.key in self.eps.listeners,
+                "ready": self.eps.delivery.listening(p),
                 "alive": self.eps.alive(p),
                 "hosted": p.hosted,
                 "description": p.description,
@@ -110,7 +110,7 @@ class EndpointViews:
             "id": perch.id,
             "home": self.eps._subnet_name(perch.home),
             "state": perch.state,
-            "ready": perch.key in self.eps.listeners,
+            "ready": self.eps.delivery.listening(perch),
             "alive": self.eps.alive(perch),
             "hosted": perch.hosted,
             "pid": self.eps._hosted_pid(perch),

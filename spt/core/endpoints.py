@@ -1,29 +1,22 @@
-"""Endpoints as this node hosts them: perches, listeners, local send and ring, and their ops.
+"""Endpoints as this node hosts them: perches, local send and ring, and their ops.
 
 What lives here: `Perch` (one row of the `perches` table), `Endpoints` (the service the daemon
 builds after its subnets) and `register_ops`, the control operations behind `spt ready`,
-`spt send`, `spt ring`, `spt whoami` and `spt endpoint …`.
+`spt send`, `spt ring`, `spt whoami` and `spt endpoint …`. Handing messages out (listeners,
+rings waiting for their reply, acknowledgements) is `spt.core.delivery`.
 
 Rules this module keeps (SPEC.md §2.3–2.6, §4.2–4.4; suspend and wake are `spt.core.resting`,
 hosted processes `spt.core.hosting`):
 1. A perch is created only by its own `ready`, by `fork`, for a sender's own identity on first use
    (`--from`/`SPT_AGENT_ID`, so that replies are held for it), or as a sender's transient `tmp.`
    identity; never for a target (`NO_PERCH`).
-2. A message is committed to the perch's spool before any answer, and it leaves the spool only in
-   the transaction that records the listener's acknowledgement (`Spool.mark_delivered`). The
-   listener acknowledges after the envelope is flushed to its stdout, so every message is handed
-   out exactly once, across `kill -9` of either side.
-3. Windows (§4.4): a *drain* (the backlog when `ready` starts) hands out `default` and
-   `active` messages, and `idle` ones unless the endpoint reports busy; a *push* (to a listener
-   blocked in `ready`) happens only while it reports idle and hands out `default` and `idle`
-   messages. A resting perch hands out nothing and accepts no listener, so what was held for it
-   is released once, by the first drain after `wake`.
+2. A message is committed to the perch's spool before any answer; it leaves the spool only as
+   `spt.core.delivery` records its acknowledgement.
+3. A resting perch accepts no listener, so what was held for it is released once, by the first
+   drain after `wake`.
 4. Ring replies (§4.3): when B sends to A while A has a ring to B that B received, the message
-   is stamped `reply_to` (the oldest such ring, each matched once). A stamped message for a ring
-   that is still waiting is kept from A's listener and handed to the ring; if the ring ends
-   without taking it, it is an ordinary message for A's perch.
-5. Every wait is bounded by a deadline or by the caller's connection; nothing blocks forever
-   once the caller hangs up.
+   is stamped `reply_to` (the oldest such ring, each matched once); delivery hands it to the ring
+   while that still waits.
 
 What must not: the network. Remote targets go through daemon hooks the network layer provides
 (`forward_message`, `remote_request`, `registry_rows`, `offline_nodes`); without them messages
@@ -33,7 +26,6 @@ wait in the outgoing spool and remote suspend/wake answer `UNREACHABLE`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import functools
 import logging
@@ -41,13 +33,13 @@ import os
 import shutil
 import sqlite3
 import time
-from collections import deque
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from spt.core.caller import may_use, restricted_uid
+from spt.core.delivery import Delivery
 from spt.core.endpoint_views import TRANSIENT_PREFIX, EndpointViews
 from spt.core.errors import DaemonDown, PeerError, Refusal, RemoteProtocolError, UsageError
 from spt.core.identity import NodeId
@@ -65,7 +57,7 @@ from spt.core.proto.resolve import (
     Target,
     resolve,
 )
-from spt.core.spool import WINDOWS, Message, OutgoingMessage, Spool, SpoolEntry, check_message_id
+from spt.core.spool import WINDOWS, Message, OutgoingMessage, Spool, check_message_id
 from spt.core.types import check_endpoint_id
 
 if TYPE_CHECKING:
@@ -77,11 +69,8 @@ log = logging.getLogger(__name__)
 STATES: Final = ("active", "dormant", "suspended", "unbound")
 RESTING: Final = frozenset({"dormant", "suspended"})
 SENT_WAIT: Final = 5.0  # §4.2: SENT when the listener acknowledges within 5 s
-STOP_GRACE: Final = 5.0  # an envelope already on its way may still be acknowledged
-COLLISION_WAIT: Final = 0.5  # a listener whose caller just died is noticed within this
 TRANSIENT_SECONDS: Final = 3600.0  # §4.3: a transient identity lives 1 h after its ring returns
 EXPIRE_EVERY: Final = 60.0  # seconds between sweeps of the 30-day message ids
-_CLOSING: Final = "DAEMON_STOPPING"  # a listener's stop reason at shutdown: answered DAEMON_DOWN
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,122 +109,6 @@ def _perch(row: Any) -> Perch:
     )
 
 
-async def _first(*waits: Awaitable[Any], timeout: float | None = None) -> None:
-    """Return when any of `waits` completes or `timeout` seconds pass; cancel the others."""
-    tasks = [asyncio.ensure_future(w) for w in waits]
-    try:
-        await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()
-
-
-class _Channel:
-    """The control connection of a streaming op (`ready`, `ring`): envelopes out, acks in."""
-
-    def __init__(self, call: Call) -> None:
-        self.call = call
-        self.closed = asyncio.Event()
-        self._acks: deque[str] = deque(maxlen=1024)
-        self._ack_arrived = asyncio.Event()
-        self._on_ack: tuple[str, Callable[[], None]] | None = None  # the envelope out, and its ack's effect
-        self.recorded: asyncio.Future[bool] | None = None  # the last acknowledgement's commit
-        self._reader = asyncio.ensure_future(self._read())
-
-    async def _read(self) -> None:
-        try:
-            while True:
-                msg = await self.call.receive()
-                if msg is None:
-                    return
-                ack = msg.get("ack")
-                if isinstance(ack, str):
-                    if self._on_ack is not None and self._on_ack[0] == ack:
-                        # at once, as the line is read: a request the agent sent after its ack
-                        # (a ring's reply) must find the delivery recorded
-                        self._on_ack[1]()
-                        self._on_ack = None
-                    self._acks.append(ack)
-                    self._ack_arrived.set()
-        except (ConnectionError, ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-            return  # a caller that sends garbage is treated as gone
-        finally:
-            self.closed.set()
-
-    async def deliver(self, entry: SpoolEntry, stopped: asyncio.Event, on_ack: Callable[[], None]) -> bool:
-        """Emit the envelope lines, then wait for their ack; `on_ack` runs as the ack is read.
-        False when the caller is gone, or when `stopped` was set and no ack came within STOP_GRACE."""
-        self._on_ack = (entry.message.id, on_ack)
-        try:
-            return await self._deliver(entry, stopped)
-        finally:
-            self._on_ack = None
-
-    async def _deliver(self, entry: SpoolEntry, stopped: asyncio.Event) -> bool:
-        lines = entry.envelope()
-        try:
-            for i, line in enumerate(lines):
-                await self.call.emit({"msg": entry.message.id, "line": line, "last": i == len(lines) - 1})
-        except (ConnectionError, OSError):
-            return False
-        loop = asyncio.get_running_loop()
-        grace_end: float | None = None
-        while True:
-            while self._acks:
-                if self._acks.popleft() == entry.message.id:
-                    return True
-            if self.closed.is_set():
-                return False
-            self._ack_arrived.clear()
-            timeout: float | None = None
-            waits: list[Awaitable[Any]] = [self._ack_arrived.wait(), self.closed.wait()]
-            if stopped.is_set():
-                grace_end = grace_end if grace_end is not None else loop.time() + STOP_GRACE
-                timeout = grace_end - loop.time()
-                if timeout <= 0:
-                    return False
-            else:
-                waits.append(stopped.wait())
-            await _first(*waits, timeout=timeout)
-
-    async def acks_recorded(self) -> None:
-        """Wait until every acknowledgement read here is committed (or failed to be): the writer
-        commits in order, so the last one's commit covers the ones before it."""
-        if self.recorded is not None:
-            await asyncio.wait([self.recorded])
-
-    def close(self) -> None:
-        self._reader.cancel()
-
-
-class _Listener:
-    """One `spt ready` blocked on a perch."""
-
-    def __init__(self, perch: Perch, chan: _Channel) -> None:
-        self.perch_id = perch.id
-        self.chan = chan
-        self.wake = asyncio.Event()
-        self.stopped = asyncio.Event()
-        self.finished = asyncio.Event()
-        self.stop_reason: str | None = None
-        self.draining = True
-
-    def stop(self, reason: str) -> None:
-        if self.stop_reason is None:
-            self.stop_reason = reason
-        self.stopped.set()
-        self.wake.set()
-
-
-@dataclass
-class _RingWait:
-    """A `spt ring` waiting for its reply in the spool of `perch` (the sender's perch)."""
-
-    ring_id: str
-    perch: str
-    wake: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
-
-
 class Endpoints:
     """The perches of this node and everything that moves messages in and out of them."""
 
@@ -244,14 +117,9 @@ class Endpoints:
         self.store = daemon.store
         self.spool = Spool(daemon.store, daemon.key.private_bytes())
         self.commits = daemon.store.group_commit()  # messages arriving together share one fsync
-        self.listeners: dict[str, _Listener] = {}
-        self.rings: dict[str, _RingWait] = {}
-        self._sent_waiters: dict[str, list[asyncio.Future[None]]] = {}
-        self._in_flight: set[int] = set()
-        self._recording: set[asyncio.Future[bool]] = set()  # acknowledgements being committed
+        self.delivery = Delivery(self.spool, self.commits, self, on_listening=self._listening_changed)
         self._claiming: set[str] = set()  # ring ids a reply claimed, until that claim commits
         self.views = EndpointViews(self)  # what listings and the registry see (read-only)
-        self.closing = False
         self._expired_at = 0.0  # when the 30-day ids were last swept
         self._perch_cache: tuple[int, dict[str, Perch]] | None = None  # (store change count, perches)
         self._settings_cache: tuple[int, dict[str, dict[bytes, tuple[bool, bool]]]] | None = None
@@ -267,28 +135,14 @@ class Endpoints:
     def node_id(self) -> NodeId:
         return self.daemon.key.node_id
 
+    @property
+    def closing(self) -> bool:
+        return self.delivery.closing
+
     async def close(self) -> None:
         """At daemon shutdown, before the store closes: end every listener and ring, letting an
-        envelope already on its way be acknowledged (bounded by STOP_GRACE), so no ack is lost."""
-        self.closing = True
-        for listener in list(self.listeners.values()):
-            listener.stop(_CLOSING)
-        for wait in list(self.rings.values()):
-            wait.wake.set()
-        pending = [asyncio.ensure_future(lst.finished.wait()) for lst in self.listeners.values()]
-        if pending:
-            await asyncio.wait(pending, timeout=STOP_GRACE + 1)
-        for task in pending:
-            task.cancel()
-        await asyncio.sleep(0)  # let rings that were woken answer
-        if self._recording:  # acknowledgements read land before the writer closes
-            await asyncio.wait(list(self._recording), timeout=STOP_GRACE)
-
-    def _shutting_down(self) -> bool:
-        """True once the daemon is stopping: cleanup then leaves the store alone (it may be closed,
-        and nothing durable depends on that cleanup)."""
-        task = asyncio.current_task()
-        return self.closing or (task is not None and task.cancelling() > 0)
+        envelope already on its way be acknowledged, so no ack is lost."""
+        await self.delivery.close()
 
     # -- perches --------------------------------------------------------------------------
 
@@ -536,9 +390,7 @@ class Endpoints:
             "SELECT id FROM perches WHERE transient=1 AND expires IS NOT NULL AND expires<?", (now,)
         )
         for row in expired:
-            listener = self.listeners.get(str(row["id"]).lower())
-            if listener is not None:
-                listener.stop("STOPPED")
+            self.delivery.stop_listener(str(row["id"]), "STOPPED")
         if expired:
             with self.store.transaction() as db:
                 db.execute("DELETE FROM perches WHERE transient=1 AND expires IS NOT NULL AND expires<?", (now,))
@@ -594,40 +446,6 @@ class Endpoints:
 
     # -- accepting messages ---------------------------------------------------------------
 
-    def _poke(self, perch: Perch, msg: Message | None = None) -> None:
-        if msg is not None and msg.reply_to and msg.reply_to in self.rings:
-            self.rings[msg.reply_to].wake.set()
-        listener = self.listeners.get(perch.key)
-        if listener is not None:
-            listener.wake.set()
-
-    def _delivery_expected(self, perch: Perch, msg: Message) -> bool:
-        """True when a waiting ring or listener should take `msg` now (worth waiting for SENT)."""
-        wait = self.rings.get(msg.reply_to or "")
-        if wait is not None and wait.perch == perch.key:
-            return True
-        listener = self.listeners.get(perch.key)
-        if listener is None or perch.state != "active":
-            return False
-        if listener.draining:
-            return msg.window != "idle" or not perch.busy
-        return not perch.busy and msg.window != "active"
-
-    async def _await_delivery(self, msg_id: str, timeout: float) -> bool:
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._sent_waiters.setdefault(msg_id, []).append(fut)
-        try:
-            await asyncio.wait_for(fut, timeout)
-            return True
-        except TimeoutError:
-            return False
-        finally:
-            waiters = self._sent_waiters.get(msg_id, [])
-            if fut in waiters:
-                waiters.remove(fut)
-            if not waiters:
-                self._sent_waiters.pop(msg_id, None)
-
     async def accept_event(self, perch: Perch, msg: Message) -> str:
         """A plugin's envelope (e.g. `type="file"`) for a local perch: spooled like a message."""
         return await self._accept(perch, msg, perch.id)
@@ -660,8 +478,8 @@ class Endpoints:
         if earlier is not None:
             return earlier
         fresh = self.get(perch.id) or perch
-        self._poke(fresh, msg)
-        if self._delivery_expected(fresh, msg) and await self._await_delivery(msg.id, SENT_WAIT):
+        self.delivery.poke(fresh, msg)
+        if self.delivery.expected(fresh, msg) and await self.delivery.acknowledged_within(msg.id, SENT_WAIT):
             return "SENT"
         return "QUEUED"
 
@@ -674,51 +492,6 @@ class Endpoints:
         notify(home, "spool-full", f"messages for {perch.id} are refused: its spool is full",
                f"{perch.id} holds {self.daemon.config.spool_max_bytes} bytes of undelivered messages; "
                f"run spt ready {perch.id} to drain them", dedupe_seconds=3600)
-
-    async def _hand_over(self, chan: _Channel, entry: SpoolEntry, stopped: asyncio.Event) -> bool:
-        """Hand `entry` to a listener or ring; True once it acknowledged.
-
-        The acknowledgement is recorded (`mark_delivered`) by the group-commit writer, off the
-        event loop and off the round trip: whoever waits for SENT hears it at once, since the
-        listener has the message. Until that commit lands the entry stays in flight, so no drain
-        hands it out again; were the daemon killed first, the message would be handed out again
-        after the restart, as it would have been had the kill come before the ack was read.
-        """
-        acknowledged = False
-
-        def record() -> None:
-            nonlocal acknowledged
-            acknowledged = True
-            for fut in self._sent_waiters.get(entry.message.id, []):
-                if not fut.done():
-                    fut.set_result(None)
-            try:
-                recorded = self.commits.submit(functools.partial(self.spool.mark_delivered, entry))
-            except sqlite3.ProgrammingError:  # the daemon is stopping: handed out again after the restart
-                self._in_flight.discard(entry.seq)
-                return
-            self._recording.add(recorded)
-            chan.recorded = recorded
-            recorded.add_done_callback(functools.partial(self._recorded, entry))
-
-        self._in_flight.add(entry.seq)
-        try:
-            if await chan.deliver(entry, stopped, record) and not acknowledged:
-                record()  # its ack was read before this delivery began (a repeated ack)
-        finally:
-            if not acknowledged:  # else it stays in flight until the record commits
-                self._in_flight.discard(entry.seq)
-        return acknowledged
-
-    def _recorded(self, entry: SpoolEntry, recorded: asyncio.Future[bool]) -> None:
-        self._recording.discard(recorded)
-        self._in_flight.discard(entry.seq)
-        if not recorded.cancelled() and recorded.exception() is not None:
-            log.warning("an acknowledged delivery was not recorded; the message will be handed out again",
-                        extra={"perch": entry.perch, "error": str(recorded.exception())})
-            perch = None if self._shutting_down() else self.get(entry.perch)
-            if perch is not None:
-                self._poke(perch)  # a listener waiting idle takes it again now, not at the next message
 
     def _write_behind(
         self, write: Callable[[sqlite3.Connection], object], then: Callable[[], None] | None = None
@@ -733,11 +506,6 @@ class Endpoints:
                 then()
 
         self.commits.submit(write).add_done_callback(done)
-
-    async def _acks_recorded(self) -> None:
-        """Wait until the acknowledgements read so far are committed (a ring becomes answerable then)."""
-        if self._recording:
-            await asyncio.wait(list(self._recording))
 
     # -- sending --------------------------------------------------------------------------
 
@@ -817,7 +585,7 @@ class Endpoints:
         sub = self.daemon.subnets.by_name(target.subnet)
         if sub is None:
             raise Refusal("NO_SUCH_SUBNET", target.subnet)
-        await self._acks_recorded()  # the ring this send answers may have been acknowledged just now
+        await self.delivery.acks_recorded()  # the ring this send answers may have been acknowledged just now
         reply_to = self.spool.ring_to_answer(
             msg.sender_id, target.node.key, target.row.endpoint_id, excluding=self._claiming
         )
@@ -895,33 +663,18 @@ class Endpoints:
             raise Refusal("NO_PERCH", to)
         return await self._accept(perch, msg, to)
 
-    # -- listening (spt ready) ------------------------------------------------------------
+    # -- listening (spt ready): the rest is in spt.core.delivery --------------------------
 
-    def _next(self, perch: Perch | None, *, drain: bool) -> SpoolEntry | None:
-        """The first message a drain (or a push) may hand out now, by arrival."""
-        if perch is None or perch.state != "active":
-            return None
-        if drain:
-            windows: tuple[str, ...] = ("default", "active") if perch.busy else WINDOWS
-        elif perch.busy:
-            return None
-        else:
-            windows = ("default", "idle")
-        after = 0
-        while True:  # ends: `after` grows through a finite spool
-            batch = self.spool.entries(perch.id, windows=windows, after=after)
-            if not batch:
-                return None
-            for entry in batch:
-                if entry.seq in self._in_flight or (entry.message.reply_to or "") in self.rings:
-                    continue
-                return entry
-            after = batch[-1].seq
-
-    def _set_busy(self, perch_id: str, busy: bool) -> None:
+    def set_busy(self, perch_id: str, busy: bool) -> None:
+        """What the endpoint reports (§4.4); only the listener's windows read it (not published)."""
         perch = self.get(perch_id)
         if perch is not None and perch.busy != busy:
             self._update(perch, publish=False, busy=int(busy))
+
+    def _listening_changed(self, perch_id: str) -> None:
+        perch = self.get(perch_id)
+        if perch is not None:
+            self._changed(perch)  # the rows show which perches are ready
 
     async def ready(self, call: Call) -> dict[str, Any]:
         if self.closing:
@@ -943,77 +696,13 @@ class Endpoints:
                 perch.id,
                 f"the endpoint is {perch.state}; wake it with: spt endpoint wake {perch.id}",
             )
-        held = self.listeners.get(perch.key)
-        if held is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(held.finished.wait(), COLLISION_WAIT)
-            if self.listeners.get(perch.key) is held:
-                raise Refusal("COLLISION", perch.id, "another listener holds this perch")
+        await self.delivery.check_free(perch)
         if perch.state == "unbound":
             perch = self._update(perch, state="active")
         cwd = call.args.get("cwd")
         if isinstance(cwd, str) and cwd.startswith("/") and cwd != perch.workdir:
             perch = self._update(perch, publish=False, workdir=cwd)  # the mind's project (§2.8)
-        chan = _Channel(call)
-        listener = _Listener(perch, chan)
-        self.listeners[perch.key] = listener
-        self._changed(perch)
-        try:
-            await call.emit({"ready": perch.id})
-            result = await self._listen(
-                listener, once=once, timeout=None if timeout is None else float(timeout)
-            )
-            # The caller exits on this answer and forgets what it acked: answered before its acks
-            # are on disk, a daemon killed then would hand those messages to its next run again.
-            await chan.acks_recorded()
-            return result
-        finally:
-            if self.listeners.get(perch.key) is listener:
-                del self.listeners[perch.key]
-            listener.finished.set()
-            chan.close()
-            fresh = None if self._shutting_down() else self.get(perch.id)
-            if fresh is not None:
-                self._changed(fresh)
-
-    async def _listen(self, listener: _Listener, *, once: bool, timeout: float | None) -> dict[str, Any]:
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
-        ended = {"id": listener.perch_id}
-        delivered = 0
-        while listener.stop_reason is None:  # the drain: the agent's own poll
-            entry = self._next(self.get(listener.perch_id), drain=True)
-            if entry is None:
-                break
-            if not await self._hand_over(listener.chan, entry, listener.stopped):
-                return {**ended, "closed": True}
-            delivered += 1
-        listener.draining = False
-        if once and delivered:
-            self._set_busy(listener.perch_id, True)
-            return {**ended, "delivered": delivered}
-        if listener.stop_reason is None:
-            self._set_busy(listener.perch_id, False)  # a blocked ready reports idle
-        while True:
-            if listener.stop_reason == _CLOSING:
-                raise DaemonDown("", "the daemon is stopping; run spt ready again once it is back")
-            if listener.stop_reason is not None:
-                return {**ended, "ended": listener.stop_reason}
-            listener.wake.clear()
-            entry = self._next(self.get(listener.perch_id), drain=False)
-            if entry is not None:
-                if not await self._hand_over(listener.chan, entry, listener.stopped):
-                    return {**ended, "closed": True}
-                if once:
-                    self._set_busy(listener.perch_id, True)
-                    return {**ended, "delivered": 1}
-                continue
-            remaining = None if deadline is None else deadline - loop.time()
-            if remaining is not None and remaining <= 0:
-                return {**ended, "timeout": True}
-            await _first(listener.wake.wait(), listener.chan.closed.wait(), timeout=remaining)
-            if listener.chan.closed.is_set():
-                return {**ended, "closed": True}
+        return await self.delivery.listen(perch, call, once=once, timeout=None if timeout is None else float(timeout))
 
     # -- ringing --------------------------------------------------------------------------
 
@@ -1025,16 +714,13 @@ class Endpoints:
         if not isinstance(timeout, int | float) or timeout < 0:
             raise UsageError("BAD_USAGE", str(timeout), "--timeout is a number of seconds")
         self.housekeeping()
-        ring_id = os.urandom(16).hex()
-        wait = _RingWait(ring_id, "")
-        self.rings[ring_id] = wait  # before the ring is spooled: its reply never reaches the perch first
+        wait = self.delivery.open_ring(os.urandom(16).hex(), call)
         transient = False
 
         def on_sender(sender: str, fresh: bool) -> None:
             nonlocal transient
             wait.perch, transient = sender.lower(), fresh
 
-        chan = _Channel(call)
         try:
             token, sender_id = await self.send(
                 str(args.get("address", "")),
@@ -1043,49 +729,25 @@ class Endpoints:
                 json_payload=args.get("json"),
                 window=str(args.get("window") or "default"),
                 ring=True,
-                msg_id=ring_id,
+                msg_id=wait.ring_id,
                 on_sender=on_sender,
             )
             await call.emit({"sent": token, "from": sender_id})
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + float(timeout)
-            never = asyncio.Event()
-            while True:
-                if self.closing:
-                    raise DaemonDown("", "the daemon is stopping; the request stays delivered or queued")
-                wait.wake.clear()
-                entry = self.spool.find_reply(sender_id, ring_id)
-                if entry is not None and entry.seq not in self._in_flight:
-                    if await self._hand_over(chan, entry, never):
-                        await chan.acks_recorded()  # as for `ready`: the caller exits on the answer
-                        return {"reply": True, "token": token}
-                    return {"closed": True, "token": token}
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    return {"timeout": True, "token": token}
-                await _first(wait.wake.wait(), chan.closed.wait(), timeout=remaining)
-                if chan.closed.is_set():
-                    return {"closed": True, "token": token}
+            return await self.delivery.await_reply(wait, sender_id, token, float(timeout))
         finally:
-            self.rings.pop(ring_id, None)
-            chan.close()
-            perch = self.get(wait.perch) if wait.perch and not self._shutting_down() else None
+            self.delivery.close_ring(wait)
+            perch = self.get(wait.perch) if wait.perch and not self.delivery.shutting_down() else None
             if perch is not None:
                 if transient:
                     self._update(perch, expires=time.time() + TRANSIENT_SECONDS)
-                self._poke(perch)  # a reply the ring did not take is now the perch's
+                self.delivery.poke(perch)  # a reply the ring did not take is now the perch's
 
     # -- states: the rest is in spt.core.resting ------------------------------------------
-
-    def _stop_listener(self, perch: Perch, reason: str) -> None:
-        listener = self.listeners.get(perch.key)
-        if listener is not None:
-            listener.stop(reason)
 
     def purge(self, perch: Perch) -> int:
         """Delete a perch, its spool, settings and folder; returns how many messages it held."""
         count, _ = self.spool.held(perch.id)
-        self._stop_listener(perch, "STOPPED")
+        self.delivery.stop_listener(perch.id, "STOPPED")
         with self.store.transaction() as db:
             db.execute("DELETE FROM perches WHERE id=?", (perch.id,))
         shutil.rmtree(self.folder(perch), ignore_errors=True)
@@ -1166,14 +828,15 @@ def register_ops(daemon: Daemon, eps: Endpoints) -> None:
         activity = str(call.args.get("activity", ""))
         if activity not in ("busy", "idle"):
             raise UsageError("BAD_USAGE", activity, "the activity is busy or idle")
-        perch = eps._update(perch, publish=False, busy=int(activity == "busy"))
-        eps._poke(perch)
+        eps.set_busy(perch.id, activity == "busy")
+        perch = eps.require(perch.id)
+        eps.delivery.poke(perch)
         return {"id": perch.id, "activity": activity}
 
     @daemon.op("endpoint.stop")
     async def stop(call: Call) -> Any:
         perch = eps.require(str(call.args.get("id", "")))
-        eps._stop_listener(perch, "STOPPED")
+        eps.delivery.stop_listener(perch.id, "STOPPED")
         return {"id": perch.id}
 
     @daemon.op("endpoint.purge")

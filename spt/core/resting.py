@@ -47,7 +47,7 @@ class Resting:
     def suspend_local(self, perch: Perch, *, warm: bool) -> str:
         """Rest a local perch: any listener exits with SUSPENDED; returns the token."""
         self.eps._update(perch, state="dormant" if warm else "suspended")
-        self.eps._stop_listener(perch, "SUSPENDED")
+        self.eps.delivery.stop_listener(perch.id, "SUSPENDED")
         log.info("endpoint suspended", extra={"perch": perch.id, "warm": warm})
         return "DORMANT" if warm else "SUSPENDED"
 

@@ -239,7 +239,7 @@ class Hosting:
             raise UsageError("BAD_USAGE", cwd, "the working folder does not exist")
         eps = self.daemon.endpoints
         perch = eps.get(perch_id)
-        if perch is not None and (self.alive(perch.id) or perch.key in eps.listeners):
+        if perch is not None and (self.alive(perch.id) or eps.delivery.listening(perch)):
             raise Refusal("COLLISION", perch.id, "the perch already has a live process or listener")
         if perch is None:
             eps._check_new_id(perch_id)
