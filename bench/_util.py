@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 
 def time_command(
@@ -24,14 +24,16 @@ def time_command(
 
 
 def time_interleaved(
-    commands: Sequence[tuple[Sequence[str], Mapping[str, str] | None, bytes]], runs: int, *, timeout: float = 60
+    commands: Sequence[tuple[Sequence[str] | Callable[[int], Sequence[str]], Mapping[str, str] | None, bytes]],
+    runs: int, *, timeout: float = 60,
 ) -> list[list[float]]:
     """`time_command` for several (argv, env, input) commands, one run of each in turn, so that
-    load from elsewhere on a shared machine falls on all of them alike; samples per command."""
+    load from elsewhere on a shared machine falls on all of them alike; samples per command.
+    An argv may be a function of the run's number (a command that must differ each time)."""
     samples: list[list[float]] = [[] for _ in commands]
-    for _ in range(runs):
+    for run in range(runs):
         for i, (argv, env, input) in enumerate(commands):
-            samples[i] += time_command(argv, 1, env, input=input, timeout=timeout)
+            samples[i] += time_command(argv(run) if callable(argv) else argv, 1, env, input=input, timeout=timeout)
     return samples
 
 

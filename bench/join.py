@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _util import median, pct, row
+from _util import compile_spt, median, pct, row
 
 from spt.plugins.mdns import BROWSE_SETTLED
 from spt.testing import netns
@@ -100,6 +100,7 @@ def main() -> None:
     if not ok:
         print(f"bench/join.py: skipped: {why} (run it as root with iproute2 and iptables installed)")
         return
+    compile_spt()  # both CLIs start from bytecode, as an installed spt does
     root = Path(tempfile.mkdtemp(prefix="spt-bj-"))
     lab = netns.Lab()
     try:

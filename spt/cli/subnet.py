@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import time
-from datetime import datetime
-from typing import Any
-
 import click
 
 from spt.cli._complete import subnet_names
-from spt.cli._output import emit, hint, out, print_json
+from spt.cli._output import emit
 from spt.cli._state import daemon_call, is_interactive, require_elevation, state
+from spt.cli._subnet import create_subnet, join_subnet, print_code, subnet_status
 from spt.core.errors import UsageError
 
 
@@ -32,43 +29,6 @@ def subnet() -> None:
     """Subnets: named groups of your machines, joined once with a six-digit code."""
 
 
-def _print_code(doc: dict[str, Any], *, qr: bool = True) -> None:
-    emit("CODE", doc["name"], f"{doc['code']} {doc['seconds_left']}s")
-    out(doc["uri"])
-    if qr:
-        import io
-
-        import qrcode
-
-        code = qrcode.QRCode(border=1)
-        code.add_data(doc["uri"])
-        buf = io.StringIO()
-        code.print_ascii(out=buf, invert=True)
-        out(buf.getvalue().rstrip("\n"))
-
-
-def _member_line(m: dict[str, Any]) -> str:
-    display = f"{m['label']} ({m['key'][:8]}\u2026)"
-    if m.get("standing", "member") != "member":
-        return f"{display}  {m['standing']}"
-    presence = "detached" if m["detached"] else ("online" if m["online"] else "offline")
-    path = m.get("path") or {}
-    where = path.get("kind", "-" if m["self"] else "none")
-    if path.get("addr"):
-        where += f" {path['addr']}"
-    if path.get("reason"):
-        where += f" ({path['reason']})"
-    parts = [display, presence, where, m.get("version") or "-"]
-    if m["self"]:
-        parts.append("(this node)")
-    return "  ".join(parts)
-
-
-def _print_homed(doc: dict[str, Any]) -> None:
-    for endpoint_id in doc.get("homed", []):
-        emit("HOMED", endpoint_id, doc["name"])
-
-
 @subnet.command()
 @click.argument("name", required=False, shell_complete=subnet_names)
 @click.option("--nodes", is_flag=True, help="One line per member node.")
@@ -76,37 +36,7 @@ def _print_homed(doc: dict[str, Any]) -> None:
 @click.pass_context
 def status(ctx: click.Context, name: str | None, nodes: bool, show_all: bool) -> None:
     """Show held subnets (never prints a secret)."""
-    nodes = nodes or show_all
-    doc = daemon_call("subnet.status", {"name": name, "nodes": nodes, "all": show_all})
-    if state(ctx).json:
-        print_json(doc)
-        return
-    if not doc["subnets"]:
-        out("no subnets")
-        return
-    rows = [("SUBNET", "NODES", "ENDPOINTS", "")]
-    for sub in doc["subnets"]:
-        flags = []
-        if sub.get("standing"):
-            rows.append((sub["name"], "-", "-", sub["standing"]))
-            continue
-        if not sub["attached"]:
-            flags.append("detached")
-        if sub.get("conflicts"):
-            flags.append("prune-conflict")
-        joins = sub["joins"]
-        if joins["failed_last_hour"]:
-            flags.append(f"joins-failed-1h={joins['failed_last_hour']}")
-        if joins["state"] == "locked" and joins["locked_until"]:
-            until = datetime.fromisoformat(joins["locked_until"]).astimezone()
-            flags.append(f"joins-locked-until={until:%H:%M}")
-        rows.append((sub["name"], str(sub["nodes"]), str(sub["endpoints"]), " ".join(flags)))
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    for i, row in enumerate(rows):
-        out("  ".join(c.ljust(widths[j]) for j, c in enumerate(row[:3])) + ("  " + row[3] if row[3] else ""))
-        if i and nodes and "members" in doc["subnets"][i - 1]:
-            for m in doc["subnets"][i - 1]["members"]:
-                out("  " + _member_line(m))
+    subnet_status(name, nodes=nodes, show_all=show_all, as_json=state(ctx).json)
 
 
 @subnet.command()
@@ -114,15 +44,7 @@ def status(ctx: click.Context, name: str | None, nodes: bool, show_all: bool) ->
 @click.option("--allow-duplicate-name", is_flag=True, help="Create even if a subnet of that name answers nearby.")
 def create(name: str, allow_duplicate_name: bool) -> None:
     """Mint a subnet and print its joining code [elevated]."""
-    from spt.core.types import check_subnet_name
-
-    check_subnet_name(name)
-    require_elevation()
-    doc = daemon_call("subnet.create", {"name": name, "allow_duplicate_name": allow_duplicate_name})
-    emit("CREATED", doc["name"], f"id={doc['id']}")
-    _print_code(doc)
-    hint(f"Next: on the new machine, in an elevated terminal, run: spt subnet join {doc['name']}")
-    _print_homed(doc)
+    create_subnet(name, allow_duplicate_name=allow_duplicate_name)
 
 
 @subnet.command("show-code")
@@ -132,7 +54,7 @@ def show_code(name: str | None, no_qr: bool) -> None:
     """Print the current six digits, the otpauth:// URI and a QR code [elevated]."""
     require_elevation()
     doc = daemon_call("subnet.show_code", {"name": name})
-    _print_code(doc, qr=not no_qr)
+    print_code(doc, qr=not no_qr)
 
 
 @subnet.command()
@@ -143,34 +65,7 @@ def show_code(name: str | None, no_qr: bool) -> None:
 @click.option("--timeout", type=float, default=30.0, show_default=True, help="Discovery budget in seconds.")
 def join(name: str, code: str | None, subnet_id: str | None, peers: tuple[str, ...], timeout: float) -> None:
     """Join a subnet with the code shown on a member [elevated]."""
-    from spt.core.types import check_subnet_name
-
-    check_subnet_name(name)
-    require_elevation()
-    if code is None:
-        if not is_interactive():
-            raise UsageError("BAD_USAGE", "", "no terminal to prompt for the code; pass --code DDDDDD")
-        code = click.prompt("Code shown on a member", hide_input=True)
-    entered = time.monotonic()
-    code = code.strip().replace(" ", "")
-    if len(code) != 6 or not (code.isascii() and code.isdigit()):
-        raise UsageError("BAD_CODE", "", "a join code is six digits")
-    doc = daemon_call(
-        "subnet.join",
-        {
-            "name": name,
-            "code": code,
-            "id": subnet_id,
-            "peers": list(peers),
-            "timeout": timeout,
-            "entered_ago_ms": int((time.monotonic() - entered) * 1000),
-        },
-        timeout=timeout + 60,
-        # interactive calls get progress events: which member is tried, by which path
-        on_event=lambda event: hint(f"spt: {event['progress']}") if "progress" in event else None,
-    )
-    emit("JOINED", doc["name"])
-    _print_homed(doc)
+    join_subnet(name, code=code, subnet_id=subnet_id, peers=peers, timeout=timeout)
 
 
 @subnet.command()
@@ -216,7 +111,7 @@ def prune(node: str, subnet_name: str | None, yes: bool) -> None:
         click.confirm(f"Prune {node}?", abort=True)
     doc = daemon_call("subnet.prune", {"node": node, "subnet": subnet_name})
     emit("PRUNED", doc["pruned"], doc["name"])
-    _print_code(doc)
+    print_code(doc)
 
 
 @subnet.command()

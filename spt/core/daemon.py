@@ -356,12 +356,16 @@ class Daemon:
         return {(h, self.port) for h in [*self.host_addresses(), "127.0.0.1"]}
 
     async def subnets_changed(self) -> None:
-        """Held or attached subnets changed: refresh what discovery announces."""
-        for backend in self.discovery:
+        """Held or attached subnets changed: refresh what discovery announces (every backend at
+        once: a relay's refresh is a round trip, and `subnet create` answers after them all)."""
+
+        async def refresh(backend: DiscoveryBackend) -> None:
             try:
                 await backend.refresh()
             except Exception:
                 log.exception("discovery backend failed to refresh", extra={"backend": backend.name})
+
+        await asyncio.gather(*(refresh(b) for b in self.discovery))
 
     async def check_name_free(self, name: str) -> None:
         """SPEC.md §3.5: NAME_TAKEN when a subnet of that name answers nearby (mDNS adverts)."""

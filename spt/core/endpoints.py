@@ -263,6 +263,8 @@ class Endpoints:
         if len(self.daemon.subnets.held) != 1:
             return []
         homeless = [p for p in self.perches() if p.home is None]
+        if not homeless:
+            return []
         with self.store.transaction() as db:
             for perch in homeless:
                 db.execute("UPDATE perches SET home=? WHERE id=?", (sub.id, perch.id))

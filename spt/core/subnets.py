@@ -110,7 +110,8 @@ class Subnets:
         self.held.pop(sub.id, None)
 
     def stamp(self) -> HlcTimestamp:
-        """A fresh HLC timestamp, persisted so timestamps keep increasing across restarts."""
+        """A fresh HLC timestamp, persisted so timestamps keep increasing across restarts (in the
+        caller's transaction, if one is open)."""
         ts = self.hlc.now(int(time.time() * 1000))
         self.store.set_meta("hlc", json.dumps(ts.to_wire()))
         return ts
@@ -179,11 +180,12 @@ class Subnets:
         if self.by_name(name) is not None:
             raise Refusal("NAME_TAKEN", name, "this node already holds a subnet of that name")
         seed = new_seed(os.urandom(SEED_BYTES))
-        entry = make_create(
-            self.daemon.key, name=name, label=self.daemon.label, nonce=os.urandom(16), seed=seed, hlc=self.stamp()
-        )
-        sub = HeldSubnet(subnet_id_of(entry), name, True, MembershipLog.from_create(entry), seed, 0)
+        # one commit (one fsync) for the stamp, the subnet and its first entry
         with self.store.transaction():
+            entry = make_create(
+                self.daemon.key, name=name, label=self.daemon.label, nonce=os.urandom(16), seed=seed, hlc=self.stamp()
+            )
+            sub = HeldSubnet(subnet_id_of(entry), name, True, MembershipLog.from_create(entry), seed, 0)
             self.save_subnet(sub)
             self.save_entries(sub, [entry])
         self.held[sub.id] = sub
