@@ -25,10 +25,12 @@ log = logging.getLogger(__name__)
 SERVICE_TYPE = "_spt._udp.local."
 # After the first match, wait this long for more answers before returning (other members).
 GATHER_AFTER_FIRST = 0.25
-# A browser has heard every service present when it started once this long has passed: the first
-# query goes out within 120 ms, answers come within 500 ms, the second query a second later
-# (RFC 6762 §5.2, §6); services registered later announce themselves.
-BROWSE_SETTLED = 2.0
+# A browser has heard the services present when it started once its first query is answered: the
+# query goes out 20–120 ms after the browser starts (zeroconf), answers within 120 ms (RFC 6762
+# §6: 20–120 ms; 400–500 ms only after a truncated query, which a first query, with no known
+# answers to list, is not). Later queries, a second apart and more, only make up for lost packets,
+# and services registered later announce themselves. A name check waits at most this long.
+BROWSE_SETTLED = 0.5
 
 
 class MdnsDiscovery(DiscoveryBackend):
@@ -39,11 +41,12 @@ class MdnsDiscovery(DiscoveryBackend):
         self._ctx: DiscoveryContext | None = None
         self._azc: Any = None
         self._browser: Any = None
-        self._info: Any = None
         self._found: dict[str, Candidate] = {}  # service name -> candidate
         self._changed = asyncio.Event()
         self._pending: set[asyncio.Task[None]] = set()
-        self._lock = asyncio.Lock()  # refresh() may run while start() is still registering
+        self._registering: asyncio.Task[None] | None = None
+        self._stale = False  # the served subnets changed while our name was being probed
+        self._registered = False
         self._browsing_since: float | None = None
 
     async def start(self, ctx: DiscoveryContext) -> None:
@@ -58,10 +61,12 @@ class MdnsDiscovery(DiscoveryBackend):
         self._azc = AsyncZeroconf(
             interfaces=InterfaceChoice.All if interfaces == "all" else list(interfaces), ip_version=IPVersion.V4Only
         )
-        async with self._lock:
-            await self._register()
+        # Listen first, and announce in the background: registering probes our name for about a
+        # second (RFC 6762 §8.1), which the daemon's start (and a command that started it) need
+        # not wait for, and the browser hears the neighbourhood meanwhile.
         self._browser = AsyncServiceBrowser(self._azc.zeroconf, [SERVICE_TYPE], handlers=[self._on_change])
         self._browsing_since = time.monotonic()
+        self._registering = asyncio.get_running_loop().create_task(self._register_first())
 
     def _service_info(self) -> Any:
         from zeroconf.asyncio import AsyncServiceInfo
@@ -84,18 +89,25 @@ class MdnsDiscovery(DiscoveryBackend):
             server=f"spt-{key[:16]}.local.",
         )
 
-    async def _register(self) -> None:
-        info = self._service_info()
-        if self._info is None:
-            await self._azc.async_register_service(info, allow_name_change=False)
-        else:
-            await self._azc.async_update_service(info)
-        self._info = info
+    async def _register_first(self) -> None:
+        try:
+            await self._azc.async_register_service(self._service_info(), allow_name_change=False)
+            self._registered = True
+            while self._stale:  # subnets changed during the probe: announce what is served now
+                self._stale = False
+                await self._azc.async_update_service(self._service_info())
+        except Exception:
+            # (a name another host holds, a socket error): this node is not announced on the LAN
+            # (it still finds others there); the node runs on
+            log.exception("mDNS registration failed")
 
     async def refresh(self) -> None:
-        if self._azc is not None:
-            async with self._lock:
-                await self._register()
+        if self._azc is None:
+            return
+        if self._registering is not None and not self._registering.done():
+            self._stale = True  # the registration under way announces the new set when its probe ends
+        elif self._registered:
+            await self._azc.async_update_service(self._service_info())
 
     def _on_change(self, zeroconf: Any, service_type: str, name: str, state_change: Any) -> None:
         from zeroconf import ServiceStateChange
@@ -153,7 +165,7 @@ class MdnsDiscovery(DiscoveryBackend):
     async def stop(self) -> None:
         if self._azc is None:
             return
-        for task in self._pending:
+        for task in (*self._pending, *([self._registering] if self._registering else [])):
             task.cancel()
         if self._browser is not None:
             await self._browser.async_cancel()
