@@ -33,7 +33,7 @@ import os
 import shutil
 import sqlite3
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -41,8 +41,9 @@ from typing import TYPE_CHECKING, Any, Final
 from spt.core.caller import may_use, restricted_uid
 from spt.core.delivery import Delivery
 from spt.core.endpoint_views import TRANSIENT_PREFIX, EndpointViews
-from spt.core.errors import DaemonDown, PeerError, Refusal, RemoteProtocolError, UsageError
+from spt.core.errors import DaemonDown, PeerError, Refusal, SptError, UsageError
 from spt.core.identity import NodeId
+from spt.core.proto import deliver as deliver_wire
 from spt.core.proto.address import parse_address
 from spt.core.proto.body import check_body
 from spt.core.proto.envelope import compact_json
@@ -57,7 +58,7 @@ from spt.core.proto.resolve import (
     Target,
     resolve,
 )
-from spt.core.spool import WINDOWS, Message, OutgoingMessage, Spool, check_message_id
+from spt.core.spool import WINDOWS, Message, OutgoingMessage, Spool, message_from_wire
 from spt.core.types import check_endpoint_id
 
 if TYPE_CHECKING:
@@ -568,7 +569,16 @@ class Endpoints:
         sender_id, transient = self._sender(from_id, ring=ring, target=target)
         if on_sender is not None:
             on_sender(sender_id, transient)
-        msg = Message(
+        msg = self._message(sender_id, text, attrs, window, msg_id)
+        if isinstance(target, LocalTarget):
+            perch = self.require(target.perch.id, address.text)
+            return await self._accept(perch, msg, address.text, claim_from=sender_id), sender_id
+        return await self._send_remote(target, msg, address.text), sender_id
+
+    def _message(
+        self, sender_id: str, text: str, attrs: Sequence[tuple[str, str]], window: str, msg_id: str | None
+    ) -> Message:
+        return Message(
             id=msg_id or os.urandom(16).hex(),
             type="msg",
             from_=sender_id,
@@ -578,16 +588,90 @@ class Endpoints:
             attrs=tuple(attrs),
             window=window,
         )
-        if isinstance(target, LocalTarget):
-            perch = self.require(target.perch.id, address.text)
-            return await self._accept(perch, msg, address.text, claim_from=sender_id), sender_id
-        return await self._send_remote(target, msg, address.text), sender_id
+
+    async def send_many(
+        self, messages: Sequence[Mapping[str, Any]], *, from_id: str | None
+    ) -> tuple[list[str | SptError], str]:
+        """Several sends from one sender in one call (`msg.send_many`): per message, in order,
+        its token or its refusal, and the sender's id. Each is what `send` would answer, and
+        durable before it is answered; messages for one node travel in one request (in order),
+        local ones share one group commit. The caller should give each message an id, so a
+        retry after DAEMON_DOWN cannot duplicate one."""
+        composed: list[tuple[Target, Message, str] | SptError] = []
+        sender_id: str | None = None
+        snapshot = self.snapshot()
+        for item in messages:
+            try:
+                window = str(item.get("window") or "default")
+                if window not in WINDOWS:
+                    raise UsageError("BAD_USAGE", window, f"a delivery window is one of {', '.join(WINDOWS)}")
+                address = parse_address(str(item.get("address", "")))
+                text = check_body(str(item.get("body", "")))
+                raw_json = item.get("json")
+                attrs = [("json", compact_json(str(raw_json)))] if raw_json is not None else []
+                msg_id = _client_msg_id(item.get("id"))
+                target = resolve(address, snapshot)
+                if sender_id is None:
+                    sender_id, _ = self._sender(from_id, ring=False, target=target)
+                    snapshot = self.snapshot()  # the sender's perch may be new
+                composed.append((target, self._message(sender_id, text, attrs, window, msg_id), address.text))
+            except SptError as exc:
+                composed.append(exc)
+        await self.delivery.acks_recorded()  # once for the batch: the rings its messages may answer
+        # Remote messages are queued for their nodes now, one group per node (kept together and
+        # in order on the wire); the jobs below then start in order, so every spool write is
+        # submitted in the batch's order and they share the writer's transactions.
+        forwarding: dict[int, asyncio.Future[str]] = {}
+        groups: dict[tuple[NodeId, str], list[tuple[int, Mapping[str, Any]]]] = {}
+        remote: dict[int, tuple[Mapping[str, Any], str | None]] = {}
+        for index, entry in enumerate(composed):
+            if isinstance(entry, tuple) and isinstance(entry[0], RemoteTarget):
+                remote_target, msg = entry[0], entry[1]
+                remote[index] = self._remote_payload(remote_target, msg)
+                key = (remote_target.node.key, remote_target.subnet)
+                groups.setdefault(key, []).append((index, remote[index][0]))
+        forward_many = getattr(self.daemon, "forward_messages", None)
+        for (node, _subnet), members in groups.items():
+            first = composed[members[0][0]]
+            assert isinstance(first, tuple) and isinstance(first[0], RemoteTarget)
+            if forward_many is None or self._queue_first(node) or self.daemon.subnets.by_name(first[0].subnet) is None:
+                continue
+            futures = forward_many(first[0], [payload for _, payload in members])
+            forwarding.update(zip((index for index, _ in members), futures, strict=True))
+        jobs: list[Awaitable[str]] = []
+        for index, entry in enumerate(composed):
+            if isinstance(entry, SptError):
+                jobs.append(_raise(entry))
+                continue
+            target, msg, subject = entry
+            if isinstance(target, RemoteTarget):
+                payload, reply_to = remote[index]
+                jobs.append(self._forwarded(target, subject, payload, reply_to, forwarding.get(index)))
+                continue
+            perch = self.get(target.perch.id)
+            if perch is None:
+                jobs.append(_raise(Refusal("NO_PERCH", subject, "no local perch has that id")))
+            else:
+                jobs.append(self._accept(perch, msg, subject, claim_from=sender_id))
+        outcomes = await asyncio.gather(*jobs, return_exceptions=True)
+        results: list[str | SptError] = []
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException) and not isinstance(outcome, SptError):
+                raise outcome
+            results.append(outcome)
+        return results, sender_id or from_id or ""
 
     async def _send_remote(self, target: RemoteTarget, msg: Message, subject: str) -> str:
-        sub = self.daemon.subnets.by_name(target.subnet)
-        if sub is None:
-            raise Refusal("NO_SUCH_SUBNET", target.subnet)
         await self.delivery.acks_recorded()  # the ring this send answers may have been acknowledged just now
+        payload, reply_to = self._remote_payload(target, msg)
+        forward = getattr(self.daemon, "forward_message", None)
+        forwarding = None
+        if forward is not None and not self._queue_first(target.node.key):
+            forwarding = forward(target, payload)
+        return await self._forwarded(target, subject, payload, reply_to, forwarding)
+
+    def _remote_payload(self, target: RemoteTarget, msg: Message) -> tuple[dict[str, Any], str | None]:
+        """What travels for `msg` to another node, and the ring it answers (claimed now)."""
         reply_to = self.spool.ring_to_answer(
             msg.sender_id, target.node.key, target.row.endpoint_id, excluding=self._claiming
         )
@@ -607,14 +691,26 @@ class Endpoints:
             "body": msg.body,
             "reply_to": reply_to,
         }
-        forward = getattr(self.daemon, "forward_message", None)
-        # Behind messages already queued for that node, or to a node known offline, a message
-        # is queued at once: forwarding it directly would overtake them (§4.2 step 7), or wait
-        # out a dial that cannot succeed.
-        queue_now = bool(self.spool.pending_outgoing(target.node.key, limit=1)) or target.node.key in self._offline()
-        if forward is not None and not queue_now:
+        return payload, reply_to
+
+    def _queue_first(self, node: NodeId) -> bool:
+        """Behind messages already queued for that node, or to a node known offline, a message
+        is queued at once: forwarding it directly would overtake them (§4.2 step 7), or wait
+        out a dial that cannot succeed."""
+        return bool(self.spool.pending_outgoing(node, limit=1)) or node in self._offline()
+
+    async def _forwarded(
+        self, target: RemoteTarget, subject: str, payload: Mapping[str, Any], reply_to: str | None,
+        forwarding: Awaitable[str] | None,
+    ) -> str:
+        """The answer for a message handed to the network (`forwarding`, None when it must wait):
+        the target's token, its refusal, or QUEUED once the message is held in the outgoing spool."""
+        sub = self.daemon.subnets.by_name(target.subnet)
+        if sub is None:
+            raise Refusal("NO_SUCH_SUBNET", target.subnet)
+        if forwarding is not None:
             try:
-                token = str(await forward(target, payload))
+                token = str(await forwarding)
             except Refusal as exc:
                 if reply_to is not None:
                     self._write_behind(functools.partial(self.spool.mark_answered, reply_to, False))
@@ -641,25 +737,8 @@ class Endpoints:
         RemoteProtocolError for a malformed payload. `from_form` is the `from` attribute as
         this node renders it (`shortest_from_form`).
         """
-        try:
-            to = check_endpoint_id(str(payload["to"]))
-            sender_id = check_endpoint_id(str(payload["from"]))
-            attrs = _check_attrs(payload.get("attrs") or ())
-            window = str(payload.get("window") or "default")
-            reply_to = payload.get("reply_to")
-            msg = Message(
-                id=check_message_id(payload["id"]),
-                type=str(payload.get("type") or "msg"),
-                from_=from_form,
-                sender_node=sender_node,
-                sender_id=sender_id,
-                body=check_body(str(payload["body"])),
-                attrs=attrs,
-                window=window if window in WINDOWS else "default",
-                reply_to=check_message_id(reply_to) if reply_to else None,
-            )
-        except (KeyError, TypeError, ValueError, UsageError) as exc:
-            raise RemoteProtocolError("send", f"malformed message: {exc}") from exc
+        msg = message_from_wire(payload, sender_node=sender_node, from_form=from_form)
+        to = str(payload["to"])
         perch = self.get(to)
         if perch is None or not any(s.canonical == subnet.lower() for s in self.visible_in(perch)):
             raise Refusal("NO_PERCH", to)
@@ -781,6 +860,11 @@ def _client_msg_id(value: Any) -> str | None:
 
 
 
+async def _raise(exc: SptError) -> str:
+    """A message of a batch refused before it went anywhere, as a job of the batch."""
+    raise exc
+
+
 def _bool_arg(args: Mapping[str, Any], name: str) -> bool:
     return bool(args.get(name))
 
@@ -805,6 +889,29 @@ def register_ops(daemon: Daemon, eps: Endpoints) -> None:
             msg_id=_client_msg_id(call.args.get("id")),
         )
         return {"token": token, "address": address, "from": sender_id}
+
+    @daemon.op("msg.send_many")
+    async def send_many(call: Call) -> Any:
+        """Several messages from one sender in one call: `{"from", "messages": [{"address",
+        "body", "json"?, "window"?, "id"?}, ...]}`, answered per message in order."""
+        eps.housekeeping()
+        messages = call.args.get("messages")
+        if (
+            not isinstance(messages, list) or not 0 < len(messages) <= deliver_wire.MAX_BATCH
+            or not all(isinstance(m, dict) for m in messages)
+        ):
+            raise UsageError("BAD_USAGE", "messages", f"a batch is 1 to {deliver_wire.MAX_BATCH} messages, each a map")
+        if sum(deliver_wire.body_bytes(m) for m in messages) > deliver_wire.MAX_BATCH_BYTES:
+            raise UsageError("BAD_USAGE", "messages", f"a batch's bodies may hold {deliver_wire.MAX_BATCH_BYTES} bytes")
+        results, sender_id = await eps.send_many(messages, from_id=call.args.get("from") or None)
+        return {
+            "from": sender_id,
+            "results": [
+                {"token": r, "address": str(m.get("address", ""))} if isinstance(r, str)
+                else {"error": r.to_wire(), "address": str(m.get("address", ""))}
+                for r, m in zip(results, messages, strict=True)
+            ],
+        }
 
     @daemon.op("msg.ring")
     async def ring(call: Call) -> Any:
@@ -909,20 +1016,3 @@ def register_ops(daemon: Daemon, eps: Endpoints) -> None:
         eps._set_setting(perch, sub, in_scope=_bool_arg(call.args, "in_scope"))
         visible = any(s.id == sub.id for s in eps.visible_in(perch))
         return {"id": perch.id, "subnet": sub.name, "hidden": not visible}
-
-
-def _check_attrs(raw: Any) -> tuple[tuple[str, str], ...]:
-    """Envelope attributes a peer may set on a message: `ring="1"` and a compact `json`.
-
-    Anything else would make the envelope unrenderable at the listener (and stall the perch).
-    """
-    attrs: list[tuple[str, str]] = []
-    for item in raw:
-        key, value = (str(x) for x in item)
-        if key == "ring" and value == "1":
-            attrs.append((key, value))
-        elif key == "json":
-            attrs.append((key, compact_json(value)))
-        else:
-            raise ValueError(f"attribute {key!r} is not allowed on a message")
-    return tuple(attrs)

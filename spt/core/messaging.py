@@ -17,17 +17,19 @@ current member of S, and rows of S never leave S's view.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 from spt import __version__
-from spt.core.errors import PeerError, Refusal, RemoteProtocolError
+from spt.core.errors import PeerError, Refusal, RemoteProtocolError, SptError
 from spt.core.identity import NodeId, sha256
 from spt.core.members import body_map, remote_refusal
-from spt.core.net.connections import Connection, RequestError
+from spt.core.net.connections import Connection, RequestError, error_body
 from spt.core.net.transport import ALPN_MEMBER
+from spt.core.proto import deliver as batch_wire
 from spt.core.proto.canonical import canonical_bytes
 from spt.core.proto.frames import Frame
 from spt.core.proto.registry import (
@@ -42,7 +44,7 @@ from spt.core.proto.registry import (
     sign_row,
     sign_tombstone,
 )
-from spt.core.proto.resolve import RemoteTarget, Row, shortest_from_form
+from spt.core.proto.resolve import RemoteTarget, Row, Snapshot, shortest_from_form
 from spt.core.spool import OutgoingMessage
 from spt.core.subnets import HeldSubnet
 from spt.hooks import IncomingPayload
@@ -62,6 +64,29 @@ FINAL_REFUSALS: Final = ("NO_PERCH", "UNKNOWN_PAYLOAD_TYPE")  # the target will 
 BACKOFF_MAX: Final = 600.0
 FORWARDED_COMMIT: Final = 64  # forwarded messages removed from the outgoing spool per transaction
 MAX_RECORDS: Final = 4096  # records one registry message carries at most
+IN_FLIGHT: Final = 2  # deliver requests in flight per node; messages arriving meanwhile go together next
+SLOT_HOLD: Final = 0.05  # seconds: a request slower than this (a listener's SENT wait) frees its slot
+MEMBERSHIP_ERRORS: Final = ("NOT_A_MEMBER", "NOT_HERE")  # a path or standing problem: the message waits
+
+
+@dataclasses.dataclass
+class _Outgoing:
+    """One message waiting in a node's outbox: its payload, its caller's future, and its group
+    (messages of one caller's batch travel in one request, never split, so they keep their order)."""
+
+    payload: Mapping[str, Any]
+    future: asyncio.Future[str]
+    group: object
+    size: int
+
+
+@dataclasses.dataclass
+class _Outbox:
+    """Messages for one node through one subnet, waiting for a free request slot."""
+
+    waiting: list[_Outgoing] = dataclasses.field(default_factory=list)
+    in_flight: int = 0
+    pump_scheduled: bool = False
 
 
 class Messaging:
@@ -75,6 +100,9 @@ class Messaging:
         self.staged_release: str | None = None  # the release this node offers (a plugin sets it)
         handlers = self.members.handlers
         handlers["msg.deliver"] = self._handle_deliver
+        handlers[batch_wire.BATCH_TYPE] = self._handle_deliver_batch
+        self._outboxes: dict[tuple[NodeId, bytes], _Outbox] = {}
+        self._single_only: set[NodeId] = set()  # nodes that answered UNKNOWN_TYPE to a batch
         handlers["endpoint.request"] = self._handle_endpoint_request
         handlers["registry.push"] = self._handle_registry_push
         handlers["registry.sync"] = self._handle_registry_sync
@@ -87,22 +115,129 @@ class Messaging:
 
     async def forward_message(self, target: RemoteTarget, payload: Mapping[str, Any]) -> str:
         """Hand a message to the target node; "SENT" or "QUEUED", or Refusal NO_PERCH."""
+        return await self.forward_messages(target, [payload])[0]
+
+    def forward_messages(
+        self, target: RemoteTarget, payloads: Sequence[Mapping[str, Any]]
+    ) -> list[asyncio.Future[str]]:
+        """Queue messages for the target node, in order, as one group; a future per message
+        (its token, or what `forward_message` raises). Queued now, before any await, so callers
+        that queue one after another keep their order."""
         sub = self.daemon.subnets.by_name(target.subnet)
         if sub is None:
             raise Refusal("NO_SUCH_SUBNET", target.subnet)
-        return await self._forward(target.node.key, sub, payload)
+        return self._queue(target.node.key, sub, payloads)
 
     async def _forward(self, node: NodeId, sub: HeldSubnet, payload: Mapping[str, Any]) -> str:
+        return await self._queue(node, sub, [payload])[0]
+
+    def _queue(self, node: NodeId, sub: HeldSubnet, payloads: Sequence[Mapping[str, Any]]) -> list[asyncio.Future[str]]:
+        loop = asyncio.get_running_loop()
+        box = self._outboxes.setdefault((node, sub.id), _Outbox())
+        group = object()
+        futures: list[asyncio.Future[str]] = []
+        for payload in payloads:
+            future: asyncio.Future[str] = loop.create_future()
+            box.waiting.append(_Outgoing(payload, future, group, batch_wire.body_bytes(payload)))
+            futures.append(future)
+        if not box.pump_scheduled:
+            # at the loop's next turn, so that messages queued in this one go in one request
+            box.pump_scheduled = True
+            loop.call_soon(self._pump, node, sub, box)
+        return futures
+
+    def _pump(self, node: NodeId, sub: HeldSubnet, box: _Outbox) -> None:
+        """Start requests for waiting messages while a slot is free: each takes what waits, up
+        to the batch limits, cut only between groups."""
+        box.pump_scheduled = False
+        while box.waiting and box.in_flight < IN_FLIGHT:
+            take, size = 0, 0
+            while take < len(box.waiting):
+                item = box.waiting[take]
+                if take and (take + 1 > batch_wire.MAX_BATCH or size + item.size > batch_wire.MAX_BATCH_BYTES):
+                    break
+                take, size = take + 1, size + item.size
+            while 0 < take < len(box.waiting) and box.waiting[take].group is box.waiting[take - 1].group:
+                take -= 1  # a cut inside a group moves back to the group's start
+            if take == 0:  # one group over the limits (callers bound their batches): it goes alone
+                group = box.waiting[0].group
+                take = next((i for i, o in enumerate(box.waiting) if o.group is not group), len(box.waiting))
+            batch, box.waiting = box.waiting[:take], box.waiting[take:]
+            box.in_flight += 1
+            self.members.spawn(self._send_batch(node, sub, box, batch), "message delivery")
+        if not box.waiting and not box.in_flight:
+            self._outboxes.pop((node, sub.id), None)
+
+    async def _send_batch(self, node: NodeId, sub: HeldSubnet, box: _Outbox, batch: list[_Outgoing]) -> None:
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                box.in_flight -= 1
+                self._pump(node, sub, box)
+
+        timer = asyncio.get_running_loop().call_later(SLOT_HOLD, release)
+        try:
+            outcomes = await self._deliver(node, sub, [o.payload for o in batch])
+        except BaseException as exc:
+            failure = exc if isinstance(exc, Exception) else PeerError(node.short, "the daemon is stopping")
+            outcomes = [failure] * len(batch)
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            timer.cancel()
+            release()
+            for item, outcome in zip(batch, outcomes, strict=True):
+                if item.future.done():
+                    continue
+                if isinstance(outcome, BaseException):
+                    item.future.set_exception(outcome)
+                else:
+                    item.future.set_result(outcome)
+
+    async def _deliver(
+        self, node: NodeId, sub: HeldSubnet, payloads: list[Mapping[str, Any]]
+    ) -> list[str | Exception]:
+        """One request carrying `payloads` (one `msg.deliver`, or a batch when several): per
+        message its token or its refusal. Raises what fails the whole request (path, timeout)."""
+        if len(payloads) > 1 and node not in self._single_only:
+            async with asyncio.timeout(FORWARD_TIMEOUT):
+                conn = await self.members.connect_member(node)
+                try:
+                    reply = await conn.request(
+                        batch_wire.BATCH_TYPE, {"subnet": sub.id.hex(), "payloads": [dict(p) for p in payloads]},
+                        timeout=FORWARD_TIMEOUT,
+                    )
+                except RequestError as exc:
+                    if exc.code != "UNKNOWN_TYPE":
+                        raise
+                    self._single_only.add(node)  # an older node: one request per message
+                else:
+                    results = batch_wire.decode_results(reply.body, len(payloads))
+                    return [
+                        value if kind == "token" else _refusal(RequestError(node.short, value, message), payload)
+                        for (kind, value, message), payload in zip(results, payloads, strict=True)
+                    ]
+        outcomes: list[str | Exception] = []
+        for payload in payloads:  # in order; a failure of the path fails the rest with it
+            try:
+                outcomes.append(await self._deliver_one(node, sub, payload))
+            except Refusal as exc:
+                outcomes.append(exc)
+            except RequestError as exc:
+                if exc.code in MEMBERSHIP_ERRORS:
+                    raise
+                outcomes.append(_refusal(exc, payload))
+        return outcomes
+
+    async def _deliver_one(self, node: NodeId, sub: HeldSubnet, payload: Mapping[str, Any]) -> str:
         async with asyncio.timeout(FORWARD_TIMEOUT):
             conn = await self.members.connect_member(node)
-            try:
-                reply = await conn.request(
-                    "msg.deliver", {"subnet": sub.id.hex(), "payload": dict(payload)}, timeout=FORWARD_TIMEOUT
-                )
-            except RequestError as exc:
-                if exc.code in ("NOT_A_MEMBER", "NOT_HERE"):
-                    raise  # a path or standing problem: the message waits in the outgoing spool
-                raise remote_refusal(exc, str(payload.get("to", ""))) from exc
+            reply = await conn.request(
+                "msg.deliver", {"subnet": sub.id.hex(), "payload": dict(payload)}, timeout=FORWARD_TIMEOUT
+            )
         token = body_map(reply.body).get("token")
         if token not in ("SENT", "QUEUED"):
             raise RemoteProtocolError("msg.deliver", f"unexpected answer {token!r}")
@@ -111,16 +246,44 @@ class Messaging:
     async def _handle_deliver(self, conn: Connection, frame: Frame) -> tuple[str, Any]:
         body = body_map(frame.body)
         sub = self.members.require_member(conn, body.get("subnet"))
-        payload = body_map(body.get("payload"))
+        token = await self._deliver_here(conn, sub, body_map(body.get("payload")), self.endpoints.snapshot())
+        return "msg.result", {"token": token}
+
+    async def _handle_deliver_batch(self, conn: Connection, frame: Frame) -> tuple[str, Any]:
+        """Several messages from one member: spooled together (one group commit), answered per
+        message once each is durable or refused; a malformed or oversize batch is refused whole."""
+        body = body_map(frame.body)
+        sub = self.members.require_member(conn, body.get("subnet"))
+        payloads = batch_wire.decode_batch(body)
+        snapshot = self.endpoints.snapshot()
+        # tasks start in order, and each queues its spool write before its first wait: the
+        # writes keep the batch's order and go into one transaction
+        outcomes = await asyncio.gather(
+            *(self._deliver_here(conn, sub, p, snapshot) for p in payloads), return_exceptions=True
+        )
+        results: list[dict[str, Any]] = []
+        for outcome in outcomes:
+            if isinstance(outcome, SptError):
+                results.append({"error": error_body(outcome.instance_token, outcome.message or outcome.subject)})
+            elif isinstance(outcome, BaseException):
+                log.error("a batched message failed", exc_info=outcome)
+                results.append({"error": error_body("INTERNAL", "the node failed while handling this message")})
+            else:
+                results.append({"token": outcome})
+        return batch_wire.RESULTS_TYPE, {"results": results}
+
+    async def _deliver_here(
+        self, conn: Connection, sub: HeldSubnet, payload: Mapping[str, Any], snapshot: Snapshot
+    ) -> str:
         # Messages are the `send` and `ring` payload types: their plugins handle them (a node
         # that lacks one refuses it by name), after the payload policy hook.
         attrs = payload.get("attrs") or []
         kind = "ring" if ["ring", "1"] in [list(a) for a in attrs if isinstance(a, list | tuple)] else "send"
         sender_id = str(payload.get("from", ""))
-        from_form = shortest_from_form(sender_id, conn.peer, self.endpoints.snapshot(), via_subnet=sub.name)
+        from_form = shortest_from_form(sender_id, conn.peer, snapshot, via_subnet=sub.name)
         incoming = IncomingPayload(kind, conn.peer, sub.name, str(payload.get("to", "")), from_form, payload)
         reply = await self.daemon.payloads.handle(incoming)
-        return "msg.result", {"token": reply.get("token")}
+        return str(reply.get("token"))
 
     async def _drain_loop(self) -> None:
         """Forward the outgoing spool when paths exist (§4.2 step 4); bounded batches, backoff."""
@@ -434,6 +597,13 @@ class Messaging:
     def presence_of(self, sub: HeldSubnet, node: NodeId) -> Presence | None:
         view = self.views.get(sub.id)
         return view.presence(node) if view is not None else None
+
+
+def _refusal(exc: RequestError, payload: Mapping[str, Any]) -> Exception:
+    """A member's refusal of one message, as `forward_message` raises it."""
+    if exc.code in MEMBERSHIP_ERRORS:
+        return exc  # a path or standing problem: the message waits in the outgoing spool
+    return remote_refusal(exc, str(payload.get("to", "")))
 
 
 def _digest_hash(view: RegistryView) -> str:

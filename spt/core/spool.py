@@ -32,9 +32,12 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from spt.core.errors import Refusal, RemoteProtocolError
+from spt.core.errors import Refusal, RemoteProtocolError, UsageError
 from spt.core.identity import NodeId
+from spt.core.proto.body import check_body
+from spt.core.proto.envelope import compact_json
 from spt.core.store import Store
+from spt.core.types import check_endpoint_id
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +87,48 @@ class Message:
         if self.reply_to:
             out["reply_to"] = self.reply_to
         return out
+
+
+def message_from_wire(payload: Mapping[str, Any], *, sender_node: NodeId, from_form: str) -> Message:
+    """A message as a member forwarded it (`msg.deliver`, one payload of `msg.deliver_batch`);
+    RemoteProtocolError when it is malformed. `from_form` is the `from` attribute as this node
+    renders it. Pure: a fuzz target (tests/fuzz)."""
+    try:
+        check_endpoint_id(str(payload["to"]))
+        sender_id = check_endpoint_id(str(payload["from"]))
+        attrs = _check_attrs(payload.get("attrs") or ())
+        window = str(payload.get("window") or "default")
+        reply_to = payload.get("reply_to")
+        return Message(
+            id=check_message_id(payload["id"]),
+            type=str(payload.get("type") or "msg"),
+            from_=from_form,
+            sender_node=sender_node,
+            sender_id=sender_id,
+            body=check_body(str(payload["body"])),
+            attrs=attrs,
+            window=window if window in WINDOWS else "default",
+            reply_to=check_message_id(reply_to) if reply_to else None,
+        )
+    except (KeyError, TypeError, ValueError, UsageError) as exc:
+        raise RemoteProtocolError("send", f"malformed message: {exc}") from exc
+
+
+def _check_attrs(raw: Any) -> tuple[tuple[str, str], ...]:
+    """Envelope attributes a peer may set on a message: `ring="1"` and a compact `json`.
+
+    Anything else would make the envelope unrenderable at the listener (and stall the perch).
+    """
+    attrs: list[tuple[str, str]] = []
+    for item in raw:
+        key, value = (str(x) for x in item)
+        if key == "ring" and value == "1":
+            attrs.append((key, value))
+        elif key == "json":
+            attrs.append((key, compact_json(value)))
+        else:
+            raise ValueError(f"attribute {key!r} is not allowed on a message")
+    return tuple(attrs)
 
 
 @dataclass(frozen=True, slots=True)

@@ -335,6 +335,7 @@ class GroupCommit:
         self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="spt-commit")
         self._queue: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
         self._busy = False
+        self._starting = False
         self._closed = False
         self.commits = 0  # transactions run, and the writes they carried (benches and tests read them)
         self.writes = 0
@@ -351,11 +352,17 @@ class GroupCommit:
             raise sqlite3.ProgrammingError("the store's writer is closed")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._queue.append((write, future))
-        if not self._busy:
-            self._start()
+        if not self._busy and not self._starting:
+            # at the loop's next turn: writes submitted together (a batch of messages from one
+            # request) then share the first transaction too, not only those behind it
+            self._starting = True
+            future.get_loop().call_soon(self._start)
         return future
 
     def _start(self) -> None:
+        self._starting = False
+        if self._busy:
+            return
         batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
         batch = [(write, future) for write, future in batch if not future.done()]  # callers gone: skip
         if not batch:

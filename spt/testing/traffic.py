@@ -3,7 +3,8 @@
 - `Stream` sends numbered messages (`<tag>00042`) from one node to an address in a thread,
   over the control socket (no CLI start-up per message). Every error reply is recorded with
   its token and retried explicitly with the same message id, so receivers drop a copy that did
-  get through before the error (SPEC §4.2.5). Some messages can be rings or `--active-only`.
+  get through before the error (SPEC §4.2.5). Some messages can be rings or `--active-only`;
+  with `batch` > 1 they go `batch` at a time in one `msg.send_many` call (plain sends).
 - `Listener` is a live `spt ready` whose envelopes are collected (with arrival times) by a
   reader thread; `drain()` empties a perch with `ready --once` (what releases held messages).
 - `check_stream()` asserts a received sequence is complete, unique and in order.
@@ -72,6 +73,7 @@ class Stream:
     max_attempts: int = 200
     retry_pause: float = 0.05
     ring_timeout: float = 0.2
+    batch: int = 1  # > 1: messages go this many per msg.send_many call, a batch retried whole
     sent: list[Sent] = field(default_factory=list)
     replies: list[Received] = field(default_factory=list)  # replies handed to this stream's rings
     errors: list[tuple[int, str]] = field(default_factory=list)
@@ -125,6 +127,9 @@ class Stream:
         from spt.core.errors import SptError
 
         begun = time.monotonic()
+        if self.batch > 1:
+            self._run_batches()
+            return
         try:
             for i in range(self.count):
                 if self._stop.is_set():
@@ -146,6 +151,41 @@ class Stream:
                         self.errors.append((i, exc.instance_token))
                         time.sleep(self.retry_pause)
                 self.sent.append(Sent(i, kind, window, token, started, time.monotonic() - started))
+        except BaseException as exc:
+            self.failure = exc
+
+
+    def _run_batches(self) -> None:
+        """Batches of `batch` messages, each with its id; a batch whose call failed, or in which
+        a message was refused with a token in `retry_on`, is sent again whole with the same ids
+        (the receivers drop the copies of those that got through)."""
+        from spt.core.errors import SptError
+
+        try:
+            for first in range(0, self.count, self.batch):
+                if self._stop.is_set():
+                    return
+                indexes = range(first, min(first + self.batch, self.count))
+                messages = [{"address": self.address, "body": self.body(i), "id": os.urandom(16).hex()}
+                            for i in indexes]
+                started = time.monotonic()
+                for attempt in range(self.max_attempts):
+                    try:
+                        result = self.node.ipc("msg.send_many", {"from": self.from_id, "messages": messages}, timeout=30)
+                        refused = [r["error"]["token"] for r in result["results"] if "error" in r]
+                        if not refused:
+                            break
+                        if set(refused) - self.retry_on or attempt == self.max_attempts - 1:
+                            raise AssertionError(f"batch at {first} refused: {refused}")
+                        self.errors.append((first, refused[0]))
+                    except SptError as exc:
+                        if exc.instance_token not in self.retry_on or attempt == self.max_attempts - 1:
+                            raise
+                        self.errors.append((first, exc.instance_token))
+                    time.sleep(self.retry_pause)
+                took = time.monotonic() - started
+                for i, answer in zip(indexes, result["results"], strict=True):
+                    self.sent.append(Sent(i, "send", "default", str(answer["token"]), started, took))
         except BaseException as exc:
             self.failure = exc
 

@@ -22,13 +22,18 @@ def test_kill_9_amid_group_commits_of_concurrent_senders_loses_and_duplicates_no
     batch). Four senders at once to a perch on gamma, no listener, so every message goes
     through gamma's group commit (or alpha's, queued while gamma is down); gamma is killed
     mid-stream, then alpha. Each answer comes only after its batch committed, so afterwards
-    bob holds every message of every stream exactly once, in each stream's order."""
+    bob holds every message of every stream exactly once, in each stream's order.
+
+    Two of the senders send 8 messages per `msg.send_many` call, so the kills also land amid
+    batches (several messages per `msg.deliver_batch` request, one group commit on gamma);
+    a batch that failed is sent again whole with the same ids."""
     alpha, gamma = spt_nodes.subnet(["alpha", "gamma"], config=CONFIG)
     gamma.cli("ready", "bob", "--once", "--timeout", "0.1", check=True)
     wait_for(lambda: listed(alpha, "bob"), 15, "bob's row on alpha")
     retry = frozenset({"DAEMON_DOWN", "NO_PERCH"})
     # open-ended streams at full speed (batches form); stopped once both kills are behind them
-    streams = [Stream(alpha, "bob", f"sender{k}", tag, 1_000_000, retry_on=retry).start() for k, tag in enumerate("abcd")]
+    streams = [Stream(alpha, "bob", f"sender{k}", tag, 1_000_000, retry_on=retry, batch=1 if k < 2 else 8).start()
+               for k, tag in enumerate("abcd")]
 
     def sent() -> int:
         return sum(len(s.sent) for s in streams)

@@ -359,6 +359,24 @@ def relay_punch_addresses(data: bytes) -> None:
         assert 0 < address[1] < 65536
 
 
+def deliver_batch(data: bytes) -> None:
+    """A `msg.deliver_batch` body as a member sends it (the batch, then each message as the
+    receiver decodes it), and a `msg.results` answer as the sender reads it."""
+    from spt.core.proto.deliver import MAX_BATCH, decode_batch, decode_results
+    from spt.core.spool import message_from_wire
+
+    value = as_value(data)
+    with contextlib.suppress(SptError):
+        payloads = decode_batch(value)
+        assert 0 < len(payloads) <= MAX_BATCH
+        for payload in payloads:
+            with contextlib.suppress(SptError):
+                message_from_wire(payload, sender_node=_KEY.node_id, from_form="x@y")
+    for expected in (1, 2):
+        with contextlib.suppress(SptError):
+            assert len(decode_results(value, expected)) == expected
+
+
 TARGETS: dict[str, Target] = {
     "frames_stream": frames_stream,
     "frame_payload": frame_payload,
@@ -372,7 +390,12 @@ TARGETS: dict[str, Target] = {
     "relay_control": relay_control,
     "relay_punch_addresses": relay_punch_addresses,
     "relay_tunnel": relay_tunnel,
+    "deliver_batch": deliver_batch,
 }
+
+
+_MESSAGE = {"id": "ab" * 16, "type": "msg", "from": "alice", "to": "bob", "window": "default",
+            "attrs": [["json", "{}"]], "body": "hi", "reply_to": None}
 
 
 def _seeds() -> dict[str, list[bytes]]:
@@ -393,6 +416,10 @@ def _seeds() -> dict[str, list[bytes]]:
         "relay_datagram_server": [bytes((0x01,)) + bytes(48) + b"\xc0" * 40],
         "relay_control": [enc({"port": 1, "proof": bytes(32)}), enc({"tags": [bytes(16)], "port": 2}), enc({"tag": bytes(16)})],
         "relay_punch_addresses": [enc(["192.0.2.1:5", "10.0.0.1:99999", 5])],
+        "deliver_batch": [
+            enc({"subnet": "ab" * 32, "payloads": [_MESSAGE, {**_MESSAGE, "attrs": [["ring", "1"]], "reply_to": "cd" * 16}]}),
+            enc({"results": [{"token": "SENT"}, {"error": {"code": "NO_PERCH", "message": "x"}}]}),
+        ],
         "relay_tunnel": [struct.pack("!H", 60) + bytes((0x01,)) + bytes(59) + struct.pack("!H", 2) + b"\x03\x01"],
     }
 SEEDS = _seeds()

@@ -1,0 +1,111 @@
+"""Several messages per control call (`msg.send_many`) and per member request
+(`msg.deliver_batch`), over real daemons (issue 14): each message is answered on its own, only
+once it is durable; a copy of a batch, or a batch partly refused, neither duplicates nor loses
+a message; an oversize or malformed batch from a peer is refused whole with the reason."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+
+from spt.core.errors import SptError
+from spt.core.identity import NodeId, NodeKey
+from spt.core.net.transport import AllowKeys, RequestError, Transport
+from spt.core.proto.deliver import BATCH_TYPE, MAX_BATCH
+from spt.testing.traffic import drain, listed
+from spt.testing.wait import wait_for
+
+pytestmark = [pytest.mark.slow, pytest.mark.root]  # creates subnets (elevated)
+
+
+def _tokens(result):
+    return [r.get("token") or r["error"]["token"] for r in result["results"]]
+
+
+def test_a_batch_of_sends_is_answered_per_message_and_each_lands_once_in_order(spt_node_pair):
+    alpha, beta = spt_node_pair
+    beta.cli("ready", "sink", "--once", "--timeout", "0.1", check=True)
+    alpha.cli("ready", "local", "--once", "--timeout", "0.1", check=True)
+    wait_for(lambda: listed(alpha, "sink"), 15, "sink's row on alpha")
+    ids = [os.urandom(16).hex() for _ in range(7)]
+    messages = [
+        {"address": "sink@beta", "body": "b0", "id": ids[0]},
+        {"address": "local", "body": "l1", "id": ids[1]},
+        {"address": "nobody", "body": "x", "id": ids[2]},
+        {"address": "sink@beta", "body": "b3", "id": ids[3], "json": '{"k": 1}'},
+        {"address": "not an address!", "body": "x"},
+        {"address": "sink@beta", "body": "b5", "id": ids[5]},
+        {"address": "sink@beta", "body": "b6", "id": ids[6], "window": "sometimes"},
+    ]
+    want = ["QUEUED", "QUEUED", "NO_PERCH", "QUEUED", "BAD_ADDRESS", "QUEUED", "BAD_USAGE"]
+    first = alpha.ipc("msg.send_many", {"from": "alice", "messages": messages})
+    assert (_tokens(first), first["from"]) == (want, "alice")
+    assert [r["address"] for r in first["results"]] == [m["address"] for m in messages]
+    # the same batch again (a caller retrying after DAEMON_DOWN): the same answers, no copies
+    assert _tokens(alpha.ipc("msg.send_many", {"from": "alice", "messages": messages})) == want
+    got = drain(beta, "sink")
+    assert [r.body for r in got] == ["b0", "b3", "b5"]
+    assert {r.sender for r in got} == {"alice"}
+    assert "json=" in got[1].attrs and "json=" not in got[0].attrs
+    assert [r.body for r in drain(alpha, "local")] == ["l1"]
+    for bad in ([], [{"address": "local", "body": "x"}] * (MAX_BATCH + 1), ["local"], "local"):
+        with pytest.raises(SptError) as refused:
+            alpha.ipc("msg.send_many", {"from": "alice", "messages": bad})
+        assert refused.value.instance_token == "BAD_USAGE"
+
+
+def test_a_peers_batch_is_answered_per_message_and_a_copy_or_a_bad_batch_spools_nothing_twice(spt_node_pair):
+    """Speaking as alpha (a member) to beta: a batch holding a copy of one of its own messages,
+    a malformed message and one for no perch; then the same batch again; then batches beta must
+    refuse whole. beta holds each good message once, in the batch's order."""
+    alpha, beta = spt_node_pair
+    beta.cli("ready", "sink", "--once", "--timeout", "0.1", check=True)
+    subnet = alpha.json("subnet", "status")["subnets"][0]["id"]
+    key = NodeKey.from_private_bytes((alpha.home / "node.key").read_bytes())
+    alpha.stop()  # the test speaks as alpha from here
+    host, port = beta.address.rsplit(":", 1)
+
+    def payload(body, to="sink", **extra):
+        return {"id": os.urandom(16).hex(), "type": "msg", "from": "alice", "to": to, "window": "default",
+                "attrs": [], "body": body, "reply_to": None, **extra}
+
+    p0, p1, p5 = payload("p0"), payload("p1"), payload("p5")
+    batch = [p0, p1, dict(p0), payload("p3", id="not-hex"), payload("p4", to="nobody"), p5]
+
+    async def scenario():
+        t = Transport(key, host="127.0.0.1", accept=AllowKeys())
+        await t.start()
+        try:
+            conn = await t.connect(NodeId.from_hex(beta.key), [(host, int(port))], timeout=5)
+
+            async def ask(body):
+                try:
+                    reply = await conn.request(BATCH_TYPE, body, timeout=10)
+                except RequestError as exc:
+                    return exc.code, exc.remote_message
+                return reply.type, reply.body
+
+            return [
+                await ask({"subnet": subnet, "payloads": batch}),
+                await ask({"subnet": subnet, "payloads": batch}),
+                await ask({"subnet": subnet, "payloads": [payload("big")] * (MAX_BATCH + 1)}),
+                await ask({"subnet": subnet, "payloads": "p0"}),
+                await ask({"subnet": subnet, "payloads": [payload("ok"), {"body": 5}]}),
+                await ask({"subnet": "ab" * 16, "payloads": [payload("other subnet")]}),
+            ]
+        finally:
+            await t.close()
+
+    first, again, oversize, not_a_list, malformed, stranger = asyncio.run(scenario())
+    assert first[0] == "msg.results"
+    answers = [r.get("token") or r["error"]["code"] for r in first[1]["results"]]
+    assert answers == ["QUEUED", "QUEUED", "QUEUED", "PROTOCOL_ERROR", "NO_PERCH", "QUEUED"]
+    assert again == first  # a copy of the whole batch: the same answers
+    assert oversize[0] == "PROTOCOL_ERROR" and f"the limit is {MAX_BATCH}" in oversize[1]
+    assert not_a_list[0] == "PROTOCOL_ERROR" and "non-empty list" in not_a_list[1]
+    assert malformed[0] == "PROTOCOL_ERROR" and "string 'body'" in malformed[1]
+    assert stranger[0] == "NOT_HERE"  # a subnet beta does not hold
+    assert [r.body for r in drain(beta, "sink")] == ["p0", "p1", "p5"]  # nothing of the refused batches
+    assert beta.proc is not None and beta.proc.poll() is None
