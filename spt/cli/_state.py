@@ -94,7 +94,7 @@ def require_elevation() -> None:
     if is_interactive() and shutil.which("sudo") and os.environ.get("SPT_NO_SUDO") != "1":
         argv = shlex.split(elevated_command())
         os.execvp(argv[0], argv)
-    raise ElevationRequired("", "run this in an elevated terminal:", lines=[elevated_command()])
+    raise ElevationRequired("", ElevationRequired.MESSAGE, lines=[elevated_command()])
 
 
 def daemon_call(op: str, args: dict[str, Any] | None = None, **kwargs: Any) -> Any:

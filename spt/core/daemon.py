@@ -63,7 +63,6 @@ from spt.manager import PluginSystem, blocked_names, build_plugin_manager
 
 log = logging.getLogger(__name__)
 
-ELEVATION_MESSAGE: Final = "run this in an elevated terminal:"
 # mDNS browses all the time, so a subnet announced nearby is already known when `subnet create`
 # asks; a wait, at most this long, covers only a daemon started a moment ago (its backends say
 # how long they still need: `settled_in`). A fixed 0.15 s wait was most of `subnet create`'s
@@ -720,7 +719,7 @@ class Daemon:
             return {"error": UsageError("BAD_REQUEST", call.op, "unknown control operation").to_wire()}
         if op.elevated and call.uid != 0:
             log.warning("elevated operation refused", extra={"op": call.op, "uid": call.uid})
-            return {"error": ElevationRequired("", ELEVATION_MESSAGE).to_wire()}
+            return {"error": ElevationRequired("", ElevationRequired.MESSAGE).to_wire()}
         if call.interactive:
             self.touch_user_activity()
         log.debug("control request", extra={"op": call.op, "uid": call.uid})

@@ -193,7 +193,9 @@ class DaemonDown(SptError):
 
 
 class ElevationRequired(SptError):
-    """A gated operation (SPEC.md §5.7) was asked for by a caller that is not root."""
+    """A gated operation (SPEC.md §5.7) was asked for by a caller that is not root. The CLI
+    prints the exact command to run after the explanation, which is always MESSAGE."""
 
     token = "ELEVATION_REQUIRED"
     exit_code = EXIT_ELEVATION
+    MESSAGE = "run this in an elevated terminal:"

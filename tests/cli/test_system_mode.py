@@ -134,7 +134,9 @@ def test_system_mode_endpoint_run_is_refused_to_group_users_and_rc_keeps_to_the_
     project = str(home.parent)  # reachable by every uid (0755)
     # attacker: a group uid asks the daemon to run its command, which would run as the daemon's account
     run = spt(env, "endpoint", "run", "--id", "shell", "--project", project, "--", "sh", "-c", "id > /tmp/x", uid=ALICE)
-    assert run.returncode == 1 and run.stderr.startswith("RUN_REFUSED"), (run.stdout, run.stderr)
+    assert run.returncode == 4 and run.stderr.startswith("ELEVATION_REQUIRED: run this in an elevated terminal:\n"), \
+        (run.stdout, run.stderr)
+    assert run.stderr.splitlines()[1].startswith("sudo ") and "endpoint run --id shell" in run.stderr
     assert local_ids(env) == []  # nothing made, nothing run
     # the daemon's own account may host; its terminal is its own
     made = spt(env, "endpoint", "run", "--id", "hosted", "--project", project, "--",

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from spt.core.caller import restricted_uid
 from spt.core.endpoints import Perch
-from spt.core.errors import Refusal, UsageError
+from spt.core.errors import ElevationRequired, Refusal, UsageError
 from spt.core.hosting.wire import WireError, encode, read_frame
 from spt.core.types import check_endpoint_id
 
@@ -220,12 +220,10 @@ class Hosting:
         """`spt endpoint run` (SPEC.md §3.6)."""
         uid = restricted_uid()
         if uid is not None and uid != os.getuid():
-            # System mode: the host process would run the caller's command as the daemon's account.
-            raise Refusal(
-                "RUN_REFUSED", "",
-                "in system mode a hosted command would run as the daemon's account; only root or that "
-                "account may use endpoint run (run the command yourself and bind it with spt ready <id>)",
-            )
+            # System mode: the host process would run the caller's command as the daemon's account,
+            # which only root or that account may do (a caller can also run its command itself and
+            # bind it with `spt ready <id>`).
+            raise ElevationRequired("", ElevationRequired.MESSAGE)
         args = call.args
         argv = args.get("argv")
         if not isinstance(argv, list) or not argv or not all(isinstance(a, str) and a for a in argv):
