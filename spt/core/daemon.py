@@ -222,8 +222,8 @@ class Daemon:
         # SPEC.md §3.9: the new label reaches every held subnet through its log.
         for sub in self.subnets.attached():  # a detached subnet gets the change at attach
             entry = make_label(self.key, parents=sub.log.valid_heads(), label=label, hlc=self.subnets.stamp())
-            self.members.merge(sub, [entry])
-            self.members.spawn(self.members.push_entries(sub, [entry]), "push label")
+            self.members.logs.merge(sub, [entry])
+            self.members.spawn(self.members.logs.push_entries(sub, [entry]), "push label")
         return {"label": label}
 
     @property
@@ -238,7 +238,7 @@ class Daemon:
             joins = self.join_state(sub)
             if joins["state"] == "locked":
                 warnings.append(f"joins to {sub.name} locked until {joins['locked_until']}")
-            if self.members.conflicts_of(sub):
+            if self.members.logs.conflicts_of(sub):
                 warnings.append(f"prune conflicts in {sub.name}; see spt doctor")
         pending = len(self.members.claims.pending())
         if pending:
@@ -266,7 +266,7 @@ class Daemon:
                 if node == self.key.node_id or node in seen:
                     continue
                 seen.add(node)
-                kind = self.members.path_view(node, sub)["kind"]
+                kind = self.members.links.path_view(node, sub)["kind"]
                 counts["direct" if kind.startswith("direct") else "relayed" if kind.startswith("relayed") else "none"] += 1
         return counts
 
@@ -290,7 +290,7 @@ class Daemon:
         actions = ["presence re-sent"]
         self.messaging.publish()
         if change.moved:
-            count = self.members.redial_all(f"network changed: {change.describe()}")
+            count = self.members.links.redial_all(f"network changed: {change.describe()}")
             actions.append(f"{count} member connection(s) re-dialled")
         for listener in list(self.network_listeners):
             try:
@@ -387,7 +387,7 @@ class Daemon:
             "nodes": len(st.members),
             "endpoints": self.endpoints.count_visible(sub),
             "joins": self.join_state(sub),
-            "conflicts": self.members.conflicts_of(sub),
+            "conflicts": self.members.logs.conflicts_of(sub),
         }
         if nodes:
             members = []
@@ -417,12 +417,12 @@ class Daemon:
             "self": is_self,
             "version": __version__ if is_self else (presence.software_version if presence else None),
             "last_seen": iso_utc(heard) if heard is not None else None,
-            "path": None if is_self else self.members.path_view(key, sub),
+            "path": None if is_self else self.members.links.path_view(key, sub),
             "last_activity": iso_utc(activity) if activity is not None else None,  # §8.4, from presence
         }
 
     def join_state(self, sub: HeldSubnet) -> dict[str, Any]:
-        status = self.members.join_status(sub)
+        status = self.members.joins.join_status(sub)
         return {
             "state": status.state,
             "failed_last_hour": status.failed_last_hour,
@@ -433,7 +433,7 @@ class Daemon:
 
     def join_failed(self, sub: HeldSubnet, joiner: NodeId, source: str) -> None:
         """A wrong code was tried here; a notification of kind join-failed follows (rate-limited)."""
-        status = self.members.join_status(sub)
+        status = self.members.joins.join_status(sub)
         if status.is_locked:
             self.notify(sub, "join-lockout", f"joins to {sub.name} are locked",
                         f"{status.failed_last_hour} failed attempts in the last hour; `spt subnet unlock {sub.name}` ends it",
@@ -558,7 +558,7 @@ class Daemon:
         self.replication.forget(sub)
         self.subnets.forget(sub)
         self.store.set_meta(f"departed:{sub.id.hex()}", json.dumps({"name": sub.name, "reason": reason}))
-        self.members.keep_members_connected()
+        self.members.links.keep_members_connected()
         return orphaned
 
     # -- lifecycle ------------------------------------------------------------------------

@@ -89,7 +89,7 @@ def checks(daemon: Daemon, cli_version: str | None) -> list[dict[str, str]]:
             add("WARN", f"joins {sub.name}", f"locked until {joins['locked_until']}; `spt subnet unlock {sub.name}`")
         elif joins["failed_last_hour"]:
             add("WARN", f"joins {sub.name}", f"{joins['failed_last_hour']} failed attempts in the last hour")
-        conflicts = daemon.members.conflicts_of(sub)
+        conflicts = daemon.members.logs.conflicts_of(sub)
         if conflicts:
             add("WARN", f"prunes {sub.name}", f"{len(conflicts)} prune conflicts: histories disagree on who was removed "
                 "first; see the prune-conflict notifications and prune from a member you trust")
@@ -98,7 +98,7 @@ def checks(daemon: Daemon, cli_version: str | None) -> list[dict[str, str]]:
         for key, label in sorted(sub.state().members.items(), key=lambda kv: kv[1]):
             if key == daemon.key.node_id:
                 continue
-            path = daemon.members.path_view(key, sub)
+            path = daemon.members.links.path_view(key, sub)
             where = f"{path['kind']}" + (f" {path['addr']}" if path.get("addr") else "")
             why = f" ({path['reason']})" if path.get("reason") else ""
             level = "OK" if path["kind"].startswith("direct") else "WARN"

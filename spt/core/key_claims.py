@@ -162,7 +162,7 @@ class KeyClaims:
             delay = min(delay * 4, RECONNECT_MAX)
 
     async def _send_one(self, node: NodeId, sub: HeldSubnet, old: NodeId) -> bool:
-        addrs = self.members.addresses_of(node)
+        addrs = self.members.links.addresses_of(node)
         if not addrs:
             return True  # nothing to dial; another member will have to vouch
         try:
@@ -203,7 +203,7 @@ class KeyClaims:
         old_key = self.old_key(entry.key("old"))
         if old_key is not None:
             signed = sign_rekey_as_old(signed, old_key)
-        self.members.merge(sub, [signed])
+        self.members.logs.merge(sub, [signed])
         log.info("rekey countersigned", extra={"subnet": sub.name, "by": conn.peer.short})
         return "ok", {"entry": signed.to_dict()}
 
@@ -257,7 +257,7 @@ class KeyClaims:
                 "INSERT OR IGNORE INTO key_changes(subnet, old, new, since, old_signed, source) VALUES(?,?,?,?,?,?)",
                 (sub.id, old.raw, new.raw, now, int(old_signed), host),
             )
-        self.members.remember_address(new, host, port, "claim")
+        self.members.links.remember_address(new, host, port, "claim")
         label = st.members[old]
         log.warning(
             "a member claims a new key; refused until accepted",
@@ -339,7 +339,7 @@ class KeyClaims:
 
         me = self.daemon.key
         entry = propose_rekey(me, parents=sub.log.valid_heads(), old=old, new=new, hlc=self.subnets.stamp())
-        addrs = self.members.addresses_of(new)
+        addrs = self.members.links.addresses_of(new)
         if not addrs:
             raise Refusal("TRUST_FAILED", new.short, "no known address for the claiming node")
         try:
@@ -358,12 +358,12 @@ class KeyClaims:
         if signed.to_dict() | {"countersig": None, "oldsig": None} != entry.to_dict() | {"countersig": None, "oldsig": None}:
             raise RemoteProtocolError("key.countersign", "the countersigned entry is not the one proposed")
         label = sub.state().members.get(old, "")
-        self.members.merge(sub, [signed])
+        self.members.logs.merge(sub, [signed])
         if not sub.state().is_member(new):
             raise Refusal("TRUST_FAILED", new.short, "the rekey entry did not take effect")
         self.drop(sub, old)
         log.info("key change accepted", extra={"subnet": sub.name, "old": old.short, "new": new.display(label)})
-        await self.members.push_entries(sub, [signed])
+        await self.members.logs.push_entries(sub, [signed])
         return new.display(label)
 
 

@@ -204,7 +204,7 @@ class Messaging:
         message its token or its refusal. Raises what fails the whole request (path, timeout)."""
         if len(payloads) > 1 and node not in self._single_only:
             async with asyncio.timeout(FORWARD_TIMEOUT):
-                conn = await self.members.connect_member(node)
+                conn = await self.members.links.connect_member(node)
                 try:
                     reply = await conn.request(
                         batch_wire.BATCH_TYPE, {"subnet": sub.id.hex(), "payloads": [dict(p) for p in payloads]},
@@ -234,7 +234,7 @@ class Messaging:
 
     async def _deliver_one(self, node: NodeId, sub: HeldSubnet, payload: Mapping[str, Any]) -> str:
         async with asyncio.timeout(FORWARD_TIMEOUT):
-            conn = await self.members.connect_member(node)
+            conn = await self.members.links.connect_member(node)
             reply = await conn.request(
                 "msg.deliver", {"subnet": sub.id.hex(), "payload": dict(payload)}, timeout=FORWARD_TIMEOUT
             )
@@ -336,7 +336,7 @@ class Messaging:
             self._drop(msg.msg_id, sub, "its node is no longer a member of the subnet")
             return False
         if not sub.attached or (
-            self.members.transport.connection(msg.node) is None and not await self.members.dial_addresses(msg.node)
+            self.members.transport.connection(msg.node) is None and not await self.members.links.dial_addresses(msg.node)
         ):
             self.endpoints.defer_node(msg.node, now + IDLE_RECHECK)
             held_back.add(msg.node)
@@ -373,7 +373,7 @@ class Messaging:
         grace = args.get("grace")
         timeout = FORWARD_TIMEOUT + (float(grace) if isinstance(grace, int | float) else 0.0)
         async with asyncio.timeout(timeout):
-            conn = await self.members.connect_member(node)
+            conn = await self.members.links.connect_member(node)
             try:
                 reply = await conn.request(
                     "endpoint.request", {"subnet": sub.id.hex(), "kind": kind, "args": dict(args)}, timeout=timeout

@@ -80,7 +80,7 @@ class Payloads:
             raise Refusal("NO_SUCH_SUBNET", target.subnet)
         body = {"subnet": sub.id.hex(), "type": type_name, "perch": target.row.endpoint_id, "from": sender_id, "value": value}
         async with asyncio.timeout(PAYLOAD_TIMEOUT):
-            conn = await self.daemon.members.connect_member(target.node.key)
+            conn = await self.daemon.members.links.connect_member(target.node.key)
             try:
                 reply = await conn.request("payload", body, timeout=PAYLOAD_TIMEOUT)
             except RequestError as exc:

@@ -312,7 +312,7 @@ class Replication:
             return  # isolation: never send a subnet's records to a non-member
         try:
             async with asyncio.timeout(REQUEST_TIMEOUT):
-                conn = await self.members.connect_member(node)
+                conn = await self.members.links.connect_member(node)
             for chunk in batches(records):
                 await conn.request(
                     "rep.push", {"subnet": sub.id.hex(), "records": [r.to_dict() for r in chunk]},

@@ -87,7 +87,7 @@ class Runtime:
         return self._daemon.paths.endpoints / (self.perch_id(perch_id) or perch_id)
 
     async def connect_member(self, node: NodeId) -> Any:
-        return await self._daemon.members.connect_member(node)
+        return await self._daemon.members.links.connect_member(node)
 
     async def deliver(
         self, perch_id: str, event_type: str, body: str, attrs: Sequence[tuple[str, str]], *, sender: str

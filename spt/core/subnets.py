@@ -250,14 +250,14 @@ def register_ops(daemon: Daemon, subnets: Subnets) -> None:
         sub = subnets.set_attached(str(call.args.get("name", "")), False)
         # §4.8: announce first (presence `detached`), so peers show it at once, then stop serving
         await daemon.messaging.announce(sub)
-        daemon.members.detached(sub)
+        daemon.members.links.detached(sub)
         await daemon.subnets_changed()
         return {"name": sub.name}
 
     @daemon.op("subnet.attach")
     async def attach(call: Call) -> Any:
         sub = subnets.set_attached(str(call.args.get("name", "")), True)
-        daemon.members.attached(sub)
+        daemon.members.links.attached(sub)
         daemon.messaging.publish()  # presence no longer `detached`; members get it as they reconnect
         await daemon.subnets_changed()
         return {"name": sub.name}
