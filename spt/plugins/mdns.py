@@ -44,9 +44,8 @@ class MdnsDiscovery(DiscoveryBackend):
         self._found: dict[str, Candidate] = {}  # service name -> candidate
         self._changed = asyncio.Event()
         self._pending: set[asyncio.Task[None]] = set()
-        self._registering: asyncio.Task[None] | None = None
-        self._stale = False  # the served subnets changed while our name was being probed
-        self._registered = False
+        self._info: Any = None
+        self._lock = asyncio.Lock()  # refresh() may run while start() is still registering
         self._browsing_since: float | None = None
 
     async def start(self, ctx: DiscoveryContext) -> None:
@@ -61,12 +60,10 @@ class MdnsDiscovery(DiscoveryBackend):
         self._azc = AsyncZeroconf(
             interfaces=InterfaceChoice.All if interfaces == "all" else list(interfaces), ip_version=IPVersion.V4Only
         )
-        # Listen first, and announce in the background: registering probes our name for about a
-        # second (RFC 6762 §8.1), which the daemon's start (and a command that started it) need
-        # not wait for, and the browser hears the neighbourhood meanwhile.
         self._browser = AsyncServiceBrowser(self._azc.zeroconf, [SERVICE_TYPE], handlers=[self._on_change])
         self._browsing_since = time.monotonic()
-        self._registering = asyncio.get_running_loop().create_task(self._register_first())
+        async with self._lock:
+            await self._register()
 
     def _service_info(self) -> Any:
         from zeroconf.asyncio import AsyncServiceInfo
@@ -89,25 +86,23 @@ class MdnsDiscovery(DiscoveryBackend):
             server=f"spt-{key[:16]}.local.",
         )
 
-    async def _register_first(self) -> None:
-        try:
-            await self._azc.async_register_service(self._service_info(), allow_name_change=False)
-            self._registered = True
-            while self._stale:  # subnets changed during the probe: announce what is served now
-                self._stale = False
-                await self._azc.async_update_service(self._service_info())
-        except Exception:
-            # (a name another host holds, a socket error): this node is not announced on the LAN
-            # (it still finds others there); the node runs on
-            log.exception("mDNS registration failed")
+    async def _register(self) -> None:
+        info = self._service_info()
+        if self._info is None:
+            # Our names are `spt-<first 64 bits of the node key>`, unique by construction, so they
+            # are announced at once instead of probed first (RFC 6762 §8.1: about a second, which
+            # the daemon's start, a command that started it, and a joiner looking for this node
+            # would all wait for). A probe could only find this node's own key on another host, or
+            # a host answering for any name to keep us off the LAN.
+            await self._azc.async_register_service(info, allow_name_change=False, cooperating_responders=True)
+        else:
+            await self._azc.async_update_service(info)
+        self._info = info
 
     async def refresh(self) -> None:
-        if self._azc is None:
-            return
-        if self._registering is not None and not self._registering.done():
-            self._stale = True  # the registration under way announces the new set when its probe ends
-        elif self._registered:
-            await self._azc.async_update_service(self._service_info())
+        if self._azc is not None:
+            async with self._lock:
+                await self._register()
 
     def _on_change(self, zeroconf: Any, service_type: str, name: str, state_change: Any) -> None:
         from zeroconf import ServiceStateChange
@@ -165,7 +160,7 @@ class MdnsDiscovery(DiscoveryBackend):
     async def stop(self) -> None:
         if self._azc is None:
             return
-        for task in (*self._pending, *([self._registering] if self._registering else [])):
+        for task in self._pending:
             task.cancel()
         if self._browser is not None:
             await self._browser.async_cancel()
