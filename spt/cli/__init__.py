@@ -2,7 +2,7 @@
 
 `main()` is the executable's entry point. It stays free of click: the commands agents and
 scripts run most (`send`, `ring`, `ready`, `whoami`, `node show`, `endpoint list|state`, `subnet
-status|create|join`), given in their plain shape, take the click-free path of `spt.cli._fast`;
+status|create|show-code|join`), given in their plain shape, take the click-free path of `spt.cli._fast`;
 everything else goes to the lazy click group in `spt.cli.root`.
 """
 

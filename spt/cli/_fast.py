@@ -74,6 +74,7 @@ PLAIN: dict[tuple[str, ...], Plain] = {
     ("subnet", "create"): Plain(
         "spt.cli._subnet:create_subnet", positional=(1, 1), flags={"--allow-duplicate-name": "allow_duplicate_name"},
     ),
+    ("subnet", "show-code"): Plain("spt.cli._subnet:show_subnet_code", positional=(0, 1), flags={"--no-qr": "no_qr"}),
     ("subnet", "join"): Plain(
         "spt.cli._subnet:join_subnet", positional=(1, 1), values={"--code": "code", "--id": "subnet_id", "--timeout": "timeout"},
         repeated={"--peer": "peers"}, numbers={"timeout"}, defaults={"timeout": 30.0},

@@ -1,4 +1,4 @@
-"""The bodies of `spt subnet create`, `status` and `join`; click-free, so the plain path of
+"""The bodies of `spt subnet create`, `show-code`, `status` and `join`; click-free, so the plain path of
 `_fast.py` and the click commands in `subnet.py` run the same code (`subnet create` ≤ 200 ms is
 an issue 14 goal, and a click import is a third of it)."""
 
@@ -47,6 +47,12 @@ def create_subnet(name: str, *, allow_duplicate_name: bool) -> None:
     print_code(doc)
     hint(f"Next: on the new machine, in an elevated terminal, run: spt subnet join {doc['name']}")
     print_homed(doc)
+
+
+def show_subnet_code(name: str | None = None, *, no_qr: bool) -> None:
+    """Print the current six digits, the otpauth:// URI and a QR code [elevated]."""
+    require_elevation()
+    print_code(daemon_call("subnet.show_code", {"name": name}), qr=not no_qr)
 
 
 def join_subnet(name: str, *, code: str | None, subnet_id: str | None, peers: Sequence[str], timeout: float) -> None:

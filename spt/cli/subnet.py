@@ -7,7 +7,7 @@ import click
 from spt.cli._complete import subnet_names
 from spt.cli._output import emit
 from spt.cli._state import daemon_call, is_interactive, require_elevation, state
-from spt.cli._subnet import create_subnet, join_subnet, print_code, subnet_status
+from spt.cli._subnet import create_subnet, join_subnet, print_code, show_subnet_code, subnet_status
 from spt.core.errors import UsageError
 
 
@@ -52,9 +52,7 @@ def create(name: str, allow_duplicate_name: bool) -> None:
 @click.option("--no-qr", is_flag=True, help="Do not print the QR code.")
 def show_code(name: str | None, no_qr: bool) -> None:
     """Print the current six digits, the otpauth:// URI and a QR code [elevated]."""
-    require_elevation()
-    doc = daemon_call("subnet.show_code", {"name": name})
-    print_code(doc, qr=not no_qr)
+    show_subnet_code(name, no_qr=no_qr)
 
 
 @subnet.command()

@@ -1,6 +1,6 @@
 """The plain commands (`send`, `ring`, `ready`, `whoami`, `node show`, `endpoint list|state`,
-`subnet status|create|join`) take a click-free path that loads only the control-socket client;
-their output is the click commands'."""
+`subnet status|create|show-code|join`) take a click-free path that loads only the control-socket
+client; their output is the click commands'."""
 
 import os
 import re
@@ -70,7 +70,8 @@ def test_a_non_plain_shape_goes_to_click():
                  ["endpoint", "--detail"], ["endpoint", "state", "a", "asleep"], ["endpoint", "state", "a"],
                  ["subnet"], ["subnet", "--nodes"], ["subnet", "status", "a", "b"], ["subnet", "create"],
                  ["subnet", "create", "a", "b"], ["subnet", "create", "a", "-h"], ["subnet", "join", "a", "--peer"],
-                 ["subnet", "join", "a", "--timeout", "soon"], ["subnet", "join", "a", "--yes"]):
+                 ["subnet", "join", "a", "--timeout", "soon"], ["subnet", "join", "a", "--yes"],
+                 ["subnet", "show-code", "a", "b"], ["subnet", "show-code", "--qr"]):
         assert plain_command(args) is None, args
     for args in (["--json", "send", "a", "--from=x", "--idle-only", "--json"], ["ready"], ["ready", "a", "--timeout", "1e1"],
                  ["subnet", "status"], ["subnet", "join", "a", "--peer", "h:1", "--peer=h:2", "--code", "1", "--id=ab"]):
@@ -124,6 +125,8 @@ CASES = [
     ["subnet", "create", "home"],
     ["subnet", "create", "bad name!"],
     ["subnet", "create", "home", "--json"],
+    ["subnet", "show-code", "nowhere"],
+    ["subnet", "show-code", "nowhere", "--no-qr", "--json"],
     ["subnet", "join", "home", "--code", "123456"],
     ["subnet", "join", "elsewhere"],
     ["subnet", "join", "elsewhere", "--code", "12345"],
@@ -140,7 +143,7 @@ def test_fast_path_and_click_path_print_the_same(spt_nodes):
     runs += [(node, ["whoami"], {"SPT_AGENT_ID": "local"}), (node, ["--json", "whoami"], {"SPT_AGENT_ID": "local"})]
     runs += [(node, ["endpoint", "list", "--detail"], {"SPT_AGENT_ID": "local"})]
     runs += [(down, args, {}) for args in (["send", "local"], ["node", "show"], ["whoami"], ["endpoint", "list"])]
-    runs += [(down, args, {}) for args in (["subnet", "status"], ["subnet", "create", "home"])]
+    runs += [(down, args, {}) for args in (["subnet", "status"], ["subnet", "create", "home"], ["subnet", "show-code"])]
     node.cli("subnet", "create", "home", check=True)
     for target, args, env in runs:
         fast = target.cli(*args, input="body", env=env)
@@ -164,10 +167,12 @@ def test_a_created_subnet_prints_the_same_on_both_paths(spt_nodes):
         node = spt_nodes(name)
         node.cli("ready", "homeless", "--once", "--timeout", "0.1")  # a perch made before any subnet: HOMED
         created = node.cli(*global_options, "subnet", "create", name)
-        assert created.returncode == 0, created.stderr
-        outputs.append((_same_shape(created.stdout, name), _same_shape(created.stderr, name)))
+        shown = node.cli(*global_options, "subnet", "show-code")
+        assert created.returncode == shown.returncode == 0, created.stderr + shown.stderr
+        outputs.append([_same_shape(out, name) for out in (created.stdout, created.stderr, shown.stdout, shown.stderr)])
     assert outputs[0] == outputs[1]
-    stdout, stderr = outputs[0]
-    assert re.fullmatch(r"CREATED:NAME id=ID\nCODE:NAME CODE Ns\notpauth://totp/spt:NAME\?secret=SEED&issuer=spt\n"
-                        r"(QR\d+\n){10,}HOMED:homeless NAME\n", stdout), stdout
-    assert stderr == "Next: on the new machine, in an elevated terminal, run: spt subnet join NAME\n"
+    created_out, created_err, shown_out, shown_err = outputs[0]
+    code = r"CODE:NAME CODE Ns\notpauth://totp/spt:NAME\?secret=SEED&issuer=spt\n(QR\d+\n){10,}"
+    assert re.fullmatch(rf"CREATED:NAME id=ID\n{code}HOMED:homeless NAME\n", created_out), created_out
+    assert created_err == "Next: on the new machine, in an elevated terminal, run: spt subnet join NAME\n"
+    assert re.fullmatch(code, shown_out) and shown_err == "", shown_out
