@@ -108,7 +108,15 @@ def _dist_of(ep: EntryPoint | None, module: str) -> tuple[str, str]:
     dist = getattr(ep, "dist", None) if ep is not None else None
     if dist is not None:
         return str(dist.name), str(dist.version)
-    names = _packages_distributions().get(module.split(".")[0], [])
+    top = module.split(".")[0]
+    try:  # a distribution named as its package (spt, spt_filetransfer, …): one lookup
+        found = metadata.distribution(top)
+        if top in (found.read_text("top_level.txt") or top).split():
+            return str(found.metadata["Name"]), str(found.version)
+    except metadata.PackageNotFoundError:
+        pass
+    # else every installed distribution's file list is read (tens of ms at each daemon start)
+    names = _packages_distributions().get(top, [])
     if names:
         try:
             return names[0], metadata.version(names[0])
