@@ -306,57 +306,66 @@ class Messaging:
                 return
 
     async def _drain_batch(self) -> bool:
-        """One batch; True when something was forwarded and more may be due."""
-        now = time.time()
-        forwarded = False
-        held_back: set[NodeId] = set()  # nodes deferred in this batch: their later messages wait too
-        done: list[str] = []  # forwarded, removed from the spool together (one transaction)
-        try:
-            for msg in self.endpoints.pending_outgoing(limit=DRAIN_BATCH, due_before=now):
-                if await self._drain_one(msg, now, held_back):
-                    done.append(msg.msg_id)
-                    forwarded = True
-                    if len(done) >= FORWARDED_COMMIT:
-                        self.endpoints.mark_forwarded(*done)
-                        done.clear()
-        finally:
-            if done:
-                self.endpoints.mark_forwarded(*done)
-        return forwarded
+        """One batch of due messages; True when something was forwarded and more may be due.
 
-    async def _drain_one(self, msg: OutgoingMessage, now: float, held_back: set[NodeId]) -> bool:
-        """Try to forward one queued message; True when the target node took it (the caller
-        removes it from the spool). A node that fails is held back for the rest of the batch."""
-        if msg.node in held_back:
-            return False
-        sub = self.daemon.subnets.held.get(msg.subnet)
-        if sub is None or not sub.state().is_member(msg.node):
-            # §4.8: traffic for a node that left or was pruned is dropped, and the user told;
-            # it must never travel to a non-member over another subnet's connection.
-            self._drop(msg.msg_id, sub, "its node is no longer a member of the subnet")
-            return False
-        if not sub.attached or (
-            self.members.transport.connection(msg.node) is None and not await self.members.links.dial_addresses(msg.node)
-        ):
-            self.endpoints.defer_node(msg.node, now + IDLE_RECHECK)
-            held_back.add(msg.node)
-            return False
+        Each node's messages go in order, several per request (`msg.deliver_batch`), the nodes
+        side by side. A node that fails a message is deferred with the rest of its messages,
+        so they keep their order (§4.2 step 7)."""
+        now = time.time()
+        by_node: dict[NodeId, list[OutgoingMessage]] = {}
+        for msg in self.endpoints.pending_outgoing(limit=DRAIN_BATCH, due_before=now):
+            by_node.setdefault(msg.node, []).append(msg)
+        done: list[str] = []  # forwarded, removed from the spool together
         try:
-            await self._forward(msg.node, sub, msg.payload)
-        except Refusal as exc:
-            if exc.instance_token not in FINAL_REFUSALS:
-                self.endpoints.defer_node(msg.node, now + min(2.0 ** min(msg.attempts, 10), BACKOFF_MAX))
-                held_back.add(msg.node)
-                return False
-            self._drop(msg.msg_id, sub, exc.status_line())
-            return False
-        except (PeerError, TimeoutError, RemoteProtocolError, OSError) as exc:
-            # The whole node backs off, so its messages keep their order (§4.2 step 7).
-            self.endpoints.defer_node(msg.node, now + min(2.0 ** min(msg.attempts, 10), BACKOFF_MAX))
-            held_back.add(msg.node)
-            log.debug("queued message not forwarded yet", extra={"msg_id": msg.msg_id[:12], "reason": str(exc)})
-            return False
-        return True
+            await asyncio.gather(*(self._drain_node(node, msgs, now, done) for node, msgs in by_node.items()))
+        finally:
+            for first in range(0, len(done), FORWARDED_COMMIT):
+                self.endpoints.mark_forwarded(*done[first : first + FORWARDED_COMMIT])
+        return bool(done)
+
+    async def _drain_node(self, node: NodeId, msgs: list[OutgoingMessage], now: float, done: list[str]) -> None:
+        """Forward one node's due messages in order, in requests within the batch limits; stop
+        (deferring the node) at the first that did not go."""
+        ready: list[OutgoingMessage] = []
+        for msg in msgs:
+            sub = self.daemon.subnets.held.get(msg.subnet)
+            if sub is None or not sub.state().is_member(msg.node):
+                # §4.8: traffic for a node that left or was pruned is dropped, and the user told;
+                # it must never travel to a non-member over another subnet's connection.
+                self._drop(msg.msg_id, sub, "its node is no longer a member of the subnet")
+            elif not sub.attached:
+                self.endpoints.defer_node(node, now + IDLE_RECHECK)
+                return
+            else:
+                ready.append(msg)
+        if not ready:
+            return
+        if self.members.transport.connection(node) is None and not await self.members.links.dial_addresses(node):
+            self.endpoints.defer_node(node, now + IDLE_RECHECK)
+            return
+        while ready:
+            sub = self.daemon.subnets.held.get(ready[0].subnet)
+            if sub is None:
+                return  # left meanwhile: the next drain drops what it held
+            same = next((i for i, m in enumerate(ready) if m.subnet != sub.id), len(ready))
+            chunk = _within_limits(ready[:same])  # one request: one subnet, within the limits
+            ready = ready[len(chunk):]
+            outcomes = await asyncio.gather(*self._queue(node, sub, [m.payload for m in chunk]), return_exceptions=True)
+            failed: OutgoingMessage | None = None
+            for msg, outcome in zip(chunk, outcomes, strict=True):
+                if isinstance(outcome, str):
+                    done.append(msg.msg_id)  # durable there (a later copy is dropped by id)
+                elif isinstance(outcome, Refusal) and outcome.instance_token in FINAL_REFUSALS:
+                    self._drop(msg.msg_id, sub, outcome.status_line())
+                elif isinstance(outcome, PeerError | TimeoutError | RemoteProtocolError | OSError | Refusal):
+                    failed = failed or msg
+                    log.debug("queued message not forwarded yet", extra={"msg_id": msg.msg_id[:12], "reason": str(outcome)})
+                else:
+                    raise outcome
+            if failed is not None:
+                # The whole node backs off, so its messages keep their order (§4.2 step 7).
+                self.endpoints.defer_node(node, now + min(2.0 ** min(failed.attempts, 10), BACKOFF_MAX))
+                return
 
     def _drop(self, msg_id: str, sub: HeldSubnet | None, why: str) -> None:
         log.warning("queued message dropped", extra={"msg_id": msg_id[:12], "reason": why})
@@ -597,6 +606,16 @@ class Messaging:
     def presence_of(self, sub: HeldSubnet, node: NodeId) -> Presence | None:
         view = self.views.get(sub.id)
         return view.presence(node) if view is not None else None
+
+
+def _within_limits(msgs: list[OutgoingMessage]) -> list[OutgoingMessage]:
+    """The longest head of `msgs` one request may carry (at least one message)."""
+    size = 0
+    for count, msg in enumerate(msgs):
+        size += batch_wire.body_bytes(msg.payload)
+        if count and (count >= batch_wire.MAX_BATCH or size > batch_wire.MAX_BATCH_BYTES):
+            return msgs[:count]
+    return msgs
 
 
 def _refusal(exc: RequestError, payload: Mapping[str, Any]) -> Exception:

@@ -14,7 +14,8 @@ from spt.core.errors import SptError
 from spt.core.identity import NodeId, NodeKey
 from spt.core.net.transport import AllowKeys, RequestError, Transport
 from spt.core.proto.deliver import BATCH_TYPE, MAX_BATCH
-from spt.testing.traffic import drain, listed
+from spt.testing.nodes import DEFAULT_CONFIG
+from spt.testing.traffic import check_stream, drain, listed
 from spt.testing.wait import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.root]  # creates subnets (elevated)
@@ -109,3 +110,20 @@ def test_a_peers_batch_is_answered_per_message_and_a_copy_or_a_bad_batch_spools_
     assert stranger[0] == "NOT_HERE"  # a subnet beta does not hold
     assert [r.body for r in drain(beta, "sink")] == ["p0", "p1", "p5"]  # nothing of the refused batches
     assert beta.proc is not None and beta.proc.poll() is None
+
+
+def test_a_backlog_queued_while_the_target_was_down_drains_in_batches_in_order_once(spt_nodes):
+    """300 messages queued on alpha while beta is down (in the outgoing spool) go, once beta is
+    back, several per request and in order; each lands once, and alpha's spool empties."""
+    alpha, beta = spt_nodes.subnet(["alpha", "beta"], config=DEFAULT_CONFIG + "\n[timing]\npresence_interval = 1.0\n")
+    beta.cli("ready", "sink", "--once", "--timeout", "0.1", check=True)
+    wait_for(lambda: listed(alpha, "sink"), 15, "sink's row on alpha")
+    beta.stop()
+    for first in range(0, 300, 100):
+        messages = [{"address": "sink@beta", "body": f"q{i:05d}", "id": os.urandom(16).hex()}
+                    for i in range(first, first + 100)]
+        assert set(_tokens(alpha.ipc("msg.send_many", {"from": "alice", "messages": messages}))) == {"QUEUED"}
+    beta.start()
+    wait_for(lambda: not [c for c in alpha.json("doctor")["checks"] if c["name"] == "outgoing-spool"], 60,
+             "alpha's outgoing spool to drain")
+    check_stream([r.body for r in drain(beta, "sink")], "q", range(300))
