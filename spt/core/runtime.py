@@ -41,6 +41,10 @@ class Runtime:
         return self._daemon.label
 
     @property
+    def port(self) -> int:
+        return self._daemon.port
+
+    @property
     def state_dir(self) -> Path:
         return self._daemon.paths.root
 

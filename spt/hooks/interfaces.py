@@ -401,6 +401,12 @@ class NodeRuntime(Protocol):
     def label(self) -> str: ...
 
     @property
+    def port(self) -> int:
+        """The UDP port the node's QUIC socket is bound to (a peer that sees another port
+        knows a NAT between them changes ports)."""
+        ...
+
+    @property
     def state_dir(self) -> Path:
         """The node's state folder; a plugin keeps its files in a sub-folder named after it."""
         ...

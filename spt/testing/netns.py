@@ -20,8 +20,10 @@ Topologies (addresses are per namespace, so two labs never collide):
   NAT kinds: ``"eim"`` is ``MASQUERADE`` (endpoint-independent mapping, port preserved when
   free; the filtering is conntrack's, i.e. address-and-port dependent) and ``"symmetric"`` is
   ``MASQUERADE --random-fully`` (a fresh random port for every destination). Unsolicited
-  traffic from the core is never forwarded into a LAN. Call `lab.flush_conntrack()` between
-  trials.
+  traffic from the core is never forwarded into a LAN; what is addressed to a router itself is
+  answered by its own stack (a TCP reset, ICMP port unreachable) unless
+  `two_nats(drop_unsolicited=True)`, which drops it as most home routers do. Call
+  `lab.flush_conntrack()` between trials.
 - `lab.add_host(lan)` adds one more host to any LAN of the lab; `lab.move_host(host, lan)`
   carries a host to another LAN (new address and default route; its processes keep running).
 
@@ -543,8 +545,13 @@ class Lab:
         return addr
 
     def two_nats(self, kind_a: NatKind = "eim", kind_b: NatKind = "eim", *,
-                 hosts_per_lan: int = 1) -> TwoNats:
-        """Build two NATed home LANs, a routed core and a relay host on it (see module doc)."""
+                 hosts_per_lan: int = 1, drop_unsolicited: bool = False) -> TwoNats:
+        """Build two NATed home LANs, a routed core and a relay host on it (see module doc).
+
+        `drop_unsolicited`: the NAT routers silently drop what arrives from the core for
+        themselves and matches no mapping, as most home routers do, instead of answering from
+        their own stack (a TCP reset for a SYN to an unmapped port, which aborts a TCP
+        simultaneous open: docs/design/tcp-simultaneous-open.md)."""
         self._check_open()
         if self.topology is not None:
             raise LabError("two_nats() already built in this lab")
@@ -594,6 +601,10 @@ class Lab:
                 ":FORWARD DROP [0:0]",
                 "-A FORWARD -i lan -o wan -j ACCEPT",
                 "-A FORWARD -i wan -o lan -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
+                *([
+                    "-A INPUT -i wan -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
+                    "-A INPUT -i wan -j DROP",
+                ] if drop_unsolicited else []),
                 "COMMIT",
                 "",
             ])

@@ -377,6 +377,20 @@ def deliver_batch(data: bytes) -> None:
             assert len(decode_results(value, expected)) == expected
 
 
+def file_punch_offer(data: bytes) -> None:
+    """A sender's file.punch body (its ports and where it sees us), and a file.open `seen`."""
+    from spt_filetransfer.datapaths import _seen_port, read_punch_offer
+
+    value = as_value(data)
+    seen = _seen_port(value.get("seen") if isinstance(value, dict) else value)
+    assert seen is None or 0 < seen < 65536
+    try:
+        offer = read_punch_offer(value)
+    except SptError:
+        return
+    assert 0 < offer.port < 65536 and 0 < offer.udp_port < 65536 and offer.seen_port == seen
+
+
 TARGETS: dict[str, Target] = {
     "frames_stream": frames_stream,
     "frame_payload": frame_payload,
@@ -385,6 +399,7 @@ TARGETS: dict[str, Target] = {
     "envelope_lines": envelope_lines,
     "file_manifest": file_manifest,
     "file_channel": file_channel,
+    "file_punch_offer": file_punch_offer,
     "relay_datagram_node": relay_datagram_node,
     "relay_datagram_server": relay_datagram_server,
     "relay_control": relay_control,
@@ -412,6 +427,8 @@ def _seeds() -> dict[str, list[bytes]]:
         "envelope_lines": [b'<EVENT type="msg" from="a@b" k="v">hi &lt;there&gt;</EVENT>\n'],
         "file_manifest": [enc({"name": "f", "files": [["a/b", 3, bytes(32), bytes(32)]]})],
         "file_channel": [b"SPTF\x01" + bytes(32) + struct.pack(">III", 32, 0, 0) + bytes(32)],
+        "file_punch_offer": [enc({"tid": "ab" * 16, "subnet": "home", "port": 40000, "udp_port": 47470,
+                                  "seen": "203.0.113.7:47470"}), enc({"seen": "x:\u00b2"})],
         "relay_datagram_node": [bytes((0x02,)) + bytes(32) + b"\xc0" * 40, bytes((0x03, 1)), bytes((0x07,)) + bytes(14)],
         "relay_datagram_server": [bytes((0x01,)) + bytes(48) + b"\xc0" * 40],
         "relay_control": [enc({"port": 1, "proof": bytes(32)}), enc({"tags": [bytes(16)], "port": 2}), enc({"tag": bytes(16)})],

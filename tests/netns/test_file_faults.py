@@ -124,5 +124,9 @@ def test_a_file_over_a_relayed_path_shows_the_relay_no_plaintext(netns_lab, tmp_
         tid = sent.stdout.strip().split(":", 1)[1]
         landed = b.home / "endpoints" / "bob" / "inbox" / tid / "marked.bin"
         assert landed.read_bytes() == src.read_bytes()
+        # no direct TCP through a symmetric NAT: the simultaneous open is not even tried (the
+        # member connection is relayed), and with no relay transit the chunks took QUIC
+        assert a.json("file", "status", tid)["transfers"][0]["path"] == "quic"
+        assert "no TCP simultaneous open: the member connection is relayed" in a.log()
     finally:
         rl.close()

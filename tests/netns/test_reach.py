@@ -39,9 +39,11 @@ RELAY_PORT = 47471
 class ReachLab:
     """Two NATed LANs, a relay on the core, and nodes started in them."""
 
-    def __init__(self, lab: Lab, kind_a: str = "eim", kind_b: str = "eim", *, hosts_per_lan: int = 1) -> None:
+    def __init__(self, lab: Lab, kind_a: str = "eim", kind_b: str = "eim", *, hosts_per_lan: int = 1,
+                 drop_unsolicited: bool = False) -> None:
         self.lab = lab
-        self.topo = lab.two_nats(kind_a, kind_b, hosts_per_lan=hosts_per_lan)  # type: ignore[arg-type]
+        self.topo = lab.two_nats(kind_a, kind_b, hosts_per_lan=hosts_per_lan,  # type: ignore[arg-type]
+                                 drop_unsolicited=drop_unsolicited)
         self.root = Path(tempfile.mkdtemp(prefix="spt-reach-"))
         self.nodes: list[LabNode] = []
         self.relay_proc: subprocess.Popen[str] | None = None
@@ -127,8 +129,9 @@ class ReachLab:
 def reach(netns_lab: Callable[..., Lab]) -> Iterator[Callable[..., ReachLab]]:
     made: list[ReachLab] = []
 
-    def make(kind_a: str = "eim", kind_b: str = "eim", *, hosts_per_lan: int = 1) -> ReachLab:
-        rl = ReachLab(netns_lab(), kind_a, kind_b, hosts_per_lan=hosts_per_lan)
+    def make(kind_a: str = "eim", kind_b: str = "eim", *, hosts_per_lan: int = 1,
+             drop_unsolicited: bool = False) -> ReachLab:
+        rl = ReachLab(netns_lab(), kind_a, kind_b, hosts_per_lan=hosts_per_lan, drop_unsolicited=drop_unsolicited)
         made.append(rl)
         return rl
 

@@ -7,15 +7,13 @@ The exchange (SPEC.md §8.5), all control over the pinned member connection:
    checks, in order: perch visible in the subnet; size, concurrency, inbox quota and free space;
    path safety. It answers with the verified-chunk bitmaps (empty at first), or a refusal.
    Offers are idempotent, which is how every resume starts.
-2. `file.open` picks the data path. The receiver opens (once) a TCP listener on the address its
-   QUIC socket is bound to and hands over a fresh per-open key; the sender connects to the host
-   it reaches the receiver's QUIC socket at. A keyed handshake that completes within
-   `TCP_PROBE_SECONDS` selects TCP (measured ~20× faster than the QUIC path here, bench/files.py);
-   Without a direct TCP path the sender tries a bulk transit (a relay's TCP listener, through the
-   `BulkTransit` hook): it asks the relay for two tickets, hands the receiver its ticket in
-   `file.transit`, and both run the same keyed handshake and frames through the relay, which
-   holds no key (docs/design/relay-tcp.md). Otherwise, or with `SPT_FILE_DATA_PATH=quic`, chunks
-   travel as `file.chunk` requests.
+2. `file.open` opens the data path. The receiver opens (once) a TCP listener on the address its
+   QUIC socket is bound to and hands over a fresh per-open key. The sender then tries, in order,
+   the receiver's listener, a TCP simultaneous open through both NATs (`file.punch`) and a bulk
+   transit through a relay (`file.transit`); the first TCP connection that completes the keyed
+   handshake carries the data (`datapaths.py` says how, and what a failed try costs). TCP is
+   measured ~20× faster than the QUIC path here (bench/files.py). Without one, or with
+   `SPT_FILE_DATA_PATH=quic`, chunks travel as `file.chunk` requests.
 3. After each round of chunks, `file.need` returns what is verified; missing or bad chunks are
    sent again, at most `MAX_BAD_ROUNDS` rounds in a row without progress.
 4. `file.cancel` tells the other side that a transfer was cancelled.
@@ -24,8 +22,9 @@ Sending is durable: a transfer is recorded before FILE_QUEUED is answered, and a
 per transfer retries with bounded backoff until it completes, is refused, fails or is
 cancelled, across restarts of either daemon.
 
-Test and benchmark knobs (environment of the sending daemon): `SPT_FILE_DATA_PATH`
-(`auto`, `tcp`, `transit` (skip the direct TCP path), `quic`) and `SPT_FILE_MAX_RATE` (bytes per second, 0 for no cap).
+Test and benchmark knobs (environment of the sending daemon): `SPT_FILE_DATA_PATH` (`auto`,
+`tcp`, `punched`, `transit`, `quic`: datapaths.py) and `SPT_FILE_MAX_RATE` (bytes per second, 0
+for no cap).
 """
 
 from __future__ import annotations
@@ -35,7 +34,6 @@ import collections
 import contextlib
 import errno
 import functools
-import ipaddress
 import json
 import logging
 import os
@@ -47,7 +45,6 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, overload
 
@@ -61,6 +58,7 @@ from spt.core.proto.resolve import LocalTarget, RemoteTarget
 from spt.core.types import check_endpoint_id
 from spt.hooks import NodeRuntime
 from spt_filetransfer import channel
+from spt_filetransfer.datapaths import DATA_PATHS, MAX_DATA_CONNECTIONS, TCP_PROBE_SECONDS, DataPaths, TcpPath
 from spt_filetransfer.db import ACTIVE_STATES, FINAL_STATES, DiskFullError, TransferDb, TransferFailedError
 from spt_filetransfer.inbox import (
     Incoming,
@@ -70,6 +68,7 @@ from spt_filetransfer.inbox import (
 )
 from spt_filetransfer.manifest import CHUNK, Manifest, manifest_problem
 from spt_filetransfer.scan import scan
+from spt_filetransfer.wire import as_map, check_tid
 
 __all__ = ["FileService"]
 
@@ -86,7 +85,6 @@ RETRY_TIMEOUT: Final = 3.0  # after a failure the old connection may be dead: as
 CHUNK_TIMEOUT: Final = 60.0
 DIAL_TIMEOUT: Final = 10.0
 FIRST_OFFER_WAIT: Final = 5.0  # then FILE_QUEUED: the driver keeps trying in the background
-TCP_PROBE_SECONDS: Final = 3.0
 TCP_IO_TIMEOUT: Final = 60.0
 WRITE_QUEUE: Final = 4  # verified chunks waiting for the writer thread
 WRITE_BATCH: Final = 4  # chunks the writer takes off the queue for one write
@@ -100,7 +98,6 @@ KEEP_FINISHED_SECONDS: Final = 30 * 24 * 3600.0
 LIST_FINISHED_SECONDS: Final = 7 * 24 * 3600.0
 STATUS_FINISHED_SECONDS: Final = 3600.0
 TICK: Final = 0.5
-MAX_DATA_CONNECTIONS: Final = 32
 
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder().decode
@@ -132,16 +129,6 @@ def _iso(t: float | None) -> str | None:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
-def _map(body: Any, what: str) -> Mapping[str, Any]:
-    if not isinstance(body, dict):
-        raise RemoteProtocolError(what, f"a {what} body is a map")
-    return body
-
-
-def _tid(value: Any) -> str:
-    if not isinstance(value, str) or len(value) != 32 or not all(ch in "0123456789abcdef" for ch in value):
-        raise RemoteProtocolError("tid", "a transfer id is 32 lowercase hex characters")
-    return value
 
 
 def _str(body: Mapping[str, Any], key: str, *, optional: bool = False) -> str | None:
@@ -177,7 +164,7 @@ def _env_rate() -> int:
 
 def _env_path() -> str:
     value = os.environ.get("SPT_FILE_DATA_PATH", "auto").lower()
-    return value if value in ("auto", "tcp", "transit", "quic") else "auto"
+    return value if value in DATA_PATHS else "auto"
 
 
 class _Pacer:
@@ -303,14 +290,6 @@ class Outgoing:
             self.task.cancel()
 
 
-@dataclass
-class _TcpPath:
-    sock: socket.socket
-    tx: channel.Sender
-    rx: channel.Receiver
-    kind: str = "tcp"  # "tcp" (direct) or "transit" (through a relay's TCP listener)
-
-
 # --- the service -----------------------------------------------------------------------------
 
 
@@ -327,6 +306,7 @@ class FileService:
         self.inbox_quota = int(cfg.get("inbox_quota_bytes", DEFAULT_INBOX_QUOTA))
         self.bind = str(runtime.config_section("net").get("bind", "0.0.0.0"))
         self.data_path = _env_path()
+        self.paths = DataPaths(self)
         self.max_rate = _env_rate()
         self.executor = ThreadPoolExecutor(max_workers=24, thread_name_prefix="spt-file")
         self.outgoing: dict[str, Outgoing] = {}
@@ -356,7 +336,8 @@ class FileService:
         rt.add_member_request("file.chunk", self.req_chunk)
         rt.add_member_request("file.need", self.req_need)
         rt.add_member_request("file.cancel", self.req_cancel)
-        rt.add_member_request("file.transit", self.req_transit)
+        rt.add_member_request("file.transit", self.paths.req_transit)
+        rt.add_member_request("file.punch", self.paths.req_punch)
         self._spawn(self._resume(), "resume transfers")
         self._spawn(self._ticker(), "transfer meters")
 
@@ -731,7 +712,7 @@ class FileService:
 
         Raises _Cancelled / _Fatal when the receiver ended the transfer; returns [] when complete.
         """
-        status = _map(body, "file status")
+        status = as_map(body, "file status")
         state = status.get("state")
         out.remote_state = str(state)
         if state == "cancelled":
@@ -799,16 +780,14 @@ class FileService:
         if out.remote_state == "complete":
             self._set_out(out, "complete")
             return
-        path: _TcpPath | None = None
+        path: TcpPath | None = None
         try:
-            opened = await self._request(conn, "file.open", {"tid": out.tid, "subnet": out.row["subnet"], "tcp": self.data_path != "quic"})
+            opened = await self._request(conn, "file.open", {
+                "tid": out.tid, "subnet": out.row["subnet"], "tcp": self.data_path != "quic",
+                "seen": f"{conn.remote_addr[0]}:{conn.remote_addr[1]}",
+            })
             needed = self._status(out, opened)
-            port, key = opened.get("port"), opened.get("key")
-            if self.data_path != "quic" and isinstance(key, bytes):
-                if self.data_path != "transit" and isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536:
-                    path = await self._connect_tcp(conn, out, port, key)
-                if path is None:
-                    path = await self._connect_transit(conn, out, key)
+            path = await self.paths.connect(conn, out, opened)
             kind = path.kind if path is not None else "quic"
             idle_rounds = 0
             rounds = 0
@@ -842,52 +821,7 @@ class FileService:
                     path.sock.close()
                 out.sock = None
 
-    async def _connect_tcp(self, conn: Any, out: Outgoing, port: int, key: bytes) -> _TcpPath | None:
-        host = str(conn.remote_addr[0])
-        if ipaddress.ip_address(host).is_reserved:
-            return None  # a relayed peer's placeholder address (240.0.0.0/5): no direct TCP path
-        try:
-            path = await asyncio.wait_for(
-                self.loop.run_in_executor(self.executor, _tcp_handshake, host, port, bytes.fromhex(out.tid), key),
-                TCP_PROBE_SECONDS + 1,
-            )
-        except (OSError, TimeoutError, SptError) as exc:
-            if self.data_path == "tcp":
-                raise
-            log.info("no direct TCP path; chunks go over QUIC", extra={"tid": out.tid, "host": host, "reason": str(exc)})
-            return None
-        out.sock = path.sock
-        return path
-
-    async def _connect_transit(self, conn: Any, out: Outgoing, key: bytes) -> _TcpPath | None:
-        """The keyed data connection through a bulk transit (a relay's TCP listener), or None."""
-        for transit in self.rt.bulk_transits():
-            try:
-                offered = await transit.offer(self.rt, out.node)
-                if offered is None:
-                    continue
-                invitation, join_ours = offered
-                await self._request(
-                    conn, "file.transit", {"tid": out.tid, "subnet": out.row["subnet"], "via": transit.name, "invitation": dict(invitation)}
-                )
-                sock = await self.loop.run_in_executor(self.executor, join_ours)
-                try:
-                    path = await asyncio.wait_for(
-                        self.loop.run_in_executor(self.executor, _handshake_on, sock, bytes.fromhex(out.tid), key),
-                        TCP_PROBE_SECONDS + 5,
-                    )
-                except BaseException:
-                    sock.close()
-                    raise
-            except (OSError, TimeoutError, SptError) as exc:
-                log.info("no bulk transit; chunks go over QUIC", extra={"tid": out.tid, "via": transit.name, "reason": str(exc)})
-                continue
-            path.kind = "transit"
-            out.sock = path.sock
-            return path
-        return None
-
-    def _tcp_round(self, out: Outgoing, path: _TcpPath, needed: Sequence[tuple[int, int]], *, check: bool) -> None:
+    def _tcp_round(self, out: Outgoing, path: TcpPath, needed: Sequence[tuple[int, int]], *, check: bool) -> None:
         """Send `needed` chunks over the TCP path, then wait for the receiver's END_ACK (blocking).
 
         `check`: hash each chunk before sending it (rounds that resend what the receiver refused).
@@ -1008,8 +942,8 @@ class FileService:
         return {"state": row["state"], "bitmaps": []}
 
     async def req_offer(self, conn: Any, frame: Any) -> tuple[str, Any]:
-        body = _map(frame.body, "file.offer")
-        tid = _tid(body.get("tid"))
+        body = as_map(frame.body, "file.offer")
+        tid = check_tid(body.get("tid"))
         subnet = _str(body, "subnet") or ""
         to = _str(body, "to") or ""
         sender = _str(body, "from", optional=True)
@@ -1157,8 +1091,8 @@ class FileService:
         return inc
 
     async def req_open(self, conn: Any, frame: Any) -> tuple[str, Any]:
-        body = _map(frame.body, "file.open")
-        tid = _tid(body.get("tid"))
+        body = as_map(frame.body, "file.open")
+        tid = check_tid(body.get("tid"))
         row = self._peer_row(conn, body, tid, "in")
         if row is None:
             raise Refusal("FILE_UNKNOWN", tid, "no such incoming transfer from this node")
@@ -1171,44 +1105,15 @@ class FileService:
             with self._lock:
                 self.sessions[tid] = (key, time.monotonic() + SESSION_SECONDS)
             reply.update(key=key)
-            if port is not None:
+            # behind a NAT (the sender reaches us at an address we do not have) the listener's
+            # port is closed to it: the sender goes straight to a simultaneous open
+            if port is not None and self.paths.listener_reachable(body.get("seen"), str(conn.remote_addr[0])):
                 reply.update(port=port)
         return "file.status", reply
 
-    async def req_transit(self, conn: Any, frame: Any) -> tuple[str, Any]:
-        """The sender invites us to a bulk transit: join it on a thread and serve the data there."""
-        body = _map(frame.body, "file.transit")
-        tid = _tid(body.get("tid"))
-        self._incoming_for(conn, body, tid)  # an active transfer from this very peer, in the named subnet
-        with self._lock:
-            session = self.sessions.get(tid)
-        if session is None or session[1] < time.monotonic():
-            raise Refusal("FILE_UNKNOWN", tid, "no open data session for this transfer (file.open first)")
-        via, invitation = body.get("via"), body.get("invitation")
-        transit = next((t for t in self.rt.bulk_transits() if t.name == via), None)
-        if transit is None or not isinstance(invitation, dict):
-            raise Refusal("NO_TRANSIT", str(via), "this node has no such bulk transit")
-        with self._lock:
-            if len(self.data_socks) >= MAX_DATA_CONNECTIONS:
-                raise Refusal("FILE_BUSY", tid, "too many data connections")
-        peer = conn.peer
-
-        def run() -> None:
-            try:
-                sock = transit.join(self.rt, peer, invitation)
-            except (OSError, SptError) as exc:
-                log.info("bulk transit not joined", extra={"tid": tid, "via": via, "reason": str(exc)})
-                return
-            with self._lock:
-                self.data_socks.add(sock)
-            self._serve_data(sock, kind="transit")
-
-        threading.Thread(target=run, name="spt-file-transit", daemon=True).start()
-        return "ok", {"ok": True}
-
     async def req_chunk(self, conn: Any, frame: Any) -> tuple[str, Any]:
-        body = _map(frame.body, "file.chunk")
-        tid = _tid(body.get("tid"))
+        body = as_map(frame.body, "file.chunk")
+        tid = check_tid(body.get("tid"))
         f, c, data = body.get("f"), body.get("c"), body.get("d")
         if not isinstance(f, int) or not isinstance(c, int) or not isinstance(data, bytes):
             raise RemoteProtocolError("file.chunk", "a chunk is {tid, f, c, d: bytes}")
@@ -1225,8 +1130,8 @@ class FileService:
         return "ok", {"ok": ok}
 
     async def req_need(self, conn: Any, frame: Any) -> tuple[str, Any]:
-        body = _map(frame.body, "file.need")
-        tid = _tid(body.get("tid"))
+        body = as_map(frame.body, "file.need")
+        tid = check_tid(body.get("tid"))
         if self._peer_row(conn, body, tid, "in") is None:
             return "file.status", {"state": "unknown"}
         inc = self.incoming.get(tid)
@@ -1235,8 +1140,8 @@ class FileService:
         return "file.status", self._status_body(tid)
 
     async def req_cancel(self, conn: Any, frame: Any) -> tuple[str, Any]:
-        body = _map(frame.body, "file.cancel")
-        tid = _tid(body.get("tid"))
+        body = as_map(frame.body, "file.cancel")
+        tid = check_tid(body.get("tid"))
         for direction in ("in", "out"):
             row = self._peer_row(conn, body, tid, direction)
             if row is not None and row["state"] in ACTIVE_STATES:
@@ -1461,37 +1366,6 @@ class _ChunkWriter:
         """Let the queued chunks finish, then stop the thread."""
         self.queue.put(None)
         self.thread.join(timeout=30)
-
-
-def _tcp_handshake(host: str, port: int, raw_tid: bytes, key: bytes) -> _TcpPath:
-    """Connect and prove the key (blocking); raises OSError / ChannelError when the path fails."""
-    sock = socket.create_connection((host, port), timeout=TCP_PROBE_SECONDS)
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except BaseException:
-        sock.close()
-        raise
-    return _handshake_on(sock, raw_tid, key)
-
-
-def _handshake_on(sock: socket.socket, raw_tid: bytes, key: bytes) -> _TcpPath:
-    """Prove the key on a connected socket (blocking); closes it and raises when that fails."""
-    try:
-        sock.settimeout(TCP_PROBE_SECONDS)
-        client_salt = os.urandom(channel.SALT)
-        sock.sendall(channel.client_header(raw_tid, client_salt))
-        server_salt = bytearray(channel.SALT)
-        channel.recv_exact(sock, memoryview(server_salt))
-        c2s, s2c = channel.derive_keys(key, raw_tid, client_salt, bytes(server_salt))
-        tx, rx = channel.Sender(c2s, channel.C2S), channel.Receiver(s2c, channel.S2C)
-        tx.send(sock, channel.CONTROL, channel.HELLO)
-        f, c, _ = rx.recv(sock)
-        if f != channel.CONTROL or c != channel.OK:
-            raise channel.ChannelError("hello", "the receiver did not confirm the data connection")
-        return _TcpPath(sock, tx, rx)
-    except BaseException:
-        sock.close()
-        raise
 
 
 def _inbox_usage(inbox: Path, *, skip: set[str]) -> int:
