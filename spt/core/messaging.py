@@ -44,7 +44,7 @@ from spt.core.proto.registry import (
     sign_row,
     sign_tombstone,
 )
-from spt.core.proto.resolve import RemoteTarget, Row, Snapshot, shortest_from_form
+from spt.core.proto.resolve import RemoteTarget, Row, shortest_from_form
 from spt.core.spool import OutgoingMessage
 from spt.core.subnets import HeldSubnet
 from spt.hooks import IncomingPayload
@@ -86,7 +86,6 @@ class _Outbox:
 
     waiting: list[_Outgoing] = dataclasses.field(default_factory=list)
     in_flight: int = 0
-    pump_scheduled: bool = False
 
 
 class Messaging:
@@ -140,16 +139,12 @@ class Messaging:
             future: asyncio.Future[str] = loop.create_future()
             box.waiting.append(_Outgoing(payload, future, group, batch_wire.body_bytes(payload)))
             futures.append(future)
-        if not box.pump_scheduled:
-            # at the loop's next turn, so that messages queued in this one go in one request
-            box.pump_scheduled = True
-            loop.call_soon(self._pump, node, sub, box)
+        self._pump(node, sub, box)  # a free slot takes them now; else they wait for one, and go together
         return futures
 
     def _pump(self, node: NodeId, sub: HeldSubnet, box: _Outbox) -> None:
         """Start requests for waiting messages while a slot is free: each takes what waits, up
         to the batch limits, cut only between groups."""
-        box.pump_scheduled = False
         while box.waiting and box.in_flight < IN_FLIGHT:
             take, size = 0, 0
             while take < len(box.waiting):
@@ -246,7 +241,9 @@ class Messaging:
     async def _handle_deliver(self, conn: Connection, frame: Frame) -> tuple[str, Any]:
         body = body_map(frame.body)
         sub = self.members.require_member(conn, body.get("subnet"))
-        token = await self._deliver_here(conn, sub, body_map(body.get("payload")), self.endpoints.snapshot())
+        payload = body_map(body.get("payload"))
+        from_form = shortest_from_form(str(payload.get("from", "")), conn.peer, self.endpoints.snapshot(), via_subnet=sub.name)
+        token = await self._deliver_here(conn, sub, payload, from_form)
         return "msg.result", {"token": token}
 
     async def _handle_deliver_batch(self, conn: Connection, frame: Frame) -> tuple[str, Any]:
@@ -256,10 +253,16 @@ class Messaging:
         sub = self.members.require_member(conn, body.get("subnet"))
         payloads = batch_wire.decode_batch(body)
         snapshot = self.endpoints.snapshot()
+        forms: dict[str, str] = {}  # a batch's messages mostly share their sender
+        for payload in payloads:
+            sender = str(payload.get("from", ""))
+            if sender not in forms:
+                forms[sender] = shortest_from_form(sender, conn.peer, snapshot, via_subnet=sub.name)
         # tasks start in order, and each queues its spool write before its first wait: the
         # writes keep the batch's order and go into one transaction
         outcomes = await asyncio.gather(
-            *(self._deliver_here(conn, sub, p, snapshot) for p in payloads), return_exceptions=True
+            *(self._deliver_here(conn, sub, p, forms[str(p.get("from", ""))]) for p in payloads),
+            return_exceptions=True,
         )
         results: list[dict[str, Any]] = []
         for outcome in outcomes:
@@ -272,15 +275,11 @@ class Messaging:
                 results.append({"token": outcome})
         return batch_wire.RESULTS_TYPE, {"results": results}
 
-    async def _deliver_here(
-        self, conn: Connection, sub: HeldSubnet, payload: Mapping[str, Any], snapshot: Snapshot
-    ) -> str:
+    async def _deliver_here(self, conn: Connection, sub: HeldSubnet, payload: Mapping[str, Any], from_form: str) -> str:
         # Messages are the `send` and `ring` payload types: their plugins handle them (a node
         # that lacks one refuses it by name), after the payload policy hook.
         attrs = payload.get("attrs") or []
         kind = "ring" if ["ring", "1"] in [list(a) for a in attrs if isinstance(a, list | tuple)] else "send"
-        sender_id = str(payload.get("from", ""))
-        from_form = shortest_from_form(sender_id, conn.peer, snapshot, via_subnet=sub.name)
         incoming = IncomingPayload(kind, conn.peer, sub.name, str(payload.get("to", "")), from_form, payload)
         reply = await self.daemon.payloads.handle(incoming)
         return str(reply.get("token"))
