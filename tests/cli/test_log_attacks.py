@@ -301,3 +301,102 @@ def test_failed_join_records_reach_a_member_that_joins_later(spt_nodes):
     wait_for(lambda: sub_doc(b)["joins"]["failed_last_hour"] == 2, WAIT, "beta to count the earlier failures")
     assert "joins-failed-1h=2" in b.cli("subnet", "status", check=True).stdout
     truthful(b)
+
+
+# -- a member filling the log ---------------------------------------------------------------------
+
+
+async def push_as_member(key: NodeKey, target, subnet_id: bytes, batches: list[list[Entry]]) -> list[str]:
+    """Push each batch of entries to `target` with `log.push` as `key` (a member's key, from a
+    fresh socket on the member ALPN); each answer's type or error code."""
+    from spt.core.net.transport import ALPN_MEMBER
+
+    host, port = target.address.rsplit(":", 1)
+    transport = Transport(key, host="127.0.0.1", port=0, accept=AllowKeys())
+    await transport.start()
+    answers = []
+    try:
+        conn = await transport.connect(NodeId.from_hex(target.key), [(host, int(port))], alpn=ALPN_MEMBER, timeout=5)
+        for batch in batches:
+            try:
+                reply = await conn.request("log.push", {"subnet": subnet_id.hex(), "entries": [e.to_dict() for e in batch]}, timeout=120)
+                answers.append(reply.type)
+            except RequestError as exc:
+                answers.append(f"error {exc.code}")
+    finally:
+        await transport.close()
+    return answers
+
+
+def test_a_member_stores_no_more_than_its_budget_however_it_shapes_its_entries(trio):
+    """gamma, a member, crafts entries that counted against nobody's cap and pushes them to alpha
+    over its own member connection: rotations, a chain signed by throw-away keys with its own
+    entry on top, a sybil rekeyed again and again, and prunes of a key already gone (its own label
+    chain past its cap: in memory, tests/core/proto/test_membership.py). Whatever the shape, everything alpha stores on gamma's account fits gamma's
+    budget (docs/design/membership-validity.md), and the others' prunes and labels still get in."""
+    from spt.core.proto.membership import (
+        MAX_ENTRIES_PER_AUTHOR,
+        MAX_ESSENTIAL_PER_AUTHOR,
+        countersign_rekey,
+        make_seed_rotate,
+        propose_rekey,
+    )
+
+    a, b, c, _ = trio
+    log = stored_log(a)
+    mallory, _ = load_or_create_key(c.home / "node.key")
+    c.stop()  # gamma's own daemon would answer for it: the attacker speaks with its key alone
+    clock, wall = Hlc(mallory.node_id), [10**12]
+
+    def hlc():
+        wall[0] += 1
+        return clock.now(wall[0])
+
+    def chain(n, make, parents):
+        out = []
+        for i in range(n):
+            out.append(make(i, parents))
+            parents = [out[-1].hash]
+        return out
+
+    over_essential, over_ordinary = MAX_ESSENTIAL_PER_AUTHOR + 40, MAX_ENTRIES_PER_AUTHOR + 60
+    heads = list(log.valid_heads())
+    rotations = chain(over_essential, lambda i, ps: make_seed_rotate(
+        mallory, parents=ps, epoch=i + 1, commitment=os.urandom(32), hlc=hlc()), heads)
+    strangers = []
+    for i in range(over_ordinary):  # each link signed by a key nobody admitted
+        k = NodeKey.generate()
+        strangers.append(make_label(k, parents=[strangers[-1].hash] if strangers else heads, label=f"s{i}",
+                                    hlc=Hlc(k.node_id).now(wall[0] + i)))
+    on_top = make_label(mallory, parents=[strangers[-1].hash], label="top", hlc=hlc())
+    sybil = NodeKey.generate()
+    admit = countersign_join(propose_join(mallory, parents=heads, joiner=sybil.node_id, label="sybil", epoch=0, hlc=hlc()), sybil)
+    rekeys, old = [], sybil
+    for _ in range(over_essential):
+        new = NodeKey.generate()
+        rekeys.append(countersign_rekey(propose_rekey(
+            mallory, parents=[(rekeys[-1] if rekeys else admit).hash], old=old.node_id, new=new.node_id, hlc=hlc()), new))
+        old = new
+    reprunes = chain(over_essential, lambda i, ps: make_prune(
+        mallory, parents=ps, target=sybil.node_id, reason=f"again {i}", hlc=hlc()), [rekeys[0].hash])
+    batches = [rotations, [*strangers, on_top], [admit, *rekeys], reprunes]
+    answers = asyncio.run(push_as_member(mallory, a, log.subnet_id, batches))
+    assert answers == ["ok"] * len(batches), answers
+
+    stored = stored_log(a)
+    honest = {NodeId.from_hex(a.key), NodeId.from_hex(b.key)}
+    # everything alpha stored that alpha and beta did not sign is charged to gamma (before the
+    # fix: 1,974 entries, on nobody's account or past every cap)
+    mine = [e for e in stored.entries() if e.author not in honest]  # gamma's, its sybils', strangers'
+    assert len(mine) <= MAX_ENTRIES_PER_AUTHOR + MAX_ESSENTIAL_PER_AUTHOR, len(mine)
+    ordinary, essential = stored.spent(mallory.node_id)
+    assert ordinary <= MAX_ENTRIES_PER_AUTHOR and essential <= MAX_ESSENTIAL_PER_AUTHOR
+    truthful(a)
+
+    # the others are not locked out: beta prunes gamma (with its rotation), alpha relabels
+    pruned = b.cli("subnet", "prune", mallory.node_id.hex[:12], "--yes")  # its label is "top" now
+    assert pruned.returncode == 0, pruned.stderr
+    wait_for(lambda: stored_log(a).state().standing(mallory.node_id) == "pruned", WAIT, "alpha to hold gamma's prune")
+    relabel = a.cli("node", "label", "set", "alpha2")
+    assert relabel.returncode == 0, relabel.stderr
+    wait_for(lambda: "alpha2" in members(b), WAIT, "beta to see alpha's new label")

@@ -20,6 +20,18 @@ def test_the_per_user_data_folder_is_platformdirs_one(monkeypatch, tmp_path, xdg
     assert user_data_dir() == platformdirs.user_data_dir("spt", appauthor=False)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the XDG rule is written out for Linux only")
+@pytest.mark.parametrize("xdg", ["relative/data", "~/data", "./data"])
+def test_a_relative_xdg_data_home_is_ignored(monkeypatch, tmp_path, xdg):
+    """The XDG spec: a relative XDG_DATA_HOME is invalid and ignored (`~` is not expanded, so
+    `~/data` is relative too); the default `~/.local/share` is used, silently."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_DATA_HOME", xdg)
+    assert user_data_dir() == str(tmp_path / ".local" / "share" / "spt")
+    assert state_root({"XDG_DATA_HOME": xdg, "HOME": str(tmp_path)}) == str(tmp_path / ".local" / "share" / "spt")
+
+
 def test_spt_home_wins_and_is_made_absolute(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     assert state_root({"SPT_HOME": "node"}) == str(tmp_path / "node")

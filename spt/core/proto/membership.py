@@ -13,10 +13,11 @@ What lives here (SPEC.md §6.1–6.2):
 Arrival and validity (the full rule and what it trades: docs/design/membership-validity.md):
 
 - Arrival. An entry whose signatures or shape are wrong is refused (RemoteProtocolError). A
-  verified entry is stored only when its author is a member here and it is valid once stored;
-  otherwise it is dropped: never stored, relayed or built on (a member's entry built on it,
-  however far above, brings it in, without effect). New local entries take `valid_heads()` as
-  parents.
+  verified entry is stored only when its author is a member here, it fits the budgets (every
+  stored entry is charged to one member; the last quarter of the log is kept for removals), and
+  it is valid once stored; otherwise it is dropped: never stored, relayed or built on (a
+  member's entry built on it, however far above, brings it in, without effect, on that member's
+  budget). New local entries take `valid_heads()` as parents.
 - Validity. An entry is valid when its author is a member in the state its own valid ancestors
   give and its type's rule holds there, and it is an ancestor of every valid removal (prune,
   leave, rekey-from) of its author, unless it descends from a re-admission that saw the removal.
@@ -53,8 +54,12 @@ from spt.core.types import check_label, check_subnet_name
 
 __all__ = [
     "ENTRY_TYPES",
+    "ESSENTIAL_TYPES",
     "LOG_DOMAIN",
+    "MAX_ENTRIES_PER_AUTHOR",
+    "MAX_ESSENTIAL_PER_AUTHOR",
     "MAX_LOG_ENTRIES",
+    "MAX_MEMBERS",
     "NONCE_BYTES",
     "SUBNET_ID_BYTES",
     "Entry",
@@ -545,7 +550,8 @@ class MergeResult:
     `added`: entries now in the log, in order. `pending`: entries waiting for parents.
     `refused`: entries that do not verify (the sender is at fault). `dropped`: entries that verify
     but were not stored here: their author is not a member, or they were invalid on arrival, or
-    the log is full (an honest peer may send these: it stored them before it heard of a removal).
+    they do not fit a budget (an honest peer may send these: it stored them before it heard of a
+    removal, or in another order).
     `conflicts`: removals that would void each other (see `PruneConflict`).
     """
 
@@ -556,10 +562,19 @@ class MergeResult:
     conflicts: tuple[PruneConflict, ...] = ()
 
 
+# Budgets (docs/design/membership-validity.md, "Budgets"). Every stored entry is charged to one
+# member: its author when it arrives as a member's entry, or the member whose entry brought it in
+# (an endorsed chain, whoever signed its links). Ordinary entries (create, join, label, and all an
+# endorsement brings in) stop short of the log's cap: the last quarter is kept for the entries a
+# member needs to get rid of another (prune, leave, rekey, and the rotation after a prune).
 MAX_LOG_ENTRIES: Final = 16384  # per subnet; evaluation stays well under a second at this size
-MAX_ENTRIES_PER_AUTHOR: Final = 1024  # labels and joins; removals and rotations are not capped
+MAX_ENTRIES_PER_AUTHOR: Final = 1024  # ordinary entries charged to one member
+MAX_ESSENTIAL_PER_AUTHOR: Final = 256  # its own prunes, leaves, rekeys and rotations
+RESERVE_SHARE: Final = 4  # 1/4 of the log (4,096 entries) is kept for essential entries
+REMOVAL_COST: Final = 4  # reserve entries removing one member take at most (see _reserve_problem)
+MAX_MEMBERS: Final = MAX_LOG_ENTRIES // RESERVE_SHARE // REMOVAL_COST  # 1,024: removing all fits the reserve
 MAX_QUARANTINE: Final = 512  # dropped entries kept in memory in case a valid entry names them
-_UNCAPPED: Final = frozenset({PRUNE, LEAVE, SEED_ROTATE, REKEY})
+ESSENTIAL_TYPES: Final = frozenset({PRUNE, LEAVE, SEED_ROTATE, REKEY})
 
 
 class MembershipLog:
@@ -583,7 +598,11 @@ class MembershipLog:
         self._present: dict[bytes, Entry] = {}
         self._pending: dict[bytes, Entry] = {}
         self._quarantine: OrderedDict[bytes, Entry] = OrderedDict()
-        self._by_author: Counter[NodeId] = Counter()
+        self._charged: dict[bytes, tuple[NodeId, bool]] = {}  # entry -> (the member it is charged to, essential)
+        self._spent: Counter[tuple[NodeId, bool]] = Counter()  # (member, essential) -> entries charged
+        self._rotated: Counter[bytes] = Counter()  # removal -> stored rotations naming it as a parent
+        self._reserve_rekeyed: set[NodeId] = set()  # keys a rekey stored in the reserve introduced
+        self._reserve_removals: set[bytes] = set()  # prunes and rekeys stored in the reserve
         self._create: bytes | None = None
         self._struct: _Structure | None = None
         self._valid: list[bool] | None = None
@@ -613,7 +632,11 @@ class MembershipLog:
         other._present = dict(self._present)
         other._pending = dict(self._pending)
         other._quarantine = OrderedDict(self._quarantine)
-        other._by_author = Counter(self._by_author)
+        other._charged = dict(self._charged)
+        other._spent = Counter(self._spent)
+        other._rotated = Counter(self._rotated)
+        other._reserve_rekeyed = set(self._reserve_rekeyed)
+        other._reserve_removals = set(self._reserve_removals)
         other._create = self._create
         return other
 
@@ -627,6 +650,20 @@ class MembershipLog:
 
     def __len__(self) -> int:
         return len(self._present)
+
+    @property
+    def ordinary_cap(self) -> int:
+        """Entries the log holds before only essential ones (prune, leave, rekey, rotation) get in."""
+        return self._max_entries - self._max_entries // RESERVE_SHARE
+
+    @property
+    def max_members(self) -> int:
+        """Members at most: removing every one of them fits the reserve."""
+        return max(2, self._max_entries // RESERVE_SHARE // REMOVAL_COST)
+
+    def spent(self, member: NodeId) -> tuple[int, int]:
+        """(ordinary, essential) stored entries charged to `member`."""
+        return self._spent[(member, False)], self._spent[(member, True)]
 
     def __contains__(self, entry_hash: object) -> bool:
         return entry_hash in self._present
@@ -719,13 +756,19 @@ class MembershipLog:
 
         waiting: dict[bytes, list[bytes]] = {}  # absent parent -> entries of `todo` waiting for it
 
-        def install(h: bytes, entry: Entry) -> None:
+        def install(h: bytes, entry: Entry, payer: NodeId, *, endorsed: bool = False) -> None:
+            """Store `entry`, charged to the member `payer`: its author, or its endorser (then as
+            an ordinary entry, whatever its type)."""
             for child in waiting.pop(h, ()):
                 missing_count[child] -= 1
                 if missing_count[child] == 0 and child in todo:
                     heapq.heappush(heap, (todo[child].hlc, child))
+            if entry.type in (PRUNE, REKEY) and len(self._present) >= self.ordinary_cap:
+                self._reserve_removals.add(h)
+                if entry.type == REKEY:
+                    self._reserve_rekeyed.add(entry.key("new"))
             self._present[h] = entry
-            self._by_author[entry.author] += 1
+            self._charge(h, entry, payer, essential=entry.type in ESSENTIAL_TYPES and not endorsed)
             new.append(h)
             if entry.type == CREATE:
                 self._create = h
@@ -791,10 +834,14 @@ class MembershipLog:
                     seen.add(h)
                     stack.append((h, True))
                     stack.extend((p, False) for p in found.parents)
-            if len(self._present) + len(chain) >= self._max_entries:
+            # what it brings in is charged to the endorsing member, as ordinary entries: a chain
+            # signed by keys nobody admitted is that member's, and counts against its budget
+            if len(self._present) + len(chain) > self.ordinary_cap:
+                return
+            if self._spent[(entry.author, False)] + len(chain) > MAX_ENTRIES_PER_AUTHOR:
                 return
             for h in chain:
-                install(h, todo.pop(h) if h in todo else self._quarantine.pop(h))
+                install(h, todo.pop(h) if h in todo else self._quarantine.pop(h), entry.author, endorsed=True)
 
         # entries whose parents are all stored go through the arrival check in (HLC, hash) order
         missing_count: dict[bytes, int] = {}
@@ -817,7 +864,7 @@ class MembershipLog:
                 if why:
                     drop(h, entry, why)
                 else:
-                    install(h, entry)
+                    install(h, entry, entry.author)
             # a member's entry that builds on entries dropped here brings them in (no effect),
             # however deep the chain and whichever of its entries arrive only now
             for h, entry in list(todo.items()):
@@ -857,11 +904,52 @@ class MembershipLog:
             return "" if self._create is None else "a second create entry"
         if entry.author not in members:
             return "its author is not a member here"
-        if len(self._present) >= self._max_entries:
+        stored = len(self._present)
+        if stored >= self._max_entries:
             return f"the log holds {self._max_entries} entries already"
-        if entry.type not in _UNCAPPED and self._by_author[entry.author] >= MAX_ENTRIES_PER_AUTHOR:
+        if entry.type in ESSENTIAL_TYPES:
+            if self._spent[(entry.author, True)] >= MAX_ESSENTIAL_PER_AUTHOR:
+                return f"its author has {MAX_ESSENTIAL_PER_AUTHOR} prunes, leaves, rekeys and rotations already"
+            return self._reserve_problem(entry, members) if stored >= self.ordinary_cap else ""
+        if stored >= self.ordinary_cap:
+            return f"the log holds {self.ordinary_cap} entries; the rest is kept for removals"
+        if self._spent[(entry.author, False)] >= MAX_ENTRIES_PER_AUTHOR:
             return f"its author has {MAX_ENTRIES_PER_AUTHOR} entries already"
+        if entry.type == JOIN and len(members) >= self.max_members:
+            return f"the subnet has {self.max_members} members"
         return ""
+
+    def _reserve_problem(self, entry: Entry, members: set[NodeId]) -> str:
+        """In the reserve (the log past `ordinary_cap`), an essential entry must remove a current
+        member, or be the one rotation after its author's prune or rekey stored in the reserve; a
+        key a rekey introduced in the reserve is not rekeyed there again. So each member present
+        when the reserve began costs at most REMOVAL_COST reserve entries (a rekey and its
+        rotation, then a prune and its rotation; or a leave), and with at most `max_members`
+        members the reserve holds all of that, whoever signs it."""
+        if entry.type == PRUNE and entry.key() not in members:
+            return "in the reserve a prune removes a current member"
+        if entry.type == REKEY and (entry.key("old") not in members or entry.key("old") in self._reserve_rekeyed):
+            return "in the reserve a key is rekeyed once"
+        if entry.type == SEED_ROTATE and not any(
+            h in self._reserve_removals and self._present[h].author == entry.author and not self._rotated[h]
+            for h in entry.parents
+        ):
+            return "in the reserve a rotation follows its author's own prune or rekey, once"
+        return ""
+
+    def _charge(self, h: bytes, entry: Entry, payer: NodeId, *, essential: bool) -> None:
+        self._charged[h] = (payer, essential)
+        self._spent[(payer, essential)] += 1
+        if entry.type == SEED_ROTATE:
+            self._rotated.update(entry.parents)
+
+    def _uncharge(self, h: bytes, entry: Entry) -> None:
+        self._spent[self._charged.pop(h)] -= 1
+        if entry.type == SEED_ROTATE:
+            self._rotated.subtract(entry.parents)
+        if entry.type == REKEY:
+            self._reserve_rekeyed.discard(entry.key("new"))
+        self._reserve_removals.discard(h)
 
     def _quarantine_entry(self, h: bytes, entry: Entry) -> None:
         self._quarantine[h] = entry
@@ -882,7 +970,7 @@ class MembershipLog:
             h = struct.order[i]
             if h in new and not valid[i] and not named[h] and h != self._create:
                 entry = self._present.pop(h)
-                self._by_author[entry.author] -= 1
+                self._uncharge(h, entry)
                 for p in entry.parents:
                     named[p] -= 1
                 self._quarantine_entry(h, entry)

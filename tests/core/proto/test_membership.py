@@ -613,3 +613,123 @@ def test_a_long_chain_that_builds_on_a_dropped_entry_is_dropped_in_linear_work(n
     short = min(_merge_cpu(entries, log.subnet_id, chain[:200][::-1]) for _ in range(2))
     long = min(_merge_cpu(entries, log.subnet_id, chain[::-1]) for _ in range(2))
     assert long < 20 * short, (short, long)
+
+
+# ---- budgets: a member cannot fill the log for the others ---------------------------------------
+
+
+def _hostile_shapes(log, m, sybil_name="sybil"):
+    """Entries a member can craft that used to count against nobody's cap: rotations, its own
+    label chain past its cap (each link endorsed by the next), a chain signed by throw-away keys
+    with its entry on top, a sybil it rekeys again and again, prunes of a key already gone."""
+    from spt.core.proto.membership import MAX_ENTRIES_PER_AUTHOR, MAX_ESSENTIAL_PER_AUTHOR
+
+    over_e, over_o = MAX_ESSENTIAL_PER_AUTHOR + 40, MAX_ENTRIES_PER_AUTHOR + 60
+    heads = list(log.valid_heads())
+
+    def chain(n, make, parents):
+        out = []
+        for i in range(n):
+            out.append(make(i, parents))
+            parents = [out[-1].hash]
+        return out
+
+    rotations = chain(over_e, lambda i, ps: rotate(m, ps, i + 1, i % 256), heads)
+    labels = chain(over_o, lambda i, ps: make_label(m.key, parents=ps, label=f"m{i}", hlc=m.hlc()), heads)
+    strangers = []
+    for i in range(over_o):
+        s = Node("s")
+        strangers.append(make_label(s.key, parents=[strangers[-1].hash] if strangers else heads, label=f"s{i}", hlc=s.hlc()))
+    on_top = make_label(m.key, parents=[strangers[-1].hash], label="top", hlc=m.hlc())
+    sybil = Node(sybil_name)
+    admit = join(m, sybil, heads)
+    rekeys, old = [], sybil
+    for _ in range(over_e):
+        new = Node("n")
+        rekeys.append(countersign_rekey(propose_rekey(
+            m.key, parents=[(rekeys[-1] if rekeys else admit).hash], old=old.id, new=new.id, hlc=m.hlc()), new.key))
+        old = new
+    reprunes = chain(over_e, lambda i, ps: make_prune(m.key, parents=ps, target=sybil.id, reason=f"{i}", hlc=m.hlc()),
+                     [rekeys[0].hash])
+    return [rotations, labels, [*strangers, on_top], [admit, *rekeys], reprunes]
+
+
+def test_every_stored_entry_is_charged_to_a_member_whatever_its_shape(nodes):
+    """Before: 296 rotations, 1,083 of 1,084 labels (every other one brought in by the next), the
+    1,085 entries of the stranger chain, 296 rekeys and 296 prunes of a gone key were all stored:
+    about 3,000 entries from one member with a cap of 1,024."""
+    from spt.core.proto.membership import MAX_ENTRIES_PER_AUTHOR, MAX_ESSENTIAL_PER_AUTHOR
+
+    log, _ = base_log(nodes, "bob")
+    b = nodes["bob"]
+    before = len(log)
+    for batch in _hostile_shapes(log, b):
+        log.merge(batch)
+    ordinary, essential = log.spent(b.id)
+    assert ordinary <= MAX_ENTRIES_PER_AUTHOR and essential <= MAX_ESSENTIAL_PER_AUTHOR
+    assert len(log) - before == ordinary + essential  # nothing stored on nobody's account
+    # a restart (the store's entries merged again, in another order) stays within the budgets
+    again = MembershipLog.from_entries(log.subnet_id, log.entries())
+    ordinary, essential = again.spent(b.id)
+    assert ordinary <= MAX_ENTRIES_PER_AUTHOR and essential <= MAX_ESSENTIAL_PER_AUTHOR
+    assert len(again) - before == ordinary + essential
+
+
+def test_at_the_cap_a_member_and_its_sybils_cannot_lock_out_prunes_leaves_and_rekeys(nodes):
+    """A small log (160 entries: 120 ordinary, a reserve of 40, at most 10 members). mallory
+    admits sybils up to the member cap, they fill the ordinary part with labels, then every
+    hostile key tries every essential entry the reserve might take (rotations, prunes and rekeys
+    of each other, rekeyed keys again) until nothing more gets in. The honest members still
+    rekey, prune every hostile key left with a rotation each, and leave."""
+    a, b, c, m = (nodes[n] for n in ("alice", "bob", "carol", "dave"))
+    first = create(a)
+    log = MembershipLog(subnet_id_of(first), max_entries=160)
+    log.add(first)
+
+    def add(entry) -> bool:
+        return bool(log.merge([entry]).added)
+
+    for n in (b, c, m):
+        assert add(join(a, n, log.valid_heads()))
+    hostile = {m.id: m}
+    while add(join(m, s := Node("sybil"), log.valid_heads())):
+        hostile[s.id] = s
+    assert len(log.state().members) == log.max_members == 10
+    i = 0
+    while add(make_label((x := list(hostile.values())[i % len(hostile)]).key, parents=log.valid_heads(), label=f"f{i}", hlc=x.hlc())):
+        i += 1
+    assert len(log) == log.ordinary_cap
+    for _round in range(40):  # bounded: each round either stores something or ends the attack
+        stored = 0
+        members = log.state().members
+        for x in [h for h in hostile.values() if h.id in members]:
+            epoch = log.state().epoch
+            tries = [rotate(x, log.valid_heads(), epoch + 1, 7)]
+            others = [h for h in hostile.values() if h.id in members and h.id != x.id]
+            for y in others:  # rekeys first: a rekeyed key can be pruned after, the most it costs
+                new = Node("rekeyed")
+                tries.append(countersign_rekey(propose_rekey(x.key, parents=log.valid_heads(), old=y.id, new=new.id, hlc=x.hlc()), new.key))
+                hostile.setdefault(new.id, new)
+            tries += [make_prune(x.key, parents=log.valid_heads(), target=y.id, hlc=x.hlc()) for y in others]
+            if x.id != m.id:  # mallory again, perhaps gone already
+                tries.append(make_prune(x.key, parents=log.valid_heads(), target=m.id, hlc=x.hlc()))
+            for entry in tries:
+                if add(entry):
+                    stored += 1
+                    members = log.state().members
+                    if entry.type in ("prune", "rekey"):  # its one rotation
+                        stored += add(rotate(x, log.valid_heads(), log.state().epoch + 1, 9))
+                    break
+        if not stored:
+            break
+    assert log.ordinary_cap + 20 <= len(log) <= 160  # the attack spent the reserve it could
+    # the honest members' essential entries still get in
+    b2 = Node("bob2")
+    assert add(countersign_rekey(propose_rekey(a.key, parents=log.valid_heads(), old=b.id, new=b2.id, hlc=a.hlc()), b2.key))
+    for x in [h for h in hostile.values() if h.id in log.state().members]:
+        assert add(make_prune(b2.key, parents=log.valid_heads(), target=x.id, hlc=b2.hlc()))
+        assert add(rotate(b2, log.valid_heads(), log.state().epoch + 1, 3))
+    assert add(make_leave(c.key, parents=log.valid_heads(), hlc=c.hlc()))
+    assert set(log.state().members) == {a.id, b2.id} and len(log) <= 160
+    # ordinary entries wait for a log with room: a label is refused, whoever signs it
+    assert not add(make_label(a.key, parents=log.valid_heads(), label="later", hlc=a.hlc()))
