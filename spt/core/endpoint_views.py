@@ -62,6 +62,13 @@ class EndpointViews:
         return rows
 
     def own_rows(self, sub: HeldSubnet, *, transient: bool) -> list[dict[str, Any]]:
+        shown = [
+            p for p in self.eps.perches(transient=transient)
+            # an orphan (home left) is local-only (§4.8); a transient sender has no home at all
+            if (p.home is not None or p.transient) and self.eps.visible(p, sub)
+        ]
+        if not shown:
+            return []  # most subnets of a node in many, and the label is a query
         me = {"label": self.eps.daemon.label, "key": self.eps.node_id.hex}
         return [
             {
@@ -76,9 +83,7 @@ class EndpointViews:
                 "description": p.description,
                 "offline_reason": None,
             }
-            for p in self.eps.perches(transient=transient)
-            # an orphan (home left) is local-only (§4.8); a transient sender has no home at all
-            if (p.home is not None or p.transient) and any(s.id == sub.id for s in self.eps.visible_in(p))
+            for p in shown
         ]
 
     def remote_view(self, row: Row, offline: Mapping[NodeId, str]) -> dict[str, Any]:

@@ -313,6 +313,16 @@ class Endpoints:
             return self.daemon.subnets.attached()
         return [sub for sub, visible, _ in self.settings(perch) if visible]
 
+    def visible(self, perch: Perch, sub: HeldSubnet) -> bool:
+        """`sub in visible_in(perch)` without listing every held subnet (the registry asks it for
+        every perch in every subnet at each publish)."""
+        if sub.id not in self.daemon.subnets.held:
+            return False
+        if perch.transient:
+            return sub.attached
+        home = sub.id == perch.home
+        return self._explicit_settings().get(perch.key, {}).get(sub.id, (home, home))[0]
+
     def _set_setting(
         self, perch: Perch, sub: HeldSubnet, *, visible: bool | None = None, in_scope: bool | None = None
     ) -> None:

@@ -51,6 +51,7 @@ from spt.hooks import IncomingPayload
 
 if TYPE_CHECKING:
     from spt.core.daemon import Daemon
+    from spt.core.proto.hlc import HlcTimestamp
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,8 @@ class Messaging:
         self.endpoints = daemon.endpoints
         self.views: dict[bytes, RegistryView] = {}
         self._advertised: dict[bytes, dict[tuple[str, str], str]] = {}  # subnet -> (home, id) -> home name
+        # subnet -> the view and the local rows last signed into it (publish(rows_only=True))
+        self._signed_rows: dict[bytes, tuple[RegistryView, list[dict[str, Any]]]] = {}
         self._drain_wake = asyncio.Event()
         self.staged_release: str | None = None  # the release this node offers (a plugin sets it)
         handlers = self.members.handlers
@@ -406,19 +409,26 @@ class Messaging:
             view = self.views[sub.id] = RegistryView(sub.name, self_node=self.daemon.key.node_id)
         return view
 
-    def _next_version(self) -> int:
-        version = int(self.daemon.store.get_meta("registry_version") or "0") + 1
-        with self.daemon.store.transaction():
-            self.daemon.store.set_meta("registry_version", str(version))
-        return version
+    def _next_stamps(self, subs: Sequence[HeldSubnet]) -> tuple[int, list[HlcTimestamp]]:
+        """The next registry version and a fresh HLC stamp for each of `subs`, stored in one
+        transaction: one fsync per publish, not one per held subnet (a stamp outside a
+        transaction commits alone, and every `spt ready` publishes twice)."""
+        store = self.daemon.store
+        with store.transaction():
+            version = int(store.get_meta("registry_version") or "0") + 1
+            store.set_meta("registry_version", str(version))
+            stamps = [self.daemon.subnets.stamp() for _ in subs]
+        return version, stamps
 
-    def own_records(self, sub: HeldSubnet, version: int) -> list[RegistryRow | Presence]:
-        """This node's signed rows in `sub` (tombstones for rows no longer visible) and presence."""
+    def own_records(
+        self, sub: HeldSubnet, version: int, hlc: HlcTimestamp, rows: list[dict[str, Any]] | None = None,
+    ) -> list[RegistryRow | Presence]:
+        """This node's signed rows in `sub` (tombstones for rows no longer visible) and presence;
+        `rows` are its `local_rows(sub)` when the caller has them already."""
         key = self.daemon.key
-        hlc = self.daemon.subnets.stamp()
         records: list[RegistryRow | Presence] = []
         current: dict[tuple[str, str], str] = {}
-        for row in self.endpoints.local_rows(sub):
+        for row in self.endpoints.local_rows(sub) if rows is None else rows:
             home = row["home"] or ""
             current[(home, row["id"])] = home
             records.append(sign_row(
@@ -437,13 +447,27 @@ class Messaging:
         ))
         return records
 
-    def publish(self) -> None:
-        """Re-sign this node's rows everywhere and push them to connected members."""
-        version = self._next_version()
+    def publish(self, *, rows_only: bool = False) -> None:
+        """Re-sign this node's rows and presence everywhere and push them to connected members.
+
+        `rows_only` (a local perch changed): only in the subnets where this node's rows differ
+        from those it signed there last. A perch is visible in few of the subnets a node holds,
+        and each `spt ready` publishes twice, so re-signing every subnet made each call cost more
+        with every subnet held; presence elsewhere is unchanged, and the presence loop re-signs it.
+        """
+        subs = self.daemon.subnets.attached()
+        rows = {sub.id: self.endpoints.local_rows(sub) for sub in subs}
+        if rows_only:
+            subs = [s for s in subs if self._signed_rows.get(s.id) != (self.views.get(s.id), rows[s.id])]
+        if not subs:
+            return  # nothing to sign (and no version to spend: that is a write to disk)
+        version, stamps = self._next_stamps(subs)
         now_ms = int(time.time() * 1000)
-        for sub in self.daemon.subnets.attached():
-            records = self.own_records(sub, version)
-            self.view(sub).merge_all(records, now_ms=now_ms)
+        for sub, hlc in zip(subs, stamps, strict=True):
+            records = self.own_records(sub, version, hlc, rows[sub.id])
+            view = self.view(sub)
+            view.merge_all(records, now_ms=now_ms, signed_here=True)
+            self._signed_rows[sub.id] = (view, rows[sub.id])
             self.members.spawn(self._push_records(sub, records), "registry push")
 
     async def announce(self, sub: HeldSubnet) -> None:
@@ -452,8 +476,12 @@ class Messaging:
         Detach calls it after marking the subnet detached and before closing connections, so
         peers show this node `detached` at once rather than after the offline TTL (SPEC.md §4.8).
         """
-        records = self.own_records(sub, self._next_version())
-        self.view(sub).merge_all(records, now_ms=int(time.time() * 1000))
+        version, (hlc,) = self._next_stamps([sub])
+        rows = self.endpoints.local_rows(sub)
+        records = self.own_records(sub, version, hlc, rows)
+        view = self.view(sub)
+        view.merge_all(records, now_ms=int(time.time() * 1000), signed_here=True)
+        self._signed_rows[sub.id] = (view, rows)
         await self._push_records(sub, records)
 
     async def _push_records(self, sub: HeldSubnet, records: list[RegistryRow | Presence]) -> None:
@@ -574,6 +602,7 @@ class Messaging:
     def forget(self, sub: HeldSubnet) -> None:
         self.views.pop(sub.id, None)
         self._advertised.pop(sub.id, None)
+        self._signed_rows.pop(sub.id, None)
 
     def registry_rows(self) -> list[Row]:
         me = self.daemon.key.node_id

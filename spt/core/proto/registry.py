@@ -529,10 +529,12 @@ class RegistryView:
 
     # merging
 
-    def merge(self, record: Record, *, now_ms: int | None = None) -> MergeOutcome:
+    def merge(self, record: Record, *, now_ms: int | None = None, signed_here: bool = False) -> MergeOutcome:
         """Merge one record. A newly accepted presence counts as hearing from its node at `now_ms`.
 
-        Pass `now_ms=None` when reloading from storage, so old presence does not look fresh.
+        Pass `now_ms=None` when reloading from storage, so old presence does not look fresh, and
+        `signed_here=True` only for records this node has just signed with its own key (their
+        signature is not checked again: the publisher did that once per subnet per publish).
         """
         if record.subnet != self.canonical:
             return MergeOutcome.WRONG_SUBNET
@@ -542,7 +544,7 @@ class RegistryView:
             held_presence = self._presence.get(record.node)
             if held_presence is not None and record.version <= held_presence.version:
                 return MergeOutcome.STALE
-            if not record.verify():
+            if not signed_here and not record.verify():
                 return MergeOutcome.BAD_SIGNATURE
             self._presence[record.node] = record
             if now_ms is not None:
@@ -551,13 +553,15 @@ class RegistryView:
         held = self._rows.get(record.key)
         if held is not None and record.version <= held.version:
             return MergeOutcome.STALE
-        if not record.verify():
+        if not signed_here and not record.verify():
             return MergeOutcome.BAD_SIGNATURE
         self._rows[record.key] = record
         return MergeOutcome.ACCEPTED
 
-    def merge_all(self, records: Iterable[Record], *, now_ms: int | None = None) -> list[MergeOutcome]:
-        return [self.merge(r, now_ms=now_ms) for r in records]
+    def merge_all(
+        self, records: Iterable[Record], *, now_ms: int | None = None, signed_here: bool = False,
+    ) -> list[MergeOutcome]:
+        return [self.merge(r, now_ms=now_ms, signed_here=signed_here) for r in records]
 
     def remove_node(self, node: NodeId) -> None:
         """Drop every row and the presence of `node` at once (it left or was pruned)."""
