@@ -610,6 +610,7 @@ class Endpoints:
         composed: list[tuple[Target, Message, str] | SptError] = []
         sender_id: str | None = None
         snapshot = self.snapshot()
+        resolved: dict[str, Target] = {}  # one snapshot for the batch: an address resolves once
         for item in messages:
             try:
                 window = str(item.get("window") or "default")
@@ -620,10 +621,12 @@ class Endpoints:
                 raw_json = item.get("json")
                 attrs = [("json", compact_json(str(raw_json)))] if raw_json is not None else []
                 msg_id = _client_msg_id(item.get("id"))
-                target = resolve(address, snapshot)
+                target = resolved.get(address.text) or resolve(address, snapshot)
                 if sender_id is None:
                     sender_id, _ = self._sender(from_id, ring=False, target=target)
                     snapshot = self.snapshot()  # the sender's perch may be new
+                else:
+                    resolved[address.text] = target
                 composed.append((target, self._message(sender_id, text, attrs, window, msg_id), address.text))
             except SptError as exc:
                 composed.append(exc)
@@ -634,10 +637,11 @@ class Endpoints:
         forwarding: dict[int, asyncio.Future[str]] = {}
         groups: dict[tuple[NodeId, str], list[tuple[int, Mapping[str, Any]]]] = {}
         remote: dict[int, tuple[Mapping[str, Any], str | None]] = {}
+        no_ring: set[tuple[NodeId, str]] = set()  # targets with no ring of theirs to answer
         for index, entry in enumerate(composed):
             if isinstance(entry, tuple) and isinstance(entry[0], RemoteTarget):
                 remote_target, msg = entry[0], entry[1]
-                remote[index] = self._remote_payload(remote_target, msg)
+                remote[index] = self._remote_payload(remote_target, msg, no_ring)
                 key = (remote_target.node.key, remote_target.subnet)
                 groups.setdefault(key, []).append((index, remote[index][0]))
         forward_many = getattr(self.daemon, "forward_messages", None)
@@ -680,11 +684,20 @@ class Endpoints:
             forwarding = forward(target, payload)
         return await self._forwarded(target, subject, payload, reply_to, forwarding)
 
-    def _remote_payload(self, target: RemoteTarget, msg: Message) -> tuple[dict[str, Any], str | None]:
-        """What travels for `msg` to another node, and the ring it answers (claimed now)."""
-        reply_to = self.spool.ring_to_answer(
-            msg.sender_id, target.node.key, target.row.endpoint_id, excluding=self._claiming
-        )
+    def _remote_payload(
+        self, target: RemoteTarget, msg: Message, no_ring: set[tuple[NodeId, str]] | None = None
+    ) -> tuple[dict[str, Any], str | None]:
+        """What travels for `msg` to another node, and the ring it answers (claimed now).
+        `no_ring` (a batch's) remembers targets found with no ring to answer, so the rest of
+        the batch does not look again (no ring arrives while the batch is composed)."""
+        key = (target.node.key, target.row.endpoint_id)
+        reply_to = None
+        if no_ring is None or key not in no_ring:
+            reply_to = self.spool.ring_to_answer(
+                msg.sender_id, target.node.key, target.row.endpoint_id, excluding=self._claiming
+            )
+            if reply_to is None and no_ring is not None:
+                no_ring.add(key)
         if reply_to is not None:
             # The claim commits while the reply travels: were it lost to a crash, the ring would be
             # answerable again, which is right, as the reply may not have left either.
@@ -859,12 +872,15 @@ class Endpoints:
         return perch
 
 
+_HEX: Final = frozenset("0123456789abcdef")
+
+
 def _client_msg_id(value: Any) -> str | None:
     """A message id chosen by the client (32 hex), so that a send retried after DAEMON_DOWN
     carries the same id and receivers drop the copy (§4.2.5); None: the daemon picks one."""
     if value is None:
         return None
-    if not isinstance(value, str) or len(value) != 32 or any(c not in "0123456789abcdef" for c in value):
+    if not isinstance(value, str) or len(value) != 32 or not set(value) <= _HEX:
         raise UsageError("BAD_USAGE", str(value)[:40], "a message id is 32 lowercase hex characters")
     return value
 
