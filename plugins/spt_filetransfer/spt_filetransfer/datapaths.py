@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from spt.core.errors import PeerError, Refusal, RemoteProtocolError, SptError
 from spt_filetransfer import channel, simopen
+from spt_filetransfer.dataserver import HANDSHAKE_SECONDS
 from spt_filetransfer.wire import as_map, check_tid
 
 if TYPE_CHECKING:
@@ -47,11 +48,9 @@ __all__ = ["DATA_PATHS", "DataPaths", "PunchOffer", "TcpPath", "handshake_on", "
 log = logging.getLogger(__name__)
 
 DATA_PATHS: Final = ("auto", "tcp", "punched", "transit", "quic")
-TCP_PROBE_SECONDS: Final = 3.0  # the keyed handshake on a connected socket
 LISTENER_CONNECT_SECONDS: Final = 1.0
 PUNCH_REQUEST_SECONDS: Final = 3.0
 PUNCH_SECONDS: Final = 2.0  # both ends' simultaneous open, from the moment each starts it
-MAX_DATA_CONNECTIONS: Final = 32
 
 
 @dataclass
@@ -77,7 +76,7 @@ def handshake_on(sock: socket.socket, raw_tid: bytes, key: bytes) -> TcpPath:
     """Prove the key on a connected socket, as the client (blocking); closes it and raises when
     that fails."""
     try:
-        sock.settimeout(TCP_PROBE_SECONDS)
+        sock.settimeout(HANDSHAKE_SECONDS)
         client_salt = os.urandom(channel.SALT)
         sock.sendall(channel.client_header(raw_tid, client_salt))
         server_salt = bytearray(channel.SALT)
@@ -142,8 +141,7 @@ class DataPaths:
 
     @property
     def _host(self) -> str:
-        bind = self.svc.bind
-        return bind if bind not in ("", "0.0.0.0", "::") else ""
+        return self.svc.server.host
 
     # -- the sender ---------------------------------------------------------------------------
 
@@ -172,7 +170,7 @@ class DataPaths:
         try:
             return await asyncio.wait_for(
                 self.svc.loop.run_in_executor(self.svc.executor, tcp_handshake, host, port, bytes.fromhex(out.tid), key),
-                LISTENER_CONNECT_SECONDS + TCP_PROBE_SECONDS + 1,
+                LISTENER_CONNECT_SECONDS + HANDSHAKE_SECONDS + 1,
             )
         except (OSError, TimeoutError, SptError) as exc:
             if self.svc.data_path == "tcp":
@@ -211,7 +209,7 @@ class DataPaths:
             reserved, sock = sock, None  # open_direct uses or closes it
             raw = await loop.run_in_executor(executor, lambda: simopen.open_direct(reserved, (host, their_port), deadline=deadline))
             path = await asyncio.wait_for(
-                loop.run_in_executor(executor, handshake_on, raw, bytes.fromhex(out.tid), key), TCP_PROBE_SECONDS + 1
+                loop.run_in_executor(executor, handshake_on, raw, bytes.fromhex(out.tid), key), HANDSHAKE_SECONDS + 1
             )
         except (OSError, TimeoutError, SptError) as exc:
             log.info("no TCP simultaneous open", extra={
@@ -242,7 +240,7 @@ class DataPaths:
                 try:
                     path = await asyncio.wait_for(
                         svc.loop.run_in_executor(svc.executor, handshake_on, sock, bytes.fromhex(out.tid), key),
-                        TCP_PROBE_SECONDS + 5,
+                        HANDSHAKE_SECONDS + 5,
                     )
                 except BaseException:
                     sock.close()
@@ -282,19 +280,10 @@ class DataPaths:
         free data connection slot."""
         svc = self.svc
         svc._incoming_for(conn, body, tid)  # an active transfer from this very peer, in the named subnet
-        with svc._lock:
-            session = svc.sessions.get(tid)
-            crowded = len(svc.data_socks) >= MAX_DATA_CONNECTIONS
-        if session is None or session[1] < time.monotonic():
+        if not svc.server.has_session(tid):
             raise Refusal("FILE_UNKNOWN", tid, "no open data session for this transfer (file.open first)")
-        if crowded:
+        if svc.server.crowded():
             raise Refusal("FILE_BUSY", tid, "too many data connections")
-
-    def _serve(self, sock: socket.socket, kind: str) -> None:
-        svc = self.svc
-        with svc._lock:
-            svc.data_socks.add(sock)
-        svc._serve_data(sock, kind=kind)
 
     async def req_punch(self, conn: Any, frame: Any) -> tuple[str, Any]:
         """The sender proposes a TCP simultaneous open: answer our port and start ours at once."""
@@ -321,7 +310,7 @@ class DataPaths:
             except OSError as exc:
                 log.info("no TCP simultaneous open", extra={"tid": tid, "reason": str(exc)})
                 return
-            self._serve(raw, "tcp-punched")
+            self.svc.server.serve(raw, "tcp-punched")
 
         port = sock.getsockname()[1]
         threading.Thread(target=run, name="spt-file-punch", daemon=True).start()  # our SYN leaves before the answer
@@ -345,7 +334,7 @@ class DataPaths:
             except (OSError, SptError) as exc:
                 log.info("bulk transit not joined", extra={"tid": tid, "via": via, "reason": str(exc)})
                 return
-            self._serve(sock, "transit")
+            svc.server.serve(sock, "transit")
 
         threading.Thread(target=run, name="spt-file-transit", daemon=True).start()
         return "ok", {"ok": True}

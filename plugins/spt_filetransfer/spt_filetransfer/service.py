@@ -1,6 +1,8 @@
 """The file-transfer service of one running node: both the sending and the receiving side.
 
 Made by `spt_runtime_started`; it talks to the node only through the `NodeRuntime` contract.
+Beside it: `datapaths.py` (which TCP connection the data takes, both ends), `dataserver.py` (the
+receiver's data connections: listener, sessions, frames into the transfer), `simopen.py`.
 
 The exchange (SPEC.md §8.5), all control over the pinned member connection:
 1. `file.offer` carries the transfer id, target perch, sender, message and manifest. The receiver
@@ -37,7 +39,6 @@ import functools
 import json
 import logging
 import os
-import queue
 import shutil
 import socket
 import stat
@@ -58,7 +59,8 @@ from spt.core.proto.resolve import LocalTarget, RemoteTarget
 from spt.core.types import check_endpoint_id
 from spt.hooks import NodeRuntime
 from spt_filetransfer import channel
-from spt_filetransfer.datapaths import DATA_PATHS, MAX_DATA_CONNECTIONS, TCP_PROBE_SECONDS, DataPaths, TcpPath
+from spt_filetransfer.datapaths import DATA_PATHS, DataPaths, TcpPath
+from spt_filetransfer.dataserver import DataServer
 from spt_filetransfer.db import ACTIVE_STATES, FINAL_STATES, DiskFullError, TransferDb, TransferFailedError
 from spt_filetransfer.inbox import (
     Incoming,
@@ -86,9 +88,6 @@ CHUNK_TIMEOUT: Final = 60.0
 DIAL_TIMEOUT: Final = 10.0
 FIRST_OFFER_WAIT: Final = 5.0  # then FILE_QUEUED: the driver keeps trying in the background
 TCP_IO_TIMEOUT: Final = 60.0
-WRITE_QUEUE: Final = 4  # verified chunks waiting for the writer thread
-WRITE_BATCH: Final = 4  # chunks the writer takes off the queue for one write
-SESSION_SECONDS: Final = 600.0
 QUIC_WINDOW: Final = 8  # chunk requests in flight on the QUIC path
 MAX_BAD_ROUNDS: Final = 3
 BACKOFF_MIN: Final = 0.5
@@ -314,11 +313,11 @@ class FileService:
         self.ended: dict[str, tuple[str, str]] = {}  # incoming ended while the record could not be written
         self.meters: dict[tuple[str, str], _Meter] = {}
         self.peer_slots: dict[str, asyncio.Semaphore] = {}
-        self.sessions: dict[str, tuple[bytes, float]] = {}
-        self.listener: socket.socket | None = None
-        self.data_socks: set[socket.socket] = set()
-        self.data_by_tid: dict[str, socket.socket] = {}
-        self._lock = threading.Lock()
+        self.server = DataServer(
+            self.bind, incoming=self.incoming.get,
+            record_path=lambda tid, kind: self.db.update(tid, "in", path_kind=kind),
+            failed=lambda tid, why: self._finish_incoming(tid, "failed", why),
+        )
         self._tasks: set[asyncio.Task[Any]] = set()
         self._persisted: dict[tuple[str, str], int] = {}
         self._closing = False
@@ -366,16 +365,7 @@ class FileService:
             out.close_source()
         for task in list(self._tasks):
             task.cancel()
-        if self.listener is not None:
-            with contextlib.suppress(OSError):
-                self.listener.shutdown(socket.SHUT_RDWR)
-            with contextlib.suppress(OSError):
-                self.listener.close()
-        with self._lock:
-            socks = list(self.data_socks)
-        for sock in socks:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+        self.server.stop()
         for inc in list(self.incoming.values()):
             inc.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -1100,11 +1090,8 @@ class FileService:
             self._load_incoming(row)
         reply = self._status_body(tid)
         if body.get("tcp") and reply.get("state") not in FINAL_STATES:
-            port = self._ensure_listener()
-            key = channel.new_key()  # also keys a bulk transit when there is no listener
-            with self._lock:
-                self.sessions[tid] = (key, time.monotonic() + SESSION_SECONDS)
-            reply.update(key=key)
+            port = self.server.ensure_listener()
+            reply.update(key=self.server.open_session(tid))  # keys every path, the listener's or not
             # behind a NAT (the sender reaches us at an address we do not have) the listener's
             # port is closed to it: the sender goes straight to a simultaneous open
             if port is not None and self.paths.listener_reachable(body.get("seen"), str(conn.remote_addr[0])):
@@ -1159,8 +1146,7 @@ class FileService:
 
     def _after_complete(self, tid: str) -> None:
         self.incoming.pop(tid, None)
-        with self._lock:
-            self.sessions.pop(tid, None)
+        self.server.forget(tid)
         self._spawn(self._deliver(tid), "deliver file event")
 
     def _finish_incoming(self, tid: str, state: str, reason: str) -> None:
@@ -1178,12 +1164,7 @@ class FileService:
                 self.db.forget_chunks(tid)
         except DiskFullError:
             log.warning("could not drop the chunk record of an ended transfer", extra={"tid": tid})
-        with self._lock:
-            self.sessions.pop(tid, None)
-            sock = self.data_by_tid.pop(tid, None)
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+        self.server.end(tid)
         now = time.time()
         try:
             self.db.update(tid, "in", state=state, reason=reason, finished=now, updated=now)
@@ -1210,162 +1191,6 @@ class FileService:
         sender = self._from_form(row["sender"], peer, row["peer_label"], row["subnet"], local=peer == self.rt.node_id)
         await self.rt.deliver(row["perch"], "file", row["message"] or "", attrs, sender=sender)
         self.db.update(tid, "in", delivered=1)
-
-    # -- the TCP data listener (receiver) ---------------------------------------------------
-
-    def _ensure_listener(self) -> int | None:
-        if self.listener is not None:
-            return int(self.listener.getsockname()[1])
-        host = self.bind if self.bind not in ("", "0.0.0.0", "::") else ""
-        try:
-            family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            sock = socket.create_server((host, 0), family=family, backlog=64)
-        except OSError as exc:
-            log.warning("cannot open the TCP data listener; transfers use QUIC", extra={"reason": str(exc)})
-            return None
-        self.listener = sock
-        threading.Thread(target=self._accept_loop, args=(sock,), name="spt-file-listen", daemon=True).start()
-        log.info("file data listener open", extra={"port": sock.getsockname()[1]})
-        return int(sock.getsockname()[1])
-
-    def _accept_loop(self, listener: socket.socket) -> None:
-        while not self._closing:
-            try:
-                sock, _addr = listener.accept()
-            except OSError:
-                return
-            with self._lock:
-                crowded = len(self.data_socks) >= MAX_DATA_CONNECTIONS
-                if not crowded:
-                    self.data_socks.add(sock)
-            if crowded:
-                sock.close()
-                continue
-            threading.Thread(target=self._serve_data, args=(sock,), name="spt-file-data", daemon=True).start()
-
-    def _serve_data(self, sock: socket.socket, kind: str = "tcp") -> None:
-        tid = ""
-        try:
-            sock.settimeout(TCP_PROBE_SECONDS + 2)
-            head = bytearray(channel.HEADER_LEN)
-            channel.recv_exact(sock, memoryview(head))
-            raw_tid, client_salt = channel.read_client_header(bytes(head))
-            tid = raw_tid.hex()
-            with self._lock:
-                session = self.sessions.get(tid)
-            if session is None or session[1] < time.monotonic():
-                return
-            server_salt = os.urandom(channel.SALT)
-            sock.sendall(server_salt)
-            c2s, s2c = channel.derive_keys(session[0], raw_tid, client_salt, server_salt)
-            # payloads in use: WRITE_QUEUE queued, WRITE_BATCH (and one held back) at the
-            # writer, one the data thread verifies
-            rx = channel.Receiver(c2s, channel.C2S, buffers=WRITE_QUEUE + WRITE_BATCH + 2)
-            tx = channel.Sender(s2c, channel.S2C)
-            f, c, _ = rx.recv(sock)
-            if f != channel.CONTROL or c != channel.HELLO:
-                raise channel.ChannelError("hello", "the first data frame is not a hello")
-            inc = self.incoming.get(tid)
-            if inc is None:
-                return
-            tx.send(sock, channel.CONTROL, channel.OK)
-            with self._lock:
-                old = self.data_by_tid.get(tid)
-                self.data_by_tid[tid] = sock
-            if old is not None:  # one data connection per transfer: the newest wins
-                with contextlib.suppress(OSError):
-                    old.shutdown(socket.SHUT_RDWR)
-            self.db.update(tid, "in", path_kind=kind)
-            sock.settimeout(TCP_IO_TIMEOUT)
-            writer = _ChunkWriter(inc)
-            try:
-                while True:
-                    f, c, payload = rx.recv(sock)
-                    if f == channel.CONTROL:
-                        if c == channel.END:
-                            writer.drain()
-                            inc.flush()
-                            tx.send(sock, channel.CONTROL, channel.END_ACK)
-                            continue
-                        raise channel.ChannelError("control", f"unknown control frame {c}")
-                    if inc.verify(f, c, payload, running=True):  # a bad chunk is dropped: the sender's next round resends it
-                        writer.put(f, c, payload)
-            finally:
-                writer.close()
-        except TransferFailedError as exc:
-            self._finish_incoming(tid, "failed", exc.message)
-        except TransferGoneError:
-            pass
-        except (OSError, ConnectionError, SptError) as exc:
-            log.debug("data connection ended", extra={"tid": tid, "reason": str(exc)})
-        except Exception:
-            log.exception("data connection failed", extra={"tid": tid})
-        finally:
-            inc2 = self.incoming.get(tid) if tid else None
-            if inc2 is not None:
-                with contextlib.suppress(OSError, SptError):
-                    inc2.flush()
-            with self._lock:
-                self.data_socks.discard(sock)
-                if tid and self.data_by_tid.get(tid) is sock:
-                    del self.data_by_tid[tid]
-            with contextlib.suppress(OSError):
-                sock.close()
-
-
-class _ChunkWriter:
-    """Writes verified chunks on its own thread while the data thread reads, opens, verifies and
-    hashes the next frames (BLAKE3 and the disk each get a thread: both release the GIL).
-    Consecutive chunks waiting in the queue go to disk in one write of up to WRITE_BATCH chunks."""
-
-    def __init__(self, inc: Incoming) -> None:
-        self.inc = inc
-        self.queue: queue.Queue[tuple[int, int, memoryview] | None] = queue.Queue(maxsize=WRITE_QUEUE)
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="spt-file-write", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        held: list[tuple[int, int, memoryview] | None] = []  # taken from the queue, not in the last batch
-        while True:
-            item = held.pop() if held else self.queue.get()
-            if item is None:
-                self.queue.task_done()
-                return
-            f, first, data = item
-            run = [data]
-            while len(run) < WRITE_BATCH:
-                try:
-                    nxt = self.queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None or nxt[0] != f or nxt[1] != first + len(run):
-                    held.append(nxt)  # the stop mark, or a chunk that starts the next batch
-                    break
-                run.append(nxt[2])
-            try:
-                if self.error is None:
-                    self.inc.store_run(f, first, run, aligned=True, hashed=True)  # payloads of channel.Receiver are page-aligned
-            except BaseException as exc:  # handed to the data thread at its next put or drain
-                self.error = exc
-            finally:
-                for _ in run:
-                    self.queue.task_done()
-
-    def put(self, f: int, c: int, data: memoryview) -> None:
-        if self.error is not None:
-            raise self.error
-        self.queue.put((f, c, data))
-
-    def drain(self) -> None:
-        self.queue.join()
-        if self.error is not None:
-            raise self.error
-
-    def close(self) -> None:
-        """Let the queued chunks finish, then stop the thread."""
-        self.queue.put(None)
-        self.thread.join(timeout=30)
 
 
 def _inbox_usage(inbox: Path, *, skip: set[str]) -> int:

@@ -160,7 +160,7 @@ def test_a_symlink_planted_inside_the_transfer_folder_is_not_followed(tmp_path, 
 def test_the_writer_batches_consecutive_chunks_and_stops_when_the_stop_mark_is_batched():
     """The writer thread takes consecutive chunks off its queue for one write; the stop mark
     (`close`) may arrive while it gathers a batch, and it still stops at once."""
-    from spt_filetransfer.service import _ChunkWriter
+    from spt_filetransfer.dataserver import ChunkWriter
 
     entered, release = threading.Event(), threading.Event()
     runs = []
@@ -171,7 +171,7 @@ def test_the_writer_batches_consecutive_chunks_and_stops_when_the_stop_mark_is_b
             release.wait(5)  # the first store blocks until everything else is queued
             runs.append((f, first, [bytes(d) for d in run], aligned and hashed))
 
-    writer = _ChunkWriter(Recorder())
+    writer = ChunkWriter(Recorder())
     writer.put(0, 0, memoryview(b"\0"))
     assert entered.wait(5)
     for c in (1, 2):

@@ -73,11 +73,11 @@ def test_the_sender_gives_a_stranger_who_answers_its_syn_nothing_but_the_clear_h
 @pytest.mark.root  # creates subnets (elevated)
 def test_the_receiver_serves_a_stranger_on_its_data_port_nothing_and_the_transfer_lands(spt_nodes, tmp_path):
     a, b = make_pair(spt_nodes, a_env={"SPT_FILE_MAX_RATE": str(4 * MIB)})
-    src = random_file(tmp_path / "f.bin", 8)
+    src = random_file(tmp_path / "f.bin", 24)  # ~6 s at the capped rate: the session is live meanwhile
     queued = a.cli("file", "send", str(src), "bob")
     tid = queued.stdout.strip().split(":", 1)[1]
-    wait_for(lambda: one(a, tid).get("state") == "transferring", what="the data connection")
-    port = int(wait_for(lambda: re.findall(r"file data listener open port=(\d+)", b.log()), what="the port")[-1])
+    wait_for(lambda: one(a, tid).get("state") == "transferring", timeout=60, what="the data connection")
+    port = int(wait_for(lambda: re.findall(r"file data listener open port=(\d+)", b.log()), timeout=60, what="the port")[-1])
     # the stranger knows the transfer id (it is in every data connection's clear header)
     for payload in ((channel.CONTROL, channel.HELLO), (0, 0)):
         with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
@@ -94,6 +94,7 @@ def test_the_receiver_serves_a_stranger_on_its_data_port_nothing_and_the_transfe
             except OSError:
                 pass
             assert answer == b"", "the receiver answered a stranger"
-    done = wait_for(lambda: (t := one(a, tid)).get("state") == "complete" and t, timeout=60, what="completion")
+    assert one(b, tid).get("state") != "complete", "the transfer ended before the stranger came: inconclusive"
+    done = wait_for(lambda: (t := one(a, tid)).get("state") == "complete" and t, timeout=120, what="completion")
     assert done["path"] == "tcp"
     assert file_hash(inbox(b) / tid / "f.bin") == file_hash(src)
