@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import IO, Any, Final
 
 from spt import __version__
+from spt.core import trace
 from spt.core.caller import CALLER_UID
 from spt.core.config import NodeConfig, load_config
 from spt.core.doctor import answer_clock
@@ -86,6 +87,7 @@ class Call:
         """Send one event line to the caller (streams: envelopes, progress)."""
         self.writer.write(encode_line({"event": dict(event)}))
         await self.writer.drain()
+        trace.mark(f"ctl {self.op} event")
 
     async def receive(self, timeout: float | None = None) -> dict[str, Any] | None:
         """The caller's next line (acks), or None when it hung up."""
@@ -578,6 +580,7 @@ class Daemon:
         self._take_lock()
         self.key, created = load_or_create_key(self.paths.key_file)
         self.store = Store(self.paths.db_file)
+        trace.start(self.label)
         self.relay_book = RelayBook(self.store)
         self.subnets = Subnets(self)
         register_subnet_ops(self, self.subnets)
@@ -706,7 +709,9 @@ class Daemon:
                 await self._answer(writer, {"error": err.to_wire()})
                 return
             call = Call(op_name, args, uid, bool(req.get("interactive")), reader, writer)
+            trace.mark(f"ctl {op_name} in")
             await self._answer(writer, await self._dispatch(call))
+            trace.mark(f"ctl {op_name} answered")
         except (ConnectionError, asyncio.IncompleteReadError):
             pass  # the CLI went away: nothing to answer
         finally:

@@ -32,6 +32,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
+from spt.core import trace
 from spt.core.errors import DaemonDown, Refusal
 from spt.core.spool import WINDOWS, Message, Spool, SpoolEntry
 
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 STOP_GRACE: Final = 5.0  # an envelope already on its way may still be acknowledged
 COLLISION_WAIT: Final = 0.5  # a listener whose caller just died is noticed within this
 _CLOSING: Final = "DAEMON_STOPPING"  # a listener's stop reason at shutdown: answered DAEMON_DOWN
+ACKED_MEMORY: Final = 1024  # acknowledged ids kept for senders that resume after the ack
 
 
 class PerchTable(Protocol):
@@ -85,6 +87,7 @@ class _Channel:
                     return
                 ack = msg.get("ack")
                 if isinstance(ack, str):
+                    trace.mark("ack read")
                     if self._on_ack is not None and self._on_ack[0] == ack:
                         # at once, as the line is read: a request the agent sent after its ack
                         # (a ring's reply) must find the delivery recorded
@@ -193,8 +196,10 @@ class Delivery:
         self._listeners: dict[str, _Listener] = {}
         self._rings: dict[str, RingWait] = {}
         self._sent_waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._acked: dict[str, None] = {}  # ids acknowledged lately, oldest first (ACKED_MEMORY)
         self._in_flight: set[int] = set()
         self._recording: set[asyncio.Future[bool]] = set()  # acknowledgements being committed
+        self._receiving: set[str] = set()  # rings acknowledged whose record has not committed yet
         self.closing = False
 
     def listening(self, perch: Perch) -> bool:
@@ -236,12 +241,13 @@ class Delivery:
         """Something changed for `perch` (a message arrived, it went idle): waiting listeners and
         the ring `msg` replies to look at the spool again."""
         if msg is not None and msg.reply_to and msg.reply_to in self._rings:
+            trace.mark("poke ring")
             self._rings[msg.reply_to].wake.set()
         listener = self._listeners.get(perch.key)
         if listener is not None:
             listener.wake.set()
 
-    def expected(self, perch: Perch, msg: Message) -> bool:
+    def _expected(self, perch: Perch, msg: Message) -> bool:
         """True when a waiting ring or listener should take `msg` now (worth waiting for SENT)."""
         wait = self._rings.get(msg.reply_to or "")
         if wait is not None and wait.perch == perch.key:
@@ -253,8 +259,17 @@ class Delivery:
             return msg.window != "idle" or not perch.busy
         return not perch.busy and msg.window != "active"
 
-    async def acknowledged_within(self, msg_id: str, timeout: float) -> bool:
-        """True once a listener or ring acknowledged `msg_id`, False after `timeout` seconds."""
+    async def taken_within(self, perch: Perch, msg: Message, timeout: float) -> bool:
+        """True once a listener or ring acknowledged `msg` (spooled for `perch`) within `timeout`
+        seconds; False at once when none that waits would take it now.
+
+        Also True when the ack came first: a listener or ring looking at the spool for its own
+        reasons may take a message the moment its commit lands, before its sender resumes."""
+        if msg.id in self._acked:
+            return True
+        if not self._expected(perch, msg):
+            return False
+        msg_id = msg.id
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._sent_waiters.setdefault(msg_id, []).append(fut)
         try:
@@ -285,6 +300,9 @@ class Delivery:
         def record() -> None:
             nonlocal acknowledged
             acknowledged = True
+            self._acked[entry.message.id] = None
+            if len(self._acked) > ACKED_MEMORY:
+                del self._acked[next(iter(self._acked))]
             for fut in self._sent_waiters.get(entry.message.id, []):
                 if not fut.done():
                     fut.set_result(None)
@@ -294,6 +312,8 @@ class Delivery:
                 self._in_flight.discard(entry.seq)
                 return
             self._recording.add(recorded)
+            if entry.message.is_ring:
+                self._receiving.add(entry.message.id)
             chan.recorded = recorded
             recorded.add_done_callback(functools.partial(self._recorded, entry))
 
@@ -307,7 +327,9 @@ class Delivery:
         return acknowledged
 
     def _recorded(self, entry: SpoolEntry, recorded: asyncio.Future[bool]) -> None:
+        trace.mark("ack recorded")
         self._recording.discard(recorded)
+        self._receiving.discard(entry.message.id)
         self._in_flight.discard(entry.seq)
         if not recorded.cancelled() and recorded.exception() is not None:
             log.warning("an acknowledged delivery was not recorded; the message will be handed out again",
@@ -316,10 +338,16 @@ class Delivery:
             if perch is not None:
                 self.poke(perch)  # a listener waiting idle takes it again now, not at the next message
 
-    async def acks_recorded(self) -> None:
-        """Wait until the acknowledgements read so far are committed (a ring becomes answerable then)."""
-        if self._recording:
-            await asyncio.wait(list(self._recording))
+    def rings_received(self) -> frozenset[str]:
+        """Rings whose recipient acknowledged them while the record of it is still on its way to
+        disk: answerable already (`Spool.ring_to_answer`), so a reply sent at once is stamped.
+
+        A reply need not wait for that record: lost to a crash (or failed), the ring is handed to
+        its recipient again after the restart, as it would be had the crash come before the ack,
+        and a second reply is stamped for it too; the ringer takes the first it gets, the other is
+        an ordinary message for its perch. Each message is still handed out once.
+        """
+        return frozenset(self._receiving)
 
     # -- listening (spt ready) --------------------------------------------------------------
 
@@ -404,6 +432,7 @@ class Delivery:
             listener.wake.clear()
             entry = self._next(self.perches.get(listener.perch_id), drain=False)
             if entry is not None:
+                trace.mark("listener takes")
                 if not await self._hand_over(listener.chan, entry, listener.stopped):
                     return {**ended, "closed": True}
                 if once:
@@ -442,7 +471,9 @@ class Delivery:
             wait.wake.clear()
             entry = self.spool.find_reply(sender_id, wait.ring_id)
             if entry is not None and entry.seq not in self._in_flight:
+                trace.mark("ring takes")
                 if await self._hand_over(chan, entry, never):
+                    trace.mark("ring acked")
                     await chan.acks_recorded()  # as for `ready`: the caller exits on the answer
                     return {"reply": True, "token": token}
                 return {"closed": True, "token": token}

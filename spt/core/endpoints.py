@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+from spt.core import trace
 from spt.core.caller import may_use, restricted_uid
 from spt.core.delivery import Delivery
 from spt.core.endpoint_views import TRANSIENT_PREFIX, EndpointViews
@@ -479,9 +480,11 @@ class Endpoints:
                     held = dataclasses.replace(incoming, reply_to=reply_to)
             return held, self.spool.append(perch.id, held, max_bytes=max_bytes, subject=subject, db=db)
 
+        trace.mark("spooling")
         try:
             # committed together with the messages that arrived while the last commit ran
             msg, earlier = await self.commits.run(functools.partial(spool_it, msg))
+            trace.mark("spooled")
         except Refusal as exc:
             if exc.instance_token == "SPOOL_FULL":
                 self._spool_full(perch)
@@ -492,7 +495,8 @@ class Endpoints:
             return earlier
         fresh = self.get(perch.id) or perch
         self.delivery.poke(fresh, msg)
-        if self.delivery.expected(fresh, msg) and await self.delivery.acknowledged_within(msg.id, SENT_WAIT):
+        if await self.delivery.taken_within(fresh, msg, SENT_WAIT):
+            trace.mark("acknowledged")
             return "SENT"
         return "QUEUED"
 
@@ -630,7 +634,6 @@ class Endpoints:
                 composed.append((target, self._message(sender_id, text, attrs, window, msg_id), address.text))
             except SptError as exc:
                 composed.append(exc)
-        await self.delivery.acks_recorded()  # once for the batch: the rings its messages may answer
         # Remote messages are queued for their nodes now, one group per node (kept together and
         # in order on the wire); the jobs below then start in order, so every spool write is
         # submitted in the batch's order and they share the writer's transactions.
@@ -676,11 +679,12 @@ class Endpoints:
         return results, sender_id or from_id or ""
 
     async def _send_remote(self, target: RemoteTarget, msg: Message, subject: str) -> str:
-        await self.delivery.acks_recorded()  # the ring this send answers may have been acknowledged just now
+        trace.mark("sending remote")
         payload, reply_to = self._remote_payload(target, msg)
         forward = getattr(self.daemon, "forward_message", None)
         forwarding = None
         if forward is not None and not self._queue_first(target.node.key):
+            trace.mark("forwarding")
             forwarding = forward(target, payload)
         return await self._forwarded(target, subject, payload, reply_to, forwarding)
 
@@ -694,7 +698,8 @@ class Endpoints:
         reply_to = None
         if no_ring is None or key not in no_ring:
             reply_to = self.spool.ring_to_answer(
-                msg.sender_id, target.node.key, target.row.endpoint_id, excluding=self._claiming
+                msg.sender_id, target.node.key, target.row.endpoint_id, excluding=self._claiming,
+                received=self.delivery.rings_received(),  # acked just now, the record still on its way
             )
             if reply_to is None and no_ring is not None:
                 no_ring.add(key)

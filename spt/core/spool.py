@@ -324,11 +324,13 @@ class Spool:
         return ring_id
 
     def ring_to_answer(
-        self, recipient: str, sender_node: NodeId, sender_id: str, *, excluding: Collection[str] = ()
+        self, recipient: str, sender_node: NodeId, sender_id: str, *, excluding: Collection[str] = (),
+        received: Collection[str] = (),
     ) -> str | None:
         """What `claim_reply` would claim, read on the store's connection without a transaction
-        and without claiming, skipping the ring ids in `excluding` (claims not yet committed)."""
-        return self._ring_to_answer(self.store.db, recipient, sender_node, sender_id, excluding)
+        and without claiming, skipping the ring ids in `excluding` (claims not yet committed) and
+        taking those in `received` as received (acknowledged, their record not committed yet)."""
+        return self._ring_to_answer(self.store.db, recipient, sender_node, sender_id, excluding, received)
 
     def mark_answered(self, ring_id: str, answered: bool, db: sqlite3.Connection) -> None:
         """Claim a ring for a reply, or release the claim when the reply never left (the target
@@ -337,14 +339,19 @@ class Spool:
 
     @staticmethod
     def _ring_to_answer(
-        db: sqlite3.Connection, recipient: str, sender_node: NodeId, sender_id: str, excluding: Collection[str] = ()
+        db: sqlite3.Connection, recipient: str, sender_node: NodeId, sender_id: str,
+        excluding: Collection[str] = (), received: Collection[str] = (),
     ) -> str | None:
         rows = db.execute(
-            "SELECT ring_id FROM rings_in WHERE recipient=? AND sender_node=? AND sender_id=? "
-            "AND received=1 AND answered=0 ORDER BY time, rowid",
+            "SELECT ring_id, received FROM rings_in WHERE recipient=? AND sender_node=? AND sender_id=? "
+            "AND answered=0 ORDER BY time, rowid",
             (recipient, sender_node.raw, sender_id),
         )
-        return next((str(row[0]) for row in rows if row[0] not in excluding), None)
+        return next(
+            (str(ring_id) for ring_id, was_received in rows
+             if (was_received or ring_id in received) and ring_id not in excluding),
+            None,
+        )
 
     # -- outgoing (SPEC.md §4.2 step 4) ---------------------------------------------------
 

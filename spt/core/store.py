@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
+from spt.core import trace
 from spt.core.errors import IdentityError
 from spt.core.identity import NodeKey
 
@@ -209,6 +210,11 @@ MIGRATIONS: Final[tuple[str, ...]] = (
         UPDATE spool_held SET bytes=bytes-OLD.size WHERE perch=OLD.perch;
     END;
     """,
+    # 9: issue 14: a reply looks up the ring it answers among the unanswered ones (it scanned
+    # every ring of the last 30 days, per send)
+    """
+    CREATE INDEX rings_unanswered ON rings_in(recipient, sender_node, sender_id, time) WHERE answered=0;
+    """,
 )
 
 
@@ -376,6 +382,7 @@ class GroupCommit:
         done: asyncio.Future[list[tuple[bool, Any]]],
     ) -> None:
         self._busy = False
+        trace.mark("commit resumed")
         outcomes = [(False, done.exception())] * len(batch) if done.exception() else done.result()
         self.commits += 1
         self.writes += len(batch)
@@ -389,6 +396,7 @@ class GroupCommit:
         """On the writer thread: one transaction for the batch (raises when it did not commit)."""
         db = self._db
         outcomes: list[tuple[bool, Any]] = []
+        trace.mark(f"commit begin {len(writes)}")
         db.execute("BEGIN IMMEDIATE")
         try:
             for write in writes:
@@ -399,7 +407,9 @@ class GroupCommit:
                     db.execute("ROLLBACK TO group_write")
                     outcomes.append((False, exc))
                 db.execute("RELEASE group_write")
+            trace.mark("commit fsync")
             db.execute("COMMIT")
+            trace.mark("commit done")
         except BaseException:
             if db.in_transaction:  # a failed COMMIT (I/O error) can leave it open: the next batch must begin anew
                 db.execute("ROLLBACK")

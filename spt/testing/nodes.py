@@ -312,10 +312,13 @@ class NodeFactory:
     def many(self, names: Sequence[str]) -> list[Node]:
         return [self(n) for n in names]
 
-    def subnet(self, labels: Sequence[str], name: str = "home", *, config: str = DEFAULT_CONFIG) -> list[Node]:
+    def subnet(
+        self, labels: Sequence[str], name: str = "home", *, config: str = DEFAULT_CONFIG,
+        env: Mapping[str, str] | None = None,
+    ) -> list[Node]:
         """Nodes labelled `labels` in one subnet: the first creates it, the rest join it by code
         through the first node's address (static peer, no mDNS)."""
-        nodes = [self(label, label=label, config=config) for label in labels]
+        nodes = [self(label, label=label, config=config, env=env) for label in labels]
         nodes[0].cli("subnet", "create", name, check=True)
         for node in nodes[1:]:
             node.cli("subnet", "join", name, "--code", fresh_code(nodes[0], name), "--peer", nodes[0].address, check=True)
