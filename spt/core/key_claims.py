@@ -11,8 +11,9 @@ listed, and `trust accept` names the exact new key the human compared), repeated
 nothing, and claims are capped per key, per subnet and per source address: a flood of claims
 costs one notification and a bounded number of rows.
 
-The collaborator is `Members` for what the network side owns (transport, addresses, merging and
-pushing log entries); everything else here is the claims' own.
+Collaborators: `Net` (the transport), `MemberLinks` (addresses), `LogService` (merging and
+pushing the rekey entry) and the daemon parts named in `ClaimsHost`; everything else here is the
+claims' own.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import time
 from collections import deque
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from spt.core.errors import IdentityError, PeerError, Refusal, RemoteProtocolError
 from spt.core.identity import NodeId, NodeKey
@@ -39,7 +40,13 @@ from spt.core.proto.membership import REKEY, Entry, countersign_rekey, propose_r
 from spt.core.subnets import HeldSubnet
 
 if TYPE_CHECKING:
-    from spt.core.members import Members
+    from spt.core.members.links import MemberLinks
+    from spt.core.members.log_service import LogService
+    from spt.core.members.wire import Net
+    from spt.core.paths import StatePaths
+    from spt.core.proto.membership import MembershipState
+    from spt.core.store import Store
+    from spt.core.subnets import Subnets
 
 log = logging.getLogger(__name__)
 
@@ -55,15 +62,31 @@ DIAL_TIMEOUT: Final = 5.0
 REQUEST_TIMEOUT: Final = 10.0
 
 
+class ClaimsHost(Protocol):
+    """What the key claims need of the daemon."""
+
+    key: NodeKey
+    paths: StatePaths
+    store: Store
+    subnets: Subnets
+
+    def notify(
+        self, sub: HeldSubnet | None, kind: str, title: str, body: str, *, dedupe_seconds: float = 0,
+        event: str | None = None,
+    ) -> str | None: ...
+
+
 class KeyClaims:
     """The claimant's side (claims to send, countersigning) and the member's (recording, listing,
     accepting)."""
 
-    def __init__(self, members: Members) -> None:
-        self.members = members
-        self.daemon = members.daemon
-        self.store = members.daemon.store
-        self.subnets = members.subnets
+    def __init__(self, host: ClaimsHost, net: Net, links: MemberLinks, logs: LogService) -> None:
+        self.host = host
+        self.net = net
+        self.links = links
+        self.logs = logs
+        self.store = host.store
+        self.subnets = host.subnets
         self._by_source: dict[str, deque[float]] = {}
 
     # -- the claimant ----------------------------------------------------------------------
@@ -75,7 +98,7 @@ class KeyClaims:
         key is not a member but that key (or the one an earlier claim named) is, needs a claim.
         """
         store = self.store
-        me = self.daemon.key.node_id
+        me = self.host.key.node_id
         previous = store.get_meta("node_key")
         claims: list[tuple[HeldSubnet, NodeId]] = []
         with store.transaction():
@@ -102,7 +125,7 @@ class KeyClaims:
         return claims
 
     def claim_body(self, sub: HeldSubnet, old: NodeId) -> dict[str, Any]:
-        me = self.daemon.key
+        me = self.host.key
         body = {"subnet": sub.id.hex(), "old": old.hex, "new": me.node_id.hex}
         claim = {**body, "sig": me.sign(claim_bytes(body)).hex()}
         old_key = self.old_key(old)
@@ -112,7 +135,7 @@ class KeyClaims:
 
     @property
     def _old_key_file(self) -> Path:
-        return self.daemon.paths.key_file.with_name("node.key.old")
+        return self.host.paths.key_file.with_name("node.key.old")
 
     def old_key(self, old: NodeId) -> NodeKey | None:
         """The replaced key after `spt node rekey`, kept (0600) only to sign its claim and rekey."""
@@ -132,12 +155,12 @@ class KeyClaims:
         Takes effect when the daemon restarts; the claims go out then (`to_claim`).
         """
         if self.store.query("SELECT 1 FROM meta WHERE key LIKE 'key_claim:%'"):
-            raise Refusal("REKEY_PENDING", self.daemon.key.node_id.short,
+            raise Refusal("REKEY_PENDING", self.host.key.node_id.short,
                           "an earlier key change still waits for a member's `spt node trust accept`")
-        path = self.daemon.paths.key_file
+        path = self.host.paths.key_file
         new = NodeKey.generate()
         self.forget_old_key()
-        write_private(self._old_key_file, self.daemon.key.private_bytes())
+        write_private(self._old_key_file, self.host.key.private_bytes())
         tmp = path.with_name(path.name + ".new")
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
@@ -156,17 +179,17 @@ class KeyClaims:
             for key, taken in zip(keys, results, strict=True):
                 if taken:
                     del todo[key]
-            if not todo or self.members.closing:
+            if not todo or self.net.closing:
                 return
             await asyncio.sleep(delay)
             delay = min(delay * 4, RECONNECT_MAX)
 
     async def _send_one(self, node: NodeId, sub: HeldSubnet, old: NodeId) -> bool:
-        addrs = self.members.links.addresses_of(node)
+        addrs = self.links.addresses_of(node)
         if not addrs:
             return True  # nothing to dial; another member will have to vouch
         try:
-            conn = await self.members.transport.connect(node, addrs, alpn=ALPN_JOIN, timeout=DIAL_TIMEOUT)
+            conn = await self.net.transport.connect(node, addrs, alpn=ALPN_JOIN, timeout=DIAL_TIMEOUT)
             try:
                 reply = await conn.request("key.claim", self.claim_body(sub, old), timeout=REQUEST_TIMEOUT)
             finally:
@@ -182,12 +205,12 @@ class KeyClaims:
         from spt.core.members import body_map
 
         body = body_map(frame.body)
-        sub = self.members.held(body.get("subnet"))
+        sub = self.net.held(body.get("subnet"))
         claimed = self.store.get_meta(f"key_claim:{sub.id.hex()}") if sub is not None else None
         if sub is None or claimed is None:
             return "error", {"code": "no-claim", "message": "this node made no key-change claim for that subnet"}
         entry = Entry.from_dict(body.get("entry"), proposal=True)
-        me = self.daemon.key.node_id
+        me = self.host.key.node_id
         ok = (
             entry.type == REKEY
             and entry.author == conn.peer
@@ -199,11 +222,11 @@ class KeyClaims:
         )
         if not ok:
             return "error", {"code": "not-my-claim", "message": "that rekey is not the change this node claimed"}
-        signed = countersign_rekey(entry, self.daemon.key)
+        signed = countersign_rekey(entry, self.host.key)
         old_key = self.old_key(entry.key("old"))
         if old_key is not None:
             signed = sign_rekey_as_old(signed, old_key)
-        self.members.logs.merge(sub, [signed])
+        self.logs.merge(sub, [signed])
         log.info("rekey countersigned", extra={"subnet": sub.name, "by": conn.peer.short})
         return "ok", {"entry": signed.to_dict()}
 
@@ -226,7 +249,7 @@ class KeyClaims:
         from spt.core.members import body_map
 
         body = body_map(frame.body)
-        sub = self.members.held(body.get("subnet"))
+        sub = self.net.held(body.get("subnet"))
         if sub is None or not sub.attached:
             return "error", {"code": "not-here", "message": "this node does not serve that subnet"}
         old, new = node_field(body.get("old")), node_field(body.get("new"))
@@ -237,7 +260,7 @@ class KeyClaims:
             raise RemoteProtocolError("key.claim", "the new key's signature does not verify")
         old_signed = body.get("oldsig") is not None and old.verify(sig_field(body.get("oldsig")), claim_bytes(signed))
         st = sub.state()
-        if not st.is_member(old) or old == self.daemon.key.node_id:
+        if not st.is_member(old) or old == self.host.key.node_id:
             # §9.8: a key that was pruned or left never comes back through a claim
             return "error", {"code": "not-a-member", "message": f"refused: {st.standing(old)}"}
         if new in st.members or new in st.former:
@@ -257,7 +280,7 @@ class KeyClaims:
                 "INSERT OR IGNORE INTO key_changes(subnet, old, new, since, old_signed, source) VALUES(?,?,?,?,?,?)",
                 (sub.id, old.raw, new.raw, now, int(old_signed), host),
             )
-        self.members.links.remember_address(new, host, port, "claim")
+        self.links.remember_address(new, host, port, "claim")
         label = st.members[old]
         log.warning(
             "a member claims a new key; refused until accepted",
@@ -265,7 +288,7 @@ class KeyClaims:
         )
         if same_old:
             return "ok", {"pending": True}  # the human was told already; the list shows every claim
-        self.daemon.notify(
+        self.host.notify(
             sub, "key-change", f"{label} in {sub.name} presents a new key",
             f"old {old.fingerprint}, new {new.fingerprint}. Compare with `spt node show` on that machine, then "
             f"`spt node trust accept {label}` (or `spt node trust reject {label}`). Other claims for the same node, "
@@ -316,6 +339,16 @@ class KeyClaims:
         held = self.subnets.require(found["subnet"])
         return held, NodeId.from_hex(found["old"]), NodeId.from_hex(found["new"])
 
+    def membership_changed(self, sub: HeldSubnet, before: MembershipState, after: MembershipState) -> None:
+        """Settle claims the change made moot; once this node's own claim took effect everywhere
+        it was made, the replaced key is no longer needed."""
+        me = self.host.key.node_id
+        self.settle(sub, after)
+        if after.is_member(me) and not before.is_member(me):
+            self.store.db.execute("DELETE FROM meta WHERE key=?", (f"key_claim:{sub.id.hex()}",))
+            if not self.store.query("SELECT 1 FROM meta WHERE key LIKE 'key_claim:%'"):
+                self.forget_old_key()
+
     def settle(self, sub: HeldSubnet, st: Any) -> None:
         """Claims whose old key is no longer a member (rekeyed elsewhere, pruned, left) are moot."""
         rows = self.store.query("SELECT DISTINCT old FROM key_changes WHERE subnet=?", (sub.id,))
@@ -337,13 +370,13 @@ class KeyClaims:
         """Append the `rekey` entry, countersigned by the claimant, and push it; the new display form."""
         from spt.core.members import body_map
 
-        me = self.daemon.key
+        me = self.host.key
         entry = propose_rekey(me, parents=sub.log.valid_heads(), old=old, new=new, hlc=self.subnets.stamp())
-        addrs = self.members.links.addresses_of(new)
+        addrs = self.links.addresses_of(new)
         if not addrs:
             raise Refusal("TRUST_FAILED", new.short, "no known address for the claiming node")
         try:
-            conn = await self.members.transport.connect(new, addrs, alpn=ALPN_JOIN, timeout=DIAL_TIMEOUT)
+            conn = await self.net.transport.connect(new, addrs, alpn=ALPN_JOIN, timeout=DIAL_TIMEOUT)
             try:
                 reply = await conn.request(
                     "key.countersign", {"subnet": sub.id.hex(), "entry": entry.to_dict()}, timeout=REQUEST_TIMEOUT
@@ -358,12 +391,12 @@ class KeyClaims:
         if signed.to_dict() | {"countersig": None, "oldsig": None} != entry.to_dict() | {"countersig": None, "oldsig": None}:
             raise RemoteProtocolError("key.countersign", "the countersigned entry is not the one proposed")
         label = sub.state().members.get(old, "")
-        self.members.logs.merge(sub, [signed])
+        self.logs.merge(sub, [signed])
         if not sub.state().is_member(new):
             raise Refusal("TRUST_FAILED", new.short, "the rekey entry did not take effect")
         self.drop(sub, old)
         log.info("key change accepted", extra={"subnet": sub.name, "old": old.short, "new": new.display(label)})
-        await self.members.logs.push_entries(sub, [signed])
+        await self.logs.push_entries(sub, [signed])
         return new.display(label)
 
 

@@ -8,6 +8,7 @@ peers ask, over the parts that answer it.
 - `links.MemberLinks`: member addresses, dialling, keeping member connections up, paths.
 - `log_service.LogService`: merge and relay log entries, log sync, seeds, prune, leave, conflicts.
 - `join_port.JoinPort`: both sides of the join ceremony, its records, log offers.
+- `spt.core.key_claims.KeyClaims`: key-change claims (on the join ALPN) and `trust accept`.
 - `ops`: the control operations on subnets that need the network.
 
 Each part is given `Net` (the narrow view of this class) and the few daemon parts it names in its
@@ -35,6 +36,7 @@ from spt.core.members.wire import STREAM_TIMEOUT, Address, body_map, remote_refu
 from spt.core.net.connections import Connection, RequestError, Stream
 from spt.core.net.transport import ALPN_JOIN, ALPN_MEMBER, Transport
 from spt.core.proto.frames import Frame
+from spt.core.proto.membership import MembershipState
 from spt.core.subnets import HeldSubnet
 
 if TYPE_CHECKING:
@@ -63,8 +65,8 @@ class Members:
         self._known_conns: weakref.WeakSet[Connection] = weakref.WeakSet()
         self._closing = False
         self.links = MemberLinks(daemon, self, on_connected=self.sync, resync=self._resync)
-        self.claims = KeyClaims(self)
-        self.logs = LogService(daemon, self, self.links, self.claims)
+        self.logs = LogService(daemon, self, self.links, on_change=self._claims_settle)
+        self.claims = KeyClaims(daemon, self, self.links, self.logs)
         self.joins = JoinPort(daemon, self, self.links, self.logs)
         self.handlers: dict[str, MemberHandler] = {
             "log.sync": self.logs.handle_log_sync,
@@ -253,6 +255,9 @@ class Members:
             if sub.id in self.subnets.held:
                 await self.joins.fetch_join_records(conn, sub)
         self.daemon.peer_synced(conn)
+
+    def _claims_settle(self, sub: HeldSubnet, before: MembershipState, after: MembershipState) -> None:
+        self.claims.membership_changed(sub, before, after)
 
     async def _resync(self, conn: Connection, sub: HeldSubnet) -> None:
         await self.logs.sync_log(conn, sub)

@@ -4,8 +4,8 @@ prune conflicts a human must see.
 
 The rules (what is stored, what is valid) are `spt.core.proto.membership`'s; this part moves
 entries between the network, the log and the store, and tells the daemon what changed.
-Collaborators: `Net`, `MemberLinks` (dialling), the key claims (settled on every change) and the
-daemon parts named in `LogHost`.
+Collaborators: `Net`, `MemberLinks` (dialling), an `on_change` callback (the key claims settle on
+every change) and the daemon parts named in `LogHost`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from spt.core.errors import PeerError, Refusal, RemoteProtocolError, SptError
@@ -25,13 +25,19 @@ from spt.core.members.wire import DIAL_TIMEOUT, MAX_SYNC_ENTRIES, REQUEST_TIMEOU
 from spt.core.net.connections import Connection, ConnectionClosedError
 from spt.core.net.transport import ALPN_MEMBER
 from spt.core.proto.frames import Frame
-from spt.core.proto.membership import Entry, PruneConflict, make_leave, make_prune, make_seed_rotate
+from spt.core.proto.membership import (
+    Entry,
+    MembershipState,
+    PruneConflict,
+    make_leave,
+    make_prune,
+    make_seed_rotate,
+)
 from spt.core.proto.resolve import NodeInfo, resolve_node
 from spt.core.proto.totp import SEED_BYTES, Secret, new_seed, seed_commitment
 from spt.core.subnets import HeldSubnet, Subnets
 
 if TYPE_CHECKING:
-    from spt.core.key_claims import KeyClaims
     from spt.core.store import Store
 
 log = logging.getLogger(__name__)
@@ -57,11 +63,14 @@ class LogHost(Protocol):
 class LogService:
     """Every held subnet's log on the network: merge, relay, sync, seeds, prune, leave."""
 
-    def __init__(self, host: LogHost, net: Net, links: MemberLinks, claims: KeyClaims) -> None:
+    def __init__(
+        self, host: LogHost, net: Net, links: MemberLinks,
+        on_change: Callable[[HeldSubnet, MembershipState, MembershipState], None],
+    ) -> None:
         self.host = host
         self.net = net
         self.links = links
-        self.claims = claims
+        self._on_change = on_change  # before the daemon hears of it (the key claims settle here)
 
     async def sync_log(self, conn: Connection, sub: HeldSubnet) -> None:
         """Exchange log heads for one subnet; fetch and push what is missing."""
@@ -179,13 +188,9 @@ class LogService:
                 out.append({"author": entry.author.hex, "target": (entry.type == "rekey" and entry.key("old").hex) or entry.key().hex})
         return out
 
-    def _membership_changed(self, sub: HeldSubnet, before: Any, after: Any) -> None:
+    def _membership_changed(self, sub: HeldSubnet, before: MembershipState, after: MembershipState) -> None:
         me = self.host.key.node_id
-        self.claims.settle(sub, after)
-        if after.is_member(me) and not before.is_member(me):
-            self.host.store.db.execute("DELETE FROM meta WHERE key=?", (f"key_claim:{sub.id.hex()}",))
-            if not self.host.store.query("SELECT 1 FROM meta WHERE key LIKE 'key_claim:%'"):
-                self.claims.forget_old_key()
+        self._on_change(sub, before, after)
         if not after.is_member(me) and before.is_member(me):
             reason = after.standing(me)
             log.warning("this node is no longer a member", extra={"subnet": sub.name, "reason": reason})
