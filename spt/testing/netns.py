@@ -22,7 +22,8 @@ Topologies (addresses are per namespace, so two labs never collide):
   ``MASQUERADE --random-fully`` (a fresh random port for every destination). Unsolicited
   traffic from the core is never forwarded into a LAN; what is addressed to a router itself is
   answered by its own stack (a TCP reset, ICMP port unreachable) unless
-  `two_nats(drop_unsolicited=True)`, which drops it as most home routers do. Call
+  `two_nats(drop_unsolicited=True)` or `lab.drop_unsolicited()`, which drop it as most home
+  routers do. Call
   `lab.flush_conntrack()` between trials.
 - `lab.add_host(lan)` adds one more host to any LAN of the lab; `lab.move_host(host, lan)`
   carries a host to another LAN (new address and default route; its processes keep running).
@@ -601,10 +602,6 @@ class Lab:
                 ":FORWARD DROP [0:0]",
                 "-A FORWARD -i lan -o wan -j ACCEPT",
                 "-A FORWARD -i wan -o lan -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
-                *([
-                    "-A INPUT -i wan -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
-                    "-A INPUT -i wan -j DROP",
-                ] if drop_unsolicited else []),
                 "COMMIT",
                 "",
             ])
@@ -618,6 +615,8 @@ class Lab:
             a=firsts[0], b=firsts[1], nat_a="nata", nat_b="natb", core="core", relay="relay",
             public_a=publics[0], public_b=publics[1], relay_addr=RELAY_ADDR,
         )
+        if drop_unsolicited:
+            self.drop_unsolicited()
         self.timings["two_nats"] = time.monotonic() - started
         return self.topology
 
@@ -838,6 +837,21 @@ class Lab:
             routers = [n.ns for n in self.nodes.values() if n.role == "router"]
         if routers:
             self._run_parallel([[self._ip, "netns", "exec", ns, tool, "-F"] for ns in routers])
+
+    def drop_unsolicited(self, router: str | None = None) -> None:
+        """From now on `router` (or every NAT router of `two_nats`) drops what arrives from the
+        core for itself and matches no mapping, instead of answering from its own stack."""
+        self._check_open()
+        if router is not None:
+            routers = [router]
+        elif self.topology is not None:
+            routers = [self.topology.nat_a, self.topology.nat_b]
+        else:
+            raise LabError("drop_unsolicited() without a router needs two_nats()")
+        tool = _require("iptables", "iptables")
+        for rule in (["-A", "INPUT", "-i", "wan", "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"],
+                     ["-A", "INPUT", "-i", "wan", "-j", "DROP"]):  # in this order: the routers side by side
+            self._run_parallel([[self._ip, "netns", "exec", self.ns(r), tool, "-w", *rule] for r in routers])
 
     def _iptables(self, host: str, *args: str) -> None:
         tool = _require("iptables", "iptables")
