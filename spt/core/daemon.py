@@ -509,6 +509,9 @@ class Daemon:
     async def forward_message(self, target: RemoteTarget, payload: Mapping[str, Any]) -> str:
         return await self.messaging.forward_message(target, payload)
 
+    def forward_messages(self, target: RemoteTarget, payloads: Sequence[Mapping[str, Any]]) -> list[asyncio.Future[str]]:
+        return self.messaging.forward_messages(target, payloads)
+
     async def remote_request(self, node: NodeId, subnet: str, kind: str, args: Mapping[str, Any]) -> dict[str, Any]:
         return await self.messaging.remote_request(node, subnet, kind, args)
 

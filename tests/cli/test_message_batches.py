@@ -15,7 +15,7 @@ from spt.core.identity import NodeId, NodeKey
 from spt.core.net.transport import AllowKeys, RequestError, Transport
 from spt.core.proto.deliver import BATCH_TYPE, MAX_BATCH
 from spt.testing.nodes import DEFAULT_CONFIG
-from spt.testing.traffic import check_stream, drain, listed
+from spt.testing.traffic import Listener, check_stream, drain, listed
 from spt.testing.wait import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.root]  # creates subnets (elevated)
@@ -127,3 +127,19 @@ def test_a_backlog_queued_while_the_target_was_down_drains_in_batches_in_order_o
     wait_for(lambda: not [c for c in alpha.json("doctor")["checks"] if c["name"] == "outgoing-spool"], 60,
              "alpha's outgoing spool to drain")
     check_stream([r.body for r in drain(beta, "sink")], "q", range(300))
+
+
+def test_a_batch_to_a_live_listener_is_answered_sent_per_message_and_printed_in_order(spt_node_pair):
+    """Each message of a batch for a listening perch is pushed and acknowledged in turn: the
+    batch is answered SENT per message, and the listener prints each once, in order."""
+    alpha, beta = spt_node_pair
+    listener = Listener(beta, "sink")
+    try:
+        wait_for(lambda: listed(alpha, "sink"), 15, "sink's row on alpha")
+        messages = [{"address": "sink@beta", "body": f"s{i:05d}", "id": os.urandom(16).hex()} for i in range(20)]
+        result = alpha.ipc("msg.send_many", {"from": "alice", "messages": messages})
+        assert _tokens(result) == ["SENT"] * 20
+        wait_for(lambda: len(listener.bodies("s")) >= 20, 15, "the listener to print the batch")
+    finally:
+        listener.close()
+    check_stream(listener.bodies("s"), "s", range(20))
