@@ -152,6 +152,8 @@ class DataPaths:
         if mode == "quic" or not isinstance(key, bytes):
             return None
         path: TcpPath | None = None
+        if mode == "tcp" and port is None:
+            raise OSError("the receiver offers no listener reachable from here (SPT_FILE_DATA_PATH=tcp)")
         if mode in ("auto", "tcp") and port is not None:
             path = await self._listener(conn, out, port, key)
         if path is None and mode in ("auto", "punched"):
