@@ -73,7 +73,7 @@ def test_a_file_between_two_eim_nats_goes_over_direct_tcp_by_simultaneous_open(r
     tid = send(a, small)
     assert paths_of(a, b, tid) == ("quic", "quic")
     failed = [int(m) for m in re.findall(rf"no TCP simultaneous open tid={tid} .* ms=(\d+)", a.log())]
-    assert len(failed) == 1 and failed[0] < 1000, failed
+    assert len(failed) == 1 and failed[0] < 2000, failed  # ~320 ms here; the QUIC round trip is in it
 
     # 2. routers that drop unsolicited packets, as home routers do: direct TCP, NAT to NAT
     rl.lab.drop_unsolicited()
@@ -129,7 +129,8 @@ def test_a_simultaneous_open_fails_fast_where_the_nats_do_not_allow_it(netns_lab
     through routers that reset an unmapped SYN it ends at once. Both bounded, on both sides."""
     from spt_filetransfer.datapaths import PUNCH_SECONDS
 
-    for kind_b, drop, bound in (("symmetric", True, PUNCH_SECONDS + 0.5), ("eim", False, 1.0)):
+    # the bounds leave room for a loaded machine: measured 2.02-2.08 s and 0.32-0.36 s
+    for kind_b, drop, bound in (("symmetric", True, PUNCH_SECONDS + 1.0), ("eim", False, 1.5)):
         lab = netns_lab()
         topo = lab.two_nats("eim", kind_b, drop_unsolicited=drop)
         for host, (outcome, took) in simultaneous_open_both(lab, topo, PUNCH_SECONDS).items():
