@@ -277,7 +277,7 @@ class DataPaths:
         finally:
             probe.close()
 
-    def _open_session(self, conn: Any, body: Any, tid: str) -> None:
+    def _check_data_request(self, conn: Any, body: Any, tid: str) -> None:
         """Refuse unless this peer has an active incoming transfer, an open data session and a
         free data connection slot."""
         svc = self.svc
@@ -291,7 +291,7 @@ class DataPaths:
         """The sender proposes a TCP simultaneous open: answer our port and start ours at once."""
         offer = read_punch_offer(frame.body)
         tid = offer.tid
-        self._open_session(conn, frame.body, tid)
+        self._check_data_request(conn, frame.body, tid)
         host, seen_udp = str(conn.remote_addr[0]), int(conn.remote_addr[1])
         why = None
         if _relayed(host):
@@ -315,7 +315,8 @@ class DataPaths:
             self.svc.server.serve(raw, "tcp-punched")
 
         port = sock.getsockname()[1]
-        threading.Thread(target=run, name="spt-file-punch", daemon=True).start()  # our SYN leaves before the answer
+        # ours starts before the answer leaves; through dropping NATs either SYN may come first
+        threading.Thread(target=run, name="spt-file-punch", daemon=True).start()
         return "file.punch", {"ok": True, "port": port}
 
     async def req_transit(self, conn: Any, frame: Any) -> tuple[str, Any]:
@@ -323,7 +324,7 @@ class DataPaths:
         svc = self.svc
         body = as_map(frame.body, "file.transit")
         tid = check_tid(body.get("tid"))
-        self._open_session(conn, body, tid)
+        self._check_data_request(conn, body, tid)
         via, invitation = body.get("via"), body.get("invitation")
         transit = next((t for t in svc.rt.bulk_transits() if t.name == via), None)
         if transit is None or not isinstance(invitation, dict):
