@@ -19,8 +19,9 @@
 4. A backlog: messages queued on alpha while beta is down (durable in alpha's outgoing spool),
    then beta started; messages per second until alpha's spool is empty (each durable on beta),
    reconnecting included.
-5. Where a ring's time goes, by subtraction: a control call, a durable spool write on one node,
-   one message hop to the other node (spooled there); printed with the ring.
+5. Where a ring's time goes, measured along its path: a second pair of daemons run with
+   `SPT_TRACE` (`bench/ring.py`), and each point a ring passes on either daemon and in the two
+   agents is printed with its median time after the ring started.
 
 Every command gets its stdin from the bench (never the terminal) and every wait is bounded.
 """
@@ -39,6 +40,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _util import compile_spt, median, pct, row, time_command, time_interleaved
+from ring import measure as measure_rings
 from transport import bench_spt
 
 from spt.core.errors import DaemonDown
@@ -92,20 +94,6 @@ def ring_once(node: Node) -> float:
     finally:
         conn.close()
     return time.perf_counter() - start
-
-
-def op_times(node: Node, op: str, args: dict[str, Any], runs: int) -> list[float]:
-    """Wall seconds of `runs` control calls, each on a new connection (as the CLI makes them)."""
-    samples = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        conn = connect(node.home / "spt.sock")
-        try:
-            call(conn, op, args)
-        finally:
-            conn.close()
-        samples.append(time.perf_counter() - start)
-    return samples
 
 
 def sustained(node: Node, seconds: float, senders: int, *, op: str = "msg.send") -> float:
@@ -241,11 +229,6 @@ def main() -> None:
         bob_conn.close()
         raw = asyncio.run(bench_spt(1000, 1024 * 1024))
         alpha.wait_listed("sink")
-        # where a ring's time goes, by subtraction (no listener on these perches: QUEUED once durable)
-        n = 30 if args.quick else 100
-        ipc = op_times(alpha, "endpoint.whoami", {}, n)
-        local_q = op_times(alpha, "msg.send", {"address": "local", "from": "alice", "body": "x"}, n)
-        remote_q = op_times(alpha, "msg.send", {"address": "sink@beta", "from": "alice", "body": "x"}, n)
         control_rate = sustained(alpha, seconds, 4, op="endpoint.whoami")
         rate = sustained(alpha, seconds, 4)
         rate16 = sustained(alpha, seconds, 16)  # many senders at once: what group commit is for
@@ -254,6 +237,7 @@ def main() -> None:
         drained = backlog_drain(alpha, beta, backlog)
     finally:
         factory.close()
+    traced_rtts, _, breakdown = measure_rings(50 if args.quick else 150, traced=True)  # where a ring's time goes
 
     b, s = median(base), median(send)
     print(f"python3 -c pass            median {b * 1e3:8.1f} ms")
@@ -273,16 +257,9 @@ def main() -> None:
           "   (reconnect included)")
     print(f"baseline: control calls/s, same 4 senders, no disk or network (endpoint.whoami): {control_rate:8.0f}"
           f"   ratio 4 senders {rate / control_rate:.2f}x")
-    i, lq, rq = median(ipc) * 1e3, median(local_q) * 1e3, median(remote_q) * 1e3
-    hop = rq - i
-    print("where a ring's time goes (medians, by subtraction; each call on a new control connection):")
-    print(f"  control call to the local daemon (connect, request, answer)   {i:7.2f} ms")
-    print(f"  durable spool write on one node (local send, QUEUED - call)   {lq - i:7.2f} ms")
-    print(f"  one message hop to beta, spooled there (remote send - call)   {hop:7.2f} ms"
-          f"  (transport RTT {t50:.2f} ms of it)")
-    rest = r50 - (2 * hop + 2 * i)
-    print(f"  a ring = 2 calls + 2 hops = {2 * i + 2 * hop:.2f} ms; the rest, {rest:.2f} ms, is handing the"
-          " envelopes to the waiting agents and their acks")
+    print(f"where a ring's time goes (traced rings on a second pair of daemons, p50 {pct(traced_rtts, 0.5):.2f} ms;"
+          " each daemon's commits are numbered in order: a ring's spool write, its ack's record, a reply's claim):")
+    print("\n".join(breakdown))
     row("`spt send` wall time", s * 1e3, "ms", baseline_name="python3 -c pass", baseline=b * 1e3, goal="<= 3")
     row("cross-node ring RTT p50", r50, "ms", baseline_name="transport request RTT p50", baseline=t50, goal="<= 3")
     row("`spt ring` agent-visible (CLI start included)", c50, "ms", baseline_name="python3 -c pass",

@@ -17,6 +17,7 @@ import argparse
 import collections
 import os
 import re
+import shutil
 import socket
 import statistics
 import sys
@@ -95,7 +96,7 @@ def ring_once(node: Node, mark: Marks) -> tuple[int, int]:
     return start, end
 
 
-def breakdown(trace: Path, windows: list[tuple[int, int]]) -> None:
+def breakdown(trace: Path, windows: list[tuple[int, int]]) -> list[str]:
     """Each point the rings in `windows` pass (the k-th time a process passes a point is its own
     point), in order of its median time after the ring started, with that median and the gap to
     the point before it. Points that only some rings pass (under 90 %) are left out."""
@@ -116,11 +117,12 @@ def breakdown(trace: Path, windows: list[tuple[int, int]]) -> None:
             offsets[name if seen[name] == 1 else f"{name} #{seen[name]}"].append((stamp - start) / 1e6)
             i += 1
     common = {name: statistics.median(ms) for name, ms in offsets.items() if len(ms) >= 0.9 * len(windows)}
-    print(f"  {'after (ms)':>10} {'gap (ms)':>9}  point (median over {len(windows)} rings)")
+    lines = [f"  {'after (ms)':>10} {'gap (ms)':>9}  point (median over {len(windows)} rings)"]
     before = 0.0
     for name, at in sorted(common.items(), key=lambda kv: kv[1]):
-        print(f"  {at:10.3f} {at - before:9.3f}  {name}")
+        lines.append(f"  {at:10.3f} {at - before:9.3f}  {name}")
         before = at
+    return lines
 
 
 def cpu_seconds(node: Node) -> tuple[float, float]:
@@ -132,15 +134,13 @@ def cpu_seconds(node: Node) -> tuple[float, float]:
     return int(fields[11]) / tick, int(fields[12]) / tick
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rings", type=int, default=200)
-    parser.add_argument("--trace", action="store_true", help="trace the rings and print where the time goes")
-    args = parser.parse_args()
+def measure(rings: int, *, traced: bool) -> tuple[list[float], list[list[float]], list[str]]:
+    """Ring RTTs (ms) of `rings` rings between two fresh daemons, their CPU per ring (ms, user
+    and system, alpha then beta) and, `traced`, the breakdown lines."""
     tmp = Path(tempfile.mkdtemp(prefix="spt-ring-"))
     trace = tmp / "trace"
-    env = {"SPT_TRACE": str(trace)} if args.trace else {}
-    mark = Marks(str(trace) if args.trace else None)
+    env = {"SPT_TRACE": str(trace)} if traced else {}
+    mark = Marks(str(trace) if traced else None)
     factory = NodeFactory()
     try:
         alpha, beta = factory.subnet(["alpha", "beta"], **({"env": env} if env else {}))
@@ -153,8 +153,8 @@ def main() -> None:
         for _ in range(10):
             ring_once(alpha, Marks(None))
         before = [cpu_seconds(alpha), cpu_seconds(beta)]
-        windows = [ring_once(alpha, mark) for _ in range(args.rings)]
-        cpu = [[(b - a) / args.rings * 1e3 for a, b in zip(was, cpu_seconds(n), strict=True)]
+        windows = [ring_once(alpha, mark) for _ in range(rings)]
+        cpu = [[(b - a) / rings * 1e3 for a, b in zip(was, cpu_seconds(n), strict=True)]
                for n, was in zip((alpha, beta), before, strict=True)]
         bob_conn.sock.shutdown(socket.SHUT_RDWR)
         bob.join(5)
@@ -162,12 +162,22 @@ def main() -> None:
     finally:
         factory.close()
     rtts = [(end - start) / 1e6 for start, end in windows]
+    lines = breakdown(trace, windows) if traced else []
+    shutil.rmtree(tmp, ignore_errors=True)
+    return rtts, cpu, lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rings", type=int, default=200)
+    parser.add_argument("--trace", action="store_true", help="trace the rings and print where the time goes")
+    args = parser.parse_args()
+    rtts, cpu, lines = measure(args.rings, traced=args.trace)
     print(f"cross-node ring RTT ({args.rings} rings{', traced' if args.trace else ''}): "
           f"p50 {pct(rtts, 0.5):.3f} ms  p90 {pct(rtts, 0.9):.3f} ms  p99 {pct(rtts, 0.99):.3f} ms")
     print("daemon CPU per ring (user + system): " + "  ".join(
         f"{name} {u + k:.2f} ms ({u:.2f} + {k:.2f})" for name, (u, k) in zip(("alpha", "beta"), cpu, strict=True)))
-    if args.trace:
-        breakdown(trace, windows)
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

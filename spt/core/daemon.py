@@ -713,8 +713,9 @@ class Daemon:
                 return
             call = Call(op_name, args, uid, bool(req.get("interactive")), reader, writer)
             trace.mark(f"ctl {op_name} in")
-            await self._answer(writer, await self._dispatch(call))
-            trace.mark(f"ctl {op_name} answered")
+            answer = await self._dispatch(call)
+            trace.mark(f"ctl {op_name} answers")
+            await self._answer(writer, answer)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass  # the CLI went away: nothing to answer
         finally:
