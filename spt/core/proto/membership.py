@@ -575,6 +575,16 @@ REMOVAL_COST: Final = 4  # reserve entries removing one member take at most (see
 MAX_MEMBERS: Final = MAX_LOG_ENTRIES // RESERVE_SHARE // REMOVAL_COST  # 1,024: removing all fits the reserve
 MAX_QUARANTINE: Final = 512  # dropped entries kept in memory in case a valid entry names them
 ESSENTIAL_TYPES: Final = frozenset({PRUNE, LEAVE, SEED_ROTATE, REKEY})
+# what a stored entry is charged as: its author's ordinary or essential entry (capped per member),
+# or another key's entry a member's entry brought in (vouched: not capped per member)
+_ORDINARY: Final = "ordinary"
+_ESSENTIAL: Final = "essential"
+_VOUCHED: Final = "vouched"
+
+
+def _admits(entry: Entry) -> NodeId | None:
+    """The key `entry` admits (create, join, rekey), if any."""
+    return entry.subject() if entry.type in (CREATE, JOIN, REKEY) else None
 
 
 class MembershipLog:
@@ -598,8 +608,8 @@ class MembershipLog:
         self._present: dict[bytes, Entry] = {}
         self._pending: dict[bytes, Entry] = {}
         self._quarantine: OrderedDict[bytes, Entry] = OrderedDict()
-        self._charged: dict[bytes, tuple[NodeId, bool]] = {}  # entry -> (the member it is charged to, essential)
-        self._spent: Counter[tuple[NodeId, bool]] = Counter()  # (member, essential) -> entries charged
+        self._charged: dict[bytes, tuple[NodeId, str]] = {}  # entry -> (the member it is charged to, _ORDINARY ...)
+        self._spent: Counter[tuple[NodeId, str]] = Counter()  # (member, kind) -> entries charged
         self._rotated: Counter[bytes] = Counter()  # removal -> stored rotations naming it as a parent
         self._reserve_rekeyed: set[NodeId] = set()  # keys a rekey stored in the reserve introduced
         self._reserve_removals: set[bytes] = set()  # prunes and rekeys stored in the reserve
@@ -662,8 +672,12 @@ class MembershipLog:
         return max(2, self._max_entries // RESERVE_SHARE // REMOVAL_COST)
 
     def spent(self, member: NodeId) -> tuple[int, int]:
-        """(ordinary, essential) stored entries charged to `member`."""
-        return self._spent[(member, False)], self._spent[(member, True)]
+        """(ordinary, essential) stored entries charged to `member` (its own, capped)."""
+        return self._spent[(member, _ORDINARY)], self._spent[(member, _ESSENTIAL)]
+
+    def vouched(self, member: NodeId) -> int:
+        """Stored entries of other keys that `member`'s entries brought in (not capped per member)."""
+        return self._spent[(member, _VOUCHED)]
 
     def __contains__(self, entry_hash: object) -> bool:
         return entry_hash in self._present
@@ -757,8 +771,8 @@ class MembershipLog:
         waiting: dict[bytes, list[bytes]] = {}  # absent parent -> entries of `todo` waiting for it
 
         def install(h: bytes, entry: Entry, payer: NodeId, *, endorsed: bool = False) -> None:
-            """Store `entry`, charged to the member `payer`: its author, or its endorser (then as
-            an ordinary entry, whatever its type)."""
+            """Store `entry`, charged to the member `payer`: its author, or its endorser (then its
+            own entries as ordinary ones, whatever their type, and other keys' as vouched)."""
             for child in waiting.pop(h, ()):
                 missing_count[child] -= 1
                 if missing_count[child] == 0 and child in todo:
@@ -768,7 +782,13 @@ class MembershipLog:
                 if entry.type == REKEY:
                     self._reserve_rekeyed.add(entry.key("new"))
             self._present[h] = entry
-            self._charge(h, entry, payer, essential=entry.type in ESSENTIAL_TYPES and not endorsed)
+            if endorsed:
+                kind = _ORDINARY if entry.author == payer else _VOUCHED
+            else:
+                kind = _ESSENTIAL if entry.type in ESSENTIAL_TYPES else _ORDINARY
+            self._charge(h, entry, payer, kind)
+            if admitted_ever is not None and (admits := _admits(entry)) is not None:
+                admitted_ever.add(admits)
             new.append(h)
             if entry.type == CREATE:
                 self._create = h
@@ -782,6 +802,16 @@ class MembershipLog:
             if admitted is not None:
                 members.add(admitted)
                 known.add(admitted)
+
+        admitted_ever: set[NodeId] | None = None  # keys any stored entry admits, valid or not
+
+        def ever_admitted() -> set[NodeId]:
+            """A copy of the keys admitted by stored entries (built once per merge, on the first
+            endorsement): a chain's links may be signed only by those, or by keys it admits."""
+            nonlocal admitted_ever
+            if admitted_ever is None:
+                admitted_ever = {k for e in self._present.values() if (k := _admits(e)) is not None}
+            return set(admitted_ever)
 
         at_hand: dict[bytes, bool] = {}  # not stored: is all its unstored ancestry dropped or arriving?
         # Entries `endorse` may still visit in this merge. A walk that installs its chain is never
@@ -834,11 +864,26 @@ class MembershipLog:
                     seen.add(h)
                     stack.append((h, True))
                     stack.extend((p, False) for p in found.parents)
-            # what it brings in is charged to the endorsing member, as ordinary entries: a chain
-            # signed by keys nobody admitted is that member's, and counts against its budget
+            # What it brings in is charged to the endorsing member. Its own links count against
+            # its ordinary budget (its own chain past its cap stays out). A link signed by a key
+            # that no entry here or in the chain admits is refused (a chain of throw-away keys).
+            # Other keys' links are vouched for, not capped per member: the budgets are decided in
+            # arrival order, which a hostile member chooses, so a replica may have stored on the
+            # author's account what does not fit it here; refusing them would drop an honest
+            # member's entries built on them here for ever, and split the replicas.
             if len(self._present) + len(chain) > self.ordinary_cap:
                 return
-            if self._spent[(entry.author, False)] + len(chain) > MAX_ENTRIES_PER_AUTHOR:
+            admitted = ever_admitted()
+            own = 0
+            for h in chain:
+                link = todo[h] if h in todo else self._quarantine[h]
+                if link.author == entry.author:
+                    own += 1
+                elif link.author not in admitted:
+                    return
+                if (admits := _admits(link)) is not None:
+                    admitted.add(admits)
+            if self._spent[(entry.author, _ORDINARY)] + own > MAX_ENTRIES_PER_AUTHOR:
                 return
             for h in chain:
                 install(h, todo.pop(h) if h in todo else self._quarantine.pop(h), entry.author, endorsed=True)
@@ -908,12 +953,12 @@ class MembershipLog:
         if stored >= self._max_entries:
             return f"the log holds {self._max_entries} entries already"
         if entry.type in ESSENTIAL_TYPES:
-            if self._spent[(entry.author, True)] >= MAX_ESSENTIAL_PER_AUTHOR:
+            if self._spent[(entry.author, _ESSENTIAL)] >= MAX_ESSENTIAL_PER_AUTHOR:
                 return f"its author has {MAX_ESSENTIAL_PER_AUTHOR} prunes, leaves, rekeys and rotations already"
             return self._reserve_problem(entry, members) if stored >= self.ordinary_cap else ""
         if stored >= self.ordinary_cap:
             return f"the log holds {self.ordinary_cap} entries; the rest is kept for removals"
-        if self._spent[(entry.author, False)] >= MAX_ENTRIES_PER_AUTHOR:
+        if self._spent[(entry.author, _ORDINARY)] >= MAX_ENTRIES_PER_AUTHOR:
             return f"its author has {MAX_ENTRIES_PER_AUTHOR} entries already"
         if entry.type == JOIN and len(members) >= self.max_members:
             return f"the subnet has {self.max_members} members"
@@ -937,9 +982,9 @@ class MembershipLog:
             return "in the reserve a rotation follows its author's own prune or rekey, once"
         return ""
 
-    def _charge(self, h: bytes, entry: Entry, payer: NodeId, *, essential: bool) -> None:
-        self._charged[h] = (payer, essential)
-        self._spent[(payer, essential)] += 1
+    def _charge(self, h: bytes, entry: Entry, payer: NodeId, kind: str) -> None:
+        self._charged[h] = (payer, kind)
+        self._spent[(payer, kind)] += 1
         if entry.type == SEED_ROTATE:
             self._rotated.update(entry.parents)
 

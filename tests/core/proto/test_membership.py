@@ -733,3 +733,61 @@ def test_at_the_cap_a_member_and_its_sybils_cannot_lock_out_prunes_leaves_and_re
     assert set(log.state().members) == {a.id, b2.id} and len(log) <= 160
     # ordinary entries wait for a log with room: a label is refused, whoever signs it
     assert not add(make_label(a.key, parents=log.valid_heads(), label="later", hlc=a.hlc()))
+
+
+def _converge(*logs, rounds: int = 4) -> None:
+    """Every log merges every other's stored entries, until nothing changes (bounded)."""
+    for _ in range(rounds):
+        changed = False
+        for x in logs:
+            for y in logs:
+                if x is not y:
+                    changed |= bool(x.merge(y.entries()).added)
+        if not changed:
+            return
+
+
+def test_a_member_over_its_budget_in_two_orders_cannot_split_the_replicas(nodes, monkeypatch):
+    """mallory, a member, sends one branch of labels that fills its budget to replica A and
+    another to replica B: each stores its own branch and drops the other's. bob then labels and
+    prunes mallory on A, carol labels on B, each on its replica's heads. An honest member's entry
+    brings in the branch its replica stored (on the honest member's account), so both replicas
+    end with the same log; before, bob's entries were dropped on B for ever (the branch under them
+    did not fit bob's budget) and the replicas split, each dropping the other's new entries."""
+    from spt.core.proto import membership
+
+    monkeypatch.setattr(membership, "MAX_ENTRIES_PER_AUTHOR", 8)
+    log, _ = base_log(nodes, "bob", "carol", "dave")
+    a, b, c, m = (nodes[n] for n in ("alice", "bob", "carol", "dave"))
+    replica_a, replica_b = log.copy(), log.copy()
+    heads = list(log.valid_heads())
+
+    def branch(tag):
+        out, parents = [], heads
+        for i in range(8):
+            out.append(make_label(m.key, parents=parents, label=f"{tag}{i}", hlc=m.hlc()))
+            parents = [out[-1].hash]
+        return out
+
+    first, second = branch("l"), branch("m")
+    assert len(replica_a.merge(first).added) == 8 and len(replica_b.merge(second).added) == 8
+    assert not replica_a.merge(second).added and not replica_b.merge(first).added  # over budget
+    bob_label = make_label(b.key, parents=replica_a.valid_heads(), label="bob2", hlc=b.hlc())
+    replica_a.merge([bob_label])
+    prune = make_prune(b.key, parents=replica_a.valid_heads(), target=m.id, hlc=b.hlc())
+    replica_a.merge([prune])
+    carol_label = make_label(c.key, parents=replica_b.valid_heads(), label="carol2", hlc=c.hlc())
+    replica_b.merge([carol_label])
+    _converge(replica_a, replica_b)
+    for replica in (replica_a, replica_b):
+        for entry in (bob_label, prune, carol_label):
+            assert entry.hash in replica, entry.type
+        assert replica.state().standing(m.id) == "pruned"
+    assert set(replica_a.ordered_hashes()) == set(replica_b.ordered_hashes())
+    assert replica_a.state() == replica_b.state()
+    # a restart (the stored entries merged again, in one batch) keeps every honest entry
+    again = MembershipLog.from_entries(log.subnet_id, replica_b.entries())
+    for entry in (bob_label, prune, carol_label):
+        assert entry.hash in again
+    assert again.state() == replica_b.state()
+    assert a.id in again.state().members
