@@ -5,7 +5,9 @@
 Target (issue 2): ratio ≤ 4. The two commands run in turn (load on a shared machine falls on
 both alike), from compiled bytecode as an installed spt would. Other commands are timed in the
 same runs; `spt subnet create` (issue 14: ≤ 200 ms, QR code included) only as root, since it is
-an elevated command, and `--debug` sends a plain command through click for comparison.
+an elevated command, and `--debug` sends a plain command through click for comparison. Also as
+root: `ready --once`, `send` and `whoami` on a node that holds HELD_SUBNETS subnets, beside the
+same commands on the node that holds none (what they cost per subnet held, issue 14).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from _util import compile_spt, median, pct, row, time_command, time_interleaved
 
 from spt.testing.nodes import NodeFactory
 
+HELD_SUBNETS = 20
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
@@ -36,7 +40,14 @@ def main() -> None:
         ("spt rc --help", lambda _: ["rc", "--help"]),  # a plugin's command, found in the cached table
     ]
     creates: list[tuple[str, Callable[[int], list[str]]]] = []
+    # (name, argv, stdin), each on the node with no subnet and on the one with HELD_SUBNETS
+    per_subnet: list[tuple[str, Callable[[int], list[str]], bytes]] = []
     if os.geteuid() == 0:
+        per_subnet = [
+            ("spt ready --once", lambda _: ["ready", "poller", "--once", "--timeout", "0"], b""),
+            ("spt send", lambda _: ["send", "poller"], b"hi"),  # from a new transient sender each time
+            ("spt whoami", lambda _: ["whoami"], b""),
+        ]
         creates = [
             ("spt subnet create", lambda run: ["subnet", "create", f"plain{run}"]),  # plain; a new subnet each run
             ("spt subnet create (click)", lambda run: ["--debug", "subnet", "create", f"click{run}"]),
@@ -47,11 +58,20 @@ def main() -> None:
         # the subnets created pile up on a node of their own: `ready` and `subnet status` cost
         # more with every subnet held, and would be timed on a different node each run
         creator = factory("bench-create") if creates else node
+        holder = factory("bench-held") if per_subnet else node
+        for i in range(HELD_SUBNETS if per_subnet else 0):
+            holder.cli("subnet", "create", f"held{i}", check=True)
+        if per_subnet:  # the poller is homed in one of them, and drains what the sends leave
+            holder.cli("ready", "poller", "--subnet", "held0", "--once", "--timeout", "0", check=True)
         compile_spt()
         for argv in (["node", "show"], *(a(-1) for _, a in others)):
             time_command([spt_exe, *argv], 3, env=node.env)  # warm the page cache and the command table
         for _, words in creates:
             time_command([spt_exe, *words(-1)], 1, env=creator.env)
+        agent = {"SPT_AGENT_ID": "poller"}  # whoami's identity
+        for _, words, stdin in per_subnet:
+            for n in (node, holder):
+                time_command([spt_exe, *words(-1)], 1, env={**n.env, **agent}, input=stdin)
         commands: list[tuple[list[str] | Callable[[int], list[str]], dict[str, str] | None, bytes]] = [
             ([sys.executable, "-c", "pass"], None, b""), ([spt_exe, "node", "show"], node.env, b"")
         ]
@@ -62,6 +82,9 @@ def main() -> None:
         commands += [(spt_argv(words), node.env, b"") for _, words in others]
         commands += [(spt_argv(words), creator.env, b"") for _, words in creates]
         others += creates
+        for name, words, stdin in per_subnet:
+            commands += [(spt_argv(words), {**n.env, **agent}, stdin) for n in (node, holder)]
+            others += [(f"{name} (0 subnets)", words), (f"{name} ({HELD_SUBNETS} subnets)", words)]
         base, spt, *rest = time_interleaved(commands, args.runs)
     finally:
         factory.close()
@@ -71,7 +94,7 @@ def main() -> None:
     print(f"ratio spt/python     {s / b:7.2f}x   (target <= 4)")
     print("other commands, same runs:")
     for (name, _), samples in zip(others, rest, strict=True):
-        print(f"  {name:26} median {median(samples) * 1000:7.1f} ms  ratio {median(samples) / b:5.2f}x")
+        print(f"  {name:30} median {median(samples) * 1000:7.1f} ms  ratio {median(samples) / b:5.2f}x")
     row("`spt node show` wall time", s * 1000, "ms", baseline_name="python3 -c pass", baseline=b * 1000, goal="<= 4")
 
 if __name__ == "__main__":

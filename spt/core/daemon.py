@@ -552,7 +552,7 @@ class Daemon:
     def on_endpoint_changed(self, perch_id: str) -> None:
         """A local perch changed (its id), or with "" this node's presence (user activity)."""
         try:
-            self.messaging.publish(rows_only=bool(perch_id))
+            self.messaging.publish(perch=perch_id or None)
         except Exception:
             # Publishing is best effort here; the next presence round publishes again.
             log.exception("publishing registry rows failed", extra={"perch": perch_id})

@@ -61,9 +61,15 @@ class EndpointViews:
             rows.append(self.remote_view(row, offline))
         return rows
 
-    def own_rows(self, sub: HeldSubnet, *, transient: bool) -> list[dict[str, Any]]:
+    def own_rows(self, sub: HeldSubnet, *, transient: bool, only: str | None = None) -> list[dict[str, Any]]:
+        """This node's rows visible in `sub`; with `only`, that perch's (none, or one)."""
+        if only is None:
+            perches = self.eps.perches(transient=transient)
+        else:  # a look-up, not a scan: a publish asks it for one perch in every subnet
+            found = self.eps._table().get(only.lower())
+            perches = [found] if found is not None and (transient or not found.transient) else []
         shown = [
-            p for p in self.eps.perches(transient=transient)
+            p for p in perches
             # an orphan (home left) is local-only (§4.8); a transient sender has no home at all
             if (p.home is not None or p.transient) and self.eps.visible(p, sub)
         ]
@@ -105,6 +111,10 @@ class EndpointViews:
         Transient `tmp.` perches are advertised too, so that replies to a ring reach them.
         """
         return self.own_rows(sub, transient=True)
+
+    def perch_rows(self, sub: HeldSubnet, perch_id: str) -> list[dict[str, Any]]:
+        """`local_rows(sub)` of one perch: none where it does not show, else its one row."""
+        return self.own_rows(sub, transient=True, only=perch_id)
 
     def count_visible(self, sub: HeldSubnet) -> int:
         return len(self.subnet_rows(sub))

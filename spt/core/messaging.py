@@ -95,9 +95,8 @@ class Messaging:
         self.members = daemon.members
         self.endpoints = daemon.endpoints
         self.views: dict[bytes, RegistryView] = {}
-        self._advertised: dict[bytes, dict[tuple[str, str], str]] = {}  # subnet -> (home, id) -> home name
-        # subnet -> the view and the local rows last signed into it (publish(rows_only=True))
-        self._signed_rows: dict[bytes, tuple[RegistryView, list[dict[str, Any]]]] = {}
+        # subnet -> (home, id) -> the local row last signed there (tombstones, publish(perch=…))
+        self._advertised: dict[bytes, dict[tuple[str, str], dict[str, Any]]] = {}
         self._drain_wake = asyncio.Event()
         self.staged_release: str | None = None  # the release this node offers (a plugin sets it)
         handlers = self.members.handlers
@@ -420,25 +419,10 @@ class Messaging:
             stamps = [self.daemon.subnets.stamp() for _ in subs]
         return version, stamps
 
-    def own_records(
-        self, sub: HeldSubnet, version: int, hlc: HlcTimestamp, rows: list[dict[str, Any]] | None = None,
-    ) -> list[RegistryRow | Presence]:
-        """This node's signed rows in `sub` (tombstones for rows no longer visible) and presence;
-        `rows` are its `local_rows(sub)` when the caller has them already."""
+    def own_records(self, sub: HeldSubnet, version: int, hlc: HlcTimestamp) -> list[RegistryRow | Presence]:
+        """This node's signed rows in `sub` (tombstones for rows no longer visible) and presence."""
         key = self.daemon.key
-        records: list[RegistryRow | Presence] = []
-        current: dict[tuple[str, str], str] = {}
-        for row in self.endpoints.local_rows(sub) if rows is None else rows:
-            home = row["home"] or ""
-            current[(home, row["id"])] = home
-            records.append(sign_row(
-                key, subnet=sub.name, endpoint_id=row["id"], home=home, version=version, hlc=hlc,
-                state=row["state"], ready=bool(row["ready"]), alive=bool(row["alive"]),
-                hosted=bool(row["hosted"]), description=row["description"] or "",
-            ))
-        for (home, endpoint_id) in set(self._advertised.get(sub.id, {})) - set(current):
-            records.append(sign_tombstone(key, subnet=sub.name, endpoint_id=endpoint_id, home=home, version=version, hlc=hlc))
-        self._advertised[sub.id] = current
+        records = self._rows_records(sub, self.endpoints.local_rows(sub), self._advertised.get(sub.id, {}), version, hlc)
         records.append(sign_presence(
             key, subnet=sub.name, version=version, software_version=__version__,
             addresses=tuple(self.daemon.addresses()), relays=self.daemon.announced_relays,
@@ -447,28 +431,68 @@ class Messaging:
         ))
         return records
 
-    def publish(self, *, rows_only: bool = False) -> None:
+    def _rows_records(
+        self, sub: HeldSubnet, rows: list[dict[str, Any]], advertised: Mapping[tuple[str, str], dict[str, Any]],
+        version: int, hlc: HlcTimestamp,
+    ) -> list[RegistryRow | Presence]:
+        """`rows` signed, and tombstones for the `advertised` rows they replace (every row this
+        node advertised in `sub`, or one perch's); `_advertised` remembers what was signed."""
+        key = self.daemon.key
+        records: list[RegistryRow | Presence] = []
+        current: dict[tuple[str, str], dict[str, Any]] = {}
+        for row in rows:
+            home = row["home"] or ""
+            current[(home, row["id"])] = row
+            records.append(sign_row(
+                key, subnet=sub.name, endpoint_id=row["id"], home=home, version=version, hlc=hlc,
+                state=row["state"], ready=bool(row["ready"]), alive=bool(row["alive"]),
+                hosted=bool(row["hosted"]), description=row["description"] or "",
+            ))
+        gone = set(advertised) - set(current)
+        for (home, endpoint_id) in gone:
+            records.append(sign_tombstone(key, subnet=sub.name, endpoint_id=endpoint_id, home=home, version=version, hlc=hlc))
+        signed = self._advertised.setdefault(sub.id, {})
+        for row_key in gone:
+            signed.pop(row_key, None)
+        signed.update(current)
+        return records
+
+    def publish(self, *, perch: str | None = None) -> None:
         """Re-sign this node's rows and presence everywhere and push them to connected members.
 
-        `rows_only` (a local perch changed): only in the subnets where this node's rows differ
-        from those it signed there last. A perch is visible in few of the subnets a node holds,
-        and each `spt ready` publishes twice, so re-signing every subnet made each call cost more
-        with every subnet held; presence elsewhere is unchanged, and the presence loop re-signs it.
+        With `perch` (the id of a local perch that changed): only that perch's rows, and only in
+        the subnets where they differ from what was signed there last. Re-signing every row in
+        every subnet made each `spt ready` (which publishes twice), `send` and `ring` cost more
+        with every subnet held and every transient sender of the last hour (issue 14). Presence
+        and the other rows are unchanged; the presence loop re-signs everything each round, which
+        also repairs a member that missed a push and then took a later one.
         """
-        subs = self.daemon.subnets.attached()
-        rows = {sub.id: self.endpoints.local_rows(sub) for sub in subs}
-        if rows_only:
-            subs = [s for s in subs if self._signed_rows.get(s.id) != (self.views.get(s.id), rows[s.id])]
-        if not subs:
+        plan: list[tuple[HeldSubnet, list[dict[str, Any]] | None]] = []  # None: everything
+        for sub in self.daemon.subnets.attached():
+            view = self.views.get(sub.id)
+            if perch is None or view is None or view.subnet != sub.name or sub.id not in self._advertised:
+                plan.append((sub, None))
+                continue
+            rows = self.endpoints.views.perch_rows(sub, perch)
+            if {(r["home"] or "", r["id"]): r for r in rows} != self._advertised_of(sub, perch):
+                plan.append((sub, rows))
+        if not plan:
             return  # nothing to sign (and no version to spend: that is a write to disk)
-        version, stamps = self._next_stamps(subs)
+        version, stamps = self._next_stamps([sub for sub, _ in plan])
         now_ms = int(time.time() * 1000)
-        for sub, hlc in zip(subs, stamps, strict=True):
-            records = self.own_records(sub, version, hlc, rows[sub.id])
-            view = self.view(sub)
-            view.merge_all(records, now_ms=now_ms, signed_here=True)
-            self._signed_rows[sub.id] = (view, rows[sub.id])
+        for (sub, perch_rows), hlc in zip(plan, stamps, strict=True):
+            if perch_rows is None:
+                records = self.own_records(sub, version, hlc)
+            else:
+                assert perch is not None  # they are that perch's rows
+                records = self._rows_records(sub, perch_rows, self._advertised_of(sub, perch), version, hlc)
+            self.view(sub).merge_all(records, now_ms=now_ms, signed_here=True)
             self.members.spawn(self._push_records(sub, records), "registry push")
+
+    def _advertised_of(self, sub: HeldSubnet, perch: str) -> dict[tuple[str, str], dict[str, Any]]:
+        """The rows of `perch` (any home) this node last signed in `sub`."""
+        key = perch.lower()
+        return {k: row for k, row in self._advertised.get(sub.id, {}).items() if k[1].lower() == key}
 
     async def announce(self, sub: HeldSubnet) -> None:
         """Sign and push this node's rows and presence in `sub` now, and wait for the pushes.
@@ -477,11 +501,8 @@ class Messaging:
         peers show this node `detached` at once rather than after the offline TTL (SPEC.md §4.8).
         """
         version, (hlc,) = self._next_stamps([sub])
-        rows = self.endpoints.local_rows(sub)
-        records = self.own_records(sub, version, hlc, rows)
-        view = self.view(sub)
-        view.merge_all(records, now_ms=int(time.time() * 1000), signed_here=True)
-        self._signed_rows[sub.id] = (view, rows)
+        records = self.own_records(sub, version, hlc)
+        self.view(sub).merge_all(records, now_ms=int(time.time() * 1000), signed_here=True)
         await self._push_records(sub, records)
 
     async def _push_records(self, sub: HeldSubnet, records: list[RegistryRow | Presence]) -> None:
@@ -602,7 +623,6 @@ class Messaging:
     def forget(self, sub: HeldSubnet) -> None:
         self.views.pop(sub.id, None)
         self._advertised.pop(sub.id, None)
-        self._signed_rows.pop(sub.id, None)
 
     def registry_rows(self) -> list[Row]:
         me = self.daemon.key.node_id
