@@ -22,7 +22,7 @@ What lives here, and the rules that hold for all of it:
    current answer for each served subnet (`locks=`) into every `ResponderSession.receive`.
 
 Message sequence (J → M unless marked):
-  hello · M: hello (state open | locked | not-here | expired | member) · pake · M: pake ·
+  hello · M: hello (state open | locked | not-here | expired | member | full) · pake · M: pake ·
   confirm · M: confirm + admit, or M: fail (code-mismatch [retry_step] | locked) ·
   countersign · M: bundle.
 """
@@ -56,6 +56,7 @@ from spt.core.proto.canonical import canonical_bytes, parse_canonical
 from spt.core.proto.hlc import Hlc
 from spt.core.proto.membership import (
     MAX_LOG_ENTRIES,
+    MAX_MEMBERS,
     SUBNET_ID_BYTES,
     Entry,
     MembershipLog,
@@ -94,6 +95,7 @@ __all__ = [
     "ResponderState",
     "ResponderSubnet",
     "SkewRetry",
+    "SubnetFull",
     "UnlockRecord",
     "iso_utc",
     "join_password",
@@ -133,7 +135,8 @@ LOCKED: Final = "locked"
 NOT_HERE: Final = "not-here"
 EXPIRED: Final = "expired"
 MEMBER: Final = "member"
-_HELLO_STATES: Final = (OPEN, LOCKED, NOT_HERE, EXPIRED, MEMBER)
+FULL: Final = "full"  # the log would drop a join now: the member cap, or no room for ordinary entries
+_HELLO_STATES: Final = (OPEN, LOCKED, NOT_HERE, EXPIRED, MEMBER, FULL)
 
 Message = dict[str, Any]
 
@@ -330,6 +333,17 @@ class AlreadyMember:
 
 
 @dataclass(frozen=True, slots=True)
+class SubnetFull:
+    """M would not store a join now (SPEC.md has no token for it: the closest, JOIN_REJECTED)."""
+
+    name: str
+
+    def error(self) -> SptError:
+        why = f"the subnet is full: it has the most members a subnet holds ({MAX_MEMBERS}), or no room for joins in its log"
+        return Refusal("JOIN_REJECTED", self.name, why)
+
+
+@dataclass(frozen=True, slots=True)
 class Interference:
     """M's key confirmation failed after ours passed: someone is interfering. Abort and warn."""
 
@@ -351,6 +365,7 @@ JoinerEvent = (
     | CodeExpired
     | NotHere
     | AlreadyMember
+    | SubnetFull
     | Interference
 )
 
@@ -798,6 +813,8 @@ class JoinerSession:
             event = CodeExpired(name)
         elif state == MEMBER:
             event = AlreadyMember(name)
+        elif state == FULL:
+            event = SubnetFull(name)
         else:
             self._go(_JIn.HELLO_OPEN, remote=True)
             self._step = self._hello_step = _int(m, "step")
@@ -1106,6 +1123,8 @@ class ResponderSession:
         }
         if self._joiner in state.members:
             return self._refuse(state.name, {**base, "state": MEMBER})
+        if ctx.log.join_problem(self._key.node_id):  # before any code is tried: nothing is counted
+            return self._refuse(state.name, {**base, "state": FULL})
         lock = _lock_of(locks, state.subnet_id)
         if lock.is_locked:
             until = lock.locked_until_ms or 0

@@ -31,6 +31,7 @@ from spt.core.proto.join import (
     ResponderState,
     ResponderSubnet,
     SkewRetry,
+    SubnetFull,
     UnlockRecord,
 )
 from spt.core.proto.membership import (
@@ -403,6 +404,28 @@ def test_existing_member_is_told(subnet):
     event = only(pump(joiner, responder).joiner_events, AlreadyMember)
     assert event.error().status_line().startswith("ALREADY_MEMBER:Home")
     assert responder.is_finished
+
+
+def test_full_subnet_refuses_before_any_guess_with_a_clear_error():
+    """A subnet at its member cap (MAX_MEMBERS; 2 in a 32-entry log) would drop the join entry on
+    arrival: the member says so at hello, nothing is counted, and the joiner gets a reason (it got
+    a ceremony that ended without one: the member's own join entry did not take effect)."""
+    small = make_subnet()
+    log = MembershipLog(small.id, max_entries=32)
+    for entry in small.log.entries():
+        log.add(entry)
+    assert len(log.state().members) == log.max_members == 2
+    full = Subnet(small.creator, small.other, log, small.contacts)
+    SUBNET_IDS[:] = [full.id]
+    _, joiner, responder = sessions(full)
+    run = pump(joiner, responder)
+    event = only(run.joiner_events, SubnetFull)
+    assert event.error().status_line().startswith("JOIN_REJECTED:Home the subnet is full")
+    assert [m["type"] for m in run.to_joiner] == ["hello"]
+    assert "pake" not in [m["type"] for m in run.to_member]
+    assert not any(isinstance(e, AttemptFailed) for e in run.responder_events)
+    assert only(run.responder_events, HelloRefused).state == "full"
+    assert responder.is_finished and joiner.is_finished
 
 
 def test_joiner_may_abort_after_hello(subnet):
