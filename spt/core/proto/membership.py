@@ -769,8 +769,14 @@ class MembershipLog:
                 frontier = {a for k in frontier for a in admitted_by.get(k, ())} - seen
             return False
 
+        # dropped in this merge: kept for it even when pushed out of the quarantine, so that an
+        # honest entry on top of many dropped ones (a member's wide fan of entries past its
+        # budget, arriving together) still brings them in, here as on a replica that stored them
+        dropped_now: dict[bytes, Entry] = {}
+
         def drop(h: bytes, entry: Entry, why: str) -> None:
             self._quarantine_entry(h, entry)
+            dropped_now[h] = entry
             dropped.append((h, why))
             # a prune of a key admitted here (a member, or one gone since: it may have left after
             # pruning the author) by a key whose standing traces to this log, refused: the
@@ -840,7 +846,7 @@ class MembershipLog:
                 h, parents_done = stack.pop()
                 if h in at_hand:
                     continue
-                found = todo.get(h) or self._quarantine.get(h)
+                found = todo.get(h) or self._quarantine.get(h) or dropped_now.get(h)
                 if found is None:
                     at_hand[h] = h in self._present
                 elif parents_done:
@@ -869,7 +875,7 @@ class MembershipLog:
                 if parents_done:
                     chain.append(h)
                 elif h not in self._present and h not in seen:
-                    found = todo.get(h) or self._quarantine.get(h)
+                    found = todo.get(h) or self._quarantine.get(h) or dropped_now.get(h)
                     if found is None:  # pushed out of a full quarantine during this merge
                         return
                     seen.add(h)
@@ -887,7 +893,7 @@ class MembershipLog:
             admitted = ever_admitted()
             own = 0
             for h in chain:
-                link = todo[h] if h in todo else self._quarantine[h]
+                link = todo.get(h) or self._quarantine.get(h) or dropped_now[h]
                 if link.author == entry.author:
                     own += 1
                 elif link.author not in admitted:
@@ -897,7 +903,9 @@ class MembershipLog:
             if self._spent[(entry.author, _ORDINARY)] + own > MAX_ENTRIES_PER_AUTHOR:
                 return
             for h in chain:
-                install(h, todo.pop(h) if h in todo else self._quarantine.pop(h), entry.author, endorsed=True)
+                link = todo.pop(h) if h in todo else self._quarantine.pop(h) if h in self._quarantine else dropped_now[h]
+                dropped_now.pop(h, None)
+                install(h, link, entry.author, endorsed=True)
 
         # entries whose parents are all stored go through the arrival check in (HLC, hash) order
         missing_count: dict[bytes, int] = {}
@@ -932,7 +940,7 @@ class MembershipLog:
         # (a worklist: passes over the batch until none dropped cost chain x batch on a chain
         # sent top first)
         def builds_on_dropped(h: bytes) -> bool:
-            return h in todo and all(p in self._present or p in self._quarantine for p in todo[h].parents)
+            return h in todo and all(p in self._present or p in self._quarantine or p in dropped_now for p in todo[h].parents)
 
         stuck = [h for h in todo if builds_on_dropped(h)]
         while stuck:

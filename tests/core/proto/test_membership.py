@@ -791,3 +791,35 @@ def test_a_member_over_its_budget_in_two_orders_cannot_split_the_replicas(nodes,
         assert entry.hash in again
     assert again.state() == replica_b.state()
     assert a.id in again.state().members
+
+
+def test_a_fan_of_entries_past_the_quarantine_is_still_brought_in_by_an_honest_entry(nodes, monkeypatch):
+    """mallory sends replica B a fan of labels (each on the same heads) that fills its budget, and
+    replica A a chain that fills it too; carol labels on B's heads. A receives the fan with carol's
+    label in one batch and drops the fan (over budget) into a quarantine too small for it: carol's
+    label brought in only what the quarantine still held, and waited on A for ever (at full size:
+    a fan of over 512 entries)."""
+    from spt.core.proto import membership
+
+    monkeypatch.setattr(membership, "MAX_ENTRIES_PER_AUTHOR", 8)
+    monkeypatch.setattr(membership, "MAX_QUARANTINE", 4)
+    log, _ = base_log(nodes, "bob", "carol", "dave")
+    c, m = nodes["carol"], nodes["dave"]
+    replica_a, replica_b = log.copy(), log.copy()
+    heads = list(log.valid_heads())
+    chain, parents = [], heads
+    for i in range(8):
+        chain.append(make_label(m.key, parents=parents, label=f"l{i}", hlc=m.hlc()))
+        parents = [chain[-1].hash]
+    fan = [make_label(m.key, parents=heads, label=f"f{i}", hlc=m.hlc()) for i in range(8)]
+    assert len(replica_a.merge(chain).added) == 8 and len(replica_b.merge(fan).added) == 8
+    carol_label = make_label(c.key, parents=replica_b.valid_heads(), label="carol2", hlc=c.hlc())
+    replica_b.merge([carol_label])
+    replica_a.merge(replica_b.entries())
+    assert carol_label.hash in replica_a and not replica_a.pending()
+    # the chain only A stored reaches B with the next honest entry built on it
+    bob = nodes["bob"]
+    replica_a.merge([make_label(bob.key, parents=replica_a.valid_heads(), label="bob2", hlc=bob.hlc())])
+    _converge(replica_a, replica_b)
+    assert set(replica_a.ordered_hashes()) == set(replica_b.ordered_hashes())
+    assert replica_a.state() == replica_b.state()
