@@ -589,7 +589,7 @@ class Daemon:
         register_subnet_ops(self, self.subnets)
         self.endpoints = Endpoints(self)
         register_endpoint_ops(self, self.endpoints)
-        self.resting = Resting(self.endpoints)
+        self.resting = Resting(self.endpoints, self)
         register_resting_ops(self, self.resting)
         self.hosting = Hosting(self)
         register_hosting_ops(self, self.hosting)

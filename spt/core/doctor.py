@@ -115,7 +115,7 @@ def checks(daemon: Daemon, cli_version: str | None) -> list[dict[str, str]]:
     _inboxes(daemon, add)
     _updates(daemon, add)
     _air_gap(daemon, add)
-    for name, check in list(getattr(daemon, "doctor_checks", {}).items()):
+    for name, check in list(daemon.doctor_checks.items()):
         try:
             for level, check_name, detail in check():
                 add(level, check_name, detail)

@@ -6,15 +6,18 @@
   (`spt.core.hosting.service`): SIGSTOP, SIGTERM/grace/SIGKILL, SIGCONT or a fresh run.
 - What was held is released by the first drain after the wake edge, exactly once (the spool's
   rule; nothing here hands out messages).
-- A remote perch is asked through the daemon's `remote_request` (the network layer); requests are
+- A remote perch is asked through the host's `remote_request` (the network layer); requests are
   never queued: no answer is UNREACHABLE.
+
+What it needs of the node is `RestingHost` (the daemon passes itself): every member is required,
+so a host that lacks one is a type error, not a request that silently does nothing.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from spt.core.endpoints import RESTING, Endpoints, Perch
 from spt.core.errors import PeerError, Refusal, RemoteProtocolError
@@ -24,6 +27,7 @@ from spt.core.types import check_endpoint_id
 
 if TYPE_CHECKING:
     from spt.core.daemon import Call, Daemon
+    from spt.core.subnets import Subnets
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +43,34 @@ def grace_of(args: Mapping[str, Any]) -> float:
     return max(0.0, min(float(grace), MAX_GRACE))
 
 
+class HostedProcesses(Protocol):
+    """What resting asks of the hosting service (`spt.core.hosting.service.Hosting`): both do
+    nothing for a perch with no running (or remembered) process."""
+
+    async def rest(self, perch: Perch, *, warm: bool, grace: float) -> None: ...
+
+    async def wake(self, perch: Perch) -> None: ...
+
+
+class RestingHost(Protocol):
+    """What `Resting` asks of the node around it; the daemon is one."""
+
+    @property
+    def subnets(self) -> Subnets: ...
+
+    @property
+    def hosting(self) -> HostedProcesses: ...
+
+    async def remote_request(self, node: NodeId, subnet: str, kind: str, args: Mapping[str, Any]) -> dict[str, Any]:
+        """Ask `node` through `subnet`; raises PeerError, TimeoutError or ConnectionError when it
+        cannot be reached (UNREACHABLE here), Refusal for its own refusal."""
+        ...
+
+
 class Resting:
-    def __init__(self, endpoints: Endpoints) -> None:
+    def __init__(self, endpoints: Endpoints, host: RestingHost) -> None:
         self.eps = endpoints
-        self.daemon = endpoints.daemon
+        self.host = host
 
     def suspend_local(self, perch: Perch, *, warm: bool) -> str:
         """Rest a local perch: any listener exits with SUSPENDED; returns the token."""
@@ -61,17 +89,15 @@ class Resting:
     async def rest(self, perch: Perch, *, warm: bool, grace: float) -> str:
         """Suspend (or, warm, make dormant) a local perch and its hosted process, if any."""
         token = self.suspend_local(perch, warm=warm)  # messages are held from this moment
-        hosting = getattr(self.daemon, "hosting", None)
-        if perch.hosted and hosting is not None:
-            await hosting.rest(perch, warm=warm, grace=grace)
+        if perch.hosted:
+            await self.host.hosting.rest(perch, warm=warm, grace=grace)
         return token
 
     async def wake(self, perch: Perch) -> str:
         """The wake edge, then SIGCONT or a fresh run of the remembered command (hosted)."""
         token = self.wake_local(perch)
-        hosting = getattr(self.daemon, "hosting", None)
-        if perch.hosted and hosting is not None:
-            await hosting.wake(perch)
+        if perch.hosted:
+            await self.host.hosting.wake(perch)
         return token
 
     async def rest_or_wake(self, address_text: str, kind: str, args: Mapping[str, Any]) -> str:
@@ -82,11 +108,8 @@ class Resting:
             if kind == "endpoint.wake":
                 return await self.wake(perch)
             return await self.rest(perch, warm=bool(args.get("warm")), grace=grace_of(args))
-        request = getattr(self.daemon, "remote_request", None)
-        if request is None:
-            raise Refusal("UNREACHABLE", address_text, "the hosting node cannot be reached")
         try:
-            answer = await request(
+            answer = await self.host.remote_request(
                 target.node.key, target.subnet, kind, {**args, "id": target.row.endpoint_id}
             )
         except (PeerError, TimeoutError, ConnectionError) as exc:
@@ -106,7 +129,7 @@ class Resting:
         perch = self.eps.get(perch_id)
         if perch is None or not any(s.canonical == subnet.lower() for s in self.eps.visible_in(perch)):
             raise Refusal("NO_PERCH", perch_id)
-        label = self.daemon.subnets.label_of(requester) or requester.short
+        label = self.host.subnets.label_of(requester) or requester.short
         log.info("remote request", extra={"op": kind, "perch": perch.id, "by": requester.display(label)})
         if kind == "endpoint.suspend":
             return {"token": await self.rest(perch, warm=bool(args.get("warm")), grace=grace_of(args))}

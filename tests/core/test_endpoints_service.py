@@ -21,7 +21,20 @@ from spt.core.subnets import Subnets
 FAR = NodeKey.generate().node_id
 
 
+class NoProcesses:
+    """Hosting with no hosted process (none of these perches is hosted)."""
+
+    async def rest(self, perch, *, warm, grace):
+        raise AssertionError(f"{perch.id} is not hosted")
+
+    async def wake(self, perch):
+        raise AssertionError(f"{perch.id} is not hosted")
+
+
 class FakeDaemon:
+    """The node around the endpoint service (`EndpointsHost`, `RestingHost`), with no network:
+    every other node is unreachable until a test puts a network hook in."""
+
     def __init__(self, root):
         self.paths = StatePaths(root)
         self.paths.ensure()
@@ -30,8 +43,9 @@ class FakeDaemon:
         self.config = NodeConfig()
         self.label = "here"
         self.subnets = Subnets(self)
+        self.hosting = NoProcesses()
         self.endpoints = Endpoints(self)
-        self.resting = Resting(self.endpoints)
+        self.resting = Resting(self.endpoints, self)
         self.changed = []
 
     def on_endpoint_changed(self, perch_id):
@@ -39,6 +53,9 @@ class FakeDaemon:
 
     def registry_rows(self):
         return [Row(subnet="home", endpoint_id="far", home="home", node=FAR, state="active")]
+
+    async def remote_request(self, node, subnet, kind, args):
+        raise UnreachableError(node.short, "no network in this test")
 
 
 @pytest.fixture
