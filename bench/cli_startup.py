@@ -6,7 +6,7 @@ Target (issue 2): ratio ≤ 4. The two commands run in turn (load on a shared ma
 both alike), from compiled bytecode as an installed spt would. Other commands are timed in the
 same runs; `spt subnet create` (issue 14: ≤ 200 ms, QR code included) only as root, since it is
 an elevated command, and `--debug` sends a plain command through click for comparison. Also as
-root: `ready --once`, `send` and `whoami` on a node that holds HELD_SUBNETS subnets, beside the
+root: `ready --once`, `send`, `ring` and `whoami` on a node that holds HELD_SUBNETS subnets, beside the
 same commands on the node that holds none (what they cost per subnet held, issue 14).
 """
 
@@ -40,13 +40,17 @@ def main() -> None:
         ("spt rc --help", lambda _: ["rc", "--help"]),  # a plugin's command, found in the cached table
     ]
     creates: list[tuple[str, Callable[[int], list[str]]]] = []
-    # (name, argv, stdin), each on the node with no subnet and on the one with HELD_SUBNETS
-    per_subnet: list[tuple[str, Callable[[int], list[str]], bytes]] = []
+    # (name, argv, stdin, env), each on the node with no subnet and on the one with HELD_SUBNETS;
+    # as an agent would (SPT_AGENT_ID=poller) or with no identity (a new transient sender each time)
+    agent, nobody = {"SPT_AGENT_ID": "poller"}, {}
+    per_subnet: list[tuple[str, Callable[[int], list[str]], bytes, dict[str, str]]] = []
     if os.geteuid() == 0:
         per_subnet = [
-            ("spt ready --once", lambda _: ["ready", "poller", "--once", "--timeout", "0"], b""),
-            ("spt send", lambda _: ["send", "poller"], b"hi"),  # from a new transient sender each time
-            ("spt whoami", lambda _: ["whoami"], b""),
+            ("spt ready --once", lambda _: ["ready", "poller", "--once", "--timeout", "0"], b"", agent),
+            ("spt send", lambda _: ["send", "poller"], b"hi", agent),
+            ("spt send, no identity", lambda _: ["send", "poller"], b"hi", nobody),
+            ("spt ring --timeout 0", lambda _: ["ring", "poller", "--timeout", "0"], b"hi", agent),  # TIMEOUT at once
+            ("spt whoami", lambda _: ["whoami"], b"", agent),
         ]
         creates = [
             ("spt subnet create", lambda run: ["subnet", "create", f"plain{run}"]),  # plain; a new subnet each run
@@ -68,10 +72,9 @@ def main() -> None:
             time_command([spt_exe, *argv], 3, env=node.env)  # warm the page cache and the command table
         for _, words in creates:
             time_command([spt_exe, *words(-1)], 1, env=creator.env)
-        agent = {"SPT_AGENT_ID": "poller"}  # whoami's identity
-        for _, words, stdin in per_subnet:
+        for _, words, stdin, who in per_subnet:
             for n in (node, holder):
-                time_command([spt_exe, *words(-1)], 1, env={**n.env, **agent}, input=stdin)
+                time_command([spt_exe, *words(-1)], 1, env={**n.env, **who}, input=stdin)
         commands: list[tuple[list[str] | Callable[[int], list[str]], dict[str, str] | None, bytes]] = [
             ([sys.executable, "-c", "pass"], None, b""), ([spt_exe, "node", "show"], node.env, b"")
         ]
@@ -82,8 +85,8 @@ def main() -> None:
         commands += [(spt_argv(words), node.env, b"") for _, words in others]
         commands += [(spt_argv(words), creator.env, b"") for _, words in creates]
         others += creates
-        for name, words, stdin in per_subnet:
-            commands += [(spt_argv(words), {**n.env, **agent}, stdin) for n in (node, holder)]
+        for name, words, stdin, who in per_subnet:
+            commands += [(spt_argv(words), {**n.env, **who}, stdin) for n in (node, holder)]
             others += [(f"{name} (0 subnets)", words), (f"{name} ({HELD_SUBNETS} subnets)", words)]
         base, spt, *rest = time_interleaved(commands, args.runs)
     finally:
@@ -94,7 +97,7 @@ def main() -> None:
     print(f"ratio spt/python     {s / b:7.2f}x   (target <= 4)")
     print("other commands, same runs:")
     for (name, _), samples in zip(others, rest, strict=True):
-        print(f"  {name:30} median {median(samples) * 1000:7.1f} ms  ratio {median(samples) / b:5.2f}x")
+        print(f"  {name:34} median {median(samples) * 1000:7.1f} ms  ratio {median(samples) / b:5.2f}x")
     row("`spt node show` wall time", s * 1000, "ms", baseline_name="python3 -c pass", baseline=b * 1000, goal="<= 4")
 
 if __name__ == "__main__":

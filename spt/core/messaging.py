@@ -95,8 +95,9 @@ class Messaging:
         self.members = daemon.members
         self.endpoints = daemon.endpoints
         self.views: dict[bytes, RegistryView] = {}
-        # subnet -> (home, id) -> the local row last signed there (tombstones, publish(perch=…))
-        self._advertised: dict[bytes, dict[tuple[str, str], dict[str, Any]]] = {}
+        # subnet -> perch id (lower case) -> (home, id) -> the local row last signed there, for
+        # tombstones and publish(perch=…)
+        self._advertised: dict[bytes, dict[str, dict[tuple[str, str], dict[str, Any]]]] = {}
         self._drain_wake = asyncio.Event()
         self.staged_release: str | None = None  # the release this node offers (a plugin sets it)
         handlers = self.members.handlers
@@ -422,7 +423,8 @@ class Messaging:
     def own_records(self, sub: HeldSubnet, version: int, hlc: HlcTimestamp) -> list[RegistryRow | Presence]:
         """This node's signed rows in `sub` (tombstones for rows no longer visible) and presence."""
         key = self.daemon.key
-        records = self._rows_records(sub, self.endpoints.local_rows(sub), self._advertised.get(sub.id, {}), version, hlc)
+        advertised = {k: row for rows in self._advertised.get(sub.id, {}).values() for k, row in rows.items()}
+        records = self._rows_records(sub, self.endpoints.local_rows(sub), advertised, version, hlc)
         records.append(sign_presence(
             key, subnet=sub.name, version=version, software_version=__version__,
             addresses=tuple(self.daemon.addresses()), relays=self.daemon.announced_relays,
@@ -453,8 +455,12 @@ class Messaging:
             records.append(sign_tombstone(key, subnet=sub.name, endpoint_id=endpoint_id, home=home, version=version, hlc=hlc))
         signed = self._advertised.setdefault(sub.id, {})
         for row_key in gone:
-            signed.pop(row_key, None)
-        signed.update(current)
+            of_perch = signed.get(row_key[1].lower(), {})
+            of_perch.pop(row_key, None)
+            if not of_perch:
+                signed.pop(row_key[1].lower(), None)
+        for row_key, row in current.items():
+            signed.setdefault(row_key[1].lower(), {})[row_key] = row
         return records
 
     def publish(self, *, perch: str | None = None) -> None:
@@ -491,8 +497,7 @@ class Messaging:
 
     def _advertised_of(self, sub: HeldSubnet, perch: str) -> dict[tuple[str, str], dict[str, Any]]:
         """The rows of `perch` (any home) this node last signed in `sub`."""
-        key = perch.lower()
-        return {k: row for k, row in self._advertised.get(sub.id, {}).items() if k[1].lower() == key}
+        return dict(self._advertised.get(sub.id, {}).get(perch.lower(), {}))
 
     async def announce(self, sub: HeldSubnet) -> None:
         """Sign and push this node's rows and presence in `sub` now, and wait for the pushes.
