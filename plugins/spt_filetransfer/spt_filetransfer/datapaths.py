@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from spt.core.errors import PeerError, Refusal, RemoteProtocolError, SptError
 from spt_filetransfer import channel, simopen
-from spt_filetransfer.dataserver import HANDSHAKE_SECONDS
+from spt_filetransfer.dataserver import HANDSHAKE_SECONDS, MAX_CONNECTIONS
 from spt_filetransfer.wire import as_map, check_tid
 
 if TYPE_CHECKING:
@@ -138,6 +138,11 @@ class DataPaths:
 
     def __init__(self, svc: FileService) -> None:
         self.svc = svc
+        # the receiver's simultaneous opens in progress (a thread and a bound port each, up to
+        # PUNCH_SECONDS): bounded like the data connections, or one member's file.punch
+        # requests, answered at once, would start threads without limit
+        self._punching = 0
+        self._punch_lock = threading.Lock()
 
     @property
     def _host(self) -> str:
@@ -303,21 +308,40 @@ class DataPaths:
         if why is not None:
             log.info("no TCP simultaneous open", extra={"tid": tid, "reason": why})
             return "file.punch", {"ok": False, "reason": why}
-        sock = simopen.reserve(self._host)
+        with self._punch_lock:
+            if self._punching >= MAX_CONNECTIONS:
+                raise Refusal("FILE_BUSY", tid, "too many simultaneous opens in progress")
+            self._punching += 1
+        try:
+            sock = simopen.reserve(self._host)
+        except BaseException:
+            self._done_punching()
+            raise
         deadline = time.monotonic() + PUNCH_SECONDS
 
         def run() -> None:
             try:
                 raw = simopen.open_direct(sock, (host, offer.port), deadline=deadline)
-            except OSError as exc:
+            except (OSError, ValueError) as exc:
                 log.info("no TCP simultaneous open", extra={"tid": tid, "reason": str(exc)})
                 return
+            finally:
+                self._done_punching()
             self.svc.server.serve(raw, "tcp-punched")
 
         port = sock.getsockname()[1]
         # ours starts before the answer leaves; through dropping NATs either SYN may come first
-        threading.Thread(target=run, name="spt-file-punch", daemon=True).start()
+        try:
+            threading.Thread(target=run, name="spt-file-punch", daemon=True).start()
+        except BaseException:
+            sock.close()
+            self._done_punching()
+            raise
         return "file.punch", {"ok": True, "port": port}
+
+    def _done_punching(self) -> None:
+        with self._punch_lock:
+            self._punching -= 1
 
     async def req_transit(self, conn: Any, frame: Any) -> tuple[str, Any]:
         """The sender invites us to a bulk transit: join it on a thread and serve the data there."""
