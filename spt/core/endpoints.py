@@ -18,9 +18,9 @@ hosted processes `spt.core.hosting`):
    is stamped `reply_to` (the oldest such ring, each matched once); delivery hands it to the ring
    while that still waits.
 
-What must not: the network. Remote targets go through daemon hooks the network layer provides
-(`forward_message`, `remote_request`, `registry_rows`, `offline_nodes`); without them messages
-wait in the outgoing spool and remote suspend/wake answer `UNREACHABLE`.
+What must not: the network. Remote targets go through the host (`spt.core.endpoints_host`, the
+daemon), whose network layer forwards messages and replicates rows; a message its node cannot take
+now waits in the outgoing spool.
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ from spt.core.types import check_endpoint_id
 
 if TYPE_CHECKING:
     from spt.core.daemon import Call, Daemon
+    from spt.core.endpoints_host import EndpointsHost
     from spt.core.subnets import HeldSubnet
 
 log = logging.getLogger(__name__)
@@ -114,8 +115,8 @@ def _perch(row: Any) -> Perch:
 class Endpoints:
     """The perches of this node and everything that moves messages in and out of them."""
 
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
+    def __init__(self, daemon: EndpointsHost) -> None:
+        self.daemon = daemon  # the node around this service, only as far as EndpointsHost names
         self.store = daemon.store
         self.spool = Spool(daemon.store, daemon.key.private_bytes())
         self.commits = daemon.store.group_commit()  # messages arriving together share one fsync
@@ -229,9 +230,7 @@ class Endpoints:
 
     def _changed(self, perch: Perch) -> None:
         """Tell the registry a local row changed (the network layer publishes it)."""
-        hook = getattr(self.daemon, "on_endpoint_changed", None)
-        if hook is not None:
-            hook(perch.id)
+        self.daemon.on_endpoint_changed(perch.id)
 
     def _check_new_id(self, perch_id: str) -> str:
         check_endpoint_id(perch_id)
@@ -341,25 +340,20 @@ class Endpoints:
     # -- resolution -----------------------------------------------------------------------
 
     def _remote_rows(self) -> Sequence[Row]:
-        hook = getattr(self.daemon, "registry_rows", None)
-        return list(hook()) if hook is not None else []
+        return list(self.daemon.registry_rows())
 
     def alive(self, perch: Perch) -> bool:
         """True while the perch's hosted process runs (a fact the hosting service keeps)."""
-        hook = getattr(self.daemon, "hosted_alive", None)
-        return bool(perch.hosted and hook is not None and hook(perch.id))
+        return perch.hosted and self.daemon.hosted_alive(perch.id)
 
     def _hosted_pid(self, perch: Perch) -> int | None:
-        hook = getattr(self.daemon, "hosted_pid", None)
-        return hook(perch.id) if perch.hosted and hook is not None else None
+        return self.daemon.hosted_pid(perch.id) if perch.hosted else None
 
     def _offline(self) -> frozenset[NodeId]:
-        hook = getattr(self.daemon, "offline_nodes", None)
-        return frozenset(hook()) if hook is not None else frozenset()
+        return frozenset(self.daemon.offline_nodes())
 
     def _offline_reasons(self) -> Mapping[NodeId, str]:
-        hook = getattr(self.daemon, "offline_reasons", None)
-        return hook() if hook is not None else {n: "silent" for n in self._offline()}
+        return self.daemon.offline_reasons()
 
     def snapshot(self) -> Snapshot:
         """What resolution needs (§4.1): local perches, members, and the replicated rows."""
@@ -502,11 +496,8 @@ class Endpoints:
 
     def _spool_full(self, perch: Perch) -> None:
         """§8.4: the user hears that messages for a perch are being refused (at most hourly)."""
-        notify = getattr(self.daemon, "notify", None)
-        if notify is None:
-            return
         home = self.daemon.subnets.held.get(perch.home) if perch.home else None
-        notify(home, "spool-full", f"messages for {perch.id} are refused: its spool is full",
+        self.daemon.notify(home, "spool-full", f"messages for {perch.id} are refused: its spool is full",
                f"{perch.id} holds {self.daemon.config.spool_max_bytes} bytes of undelivered messages; "
                f"run spt ready {perch.id} to drain them", dedupe_seconds=3600)
 
@@ -647,13 +638,12 @@ class Endpoints:
                 remote[index] = self._remote_payload(remote_target, msg, no_ring)
                 key = (remote_target.node.key, remote_target.subnet)
                 groups.setdefault(key, []).append((index, remote[index][0]))
-        forward_many = getattr(self.daemon, "forward_messages", None)
         for (node, _subnet), members in groups.items():
             first = composed[members[0][0]]
             assert isinstance(first, tuple) and isinstance(first[0], RemoteTarget)
-            if forward_many is None or self._queue_first(node) or self.daemon.subnets.by_name(first[0].subnet) is None:
+            if self._queue_first(node) or self.daemon.subnets.by_name(first[0].subnet) is None:
                 continue
-            futures = forward_many(first[0], [payload for _, payload in members])
+            futures = self.daemon.forward_messages(first[0], [payload for _, payload in members])
             forwarding.update(zip((index for index, _ in members), futures, strict=True))
         jobs: list[Awaitable[str]] = []
         for index, entry in enumerate(composed):
@@ -681,11 +671,10 @@ class Endpoints:
     async def _send_remote(self, target: RemoteTarget, msg: Message, subject: str) -> str:
         trace.mark("sending remote")
         payload, reply_to = self._remote_payload(target, msg)
-        forward = getattr(self.daemon, "forward_message", None)
         forwarding = None
-        if forward is not None and not self._queue_first(target.node.key):
+        if not self._queue_first(target.node.key):
             trace.mark("forwarding")
-            forwarding = forward(target, payload)
+            forwarding = self.daemon.forward_message(target, payload)
         return await self._forwarded(target, subject, payload, reply_to, forwarding)
 
     def _remote_payload(
@@ -751,9 +740,7 @@ class Endpoints:
             else:
                 return token
         await self.commits.run(functools.partial(self.spool.hold_outgoing, target.node.key, sub.id, payload))
-        queued = getattr(self.daemon, "outgoing_queued", None)
-        if queued is not None:
-            queued()  # committed now: the drain may forward it at once, not at its next tick
+        self.daemon.outgoing_queued()  # committed now: the drain may forward it at once, not at its next tick
         return "QUEUED"
 
     async def deliver_incoming(
@@ -871,9 +858,7 @@ class Endpoints:
             raise Refusal("COLLISION", new_id, "a perch with that id already exists on this node")
         home = self.home_for_new(subnet)
         perch = self._create(new_id, home, "unbound", forked_from=source.id)
-        copy_mind = getattr(self.daemon, "fork_mind", None)
-        if copy_mind is not None:
-            copy_mind(source.id, perch.id)
+        self.daemon.fork_mind(source.id, perch.id)
         return perch
 
 
@@ -982,9 +967,8 @@ def register_ops(daemon: Daemon, eps: Endpoints) -> None:
     @daemon.op("endpoint.purge")
     async def purge(call: Call) -> Any:
         perch = eps.require(str(call.args.get("id", "")))
-        hosting = getattr(daemon, "hosting", None)
-        if perch.hosted and hosting is not None:
-            await hosting.stop_for_purge(perch)  # §3.6: the hosted process stops first
+        if perch.hosted:
+            await daemon.hosting.stop_for_purge(perch)  # §3.6: the hosted process stops first
         return {"id": perch.id, "dropped": eps.purge(perch)}
 
     @daemon.op("endpoint.fork")

@@ -1,9 +1,10 @@
-"""The endpoint service in-process, with the network layer's hooks faked on a stand-in daemon.
+"""The endpoint service in-process, with the network layer faked on a stand-in host.
 
 These pin the contract the network half builds on: `forward_message`, the outgoing spool,
 `deliver_incoming`, `remote_request` / `Resting.handle_remote_request` and ring-reply stamping.
 """
 
+import asyncio
 import sqlite3
 
 import pytest
@@ -47,6 +48,7 @@ class FakeDaemon:
         self.endpoints = Endpoints(self)
         self.resting = Resting(self.endpoints, self)
         self.changed = []
+        self.notified = []
 
     def on_endpoint_changed(self, perch_id):
         self.changed.append(perch_id)
@@ -54,8 +56,36 @@ class FakeDaemon:
     def registry_rows(self):
         return [Row(subnet="home", endpoint_id="far", home="home", node=FAR, state="active")]
 
+    def offline_nodes(self):
+        return set()
+
+    def offline_reasons(self):
+        return {}
+
+    async def forward_message(self, target, payload):
+        raise UnreachableError(target.node.key.short, "no network in this test")
+
+    def forward_messages(self, target, payloads):
+        return [asyncio.ensure_future(self.forward_message(target, p)) for p in payloads]
+
+    def outgoing_queued(self):
+        pass
+
     async def remote_request(self, node, subnet, kind, args):
         raise UnreachableError(node.short, "no network in this test")
+
+    def hosted_alive(self, perch_id):
+        return False
+
+    def hosted_pid(self, perch_id):
+        return None
+
+    def notify(self, sub, kind, title, body, *, dedupe_seconds=0):
+        self.notified.append(kind)
+        return kind
+
+    def fork_mind(self, source_id, new_id):
+        pass
 
 
 @pytest.fixture
@@ -67,7 +97,7 @@ def daemon(tmp_path):
     d.store.close()
 
 
-async def test_without_a_forwarder_a_remote_message_waits_in_the_outgoing_spool(daemon):
+async def test_a_message_its_node_cannot_take_waits_in_the_outgoing_spool(daemon):
     eps = daemon.endpoints
     token, sender = await eps.send("far", from_id="me", body="hi")
     assert (token, sender) == ("QUEUED", "me")

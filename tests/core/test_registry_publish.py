@@ -53,6 +53,22 @@ class _Daemon:
     def on_endpoint_changed(self, perch_id):  # as spt.core.daemon.Daemon does
         self.messaging.publish(perch=perch_id or None)
 
+    # what sending reaches of EndpointsHost: messaging's answers, and no hosted process
+    def registry_rows(self):
+        return self.messaging.registry_rows()
+
+    def offline_nodes(self):
+        return self.messaging.offline_nodes()
+
+    def offline_reasons(self):
+        return self.messaging.offline_reasons()
+
+    def hosted_alive(self, perch_id):
+        return False
+
+    def hosted_pid(self, perch_id):
+        return None
+
 
 @pytest.fixture
 def daemon(tmp_path):
