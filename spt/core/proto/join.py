@@ -55,6 +55,7 @@ from spt.core.identity import NodeId, NodeKey, sha256
 from spt.core.proto.canonical import canonical_bytes, parse_canonical
 from spt.core.proto.hlc import Hlc
 from spt.core.proto.membership import (
+    MAX_ENTRIES_PER_AUTHOR,
     MAX_LOG_ENTRIES,
     MAX_MEMBERS,
     SUBNET_ID_BYTES,
@@ -1123,7 +1124,7 @@ class ResponderSession:
         }
         if self._joiner in state.members:
             return self._refuse(state.name, {**base, "state": MEMBER})
-        if ctx.log.join_problem(self._key.node_id):  # before any code is tried: nothing is counted
+        if ctx.log.join_problem():  # before any code is tried: nothing is counted
             return self._refuse(state.name, {**base, "state": FULL})
         lock = _lock_of(locks, state.subnet_id)
         if lock.is_locked:
@@ -1154,6 +1155,9 @@ class ResponderSession:
         if self._key.node_id not in state.members:
             return None
         if ctx.epoch != state.epoch or not state.seed_matches(ctx.seed):
+            return None
+        # a member whose own budget is spent would sign a join the log drops: another member admits
+        if ctx.log.spent(self._key.node_id)[0] >= MAX_ENTRIES_PER_AUTHOR:
             return None
         return ctx
 

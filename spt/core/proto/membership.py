@@ -675,13 +675,12 @@ class MembershipLog:
         """(ordinary, essential) stored entries charged to `member` (its own, capped)."""
         return self._spent[(member, _ORDINARY)], self._spent[(member, _ESSENTIAL)]
 
-    def join_problem(self, admitter: NodeId) -> str:
-        """Why a join `admitter` signs now would be dropped on arrival ("" when it would not):
-        the member cap, no room for ordinary entries, or `admitter`'s ordinary budget spent."""
+    def join_problem(self) -> str:
+        """Why any member's join would be dropped on arrival now ("" when it would not): the
+        member cap, or no room for ordinary entries. (A member whose own ordinary budget is spent
+        cannot admit either, but another member can: see `spent`.)"""
         if len(self._present) >= self.ordinary_cap:
             return f"the log holds {self.ordinary_cap} entries; the rest is kept for removals"
-        if self._spent[(admitter, _ORDINARY)] >= MAX_ENTRIES_PER_AUTHOR:
-            return f"its author has {MAX_ENTRIES_PER_AUTHOR} entries already"
         if len(self.state().members) >= self.max_members:
             return f"the subnet has {self.max_members} members"
         return ""

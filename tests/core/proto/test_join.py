@@ -428,6 +428,18 @@ def test_full_subnet_refuses_before_any_guess_with_a_clear_error():
     assert responder.is_finished and joiner.is_finished
 
 
+def test_a_member_whose_budget_is_spent_leaves_the_join_to_another(subnet, monkeypatch):
+    """The join entry is charged to the member that signs it; once its ordinary budget is spent
+    (here: 2, its create and beta's join), the log would drop the entry, so it answers not-here
+    and the joiner asks the other members."""
+    from spt.core.proto import join as join_module
+
+    assert subnet.log.spent(subnet.creator.node_id)[0] == 2
+    monkeypatch.setattr(join_module, "MAX_ENTRIES_PER_AUTHOR", 2)
+    _, joiner, responder = sessions(subnet)
+    only(pump(joiner, responder).joiner_events, NotHere)
+
+
 def test_joiner_may_abort_after_hello(subnet):
     _, joiner, responder = sessions(subnet)
     run = pump(joiner, responder, proceed=False)
