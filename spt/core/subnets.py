@@ -81,7 +81,7 @@ class Subnets:
     def _load(self) -> None:
         for row in self.store.query("SELECT id, name, attached, seed, seed_epoch FROM subnets"):
             entries = [Entry.from_bytes(r["data"]) for r in self.store.query("SELECT data FROM log_entries WHERE subnet=?", (row["id"],))]
-            sub_log = MembershipLog.from_entries(bytes(row["id"]), entries)
+            sub_log = MembershipLog.from_entries(bytes(row["id"]), entries, stored=True)
             seed = Secret(bytes(row["seed"])) if row["seed"] is not None else None
             self.held[bytes(row["id"])] = HeldSubnet(
                 bytes(row["id"]), row["name"], bool(row["attached"]), sub_log, seed, row["seed_epoch"]

@@ -368,7 +368,7 @@ def stored_log(node: Node) -> MembershipLog:
         rows = con.execute("SELECT data FROM log_entries WHERE subnet=?", (sid,)).fetchall()
     finally:
         con.close()
-    return MembershipLog.from_entries(bytes(sid), [Entry.from_bytes(bytes(r[0])) for r in rows])
+    return MembershipLog.from_entries(bytes(sid), [Entry.from_bytes(bytes(r[0])) for r in rows], stored=True)
 
 
 def installed_plugin(site: Path, name: str, modules: Mapping[str, str], *, version: str = "1.0") -> Path:

@@ -626,11 +626,15 @@ class MembershipLog:
         return log
 
     @classmethod
-    def from_entries(cls, subnet_id: bytes, entries: Iterable[Entry]) -> MembershipLog:
+    def from_entries(
+        cls, subnet_id: bytes, entries: Iterable[Entry], *, stored: bool = False, max_entries: int = MAX_LOG_ENTRIES
+    ) -> MembershipLog:
         """A log holding `entries` (those that stand here); an entry that does not verify raises
-        RemoteProtocolError."""
-        log = cls(subnet_id)
-        result = log.merge(entries)
+        RemoteProtocolError. `stored`: they are what this log stored before (a restart loads its
+        store): each is kept without the arrival check, which depends on the order entries
+        arrived in (the budgets, the reserve) and would judge them again in another order."""
+        log = cls(subnet_id, max_entries=max_entries)
+        result = log.merge(entries, _stored=stored)
         if result.refused:
             h, why = result.refused[0]
             raise RemoteProtocolError(h.hex()[:16], why)
@@ -714,9 +718,10 @@ class MembershipLog:
             raise RemoteProtocolError(result.refused[0][0].hex()[:16], result.refused[0][1])
         return bool(result.added) or entry.hash in self._pending
 
-    def merge(self, entries: Iterable[Entry]) -> MergeResult:
+    def merge(self, entries: Iterable[Entry], *, _stored: bool = False) -> MergeResult:
         """Union with the entries that stand here (see the class docstring). One bad entry in a
-        batch does not drop the good ones; the result says what happened to each."""
+        batch does not drop the good ones; the result says what happened to each. (`_stored`:
+        see `from_entries`.)"""
         refused: list[tuple[bytes, str]] = []
         dropped: list[tuple[bytes, str]] = []
         conflicts: list[PruneConflict] = []
@@ -923,7 +928,7 @@ class MembershipLog:
                 if h not in todo:  # endorsed meanwhile
                     continue
                 entry = todo.pop(h)
-                why = self._arrival_problem(entry, members)
+                why = "" if _stored and entry.type != CREATE else self._arrival_problem(entry, members)
                 if why:
                     drop(h, entry, why)
                 else:
@@ -955,7 +960,8 @@ class MembershipLog:
             self._pending[h] = entry
         if new:
             self._invalidate()
-            self._peel(set(new), dropped, conflicts)
+            if not _stored:
+                self._peel(set(new), dropped, conflicts)
         added_set = set(new) & set(self._present)
         added = tuple(h for h in self.ordered_hashes() if h in added_set)
         return MergeResult(added, self.pending(), tuple(refused), tuple(dropped), tuple(conflicts))

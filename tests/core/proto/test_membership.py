@@ -823,3 +823,32 @@ def test_a_fan_of_entries_past_the_quarantine_is_still_brought_in_by_an_honest_e
     _converge(replica_a, replica_b)
     assert set(replica_a.ordered_hashes()) == set(replica_b.ordered_hashes())
     assert replica_a.state() == replica_b.state()
+
+
+def test_a_restart_keeps_what_the_live_merges_stored_at_the_reserve(nodes):
+    """A small log (32 entries: 24 ordinary, 8 reserve). bob's label with a late clock fills the
+    ordinary part; alice's prune of bob, written before it reached her, arrives after it, so it is
+    stored in the reserve, and alice's rotation after it too. A restart merged the stored entries
+    again in (HLC, hash) order: the prune came before the label, outside the reserve, so the
+    rotation no longer followed a reserve removal and was dropped (the node lost its epoch).
+    The store's entries are now loaded as stored."""
+    a, b = nodes["alice"], nodes["bob"]
+    first = create(a)
+    log = MembershipLog(subnet_id_of(first), max_entries=32)
+    log.add(first)
+    log.add(join(a, b, log.valid_heads()))
+    while len(log) < log.ordinary_cap - 1:
+        log.add(make_label(a.key, parents=log.valid_heads(), label=f"a{len(log)}", hlc=a.hlc()))
+    before_label = log.valid_heads()
+    b.wall = 10**9  # bob's clock runs late
+    assert log.add(make_label(b.key, parents=before_label, label="late", hlc=b.hlc()))
+    assert len(log) == log.ordinary_cap
+    prune = make_prune(a.key, parents=before_label, target=b.id, hlc=a.hlc())  # concurrent with it
+    assert log.add(prune)
+    rotation = rotate(a, log.valid_heads(), log.state().epoch + 1, 5)
+    assert log.add(rotation)
+    assert log.state().epoch == 1
+    again = MembershipLog.from_entries(log.subnet_id, log.entries(), stored=True, max_entries=32)
+    assert rotation.hash in again and again.state().epoch == 1
+    assert set(again.ordered_hashes()) == set(log.ordered_hashes())
+    assert again.state() == log.state()
