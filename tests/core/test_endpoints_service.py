@@ -465,3 +465,19 @@ async def test_a_reply_its_ring_takes_before_the_sender_resumes_is_answered_sent
     finally:
         acker.cancel()
         await eps.commits.close()
+
+
+async def test_the_next_message_is_found_behind_more_in_flight_ones_than_one_read_holds(daemon):
+    """`_next` reads the spool a few entries at a time (NEXT_BATCH); entries in flight (handed
+    out, their ack not yet recorded) are skipped, however many there are."""
+    from spt.core.delivery import NEXT_BATCH
+
+    eps = daemon.endpoints
+    eps._create("bob", daemon.home, "active")
+    for i in range(2 * NEXT_BATCH + 3):
+        await eps.send("bob", from_id="me", body=f"m{i}")
+    held = eps.spool.entries("bob", limit=100)
+    eps.delivery._in_flight.update(e.seq for e in held[: 2 * NEXT_BATCH + 1])
+    assert eps.delivery._next(eps.get("bob"), drain=True).message.body == f"m{2 * NEXT_BATCH + 1}"
+    eps.delivery._in_flight.update(e.seq for e in held)
+    assert eps.delivery._next(eps.get("bob"), drain=True) is None
