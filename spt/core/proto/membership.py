@@ -807,6 +807,12 @@ class MembershipLog:
                 kind = _ORDINARY if entry.author == payer else _VOUCHED
             else:
                 kind = _ESSENTIAL if entry.type in ESSENTIAL_TYPES else _ORDINARY
+                # only a restart's stored entries come here past a budget (the arrival check
+                # keeps the others within): charged as a live merge would have brought them in
+                if kind == _ESSENTIAL and self._spent[(payer, _ESSENTIAL)] >= MAX_ESSENTIAL_PER_AUTHOR:
+                    kind = _ORDINARY
+                if kind == _ORDINARY and self._spent[(payer, _ORDINARY)] >= MAX_ENTRIES_PER_AUTHOR:
+                    kind = _VOUCHED
             self._charge(h, entry, payer, kind)
             if admitted_ever is not None and (admits := _admits(entry)) is not None:
                 admitted_ever.add(admits)
