@@ -75,7 +75,7 @@ class EndpointViews:
         ]
         if not shown:
             return []  # most subnets of a node in many, and the label is a query
-        me = {"label": self.eps.daemon.label, "key": self.eps.node_id.hex}
+        me = {"label": self.eps.host.label, "key": self.eps.node_id.hex}
         return [
             {
                 "id": p.id,
@@ -96,7 +96,7 @@ class EndpointViews:
         return {
             "id": row.endpoint_id,
             "home": row.home,
-            "node": {"label": self.eps.daemon.subnets.label_of(row.node) or row.node.short, "key": row.node.hex},
+            "node": {"label": self.eps.host.subnets.label_of(row.node) or row.node.short, "key": row.node.hex},
             "state": "offline" if row.node in offline else row.state,
             "offline_reason": offline.get(row.node),  # `detached` or `silent` (§4.8), else null
             "ready": row.ready,
@@ -139,16 +139,16 @@ class EndpointViews:
     def listing(self, self_id: str | None, subnet: str | None) -> dict[str, Any]:
         """The `spt endpoint list` document (SPEC.md §3.10)."""
         self.eps.housekeeping()
-        subnets = self.eps.daemon.subnets
+        subnets = self.eps.host.subnets
         subs = (
             [subnets.require(subnet)] if subnet else sorted(subnets.held.values(), key=lambda s: s.canonical)
         )
         return {
             "self": self.self_view(self_id),
             "node": {
-                "label": self.eps.daemon.label,
+                "label": self.eps.host.label,
                 "key": self.eps.node_id.hex,
-                "display": self.eps.node_id.display(self.eps.daemon.label),
+                "display": self.eps.node_id.display(self.eps.host.label),
             },
             "subnets": [
                 {"name": s.name, "id": s.id.hex(), "endpoints": [nulls(r) for r in self.subnet_rows(s)]}

@@ -115,11 +115,11 @@ def _perch(row: Any) -> Perch:
 class Endpoints:
     """The perches of this node and everything that moves messages in and out of them."""
 
-    def __init__(self, daemon: EndpointsHost) -> None:
-        self.daemon = daemon  # the node around this service, only as far as EndpointsHost names
-        self.store = daemon.store
-        self.spool = Spool(daemon.store, daemon.key.private_bytes())
-        self.commits = daemon.store.group_commit()  # messages arriving together share one fsync
+    def __init__(self, host: EndpointsHost) -> None:
+        self.host = host  # the node around this service, only as far as EndpointsHost names
+        self.store = host.store
+        self.spool = Spool(host.store, host.key.private_bytes())
+        self.commits = host.store.group_commit()  # messages arriving together share one fsync
         self.delivery = Delivery(self.spool, self.commits, self, on_listening=self._listening_changed)
         self._claiming: set[str] = set()  # ring ids a reply claimed, until that claim commits
         self.views = EndpointViews(self)  # what listings and the registry see (read-only)
@@ -136,7 +136,7 @@ class Endpoints:
 
     @property
     def node_id(self) -> NodeId:
-        return self.daemon.key.node_id
+        return self.host.key.node_id
 
     @property
     def closing(self) -> bool:
@@ -179,7 +179,7 @@ class Endpoints:
         return [p for p in self._table().values() if transient or not p.transient]
 
     def folder(self, perch: Perch) -> Path:
-        return self.daemon.paths.endpoints / perch.id
+        return self.host.paths.endpoints / perch.id
 
     def _create(
         self,
@@ -230,7 +230,7 @@ class Endpoints:
 
     def _changed(self, perch: Perch) -> None:
         """Tell the registry a local row changed (the network layer publishes it)."""
-        self.daemon.on_endpoint_changed(perch.id)
+        self.host.on_endpoint_changed(perch.id)
 
     def _check_new_id(self, perch_id: str) -> str:
         check_endpoint_id(perch_id)
@@ -246,7 +246,7 @@ class Endpoints:
 
         Several subnets and no name: Refusal HOME_REFUSED listing them.
         """
-        subnets = self.daemon.subnets
+        subnets = self.host.subnets
         if subnet:
             return subnets.require(subnet)
         held = sorted(subnets.held.values(), key=lambda s: s.canonical)
@@ -261,7 +261,7 @@ class Endpoints:
 
     def home_homeless(self, sub: HeldSubnet) -> list[str]:
         """Home every homeless perch in `sub` when it is this node's first subnet; their ids."""
-        if len(self.daemon.subnets.held) != 1:
+        if len(self.host.subnets.held) != 1:
             return []
         homeless = [p for p in self.perches() if p.home is None]
         if not homeless:
@@ -279,7 +279,7 @@ class Endpoints:
     def _subnet_name(self, subnet_id: bytes | None) -> str | None:
         if subnet_id is None:
             return None
-        sub = self.daemon.subnets.held.get(subnet_id)
+        sub = self.host.subnets.held.get(subnet_id)
         return sub.name if sub else None
 
     # -- visibility and sync scope (§2.6) -------------------------------------------------
@@ -288,7 +288,7 @@ class Endpoints:
         """(subnet, visible, in scope) for every held subnet; unset means home only."""
         explicit = self._explicit_settings().get(perch.key, {})
         out = []
-        for sub in sorted(self.daemon.subnets.held.values(), key=lambda s: s.canonical):
+        for sub in sorted(self.host.subnets.held.values(), key=lambda s: s.canonical):
             default = (sub.id == perch.home, sub.id == perch.home)
             visible, in_scope = explicit.get(sub.id, default)
             out.append((sub, visible, in_scope))
@@ -310,13 +310,13 @@ class Endpoints:
         if perch.transient:
             # A transient sender has no home; replies to its ring may come through any subnet
             # it sent through, so it is reachable (not listed) in every attached one (§4.3).
-            return self.daemon.subnets.attached()
+            return self.host.subnets.attached()
         return [sub for sub, visible, _ in self.settings(perch) if visible]
 
     def visible(self, perch: Perch, sub: HeldSubnet) -> bool:
         """`sub in visible_in(perch)` without listing every held subnet (the registry asks it for
         every perch in every subnet at each publish)."""
-        if sub.id not in self.daemon.subnets.held:
+        if sub.id not in self.host.subnets.held:
             return False
         if perch.transient:
             return sub.attached
@@ -340,31 +340,31 @@ class Endpoints:
     # -- resolution -----------------------------------------------------------------------
 
     def _remote_rows(self) -> Sequence[Row]:
-        return list(self.daemon.registry_rows())
+        return list(self.host.registry_rows())
 
     def alive(self, perch: Perch) -> bool:
         """True while the perch's hosted process runs (a fact the hosting service keeps)."""
-        return perch.hosted and self.daemon.hosted_alive(perch.id)
+        return perch.hosted and self.host.hosted_alive(perch.id)
 
     def _hosted_pid(self, perch: Perch) -> int | None:
-        return self.daemon.hosted_pid(perch.id) if perch.hosted else None
+        return self.host.hosted_pid(perch.id) if perch.hosted else None
 
     def _offline(self) -> frozenset[NodeId]:
-        return frozenset(self.daemon.offline_nodes())
+        return frozenset(self.host.offline_nodes())
 
     def _offline_reasons(self) -> Mapping[NodeId, str]:
-        return self.daemon.offline_reasons()
+        return self.host.offline_reasons()
 
     def snapshot(self) -> Snapshot:
         """What resolution needs (§4.1): local perches, members, and the replicated rows."""
-        attached = sorted(self.daemon.subnets.attached(), key=lambda s: s.canonical)
+        attached = sorted(self.host.subnets.attached(), key=lambda s: s.canonical)
         # system mode: a caller resolves only its own local perches (spt.core.caller)
         local = [
             LocalPerch(p.id, self._subnet_name(p.home), frozenset(s.name for s in self.visible_in(p)))
             for p in self.perches(transient=True) if may_use(p.owner)
         ]
         return Snapshot(
-            self_node=NodeInfo(self.node_id, self.daemon.label),
+            self_node=NodeInfo(self.node_id, self.host.label),
             nodes_by_subnet={
                 s.name: [NodeInfo(k, label) for k, label in s.state().members.items()] for s in attached
             },
@@ -463,7 +463,7 @@ class Endpoints:
     ) -> str:
         """Spool `msg` for `perch` (stamping a ring reply when `claim_from` names a local sender
         perch) and answer SENT when a listener or ring acknowledges it within 5 s, else QUEUED."""
-        max_bytes = self.daemon.config.spool_max_bytes
+        max_bytes = self.host.config.spool_max_bytes
 
         def spool_it(incoming: Message, db: sqlite3.Connection) -> tuple[Message, str | None]:
             # on the writer thread: only `db` and immutable values
@@ -496,9 +496,9 @@ class Endpoints:
 
     def _spool_full(self, perch: Perch) -> None:
         """§8.4: the user hears that messages for a perch are being refused (at most hourly)."""
-        home = self.daemon.subnets.held.get(perch.home) if perch.home else None
-        self.daemon.notify(home, "spool-full", f"messages for {perch.id} are refused: its spool is full",
-               f"{perch.id} holds {self.daemon.config.spool_max_bytes} bytes of undelivered messages; "
+        home = self.host.subnets.held.get(perch.home) if perch.home else None
+        self.host.notify(home, "spool-full", f"messages for {perch.id} are refused: its spool is full",
+               f"{perch.id} holds {self.host.config.spool_max_bytes} bytes of undelivered messages; "
                f"run spt ready {perch.id} to drain them", dedupe_seconds=3600)
 
     def _write_behind(
@@ -533,7 +533,7 @@ class Endpoints:
                     home = self.home_for_new(None)
                 except Refusal:
                     route = target.subnet if isinstance(target, RemoteTarget) else target.perch.home
-                    home = self.daemon.subnets.by_name(route) if route else None
+                    home = self.host.subnets.by_name(route) if route else None
                 perch = self._create(from_id, home, "active")
             return perch.id, False
         while True:  # 32 random bits: a clash is rare, and each retry draws anew
@@ -641,9 +641,9 @@ class Endpoints:
         for (node, _subnet), members in groups.items():
             first = composed[members[0][0]]
             assert isinstance(first, tuple) and isinstance(first[0], RemoteTarget)
-            if self._queue_first(node) or self.daemon.subnets.by_name(first[0].subnet) is None:
+            if self._queue_first(node) or self.host.subnets.by_name(first[0].subnet) is None:
                 continue
-            futures = self.daemon.forward_messages(first[0], [payload for _, payload in members])
+            futures = self.host.forward_messages(first[0], [payload for _, payload in members])
             forwarding.update(zip((index for index, _ in members), futures, strict=True))
         jobs: list[Awaitable[str]] = []
         for index, entry in enumerate(composed):
@@ -674,7 +674,7 @@ class Endpoints:
         forwarding = None
         if not self._queue_first(target.node.key):
             trace.mark("forwarding")
-            forwarding = self.daemon.forward_message(target, payload)
+            forwarding = self.host.forward_message(target, payload)
         return await self._forwarded(target, subject, payload, reply_to, forwarding)
 
     def _remote_payload(
@@ -722,7 +722,7 @@ class Endpoints:
     ) -> str:
         """The answer for a message handed to the network (`forwarding`, None when it must wait):
         the target's token, its refusal, or QUEUED once the message is held in the outgoing spool."""
-        sub = self.daemon.subnets.by_name(target.subnet)
+        sub = self.host.subnets.by_name(target.subnet)
         if sub is None:
             raise Refusal("NO_SUCH_SUBNET", target.subnet)
         if forwarding is not None:
@@ -740,7 +740,7 @@ class Endpoints:
             else:
                 return token
         await self.commits.run(functools.partial(self.spool.hold_outgoing, target.node.key, sub.id, payload))
-        self.daemon.outgoing_queued()  # committed now: the drain may forward it at once, not at its next tick
+        self.host.outgoing_queued()  # committed now: the drain may forward it at once, not at its next tick
         return "QUEUED"
 
     async def deliver_incoming(
@@ -858,7 +858,7 @@ class Endpoints:
             raise Refusal("COLLISION", new_id, "a perch with that id already exists on this node")
         home = self.home_for_new(subnet)
         perch = self._create(new_id, home, "unbound", forked_from=source.id)
-        self.daemon.fork_mind(source.id, perch.id)
+        self.host.fork_mind(source.id, perch.id)
         return perch
 
 
