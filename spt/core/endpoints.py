@@ -59,7 +59,7 @@ from spt.core.proto.resolve import (
     Target,
     resolve,
 )
-from spt.core.spool import WINDOWS, Message, OutgoingMessage, Spool, message_from_wire
+from spt.core.spool import BATCH_HELD_BACK, WINDOWS, Message, OutgoingMessage, Spool, message_from_wire
 from spt.core.types import check_endpoint_id
 
 if TYPE_CHECKING:
@@ -464,6 +464,7 @@ class Endpoints:
         """Spool `msg` for `perch` (stamping a ring reply when `claim_from` names a local sender
         perch) and answer SENT when a listener or ring acknowledges it within 5 s, else QUEUED."""
         max_bytes = self.host.config.spool_max_bytes
+        held_back = BATCH_HELD_BACK.get()  # read here: the writer thread has not the task's context
 
         def spool_it(incoming: Message, db: sqlite3.Connection) -> tuple[Message, str | None]:
             # on the writer thread: only `db` and immutable values
@@ -472,7 +473,9 @@ class Endpoints:
                 reply_to = self.spool.claim_reply(claim_from, incoming.sender_node, perch.id, db)
                 if reply_to is not None:
                     held = dataclasses.replace(incoming, reply_to=reply_to)
-            return held, self.spool.append(perch.id, held, max_bytes=max_bytes, subject=subject, db=db)
+            return held, self.spool.append(
+                perch.id, held, max_bytes=max_bytes, subject=subject, db=db, held_back=held_back
+            )
 
         trace.mark("spooling")
         try:

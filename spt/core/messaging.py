@@ -45,7 +45,7 @@ from spt.core.proto.registry import (
     sign_tombstone,
 )
 from spt.core.proto.resolve import RemoteTarget, Row, shortest_from_form
-from spt.core.spool import OutgoingMessage
+from spt.core.spool import BATCH_HELD_BACK, OutgoingMessage
 from spt.core.subnets import HeldSubnet
 from spt.hooks import IncomingPayload
 
@@ -262,11 +262,18 @@ class Messaging:
             if sender not in forms:
                 forms[sender] = shortest_from_form(sender, conn.peer, snapshot, via_subnet=sub.name)
         # tasks start in order, and each queues its spool write before its first wait: the
-        # writes keep the batch's order and go into one transaction
-        outcomes = await asyncio.gather(
-            *(self._deliver_here(conn, sub, p, forms[str(p.get("from", ""))]) for p in payloads),
-            return_exceptions=True,
-        )
+        # writes keep the batch's order and go into one transaction. Once a message for a perch
+        # is refused retryably, the batch's later ones for it are refused too (held_back, which
+        # the writes check in order): spooling them would put them ahead of it (§4.2 step 7).
+        held_back: dict[str, str] = {}
+        context = BATCH_HELD_BACK.set(held_back)  # the tasks below copy this context
+        try:
+            outcomes = await asyncio.gather(
+                *(self._deliver_in_batch(conn, sub, p, forms[str(p.get("from", ""))], held_back) for p in payloads),
+                return_exceptions=True,
+            )
+        finally:
+            BATCH_HELD_BACK.reset(context)
         results: list[dict[str, Any]] = []
         for outcome in outcomes:
             if isinstance(outcome, SptError):
@@ -277,6 +284,23 @@ class Messaging:
             else:
                 results.append({"token": outcome})
         return batch_wire.RESULTS_TYPE, {"results": results}
+
+    async def _deliver_in_batch(
+        self, conn: Connection, sub: HeldSubnet, payload: Mapping[str, Any], from_form: str, held_back: dict[str, str]
+    ) -> str:
+        """One message of a batch: refused as an earlier one for its perch was (a refusal before
+        the spool, e.g. a policy hook's, is raised before the next task starts; the spool's own
+        refusal is recorded by its write, on the writer thread)."""
+        to = str(payload.get("to", ""))
+        token = held_back.get(to.lower())
+        if token is not None:
+            raise Refusal(token, to, "an earlier message of the same batch for this perch was refused; this one stays behind it")
+        try:
+            return await self._deliver_here(conn, sub, payload, from_form)
+        except Refusal as exc:
+            if exc.instance_token not in FINAL_REFUSALS:
+                held_back.setdefault(to.lower(), exc.instance_token)
+            raise
 
     async def _deliver_here(self, conn: Connection, sub: HeldSubnet, payload: Mapping[str, Any], from_form: str) -> str:
         # Messages are the `send` and `ring` payload types: their plugins handle them (a node

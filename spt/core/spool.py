@@ -29,6 +29,7 @@ import logging
 import sqlite3
 import time
 from collections.abc import Collection, Iterable, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -45,6 +46,13 @@ WINDOWS: Final = ("default", "active", "idle")
 DEDUPE_SECONDS: Final = 30 * 24 * 3600
 MAC_DOMAIN: Final = b"spt/spool/v1"
 _HEX = frozenset("0123456789abcdef")
+
+# While a `msg.deliver_batch` is handled: the perches (lower-case ids) it refused a message for
+# with a retryable token, and that token. Its later messages for such a perch are refused the
+# same way, not spooled, so they stay behind the refused one for the sender's retry (the
+# batch's messages are spooled concurrently; `Spool.append` checks and fills it on the writer
+# thread, in the batch's order). Set by the batch's handler, read by the task that spools.
+BATCH_HELD_BACK: ContextVar[dict[str, str] | None] = ContextVar("batch_held_back", default=None)
 
 
 def check_message_id(value: object) -> str:
@@ -197,22 +205,29 @@ class Spool:
         return "SENT" if row[0] else "QUEUED"
 
     def append(
-        self, perch: str, msg: Message, *, max_bytes: int, subject: str, db: sqlite3.Connection | None = None
+        self, perch: str, msg: Message, *, max_bytes: int, subject: str, db: sqlite3.Connection | None = None,
+        held_back: dict[str, str] | None = None,
     ) -> str | None:
         """Hold `msg` for `perch`; returns None when new, else the earlier outcome ("SENT"/"QUEUED").
 
         Call inside a store transaction (the caller may claim a ring reply in the same one), and
         announce nothing before it commits. Raises Refusal SPOOL_FULL, naming `subject`, when the
         perch's held bytes would pass `max_bytes`. `db` is the connection of that transaction
-        (a group commit's writer); default the store's.
+        (a group commit's writer); default the store's. `held_back` is the batch's
+        `BATCH_HELD_BACK`: a perch in it refuses the message with its token, and SPOOL_FULL adds it.
         """
         db = db or self.store.db
         earlier = self.seen(msg.id, db)
         if earlier is not None:
             return earlier
+        if held_back is not None and perch.lower() in held_back:
+            raise Refusal(held_back[perch.lower()], subject,
+                          "an earlier message of the same batch for this perch was refused; this one stays behind it")
         row = db.execute("SELECT bytes FROM spool_held WHERE perch=?", (perch,)).fetchone()
         held = int(row[0]) if row else 0
         if held + msg.size > max_bytes:
+            if held_back is not None:
+                held_back.setdefault(perch.lower(), "SPOOL_FULL")
             raise Refusal("SPOOL_FULL", subject, f"the perch holds {held} bytes; the limit is {max_bytes}")
         now = time.time()
         db.execute(

@@ -143,3 +143,31 @@ def test_a_batch_to_a_live_listener_is_answered_sent_per_message_and_printed_in_
     finally:
         listener.close()
     check_stream(listener.bodies("s"), "s", range(20))
+
+
+def test_a_message_refused_spool_full_keeps_the_later_ones_of_its_batch_behind_it(spt_nodes):
+    """Queued on alpha while beta is down, then drained to beta in one batch: beta's sink has room
+    for the first message but not the second, and the third would fit. The third is refused with
+    the second (not spooled ahead of it), a message for another perch of the batch lands, and once
+    the sink is read, alpha's retry brings the second and third: the sink gets all three in order."""
+    config = DEFAULT_CONFIG + "\n[timing]\npresence_interval = 1.0\n\n[spool]\nmax_bytes = 1000\n"
+    alpha, beta = spt_nodes.subnet(["alpha", "beta"], config=config)
+    for perch in ("sink", "other"):
+        beta.cli("ready", perch, "--once", "--timeout", "0.1", check=True)
+        wait_for(lambda perch=perch: listed(alpha, perch), 15, f"{perch}'s row on alpha")
+    beta.stop()
+    bodies = ["a" * 600, "b" * 600, "c" * 10]  # the sink takes 1000 bytes: a, then b would not fit
+    messages = [{"address": "sink@beta", "body": b, "id": os.urandom(16).hex()} for b in bodies]
+    messages.append({"address": "other@beta", "body": "o", "id": os.urandom(16).hex()})
+    assert _tokens(alpha.ipc("msg.send_many", {"from": "alice", "messages": messages})) == ["QUEUED"] * 4
+    beta.start()
+    got: list[str] = []
+
+    def read_sink() -> bool:
+        got.extend(r.body for r in drain(beta, "sink", timeout=0.3))
+        return len(got) >= 3
+
+    wait_for(read_sink, 60, "the sink to get all three messages", every=0.2)
+    assert [b[0] for b in got] == ["a", "b", "c"]  # c never overtook b
+    assert got == bodies
+    assert [r.body for r in drain(beta, "other", timeout=0.3)] == ["o"]

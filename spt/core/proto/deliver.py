@@ -8,6 +8,10 @@ answers per message, in order, only once each is durable (or refused):
     request  msg.deliver_batch  {"subnet": <hex>, "payloads": [<msg.deliver payload>, ...]}
     answer   msg.results        {"results": [{"token": "SENT"|"QUEUED"} | {"error": {"code", "message"}}, ...]}
 
+Once a message for a perch is refused with a retryable token (e.g. SPOOL_FULL), the batch's
+later messages for that perch are refused the same way, not spooled: they wait behind it for the
+sender's retry, in order.
+
 Bounded: at most MAX_BATCH messages and MAX_BATCH_BYTES of bodies per request; a batch over
 either, or malformed, is refused whole (nothing of it is spooled). A node that does not know the
 type answers UNKNOWN_TYPE and the sender falls back to one `msg.deliver` per message.
