@@ -195,9 +195,9 @@ class DataPaths:
             return None
         started = time.monotonic()
         loop, executor = self.svc.loop, self.svc.executor
-        sock: socket.socket | None = simopen.reserve(self._host)
-        assert sock is not None
+        sock: socket.socket | None = None
         try:
+            sock = simopen.reserve(self._host)
             body = {
                 "tid": out.tid, "subnet": out.row["subnet"], "port": sock.getsockname()[1],
                 "udp_port": self.svc.rt.port, "seen": f"{host}:{their_udp}",
@@ -218,7 +218,8 @@ class DataPaths:
             path = await asyncio.wait_for(
                 loop.run_in_executor(executor, handshake_on, raw, bytes.fromhex(out.tid), key), HANDSHAKE_SECONDS + 1
             )
-        except (OSError, TimeoutError, SptError) as exc:
+        except (OSError, TimeoutError, SptError, ValueError) as exc:
+            # any failure of the attempt (out of ports or descriptors too) falls back to the next path
             log.info("no TCP simultaneous open", extra={
                 "tid": out.tid, "host": host, "reason": str(exc) or type(exc).__name__,
                 "ms": round((time.monotonic() - started) * 1000)})

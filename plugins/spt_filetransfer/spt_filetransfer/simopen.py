@@ -21,7 +21,7 @@ Blocking; run it on a thread. Bounded by `deadline` (time.monotonic) and `MAX_TR
 from __future__ import annotations
 
 import errno
-import select
+import selectors
 import socket
 import time
 from typing import Final
@@ -50,6 +50,15 @@ def reserve(host: str = "") -> socket.socket:
     return _bound(host, 0)
 
 
+def _connected(conn: socket.socket, deadline: float) -> int:
+    """The outcome of `conn`'s connect in progress (0, an errno, or ETIMEDOUT at `deadline`).
+    A selector, not select.select, which refuses descriptors past 1023 with ValueError."""
+    with selectors.DefaultSelector() as selector:
+        selector.register(conn, selectors.EVENT_WRITE)
+        ready = selector.select(max(0.0, deadline - time.monotonic()))
+    return conn.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if ready else errno.ETIMEDOUT
+
+
 def open_direct(sock: socket.socket, peer: tuple[str, int], *, deadline: float) -> socket.socket:
     """The direct TCP connection with `peer` (blocking; a connected blocking socket), or
     TimeoutError at `deadline` / OSError when refused `MAX_TRIES` times. `sock` comes from
@@ -68,8 +77,7 @@ def open_direct(sock: socket.socket, peer: tuple[str, int], *, deadline: float) 
                 conn.setblocking(False)
                 code = conn.connect_ex(peer)
                 if code == errno.EINPROGRESS:
-                    _, ready, _ = select.select([], [conn], [], max(0.0, deadline - time.monotonic()))
-                    code = conn.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if ready else errno.ETIMEDOUT
+                    code = _connected(conn, deadline)
                 if code == 0:
                     conn.setblocking(True)
                     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
