@@ -129,8 +129,9 @@ def test_a_simultaneous_open_fails_fast_where_the_nats_do_not_allow_it(netns_lab
     through routers that reset an unmapped SYN it ends at once. Both bounded, on both sides."""
     from spt_filetransfer.datapaths import PUNCH_SECONDS
 
-    # the bounds leave room for a loaded machine: measured 2.02-2.08 s and 0.32-0.36 s
-    for kind_b, drop, bound in (("symmetric", True, PUNCH_SECONDS + 1.0), ("eim", False, 1.5)):
+    # measured 2.02-2.08 s and 0.32-0.36 s; the bounds leave room for a loaded machine (1.5 s
+    # failed once at load 5): resets must still end it before the deadline would have
+    for kind_b, drop, bound in (("symmetric", True, PUNCH_SECONDS + 1.0), ("eim", False, PUNCH_SECONDS)):
         lab = netns_lab()
         topo = lab.two_nats("eim", kind_b, drop_unsolicited=drop)
         for host, (outcome, took) in simultaneous_open_both(lab, topo, PUNCH_SECONDS).items():
