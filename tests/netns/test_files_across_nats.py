@@ -126,13 +126,16 @@ def simultaneous_open_both(lab, topo, seconds: float) -> dict[str, tuple[str, fl
 
 def test_a_simultaneous_open_fails_fast_where_the_nats_do_not_allow_it(netns_lab):
     """Against a symmetric NAT (the predicted port is wrong) the attempt ends at its deadline;
-    through routers that reset an unmapped SYN it ends at once. Both bounded, on both sides."""
+    through routers that reset an unmapped SYN it ends at once (refused, or connected when both
+    SYNs left before either reached the other NAT). Both bounded, on both sides."""
     from spt_filetransfer.datapaths import PUNCH_SECONDS
 
-    # measured 2.02-2.08 s and 0.32-0.36 s; the bounds leave room for a loaded machine (1.5 s
-    # failed once at load 5): resets must still end it before the deadline would have
+    # measured 2.02-2.08 s and 0.32-0.36 s; the bounds leave room for a loaded machine, and a
+    # reset must still end it before the deadline would have
     for kind_b, drop, bound in (("symmetric", True, PUNCH_SECONDS + 1.0), ("eim", False, PUNCH_SECONDS)):
         lab = netns_lab()
         topo = lab.two_nats("eim", kind_b, drop_unsolicited=drop)
         for host, (outcome, took) in simultaneous_open_both(lab, topo, PUNCH_SECONDS).items():
-            assert outcome != "connected" and took < bound, (kind_b, drop, host, outcome, took)
+            assert took < bound, (kind_b, drop, host, outcome, took)
+            if kind_b == "symmetric":
+                assert outcome != "connected", (kind_b, drop, host, outcome, took)
