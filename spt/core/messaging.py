@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 from spt import __version__
+from spt.core.endpoint_views import TRANSIENT_PREFIX
 from spt.core.errors import PeerError, Refusal, RemoteProtocolError, SptError
 from spt.core.identity import NodeId, sha256
 from spt.core.members import body_map, remote_refusal
@@ -61,6 +63,8 @@ DRAIN_INTERVAL: Final = 1.0
 DRAIN_BATCH: Final = 200
 DRAIN_BATCHES: Final = 100
 IDLE_RECHECK: Final = 5.0  # seconds before a node with no path or a detached subnet is looked at again
+ADVERTISED_META: Final = "registry_advertised"  # meta key: the rows this node last signed, by subnet
+TOMBSTONES_KEPT: Final = 30 * 24 * 3600.0  # a deleted perch is tombstoned again after restarts this long
 FINAL_REFUSALS: Final = ("NO_PERCH", "UNKNOWN_PAYLOAD_TYPE")  # the target will never take it
 BACKOFF_MAX: Final = 600.0
 FORWARDED_COMMIT: Final = 64  # forwarded messages removed from the outgoing spool per transaction
@@ -98,6 +102,11 @@ class Messaging:
         # subnet -> perch id (lower case) -> (home, id) -> the local row last signed there, for
         # tombstones and publish(perch=…)
         self._advertised: dict[bytes, dict[str, dict[tuple[str, str], dict[str, Any]]]] = {}
+        # subnet -> (home, id) -> when this node tombstoned it (not transient senders'), kept
+        # TOMBSTONES_KEPT so that a restart tombstones it again (`_load_advertised`)
+        self._tombstoned: dict[bytes, dict[tuple[str, str], float]] = {}
+        self._advertised_moved = False  # rows shown or tombstoned since it was last stored
+        self._load_advertised()
         self._drain_wake = asyncio.Event()
         self.staged_release: str | None = None  # the release this node offers (a plugin sets it)
         handlers = self.members.handlers
@@ -478,6 +487,15 @@ class Messaging:
         for (home, endpoint_id) in gone:
             records.append(sign_tombstone(key, subnet=sub.name, endpoint_id=endpoint_id, home=home, version=version, hlc=hlc))
         signed = self._advertised.setdefault(sub.id, {})
+        kept = [k for k in (*gone, *(k for k in current if k not in advertised)) if not k[1].startswith(TRANSIENT_PREFIX)]
+        if kept:
+            self._advertised_moved = True  # a perch shown, hidden or deleted: `_store_advertised`
+            tombstoned = self._tombstoned.setdefault(sub.id, {})
+            for row_key in kept:
+                if row_key in gone:
+                    tombstoned.setdefault(row_key, time.time())
+                else:
+                    tombstoned.pop(row_key, None)
         for row_key in gone:
             of_perch = signed.get(row_key[1].lower(), {})
             of_perch.pop(row_key, None)
@@ -518,6 +536,50 @@ class Messaging:
                 records = self._rows_records(sub, perch_rows, self._advertised_of(sub, perch), version, hlc)
             self.view(sub).merge_all(records, now_ms=now_ms, signed_here=True)
             self.members.spawn(self._push_records(sub, records), "registry push")
+        self._store_advertised()  # before any push leaves (they start once this returns)
+
+    def _load_advertised(self) -> None:
+        """The rows this node signed where, and those it deleted lately, as stored before a
+        restart: the first publish after it tombstones them again. Views are not stored, so a
+        member away while a perch was deleted (or that missed the push, the node killed just
+        after) would otherwise keep its row forever. Transient senders are left out: they are
+        never listed, and storing each would cost a write per anonymous send."""
+        try:
+            stored = json.loads(self.daemon.store.get_meta(ADVERTISED_META) or "{}")
+            for sub_hex, keys in stored.get("rows", {}).items():
+                by_perch = self._advertised.setdefault(bytes.fromhex(sub_hex), {})
+                for home, endpoint_id in keys:
+                    # an empty row: it differs from any current one, so a change re-signs it
+                    by_perch.setdefault(str(endpoint_id).lower(), {})[(str(home), str(endpoint_id))] = {}
+            horizon = time.time() - TOMBSTONES_KEPT
+            for sub_hex, keys in stored.get("gone", {}).items():
+                sub_id = bytes.fromhex(sub_hex)
+                for home, endpoint_id, at in keys:
+                    if float(at) > horizon:
+                        self._tombstoned.setdefault(sub_id, {})[(str(home), str(endpoint_id))] = float(at)
+                        self._advertised.setdefault(sub_id, {}).setdefault(
+                            str(endpoint_id).lower(), {})[(str(home), str(endpoint_id))] = {}
+        except (ValueError, TypeError, AttributeError):
+            log.warning("the stored list of signed registry rows is unreadable; starting without it")
+            self._advertised.clear()
+            self._tombstoned.clear()
+
+    def _store_advertised(self) -> None:
+        """Keep what `_load_advertised` reads, when it moved (a perch shown, hidden or deleted)."""
+        if not self._advertised_moved:
+            return
+        rows = {
+            sub_id.hex(): sorted([home, endpoint_id] for by_id in by_perch.values() for home, endpoint_id in by_id
+                                 if not endpoint_id.startswith(TRANSIENT_PREFIX))
+            for sub_id, by_perch in self._advertised.items()
+        }
+        gone = {
+            sub_id.hex(): sorted([home, endpoint_id, at] for (home, endpoint_id), at in keys.items())
+            for sub_id, keys in self._tombstoned.items()
+        }
+        with self.daemon.store.transaction():
+            self.daemon.store.set_meta(ADVERTISED_META, json.dumps({"rows": rows, "gone": gone}))
+        self._advertised_moved = False
 
     def _advertised_of(self, sub: HeldSubnet, perch: str) -> dict[tuple[str, str], dict[str, Any]]:
         """The rows of `perch` (any home) this node last signed in `sub`."""
@@ -532,6 +594,7 @@ class Messaging:
         version, (hlc,) = self._next_stamps([sub])
         records = self.own_records(sub, version, hlc)
         self.view(sub).merge_all(records, now_ms=int(time.time() * 1000), signed_here=True)
+        self._store_advertised()
         await self._push_records(sub, records)
 
     async def _push_records(self, sub: HeldSubnet, records: list[RegistryRow | Presence]) -> None:
@@ -651,7 +714,9 @@ class Messaging:
 
     def forget(self, sub: HeldSubnet) -> None:
         self.views.pop(sub.id, None)
-        self._advertised.pop(sub.id, None)
+        signed, tombstoned = self._advertised.pop(sub.id, None), self._tombstoned.pop(sub.id, None)
+        if signed is not None or tombstoned is not None:
+            self._advertised_moved = True  # stored by the next publish
 
     def registry_rows(self) -> list[Row]:
         me = self.daemon.key.node_id

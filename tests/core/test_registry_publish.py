@@ -33,10 +33,10 @@ class _Members:
 
 
 class _Daemon:
-    def __init__(self, root):
+    def __init__(self, root, key=None):
         self.paths = StatePaths(root)
         self.paths.ensure()
-        self.key = NodeKey.generate()
+        self.key = key or NodeKey.generate()
         self.store = Store(self.paths.db_file)
         self.config = NodeConfig()
         self.label = "here"
@@ -155,3 +155,28 @@ async def test_what_the_views_hold_after_changes_is_what_a_full_publish_holds(da
     messaging.publish()
     assert _live(daemon) == incremental
     assert incremental["b"] != [] and any(row[1] == "q" for row in incremental["c"])
+
+
+async def test_a_perch_deleted_before_a_restart_is_tombstoned_for_members_that_missed_it(tmp_path):
+    """A member away while a perch was deleted, and the node restarted before it came back,
+    must still learn of the deletion: what was signed is remembered across the restart."""
+    from spt.core.proto.registry import RegistryView
+
+    d = _Daemon(tmp_path / "n")
+    a = d.subnets.create("a")
+    d.endpoints._create("p", a, "active")
+    d.endpoints._create("q", a, "active")
+    d.messaging.publish()
+    away = RegistryView(a.name, self_node=NodeKey.generate().node_id)  # a member's view of this node
+    away.merge_all(d.messaging.view(a).records())
+    assert {r.endpoint_id for r in away.rows()} == {"p", "q"}
+    d.endpoints.purge(d.endpoints.get("p"))  # its tombstone is pushed; the member is away
+    d.store.close()
+
+    d = _Daemon(tmp_path / "n", d.key)  # the restart
+    a = d.subnets.by_name("a")
+    d.messaging.publish()  # the presence loop's first round
+    view = d.messaging.view(a)
+    away.merge_all(view.missing_for(away.digest()))  # the member is back: anti-entropy
+    assert {r.endpoint_id for r in away.rows()} == {"q"}
+    d.store.close()
