@@ -106,6 +106,7 @@ class Messaging:
         # TOMBSTONES_KEPT so that a restart tombstones it again (`_load_advertised`)
         self._tombstoned: dict[bytes, dict[tuple[str, str], float]] = {}
         self._advertised_moved = False  # rows shown or tombstoned since it was last stored
+        self._signed_all: set[bytes] = set()  # subnets where every row was signed since the start
         self._load_advertised()
         self._drain_wake = asyncio.Event()
         self.staged_release: str | None = None  # the release this node offers (a plugin sets it)
@@ -458,6 +459,7 @@ class Messaging:
         key = self.daemon.key
         advertised = {k: row for rows in self._advertised.get(sub.id, {}).values() for k, row in rows.items()}
         records = self._rows_records(sub, self.endpoints.local_rows(sub), advertised, version, hlc)
+        self._signed_all.add(sub.id)
         records.append(sign_presence(
             key, subnet=sub.name, version=version, software_version=__version__,
             addresses=tuple(self.daemon.addresses()), relays=self.daemon.announced_relays,
@@ -518,7 +520,7 @@ class Messaging:
         plan: list[tuple[HeldSubnet, list[dict[str, Any]] | None]] = []  # None: everything
         for sub in self.daemon.subnets.attached():
             view = self.views.get(sub.id)
-            if perch is None or view is None or view.subnet != sub.name or sub.id not in self._advertised:
+            if perch is None or view is None or view.subnet != sub.name or sub.id not in self._signed_all:
                 plan.append((sub, None))
                 continue
             rows = self.endpoints.views.perch_rows(sub, perch)
@@ -714,6 +716,7 @@ class Messaging:
 
     def forget(self, sub: HeldSubnet) -> None:
         self.views.pop(sub.id, None)
+        self._signed_all.discard(sub.id)
         signed, tombstoned = self._advertised.pop(sub.id, None), self._tombstoned.pop(sub.id, None)
         if signed is not None or tombstoned is not None:
             self._advertised_moved = True  # stored by the next publish

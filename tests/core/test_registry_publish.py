@@ -180,3 +180,22 @@ async def test_a_perch_deleted_before_a_restart_is_tombstoned_for_members_that_m
     away.merge_all(view.missing_for(away.digest()))  # the member is back: anti-entropy
     assert {r.endpoint_id for r in away.rows()} == {"q"}
     d.store.close()
+
+
+async def test_after_a_restart_the_first_publish_signs_everything_even_for_one_perch(tmp_path):
+    d = _Daemon(tmp_path / "n")
+    a = d.subnets.create("a")
+    d.endpoints._create("p", a, "active")
+    gone = d.endpoints._create("q", a, "active")
+    d.messaging.publish()
+    d.endpoints.purge(gone)
+    d.store.close()
+
+    d = _Daemon(tmp_path / "n", d.key)
+    a = d.subnets.by_name("a")
+    d.messaging.view(a)  # a member's push arrived first: the view exists, nothing signed yet
+    d.endpoints._update(d.endpoints.get("p"), description="x")  # a change of p alone
+    view = d.messaging.view(a)
+    assert view.presence(d.key.node_id) is not None  # presence signed too
+    assert {(r.endpoint_id, r.deleted) for r in view.records() if hasattr(r, "endpoint_id")} == {("p", False), ("q", True)}
+    d.store.close()
