@@ -40,60 +40,18 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _util import compile_spt, median, pct, row, time_command, time_interleaved
+from ring import Marks, responder, ring_once
 from ring import measure as measure_rings
 from transport import bench_spt
 
-from spt.core.errors import DaemonDown
-from spt.core.ipc import IpcConnection, call, connect
+from spt.core.ipc import call, connect
 from spt.testing.nodes import Node, NodeFactory
 
 
-def responder(conn: IpcConnection, node: Node) -> None:
-    """Agent bob on `node`: for every envelope, ack it, then answer the sender with a send.
-
-    Ends when the bench shuts `conn` down, or after 120 s without a ring.
-    """
-    import re
-
-    conn.send({"v": 1, "op": "endpoint.ready", "args": {"id": "bob"}, "interactive": False})
-    try:
-        for msg in conn.lines(timeout=120):
-            if "result" in msg or "error" in msg:
-                break
-            event = msg.get("event", {})
-            if not event.get("last"):
-                continue
-            conn.send({"ack": event["msg"]})
-            sender = re.search(r'from="([^"]+)"', event["line"])
-            if sender:
-                reply = connect(node.home / "spt.sock")
-                try:
-                    call(reply, "msg.send", {"address": sender.group(1), "from": "bob", "body": "pong"})
-                finally:
-                    reply.close()
-    except (OSError, ValueError, DaemonDown):
-        pass  # shut down by the bench
-
-
-def ring_once(node: Node) -> float:
-    conn: IpcConnection = connect(node.home / "spt.sock")
-    start = time.perf_counter()
-    try:
-        conn.send({"v": 1, "op": "msg.ring", "args": {"address": "bob", "from": "alice", "body": "ping", "timeout": 10},
-                   "interactive": False})
-        for msg in conn.lines(timeout=15):
-            event = msg.get("event", {})
-            if event.get("last"):
-                conn.send({"ack": event["msg"]})
-            if "result" in msg:
-                if not msg["result"].get("reply"):
-                    raise SystemExit(f"ring got no reply: {msg['result']}")
-                break
-            if "error" in msg:
-                raise SystemExit(f"ring failed: {msg['error']}")
-    finally:
-        conn.close()
-    return time.perf_counter() - start
+def ring_seconds(node: Node) -> float:
+    """One ring from alice to bob@beta, untraced: its round trip in seconds."""
+    start, end = ring_once(node, Marks(None))
+    return (end - start) / 1e9
 
 
 def sustained(node: Node, seconds: float, senders: int, *, op: str = "msg.send") -> float:
@@ -214,14 +172,14 @@ def main() -> None:
         )
 
         bob_conn = connect(beta.home / "spt.sock")
-        bob = threading.Thread(target=responder, args=(bob_conn, beta), daemon=True)
+        bob = threading.Thread(target=responder, args=(bob_conn, beta, Marks(None)), daemon=True)
         bob.start()
         alpha.wait_listed("bob")
         alpha.cli("ready", "alice", "--once", "--timeout", "0.1")
         beta.wait_listed("alice")
         for _ in range(10):
-            ring_once(alpha)
-        ring_rtts = [ring_once(alpha) for _ in range(rings)]
+            ring_seconds(alpha)
+        ring_rtts = [ring_seconds(alpha) for _ in range(rings)]
         ring_argv = [spt_exe, "ring", "bob", "--timeout", "10"]
         cli_ring = time_command(ring_argv, cli_rings, env=agent_env, input=b"ping", timeout=20)
         bob_conn.sock.shutdown(socket.SHUT_RDWR)
