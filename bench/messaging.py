@@ -30,11 +30,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import shutil
 import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,29 +56,16 @@ def ring_seconds(node: Node) -> float:
     return (end - start) / 1e9
 
 
-def sustained(node: Node, seconds: float, senders: int, *, op: str = "msg.send") -> float:
-    """Calls per second of `senders` threads, each making `op` calls one after another for
-    `seconds`, each call on a new control connection (as `spt send` makes it). `msg.send`
-    sends to a perch on beta (durable there before the answer); `endpoint.whoami` is the
-    baseline: the same callers and control path, with neither disk nor network."""
+def per_second(senders: int, seconds: float, one: Callable[[int, int], int]) -> float:
+    """Messages per second of `senders` threads, each calling `one(index, sent so far)` (which
+    returns how many messages it sent) one call after another for `seconds`."""
     counts = [0] * senders
     deadline = time.monotonic() + seconds
 
     def run(index: int) -> None:
         n = 0
         while time.monotonic() < deadline:
-            conn = connect(node.home / "spt.sock")
-            try:
-                if op == "msg.send":
-                    args = {"address": "sink@beta", "from": "alice", "body": f"m{index}-{n}"}
-                    result: Any = call(conn, op, args)
-                    if result["token"] not in ("SENT", "QUEUED"):
-                        raise SystemExit(f"unexpected token {result}")
-                else:
-                    call(conn, op, {})
-            finally:
-                conn.close()
-            n += 1
+            n += one(index, n)
         counts[index] = n
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(senders)]
@@ -86,6 +75,28 @@ def sustained(node: Node, seconds: float, senders: int, *, op: str = "msg.send")
     for t in threads:
         t.join()
     return sum(counts) / (time.monotonic() - start)
+
+
+def sustained(node: Node, seconds: float, senders: int, *, op: str = "msg.send") -> float:
+    """Calls per second of `senders` threads, each making `op` calls one after another for
+    `seconds`, each call on a new control connection (as `spt send` makes it). `msg.send`
+    sends to a perch on beta (durable there before the answer); `endpoint.whoami` is the
+    baseline: the same callers and control path, with neither disk nor network."""
+
+    def one(index: int, n: int) -> int:
+        conn = connect(node.home / "spt.sock")
+        try:
+            if op == "msg.send":
+                result: Any = call(conn, op, {"address": "sink@beta", "from": "alice", "body": f"m{index}-{n}"})
+                if result["token"] not in ("SENT", "QUEUED"):
+                    raise SystemExit(f"unexpected token {result}")
+            else:
+                call(conn, op, {})
+        finally:
+            conn.close()
+        return 1
+
+    return per_second(senders, seconds, one)
 
 
 def sustained_batched(node: Node, seconds: float, senders: int, size: int) -> float:
@@ -93,41 +104,26 @@ def sustained_batched(node: Node, seconds: float, senders: int, size: int) -> fl
     perch on beta with `msg.send_many` (one control connection per batch, as a program that has
     several messages to send at once would), each message with its own id; every message is
     durable on beta before the batch is answered."""
-    import os
 
-    counts = [0] * senders
-    deadline = time.monotonic() + seconds
+    def one(index: int, n: int) -> int:
+        batch = [{"address": "sink@beta", "body": f"m{index}-{n + i}", "id": os.urandom(16).hex()}
+                 for i in range(size)]
+        conn = connect(node.home / "spt.sock")
+        try:
+            result: Any = call(conn, "msg.send_many", {"from": "alice", "messages": batch})
+        finally:
+            conn.close()
+        bad = [r for r in result["results"] if r.get("token") not in ("SENT", "QUEUED")]
+        if bad:
+            raise SystemExit(f"unexpected answers {bad[:3]}")
+        return size
 
-    def run(index: int) -> None:
-        n = 0
-        while time.monotonic() < deadline:
-            batch = [{"address": "sink@beta", "body": f"m{index}-{n + i}", "id": os.urandom(16).hex()}
-                     for i in range(size)]
-            conn = connect(node.home / "spt.sock")
-            try:
-                result: Any = call(conn, "msg.send_many", {"from": "alice", "messages": batch})
-            finally:
-                conn.close()
-            bad = [r for r in result["results"] if r.get("token") not in ("SENT", "QUEUED")]
-            if bad:
-                raise SystemExit(f"unexpected answers {bad[:3]}")
-            n += size
-        counts[index] = n
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(senders)]
-    start = time.monotonic()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return sum(counts) / (time.monotonic() - start)
+    return per_second(senders, seconds, one)
 
 
 def backlog_drain(alpha: Node, beta: Node, count: int) -> float:
     """Messages per second alpha's outgoing spool forwards once beta is back, after `count`
     messages were queued while beta was down (timed from beta's start, reconnecting included)."""
-    import os
-
     beta.stop()
     for first in range(0, count, 200):
         batch = [{"address": "sink@beta", "body": f"q{i}", "id": os.urandom(16).hex()}
