@@ -87,7 +87,7 @@ class Call:
         """Send one event line to the caller (streams: envelopes, progress)."""
         self.writer.write(encode_line({"event": dict(event)}))
         await self.writer.drain()
-        trace.mark(f"ctl {self.op} event")
+        trace.mark("ctl", self.op, "event")
 
     async def receive(self, timeout: float | None = None) -> dict[str, Any] | None:
         """The caller's next line (acks), or None when it hung up."""
@@ -712,9 +712,9 @@ class Daemon:
                 await self._answer(writer, {"error": err.to_wire()})
                 return
             call = Call(op_name, args, uid, bool(req.get("interactive")), reader, writer)
-            trace.mark(f"ctl {op_name} in")
+            trace.mark("ctl", op_name, "in")
             answer = await self._dispatch(call)
-            trace.mark(f"ctl {op_name} answers")
+            trace.mark("ctl", op_name, "answers")
             await self._answer(writer, answer)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass  # the CLI went away: nothing to answer

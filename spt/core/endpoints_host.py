@@ -17,16 +17,18 @@ import asyncio
 from collections.abc import Mapping, Sequence, Set
 from typing import TYPE_CHECKING, Any, Protocol
 
+from spt.core.subnets import Notifier
+
 if TYPE_CHECKING:
     from spt.core.config import NodeConfig
     from spt.core.identity import NodeId, NodeKey
     from spt.core.paths import StatePaths
     from spt.core.proto.resolve import RemoteTarget, Row
     from spt.core.store import Store
-    from spt.core.subnets import HeldSubnet, Subnets
+    from spt.core.subnets import Subnets
 
 
-class EndpointsHost(Protocol):
+class EndpointsHost(Notifier, Protocol):
     # -- the node's own state, read when `Endpoints` is built and after ----------------------
 
     @property
@@ -88,12 +90,6 @@ class EndpointsHost(Protocol):
 
     def hosted_pid(self, perch_id: str) -> int | None:
         """The hosted process's pid; None when none is hosted."""
-        ...
-
-    def notify(
-        self, sub: HeldSubnet | None, kind: str, title: str, body: str, *, dedupe_seconds: float = 0
-    ) -> str | None:
-        """Raise a notification for the user (SPEC.md §8.4); None when deduplicated."""
         ...
 
     def fork_mind(self, source_id: str, new_id: str) -> None:

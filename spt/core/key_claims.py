@@ -37,7 +37,7 @@ from spt.core.proto import join as jp
 from spt.core.proto.canonical import canonical_bytes
 from spt.core.proto.frames import Frame
 from spt.core.proto.membership import REKEY, Entry, countersign_rekey, propose_rekey, sign_rekey_as_old
-from spt.core.subnets import HeldSubnet
+from spt.core.subnets import HeldSubnet, Notifier
 
 if TYPE_CHECKING:
     from spt.core.members.links import MemberLinks
@@ -62,18 +62,13 @@ DIAL_TIMEOUT: Final = 5.0
 REQUEST_TIMEOUT: Final = 10.0
 
 
-class ClaimsHost(Protocol):
+class ClaimsHost(Notifier, Protocol):
     """What the key claims need of the daemon."""
 
     key: NodeKey
     paths: StatePaths
     store: Store
     subnets: Subnets
-
-    def notify(
-        self, sub: HeldSubnet | None, kind: str, title: str, body: str, *, dedupe_seconds: float = 0,
-        event: str | None = None,
-    ) -> str | None: ...
 
 
 class KeyClaims:

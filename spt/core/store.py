@@ -396,7 +396,7 @@ class GroupCommit:
         """On the writer thread: one transaction for the batch (raises when it did not commit)."""
         db = self._db
         outcomes: list[tuple[bool, Any]] = []
-        trace.mark(f"commit begin {len(writes)}")
+        trace.mark("commit begin", len(writes))
         db.execute("BEGIN IMMEDIATE")
         try:
             for write in writes:

@@ -14,7 +14,7 @@ import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from spt.core.errors import Refusal, RemoteProtocolError, UsageError
 from spt.core.identity import NodeId, sha256
@@ -63,6 +63,17 @@ class HeldSubnet:
         if self.seed is None or self.epoch != self.state().epoch:
             raise Refusal("NO_SEED", self.name, "this node has not received the current seed yet; try again once it has synced")
         return code_at(self.seed, step_of(wall)), seconds_left(wall)
+
+
+class Notifier(Protocol):
+    """Raises notifications for the user (SPEC.md §8.4): what each service's host offers."""
+
+    def notify(
+        self, sub: HeldSubnet | None, kind: str, title: str, body: str, *, dedupe_seconds: float = 0,
+        event: str | None = None,
+    ) -> str | None:
+        """Raise one; None when deduplicated. `event` names one event several members observe."""
+        ...
 
 
 class Subnets:

@@ -183,7 +183,7 @@ class Members:
         first = await stream.recv(timeout=STREAM_TIMEOUT)
         if first is None:
             return
-        trace.mark(f"member {first.type} in")
+        trace.mark("member", first.type, "in")
         if conn.alpn == ALPN_JOIN:
             if first.type == "join":
                 await self.joins.respond(conn, stream, first)
@@ -221,7 +221,7 @@ class Members:
             reply = await handler(conn, first)
         except SptError as exc:
             reply = ("error", {"code": exc.instance_token, "message": exc.status_line(), "error": exc.to_wire()})
-        trace.mark(f"member {first.type} answers")
+        trace.mark("member", first.type, "answers")
         await self._reply(stream, *reply)
 
     async def _reply(self, stream: Stream, type_name: str, body: Any) -> None:

@@ -35,7 +35,7 @@ from spt.core.proto.membership import (
 )
 from spt.core.proto.resolve import NodeInfo, resolve_node
 from spt.core.proto.totp import SEED_BYTES, Secret, new_seed, seed_commitment
-from spt.core.subnets import HeldSubnet, Subnets
+from spt.core.subnets import HeldSubnet, Notifier, Subnets
 
 if TYPE_CHECKING:
     from spt.core.store import Store
@@ -43,17 +43,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class LogHost(Protocol):
+class LogHost(Notifier, Protocol):
     """What the log service needs of the daemon."""
 
     store: Store
     key: NodeKey
     subnets: Subnets
-
-    def notify(
-        self, sub: HeldSubnet | None, kind: str, title: str, body: str, *, dedupe_seconds: float = 0,
-        event: str | None = None,
-    ) -> str | None: ...
 
     def departed(self, sub: HeldSubnet, reason: str) -> list[str]: ...
 

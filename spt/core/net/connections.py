@@ -293,11 +293,11 @@ class Connection:
         """
         stream = self.open_stream()
         deadline = self._loop.time() + timeout
-        trace.mark(f"quic {type_name} out")
+        trace.mark("quic", type_name, "out")
         try:
             await stream.send(type_name, body, end=True, timeout=timeout)
             reply = await stream.recv(timeout=max(0.0, deadline - self._loop.time()))
-            trace.mark(f"quic {type_name} reply")
+            trace.mark("quic", type_name, "reply")
         except PeerTimeoutError:
             stream.reset(CloseCode.CANCELLED)
             raise PeerTimeoutError(
@@ -998,7 +998,7 @@ def serve_requests(
             return
         if frame is None:
             return
-        trace.mark(f"quic {frame.type} in")
+        trace.mark("quic", frame.type, "in")
         reply: tuple[str, Any]
         try:
             chosen = single if table is None else table.get(frame.type)
@@ -1027,6 +1027,6 @@ def serve_requests(
             log.exception("request handler failed", extra={"peer": conn._peer_label, "type": frame.type})
             reply = (ERROR_TYPE, error_body("INTERNAL", f"the node failed while handling {frame.type!r}"))
         await stream.send(reply[0], reply[1], req_id=frame.req_id, end=True)
-        trace.mark(f"quic {frame.type} answered")
+        trace.mark("quic", frame.type, "answered")
 
     return on_stream
