@@ -8,6 +8,9 @@
    and `spt ready` do, minus process start-up), against spt's raw transport request round trip
    (the transport benchmark's measurement, repeated here); target ≤ 3×. Also the full time an
    agent sees: `spt ring bob@beta` as a process (CLI start included) against the same responder.
+   And the ring's floor on this machine: the parts it cannot skip, each measured here (one
+   transport round trip, three durable commits on this disk, two new control connections),
+   summed with no time for spt's handling; when the floor alone passes 3× the goal cannot be met.
 3. Sustained durable messages per second from alpha to a perch on beta (each one spooled with
    fsync on beta), with 4 concurrent senders for a fixed time; target ≥ 3,000/s. Each `spt send`
    shape (one message per control call, answered once durable on beta) with 4 and 16 senders
@@ -42,7 +45,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _util import compile_spt, median, pct, row, time_command, time_interleaved
-from ring import Marks, responder, ring_once
+from ring import Marks, commit_ms, control_call_ms, floor_ms, responder, ring_once
 from ring import measure as measure_rings
 from transport import bench_spt
 
@@ -181,6 +184,8 @@ def main() -> None:
         bob_conn.sock.shutdown(socket.SHUT_RDWR)
         bob.join(5)
         bob_conn.close()
+        commits = commit_ms(alpha.home, 200)  # the parts a ring cannot skip, for its floor
+        controls = control_call_ms(alpha, 200)
         raw = asyncio.run(bench_spt(1000, 1024 * 1024))
         alpha.wait_listed("sink")
         control_rate = sustained(alpha, seconds, 4, op="endpoint.whoami")
@@ -200,6 +205,9 @@ def main() -> None:
     t50, t99 = raw.pct(0.5) / 1e3, raw.pct(0.99) / 1e3
     print(f"transport request RTT      p50 {t50:8.3f} ms   p99 {t99:8.3f} ms")
     print(f"cross-node ring RTT        p50 {r50:8.3f} ms   p99 {r99:8.3f} ms   ratio p50 {r50 / t50:6.1f}x  (target <= 3)")
+    floor = floor_ms(t50, median(commits), median(controls))
+    print(f"ring floor from its parts  {floor:8.3f} ms   ratio {floor / t50:6.1f}x  (transport RTT + 3 durable commits"
+          f" p50 {median(commits):.3f} ms + 2 control calls p50 {median(controls):.3f} ms; no time for spt's handling)")
     c50 = median(cli_ring) * 1e3
     print(f"`spt ring` as an agent sees it (CLI start included) median {c50:8.1f} ms"
           f"   (python3 -c pass {b * 1e3:.1f} ms)")
@@ -216,6 +224,9 @@ def main() -> None:
     print("\n".join(breakdown))
     row("`spt send` wall time", s * 1e3, "ms", baseline_name="python3 -c pass", baseline=b * 1e3, goal="<= 3")
     row("cross-node ring RTT p50", r50, "ms", baseline_name="transport request RTT p50", baseline=t50, goal="<= 3")
+    row(f"ring floor from its parts (transport RTT + 3 durable commits at {median(commits):.2f} ms"
+        f" + 2 control calls at {median(controls):.2f} ms; none of spt's handling)", floor, "ms",
+        baseline_name="transport request RTT p50", baseline=t50)
     row("`spt ring` agent-visible (CLI start included)", c50, "ms", baseline_name="python3 -c pass",
         baseline=b * 1e3)
     row("durable msgs/s, 2 nodes, 4 senders", rate, "msg/s", baseline_name="control calls/s, same senders",

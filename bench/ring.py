@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import socket
+import sqlite3
 import statistics
 import sys
 import tempfile
@@ -123,6 +124,50 @@ def breakdown(trace: Path, windows: list[tuple[int, int]]) -> list[str]:
         lines.append(f"  {at:10.3f} {at - before:9.3f}  {name}")
         before = at
     return lines
+
+
+def commit_ms(folder: Path, samples: int) -> list[float]:
+    """Wall ms of one durable SQLite commit of a small row in `folder` (WAL, `synchronous=FULL`,
+    as spt's store): the least each of a ring's three commits costs on this disk."""
+    db = sqlite3.connect(folder / "floor.db", isolation_level=None)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, body BLOB)")
+        out = []
+        for _ in range(samples):
+            start = time.perf_counter_ns()
+            db.execute("BEGIN")
+            db.execute("INSERT INTO t(body) VALUES(?)", (os.urandom(200),))
+            db.execute("COMMIT")
+            out.append((time.perf_counter_ns() - start) / 1e6)
+        return out
+    finally:
+        db.close()
+
+
+def control_call_ms(node: Node, samples: int) -> list[float]:
+    """Wall ms of one control call that touches neither disk nor network (`endpoint.whoami`) on
+    a new connection, as alice's ring and bob's reply each make one."""
+    out = []
+    for _ in range(samples):
+        start = time.perf_counter_ns()
+        conn = connect(node.home / "spt.sock")
+        try:
+            call(conn, "endpoint.whoami", {})
+        finally:
+            conn.close()
+        out.append((time.perf_counter_ns() - start) / 1e6)
+    return out
+
+
+def floor_ms(transport_rtt: float, commit: float, control: float) -> float:
+    """The least a ring can take from the parts it cannot skip, each at its median in this run,
+    with no time at all for spt's own handling: the ring's and the reply's one-way QUIC trips
+    (one transport round trip), three commits in sequence (the ring durable on beta before bob
+    sees it, the reply durable on alpha before alice sees it, alice's acknowledgement before
+    `spt ring` returns) and two control calls (alice's ring, bob's reply)."""
+    return transport_rtt + 3 * commit + 2 * control
 
 
 def cpu_seconds(node: Node) -> tuple[float, float]:
