@@ -21,7 +21,15 @@ from typing import TYPE_CHECKING, Any, Protocol
 from spt.core.errors import PeerError, Refusal, RemoteProtocolError, SptError
 from spt.core.identity import NodeId, NodeKey
 from spt.core.members.links import MemberLinks
-from spt.core.members.wire import DIAL_TIMEOUT, MAX_SYNC_ENTRIES, REQUEST_TIMEOUT, Net, body_map, entries_of
+from spt.core.members.wire import (
+    DIAL_TIMEOUT,
+    MAX_SYNC_ENTRIES,
+    REQUEST_TIMEOUT,
+    Net,
+    body_map,
+    entries_of,
+    heads_of,
+)
 from spt.core.net.connections import Connection, ConnectionClosedError
 from spt.core.net.transport import ALPN_MEMBER
 from spt.core.proto.frames import Frame
@@ -75,7 +83,7 @@ class LogService:
         )
         body = body_map(reply.body)
         self.merge_from(conn, sub, entries_of(body.get("entries")))
-        their_heads = [bytes.fromhex(h) for h in body.get("heads", []) if isinstance(h, str)]
+        their_heads = heads_of(body.get("heads"))
         theirs_missing = sub.log.entries_since(their_heads, limit=MAX_SYNC_ENTRIES)
         if theirs_missing:
             await conn.request(
@@ -86,7 +94,7 @@ class LogService:
     async def handle_log_sync(self, conn: Connection, frame: Frame) -> tuple[str, Any]:
         body = body_map(frame.body)
         sub = self.net.require_member(conn, body.get("subnet"))
-        heads = [bytes.fromhex(h) for h in body.get("heads", []) if isinstance(h, str)]
+        heads = heads_of(body.get("heads"))
         entries = sub.log.entries_since(heads, limit=MAX_SYNC_ENTRIES)
         return "log.entries", {"entries": [e.to_dict() for e in entries], "heads": [h.hex() for h in sub.log.heads()]}
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 from spt.core.errors import Refusal, RemoteProtocolError, SptError
 from spt.core.identity import NodeId
 from spt.core.net.connections import Connection, RequestError
-from spt.core.proto.membership import Entry
+from spt.core.proto.membership import HASH_BYTES, Entry
 from spt.core.subnets import HeldSubnet
 
 if TYPE_CHECKING:
@@ -70,6 +70,24 @@ def entries_of(value: Any) -> list[Entry]:
     if not isinstance(value, list) or len(value) > MAX_SYNC_ENTRIES:
         raise RemoteProtocolError("entries", f"expected a list of at most {MAX_SYNC_ENTRIES} entries")
     return [Entry.from_dict(v) for v in value]
+
+
+def heads_of(value: Any) -> list[bytes]:
+    """The `heads` of a log sync request or answer: at most MAX_SYNC_ENTRIES entry hashes as hex;
+    RemoteProtocolError otherwise (a handler must refuse a body, never fail on it)."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or len(value) > MAX_SYNC_ENTRIES:
+        raise RemoteProtocolError("heads", f"expected a list of at most {MAX_SYNC_ENTRIES} entry hashes")
+    out = []
+    for head in value:
+        if not isinstance(head, str) or len(head) != 2 * HASH_BYTES:
+            raise RemoteProtocolError("heads", "a head is an entry hash as 64 hex digits")
+        try:
+            out.append(bytes.fromhex(head))
+        except ValueError:
+            raise RemoteProtocolError("heads", "a head is an entry hash as 64 hex digits") from None
+    return out
 
 
 def loads(raw: bytes) -> Any:
