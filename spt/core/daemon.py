@@ -39,7 +39,7 @@ from spt.core.errors import ConfigError, ElevationRequired, LocalProtocolError, 
 from spt.core.hosting.service import Hosting
 from spt.core.hosting.service import register_ops as register_hosting_ops
 from spt.core.identity import NodeId, NodeKey
-from spt.core.ipc import MAX_LINE, PROTOCOL_VERSION, encode_line
+from spt.core.ipc import MAX_LINE, encode_line, read_request
 from spt.core.members import Members
 from spt.core.members import register_ops as register_member_ops
 from spt.core.messaging import Messaging
@@ -692,7 +692,10 @@ class Daemon:
     async def _serve_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             uid = _peer_uid(writer)
-            raw = await reader.readline()
+            try:
+                raw = await reader.readline()
+            except ValueError:  # a line over MAX_LINE: no request is that long
+                raw = b"\n"
             if not raw:
                 return
             if uid not in (0, os.getuid()) and self.config.socket_group is None:
@@ -702,16 +705,12 @@ class Daemon:
                 await self._answer(writer, {"error": SptError("", "this control socket belongs to another user").to_wire()})
                 return
             try:
-                req = json.loads(raw)
-                op_name = str(req["op"])
-                args = req.get("args") or {}
-                if req.get("v") != PROTOCOL_VERSION or not isinstance(args, dict):
-                    raise ValueError("version")
-            except (ValueError, KeyError, TypeError):
+                op_name, args, interactive = read_request(raw)
+            except ValueError:
                 err = UsageError("BAD_REQUEST", "", "malformed control request; is the CLI the same version as the daemon?")
                 await self._answer(writer, {"error": err.to_wire()})
                 return
-            call = Call(op_name, args, uid, bool(req.get("interactive")), reader, writer)
+            call = Call(op_name, args, uid, interactive, reader, writer)
             trace.mark("ctl", op_name, "in")
             answer = await self._dispatch(call)
             trace.mark("ctl", op_name, "answers")

@@ -31,6 +31,21 @@ AUTOSTART_WAIT: Final = 15.0
 _RECV: Final = 64 * 1024
 
 
+def read_request(raw: bytes) -> tuple[str, dict[str, Any], bool]:
+    """A client's request line as (op, args, interactive); ValueError when it is not one (any
+    process the socket lets in may send it). Pure: a fuzz target (tests/fuzz)."""
+    try:
+        req = json.loads(raw)
+    except RecursionError:  # nesting deeper than the parser's stack: no request is like that
+        raise ValueError("nested too deeply") from None
+    if not isinstance(req, dict) or req.get("v") != PROTOCOL_VERSION or not isinstance(req.get("op"), str):
+        raise ValueError("not a control request")
+    args = req.get("args") or {}
+    if not isinstance(args, dict):
+        raise ValueError("args is not a map")
+    return req["op"], args, bool(req.get("interactive"))
+
+
 def encode_line(obj: Mapping[str, Any]) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
 

@@ -14,15 +14,17 @@ import contextlib
 import logging
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
+from spt.core.errors import SptError
 from spt.core.identity import NodeId
 from spt.hooks import Candidate, DiscoveryBackend, DiscoveryContext, Registry, hookimpl
 
 log = logging.getLogger(__name__)
 
 SERVICE_TYPE = "_spt._udp.local."
+TAG_BYTES = 16  # spt.core.subnets.rendezvous_tag
 # After the first match, wait this long for more answers before returning (other members).
 GATHER_AFTER_FIRST = 0.25
 # A browser has heard the services present when it started once its first query is answered: the
@@ -31,6 +33,27 @@ GATHER_AFTER_FIRST = 0.25
 # answers to list, is not). Later queries, a second apart and more, only make up for lost packets,
 # and services registered later announce themselves. A name check waits at most this long.
 BROWSE_SETTLED = 0.5
+
+
+MAX_TAGS = 64  # rendezvous tags one advert may carry (one per attached subnet)
+
+
+def read_advert(properties: Mapping[bytes, bytes | None]) -> tuple[NodeId, frozenset[bytes]] | None:
+    """The node key and rendezvous tags of a TXT record as anyone on the LAN may send it, or None
+    when it is not a well-formed spt advert. Pure: a fuzz target (tests/fuzz)."""
+    key = properties.get(b"k")
+    tags: set[bytes] = set()
+    try:
+        node = NodeId.from_hex(key.decode("ascii")) if isinstance(key, bytes) else None
+        for name, value in properties.items():
+            if name.startswith(b"t") and isinstance(value, bytes):
+                tag = bytes.fromhex(value.decode("ascii"))
+                if len(tag) != TAG_BYTES or len(tags) >= MAX_TAGS:
+                    return None
+                tags.add(tag)
+    except (ValueError, SptError):  # UnicodeDecodeError is a ValueError
+        return None
+    return (node, frozenset(tags)) if node is not None else None
 
 
 class MdnsDiscovery(DiscoveryBackend):
@@ -120,13 +143,11 @@ class MdnsDiscovery(DiscoveryBackend):
         info = AsyncServiceInfo(SERVICE_TYPE, name)
         if not await info.async_request(self._azc.zeroconf, 1500):
             return
-        props = {k.decode(): (v or b"").decode() for k, v in info.properties.items()}
-        try:
-            node = NodeId.from_hex(props.get("k", ""))
-            tags = frozenset(bytes.fromhex(v) for k, v in props.items() if k.startswith("t"))
-        except Exception:
+        advert = read_advert(info.properties)
+        if advert is None:
             log.debug("ignoring a malformed spt advert", extra={"service": name})
             return
+        node, tags = advert
         assert self._ctx is not None
         if node == self._ctx.node_id:
             return

@@ -8,6 +8,8 @@ anything else is a crash. Targets are plain functions so a mutational loop can c
 from __future__ import annotations
 
 import contextlib
+import io
+import json
 import os
 import struct
 from collections.abc import Callable
@@ -391,6 +393,127 @@ def file_punch_offer(data: bytes) -> None:
     assert 0 < offer.port < 65536 and 0 < offer.udp_port < 65536 and offer.seen_port == seen
 
 
+# --- mDNS adverts, the control socket, host sockets, releases -------------------------------------
+
+
+def mdns_advert(data: bytes) -> None:
+    """A TXT record as anyone on the LAN may send it (zeroconf hands its properties over)."""
+    from spt.plugins.mdns import MAX_TAGS, TAG_BYTES, read_advert
+
+    value = as_value(data)
+    candidates: list[Any] = []
+    if isinstance(value, dict):
+        candidates.append({_as_bytes(k): v if v is None or isinstance(v, bytes) else _as_bytes(v) for k, v in value.items()})
+    pieces = [data[i : i + 40] for i in range(0, min(len(data), 400), 40)]
+    candidates.append({b"k": data[:64], **{b"t%d" % i: p for i, p in enumerate(pieces)}})
+    candidates.append({b"k": _KEY.node_id.hex.encode(), **{p[:3] or b"t": p[3:] or None for p in pieces}})
+    for props in candidates:
+        advert = read_advert(props)
+        if advert is not None:
+            node, tags = advert
+            assert len(node.raw) == 32 and len(tags) <= MAX_TAGS and all(len(t) == TAG_BYTES for t in tags)
+
+
+def _as_bytes(value: Any) -> bytes:
+    return value if isinstance(value, bytes) else str(value).encode("utf-8", "surrogatepass")
+
+
+def control_request(data: bytes) -> None:
+    """A line on the daemon's control socket (in system mode, from other users' processes)."""
+    from spt.core.ipc import read_request
+
+    value = as_value(data)
+    lines = [data, json.dumps(value, default=repr).encode()]
+    if isinstance(value, dict):
+        lines.append(json.dumps({"v": 1, "op": "daemon.status", **{str(k): v for k, v in value.items()}}, default=repr).encode())
+    for line in lines:
+        try:
+            op, args, _ = read_request(line)
+        except ValueError:
+            continue
+        assert isinstance(op, str) and isinstance(args, dict)
+
+
+def host_frames(data: bytes) -> None:
+    """Frames on a host process's Unix socket (rc viewers, the daemon's watcher): length, map."""
+    import asyncio
+
+    from spt.core.hosting.wire import WireError, read_frame
+
+    global _LOOP
+    if _LOOP is None:
+        _LOOP = asyncio.new_event_loop()
+
+    async def run() -> None:
+        reader = asyncio.StreamReader()
+        reader.feed_data(data)
+        reader.feed_eof()
+        for _ in range(64):
+            try:
+                frame = await read_frame(reader)
+            except WireError:
+                return
+            if frame is None:
+                return
+            assert isinstance(frame["t"], str)
+
+    _LOOP.run_until_complete(run())
+
+
+_RELEASE_KEY: Any = None
+
+
+def _release_key() -> Any:
+    global _RELEASE_KEY
+    if _RELEASE_KEY is None:
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        _RELEASE_KEY = Ed25519PrivateKey.generate()
+    return _RELEASE_KEY
+
+
+def update_manifest(data: bytes) -> None:
+    """A release as a member's `update.offer` answer carries it: the manifest (here signed by a
+    trusted key, so every check after the signature's is reached) and the signature document."""
+    from spt_selfupdate.release import public_hex, sign_manifest
+    from spt_selfupdate.trust import TrustedKeys, VerifyFailed, verify_manifest
+
+    key = _release_key()
+    keys = TrustedKeys(public_hex(key), "ab" * 32)
+    for manifest, sig in ((data, sign_manifest(data, key)), (_MANIFEST, data), (data, data)):
+        try:
+            release = verify_manifest(manifest, sig, keys, installed="0.0.1")
+        except VerifyFailed:
+            continue
+        assert release.artifacts and release.manifest_bytes == manifest
+
+
+_BUNDLE_DIR: Any = None
+
+
+def update_bundle(data: bytes) -> None:
+    """An offline bundle (`spt update apply --file`): a tar read under caps into a folder."""
+    import tempfile
+    from pathlib import Path
+
+    from spt_selfupdate.bundle import MAX_FILES, read_bundle
+    from spt_selfupdate.trust import VerifyFailed
+
+    global _BUNDLE_DIR
+    if _BUNDLE_DIR is None:  # one folder for every call (kept until the process ends)
+        _BUNDLE_DIR = tempfile.TemporaryDirectory(prefix="spt-fuzz-")
+    folder = Path(_BUNDLE_DIR.name)
+    bundle, into = folder / "b.sptupdate", folder / "into"
+    into.mkdir(exist_ok=True)
+    for old in into.iterdir():
+        old.unlink()
+    bundle.write_bytes(data)
+    try:
+        read_bundle(bundle, into)
+    except VerifyFailed:
+        return
+    assert 2 <= len(list(into.iterdir())) <= MAX_FILES
+
 TARGETS: dict[str, Target] = {
     "frames_stream": frames_stream,
     "frame_payload": frame_payload,
@@ -406,11 +529,38 @@ TARGETS: dict[str, Target] = {
     "relay_punch_addresses": relay_punch_addresses,
     "relay_tunnel": relay_tunnel,
     "deliver_batch": deliver_batch,
+    "mdns_advert": mdns_advert,
+    "control_request": control_request,
+    "host_frames": host_frames,
+    "update_manifest": update_manifest,
+    "update_bundle": update_bundle,
 }
 
 
 _MESSAGE = {"id": "ab" * 16, "type": "msg", "from": "alice", "to": "bob", "window": "default",
             "attrs": [["json", "{}"]], "body": "hi", "reply_to": None}
+
+
+def _manifest() -> bytes:
+    from spt_selfupdate.trust import Artifact, manifest_document
+
+    return manifest_document("1.2.3", "2026-01-01T00:00:00Z", "n", [Artifact("py311-linux-x86_64", "a.tar", 10, "ab" * 32)])
+
+
+_MANIFEST = _manifest()
+
+
+def _bundle() -> bytes:
+    """A small offline bundle: manifest, signature, one artifact."""
+    import tarfile
+
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w:", format=tarfile.PAX_FORMAT) as tar:
+        for name, body in (("manifest.json", _MANIFEST), ("manifest.sig", b"{}"), ("a.tar", b"x" * 10)):
+            info = tarfile.TarInfo(name)
+            info.size = len(body)
+            tar.addfile(info, io.BytesIO(body))
+    return out.getvalue()
 
 
 def _seeds() -> dict[str, list[bytes]]:
@@ -437,6 +587,11 @@ def _seeds() -> dict[str, list[bytes]]:
             enc({"subnet": "ab" * 32, "payloads": [_MESSAGE, {**_MESSAGE, "attrs": [["ring", "1"]], "reply_to": "cd" * 16}]}),
             enc({"results": [{"token": "SENT"}, {"error": {"code": "NO_PERCH", "message": "x"}}]}),
         ],
+        "mdns_advert": [enc({"k": _KEY.node_id.hex, "t0": "ab" * 16, "t1": "cd" * 16})],
+        "control_request": [b'{"v":1,"op":"daemon.status","args":{},"interactive":true}', b'{"v":1,"op":"x","args":null}'],
+        "host_frames": [struct.pack(">I", 9) + enc({"t": "attach", "rows": 24})[:9] + struct.pack(">I", 2) + b"\x80\x00"],
+        "update_manifest": [_MANIFEST],
+        "update_bundle": [_bundle()],
         "relay_tunnel": [struct.pack("!H", 60) + bytes((0x01,)) + bytes(59) + struct.pack("!H", 2) + b"\x03\x01"],
     }
 SEEDS = _seeds()
