@@ -138,11 +138,13 @@ class DataPaths:
 
     def __init__(self, svc: FileService) -> None:
         self.svc = svc
-        # the receiver's simultaneous opens in progress (a thread and a bound port each, up to
-        # PUNCH_SECONDS): bounded like the data connections, or one member's file.punch
-        # requests, answered at once, would start threads without limit
-        self._punching = 0
-        self._punch_lock = threading.Lock()
+        # the receiver's data connections in the making: simultaneous opens (a thread and a
+        # bound port each, up to PUNCH_SECONDS) and transit joins (a thread and a connection to
+        # the relay each, up to its TRANSIT_WAIT). Bounded like the data connections, or one
+        # member's file.punch / file.transit requests, answered at once, would start threads
+        # without limit
+        self._opening = 0
+        self._opening_lock = threading.Lock()
 
     @property
     def _host(self) -> str:
@@ -309,14 +311,11 @@ class DataPaths:
         if why is not None:
             log.info("no TCP simultaneous open", extra={"tid": tid, "reason": why})
             return "file.punch", {"ok": False, "reason": why}
-        with self._punch_lock:
-            if self._punching >= MAX_CONNECTIONS:
-                raise Refusal("FILE_BUSY", tid, "too many simultaneous opens in progress")
-            self._punching += 1
+        self._start_opening(tid)
         try:
             sock = simopen.reserve(self._host)
         except BaseException:
-            self._done_punching()
+            self._done_opening()
             raise
         deadline = time.monotonic() + PUNCH_SECONDS
 
@@ -327,7 +326,7 @@ class DataPaths:
                 log.info("no TCP simultaneous open", extra={"tid": tid, "reason": str(exc)})
                 return
             finally:
-                self._done_punching()
+                self._done_opening()
             self.svc.server.serve(raw, "tcp-punched")
 
         port = sock.getsockname()[1]
@@ -336,13 +335,19 @@ class DataPaths:
             threading.Thread(target=run, name="spt-file-punch", daemon=True).start()
         except BaseException:
             sock.close()
-            self._done_punching()
+            self._done_opening()
             raise
         return "file.punch", {"ok": True, "port": port}
 
-    def _done_punching(self) -> None:
-        with self._punch_lock:
-            self._punching -= 1
+    def _start_opening(self, tid: str) -> None:
+        with self._opening_lock:
+            if self._opening >= MAX_CONNECTIONS:
+                raise Refusal("FILE_BUSY", tid, "too many data connections are being opened")
+            self._opening += 1
+
+    def _done_opening(self) -> None:
+        with self._opening_lock:
+            self._opening -= 1
 
     async def req_transit(self, conn: Any, frame: Any) -> tuple[str, Any]:
         """The sender invites us to a bulk transit: join it on a thread and serve the data there."""
@@ -355,6 +360,7 @@ class DataPaths:
         if transit is None or not isinstance(invitation, dict):
             raise Refusal("NO_TRANSIT", str(via), "this node has no such bulk transit")
         peer = conn.peer
+        self._start_opening(tid)
 
         def run() -> None:
             try:
@@ -362,7 +368,13 @@ class DataPaths:
             except (OSError, SptError) as exc:
                 log.info("bulk transit not joined", extra={"tid": tid, "via": via, "reason": str(exc)})
                 return
+            finally:
+                self._done_opening()
             svc.server.serve(sock, "transit")
 
-        threading.Thread(target=run, name="spt-file-transit", daemon=True).start()
+        try:
+            threading.Thread(target=run, name="spt-file-transit", daemon=True).start()
+        except BaseException:
+            self._done_opening()
+            raise
         return "ok", {"ok": True}
