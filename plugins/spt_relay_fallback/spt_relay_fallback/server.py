@@ -375,7 +375,7 @@ class RelayServer:
             raise Refusal("NOT_REGISTERED", peer.short, "the peer is not registered at this relay")
         tickets = self.tcp.issue(conn.peer, peer)
         if tickets is None:
-            raise Refusal("RELAY_FULL", conn.peer.short, "too many transits are open at this relay")
+            raise Refusal("RELAY_FULL", conn.peer.short, "too many transits are open at this relay, or waiting for this node's peers")
         return "relay.transit", {"ticket": tickets[0], "peer_ticket": tickets[1], "tcp_port": self.tcp.port}
 
     async def _tunnel(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

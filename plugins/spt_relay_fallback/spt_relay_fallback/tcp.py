@@ -20,9 +20,9 @@ The protocol, as a node sees it:
    writing half; it never looks at them. What flows is the file channel's AEAD frames, keyed over
    the pinned QUIC channel between the two nodes: the relay holds no key that opens them.
 
-Limits: `max_transits` live transits (a ticket request beyond it is refused with `RELAY_FULL`),
-tickets expire after `TRANSIT_WAIT`, and a connection must send its ticket within
-`HELLO_TIMEOUT`.
+Limits: `max_transits` live transits, at most `MAX_WAITING_PER_NODE` of them asked by one node
+and not matched yet (a ticket request beyond either is refused with `RELAY_FULL`), tickets
+expire after `TRANSIT_WAIT`, and a connection must send its ticket within `HELLO_TIMEOUT`.
 """
 
 from __future__ import annotations
@@ -56,6 +56,10 @@ STATUS_REFUSED: Final = 0x01
 TICKET_BYTES: Final = 16
 TRANSIT_WAIT: Final = 30.0  # seconds a ticket (and a connected side) waits for the other side
 HELLO_TIMEOUT: Final = 10.0  # seconds a new connection has to name its ticket
+# transits one node may have asked for that are not matched yet: a transit is matched within a
+# round trip when both sides are well, so a few cover every transfer a node starts at once, and
+# one node cannot take the relay's `max_transits` for itself
+MAX_WAITING_PER_NODE: Final = 16
 COPY_BYTES: Final = 256 * 1024
 
 
@@ -133,9 +137,16 @@ class TcpListener:
                 del self._transits[ticket]
         return len({id(t) for t in self._transits.values()})
 
+    def waiting(self, asker: NodeId) -> int:
+        """Live transits `asker` asked for that are not matched yet."""
+        self.live()  # drops the expired ones
+        asked = {id(t) for t in self._transits.values() if next(iter(t.sides.values())).node == asker and not t.matched.is_set()}
+        return len(asked)
+
     def issue(self, asker: NodeId, peer: NodeId) -> tuple[bytes, bytes] | None:
-        """(asker's ticket, peer's ticket), or None when `max_transits` are live."""
-        if self.live() >= self.max_transits:
+        """(asker's ticket, peer's ticket), or None when `max_transits` are live or the asker
+        has MAX_WAITING_PER_NODE waiting."""
+        if self.live() >= self.max_transits or self.waiting(asker) >= MAX_WAITING_PER_NODE:
             return None
         mine, theirs = os.urandom(TICKET_BYTES), os.urandom(TICKET_BYTES)
         transit = _Transit({mine: _Side(asker), theirs: _Side(peer)}, time.monotonic() + TRANSIT_WAIT)

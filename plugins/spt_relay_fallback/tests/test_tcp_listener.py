@@ -208,3 +208,27 @@ async def test_a_udp_frames_tunnel_that_registers_nobody_is_closed(tcp_relay, mo
         assert server._tunnels == set()
     finally:
         await tunnel.close()
+
+
+async def test_one_node_cannot_take_every_transit(nodes, tcp_relay):
+    """A registered node asking for tickets again and again, never using them: once it has
+    MAX_WAITING_PER_NODE waiting it is refused, and another node still gets its transit."""
+    from spt_relay_fallback.tcp import MAX_WAITING_PER_NODE
+
+    server, _ = tcp_relay
+    server.tcp.max_transits = 4 * MAX_WAITING_PER_NODE
+    greedy, victim, other = await nodes(), await nodes(), await nodes()
+    conn_greedy, _ = await register(greedy, server)
+    await register(victim, server)
+    conn_other, _ = await register(other, server)
+    got = 0
+    for _ in range(server.tcp.max_transits + 1):
+        try:
+            await conn_greedy.request("relay.transit", {"peer": victim.node_id.raw})
+        except RequestError as exc:
+            assert "RELAY_FULL" in str(exc)
+            break
+        got += 1
+    assert got == MAX_WAITING_PER_NODE
+    reply = await conn_other.request("relay.transit", {"peer": victim.node_id.raw})
+    assert len(reply.body["ticket"]) == TICKET_BYTES
