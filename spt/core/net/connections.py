@@ -204,6 +204,8 @@ class Connection:
         self._transmit_handle: asyncio.Handle | None = None
         self._keepalive_handle: asyncio.TimerHandle | None = None
         self._last_rx = self.started_at
+        self.heard_back = False
+        """Anything arrived since this connection started: a dial to a dead address never hears."""
         self._sending: set[Stream] = set()
         self._unsent_estimate = 0
         self._blocked: set[Stream] = set()
@@ -340,6 +342,7 @@ class Connection:
     def datagram_received(self, data: bytes, addr: Address) -> None:
         now = self._loop.time()
         self._last_rx = now
+        self.heard_back = True
         self._quic.receive_datagram(data, addr, now=now)
         self._process()
         self._transmit()

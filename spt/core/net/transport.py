@@ -859,11 +859,14 @@ class Transport:
             return
         if pending is not None:
             self._register(conn)
-            if conn.peer < me:
-                # the peer's dial is the one dialled by the lower key: it wins, ours is dropped
+            if conn.peer < me or not any(a.heard_back for a in pending.attempts if a.is_open):
+                # The peer's dial is the one dialled by the lower key: it wins, ours is dropped.
+                # So does a peer that dialled from an address we are not dialling (a same-address
+                # race is refused in the handshake) while ours has heard nothing: the peer came
+                # back on a new port, and ours would wait out its timeout at the old one.
                 pending.close_attempts(SUPERSEDED)
                 pending.resolve(conn)
-            # else: held; our own dial decides (see the outgoing branch and _run_dial)
+            # else: held; our own dial, which the peer answers, decides (the outgoing branch, _run_dial)
             return
         for other in live:
             if other.dialer != me:

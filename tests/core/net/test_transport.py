@@ -168,6 +168,29 @@ async def test_simultaneous_dials_leave_exactly_one_connection_each_side(make, r
         assert (await from_b.request("y", 2)).body == 2
 
 
+async def test_a_dial_to_an_old_address_takes_the_peers_dial_at_once_not_at_its_timeout(make):
+    """The peer restarted on a new port: our dial to the old one hears nothing, and the peer's
+    dial to us (from an address we are not dialling) is taken at once even though our key is
+    the lower one, instead of being held until our dial times out."""
+    ka, kb = sorted((NodeKey.generate(), NodeKey.generate()), key=lambda k: k.node_id)
+    a = await make(ka, members=[kb.node_id])
+    b = await make(kb, members=[ka.node_id])
+    old = await make()  # a UDP port where b is not: nothing answers there as b
+    old_addr = old.sockname
+    await old.close()
+    async with asyncio.timeout(8):
+        dialling = asyncio.ensure_future(a.connect(b.node_id, [old_addr], timeout=5.0))
+        await asyncio.sleep(0.2)
+        started = time.monotonic()
+        from_b = await b.connect(a.node_id, [a.sockname])
+        from_a = await dialling
+        waited = time.monotonic() - started
+    assert waited < 1.0, f"a's dial waited {waited:.2f} s for its dead address"
+    assert from_a.dialer == b.node_id and from_b.dialer == b.node_id
+    assert a.connections() == [from_a] and b.connections() == [from_b]
+    assert (await from_a.request("x", 1)).body == 1
+
+
 async def test_a_thousand_concurrent_requests_on_one_connection_complete(make):
     a, b = await pair(make)
     async with asyncio.timeout(20):
