@@ -103,6 +103,7 @@ class _PunchState:
     running: bool = False
     first_seen: float = 0.0
     asked: bool = False  # the peer started a punch with us (we have the higher key)
+    responding: bool = False  # our side of a punch the peer asked for is running
 
 
 class RelayLink:
@@ -684,18 +685,26 @@ class RelayClient:
         theirs = str(body.get("mapping", "unknown"))
         peer: NodeId = conn.peer
         reason = "symmetric-nat" if "endpoint-dependent" in (mine, theirs) else "punch-timeout"
-        self._punch.setdefault(peer, _PunchState()).asked = True
+        state = self._punch.setdefault(peer, _PunchState())
+        state.asked = True
 
         async def respond() -> None:
-            # with a symmetric NAT on either side the answer is known at once (a punch may still win)
-            paths.set_reason(peer, "symmetric-nat" if reason == "symmetric-nat" else "punching")
-            found = await paths.punch(
-                peer, nonce, targets, active=False, prime_ttl=self._prime_ttl(), timeout=PUNCH_TIMEOUT
-            )
-            # on success the peer dials us on the punched path and the transport moves over
-            paths.set_reason(peer, None if found is not None else reason)
+            try:
+                # with a symmetric NAT on either side the answer is known at once (a punch may still win)
+                paths.set_reason(peer, "symmetric-nat" if reason == "symmetric-nat" else "punching")
+                found = await paths.punch(
+                    peer, nonce, targets, active=False, prime_ttl=self._prime_ttl(), timeout=PUNCH_TIMEOUT
+                )
+                # on success the peer dials us on the punched path and the transport moves over
+                paths.set_reason(peer, None if found is not None else reason)
+            finally:
+                state.responding = False
 
-        if targets:
+        # One punch per peer at a time: nothing proves the addresses are the peer's, so repeated
+        # requests must not make us probe them (third parties, perhaps) again and again. The
+        # peer retries after its backoff, when this one is over.
+        if targets and not state.responding:
+            state.responding = True
             self._spawn(respond())
             await asyncio.sleep(0)  # the priming probes leave before our answer does
         return "relay.punch", {"addrs": self._own_candidates(), "mapping": mine}
