@@ -122,6 +122,7 @@ class Endpoints:
         self.commits = host.store.group_commit()  # messages arriving together share one fsync
         self.delivery = Delivery(self.spool, self.commits, self, on_listening=self._listening_changed)
         self._claiming: set[str] = set()  # ring ids a reply claimed, until that claim commits
+        self._unreachable: set[NodeId] = set()  # logged as unreachable, until a message reaches it again
         self.views = EndpointViews(self)  # what listings and the registry see (read-only)
         self._expired_at = 0.0  # when the 30-day ids were last swept
         self._perch_cache: tuple[int, dict[str, Perch]] | None = None  # (store change count, perches)
@@ -738,9 +739,13 @@ class Endpoints:
                     # §3.7: these name the address as typed, whatever the target called its perch
                     raise Refusal(exc.instance_token, subject, exc.message, lines=exc.lines) from exc
                 raise
-            except (PeerError, TimeoutError, ConnectionError):
-                log.info("target unreachable; message queued", extra={"node": target.node.key.short})
+            except (PeerError, TimeoutError, ConnectionError) as exc:
+                if target.node.key not in self._unreachable:  # one line per outage, not per message
+                    self._unreachable.add(target.node.key)
+                    log.info("target unreachable; its messages are queued",
+                             extra={"node": target.node.key.short, "reason": str(exc)})
             else:
+                self._unreachable.discard(target.node.key)
                 return token
         await self.commits.run(functools.partial(self.spool.hold_outgoing, target.node.key, sub.id, payload))
         self.host.outgoing_queued()  # committed now: the drain may forward it at once, not at its next tick

@@ -205,3 +205,19 @@ def test_a_node_without_the_ring_plugin_refuses_rings_by_name(spt_nodes):
     assert refused.returncode == 1
     assert refused.stderr.startswith("UNKNOWN_PAYLOAD_TYPE:ring")
     assert a.cli("send", "bob", input="plain send still works").stdout == "QUEUED:bob\n"
+
+
+def test_messages_queued_for_an_unreachable_node_log_it_once(spt_nodes):
+    a, b = spt_nodes.subnet(["alpha", "beta"])
+    b.cli("ready", "sink", "--once", "--timeout", "0.1")
+    wait_for(lambda: listed(a, "sink"), what="sink's row on alpha")
+    b.stop()
+    conn = connect(a.home / "spt.sock")
+    try:
+        batch = [{"address": "sink@beta", "body": f"m{i}"} for i in range(40)]
+        result = call(conn, "msg.send_many", {"from": "alice", "messages": batch}, timeout=30)
+    finally:
+        conn.close()
+    assert {r["token"] for r in result["results"]} == {"QUEUED"}
+    lines = [line for line in (a.home / "daemon.log").read_text().splitlines() if "target unreachable" in line]
+    assert len(lines) == 1, lines[:3]
