@@ -1,0 +1,144 @@
+"""The newer member requests (msg.deliver_batch, file.punch, file.transit, relay.punch) from a
+stranger, a member and a pruned member, over real QUIC (issue 10).
+
+relay.punch carries the asker's candidate addresses (up to 16), which the node primes at once:
+three short-TTL probes to each. Nothing proves they are the asker's, so a member could point
+them anywhere (here: 16 UDP sockets of the test, a third party on the node's network) and
+repeat the request: 20 requests at once must make the node probe as for one punch, not twenty.
+
+gamma is a member of alpha's subnet and keeps one connection open while alpha prunes it. Before
+the prune its requests reach the handlers; after it, on that same connection, every one is
+refused (or the connection is gone), and a new connection is refused at the handshake. A
+stranger's key gets no member connection at all, and the join ALPN, which anyone may use, does
+not serve these types. Nothing a refused batch carried is spooled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import socket
+import time
+
+import pytest
+
+from spt.core.identity import NodeId, NodeKey
+from spt.core.net.transport import ALPN_JOIN, AllowKeys, RequestError, Transport
+from spt.core.proto.deliver import BATCH_TYPE
+from spt.testing.nodes import dial_as_member
+from spt.testing.traffic import drain
+from spt.testing.wait import wait_for
+
+pytestmark = [pytest.mark.slow, pytest.mark.root]  # creates subnets, prunes (elevated)
+
+RELAY = importlib.util.find_spec("spt_relay_fallback") is not None
+PUNCHES, TARGETS, PRIMES = 20, 16, 3
+
+
+def message(body: str) -> dict:
+    return {"id": os.urandom(16).hex(), "type": "msg", "from": "mallory", "to": "sink", "window": "default",
+            "attrs": [], "body": body, "reply_to": None}
+
+
+def requests(subnet: str, body: str) -> dict[str, tuple[str, dict]]:
+    tid = os.urandom(16).hex()
+    out = {
+        "batch": (BATCH_TYPE, {"subnet": subnet, "payloads": [message(body), message(body + "'")]}),
+        "punch": ("file.punch", {"subnet": subnet, "tid": tid, "port": 40000, "udp_port": 40001, "seen": "127.0.0.1:1"}),
+        "transit": ("file.transit", {"subnet": subnet, "tid": tid, "via": "relay", "invitation": {"ticket": bytes(16)}}),
+    }
+    if RELAY:
+        out["relay.punch"] = ("relay.punch", {"subnet": subnet, "nonce": os.urandom(16), "addrs": ["127.0.0.1:9"]})
+    return out
+
+
+async def punch_burst(conn, subnet: str) -> int:
+    """PUNCHES relay.punch requests at once, each naming TARGETS sockets of ours: the probes
+    that reach them within a second."""
+    third = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(TARGETS)]
+    try:
+        for s in third:
+            s.bind(("127.0.0.1", 0))
+            s.setblocking(False)
+        addrs = [f"127.0.0.1:{s.getsockname()[1]}" for s in third]
+
+        async def ask() -> str:
+            body = {"subnet": subnet, "nonce": os.urandom(16), "addrs": addrs, "mapping": "unknown"}
+            return (await conn.request("relay.punch", body, timeout=5)).type
+
+        answers = await asyncio.gather(*(ask() for _ in range(PUNCHES)))
+        assert answers == ["relay.punch"] * PUNCHES  # answered (our candidates), never refused
+        probes, deadline = 0, time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            for s in third:
+                try:
+                    while s.recv(64):
+                        probes += 1
+                except BlockingIOError:
+                    pass
+            await asyncio.sleep(0.02)
+        return probes
+    finally:
+        for s in third:
+            s.close()
+
+
+async def ask_each(conn, reqs: dict[str, tuple[str, dict]]) -> dict[str, str]:
+    out = {}
+    for name, (type_name, body) in reqs.items():
+        try:
+            reply = await conn.request(type_name, body, timeout=5)
+        except RequestError as exc:
+            out[name] = exc.code or "REFUSED"
+        except Exception as exc:  # the connection is gone
+            out[name] = f"closed: {type(exc).__name__}"
+        else:
+            out[name] = reply.type
+    return out
+
+
+def test_stranger_member_and_pruned_member(spt_nodes):
+    alpha, gamma = spt_nodes.subnet(["alpha", "gamma"], name="home")
+    alpha.cli("ready", "sink", "--once", "--timeout", "0.1", check=True)
+    subnet = alpha.json("subnet", "status")["subnets"][0]["id"]
+    gamma_key = NodeKey.from_private_bytes((gamma.home / "node.key").read_bytes())
+    gamma.stop()  # the test speaks as gamma from here
+    host, port = alpha.address.split(":")
+    target, alpha_id = (host, int(port)), NodeId.from_hex(alpha.key)
+
+    async def scenario():
+        member = Transport(gamma_key, host="127.0.0.1", accept=AllowKeys())
+        stranger = Transport(NodeKey.generate(), host="127.0.0.1", accept=AllowKeys(), alpns=(ALPN_JOIN,))
+        await member.start()
+        await stranger.start()
+        try:
+            conn = await member.connect(alpha_id, [target], timeout=5)
+            probes = await punch_burst(conn, subnet) if RELAY else None
+            reqs = requests(subnet, "before")
+            reqs.pop("relay.punch", None)  # the burst's punch still runs: one more would start nothing
+            as_member = await ask_each(conn, reqs)
+            join_conn = await stranger.connect(alpha_id, [target], alpn=ALPN_JOIN, timeout=5)
+            as_stranger = await ask_each(join_conn, requests(subnet, "stranger"))
+            pruned = await asyncio.to_thread(alpha.cli, "subnet", "prune", "gamma", "--yes")
+            assert pruned.returncode == 0, pruned.stderr
+            await asyncio.to_thread(
+                wait_for, lambda: "gamma" not in alpha.cli("subnet", "status", "--nodes").stdout, 15, "alpha drops gamma")
+            as_pruned = await ask_each(conn, requests(subnet, "after"))
+            return probes, as_member, as_stranger, as_pruned
+        finally:
+            await member.close()
+            await stranger.close()
+
+    probes, as_member, as_stranger, as_pruned = asyncio.run(scenario())
+    print(f"probes {probes}\nmember {as_member}\nstranger {as_stranger}\npruned {as_pruned}")
+    assert probes is None or 0 < probes <= PRIMES * TARGETS, probes
+    assert as_member["batch"] == "msg.results"
+    assert as_member["punch"] == as_member["transit"] == "FILE_UNKNOWN"  # reached the handler: not its transfer
+    assert set(as_stranger.values()) == {"unknown-type"}, as_stranger
+    assert all(v in ("NOT_A_MEMBER", "NOT_HERE") or v.startswith("closed") for v in as_pruned.values()), as_pruned
+    # a new connection with the pruned key, or with a stranger's, is refused at the handshake
+    for key in (gamma_key, NodeKey.generate()):
+        refusal = asyncio.run(dial_as_member(key, alpha))
+        assert not refusal.startswith("accepted"), refusal
+    assert [r.body for r in drain(alpha, "sink")] == ["before", "before'"]  # nothing from the stranger or after the prune
