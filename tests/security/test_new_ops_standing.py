@@ -11,13 +11,20 @@ the prune its requests reach the handlers; after it, on that same connection, ev
 refused (or the connection is gone), and a new connection is refused at the handshake. A
 stranger's key gets no member connection at all, and the join ALPN, which anyone may use, does
 not serve these types. Nothing a refused batch carried is spooled.
+
+With a transfer of its own, gamma's file.punch makes alpha open TCP to gamma's own address only
+(the port is gamma's to choose; the address is where the member connection comes from, whatever
+the body says). And under DEBUG logging and SPT_TRACE, alpha's log and trace hold none of the
+secrets these paths handle: the transfer's data key, the transit ticket, the node keys, the seed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import importlib.util
 import os
+import re
 import socket
 import time
 
@@ -98,8 +105,36 @@ async def ask_each(conn, reqs: dict[str, tuple[str, dict]]) -> dict[str, str]:
     return out
 
 
-def test_stranger_member_and_pruned_member(spt_nodes):
-    alpha, gamma = spt_nodes.subnet(["alpha", "gamma"], name="home")
+async def own_transfer(conn, subnet: str, seen: str, udp_port: int) -> dict:
+    """A transfer of the member's own to alpha's perch: offered, opened for TCP (alpha hands over
+    the data key), then a simultaneous open proposed on a port the member listens on, and a
+    transit invitation through a relay alpha does not use. What alpha answered and did."""
+    tid = os.urandom(16).hex()
+    manifest = {"name": "f", "files": [["f", 3, bytes(32), bytes(32)]]}
+    await conn.request("file.offer", {"subnet": subnet, "tid": tid, "to": "sink", "from": "mallory",
+                                      "label": "gamma", "message": "", "manifest": manifest}, timeout=5)
+    opened = (await conn.request("file.open", {"subnet": subnet, "tid": tid, "tcp": True, "seen": seen}, timeout=5)).body
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    try:
+        body = {"subnet": subnet, "tid": tid, "port": listener.getsockname()[1], "udp_port": udp_port,
+                "seen": seen, "host": "192.0.2.1", "addr": "192.0.2.1:80"}  # the last two are not read
+        punch = (await conn.request("file.punch", body, timeout=5)).body
+        loop = asyncio.get_running_loop()
+        raw, peer = await asyncio.wait_for(loop.sock_accept(listener), 5)  # alpha's SYN came here
+        raw.close()
+    finally:
+        listener.close()
+    ticket = os.urandom(16)
+    transit = await conn.request("file.transit", {"subnet": subnet, "tid": tid, "via": "relay",
+                                                  "invitation": {"relay": os.urandom(32), "ticket": ticket}}, timeout=5)
+    return {"key": opened.get("key"), "punch": punch, "from": peer[0], "ticket": ticket, "transit": transit.type}
+
+
+def test_stranger_member_and_pruned_member(spt_nodes, tmp_path):
+    trace = tmp_path / "trace"
+    alpha, gamma = spt_nodes.subnet(["alpha", "gamma"], name="home",
+                                    env={"SPT_LOG_LEVEL": "DEBUG", "SPT_TRACE": str(trace)})
     alpha.cli("ready", "sink", "--once", "--timeout", "0.1", check=True)
     subnet = alpha.json("subnet", "status")["subnets"][0]["id"]
     gamma_key = NodeKey.from_private_bytes((gamma.home / "node.key").read_bytes())
@@ -118,6 +153,7 @@ def test_stranger_member_and_pruned_member(spt_nodes):
             reqs = requests(subnet, "before")
             reqs.pop("relay.punch", None)  # the burst's punch still runs: one more would start nothing
             as_member = await ask_each(conn, reqs)
+            transfer = await own_transfer(conn, "home", alpha.address, member.sockname[1])  # file requests name it
             join_conn = await stranger.connect(alpha_id, [target], alpn=ALPN_JOIN, timeout=5)
             as_stranger = await ask_each(join_conn, requests(subnet, "stranger"))
             pruned = await asyncio.to_thread(alpha.cli, "subnet", "prune", "gamma", "--yes")
@@ -125,12 +161,12 @@ def test_stranger_member_and_pruned_member(spt_nodes):
             await asyncio.to_thread(
                 wait_for, lambda: "gamma" not in alpha.cli("subnet", "status", "--nodes").stdout, 15, "alpha drops gamma")
             as_pruned = await ask_each(conn, requests(subnet, "after"))
-            return probes, as_member, as_stranger, as_pruned
+            return probes, as_member, transfer, as_stranger, as_pruned
         finally:
             await member.close()
             await stranger.close()
 
-    probes, as_member, as_stranger, as_pruned = asyncio.run(scenario())
+    probes, as_member, transfer, as_stranger, as_pruned = asyncio.run(scenario())
     print(f"probes {probes}\nmember {as_member}\nstranger {as_stranger}\npruned {as_pruned}")
     assert probes is None or 0 < probes <= PRIMES * TARGETS, probes
     assert as_member["batch"] == "msg.results"
@@ -142,3 +178,34 @@ def test_stranger_member_and_pruned_member(spt_nodes):
         refusal = asyncio.run(dial_as_member(key, alpha))
         assert not refusal.startswith("accepted"), refusal
     assert [r.body for r in drain(alpha, "sink")] == ["before", "before'"]  # nothing from the stranger or after the prune
+    assert transfer["punch"].get("ok") is True and transfer["from"] == "127.0.0.1", transfer
+    assert transfer["transit"] == "ok"  # answered; alpha joins only relays it registered with itself
+    assert isinstance(transfer["key"], bytes) and len(transfer["key"]) >= 16
+
+    alpha.stop()
+    secrets = {"the transfer's data key": transfer["key"], "the transit ticket": transfer["ticket"]}
+    for node in (alpha, gamma):
+        secrets[f"{node.name}'s private key"] = (node.home / "node.key").read_bytes()
+    patterns = {what: [re.escape(v.hex()), re.escape(base64.b64encode(v).decode().rstrip("=")), re.escape(repr(v)[2:-1])]
+                for what, v in secrets.items()}
+    patterns["the seed"] = seed_patterns(alpha)
+    texts = {"alpha's log": alpha.log(), "the trace": trace.read_text()}
+    assert "DEBUG" in texts["alpha's log"] and "file.punch" in texts["the trace"]  # both were written
+    leaks = [(what, where) for what, pats in patterns.items() for where, text in texts.items()
+             if any(re.search(p, text, re.I) for p in pats)]
+    assert leaks == []
+
+
+def seed_patterns(node) -> list[str]:
+    """The subnet seed as it could appear: hex and base32 (read from the store, as a thief would)."""
+    import sqlite3
+
+    con = sqlite3.connect(f"file:{node.home / 'spt.db'}?mode=ro", uri=True, timeout=5)
+    try:
+        rows = con.execute("SELECT * FROM subnets").fetchall()
+        names = [d[0] for d in con.execute("SELECT * FROM subnets").description]
+    finally:
+        con.close()
+    seeds = [bytes(r[names.index("seed")]) for r in rows]
+    assert seeds and all(len(s) >= 16 for s in seeds)
+    return [p for s in seeds for p in (re.escape(s.hex()), re.escape(base64.b32encode(s).decode().rstrip("=")))]
