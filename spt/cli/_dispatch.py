@@ -3,6 +3,9 @@
 Commands raise; they never call `sys.exit` or print an error token. An SptError prints its
 token line (and any candidate lines) on stderr and exits with its code; click usage errors
 exit 2; anything else is a bug: a short notice, the traceback with `--debug`, exit 5.
+Ctrl-C prints `Aborted.` and exits 130 (128 + SIGINT, as a shell reports an interrupted
+command; not in SPEC.md §3.2's table, which lists outcomes of the command), the same on both
+paths and at a prompt; a prompt ended by Ctrl-D, or a confirmation answered no, exits 1.
 
 `guarded` does all but the click part and imports no click: the plain commands of `_fast.py`
 run through it too.
@@ -13,13 +16,23 @@ from __future__ import annotations
 import sys
 
 from spt.cli._output import report
-from spt.core.errors import EXIT_INTERNAL, EXIT_USAGE, SptError
+from spt.core.errors import EXIT_INTERNAL, EXIT_REFUSED, EXIT_USAGE, SptError
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     import click
+
+EXIT_INTERRUPTED = 130
+
+
+def _aborted(exc: BaseException) -> int:
+    """click's Abort: a prompt or confirmation ended by Ctrl-C, Ctrl-D or a no (click has
+    already ended the prompt's line), or Ctrl-C anywhere on the click path (click.main turns
+    KeyboardInterrupt into Abort after printing a newline)."""
+    sys.stderr.write("Aborted.\n")
+    return EXIT_INTERRUPTED if isinstance(exc.__context__, KeyboardInterrupt) else EXIT_REFUSED
 
 
 def guarded(body: Callable[[], object], args: list[str]) -> int:
@@ -33,10 +46,14 @@ def guarded(body: Callable[[], object], args: list[str]) -> int:
             exc.lines = (elevated_command(args),)
         return report(exc)
     except KeyboardInterrupt:
-        return 130
+        sys.stderr.write("\nAborted.\n")  # as click.main says it on the click path
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
         return 0
     except Exception as exc:
+        click = sys.modules.get("click")  # loaded only if the command used it (a prompt)
+        if click is not None and isinstance(exc, click.Abort):
+            return _aborted(exc)
         sys.stderr.write(f"spt: internal error: {type(exc).__name__}: {exc} (this is a bug; rerun with --debug)\n")
         if "--debug" in args:
             import traceback
@@ -60,8 +77,5 @@ def run(cli: click.Group, argv: list[str] | None = None) -> int:
         except click.ClickException as exc:
             exc.show()
             return EXIT_USAGE
-        except click.Abort:
-            sys.stderr.write("Aborted.\n")
-            return 1
 
     return guarded(body, args)

@@ -21,7 +21,12 @@ def identity(from_id: str | None) -> str | None:
 def read_body() -> str:
     from spt.core.proto.body import MAX_BODY_BYTES, check_body
 
-    raw = sys.stdin.buffer.read(MAX_BODY_BYTES + 1) if sys.stdin is not None else b""
+    if sys.stdin is None:
+        return check_body(b"")
+    if sys.stdin.isatty() and sys.stderr.isatty():  # else it looks hung (SPEC.md §3.1: hints on stderr)
+        sys.stderr.write("spt: type the message, then Ctrl-D on a line of its own\n")
+        sys.stderr.flush()
+    raw = sys.stdin.buffer.read(MAX_BODY_BYTES + 1)
     return check_body(raw)
 
 
