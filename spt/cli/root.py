@@ -30,12 +30,15 @@ BUILTIN_COMMANDS: Final = {
 }
 
 
-def _blocks(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]) -> tuple[str, ...]:
+def _blocks(ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]) -> tuple[str, ...]:
     names = []
     for value in values:
         if not value.startswith("no:") or len(value) == 3:
             raise click.BadParameter(f"{value!r}: use -p no:NAME to disable a plugin")
         names.append(value[3:])
+    # Recorded while parsing: click looks the subcommand up before it runs `cli` below, and a
+    # blocked plugin's command must not be found (`spt -p no:file file …` is "No such command").
+    state(ctx).blocked = tuple(names)
     return tuple(names)
 
 
@@ -54,5 +57,4 @@ def cli(ctx: click.Context, as_json: bool, blocks: tuple[str, ...], debug: bool)
     """
     st = state(ctx)
     st.json = as_json
-    st.blocked = blocks
     st.debug = debug

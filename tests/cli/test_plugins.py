@@ -59,3 +59,15 @@ def test_a_broken_installed_plugin_is_reported_and_spt_still_starts(broken_plugi
     status = node.json("daemon", "status")
     assert any("broken" in w and "ImportError" in w for w in status["warnings"])
     assert node.cli("node", "show").returncode == 0
+
+
+def test_a_plugin_disabled_by_flag_takes_its_command_with_it(tmp_path):
+    """`-p no:file` as `SPT_DISABLE_PLUGINS=file` does: click looks `file` up before the root
+    command has run, so the flag must be known by then (it was not, and `file` still ran)."""
+    env = {**os.environ, "SPT_HOME": str(tmp_path), "SPT_NO_AUTOSTART": "1"}
+    assert "No such command" not in run_spt("file", "--help", env=env).stderr  # and the command cache is written
+    for args in (["-p", "no:file", "file", "list"], ["-p", "no:selfupdate", "update", "status"]):
+        result = run_spt(*args, env=env)
+        assert result.returncode == 2 and f"No such command '{args[2]}'" in result.stderr, result.stderr
+    by_env = run_spt("file", "list", env={**env, "SPT_DISABLE_PLUGINS": "file"})
+    assert by_env.returncode == 2 and "No such command 'file'" in by_env.stderr
