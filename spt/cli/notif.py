@@ -25,6 +25,12 @@ def _age(iso: str) -> str:
     return f"{seconds}s"
 
 
+def _member_labels() -> dict[str, str]:
+    """Node key -> label, for every member (former ones too) of the subnets held here."""
+    doc = daemon_call("subnet.status", {"name": None, "nodes": True, "all": True})
+    return {m["key"]: m["label"] for sub in doc["subnets"] for m in sub.get("members", ())}
+
+
 @notif.command("list")
 @click.option("--all", "show_all", is_flag=True, help="Include acknowledged notifications.")
 @click.option("--subnet", help="Only this subnet's notifications.")
@@ -36,9 +42,12 @@ def list_(ctx: click.Context, show_all: bool, subnet: str | None, as_json: bool)
     if as_json or state(ctx).json:
         print_json(doc)
         return
+    labels = _member_labels() if doc["notifications"] else {}
     for n in doc["notifications"]:
-        sender = n["from"].rpartition("@")
-        who = f"{sender[0]}@{sender[2][:8]}\u2026" if sender[0] else f"{sender[2][:8]}\u2026"
+        endpoint, _, key = n["from"].rpartition("@")
+        # SPEC.md §2.1: every human view shows a node as LABEL (xxxxxxxx…)
+        who = f"{labels[key]} ({key[:8]}\u2026)" if key in labels else f"{key[:8]}\u2026"
+        who = f"{endpoint}@{who}" if endpoint else who
         flag = "  (acked)" if n["acked"] else ""
         out(f"{n['id'][:8]}  {_age(n['time'])}  {n['subnet'] or '-'}  {who}  {n['title']}{flag}")
         for line in n["body"].splitlines():

@@ -331,8 +331,9 @@ class Notifications(RecordKind):
         async def list_op(call: Any) -> Any:
             subnet = call.args.get("subnet")
             rows = self.notifications()
-            if subnet:
-                rows = [n for n in rows if (n["subnet"] or "").lower() == str(subnet).lower()]
+            if subnet:  # a mistyped name is refused, not answered with an empty list
+                subnet = self._subnet_for(str(subnet))
+                rows = [n for n in rows if n["subnet"] == subnet]
             if not call.args.get("all"):
                 rows = [n for n in rows if not n["acked"]]
             return {"notifications": rows}

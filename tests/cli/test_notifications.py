@@ -165,3 +165,17 @@ def test_subnet_notify_refusals(spt_nodes):
     assert [r["subnet"] for r in listed(lone)] == ["work"]
     empty = lone.cli("subnet", "notify", "--subnet", "work", input="")
     assert empty.returncode == 2
+
+
+def test_notif_list_shows_the_origin_as_a_display_form_and_refuses_an_unknown_subnet(spt_nodes):
+    lone = spt_nodes("z", label="zulu")
+    lone.cli("subnet", "create", "home", check=True)
+    notif_id = lone.cli("subnet", "notify", "--title", "hello", input="there", check=True).stdout.strip().split(":")[1]
+    # SPEC.md §2.1: every human view shows a node as LABEL (xxxxxxxx…), not a bare key prefix
+    first = lone.cli("notif", "list", check=True).stdout.splitlines()[0]
+    assert first.split("  ")[3] == f"zulu ({lone.key[:8]}\u2026)", first
+    assert [r["id"] for r in listed(lone, "--subnet", "HOME")] == [notif_id]  # names match without regard to case
+    # a mistyped subnet is refused like everywhere else (endpoint list --subnet), not an empty list
+    for args in (["notif", "list", "--subnet", "hoem"], ["--json", "notif", "list", "--subnet", "hoem"]):
+        wrong = lone.cli(*args)
+        assert (wrong.returncode, wrong.stdout) == (1, "") and wrong.stderr.startswith("NO_SUCH_SUBNET:hoem"), wrong.stderr
