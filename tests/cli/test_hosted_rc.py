@@ -274,3 +274,18 @@ def test_an_attacker_member_cannot_attach_where_the_endpoint_is_not_visible_to_i
     assert results[3][0] == "rc.hello"  # the forged client itself is sound: a visible endpoint answers
     for endpoint_id in ("secret", "hidden", "shown"):
         a.cli("endpoint", "purge", endpoint_id, "--yes")
+
+
+def test_run_refuses_a_program_that_does_not_exist_before_making_a_perch(spt_nodes, tmp_path):
+    node = spt_nodes("n")
+    script = tmp_path / "agent.sh"
+    script.write_text("#!/bin/sh\nsleep 30\n")  # not executable yet
+    for command in (["/nonexistent/agent"], ["no-such-program-spt-qa", "--flag"], [str(script)]):
+        refused = node.cli("endpoint", "run", "--id", "typo", "--", *command)
+        assert (refused.returncode, refused.stdout) == (2, ""), refused.stdout + refused.stderr
+        assert refused.stderr.startswith(f"BAD_COMMAND:{command[0]} no such program"), refused.stderr
+    assert [p["id"] for p in node.json("endpoint", "list")["local"]] == []  # nothing half-made
+    script.chmod(0o755)
+    ran = node.cli("endpoint", "run", "--id", "agent", "--project", str(tmp_path), "--", "./agent.sh")
+    assert ran.returncode == 0 and ran.stdout.startswith("ENDPOINT_RUN:agent pid="), ran.stderr
+    assert node.cli("endpoint", "purge", "agent", "--yes").returncode == 0

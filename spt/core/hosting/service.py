@@ -85,6 +85,17 @@ class HostedTerminal:
         self._writer.close()
 
 
+def _program(name: str, env: Mapping[str, Any], cwd: str) -> str | None:
+    """The file the host's `execvpe(name, …, env)` from `cwd` would run, or None: a name with a
+    slash is a path from `cwd`, any other is looked up on the command's own PATH."""
+    import shutil
+
+    if "/" in name:
+        path = os.path.join(cwd, name)
+        return path if os.path.isfile(path) and os.access(path, os.X_OK) else None
+    return shutil.which(name, path=str(env.get("PATH") or os.defpath))
+
+
 class Hosting:
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
@@ -235,6 +246,8 @@ class Hosting:
         cwd = str(args.get("cwd") or "")
         if not os.path.isdir(cwd):
             raise UsageError("BAD_USAGE", cwd, "the working folder does not exist")
+        if _program(argv[0], env, cwd) is None:  # else ENDPOINT_RUN_STARTED for a typo, then exit 127
+            raise UsageError("BAD_COMMAND", argv[0], "no such program: not an executable file, nor on the PATH")
         eps = self.daemon.endpoints
         perch = eps.get(perch_id)
         if perch is not None and (self.alive(perch.id) or eps.delivery.listening(perch)):
