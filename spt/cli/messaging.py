@@ -112,7 +112,13 @@ Receive messages: spt ready <your-id>   (or set SPT_AGENT_ID and run spt ready)
 - spt ready --once: return after the backlog, or after one message; add --timeout <s> to get
   TIMEOUT instead of waiting for ever. A loop of `spt ready --once` is the usual agent poll.
 - Each message is printed exactly once, even across crashes: do not dedupe.
-- A ring="1" attribute means the sender is waiting: reply with spt send <from>.
+- A ring="1" attribute means the sender is waiting: reply with spt send <from>. Other attributes:
+  json="…" (the sender's --json-payload), reply_to="<id>" (an answer to your ring).
+- A body over 64 KiB comes as <EVENT-PART seq="1/n" id="…" …>chunk</EVENT-PART> lines, back to
+  back: decode each chunk, join them in seq order; json="…" is on part 1 only.
+- type="file" is a received file: path="inbox/<tid>/<name>" is relative to your endpoint folder.
+- spt ready ends with exit 0 on Ctrl-C, on spt endpoint stop (stderr STOPPED:<id>) and on suspend
+  (stderr SUSPENDED:<id>). Exit 2 is a bad id or option, 3 no daemon (DAEMON_DOWN).
 - The first spt ready <id> creates your perch. On a node in several subnets pass --subnet <name>.
 - Tell the node when you are working: spt endpoint state <id> busy|idle.""",
     "send": """\
@@ -122,13 +128,20 @@ Send a message: echo "text" | spt send <address> [--from <your-id>]
   delivered exactly once. QUEUED is success: never retry.
 - --json-payload '<json>' attaches compact JSON; --active-only waits for the receiver's own poll,
   --idle-only waits until the receiver is idle.
-- NO_PERCH:<address>: nothing by that name; AMBIGUOUS: pick one of the listed forms.""",
+- Who you are: --from <your-id>, else $SPT_AGENT_ID; with neither you send as a temporary
+  tmp.<8hex> identity, and replies to it are kept for one hour only.
+- The body is UTF-8 text up to 1 MiB (BAD_BODY otherwise): send binary or big data as a file.
+- Exit 0: SENT or QUEUED. Exit 1: a refusal, its token on stderr: NO_PERCH:<address> (nothing by
+  that name), AMBIGUOUS (pick one of the listed forms), NO_SUCH_NODE, NO_SUCH_SUBNET, SPOOL_FULL.
+  Exit 2: BAD_ADDRESS, BAD_JSON, BAD_BODY (fix the call). Exit 3: DAEMON_DOWN.""",
     "ring": """\
 Ask and wait: echo "question" | spt ring <address> [--timeout 120]
 - stderr: SENT:/QUEUED:<address> once the request has gone.
 - stdout: the reply envelope, or TIMEOUT (exit 0). The request stays delivered or queued; a late
   reply arrives at your perch like any message.
-- The receiver replies with a plain spt send <your-id>: its next message to you is the reply.""",
+- The receiver replies with a plain spt send <your-id>: its next message to you is the reply.
+- Ring as yourself (--from <your-id> or $SPT_AGENT_ID) so that a late reply reaches your perch;
+  refusals and exit codes are send's (spt how-to send).""",
     "subnet": """\
 Subnets join machines; a human does this once, in an elevated terminal.
 - spt subnet create <name> prints a six-digit code; on the other machine: spt subnet join <name>.
@@ -141,8 +154,11 @@ Subnets join machines; a human does this once, in an elevated terminal.
     "file": """\
 Send files: spt file send <path>… <address> [-m "note"] [--wait]
 - FILE_QUEUED:<tid> means the transfer continues in the background; spt file status <tid>.
+- --wait blocks until the receiver verified it: FILE_SENT:<tid>. Refusals: FILE_UNREADABLE:<path>
+  (missing, a symlink or a device), FILE_REFUSED:<tid> <reason> (the receiver's limits), NO_PERCH.
 - The receiver gets a <EVENT type="file" …> envelope; the files are in its endpoint folder's
-  inbox/<tid>/. Send binary or large data as files, never as message bodies.""",
+  inbox/<tid>/ (the path="…" attribute). Send binary or large data as files, not as messages.
+- spt file list --all shows finished transfers too; spt file cancel <tid> stops one.""",
     "mind": """\
 Your mind: read it with spt endpoint mind; write it by dropping <id>-commune.md in your folder.
 The live tier (who you are, what you are doing) follows you to every instance of your endpoint;

@@ -48,3 +48,21 @@ def test_agent_commands_stay_light(command, tmp_path):
     argv = [sys.executable, "-c", code]
     result = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, env=env)
     assert result.stdout.split() == ["3"]  # DAEMON_DOWN, and nothing heavy imported on the way
+
+
+# What an agent cannot work out from one trial run and must be told: how a big body arrives, what
+# a received file looks like, how its listener ends, who it is without --from, and which exit
+# codes mean "fix the call" against "a refusal" (SPEC.md §3.2, §3.4, §4.3, §8.5).
+MUST_SAY = {
+    "ready": ["<EVENT-PART", 'seq="1/n"', 'type="file"', 'path="inbox/', "reply_to=", "json=", "STOPPED:", "SUSPENDED:"],
+    "send": ["tmp.", "1 MiB", "BAD_BODY", "Exit 1", "Exit 2", "DAEMON_DOWN", "SPOOL_FULL"],
+    "ring": ["--from", "TIMEOUT"],
+    "file": ["FILE_SENT:", "FILE_UNREADABLE:", "FILE_REFUSED:", "path="],
+}
+
+
+@pytest.mark.parametrize("topic", sorted(MUST_SAY))
+def test_each_topic_tells_an_agent_what_it_must_handle(topic):
+    text = CliRunner().invoke(cli, ["how-to", topic]).output
+    assert [fact for fact in MUST_SAY[topic] if fact not in text] == []
+    assert max(len(line) for line in text.splitlines()) <= 100  # readable in a terminal and a prompt
