@@ -272,7 +272,8 @@ def sync_scope_remove(endpoint_id: str, subnet: str) -> None:
 @endpoint.command("mind")
 @click.argument("endpoint_id", metavar="[ID]", required=False, shell_complete=local_ids)
 @click.option("--tier", type=click.Choice(["live", "project"]), help="Only this tier.")
-@click.option("--project", "project_dir", type=click.Path(file_okay=False), help="The project folder (default: where ID last ran spt ready).")
+@click.option("--project", "project_dir", type=click.Path(file_okay=False, exists=True),
+              help="The project folder (default: where ID last ran spt ready).")
 @click.pass_context
 def mind(ctx: click.Context, endpoint_id: str | None, tier: str | None, project_dir: str | None) -> None:
     """ID's mind (default $SPT_AGENT_ID): the live tier, then the current project's, in HLC order."""
