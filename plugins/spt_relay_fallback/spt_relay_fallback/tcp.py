@@ -22,7 +22,9 @@ The protocol, as a node sees it:
 
 Limits: `max_transits` live transits, at most `MAX_WAITING_PER_NODE` of them asked by one node
 and not matched yet (a ticket request beyond either is refused with `RELAY_FULL`), tickets
-expire after `TRANSIT_WAIT`, and a connection must send its ticket within `HELLO_TIMEOUT`.
+expire after `TRANSIT_WAIT`, a connection must finish TLS and send its ticket within
+`HELLO_TIMEOUT` each, and one source address has at most `MAX_PENDING_PER_SOURCE` connections
+not matched yet.
 """
 
 from __future__ import annotations
@@ -60,6 +62,10 @@ HELLO_TIMEOUT: Final = 10.0  # seconds a new connection has to name its ticket
 # round trip when both sides are well, so a few cover every transfer a node starts at once, and
 # one node cannot take the relay's `max_transits` for itself
 MAX_WAITING_PER_NODE: Final = 16
+# connections from one source address that have not named a ticket or been matched yet (anyone
+# may connect): beyond it the relay closes a new one at once, so a stranger cannot hold them
+# by the thousand; the TLS handshake before that gets HELLO_TIMEOUT too
+MAX_PENDING_PER_SOURCE: Final = 64
 COPY_BYTES: Final = 256 * 1024
 
 
@@ -110,11 +116,13 @@ class TcpListener:
         self._transits: dict[bytes, _Transit] = {}  # ticket -> transit (two tickets each)
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._pending: dict[str, int] = {}  # source address -> its connections not matched yet
         self.stats: dict[str, int] = {"transits": 0, "transit_bytes": 0, "refused": 0}
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(
-            self._handle, self.host, self.port, ssl=_server_context(self.key), reuse_address=True
+            self._handle, self.host, self.port, ssl=_server_context(self.key), reuse_address=True,
+            ssl_handshake_timeout=HELLO_TIMEOUT,
         )
         self.port = int(self._server.sockets[0].getsockname()[1])
         log.info("relay TCP listener open", extra={"addr": f"{self.host}:{self.port}"})
@@ -156,21 +164,41 @@ class TcpListener:
     # --- connections ---------------------------------------------------------------------------
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        source = str(peer[0]) if peer else ""
+        if self._pending.get(source, 0) >= MAX_PENDING_PER_SOURCE:
+            self.stats["refused"] += 1
+            writer.close()
+            return
+        self._pending[source] = self._pending.get(source, 0) + 1
+        pending = [source]  # emptied once this connection stops counting
+
+        def settled() -> None:
+            if pending:
+                pending.clear()
+                left = self._pending.get(source, 1) - 1
+                if left > 0:
+                    self._pending[source] = left
+                else:
+                    self._pending.pop(source, None)
+
         task = asyncio.current_task()
         if task is not None:
             self._tasks.add(task)
         try:
-            await self._serve(reader, writer)
+            await self._serve(reader, writer, settled)
         except (OSError, ssl.SSLError, asyncio.IncompleteReadError, TimeoutError):
             pass
         finally:
+            settled()
             writer.close()
             if task is not None:
                 self._tasks.discard(task)
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, settled: Callable[[], None]) -> None:
         hello = await asyncio.wait_for(reader.readexactly(1 + TICKET_BYTES), HELLO_TIMEOUT)
         if hello[0] == KIND_UDP_FRAMES and self.on_tunnel is not None:
+            settled()  # a tunnel is counted and bounded by the relay (MAX_PER_SOURCE)
             writer.write(bytes((STATUS_MATCHED,)))
             await writer.drain()
             await self.on_tunnel(reader, writer)
@@ -194,6 +222,7 @@ class TcpListener:
             writer.write(bytes((STATUS_REFUSED,)))
             await writer.drain()
             return
+        settled()
         other = next(s for s in transit.sides.values() if s is not side)
         assert other.writer is not None and other.reader is not None
         writer.write(bytes((STATUS_MATCHED,)))

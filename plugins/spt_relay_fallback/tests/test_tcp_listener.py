@@ -232,3 +232,44 @@ async def test_one_node_cannot_take_every_transit(nodes, tcp_relay):
     assert got == MAX_WAITING_PER_NODE
     reply = await conn_other.request("relay.transit", {"peer": victim.node_id.raw})
     assert len(reply.body["ticket"]) == TICKET_BYTES
+
+
+async def test_a_stranger_cannot_hold_connections_without_limit(nodes, tcp_relay):
+    """Anyone may connect to the listener. A stranger (from 127.0.0.2) opening connections that
+    never name a ticket is held to MAX_PENDING_PER_SOURCE at a time, and two registered nodes
+    (from 127.0.0.1) are matched meanwhile."""
+    import contextlib
+    import ssl
+
+    from spt_relay_fallback.tcp import MAX_PENDING_PER_SOURCE, client_context
+
+    server, _ = tcp_relay
+    opened = []
+    try:
+        for _ in range(MAX_PENDING_PER_SOURCE + 40):
+            with contextlib.suppress(OSError, ssl.SSLError, TimeoutError):  # refused in the handshake: closed
+                opened.append(await asyncio.wait_for(asyncio.open_connection(
+                    "127.0.0.1", server.tcp_port, ssl=client_context(), local_addr=("127.0.0.2", 0)), 5))
+        await asyncio.sleep(0.5)
+
+        async def still_open(reader) -> bool:
+            try:
+                return await asyncio.wait_for(reader.read(1), 0.2) != b""
+            except TimeoutError:
+                return True  # nothing to read and not closed: held
+            except (OSError, ssl.SSLError):
+                return False
+
+        held = sum(await asyncio.gather(*(still_open(r) for r, _ in opened)))
+        a, b = await nodes(), await nodes()
+        body = await tickets(a, b, server)
+        socks = await asyncio.gather(*(
+            asyncio.to_thread(dial_transit, "127.0.0.1", server.tcp_port, server.key.node_id, t, 10)
+            for t in (body["ticket"], body["peer_ticket"])
+        ))
+        for sock in socks:
+            sock.close()
+    finally:
+        for _, writer in opened:
+            writer.close()
+    assert held <= MAX_PENDING_PER_SOURCE, held
