@@ -66,7 +66,7 @@ def wrong(rng: random.Random, depth: int = 0) -> Any:
     first check now and then)."""
     pool: list[Any] = [
         None, True, 0, -1, 5, 2**63 - 1, -(2**63), 1.5, float("nan"), "", "zz", "ab" * 16, "AB" * 16, "ab" * 32,
-        "zz" * 32, "x" * 300, "1.2.3.4:5", "127.0.0.1:99999", ":", b"", b"\xff" * 3, os.urandom(16),
+        "zz" * 32, "x" * 300, FORGED, "1.2.3.4:5", "127.0.0.1:99999", ":", b"", b"\xff" * 3, os.urandom(16),
         os.urandom(32), [], {}, ["zz"], [5], [None], [[]], [{}], {"zz": "zz"}, {"": None},
     ]
     if depth < 2:
@@ -77,6 +77,7 @@ def wrong(rng: random.Random, depth: int = 0) -> Any:
     return rng.choice(pool)
 
 
+FORGED = "x\n2026-01-01 00:00:00,000 ERROR FORGED-LINE\r\x1b[2K"  # a log line of the sender's making
 MESSAGE_FIELDS = ["id", "to", "from", "body", "attrs", "window", "reply_to", "type", "name", "files", "sig", "t"]
 
 
@@ -138,7 +139,7 @@ def crashes(log: str) -> set[str]:
 
 
 def test_crafted_bodies_are_refused_never_crash_a_handler(spt_nodes):
-    alpha, beta = spt_nodes.subnet(["alpha", "beta"], name="home")
+    alpha, beta = spt_nodes.subnet(["alpha", "beta"], name="home", env={"SPT_LOG_LEVEL": "DEBUG"})
     subnet = alpha.json("subnet", "status")["subnets"][0]["id"]
     beta_key = NodeKey.from_private_bytes((beta.home / "node.key").read_bytes())
     beta.stop()  # the test speaks as beta from here
@@ -148,6 +149,8 @@ def test_crafted_bodies_are_refused_never_crash_a_handler(spt_nodes):
     member = [(t, b) for t, fields in MEMBER_REQUESTS.items() for b in bodies(rng, fields, subnet)]
     stranger = [(t, b) for t, fields in JOIN_REQUESTS.items() for b in bodies(rng, fields, None)]
     stranger += [(t, {**b, "subnet": subnet}) for t, b in list(stranger) if "subnet" not in b]
+    member += [(FORGED, {"subnet": subnet}), ("log.sync" + FORGED, {"subnet": subnet})]  # as type names too
+    stranger += [(FORGED, {}), ("key.claim" + FORGED, {})]
 
     async def scenario():
         t = Transport(beta_key, host="127.0.0.1", accept=AllowKeys())
@@ -170,9 +173,18 @@ def test_crafted_bodies_are_refused_never_crash_a_handler(spt_nodes):
     print(f"member: {as_member}; stranger: {as_stranger}")
     assert after == "log.entries"
     assert alpha.proc is not None and alpha.proc.poll() is None
-    failures = crashes(alpha.log())
+    log = alpha.log()
+    failures = crashes(log)
     assert failures == set(), "\n".join(sorted(failures))
+    # a peer's strings never start a line of the log (nor rewrite one on a terminal)
+    forged = [line for line in log.splitlines() if "FORGED-LINE" in line and not line.startswith(alpha_log_prefix(line))]
+    assert forged == [], forged[:5]
     assert as_member["refused"] >= len(member) // 2, as_member  # the bodies were mostly wrong
+
+
+def alpha_log_prefix(line: str) -> str:
+    """The start of a log line the daemon wrote itself: its own time stamp (never 2026-01-01)."""
+    return line[:4] if line[:4].isdigit() and not line.startswith("2026-01-01 00:00:00,000") else "\0"
 
 
 def test_the_list_names_every_request():
