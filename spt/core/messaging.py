@@ -8,7 +8,11 @@ What lives here (SPEC.md §4.2–4.6):
 - `remote_request`: suspend and wake for an instance on another node.
 - Registry replication: each node signs its own rows per subnet (only where the instance is
   visible; hiding publishes a tombstone) and a presence record; changes are pushed at once,
-  digests compared on connect and every 60 s; silent nodes turn offline.
+  digests compared on connect and every 60 s; silent nodes turn offline. Views live in memory;
+  what is stored is this node's own signed rows and recent deletions (meta
+  `registry_advertised`) and, per member, the presence that settled a deletion of its rows
+  (table `registry_presence`), which refuses replays of deleted rows after restarts
+  (docs/design/registry.md).
 
 Subnet isolation: a record or message for subnet S only ever travels on a member connection to a
 current member of S, and rows of S never leave S's view.
@@ -441,7 +445,38 @@ class Messaging:
         view = self.views.get(sub.id)
         if view is None or view.subnet != sub.name:
             view = self.views[sub.id] = RegistryView(sub.name, self_node=self.daemon.key.node_id)
+            self._load_kept(sub, view)
         return view
+
+    def _load_kept(self, sub: HeldSubnet, view: RegistryView) -> None:
+        """The presence records stored by `_store_kept` before a restart, back into a new view."""
+        members = sub.state().members
+        for row in self.daemon.store.query("SELECT raw FROM registry_presence WHERE subnet=?", (sub.id,)):
+            try:
+                record = record_from_dict(json.loads(row["raw"]))
+            except (ValueError, RemoteProtocolError):
+                continue  # unreadable: as if never stored (the owner's next presence replaces it)
+            if isinstance(record, Presence) and record.node in members:
+                view.keep(record)
+
+    def _store_kept(self, sub: HeldSubnet, view: RegistryView) -> None:
+        """Store the presence records that settled a deletion seen here (rule 6 of
+        spt.core.proto.registry): after a restart they still refuse replays of deleted rows,
+        while the owner is offline and after its 30 days of re-tombstoning. One record per
+        member and subnet, written only when a row was deleted."""
+        fresh = view.to_keep()
+        if not fresh:
+            return
+        with self.daemon.store.transaction() as db:
+            for presence in fresh:
+                db.execute(
+                    "INSERT INTO registry_presence(subnet, node, version, raw) VALUES(?,?,?,?) "
+                    "ON CONFLICT(subnet, node) DO UPDATE SET version=excluded.version, raw=excluded.raw "
+                    "WHERE excluded.version > registry_presence.version",
+                    (sub.id, presence.node.raw, presence.version, json.dumps(presence.to_dict())),
+                )
+        for presence in fresh:
+            view.keep(presence)
 
     def _next_stamps(self, subs: Sequence[HeldSubnet]) -> tuple[int, list[HlcTimestamp]]:
         """The next registry version and a fresh HLC stamp for each of `subs`, stored in one
@@ -515,7 +550,10 @@ class Messaging:
         every subnet made each `spt ready` (which publishes twice), `send` and `ring` cost more
         with every subnet held and every transient sender of the last hour (issue 14). Presence
         and the other rows are unchanged; the presence loop re-signs everything each round, which
-        also repairs a member that missed a push and then took a later one.
+        also repairs a member that missed a push and then took a later one. A subnet where a row
+        of the perch was deleted (hidden, purged) gets the full round at once: presence is only
+        ever signed with every live row (rule 6 of spt.core.proto.registry), and the presence
+        signed with a deletion is what members keep to refuse a replay of the deleted row.
         """
         plan: list[tuple[HeldSubnet, list[dict[str, Any]] | None]] = []  # None: everything
         for sub in self.daemon.subnets.attached():
@@ -524,8 +562,11 @@ class Messaging:
                 plan.append((sub, None))
                 continue
             rows = self.endpoints.views.perch_rows(sub, perch)
-            if {(r["home"] or "", r["id"]): r for r in rows} != self._advertised_of(sub, perch):
-                plan.append((sub, rows))
+            now_signed, last_signed = {(r["home"] or "", r["id"]): r for r in rows}, self._advertised_of(sub, perch)
+            if now_signed != last_signed:
+                # a deletion goes out in a full round: the presence signed with it is what
+                # members keep to refuse replays of the deleted row (registry.py, rule 6)
+                plan.append((sub, None if set(last_signed) - set(now_signed) else rows))
         if not plan:
             return  # nothing to sign (and no version to spend: that is a write to disk)
         version, stamps = self._next_stamps([sub for sub, _ in plan])
@@ -632,6 +673,7 @@ class Messaging:
             ):
                 self.daemon.subnets.observe(record.hlc)
         view.note_heard(source, now_ms)
+        self._store_kept(sub, view)
 
     async def _handle_registry_push(self, conn: Connection, frame: Frame) -> tuple[str, Any]:
         body = body_map(frame.body)
@@ -713,6 +755,14 @@ class Messaging:
         members = sub.state().members
         for node in view.nodes() - set(members):
             view.remove_node(node)
+        stored = self.daemon.store.query("SELECT node FROM registry_presence WHERE subnet=?", (sub.id,))
+        gone = [n for n in (NodeId(bytes(r["node"])) for r in stored) if n not in members]
+        if gone:  # their kept presence goes too (the removal floor above refuses old copies)
+            with self.daemon.store.transaction() as db:
+                for node in gone:
+                    db.execute("DELETE FROM registry_presence WHERE subnet=? AND node=?", (sub.id, node.raw))
+            for node in gone:
+                view.remove_node(node)
 
     def forget(self, sub: HeldSubnet) -> None:
         self.views.pop(sub.id, None)

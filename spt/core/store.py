@@ -215,6 +215,17 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     """
     CREATE INDEX rings_unanswered ON rings_in(recipient, sender_node, sender_id, time) WHERE answered=0;
     """,
+    # 10: the newest presence of each member that settled a deletion of its registry rows, which
+    # refuses replays of the deleted rows after a restart (spt.core.proto.registry, rule 6)
+    """
+    CREATE TABLE registry_presence (
+        subnet BLOB NOT NULL REFERENCES subnets(id) ON DELETE CASCADE,
+        node BLOB NOT NULL,
+        version INTEGER NOT NULL,
+        raw TEXT NOT NULL,
+        PRIMARY KEY (subnet, node)
+    );
+    """,
 )
 
 

@@ -1,8 +1,9 @@
 """Publishing this node's registry rows, in-process (`Messaging.publish` on a stand-in daemon).
 
 A change to one perch re-signs only that perch's rows, in the subnets where they changed (issue
-14: `spt ready`, `send` and `ring` had cost more with every subnet held); what the views hold
-afterwards is what a full publish of everything would hold.
+14: `spt ready`, `send` and `ring` had cost more with every subnet held); a deletion re-signs the
+subnet's rows and presence with it (docs/design/registry.md); what the views hold afterwards is
+what a full publish of everything would hold.
 """
 
 import pytest
@@ -117,6 +118,8 @@ async def test_a_perch_change_re_signs_that_perch_only_where_it_changed(daemon):
     eps._set_setting(p, c, visible=False)
     hidden = _signed(daemon)
     assert hidden["c"][0][("a", "p")][1]  # a tombstone
+    # with a presence signed alongside: what members keep to refuse a replay of p's row there
+    assert hidden["c"][1] == hidden["c"][0][("a", "p")][0] > shown["c"][1]
     assert hidden["b"] == before["b"] and hidden["a"] == after["a"]
 
     pushes = daemon.members.pushes

@@ -17,6 +17,13 @@ Rules this module keeps:
 4. A view is one subnet: it refuses records of any other subnet, so S's rows cannot reach T.
 5. Offline is computed by the observer from presence arrival (and the `detached` flag); it is
    never written into a row.
+6. A presence record vouches for its node's live rows: a node signs presence only in a full
+   round, together with every live row at the same version, so none of its live rows is older
+   than its latest presence. A live row older than the newest presence held or kept for its
+   node is refused, and an accepted presence drops the node's held live rows older than itself.
+   This is what stops a member replaying a deleted row after its tombstone is gone (a restart
+   loses views; owners re-tombstone for 30 days only): the caller stores the presence that
+   settled a deletion (`to_keep`) and loads it back with `keep`, one record per node.
 
 What must not: clocks, storage or sockets (time arrives as `now_ms`), and membership. Whether a
 record's node is still a member of the subnet is the caller's check, made before `merge`.
@@ -514,7 +521,10 @@ class RegistryView:
     `digest` and `missing_for`.
     """
 
-    __slots__ = ("_floors", "_heard", "_presence", "_rows", "canonical", "self_node", "subnet")
+    __slots__ = (
+        "_deleted_at", "_floors", "_heard", "_kept", "_keys_of", "_presence", "_rows", "canonical", "self_node",
+        "subnet",
+    )
 
     def __init__(self, subnet: str, *, self_node: NodeId | None = None) -> None:
         self.subnet = subnet
@@ -526,6 +536,11 @@ class RegistryView:
         # Highest version of each node removed by leave or prune: older copies still held by
         # members that have not seen the removal must not bring its rows back.
         self._floors: dict[NodeId, int] = {}
+        self._keys_of: dict[NodeId, set[RowKey]] = {}  # each node's row keys, for rule 6's drop
+        # Rule 6: the presence of each node the caller stored (it survives restarts, unlike the
+        # view), and the highest version at which a deletion of the node's rows was seen here.
+        self._kept: dict[NodeId, Presence] = {}
+        self._deleted_at: dict[NodeId, int] = {}
 
     # merging
 
@@ -544,19 +559,82 @@ class RegistryView:
             held_presence = self._presence.get(record.node)
             if held_presence is not None and record.version <= held_presence.version:
                 return MergeOutcome.STALE
+            if self._kept and record.version < self._kept_version(record.node):
+                return MergeOutcome.STALE  # older than one stored before a restart: a replay
             if not signed_here and not record.verify():
                 return MergeOutcome.BAD_SIGNATURE
             self._presence[record.node] = record
+            self._drop_rows_older_than(record)
             if now_ms is not None:
                 self.note_heard(record.node, now_ms)
             return MergeOutcome.ACCEPTED
-        held = self._rows.get(record.key)
+        key = record.key
+        held = self._rows.get(key)
         if held is not None and record.version <= held.version:
             return MergeOutcome.STALE
+        if not record.deleted:  # rule 6: a live row older than its owner's presence was deleted since
+            presence = self._presence.get(record.node)
+            if (presence is not None and record.version < presence.version) or (
+                self._kept and record.version < self._kept_version(record.node)
+            ):
+                return MergeOutcome.STALE
         if not signed_here and not record.verify():
             return MergeOutcome.BAD_SIGNATURE
-        self._rows[record.key] = record
+        self._rows[key] = record
+        if held is None:
+            self._keys_of.setdefault(record.node, set()).add(key)
+        if record.deleted:
+            self._deleted_at[record.node] = max(record.version, self._deleted_at.get(record.node, 0))
         return MergeOutcome.ACCEPTED
+
+    def _drop_rows_older_than(self, presence: Presence) -> None:
+        """Rule 6: a live row of the node older than its new presence was deleted since (its
+        tombstone missed here, or gone with a restart of the owner's 30-day memory)."""
+        keys = self._keys_of.get(presence.node, set())
+        rows = self._rows
+        old = [k for k in keys if (row := rows[k]).version < presence.version and not row.deleted]
+        for k in old:
+            del self._rows[k]
+            keys.discard(k)
+        if old:
+            self._deleted_at[presence.node] = max(presence.version, self._deleted_at.get(presence.node, 0))
+
+    def presence_floor(self, node: NodeId) -> int:
+        """The version below which no live row of `node` is accepted: its newest presence, held
+        or kept (rule 6); 0 when none is known."""
+        held = self._presence.get(node)
+        kept = self._kept.get(node)
+        return max(0 if held is None else held.version, 0 if kept is None else kept.version)
+
+    def _kept_version(self, node: NodeId) -> int:
+        kept = self._kept.get(node)
+        return kept.version if kept is not None else 0
+
+    def keep(self, presence: Presence) -> bool:
+        """Note that the caller stored `presence` (or loaded it from storage after a restart):
+        it refuses the node's older live rows and older presence from now on (rule 6). It is not
+        served to peers: one taking it without the rows signed with it would never ask for them
+        (digests name only the highest version). False (nothing noted) for a record that does
+        not verify or belongs to another subnet."""
+        if presence.subnet != self.canonical or not presence.verify():
+            return False
+        if presence.version > self._kept_version(presence.node):
+            self._kept[presence.node] = presence
+        if self._deleted_at.get(presence.node, 0) <= presence.version:
+            self._deleted_at.pop(presence.node, None)
+        return True
+
+    def to_keep(self) -> list[Presence]:
+        """Held presence records the caller should store (then pass to `keep`): each settles a
+        deletion seen here that no stored presence covers yet. Deletions are rare, so this is
+        rarely a write; this node's own presence is left out (its durable version counter is
+        its floor)."""
+        out: list[Presence] = []
+        for node, at in self._deleted_at.items():
+            held = self._presence.get(node)
+            if node != self.self_node and held is not None and held.version >= at > self._kept_version(node):
+                out.append(held)
+        return out
 
     def merge_all(
         self, records: Iterable[Record], *, now_ms: int | None = None, signed_here: bool = False,
@@ -565,12 +643,15 @@ class RegistryView:
 
     def remove_node(self, node: NodeId) -> None:
         """Drop every row and the presence of `node` at once (it left or was pruned)."""
-        floor = self._highest(node)
+        floor = max(self._highest(node), self._kept_version(node))
         if floor:
             self._floors[node] = max(floor, self._floors.get(node, 0))
         self._rows = {k: r for k, r in self._rows.items() if r.node != node}
+        self._keys_of.pop(node, None)
         self._presence.pop(node, None)
         self._heard.pop(node, None)
+        self._kept.pop(node, None)
+        self._deleted_at.pop(node, None)
 
     # reading
 
@@ -606,15 +687,23 @@ class RegistryView:
     # anti-entropy
 
     def _highest(self, node: NodeId) -> int:
-        versions = [r.version for r in self._rows.values() if r.node == node]
+        versions = [self._rows[k].version for k in self._keys_of.get(node, ())]
         held = self._presence.get(node)
         if held is not None:
             versions.append(held.version)
         return max(versions, default=0)
 
     def digest(self) -> dict[NodeId, int]:
-        """Node → highest version held, over rows, tombstones and presence (and removed nodes)."""
+        """Node → highest version held, over rows, tombstones and presence (and removed nodes).
+
+        A kept presence counts as one version below its own: peers then send what was signed
+        with it and later, never the older records rule 6 refuses (they would come again every
+        round while the owner is away).
+        """
         out = dict(self._floors)
+        for node, kept in self._kept.items():
+            if kept.version > 1:
+                out[node] = max(out.get(node, 0), kept.version - 1)
         for record in self._held():
             if record.version > out.get(record.node, 0):
                 out[record.node] = record.version

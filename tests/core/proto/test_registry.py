@@ -338,17 +338,17 @@ def test_digest_is_the_highest_version_per_node() -> None:
 
 def test_missing_for_sends_what_the_other_lacks_in_version_order() -> None:
     v = view()
-    records = [
+    records = [  # as a node signs them: presence with every live row (3), then one row alone (5)
         a_row(version=3),
+        a_presence(version=3),
         a_row(version=5, endpoint_id="other"),
-        a_presence(version=7),
         a_tombstone(BOB, 2),
     ]
     v.merge_all(records)
     assert v.missing_for(v.digest()) == []
-    expected = sorted(records[1:], key=lambda r: (r.node, r.version))
+    expected = sorted(records[2:], key=lambda r: (r.node, r.version))
     assert v.missing_for({ALICE.node_id: 3}) == expected
-    assert v.missing_for({ALICE.node_id: 7, BOB.node_id: 2}) == []
+    assert v.missing_for({ALICE.node_id: 5, BOB.node_id: 2}) == []
     peer = RegistryView("home")
     for record in v.missing_for(peer.digest()):
         assert peer.merge(record_from_dict(record.to_dict())) is MergeOutcome.ACCEPTED
@@ -381,8 +381,69 @@ def test_removing_a_node_drops_its_rows_and_refuses_old_copies() -> None:
 
 def test_records_list_everything_for_storage_and_reloads() -> None:
     v = view()
-    v.merge_all([a_row(version=1), a_tombstone(version=2, endpoint_id="gone"), a_presence(version=3)])
+    v.merge_all([a_row(version=3), a_tombstone(version=2, endpoint_id="gone"), a_presence(version=3)])
     stored = [r.to_dict() for r in v.records()]
     reloaded = RegistryView("home")
     assert set(reloaded.merge_all(record_from_dict(d) for d in stored)) == {MergeOutcome.ACCEPTED}
     assert reloaded.records() == v.records()
+
+
+# --- replays of deleted rows (rule 6) -------------------------------------------------------
+
+
+def test_a_live_row_older_than_its_owners_presence_is_refused() -> None:
+    """A member replays Alice's row from before she deleted it; the tombstone is gone (views
+    are not stored), but her later presence vouches for all her live rows: the replay is refused."""
+    old = a_row(version=3)
+    v = view()
+    v.merge_all([a_row(version=6, endpoint_id="kept"), a_presence(version=6)])
+    assert v.merge(old) is MergeOutcome.STALE
+    assert [r.endpoint_id for r in v.rows()] == ["kept"]
+    assert v.merge(a_tombstone(version=4, endpoint_id="other")) is MergeOutcome.ACCEPTED  # harmless: kept for older peers
+    assert v.merge(a_row(version=7)) is MergeOutcome.ACCEPTED  # signed after the presence: a real change
+
+
+def test_a_presence_drops_the_live_rows_its_node_no_longer_signs() -> None:
+    v = view()
+    v.merge_all([a_row(version=3), a_row(version=3, endpoint_id="kept"), a_presence(version=3)])
+    v.merge_all([a_row(version=8, endpoint_id="kept"), a_presence(version=8)])  # sergey's tombstone missed here
+    assert [r.endpoint_id for r in v.rows()] == ["kept"]
+    assert v.to_keep() == [v.presence(ALICE.node_id)]  # a deletion settled: the caller stores it
+
+
+def test_a_kept_presence_refuses_old_rows_and_presence_after_a_restart() -> None:
+    settled = a_presence(version=9)
+    before = view()
+    before.merge_all([a_row(version=3), a_presence(version=3)])
+    before.merge_all([a_tombstone(version=9), settled])
+    (stored,) = before.to_keep()
+    assert stored == settled
+    assert before.keep(stored) and before.to_keep() == []
+
+    after = view()  # a restart: nothing held but what was stored
+    assert after.keep(record_from_dict(json.loads(json.dumps(stored.to_dict()))))
+    assert after.merge(a_row(version=3)) is MergeOutcome.STALE
+    assert after.merge(a_presence(version=3)) is MergeOutcome.STALE  # an old presence does not lower it
+    assert after.rows() == [] and after.presence(ALICE.node_id) is None
+    assert after.records() == []  # not served: a peer taking it alone would not ask for its rows
+    assert after.digest() == {ALICE.node_id: 8}  # so peers send what was signed with it, nothing older
+    assert after.merge(a_row(version=9, endpoint_id="kept")) is MergeOutcome.ACCEPTED
+    assert after.merge(settled) is MergeOutcome.ACCEPTED
+    assert after.merge(a_row(version=10)) is MergeOutcome.ACCEPTED  # shown again later: a real change
+    assert {r.endpoint_id for r in after.rows()} == {"kept", "sergey"}
+
+
+def test_keep_refuses_forged_or_foreign_presence() -> None:
+    v = view()
+    forged = replace(a_presence(version=50), addresses=("203.0.113.9:1",))
+    assert not v.keep(forged)
+    assert not v.keep(a_presence(version=50, subnet="work"))
+    assert v.merge(a_row(version=3)) is MergeOutcome.ACCEPTED
+
+
+def test_the_own_presence_and_rows_without_a_deletion_are_not_kept() -> None:
+    v = view()
+    v.merge_all([a_row(version=3), a_presence(version=3), a_row(version=4), a_row(version=5), a_presence(version=5)])
+    assert v.to_keep() == []  # rows only re-signed: nothing deleted, no write
+    v.merge_all([a_row(ME, version=3), a_tombstone(ME, version=4), a_presence(ME, version=4)])
+    assert v.to_keep() == []
