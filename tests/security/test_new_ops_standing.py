@@ -14,7 +14,9 @@ not serve these types. Nothing a refused batch carried is spooled.
 
 With a transfer of its own, gamma's file.punch makes alpha open TCP to gamma's own address only
 (the port is gamma's to choose; the address is where the member connection comes from, whatever
-the body says). And under DEBUG logging and SPT_TRACE, alpha's log and trace hold none of the
+the body says), and its file.transit invitations, with valid tickets naming alpha (asked at
+alpha's relay by keys gamma registered there, never joined), make alpha hold at most
+MAX_CONNECTIONS relay connections at once (each waits there up to 30 s), the rest FILE_BUSY. And under DEBUG logging and SPT_TRACE, alpha's log and trace hold none of the
 secrets these paths handle: the transfer's data key, the transit ticket, the node keys, the seed.
 """
 
@@ -23,24 +25,99 @@ from __future__ import annotations
 import asyncio
 import base64
 import importlib.util
+import json
 import os
 import re
+import select
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from spt.core.identity import NodeId, NodeKey
-from spt.core.net.transport import ALPN_JOIN, AllowKeys, RequestError, Transport
+from spt.core.net.transport import ALPN_JOIN, ALPN_RELAY, AllowKeys, RequestError, Transport
 from spt.core.proto.deliver import BATCH_TYPE
-from spt.testing.nodes import dial_as_member
+from spt.testing.nodes import DEFAULT_CONFIG, dial_as_member
 from spt.testing.traffic import drain
 from spt.testing.wait import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.root]  # creates subnets, prunes (elevated)
 
 RELAY = importlib.util.find_spec("spt_relay_fallback") is not None
+ASKERS, TICKETS_EACH = 8, 6  # 48 valid tickets naming alpha, more than MAX_CONNECTIONS (32)
+
+
+@pytest.fixture
+def tcp_relay(tmp_path):
+    """`spt relay serve` with a TCP listener (its URL), or None in a build without the relay."""
+    if not RELAY:
+        yield None
+        return
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "spt", "relay", "serve", "--listen", "127.0.0.1:0", "--tcp-listen", "127.0.0.1:0",
+         "--key-file", str(tmp_path / "relay.key")],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True,
+        env={"SPT_HOME": str(tmp_path), "PATH": ""},
+    )
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 15)
+        line = proc.stdout.readline().strip() if ready else ""
+        assert line.startswith("RELAY_LISTENING:"), line
+        yield line.split(":", 1)[1]
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def connections_to(port: int) -> int:
+    """Established TCP connections to `port` on loopback, as the kernel lists them (the clients' ends)."""
+    count = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[2].split(":")[1], 16) == port and fields[3] == "01":
+            count += 1
+    return count
+
+
+async def transit_burst(conn, tid: str, url: str, alpha_key: str) -> tuple[list[str], int, bytes]:
+    """Tickets naming alpha from ASKERS keys registered at its relay, then one file.transit per
+    ticket (at once): the answers, the relay connections alpha then holds, and one ticket."""
+    from spt_relay_fallback.url import RelayUrl
+
+    relay = RelayUrl.parse(url)
+    made = []
+
+    async def asker() -> list[dict]:
+        t = Transport(NodeKey.generate(), host="127.0.0.1", accept=AllowKeys())
+        await t.start()
+        made.append(t)
+        relay_conn = await t.connect(relay.key, [relay.address], alpn=ALPN_RELAY, timeout=5)
+        await relay_conn.request("relay.register", {"port": t.sockname[1]}, timeout=5)
+        ask = {"peer": bytes.fromhex(alpha_key)}
+        return [(await relay_conn.request("relay.transit", ask, timeout=5)).body for _ in range(TICKETS_EACH)]
+
+    try:
+        replies = [r for rs in await asyncio.gather(*(asker() for _ in range(ASKERS))) for r in rs]
+        before = connections_to(replies[0]["tcp_port"])
+
+        async def invite(ticket: bytes) -> str:
+            body = {"tid": tid, "subnet": "home", "via": "relay", "invitation": {"relay": relay.key.raw, "ticket": ticket}}
+            try:
+                return (await conn.request("file.transit", body, timeout=10)).type
+            except RequestError as exc:
+                return exc.code
+
+        answers = list(await asyncio.gather(*(invite(r["peer_ticket"]) for r in replies)))
+        await asyncio.sleep(1.0)  # alpha's threads dial the relay and wait there
+        return answers, connections_to(replies[0]["tcp_port"]) - before, replies[0]["peer_ticket"]
+    finally:
+        for t in made:
+            await t.close()
 PUNCHES, TARGETS, PRIMES = 20, 16, 3
+MAX_CONNECTIONS = 32  # spt_filetransfer.dataserver: data connections (and ones being opened) at once
 
 
 def message(body: str) -> dict:
@@ -128,13 +205,16 @@ async def own_transfer(conn, subnet: str, seen: str, udp_port: int) -> dict:
     ticket = os.urandom(16)
     transit = await conn.request("file.transit", {"subnet": subnet, "tid": tid, "via": "relay",
                                                   "invitation": {"relay": os.urandom(32), "ticket": ticket}}, timeout=5)
-    return {"key": opened.get("key"), "punch": punch, "from": peer[0], "ticket": ticket, "transit": transit.type}
+    return {"tid": tid, "key": opened.get("key"), "punch": punch, "from": peer[0], "ticket": ticket, "transit": transit.type}
 
 
-def test_stranger_member_and_pruned_member(spt_nodes, tmp_path):
+def test_stranger_member_and_pruned_member(spt_nodes, tcp_relay, tmp_path):
     trace = tmp_path / "trace"
-    alpha, gamma = spt_nodes.subnet(["alpha", "gamma"], name="home",
+    config = DEFAULT_CONFIG + (f"\n[relay]\nurls = {json.dumps([tcp_relay])}\n" if tcp_relay else "")
+    alpha, gamma = spt_nodes.subnet(["alpha", "gamma"], name="home", config=config,
                                     env={"SPT_LOG_LEVEL": "DEBUG", "SPT_TRACE": str(trace)})
+    if tcp_relay:
+        wait_for(lambda: (r := alpha.json("relay", "list")["relays"]) and r[0]["reachable"], 30, "alpha registered")
     alpha.cli("ready", "sink", "--once", "--timeout", "0.1", check=True)
     subnet = alpha.json("subnet", "status")["subnets"][0]["id"]
     gamma_key = NodeKey.from_private_bytes((gamma.home / "node.key").read_bytes())
@@ -154,6 +234,8 @@ def test_stranger_member_and_pruned_member(spt_nodes, tmp_path):
             reqs.pop("relay.punch", None)  # the burst's punch still runs: one more would start nothing
             as_member = await ask_each(conn, reqs)
             transfer = await own_transfer(conn, "home", alpha.address, member.sockname[1])  # file requests name it
+            if tcp_relay:
+                transfer["burst"] = await transit_burst(conn, transfer["tid"], tcp_relay, alpha.key)
             join_conn = await stranger.connect(alpha_id, [target], alpn=ALPN_JOIN, timeout=5)
             as_stranger = await ask_each(join_conn, requests(subnet, "stranger"))
             pruned = await asyncio.to_thread(alpha.cli, "subnet", "prune", "gamma", "--yes")
@@ -181,9 +263,16 @@ def test_stranger_member_and_pruned_member(spt_nodes, tmp_path):
     assert transfer["punch"].get("ok") is True and transfer["from"] == "127.0.0.1", transfer
     assert transfer["transit"] == "ok"  # answered; alpha joins only relays it registered with itself
     assert isinstance(transfer["key"], bytes) and len(transfer["key"]) >= 16
+    if tcp_relay:
+        answers, held, _ = transfer["burst"]
+        print(f"transit invitations: {answers.count('ok')} ok, {answers.count('FILE_BUSY')} FILE_BUSY, {held} held")
+        assert 1 <= held <= MAX_CONNECTIONS and answers.count("ok") <= MAX_CONNECTIONS, (held, answers)
+        assert set(answers) == {"ok", "FILE_BUSY"}, answers
 
     alpha.stop()
-    secrets = {"the transfer's data key": transfer["key"], "the transit ticket": transfer["ticket"]}
+    secrets = {"the transfer's data key": transfer["key"], "a transit ticket": transfer["ticket"]}
+    if tcp_relay:
+        secrets["a valid transit ticket"] = transfer["burst"][2]
     for node in (alpha, gamma):
         secrets[f"{node.name}'s private key"] = (node.home / "node.key").read_bytes()
     patterns = {what: [re.escape(v.hex()), re.escape(base64.b64encode(v).decode().rstrip("=")), re.escape(repr(v)[2:-1])]
