@@ -152,9 +152,10 @@ def connect_or_start(state_root: str | os.PathLike[str], *, autostart: bool) -> 
     socket_path = os.path.join(root, "spt.sock")
     try:
         return connect(socket_path)
-    except DaemonDown:
-        if not autostart:
-            raise
+    except DaemonDown as exc:
+        if not autostart:  # say how to get one: `spt daemon start` is not a command
+            raise DaemonDown("", f"{exc.message} (spt daemon run runs it in the foreground; any other command "
+                             "starts it unless SPT_NO_AUTOSTART=1)") from None
     start_daemon(root)
     deadline = time.monotonic() + AUTOSTART_WAIT
     delay = 0.01

@@ -47,6 +47,10 @@ def test_stop_then_status_is_daemon_down_exit_3(spt_nodes):
     assert stopped.stdout.strip() == "DAEMON_STOPPED"
     down = a.cli("daemon", "status")
     assert down.returncode == 3 and down.stderr.startswith("DAEMON_DOWN")
+    # a new user's next guess, `spt daemon start`, is no command: the refusal says what starts it
+    for args in (["daemon", "status"], ["whoami"], ["--debug", "whoami"], ["notif", "list"]):
+        again = a.cli(*args)
+        assert again.returncode == 3 and "spt daemon run" in again.stderr and "SPT_NO_AUTOSTART=1" in again.stderr
     assert a.proc.wait(10) == 0
 
 
