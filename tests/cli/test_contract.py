@@ -235,8 +235,10 @@ def test_every_group_help_shows_real_examples():
 def test_a_bad_value_is_a_usage_error_not_an_answer(node):
     """A typo in an option must not read as an answer: a missing --project folder showed only
     the live tier (as if the project had no entries), a negative join budget said JOIN_NOT_FOUND."""
-    missing = node.cli("endpoint", "mind", "me", "--project", "/nonexistent/spt-qa")
-    assert (missing.returncode, missing.stdout) == (2, "") and "does not exist" in missing.stderr, missing.stderr
+    for args in (["endpoint", "mind", "me", "--project", "/nonexistent/spt-qa"],
+                 ["update", "fetch", "--file", "/nonexistent/spt-qa.sptupdate"]):  # was VERIFY_FAILED:truncated
+        missing = node.cli(*args)
+        assert (missing.returncode, missing.stdout) == (2, "") and "does not exist" in missing.stderr, missing.stderr
     for global_options in ((), ("--debug",)):  # the plain path, then click
         joined = node.cli(*global_options, "subnet", "join", "home", "--code", "123456", "--timeout", "-1")
         assert (joined.returncode, joined.stdout) == (2, ""), joined.stderr

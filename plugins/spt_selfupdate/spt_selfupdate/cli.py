@@ -46,7 +46,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
 
 @update.command("fetch")
 @click.option("--from", "source", metavar="URL", help="A release source (folder, file:// or http(s):// URL).")
-@click.option("--file", "bundle", metavar="BUNDLE", type=click.Path(dir_okay=False),
+@click.option("--file", "bundle", metavar="BUNDLE", type=click.Path(dir_okay=False, exists=True),
               help="An offline bundle (spt-<v>.sptupdate); what an air-gapped site uses.")
 def fetch(source: str | None, bundle: str | None) -> None:
     """Fetch the newest release, verify it and stage it: STAGED, UP_TO_DATE or VERIFY_FAILED."""
