@@ -88,7 +88,8 @@ def checks(daemon: Daemon, cli_version: str | None) -> list[dict[str, str]]:
         if joins["state"] == "locked":
             add("WARN", f"joins {sub.name}", f"locked until {joins['locked_until']}; `spt subnet unlock {sub.name}`")
         elif joins["failed_last_hour"]:
-            add("WARN", f"joins {sub.name}", f"{joins['failed_last_hour']} failed attempts in the last hour")
+            failed = joins["failed_last_hour"]
+            add("WARN", f"joins {sub.name}", f"{failed} failed attempt{'s' if failed > 1 else ''} in the last hour")
         conflicts = daemon.members.logs.conflicts_of(sub)
         if conflicts:
             add("WARN", f"prunes {sub.name}", f"{len(conflicts)} prune conflicts: histories disagree on who was removed "

@@ -233,10 +233,9 @@ class Notifications(RecordKind):
         prefix = prefix.lower()
         matches = [n for n in self.notifications() if n["id"].startswith(prefix)] if len(prefix) >= 6 else []
         if len(matches) != 1:
-            raise Refusal(
-                "NO_SUCH_NOTIF", prefix,
-                "no notification has that id" if not matches else "that prefix names several notifications",
-            )
+            reason = ("that prefix names several notifications" if matches else "no notification has that id"
+                      if len(prefix) >= 6 else "give at least 6 characters of the id (SPEC.md §2.10)")
+            raise Refusal("NO_SUCH_NOTIF", prefix, reason)
         return matches[0]
 
     def ack(self, notification: Mapping[str, Any]) -> None:

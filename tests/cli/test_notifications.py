@@ -175,6 +175,8 @@ def test_notif_list_shows_the_origin_as_a_display_form_and_refuses_an_unknown_su
     first = lone.cli("notif", "list", check=True).stdout.splitlines()[0]
     assert first.split("  ")[3] == f"zulu ({lone.key[:8]}\u2026)", first
     assert [r["id"] for r in listed(lone, "--subnet", "HOME")] == [notif_id]  # names match without regard to case
+    short = lone.cli("notif", "ack", notif_id[:5])  # SPEC.md §2.10: prefixes of at least 6; it exists, so say that
+    assert short.returncode == 1 and short.stderr == f"NO_SUCH_NOTIF:{notif_id[:5]} give at least 6 characters of the id (SPEC.md §2.10)\n"
     # a mistyped subnet is refused like everywhere else (endpoint list --subnet), not an empty list
     for args in (["notif", "list", "--subnet", "hoem"], ["--json", "notif", "list", "--subnet", "hoem"]):
         wrong = lone.cli(*args)

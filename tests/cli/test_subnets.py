@@ -173,6 +173,7 @@ def test_wrong_code_fails_on_both_sides_with_nothing_pinned(trio, spt_nodes):
     assert db_rows(d, "SELECT count(*) FROM log_entries") == [(0,)]
     assert sub_doc(b)["joins"]["failed_last_hour"] == 1
     assert "joins-failed-1h=1" in b.cli("subnet", "status", check=True).stdout
+    assert "WARN joins home: 1 failed attempt in the last hour" in b.cli("doctor").stdout.splitlines()
     # the failure record is gossiped: the other members count it too
     wait_for(lambda: sub_doc(a)["joins"]["failed_last_hour"] == 1, WAIT, "alpha to count the failure")
     for n in (a, b, c):
