@@ -42,6 +42,8 @@ def list_(ctx: click.Context, show_all: bool, subnet: str | None, as_json: bool)
     if as_json or state(ctx).json:
         print_json(doc)
         return
+    if not doc["notifications"]:  # a word rather than nothing
+        out("(no notifications)" if show_all else "(no unread notifications; --all adds acknowledged ones)")
     labels = _member_labels() if doc["notifications"] else {}
     for n in doc["notifications"]:
         endpoint, _, key = n["from"].rpartition("@")

@@ -243,3 +243,17 @@ def test_a_bad_value_is_a_usage_error_not_an_answer(node):
         joined = node.cli(*global_options, "subnet", "join", "home", "--code", "123456", "--timeout", "-1")
         assert (joined.returncode, joined.stdout) == (2, ""), joined.stderr
         assert joined.stderr == "BAD_USAGE:-1.0 --timeout is a number of seconds\n"
+
+
+def test_empty_human_lists_say_so_and_show_nodes_in_display_form(node, tmp_path):
+    """A human list that prints nothing reads as a hang or a failure; and every human view shows
+    a node as LABEL (xxxxxxxx…) (SPEC.md §2.1)."""
+    assert node.cli("notif", "list", check=True).stdout == "(no unread notifications; --all adds acknowledged ones)\n"
+    assert node.cli("file", "list", check=True).stdout == "(no transfers in progress; --all adds those of the last 7 days)\n"
+    assert node.json("notif", "list") == {"notifications": []}  # JSON stays the document
+    note = tmp_path / "note.txt"
+    note.write_text("hi")
+    tid = node.cli("file", "send", str(note), "me", "--wait", check=True).stdout.strip().split(":")[1]
+    me = node.json("node", "show")
+    row = next(line for line in node.cli("file", "list", "--all", check=True).stdout.splitlines() if line.startswith(tid))
+    assert f"  {me['label']} ({me['key'][:8]}\u2026)  note.txt" in row, row

@@ -132,8 +132,12 @@ def list_(ctx: click.Context, incoming: bool, outgoing: bool, show_all: bool, as
     if as_json or state(ctx).json:
         print_json(doc)
         return
+    if not doc["transfers"]:  # a word rather than nothing: the default hides finished transfers
+        out("(no transfers)" if show_all else "(no transfers in progress; --all adds those of the last 7 days)")
     for t in doc["transfers"]:
-        peer = t.get("peer_label") or str(t.get("peer", ""))[:8]
+        key = str(t.get("peer", ""))
+        # SPEC.md §2.1: every human view shows a node as LABEL (xxxxxxxx…)
+        peer = f"{t['peer_label']} ({key[:8]}\u2026)" if t.get("peer_label") else f"{key[:8]}\u2026"
         out(f"{t['id']}  {t['direction']:8} {t['state']:12} {t['done']}/{t['total']}  {peer}  {t['name']}")
 
 
