@@ -71,6 +71,9 @@ class Runtime:
     def resolve(self, address: str) -> Any:
         return self._daemon.endpoints.resolve(address)
 
+    def sender(self, from_id: str | None, target: Any) -> str:
+        return self._daemon.endpoints._sender(from_id, ring=False, target=target)[0]
+
     def member_subnet(self, connection: Any, subnet: str) -> bool:
         sub = self._daemon.subnets.by_name(subnet)
         return sub is not None and sub.attached and sub.state().is_member(connection.peer)

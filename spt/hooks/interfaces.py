@@ -431,6 +431,12 @@ class NodeRuntime(Protocol):
         one (`.node.key`, `.subnet`, `.row.endpoint_id`); refusals raise their token."""
         ...
 
+    def sender(self, from_id: str | None, target: Any) -> str:
+        """The endpoint id a message or file to `target` (from `resolve`) goes out as, so that the
+        receiver's `from` leads back (SPEC.md §3.4, §4.3): `from_id`, given a perch here when it
+        has none (replies are held for it), else a transient `tmp.` identity kept for an hour."""
+        ...
+
     def member_subnet(self, connection: Any, subnet: str) -> bool:
         """True when the connection's peer is a current member of the named attached subnet."""
         ...

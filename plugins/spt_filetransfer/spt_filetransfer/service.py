@@ -457,6 +457,8 @@ class FileService:
             from_id = check_endpoint_id(str(from_id))
         target = self.rt.resolve(address)
         manifest, sources = await self.loop.run_in_executor(self.executor, scan, [os.path.abspath(p) for p in paths])
+        # as `spt send` does: else the envelope's from (`spt@node`, or a --from with no perch) led nowhere
+        from_id = self.rt.sender(from_id, target)
         tid = os.urandom(16).hex()
         now = time.time()
         if isinstance(target, LocalTarget):
