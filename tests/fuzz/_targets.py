@@ -423,9 +423,13 @@ def control_request(data: bytes) -> None:
     from spt.core.ipc import read_request
 
     value = as_value(data)
-    lines = [data, json.dumps(value, default=repr).encode()]
+    lines = [data]
+    shaped_values = [value]
     if isinstance(value, dict):
-        lines.append(json.dumps({"v": 1, "op": "daemon.status", **{str(k): v for k, v in value.items()}}, default=repr).encode())
+        shaped_values.append({"v": 1, "op": "daemon.status", **{str(k): v for k, v in value.items()}})
+    for v in shaped_values:
+        with contextlib.suppress(TypeError, ValueError):  # JSON has no binary map keys (msgpack has)
+            lines.append(json.dumps(v, default=repr).encode())
     for line in lines:
         try:
             op, args, _ = read_request(line)
@@ -514,6 +518,42 @@ def update_bundle(data: bytes) -> None:
         return
     assert 2 <= len(list(into.iterdir())) <= MAX_FILES
 
+def peer_certificate(data: bytes) -> None:
+    """A peer's TLS certificate (QUIC and the relay's TCP listener): parsed, then its key read as
+    a node id. Parsing may refuse with ValueError (aioquic answers bad_certificate); the key
+    check only with IdentityError."""
+    from cryptography import x509
+
+    from spt.core.net.pinning import peer_id_from_certificate
+
+    candidates = [data]
+    if data:  # our certificate with another key type (the key's OID ends in data[0]) and key bytes
+        key = data[1:33].ljust(32, b"\0")
+        candidates.append(_CERT[:_SPKI] + bytes((data[0],)) + _CERT[_SPKI + 1 : _SPKI + 4] + key + _CERT[_SPKI + 36 :])
+    for der in candidates:
+        try:
+            cert = x509.load_der_x509_certificate(der)
+        except ValueError:
+            continue
+        with contextlib.suppress(SptError):
+            assert len(peer_id_from_certificate(cert).raw) == 32
+
+
+def _certificate() -> tuple[bytes, int]:
+    """Our certificate's DER, and where its public key's OID ends (the byte after 2b 65)."""
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    from spt.core.net.pinning import make_certificate
+
+    der = make_certificate(_KEY).public_bytes(Encoding.DER)
+    raw = _KEY.crypto_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    spki = der.index(b"\x06\x03\x2b\x65\x70\x03\x21\x00" + raw) + 4
+    return der, spki
+
+
+_CERT, _SPKI = _certificate()
+
+
 TARGETS: dict[str, Target] = {
     "frames_stream": frames_stream,
     "frame_payload": frame_payload,
@@ -534,6 +574,7 @@ TARGETS: dict[str, Target] = {
     "host_frames": host_frames,
     "update_manifest": update_manifest,
     "update_bundle": update_bundle,
+    "peer_certificate": peer_certificate,
 }
 
 
@@ -592,6 +633,7 @@ def _seeds() -> dict[str, list[bytes]]:
         "host_frames": [struct.pack(">I", 9) + enc({"t": "attach", "rows": 24})[:9] + struct.pack(">I", 2) + b"\x80\x00"],
         "update_manifest": [_MANIFEST],
         "update_bundle": [_bundle()],
+        "peer_certificate": [_CERT],
         "relay_tunnel": [struct.pack("!H", 60) + bytes((0x01,)) + bytes(59) + struct.pack("!H", 2) + b"\x03\x01"],
     }
 SEEDS = _seeds()

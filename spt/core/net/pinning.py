@@ -37,6 +37,7 @@ from aioquic.quic.packet_builder import QuicPacketBuilder
 from aioquic.quic.recovery import QuicPacketSpace
 from aioquic.quic.stream import QuicStream
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
@@ -118,7 +119,7 @@ def peer_id_from_certificate(cert: x509.Certificate) -> NodeId:
     """The raw Ed25519 key in `cert`; IdentityError when it holds any other kind of key."""
     try:
         public = cert.public_key()
-    except ValueError as exc:
+    except (ValueError, UnsupportedAlgorithm) as exc:  # a key type cryptography does not know, too
         raise IdentityError("", f"peer certificate has an unreadable key: {exc}") from exc
     if not isinstance(public, Ed25519PublicKey):
         raise IdentityError(type(public).__name__, "peer certificate key is not Ed25519")
