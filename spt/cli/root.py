@@ -45,7 +45,7 @@ def _blocks(ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]
 @click.group(cls=LazyGroup, lazy=BUILTIN_COMMANDS, with_plugins=True, context_settings={"help_option_names": ["-h", "--help"]},
              epilog="\b\nExamples:\n  echo hi | spt send bob              # SENT:bob (a listener took it) or QUEUED:bob (held)\n  spt ready bob --once --timeout 30   # what is held for bob, else wait for one message\n  sudo spt subnet create home         # then: sudo spt subnet join home, on the other machine\n")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document (read and status commands).")
-@click.option("-p", "blocks", multiple=True, callback=_blocks, metavar="no:PLUGIN", help="Disable a plugin by name.")
+@click.option("-p", "blocks", multiple=True, callback=_blocks, is_eager=True, metavar="no:PLUGIN", help="Disable a plugin by name.")
 @click.option("--debug", is_flag=True, help="Show tracebacks of internal errors.")
 @click.version_option(__version__, "-V", "--version", prog_name="spt")
 @click.pass_context

@@ -71,3 +71,6 @@ def test_a_plugin_disabled_by_flag_takes_its_command_with_it(tmp_path):
         assert result.returncode == 2 and f"No such command '{args[2]}'" in result.stderr, result.stderr
     by_env = run_spt("file", "list", env={**env, "SPT_DISABLE_PLUGINS": "file"})
     assert by_env.returncode == 2 and "No such command 'file'" in by_env.stderr
+    # and the command list does not offer it (--help is eager: -p must be read before it)
+    listed = run_spt("-p", "no:file", "--help", env=env).stdout
+    assert "\n  update " in listed and "\n  file " not in listed, listed
