@@ -20,7 +20,7 @@ from spt.core.errors import DaemonDown, Refusal, SptError, UsageError
 APPLY_WAIT: Final = 60.0  # seconds to wait for the new daemon's verdict (the watchdog allows 30)
 
 
-@click.group("update", epilog="\b\nExamples:\n  spt update status\n  spt update fetch --file spt-0.2.0.bundle\n  sudo spt update apply --yes\n")
+@click.group("update", epilog="\b\nExamples:\n  spt update status\n  spt update fetch --file spt-0.2.0.sptupdate\n  sudo spt update apply --yes\n")
 def update() -> None:
     """Signed releases: status, fetch (from a source, a bundle file or members), apply."""
 
