@@ -64,7 +64,7 @@ def run(endpoint_id: str | None, subnet: str | None, project: str | None, no_rem
       spt endpoint run --id coder -- claude
       spt rc coder            # watch and type, from this or any member node
     """
-    from spt.core.errors import Refusal
+    from spt.core.errors import TokenError
 
     args = {
         "argv": list(command), "id": endpoint_id, "subnet": subnet, "no_remote_attach": no_remote_attach,
@@ -72,7 +72,7 @@ def run(endpoint_id: str | None, subnet: str | None, project: str | None, no_rem
     }
     try:
         doc = daemon_call("endpoint.run", args)
-    except Refusal as exc:
+    except TokenError as exc:  # a refusal from the daemon arrives as a TokenError, not a Refusal
         if exc.instance_token != "MULTI_SUBNET_HOME" or subnet or not is_interactive() or not exc.lines:
             raise
         names = [line.strip() for line in exc.lines]

@@ -1,5 +1,5 @@
-"""Ctrl-C and Ctrl-D at a terminal: the same answer on the plain path and through click, and
-never "internal error" (SPEC.md §3.1 interactive use, §3.2 exit codes)."""
+"""At a real terminal (SPEC.md §3.1 "interactive"): Ctrl-C and Ctrl-D give the same answer on the
+plain path and through click, never "internal error" (§3.2); prompts the spec promises are asked."""
 
 import os
 import pty
@@ -79,3 +79,23 @@ def test_ctrl_c_while_send_reads_the_terminal_is_the_same_on_both_paths(spt_node
     assert screen.endswith("\nAborted.\n") and code == 130, screen
     # nothing was sent: an interrupted body is not a message
     assert node.cli("ready", "bob", "--once", "--timeout", "0").stdout == "TIMEOUT\n"
+
+
+def test_interactive_endpoint_run_on_a_node_in_two_subnets_proposes_the_home(spt_nodes):
+    """SPEC.md §2.5: interactive `endpoint run` proposes the subnet last used as a home and asks;
+    it refused with MULTI_SUBNET_HOME as if non-interactive (the daemon's refusal arrives as a
+    TokenError, and the prompt waited for a Refusal)."""
+    node = spt_nodes("n")
+    node.cli("subnet", "create", "home", check=True)
+    node.cli("subnet", "create", "work", check=True)
+    node.cli("endpoint", "run", "--id", "first", "--subnet", "work", "--", "sleep", "30", check=True)
+    screen, code = at_a_terminal(node, "endpoint", "run", "--id", "second", "--", "sleep", "30",
+                                 until="Home subnet for this endpoint", keys=b"\r")  # take the proposal
+    assert code == 0 and "ENDPOINT_RUN:second pid=" in screen, screen
+    assert "(work, home) [work]" in screen, screen  # proposed first: the last home used here
+    local = {p["id"]: p["home"] for p in node.json("endpoint", "list")["local"]}
+    assert local == {"first": "work", "second": "work"}
+    refused = node.cli("endpoint", "run", "--id", "third", "--", "sleep", "30")  # not a terminal: the refusal
+    assert refused.returncode == 1 and refused.stderr.startswith("MULTI_SUBNET_HOME:"), refused.stderr
+    for perch in ("first", "second"):
+        node.cli("endpoint", "purge", perch, "--yes", check=True)
