@@ -52,6 +52,7 @@ MEMBER_REQUESTS: dict[str, tuple[str, ...]] = {
     "file.cancel": ("tid",),
     "file.transit": ("tid", "via", "invitation"),
     "file.punch": ("tid", "port", "udp_port", "seen"),
+    "rc.attach": ("id", "offset", "replay", "read_only", "rows", "cols", "viewer", "run"),  # a stream (rc)
 }
 JOIN_REQUESTS: dict[str, tuple[str, ...]] = {
     "log.offer": ("subnet", "entries"),
@@ -197,9 +198,10 @@ def test_the_list_names_every_request():
     for path in [*root.glob("spt/**/*.py"), *root.glob("plugins/*/spt_*/*.py")]:
         text = path.read_text()
         found |= set(re.findall(r'handlers\["([a-z._]+)"\]\s*=', text))
-        found |= set(re.findall(r'add_member_request\("([a-z._]+)"', text))
+        found |= set(re.findall(r'add_member_(?:request|stream)\("([a-z._]+)"', text))
         found |= set(re.findall(r'^\s+"([a-z]+\.[a-z_]+)": self\.[a-z_.]+,$', text, re.M)) if "join_handlers" in text else set()
     from spt.core.proto.deliver import BATCH_TYPE
+    from spt.plugins.rc.service import STREAM_TYPE
 
-    found.add(BATCH_TYPE)
+    found |= {BATCH_TYPE, STREAM_TYPE}  # registered by constant
     assert found == set(MEMBER_REQUESTS) | set(JOIN_REQUESTS)
