@@ -58,6 +58,9 @@ def show_subnet_code(name: str | None = None, *, no_qr: bool) -> None:
 def join_subnet(name: str, *, code: str | None, subnet_id: str | None, peers: Sequence[str], timeout: float) -> None:
     """Join a subnet with the code shown on a member [elevated]."""
     check_subnet_name(name)
+    if subnet_id is not None and not (0 < len(subnet_id) <= 32 and all(c in "0123456789abcdefABCDEF" for c in subnet_id)):
+        # else no subnet's id starts with it, and the search ends JOIN_NOT_FOUND
+        raise UsageError("BAD_USAGE", subnet_id, "--id is a hex prefix of the subnet id (JOIN_AMBIGUOUS lists them)")
     require_elevation()
     if code is None:
         if not is_interactive():

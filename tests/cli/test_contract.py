@@ -243,6 +243,9 @@ def test_a_bad_value_is_a_usage_error_not_an_answer(node):
         joined = node.cli(*global_options, "subnet", "join", "home", "--code", "123456", "--timeout", "-1")
         assert (joined.returncode, joined.stdout) == (2, ""), joined.stderr
         assert joined.stderr == "BAD_USAGE:-1.0 --timeout is a number of seconds\n"
+        not_hex = node.cli(*global_options, "subnet", "join", "home", "--code", "123456", "--id", "zz", "--timeout", "0.2")
+        assert (not_hex.returncode, not_hex.stdout) == (2, ""), not_hex.stderr
+        assert not_hex.stderr.startswith("BAD_USAGE:zz --id is a hex prefix"), not_hex.stderr
 
 
 def test_empty_human_lists_say_so_and_show_nodes_in_display_form(node, tmp_path):
