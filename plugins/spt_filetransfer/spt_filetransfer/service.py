@@ -46,6 +46,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, overload
 
@@ -292,6 +293,13 @@ class Outgoing:
 # --- the service -----------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Sender:
+    """What `NodeRuntime.member_subnet` reads of a connection: the peer."""
+
+    peer: NodeId
+
+
 class FileService:
     """Ops for the CLI, request handlers for members, drivers, the TCP listener, housekeeping."""
 
@@ -320,6 +328,7 @@ class FileService:
         )
         self._tasks: set[asyncio.Task[Any]] = set()
         self._persisted: dict[tuple[str, str], int] = {}
+        self._senders: dict[str, tuple[str, str]] = {}  # incoming tid -> (sender key hex, subnet named)
         self._closing = False
 
     # -- start and stop ---------------------------------------------------------------------
@@ -394,6 +403,7 @@ class FileService:
             on_complete=self._incoming_complete,
         )
         inc.load()
+        self._senders[tid] = (row["peer"], str(row["subnet"]))
         try:
             inc.finish_verified_files()
         except (SptError, OSError) as exc:  # e.g. a full disk; the next chunk retries the finish
@@ -421,6 +431,7 @@ class FileService:
             self.meters.setdefault((tid, "out"), _Meter()).sample(now, out.done)
         for tid, inc in list(self.incoming.items()):
             self.meters.setdefault((tid, "in"), _Meter()).sample(now, inc.done_bytes)
+        self._cut_removed_senders()
         if now - last_persist >= 5.0:
             last_persist = now
             # `updated` moves only with progress: it is what expiry of abandoned transfers reads
@@ -434,6 +445,16 @@ class FileService:
                     self.db.update(tid, "in", done=inc.done_bytes, state=inc.state, updated=time.time())
             self._expire_idle()
         return last_persist
+
+    def _cut_removed_senders(self) -> None:
+        """End incoming transfers whose sender no longer shares their subnet (pruned, or it left):
+        their data connection is not the member connection a prune closes, so it is cut here."""
+        own = self.rt.node_id.hex
+        for tid in list(self.incoming):
+            peer, subnet = self._senders.get(tid, (own, ""))
+            # judged as file.offer was: the subnet by the name the sender gave, its member now
+            if peer != own and not self.rt.member_subnet(_Sender(NodeId.from_hex(peer)), subnet):
+                self._finish_incoming(tid, "failed", f"the sender is no longer a member of {subnet}")
 
     def _expire_idle(self) -> None:
         cutoff = time.time() - GIVE_UP_SECONDS
@@ -1015,6 +1036,7 @@ class FileService:
         })
         inc = Incoming(self.db, tid, manifest, folder, on_complete=self._incoming_complete)
         self.incoming[tid] = inc
+        self._senders[tid] = (peer.hex, subnet or "")
         self.meters.setdefault((tid, "in"), _Meter())
         log.info("transfer accepted", extra={"tid": tid, "peer": peer.short, "perch": to, "files": len(manifest.files), "bytes": total})
         try:
@@ -1148,6 +1170,7 @@ class FileService:
 
     def _after_complete(self, tid: str) -> None:
         self.incoming.pop(tid, None)
+        self._senders.pop(tid, None)
         self.server.forget(tid)
         self._spawn(self._deliver(tid), "deliver file event")
 
@@ -1158,6 +1181,7 @@ class FileService:
             return
         self.ended[tid] = (state, reason)
         inc = self.incoming.pop(tid, None)
+        self._senders.pop(tid, None)
         try:
             if inc is not None:
                 inc.discard(state)
