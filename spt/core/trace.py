@@ -28,4 +28,5 @@ def mark(*point: object) -> None:
     """This node passes `point` now (any thread; one short append, atomic under O_APPEND). Its
     parts are joined with spaces only when tracing, so a call costs no formatting when off."""
     if _fd is not None:
-        os.write(_fd, f"{time.monotonic_ns()} {_label} {' '.join(map(str, point))}\n".encode())
+        text = " ".join(map(str, point)).replace("\n", "\\n")  # a peer's frame type is one line here
+        os.write(_fd, f"{time.monotonic_ns()} {_label} {text}\n".encode())
