@@ -29,7 +29,7 @@ import functools
 import logging
 import sqlite3
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from spt.core import trace
@@ -262,30 +262,34 @@ class Delivery:
             return msg.window != "idle" or not perch.busy
         return not perch.busy and msg.window != "active"
 
-    async def taken_within(self, perch: Perch, msg: Message, timeout: float) -> bool:
-        """True once a listener or ring acknowledged `msg` (spooled for `perch`) within `timeout`
-        seconds; False at once when none that waits would take it now.
+    async def taken_within_many(self, messages: Sequence[tuple[Perch, Message]], timeout: float) -> list[bool]:
+        """Per `(perch, message)` just spooled: True once a listener or ring acknowledged it within
+        `timeout` seconds; False at once when none that waits would take it now (no wait at all
+        when none would take any).
 
         Also True when the ack came first: a listener or ring looking at the spool for its own
         reasons may take a message the moment its commit lands, before its sender resumes."""
-        if msg.id in self._acked:
-            return True
-        if not self._expected(perch, msg):
-            return False
-        msg_id = msg.id
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._sent_waiters.setdefault(msg_id, []).append(fut)
+        taken = [msg.id in self._acked for _, msg in messages]
+        loop = asyncio.get_running_loop()
+        waiting: dict[int, asyncio.Future[None]] = {}
+        for index, (perch, msg) in enumerate(messages):
+            if not taken[index] and self._expected(perch, msg):
+                waiting[index] = fut = loop.create_future()
+                self._sent_waiters.setdefault(msg.id, []).append(fut)
+        if not waiting:
+            return taken
         try:
-            await asyncio.wait_for(fut, timeout)
-            return True
-        except TimeoutError:
-            return False
+            await asyncio.wait(waiting.values(), timeout=timeout)
         finally:
-            waiters = self._sent_waiters.get(msg_id, [])
-            if fut in waiters:
-                waiters.remove(fut)
-            if not waiters:
-                self._sent_waiters.pop(msg_id, None)
+            for index, fut in waiting.items():
+                msg_id = messages[index][1].id
+                taken[index] = fut.done() and not fut.cancelled()
+                waiters = self._sent_waiters.get(msg_id, [])
+                if fut in waiters:
+                    waiters.remove(fut)
+                if not waiters:
+                    self._sent_waiters.pop(msg_id, None)
+        return taken
 
     # -- handing over -----------------------------------------------------------------------
 

@@ -61,6 +61,7 @@ from spt.core.proto.resolve import (
 )
 from spt.core.spool import BATCH_HELD_BACK, WINDOWS, Message, OutgoingMessage, Spool, message_from_wire
 from spt.core.types import check_endpoint_id
+from spt.hooks import IncomingPayload
 
 if TYPE_CHECKING:
     from spt.core.daemon import Call, Daemon
@@ -457,46 +458,76 @@ class Endpoints:
 
     async def accept_event(self, perch: Perch, msg: Message) -> str:
         """A plugin's envelope (e.g. `type="file"`) for a local perch: spooled like a message."""
-        return await self._accept(perch, msg, perch.id)
+        return _one(await self._accept_many([(perch, msg, perch.id, None)]))
 
-    async def _accept(
-        self, perch: Perch, msg: Message, subject: str, *, claim_from: str | None = None
-    ) -> str:
-        """Spool `msg` for `perch` (stamping a ring reply when `claim_from` names a local sender
-        perch) and answer SENT when a listener or ring acknowledges it within 5 s, else QUEUED."""
+    async def _accept_many(
+        self, items: Sequence[tuple[Perch, Message, str, str | None]]
+    ) -> list[str | SptError]:
+        """Spool each `(perch, message, subject, claim_from)` in order, all in one write of the
+        group-commit writer (one fsync, one hand-over to its thread), and answer each SENT when a
+        listener or ring acknowledges it within 5 s, else QUEUED, or its refusal. `claim_from`
+        names a local sender perch whose ring the message may answer (it is then stamped)."""
         max_bytes = self.host.config.spool_max_bytes
-        held_back = BATCH_HELD_BACK.get()  # read here: the writer thread has not the task's context
+        # a batch's perches refused so far (spool.BATCH_HELD_BACK); read here, the writer thread
+        # has not the task's context. A batch of our own keeps its refusals in order by itself.
+        held_back = BATCH_HELD_BACK.get()
+        if held_back is None and len(items) > 1:
+            held_back = {}
+        claim_reply, append = self.spool.claim_reply, self.spool.append
 
-        def spool_it(incoming: Message, db: sqlite3.Connection) -> tuple[Message, str | None]:
-            # on the writer thread: only `db` and immutable values
-            held = incoming
-            if claim_from is not None:
-                reply_to = self.spool.claim_reply(claim_from, incoming.sender_node, perch.id, db)
-                if reply_to is not None:
-                    held = dataclasses.replace(incoming, reply_to=reply_to)
-            return held, self.spool.append(
-                perch.id, held, max_bytes=max_bytes, subject=subject, db=db, held_back=held_back
-            )
+        def spool_all(db: sqlite3.Connection) -> list[tuple[Message, str | None] | Exception]:
+            # on the writer thread: only `db` and immutable values; each message in its own
+            # savepoint, so one refused (SPOOL_FULL, a perch purged meanwhile) is undone alone
+            out: list[tuple[Message, str | None] | Exception] = []
+            for perch, msg, subject, claim_from in items:
+                db.execute("SAVEPOINT spool_one")
+                try:
+                    if claim_from is not None:
+                        reply_to = claim_reply(claim_from, msg.sender_node, perch.id, db)
+                        if reply_to is not None:
+                            msg = dataclasses.replace(msg, reply_to=reply_to)
+                    out.append((msg, append(perch.id, msg, max_bytes=max_bytes, subject=subject, db=db,
+                                            held_back=held_back)))
+                except Refusal as exc:
+                    db.execute("ROLLBACK TO spool_one")
+                    out.append(exc)
+                except sqlite3.IntegrityError as exc:  # the perch was purged while the message waited
+                    db.execute("ROLLBACK TO spool_one")
+                    log.debug("a message's perch was purged while it waited", extra={"error": str(exc)})
+                    out.append(Refusal("NO_PERCH", subject, "the perch was removed meanwhile"))
+                db.execute("RELEASE spool_one")
+            return out
 
         trace.mark("spooling")
-        try:
-            # committed together with the messages that arrived while the last commit ran
-            msg, earlier = await self.commits.run(functools.partial(spool_it, msg))
-            trace.mark("spooled")
-        except Refusal as exc:
-            if exc.instance_token == "SPOOL_FULL":
-                self._spool_full(perch)
-            raise
-        except sqlite3.IntegrityError as exc:  # the perch was purged while the message waited
-            raise Refusal("NO_PERCH", subject, "the perch was removed meanwhile") from exc
-        if earlier is not None:
-            return earlier
-        fresh = self.get(perch.id) or perch
-        self.delivery.poke(fresh, msg)
-        if await self.delivery.taken_within(fresh, msg, SENT_WAIT):
-            trace.mark("acknowledged")
-            return "SENT"
-        return "QUEUED"
+        # committed together with the messages that arrived while the last commit ran
+        spooled = await self.commits.run(spool_all)
+        trace.mark("spooled")
+        results: list[str | SptError] = []
+        waits: list[tuple[int, Perch, Message]] = []
+        fresh: dict[str, Perch] = {}
+        for (perch, _, _, _), outcome in zip(items, spooled, strict=True):
+            if isinstance(outcome, Exception):
+                assert isinstance(outcome, Refusal)
+                if outcome.instance_token == "SPOOL_FULL":
+                    self._spool_full(perch)
+                results.append(outcome)
+                continue
+            msg, earlier = outcome
+            if earlier is not None:
+                results.append(earlier)
+                continue
+            if perch.key not in fresh:
+                fresh[perch.key] = self.get(perch.id) or perch
+            self.delivery.poke(fresh[perch.key], msg)
+            results.append("QUEUED")
+            waits.append((len(results) - 1, fresh[perch.key], msg))
+        if waits:
+            taken = await self.delivery.taken_within_many([(p, m) for _, p, m in waits], SENT_WAIT)
+            for (index, _, _), sent in zip(waits, taken, strict=True):
+                if sent:
+                    trace.mark("acknowledged")
+                    results[index] = "SENT"
+        return results
 
     def _spool_full(self, perch: Perch) -> None:
         """§8.4: the user hears that messages for a perch are being refused (at most hourly)."""
@@ -581,8 +612,10 @@ class Endpoints:
         msg = self._message(sender_id, text, attrs, window, msg_id)
         if isinstance(target, LocalTarget):
             perch = self.require(target.perch.id, address.text)
-            return await self._accept(perch, msg, address.text, claim_from=sender_id), sender_id
-        return await self._send_remote(target, msg, address.text), sender_id
+            return _one(await self._accept_many([(perch, msg, address.text, sender_id)])), sender_id
+        trace.mark("sending remote")
+        payload, reply_to = self._remote_payload(target, msg)
+        return _one(await self._forward_all([(target, address.text, payload, reply_to)])), sender_id
 
     def _message(
         self, sender_id: str, text: str, attrs: Sequence[tuple[str, str]], window: str, msg_id: str | None
@@ -622,64 +655,106 @@ class Endpoints:
                 msg_id = _client_msg_id(item.get("id"))
                 target = resolved.get(address.text) or resolve(address, snapshot)
                 if sender_id is None:
+                    changes = self.store.db.total_changes
                     sender_id, _ = self._sender(from_id, ring=False, target=target)
-                    snapshot = self.snapshot()  # the sender's perch may be new
+                    if self.store.db.total_changes != changes:
+                        snapshot = self.snapshot()  # the sender's perch is new
                 else:
                     resolved[address.text] = target
                 composed.append((target, self._message(sender_id, text, attrs, window, msg_id), address.text))
             except SptError as exc:
                 composed.append(exc)
-        # Remote messages are queued for their nodes now, one group per node (kept together and
-        # in order on the wire); the jobs below then start in order, so every spool write is
-        # submitted in the batch's order and they share the writer's transactions.
-        forwarding: dict[int, asyncio.Future[str]] = {}
-        groups: dict[tuple[NodeId, str], list[tuple[int, Mapping[str, Any]]]] = {}
-        remote: dict[int, tuple[Mapping[str, Any], str | None]] = {}
+        # Local messages share one spool write; remote ones are queued for their nodes, one
+        # group per node (kept together and in order on the wire).
+        local: list[tuple[int, tuple[Perch, Message, str, str | None]]] = []
+        remote: list[tuple[int, tuple[RemoteTarget, str, dict[str, Any], str | None]]] = []
+        results: list[str | SptError] = []
         no_ring: set[tuple[NodeId, str]] = set()  # targets with no ring of theirs to answer
         for index, entry in enumerate(composed):
-            if isinstance(entry, tuple) and isinstance(entry[0], RemoteTarget):
-                remote_target, msg = entry[0], entry[1]
-                remote[index] = self._remote_payload(remote_target, msg, no_ring)
-                key = (remote_target.node.key, remote_target.subnet)
-                groups.setdefault(key, []).append((index, remote[index][0]))
-        for (node, _subnet), members in groups.items():
-            first = composed[members[0][0]]
-            assert isinstance(first, tuple) and isinstance(first[0], RemoteTarget)
-            if self._queue_first(node) or self.host.subnets.by_name(first[0].subnet) is None:
-                continue
-            futures = self.host.forward_messages(first[0], [payload for _, payload in members])
-            forwarding.update(zip((index for index, _ in members), futures, strict=True))
-        jobs: list[Awaitable[str]] = []
-        for index, entry in enumerate(composed):
+            results.append("QUEUED")  # each is replaced below
             if isinstance(entry, SptError):
-                jobs.append(_raise(entry))
+                results[index] = entry
                 continue
             target, msg, subject = entry
             if isinstance(target, RemoteTarget):
-                payload, reply_to = remote[index]
-                jobs.append(self._forwarded(target, subject, payload, reply_to, forwarding.get(index)))
+                payload, reply_to = self._remote_payload(target, msg, no_ring)
+                remote.append((index, (target, subject, payload, reply_to)))
                 continue
             perch = self.get(target.perch.id)
             if perch is None:
-                jobs.append(_raise(Refusal("NO_PERCH", subject, "no local perch has that id")))
+                results[index] = Refusal("NO_PERCH", subject, "no local perch has that id")
             else:
-                jobs.append(self._accept(perch, msg, subject, claim_from=sender_id))
-        outcomes = await asyncio.gather(*jobs, return_exceptions=True)
-        results: list[str | SptError] = []
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException) and not isinstance(outcome, SptError):
-                raise outcome
-            results.append(outcome)
+                local.append((index, (perch, msg, subject, sender_id)))
+        jobs: list[tuple[list[int], Awaitable[list[str | SptError]]]] = []
+        if local:
+            jobs.append(([i for i, _ in local], self._accept_many([item for _, item in local])))
+        if remote:
+            jobs.append(([i for i, _ in remote], self._forward_all([item for _, item in remote])))
+        for (indexes, _), outcomes in zip(jobs, await asyncio.gather(*(job for _, job in jobs)), strict=True):
+            for index, outcome in zip(indexes, outcomes, strict=True):
+                results[index] = outcome
         return results, sender_id or from_id or ""
 
-    async def _send_remote(self, target: RemoteTarget, msg: Message, subject: str) -> str:
-        trace.mark("sending remote")
-        payload, reply_to = self._remote_payload(target, msg)
-        forwarding = None
-        if not self._queue_first(target.node.key):
-            trace.mark("forwarding")
-            forwarding = self.host.forward_message(target, payload)
-        return await self._forwarded(target, subject, payload, reply_to, forwarding)
+    async def _forward_all(
+        self, items: Sequence[tuple[RemoteTarget, str, dict[str, Any], str | None]]
+    ) -> list[str | SptError]:
+        """Hand `(target, subject, payload, ring it answers)` to the network, per target node in
+        order as one group, and answer each: the target's token, its refusal, or QUEUED once the
+        message is held in the outgoing spool (all held ones in one write)."""
+        results: list[str | SptError | None] = [None] * len(items)
+        groups: dict[tuple[NodeId, str], list[int]] = {}
+        for index, (target, _, _, _) in enumerate(items):
+            groups.setdefault((target.node.key, target.subnet), []).append(index)
+        forwarding: dict[int, asyncio.Future[str]] = {}
+        subnets: dict[int, HeldSubnet] = {}
+        for (node, subnet), indexes in groups.items():
+            sub = self.host.subnets.by_name(subnet)
+            if sub is None:
+                for index in indexes:
+                    results[index] = Refusal("NO_SUCH_SUBNET", subnet)
+                continue
+            subnets.update((index, sub) for index in indexes)
+            if not self._queue_first(node):
+                trace.mark("forwarding")
+                futures = self.host.forward_messages(items[indexes[0]][0], [items[i][2] for i in indexes])
+                forwarding.update(zip(indexes, futures, strict=True))
+        if forwarding:
+            await asyncio.wait(forwarding.values())
+        hold: list[int] = []
+        for index, (target, subject, _, reply_to) in enumerate(items):
+            if results[index] is not None:
+                continue
+            future = forwarding.get(index)
+            exc = future.exception() if future is not None else None
+            if future is None or isinstance(exc, PeerError | TimeoutError | ConnectionError):
+                if exc is not None and target.node.key not in self._unreachable:  # one line per outage
+                    self._unreachable.add(target.node.key)
+                    log.info("target unreachable; its messages are queued",
+                             extra={"node": target.node.key.short, "reason": str(exc)})
+                hold.append(index)
+            elif exc is None:
+                self._unreachable.discard(target.node.key)
+                results[index] = future.result()
+            elif isinstance(exc, Refusal):
+                if reply_to is not None:
+                    self._write_behind(functools.partial(self.spool.mark_answered, reply_to, False))
+                # §3.7: these name the address as typed, whatever the target called its perch
+                named = exc.instance_token in ("NO_PERCH", "SPOOL_FULL")
+                results[index] = Refusal(exc.instance_token, subject, exc.message, lines=exc.lines) if named else exc
+            else:
+                raise exc
+        if hold:
+            held = [(items[i][0].node.key, subnets[i].id, items[i][2]) for i in hold]
+
+            def hold_all(db: sqlite3.Connection) -> None:
+                for node, subnet_id, payload in held:
+                    self.spool.hold_outgoing(node, subnet_id, payload, db)
+
+            await self.commits.run(hold_all)
+            self.host.outgoing_queued()  # committed now: the drain may forward it at once, not at its next tick
+            for index in hold:
+                results[index] = "QUEUED"
+        return [r if r is not None else "QUEUED" for r in results]
 
     def _remote_payload(
         self, target: RemoteTarget, msg: Message, no_ring: set[tuple[NodeId, str]] | None = None
@@ -720,52 +795,43 @@ class Endpoints:
         out a dial that cannot succeed."""
         return bool(self.spool.pending_outgoing(node, limit=1)) or node in self._offline()
 
-    async def _forwarded(
-        self, target: RemoteTarget, subject: str, payload: Mapping[str, Any], reply_to: str | None,
-        forwarding: Awaitable[str] | None,
-    ) -> str:
-        """The answer for a message handed to the network (`forwarding`, None when it must wait):
-        the target's token, its refusal, or QUEUED once the message is held in the outgoing spool."""
-        sub = self.host.subnets.by_name(target.subnet)
-        if sub is None:
-            raise Refusal("NO_SUCH_SUBNET", target.subnet)
-        if forwarding is not None:
-            try:
-                token = str(await forwarding)
-            except Refusal as exc:
-                if reply_to is not None:
-                    self._write_behind(functools.partial(self.spool.mark_answered, reply_to, False))
-                if exc.instance_token in ("NO_PERCH", "SPOOL_FULL"):
-                    # §3.7: these name the address as typed, whatever the target called its perch
-                    raise Refusal(exc.instance_token, subject, exc.message, lines=exc.lines) from exc
-                raise
-            except (PeerError, TimeoutError, ConnectionError) as exc:
-                if target.node.key not in self._unreachable:  # one line per outage, not per message
-                    self._unreachable.add(target.node.key)
-                    log.info("target unreachable; its messages are queued",
-                             extra={"node": target.node.key.short, "reason": str(exc)})
-            else:
-                self._unreachable.discard(target.node.key)
-                return token
-        await self.commits.run(functools.partial(self.spool.hold_outgoing, target.node.key, sub.id, payload))
-        self.host.outgoing_queued()  # committed now: the drain may forward it at once, not at its next tick
-        return "QUEUED"
-
     async def deliver_incoming(
         self, payload: Mapping[str, Any], *, subnet: str, sender_node: NodeId, from_form: str
     ) -> str:
-        """A message a member forwarded through `subnet` (§4.2 step 3): "SENT" or "QUEUED".
+        """One message a member forwarded through `subnet` (§4.2 step 3): "SENT" or "QUEUED";
+        `deliver_incoming_many` for one."""
+        incoming = IncomingPayload("send", sender_node, subnet, str(payload.get("to", "")), from_form, payload)
+        return _one(await self.deliver_incoming_many([incoming]))
 
-        Raises Refusal NO_PERCH when no perch has the id or it is hidden in `subnet`, and
-        RemoteProtocolError for a malformed payload. `from_form` is the `from` attribute as
-        this node renders it (`shortest_from_form`).
-        """
-        msg = message_from_wire(payload, sender_node=sender_node, from_form=from_form)
-        to = str(payload["to"])
-        perch = self.get(to)
-        if perch is None or not any(s.canonical == subnet.lower() for s in self.visible_in(perch)):
-            raise Refusal("NO_PERCH", to)
-        return await self._accept(perch, msg, to)
+    async def deliver_incoming_many(self, incomings: Sequence[IncomingPayload]) -> list[str | SptError]:
+        """Messages a member forwarded (§4.2 step 3), in order: per message "SENT", "QUEUED" or
+        its refusal: NO_PERCH when no perch has the id or it is hidden in the subnet it came
+        through, RemoteProtocolError when malformed. Spooled together in one write."""
+        results: list[str | SptError] = []
+        items: list[tuple[Perch, Message, str, str | None]] = []
+        indexes: list[int] = []
+        visible: dict[tuple[str, str], bool] = {}  # (perch, subnet): a batch's messages share both
+        for incoming in incomings:
+            results.append("QUEUED")  # replaced below
+            try:
+                payload = incoming.value
+                msg = message_from_wire(payload, sender_node=incoming.sender, from_form=incoming.sender_form)
+                to = str(payload["to"])
+                perch = self.get(to)
+                if perch is not None and (perch.key, incoming.subnet) not in visible:
+                    subnet = incoming.subnet.lower()
+                    visible[(perch.key, incoming.subnet)] = any(s.canonical == subnet for s in self.visible_in(perch))
+                if perch is None or not visible[(perch.key, incoming.subnet)]:
+                    raise Refusal("NO_PERCH", to)
+            except SptError as exc:
+                results[-1] = exc
+                continue
+            items.append((perch, msg, to, None))
+            indexes.append(len(results) - 1)
+        if items:
+            for index, outcome in zip(indexes, await self._accept_many(items), strict=True):
+                results[index] = outcome
+        return results
 
     # -- listening (spt ready): the rest is in spt.core.delivery --------------------------
 
@@ -884,9 +950,12 @@ def _client_msg_id(value: Any) -> str | None:
 
 
 
-async def _raise(exc: SptError) -> str:
-    """A message of a batch refused before it went anywhere, as a job of the batch."""
-    raise exc
+def _one(outcomes: Sequence[str | SptError]) -> str:
+    """The token of a batch of one, or its refusal raised."""
+    (outcome,) = outcomes
+    if isinstance(outcome, SptError):
+        raise outcome
+    return outcome
 
 
 def _bool_arg(args: Mapping[str, Any], name: str) -> bool:

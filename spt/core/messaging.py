@@ -35,6 +35,7 @@ from spt.core.identity import NodeId, sha256
 from spt.core.members import body_map, remote_refusal
 from spt.core.net.connections import Connection, RequestError, error_body
 from spt.core.net.transport import ALPN_MEMBER
+from spt.core.payloads import FINAL_REFUSALS, HELD_BACK
 from spt.core.proto import deliver as batch_wire
 from spt.core.proto.canonical import canonical_bytes
 from spt.core.proto.frames import Frame
@@ -51,7 +52,7 @@ from spt.core.proto.registry import (
     sign_tombstone,
 )
 from spt.core.proto.resolve import RemoteTarget, Row, shortest_from_form
-from spt.core.spool import BATCH_HELD_BACK, OutgoingMessage
+from spt.core.spool import OutgoingMessage
 from spt.core.subnets import HeldSubnet
 from spt.hooks import IncomingPayload
 
@@ -69,13 +70,14 @@ DRAIN_BATCHES: Final = 100
 IDLE_RECHECK: Final = 5.0  # seconds before a node with no path or a detached subnet is looked at again
 ADVERTISED_META: Final = "registry_advertised"  # meta key: the rows this node last signed, by subnet
 TOMBSTONES_KEPT: Final = 30 * 24 * 3600.0  # a deleted perch is tombstoned again after restarts this long
-FINAL_REFUSALS: Final = ("NO_PERCH", "UNKNOWN_PAYLOAD_TYPE")  # the target will never take it
 BACKOFF_MAX: Final = 600.0
 FORWARDED_COMMIT: Final = 64  # forwarded messages removed from the outgoing spool per transaction
 MAX_RECORDS: Final = 4096  # records one registry message carries at most
 IN_FLIGHT: Final = 2  # deliver requests in flight per node; messages arriving meanwhile go together next
 SLOT_HOLD: Final = 0.05  # seconds: a request slower than this (a listener's SENT wait) frees its slot
 MEMBERSHIP_ERRORS: Final = ("NOT_A_MEMBER", "NOT_HERE")  # a path or standing problem: the message waits
+# how a node without a request's handler answers it (older nodes: "unknown-type", Members._on_stream)
+UNKNOWN_REQUEST: Final = ("unknown-type", "UNKNOWN_TYPE")
 
 
 @dataclasses.dataclass
@@ -118,7 +120,7 @@ class Messaging:
         handlers["msg.deliver"] = self._handle_deliver
         handlers[batch_wire.BATCH_TYPE] = self._handle_deliver_batch
         self._outboxes: dict[tuple[NodeId, bytes], _Outbox] = {}
-        self._single_only: set[NodeId] = set()  # nodes that answered UNKNOWN_TYPE to a batch
+        self._single_only: set[NodeId] = set()  # nodes that answered a batch as an unknown request
         handlers["endpoint.request"] = self._handle_endpoint_request
         handlers["registry.push"] = self._handle_registry_push
         handlers["registry.sync"] = self._handle_registry_sync
@@ -223,7 +225,7 @@ class Messaging:
                         timeout=FORWARD_TIMEOUT,
                     )
                 except RequestError as exc:
-                    if exc.code != "UNKNOWN_TYPE":
+                    if exc.code not in UNKNOWN_REQUEST:
                         raise
                     self._single_only.add(node)  # an older node: one request per message
                 else:
@@ -232,15 +234,24 @@ class Messaging:
                         value if kind == "token" else _refusal(RequestError(node.short, value, message), payload)
                         for (kind, value, message), payload in zip(results, payloads, strict=True)
                     ]
+        # One request per message, in order; a failure of the path fails the rest with it. Once
+        # a message for a perch is refused retryably (SPOOL_FULL), its later ones are not sent
+        # but refused alike, as a batch's receiver would: they must stay behind it (§4.2 step 7).
         outcomes: list[str | Exception] = []
-        for payload in payloads:  # in order; a failure of the path fails the rest with it
+        held_back: dict[str, str] = {}
+        for payload in payloads:
+            to = str(payload.get("to", "")).lower()
             try:
+                if to in held_back:
+                    raise RequestError(node.short, held_back[to], HELD_BACK)
                 outcomes.append(await self._deliver_one(node, sub, payload))
             except Refusal as exc:
                 outcomes.append(exc)
             except RequestError as exc:
                 if exc.code in MEMBERSHIP_ERRORS:
                     raise
+                if exc.code not in FINAL_REFUSALS:
+                    held_back.setdefault(to, exc.code)
                 outcomes.append(_refusal(exc, payload))
         return outcomes
 
@@ -258,72 +269,46 @@ class Messaging:
     async def _handle_deliver(self, conn: Connection, frame: Frame) -> tuple[str, Any]:
         body = body_map(frame.body)
         sub = self.members.require_member(conn, body.get("subnet"))
-        payload = body_map(body.get("payload"))
-        from_form = shortest_from_form(str(payload.get("from", "")), conn.peer, self.endpoints.snapshot(), via_subnet=sub.name)
-        token = await self._deliver_here(conn, sub, payload, from_form)
-        return "msg.result", {"token": token}
+        (outcome,) = await self._deliver_here(conn, sub, [body_map(body.get("payload"))])
+        if isinstance(outcome, Exception):
+            raise outcome
+        return "msg.result", {"token": outcome}
 
     async def _handle_deliver_batch(self, conn: Connection, frame: Frame) -> tuple[str, Any]:
         """Several messages from one member: spooled together (one group commit), answered per
         message once each is durable or refused; a malformed or oversize batch is refused whole."""
         body = body_map(frame.body)
         sub = self.members.require_member(conn, body.get("subnet"))
-        payloads = batch_wire.decode_batch(body)
-        snapshot = self.endpoints.snapshot()
-        forms: dict[str, str] = {}  # a batch's messages mostly share their sender
-        for payload in payloads:
-            sender = str(payload.get("from", ""))
-            if sender not in forms:
-                forms[sender] = shortest_from_form(sender, conn.peer, snapshot, via_subnet=sub.name)
-        # tasks start in order, and each queues its spool write before its first wait: the
-        # writes keep the batch's order and go into one transaction. Once a message for a perch
-        # is refused retryably, the batch's later ones for it are refused too (held_back, which
-        # the writes check in order): spooling them would put them ahead of it (§4.2 step 7).
-        held_back: dict[str, str] = {}
-        context = BATCH_HELD_BACK.set(held_back)  # the tasks below copy this context
-        try:
-            outcomes = await asyncio.gather(
-                *(self._deliver_in_batch(conn, sub, p, forms[str(p.get("from", ""))], held_back) for p in payloads),
-                return_exceptions=True,
-            )
-        finally:
-            BATCH_HELD_BACK.reset(context)
         results: list[dict[str, Any]] = []
-        for outcome in outcomes:
+        for outcome in await self._deliver_here(conn, sub, batch_wire.decode_batch(body)):
             if isinstance(outcome, SptError):
                 results.append({"error": error_body(outcome.instance_token, outcome.message or outcome.subject)})
-            elif isinstance(outcome, BaseException):
+            elif isinstance(outcome, Exception):
                 log.error("a batched message failed", exc_info=outcome)
                 results.append({"error": error_body("INTERNAL", "the node failed while handling this message")})
             else:
                 results.append({"token": outcome})
         return batch_wire.RESULTS_TYPE, {"results": results}
 
-    async def _deliver_in_batch(
-        self, conn: Connection, sub: HeldSubnet, payload: Mapping[str, Any], from_form: str, held_back: dict[str, str]
-    ) -> str:
-        """One message of a batch: refused as an earlier one for its perch was (a refusal before
-        the spool, e.g. a policy hook's, is raised before the next task starts; the spool's own
-        refusal is recorded by its write, on the writer thread)."""
-        to = str(payload.get("to", ""))
-        token = held_back.get(to.lower())
-        if token is not None:
-            raise Refusal(token, to, "an earlier message of the same batch for this perch was refused; this one stays behind it")
-        try:
-            return await self._deliver_here(conn, sub, payload, from_form)
-        except Refusal as exc:
-            if exc.instance_token not in FINAL_REFUSALS:
-                held_back.setdefault(to.lower(), exc.instance_token)
-            raise
-
-    async def _deliver_here(self, conn: Connection, sub: HeldSubnet, payload: Mapping[str, Any], from_form: str) -> str:
-        # Messages are the `send` and `ring` payload types: their plugins handle them (a node
-        # that lacks one refuses it by name), after the payload policy hook.
-        attrs = payload.get("attrs") or []
-        kind = "ring" if ["ring", "1"] in [list(a) for a in attrs if isinstance(a, list | tuple)] else "send"
-        incoming = IncomingPayload(kind, conn.peer, sub.name, str(payload.get("to", "")), from_form, payload)
-        reply = await self.daemon.payloads.handle(incoming)
-        return str(reply.get("token"))
+    async def _deliver_here(
+        self, conn: Connection, sub: HeldSubnet, payloads: Sequence[Mapping[str, Any]]
+    ) -> list[str | Exception]:
+        """Messages from a member, in order: per message its token or its refusal. Messages are
+        the `send` and `ring` payload types: their plugins handle them (a node that lacks one
+        refuses it by name), after the payload policy hook (`Payloads.handle_many`, which also
+        keeps a perch's later messages behind one it refused)."""
+        snapshot = self.endpoints.snapshot()
+        forms: dict[str, str] = {}  # a batch's messages mostly share their sender
+        incomings: list[IncomingPayload] = []
+        for payload in payloads:
+            sender = str(payload.get("from", ""))
+            if sender not in forms:
+                forms[sender] = shortest_from_form(sender, conn.peer, snapshot, via_subnet=sub.name)
+            attrs = payload.get("attrs") or []
+            kind = "ring" if ["ring", "1"] in [list(a) for a in attrs if isinstance(a, list | tuple)] else "send"
+            incomings.append(IncomingPayload(kind, conn.peer, sub.name, str(payload.get("to", "")), forms[sender], payload))
+        replies = await self.daemon.payloads.handle_many(incomings)
+        return [r if isinstance(r, Exception) else str(r.get("token")) for r in replies]
 
     async def _drain_loop(self) -> None:
         """Forward the outgoing spool when paths exist (§4.2 step 4); bounded batches, backoff."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 from spt.core.errors import Refusal, RemoteProtocolError, SptError
@@ -20,6 +20,7 @@ from spt.core.members import remote_refusal
 from spt.core.net.connections import Connection, RequestError
 from spt.core.proto.frames import Frame
 from spt.core.proto.resolve import LocalTarget, shortest_from_form
+from spt.core.spool import BATCH_HELD_BACK
 from spt.hooks import IncomingPayload, PayloadType
 
 if TYPE_CHECKING:
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 
 PAYLOAD_TIMEOUT: Final = 10.0
 MESSAGE_TYPES: Final = ("send", "ring")
+FINAL_REFUSALS: Final = ("NO_PERCH", "UNKNOWN_PAYLOAD_TYPE")  # the target will never take it
+HELD_BACK: Final = "an earlier message of the same batch for this perch was refused; this one stays behind it"
 
 
 class Payloads:
@@ -57,11 +60,80 @@ class Payloads:
 
     async def handle(self, incoming: IncomingPayload) -> Mapping[str, Any]:
         """Policy hook, then the type's handler, for a payload addressed to a local perch."""
+        return await self._accepted(incoming).handle(self.runtime, incoming)
+
+    def _accepted(self, incoming: IncomingPayload) -> type[PayloadType]:
+        """The payload's type, once the policy hook let it in (else Refusal PAYLOAD_REFUSED)."""
         payload_type = self._registered(incoming.type_name)
         answers = self.daemon.plugins.pm.hook.spt_accept_payload(payload=incoming)
         if any(answer is False for answer in answers):
             raise Refusal("PAYLOAD_REFUSED", incoming.type_name, "a plugin on the receiving node refused it")
-        return await payload_type.handle(self.runtime, incoming)
+        return payload_type
+
+    async def handle_many(self, incomings: Sequence[IncomingPayload]) -> list[Mapping[str, Any] | Exception]:
+        """Payloads that arrived together (`msg.deliver_batch`), in order: per payload its reply
+        or its refusal. Each run of one type goes to that type's `handle_batch`, one run after
+        another (a later run never overtakes an earlier one); the policy hook is asked per payload.
+
+        Once a payload for a perch is refused with a retryable token (SPOOL_FULL, a policy
+        hook's refusal: anything but FINAL_REFUSALS), the later ones for that perch are refused
+        with the same token and not handled: handled, they would reach the perch ahead of it,
+        which comes later by the sender's retry (§4.2 step 7). Spool writes record their own
+        refusals in `spool.BATCH_HELD_BACK`, set here for the handlers (and their tasks)."""
+        results: list[Mapping[str, Any] | Exception] = []
+        held_back: dict[str, str] = {}
+        context = BATCH_HELD_BACK.set(held_back)
+        try:
+            run: list[IncomingPayload] = []
+            for incoming in incomings:
+                if run and incoming.type_name != run[0].type_name:
+                    results += await self._handle_run(run, held_back)
+                    run = []
+                run.append(incoming)
+            if run:
+                results += await self._handle_run(run, held_back)
+        finally:
+            BATCH_HELD_BACK.reset(context)
+        return results
+
+    async def _handle_run(
+        self, run: Sequence[IncomingPayload], held_back: dict[str, str]
+    ) -> list[Mapping[str, Any] | Exception]:
+        """Payloads of one type, in order (`handle_many`)."""
+        outcomes: dict[int, Mapping[str, Any] | Exception] = {}
+        accepted: list[int] = []
+        payload_type: type[PayloadType] | None = None
+        for index, incoming in enumerate(run):
+            token = held_back.get(incoming.perch.lower())
+            try:
+                if token is not None:
+                    raise Refusal(token, incoming.perch, HELD_BACK)
+                payload_type = self._accepted(incoming)
+            except Refusal as exc:
+                outcomes[index] = self._failure(exc, incoming, held_back)
+            else:
+                accepted.append(index)
+        if payload_type is not None:
+            batch = [run[i] for i in accepted]
+            try:
+                replies = list(await payload_type.handle_batch(self.runtime, batch))
+                if len(replies) != len(batch):
+                    raise RuntimeError(f"{payload_type.name}.handle_batch gave {len(replies)} replies to {len(batch)}")
+            except Exception as exc:
+                replies = [exc] * len(batch)
+            for index, incoming, reply in zip(accepted, batch, replies, strict=True):
+                outcomes[index] = self._failure(reply, incoming, held_back) if isinstance(reply, Exception) else reply
+        return [outcomes[i] for i in range(len(run))]
+
+    def _failure(self, exc: Exception, incoming: IncomingPayload, held_back: dict[str, str]) -> Exception:
+        """What a payload's failure answers (a plugin's own failure as PAYLOAD_FAILED), noting a
+        retryable refusal in `held_back`."""
+        if isinstance(exc, Refusal) and exc.instance_token not in FINAL_REFUSALS:
+            held_back.setdefault(incoming.perch.lower(), exc.instance_token)
+        if isinstance(exc, SptError):
+            return exc
+        log.error("payload handler failed", extra={"type": incoming.type_name}, exc_info=exc)
+        return Refusal("PAYLOAD_FAILED", incoming.type_name, f"the receiving plugin failed: {type(exc).__name__}")
 
     async def _op_send(self, call: Call) -> Any:
         """Send a plugin payload: `{"type", "address", "value", "from"}`; answers the reply mapping."""

@@ -115,6 +115,9 @@ class Runtime:
             payload.value, subnet=payload.subnet, sender_node=payload.sender, from_form=payload.sender_form
         )
 
+    async def deliver_messages(self, payloads: Sequence[IncomingPayload]) -> list[str | Exception]:
+        return list(await self._daemon.endpoints.deliver_incoming_many(payloads))
+
     def spawn(self, coro: Coroutine[Any, Any, Any], what: str) -> None:
         self._daemon.members.spawn(coro, what)
 

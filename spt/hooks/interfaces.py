@@ -10,6 +10,7 @@ first, ties by name), as STYLE.md §3 says.
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -52,6 +53,12 @@ class PayloadContext(Protocol):
         its perch; "SENT" or "QUEUED". Raises Refusal NO_PERCH, RemoteProtocolError if malformed."""
         ...
 
+    async def deliver_messages(self, payloads: Sequence[IncomingPayload]) -> list[str | Exception]:
+        """`deliver_message` for several message payloads at once, in order, made durable together
+        (one write, one fsync): per payload its token or the exception `deliver_message` would
+        raise. Once one for a perch is refused SPOOL_FULL, the later ones for it are refused too."""
+        ...
+
 
 class PayloadType(ABC):
     """A kind of payload that travels between nodes (send, ring, notify, file, third parties).
@@ -80,6 +87,21 @@ class PayloadType(ABC):
     @abstractmethod
     async def handle(cls, ctx: PayloadContext, payload: IncomingPayload) -> Mapping[str, Any]:
         """Act on a received payload; the returned mapping is the reply sent to the sender."""
+
+    @classmethod
+    async def handle_batch(
+        cls, ctx: PayloadContext, payloads: Sequence[IncomingPayload]
+    ) -> Sequence[Mapping[str, Any] | Exception]:
+        """Act on several payloads of this type that arrived together (`msg.deliver_batch`), in
+        order: per payload its reply, or the exception `handle` would raise. Override it when a
+        batch is cheaper handled whole (messages: one spool write for all). The default runs
+        `handle` for each, started in order and concurrently."""
+        replies: list[Mapping[str, Any] | Exception] = []
+        for outcome in await asyncio.gather(*(cls.handle(ctx, p) for p in payloads), return_exceptions=True):
+            if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
+                raise outcome  # cancelled: the node is stopping
+            replies.append(outcome)
+        return replies
 
 
 # --- discovery -----------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 from spt.hooks import IncomingPayload, PayloadContext, PayloadType, Registry, hookimpl
@@ -21,6 +21,13 @@ class Ring(PayloadType):
     @classmethod
     async def handle(cls, ctx: PayloadContext, payload: IncomingPayload) -> Mapping[str, Any]:
         return {"token": await ctx.deliver_message(payload)}
+
+    @classmethod
+    async def handle_batch(
+        cls, ctx: PayloadContext, payloads: Sequence[IncomingPayload]
+    ) -> Sequence[Mapping[str, Any] | Exception]:
+        # one spool write for the whole batch
+        return [t if isinstance(t, Exception) else {"token": t} for t in await ctx.deliver_messages(payloads)]
 
 
 @hookimpl

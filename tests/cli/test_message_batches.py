@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 
 import pytest
 
@@ -14,7 +15,7 @@ from spt.core.errors import SptError
 from spt.core.identity import NodeId, NodeKey
 from spt.core.net.transport import AllowKeys, RequestError, Transport
 from spt.core.proto.deliver import BATCH_TYPE, MAX_BATCH
-from spt.testing.nodes import DEFAULT_CONFIG
+from spt.testing.nodes import DEFAULT_CONFIG, installed_plugin
 from spt.testing.traffic import Listener, check_stream, drain, listed
 from spt.testing.wait import wait_for
 
@@ -171,3 +172,92 @@ def test_a_message_refused_spool_full_keeps_the_later_ones_of_its_batch_behind_i
     assert [b[0] for b in got] == ["a", "b", "c"]  # c never overtook b
     assert got == bodies
     assert [r.body for r in drain(beta, "other", timeout=0.3)] == ["o"]
+
+
+def test_a_node_without_the_batch_request_gets_one_request_per_message_in_order_and_spool_full_holds_the_rest(spt_nodes):
+    """beta runs as a node older than `msg.deliver_batch` (`spt.testing.older`): it answers the
+    batch as an unknown request. alpha falls back to one `msg.deliver` per message: a batch sent
+    live lands once, in order. Then a drained backlog whose second message for the sink is refused
+    SPOOL_FULL while the third would fit: the third is not sent ahead of it, and the sink gets all
+    three in order once it is read (on the old code the batch never went: the answer's code was
+    not recognised, so every message stayed queued; and the third overtook the second)."""
+    config = DEFAULT_CONFIG + "\n[timing]\npresence_interval = 1.0\n\n[spool]\nmax_bytes = 1000\n"
+    alpha, beta = spt_nodes.subnet(["alpha", "beta"], config=config)
+    beta.stop()
+    beta.daemon_argv = [sys.executable, "-m", "spt.testing.older", "daemon", "run"]
+    beta.start()
+    for perch in ("sink", "other"):
+        beta.cli("ready", perch, "--once", "--timeout", "0.1", check=True)
+        wait_for(lambda perch=perch: listed(alpha, perch), 15, f"{perch}'s row on alpha")
+    live = [{"address": "other@beta", "body": f"v{i}", "id": os.urandom(16).hex()} for i in range(6)]
+    result = alpha.ipc("msg.send_many", {"from": "alice", "messages": live})
+    assert _tokens(result) == ["QUEUED"] * 6  # durable on beta: nothing in alpha's outgoing spool
+    assert not any(c["name"] == "outgoing-spool" for c in alpha.ipc("doctor")["checks"])
+    assert [r.body for r in drain(beta, "other", timeout=0.3)] == [m["body"] for m in live]
+
+    beta.stop()
+    bodies = ["a" * 600, "b" * 600, "c" * 10]  # the sink takes 1000 bytes: a, then b would not fit
+    messages = [{"address": "sink@beta", "body": b, "id": os.urandom(16).hex()} for b in bodies]
+    messages.append({"address": "other@beta", "body": "o", "id": os.urandom(16).hex()})
+    assert _tokens(alpha.ipc("msg.send_many", {"from": "alice", "messages": messages})) == ["QUEUED"] * 4
+    beta.start()
+    wait_for(lambda: any(r.body == "o" for r in drain(beta, "other", timeout=0.3)), 30, "the drain to reach beta")
+    got: list[str] = []
+
+    def read_sink() -> bool:
+        got.extend(r.body for r in drain(beta, "sink", timeout=0.3))
+        return len(got) >= 3
+
+    wait_for(read_sink, 60, "the sink to get all three messages", every=0.2)
+    assert [b[0] for b in got] == ["a", "b", "c"]  # c never overtook b
+    assert got == bodies
+
+
+THIRD_PARTY_SEND = '''\
+"""A third party's `send` payload type with only the per-message `handle` (no `handle_batch`);
+it notes each message it handles."""
+import os
+
+from spt.hooks import PayloadType, hookimpl
+from spt.plugins.send import Send
+
+
+class PlainSend(PayloadType):
+    name = "send"
+    decode = Send.decode
+
+    @classmethod
+    async def handle(cls, ctx, payload):
+        with open(os.path.join(os.environ["SPT_HOME"], "handled.log"), "a") as log:
+            log.write(payload.value["id"] + "\\n")
+        return {"token": await ctx.deliver_message(payload)}
+
+
+@hookimpl
+def spt_register_payload_types(registry):
+    registry.add(PlainSend)
+'''
+
+
+def test_a_payload_type_without_the_batch_hook_handles_each_message_of_a_batch_once_in_order(spt_nodes, tmp_path):
+    """beta's `send` payload type is a third party's that has only `handle` (the built-in one is
+    disabled): a batch from alpha reaches it as one `msg.deliver_batch`, which calls `handle` once
+    per message (the default `handle_batch`); each message lands once, in order, and the same
+    batch sent again (same ids) is answered alike and spools nothing twice."""
+    site = installed_plugin(tmp_path / "site", "plainsend", {"plugin.py": THIRD_PARTY_SEND})
+    alpha, beta = spt_nodes.subnet(["alpha", "beta"])
+    beta.stop()
+    with open(beta.home / "config.toml", "a") as config:
+        config.write('\n[plugins]\ndisabled = ["send"]\n')
+    beta.env["PYTHONPATH"] = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH")) if p)
+    beta.start()
+    beta.cli("ready", "sink", "--once", "--timeout", "0.1", check=True)
+    wait_for(lambda: listed(alpha, "sink"), 15, "sink's row on alpha")
+    messages = [{"address": "sink@beta", "body": f"t{i}", "id": os.urandom(16).hex()} for i in range(12)]
+    for _ in range(2):
+        result = alpha.ipc("msg.send_many", {"from": "alice", "messages": messages})
+        assert _tokens(result) == ["QUEUED"] * 12
+    assert not any(c["name"] == "outgoing-spool" for c in alpha.ipc("doctor")["checks"])
+    handled = (beta.home / "handled.log").read_text().split()
+    assert handled == [m["id"] for m in messages] * 2  # each copy reached the plugin's handle
+    assert [r.body for r in drain(beta, "sink", timeout=0.3)] == [m["body"] for m in messages]

@@ -14,7 +14,7 @@ sender's retry, in order.
 
 Bounded: at most MAX_BATCH messages and MAX_BATCH_BYTES of bodies per request; a batch over
 either, or malformed, is refused whole (nothing of it is spooled). A node that does not know the
-type answers UNKNOWN_TYPE and the sender falls back to one `msg.deliver` per message.
+type answers it as unknown (`unknown-type`) and the sender falls back to one `msg.deliver` per message.
 """
 
 from __future__ import annotations
