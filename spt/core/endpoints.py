@@ -463,8 +463,8 @@ class Endpoints:
     async def _accept_many(
         self, items: Sequence[tuple[Perch, Message, str, str | None]]
     ) -> list[str | SptError]:
-        """Spool each `(perch, message, subject, claim_from)` in order, all in one write of the
-        group-commit writer (one fsync, one hand-over to its thread), and answer each SENT when a
+        """Spool each `(perch, message, subject, claim_from)` in order, all in one transaction of
+        the group-commit writer (one fsync, one hand-over to its thread), and answer each SENT when a
         listener or ring acknowledges it within 5 s, else QUEUED, or its refusal. `claim_from`
         names a local sender perch whose ring the message may answer (it is then stamped)."""
         max_bytes = self.host.config.spool_max_bytes
@@ -475,39 +475,29 @@ class Endpoints:
             held_back = {}
         claim_reply, append = self.spool.claim_reply, self.spool.append
 
-        def spool_all(db: sqlite3.Connection) -> list[tuple[Message, str | None] | Exception]:
-            # on the writer thread: only `db` and immutable values; each message in its own
-            # savepoint, so one refused (SPOOL_FULL, a perch purged meanwhile) is undone alone
-            out: list[tuple[Message, str | None] | Exception] = []
-            for perch, msg, subject, claim_from in items:
-                db.execute("SAVEPOINT spool_one")
-                try:
-                    if claim_from is not None:
-                        reply_to = claim_reply(claim_from, msg.sender_node, perch.id, db)
-                        if reply_to is not None:
-                            msg = dataclasses.replace(msg, reply_to=reply_to)
-                    out.append((msg, append(perch.id, msg, max_bytes=max_bytes, subject=subject, db=db,
-                                            held_back=held_back)))
-                except Refusal as exc:
-                    db.execute("ROLLBACK TO spool_one")
-                    out.append(exc)
-                except sqlite3.IntegrityError as exc:  # the perch was purged while the message waited
-                    db.execute("ROLLBACK TO spool_one")
-                    log.debug("a message's perch was purged while it waited", extra={"error": str(exc)})
-                    out.append(Refusal("NO_PERCH", subject, "the perch was removed meanwhile"))
-                db.execute("RELEASE spool_one")
-            return out
+        def spool_one(
+            perch: Perch, msg: Message, subject: str, claim_from: str | None, db: sqlite3.Connection
+        ) -> tuple[Message, str | None]:
+            # on the writer thread: only `db` and immutable values
+            if claim_from is not None:
+                reply_to = claim_reply(claim_from, msg.sender_node, perch.id, db)
+                if reply_to is not None:
+                    msg = dataclasses.replace(msg, reply_to=reply_to)
+            return msg, append(perch.id, msg, max_bytes=max_bytes, subject=subject, db=db, held_back=held_back)
 
         trace.mark("spooling")
         # committed together with the messages that arrived while the last commit ran
-        spooled = await self.commits.run(spool_all)
+        spooled = await self.commits.run_each([functools.partial(spool_one, *item) for item in items])
         trace.mark("spooled")
         results: list[str | SptError] = []
         waits: list[tuple[int, Perch, Message]] = []
         fresh: dict[str, Perch] = {}
-        for (perch, _, _, _), outcome in zip(items, spooled, strict=True):
+        for (perch, _, subject, _), outcome in zip(items, spooled, strict=True):
+            if isinstance(outcome, sqlite3.IntegrityError):  # the perch was purged while the message waited
+                outcome = Refusal("NO_PERCH", subject, "the perch was removed meanwhile")
             if isinstance(outcome, Exception):
-                assert isinstance(outcome, Refusal)
+                if not isinstance(outcome, Refusal):
+                    raise outcome
                 if outcome.instance_token == "SPOOL_FULL":
                     self._spool_full(perch)
                 results.append(outcome)

@@ -15,7 +15,7 @@ import concurrent.futures
 import contextlib
 import os
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -361,6 +361,13 @@ class GroupCommit:
         """Run `write` in the writer's next transaction; its result once that transaction committed."""
         return await self.submit(write)
 
+    async def run_each(self, writes: Sequence[Callable[[sqlite3.Connection], T]]) -> list[T | Exception]:
+        """`run` for several writes at once (a batch of messages): each in its own savepoint,
+        in order, all in one transaction; per write its result or its exception, once committed.
+        One future for all of them, and no savepoint around theirs: nested in another one, each
+        write's pages went to a sub-journal that outgrew memory into a temporary file."""
+        return await self.submit(_Each(writes))
+
     def submit(self, write: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
         """`run` for a caller that does not wait: `write` is queued now, behind every write
         submitted before it (so a later write sees its effect), and the future completes once
@@ -411,6 +418,9 @@ class GroupCommit:
         db.execute("BEGIN IMMEDIATE")
         try:
             for write in writes:
+                if isinstance(write, _Each):  # its writes have savepoints of their own
+                    outcomes.append((True, write(db)))
+                    continue
                 db.execute("SAVEPOINT group_write")
                 try:
                     outcomes.append((True, write(db)))
@@ -436,3 +446,27 @@ class GroupCommit:
         self._queue.clear()
         await asyncio.get_running_loop().run_in_executor(self._thread, self._db.close)
         self._thread.shutdown(wait=False)
+
+
+class _Each:
+    """Writes queued as one (`GroupCommit.run_each`), each run in its own savepoint."""
+
+    __slots__ = ("writes",)
+
+    def __init__(self, writes: Sequence[Callable[[sqlite3.Connection], Any]]) -> None:
+        self.writes = writes
+
+    def __call__(self, db: sqlite3.Connection) -> list[Any]:
+        return [_in_savepoint(db, w) for w in self.writes]
+
+
+def _in_savepoint(db: sqlite3.Connection, write: Callable[[sqlite3.Connection], Any]) -> Any:
+    """`write(db)` in a savepoint of its own: its result, or its exception (the write undone)."""
+    db.execute("SAVEPOINT group_write")
+    try:
+        return write(db)
+    except Exception as exc:
+        db.execute("ROLLBACK TO group_write")
+        return exc
+    finally:
+        db.execute("RELEASE group_write")

@@ -236,3 +236,31 @@ def test_a_batch_whose_commit_fails_fails_every_caller_and_the_writer_goes_on(sp
     assert all(isinstance(x, sqlite3.IntegrityError) for x in first), first
     assert second is None
     assert [e.message.id for e in spool.entries("bob")] == [later.id]  # m was never committed
+
+
+def test_a_batch_of_writes_commits_together_and_a_refused_one_is_undone_alone(spool):
+    """`GroupCommit.run_each`: the writes of a batch share one transaction, each in its own
+    savepoint; one refused (SPOOL_FULL) is undone alone, and every other is durable once the
+    batch is answered."""
+    import asyncio
+    import sqlite3
+
+    writer = spool.store.group_commit()
+    sent = [msg("m" * 80) for _ in range(3)] + [msg("n" * 10)]  # the 3rd does not fit in 200 bytes
+
+    async def main():
+        outcomes = await writer.run_each(
+            [lambda db, m=m: spool.append("bob", m, max_bytes=200, subject="bob", db=db) for m in sent])
+        await writer.close()
+        return outcomes
+
+    outcomes = asyncio.run(main())
+    assert outcomes[:2] == [None, None] and outcomes[3] is None
+    assert isinstance(outcomes[2], Refusal) and outcomes[2].instance_token == "SPOOL_FULL"
+    assert writer.commits == 1
+    fresh = sqlite3.connect(spool.store.path)
+    try:
+        held = [r[0] for r in fresh.execute("SELECT msg_id FROM spool ORDER BY seq")]
+    finally:
+        fresh.close()
+    assert held == [sent[0].id, sent[1].id, sent[3].id]
