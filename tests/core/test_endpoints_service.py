@@ -5,6 +5,7 @@ These pin the contract the network half builds on: `forward_message`, the outgoi
 """
 
 import asyncio
+import dataclasses
 import sqlite3
 
 import pytest
@@ -481,3 +482,20 @@ async def test_the_next_message_is_found_behind_more_in_flight_ones_than_one_rea
     assert eps.delivery._next(eps.get("bob"), drain=True).message.body == f"m{2 * NEXT_BATCH + 1}"
     eps.delivery._in_flight.update(e.seq for e in held)
     assert eps.delivery._next(eps.get("bob"), drain=True) is None
+
+
+async def test_a_local_batch_keeps_a_perchs_later_messages_behind_one_refused_spool_full(daemon):
+    """`send_many` to local perches: bob has room for the first message but not the second, and
+    the third would fit; it is refused with the second (spooled, it would overtake it on the
+    caller's retry), while a message for another perch of the batch lands."""
+    daemon.config = dataclasses.replace(daemon.config, spool_max_bytes=1000)
+    eps = daemon.endpoints
+    for perch in ("bob", "carol"):
+        eps._create(perch, daemon.home, "active")
+    bodies = ["a" * 600, "b" * 600, "c" * 10]
+    results, _ = await eps.send_many(
+        [{"address": "bob", "body": b} for b in bodies] + [{"address": "carol", "body": "o"}], from_id="me")
+    tokens = [r if isinstance(r, str) else r.instance_token for r in results]
+    assert tokens == ["QUEUED", "SPOOL_FULL", "SPOOL_FULL", "QUEUED"]
+    assert [e.message.body for e in eps.spool.entries("bob")] == [bodies[0]]
+    assert [e.message.body for e in eps.spool.entries("carol")] == ["o"]
