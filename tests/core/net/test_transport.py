@@ -19,6 +19,7 @@ from spt.core.net.transport import (
     ALPN_JOIN,
     ALPN_MEMBER,
     JOIN_EXPORTER_LABEL,
+    SUPERSEDED,
     AllowKeys,
     ConnectionClosedError,
     HandshakeRefusedError,
@@ -178,14 +179,15 @@ async def test_a_dial_to_an_old_address_takes_the_peers_dial_at_once_not_at_its_
     old = await make()  # a UDP port where b is not: nothing answers there as b
     old_addr = old.sockname
     await old.close()
-    async with asyncio.timeout(8):
-        dialling = asyncio.ensure_future(a.connect(b.node_id, [old_addr], timeout=5.0))
-        await asyncio.sleep(0.2)
-        started = time.monotonic()
+    dialling = asyncio.ensure_future(a.connect(b.node_id, [old_addr], timeout=30.0))
+    async with asyncio.timeout(10):
+        while not (attempts := [c for d in a._dials.values() for c in d.attempts]):  # a's Initial is out
+            await asyncio.sleep(0.01)
         from_b = await b.connect(a.node_id, [a.sockname])
+        # a took b's dial as it was established (before b's connect returned), not when its own
+        # attempt timed out: no bound on the time taken, which a loaded machine stretches
+        assert [c.close_reason for c in attempts] == [SUPERSEDED]
         from_a = await dialling
-        waited = time.monotonic() - started
-    assert waited < 1.0, f"a's dial waited {waited:.2f} s for its dead address"
     assert from_a.dialer == b.node_id and from_b.dialer == b.node_id
     assert a.connections() == [from_a] and b.connections() == [from_b]
     assert (await from_a.request("x", 1)).body == 1
