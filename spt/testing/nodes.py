@@ -9,13 +9,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -273,6 +274,27 @@ class LabNodes:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def relay_server(home: Path, *, tcp: bool = False) -> Iterator[str]:
+    """`spt relay serve` (the relay plugin's) on a free loopback port, with a TCP listener on
+    another when `tcp`, its state in `home`: its URL while the block runs, then stopped."""
+    listen = ["--listen", "127.0.0.1:0", *(["--tcp-listen", "127.0.0.1:0"] if tcp else [])]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "spt", "relay", "serve", *listen, "--key-file", str(home / "relay.key")],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True,
+        env={"SPT_HOME": str(home), "PATH": ""},
+    )
+    try:
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], 15)
+        line = proc.stdout.readline().strip() if ready else ""
+        assert line.startswith("RELAY_LISTENING:spt-relay://127.0.0.1:"), line
+        yield line.split(":", 1)[1]
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
 def fresh_code(member: Node, name: str, *, margin: float = 3.0) -> str:
     """The current join code from `member`, waiting for the next 30-second step when fewer than
     `margin` seconds are left, so that a join typed right after is not caught by the change."""
@@ -353,6 +375,23 @@ async def dial_as_member(key: NodeKey | Node, target: Node) -> str:
     finally:
         await transport.close()
 
+
+async def request_as_member(attacker: Node, target: Node, type_name: str, body: Any) -> Any:
+    """One request to `target` on the member ALPN with `attacker`'s key, from a throwaway socket:
+    the reply body (a refusal raises RequestError)."""
+    from spt.core.identity import NodeId
+    from spt.core.net.transport import AllowKeys, Transport
+    from spt.core.store import load_or_create_key
+
+    key, _ = load_or_create_key(attacker.home / "node.key")
+    host, port = target.address.rsplit(":", 1)
+    transport = Transport(key, host="127.0.0.1", port=0, accept=AllowKeys())
+    await transport.start()
+    try:
+        conn = await transport.connect(NodeId.from_hex(target.key), [(host, int(port))], timeout=5)
+        return (await conn.request(type_name, body, timeout=10)).body
+    finally:
+        await transport.close()
 
 
 def stored_log(node: Node) -> MembershipLog:

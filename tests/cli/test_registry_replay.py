@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from spt.testing.nodes import DEFAULT_CONFIG, fresh_code
+from spt.testing.nodes import DEFAULT_CONFIG, fresh_code, request_as_member
 from spt.testing.traffic import listed
 
 pytestmark = [pytest.mark.slow, pytest.mark.root]  # subnet create/join are elevated
@@ -36,23 +36,6 @@ def config_on_own_port():
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     return CONFIG.replace("port = 0", f"port = {port}")
-
-
-async def as_member(attacker, target, type_name, body):
-    """One registry request to `target` as `attacker` (its key, a fresh socket): the reply body."""
-    from spt.core.identity import NodeId
-    from spt.core.net.transport import ALPN_MEMBER, AllowKeys, Transport
-    from spt.core.store import load_or_create_key
-
-    key, _ = load_or_create_key(attacker.home / "node.key")
-    host, port = target.address.rsplit(":", 1)
-    transport = Transport(key, host="127.0.0.1", port=0, accept=AllowKeys())
-    await transport.start()
-    try:
-        conn = await transport.connect(NodeId.from_hex(target.key), [(host, int(port))], alpn=ALPN_MEMBER, timeout=5)
-        return (await conn.request(type_name, body, timeout=10)).body
-    finally:
-        await transport.close()
 
 
 def age_deletions(node, seconds):
@@ -92,7 +75,7 @@ def test_a_member_cannot_revive_a_deleted_row_by_replaying_its_signature(spt_nod
     mallory.stop()
 
     # mallory records olive's signed row and presence while the perch is listed
-    held = asyncio.run(as_member(mallory, olive, "registry.sync", {"subnet": subnet_hex, "digest": {}}))["records"]
+    held = asyncio.run(request_as_member(mallory, olive, "registry.sync", {"subnet": subnet_hex, "digest": {}}))["records"]
     replay = [r for r in held if r["node"] == olive.key and (r["kind"] == "presence" or r["id"] == "doomed")]
     assert {r["kind"] for r in replay} == {"row", "presence"} and not any(r.get("deleted") for r in replay), replay
 
@@ -107,7 +90,7 @@ def test_a_member_cannot_revive_a_deleted_row_by_replaying_its_signature(spt_nod
     olive.stop()
     beta.stop()
     beta.start()
-    answer = asyncio.run(as_member(mallory, beta, "registry.push", {"subnet": subnet_hex, "records": replay}))
+    answer = asyncio.run(request_as_member(mallory, beta, "registry.push", {"subnet": subnet_hex, "records": replay}))
     assert answer == {}, answer  # taken without complaint: a replay is indistinguishable from a late forward
     never_listed(beta, "doomed")
 
@@ -117,7 +100,7 @@ def test_a_member_cannot_revive_a_deleted_row_by_replaying_its_signature(spt_nod
     olive.cli("ready", "fresh", "--once", "--timeout", "0.1", check=True)
     beta.wait_listed("fresh")  # her later rows still propagate
     for target in (beta, olive):
-        answer = asyncio.run(as_member(mallory, target, "registry.push", {"subnet": subnet_hex, "records": replay}))
+        answer = asyncio.run(request_as_member(mallory, target, "registry.push", {"subnet": subnet_hex, "records": replay}))
         assert answer == {}, answer
     never_listed(beta, "doomed")
     assert listed(olive, "doomed") == []

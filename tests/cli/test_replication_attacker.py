@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from spt.testing.nodes import fresh_code
+from spt.testing.nodes import fresh_code, request_as_member
 
 pytestmark = pytest.mark.slow
 
@@ -30,24 +30,12 @@ def held(node, kind):
 
 async def push_as(attacker, target, subnet_hex, records):
     """Push `records` to `target` as `attacker` (its key, a fresh socket); the reply or the error."""
-    from spt.core.identity import NodeId
     from spt.core.net.connections import RequestError
-    from spt.core.net.transport import ALPN_MEMBER, AllowKeys, Transport
-    from spt.core.store import load_or_create_key
 
-    key, _ = load_or_create_key(attacker.home / "node.key")
-    host, port = target.address.rsplit(":", 1)
-    transport = Transport(key, host="127.0.0.1", port=0, accept=AllowKeys())
-    await transport.start()
     try:
-        conn = await transport.connect(NodeId.from_hex(target.key), [(host, int(port))], alpn=ALPN_MEMBER, timeout=5)
-        try:
-            reply = await conn.request("rep.push", {"subnet": subnet_hex, "records": [r.to_dict() for r in records]})
-        except RequestError as exc:
-            return f"error: {exc.code} {exc}"
-        return reply.body
-    finally:
-        await transport.close()
+        return await request_as_member(attacker, target, "rep.push", {"subnet": subnet_hex, "records": [r.to_dict() for r in records]})
+    except RequestError as exc:
+        return f"error: {exc.code} {exc}"
 
 
 def signed(key, kind, part, data, *, author_hex=None):

@@ -28,10 +28,7 @@ import importlib.util
 import json
 import os
 import re
-import select
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -40,7 +37,7 @@ import pytest
 from spt.core.identity import NodeId, NodeKey
 from spt.core.net.transport import ALPN_JOIN, ALPN_RELAY, AllowKeys, RequestError, Transport
 from spt.core.proto.deliver import BATCH_TYPE
-from spt.testing.nodes import DEFAULT_CONFIG, dial_as_member
+from spt.testing.nodes import DEFAULT_CONFIG, dial_as_member, relay_server
 from spt.testing.traffic import drain
 from spt.testing.wait import wait_for
 
@@ -56,20 +53,8 @@ def tcp_relay(tmp_path):
     if not RELAY:
         yield None
         return
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "spt", "relay", "serve", "--listen", "127.0.0.1:0", "--tcp-listen", "127.0.0.1:0",
-         "--key-file", str(tmp_path / "relay.key")],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True,
-        env={"SPT_HOME": str(tmp_path), "PATH": ""},
-    )
-    try:
-        ready, _, _ = select.select([proc.stdout], [], [], 15)
-        line = proc.stdout.readline().strip() if ready else ""
-        assert line.startswith("RELAY_LISTENING:"), line
-        yield line.split(":", 1)[1]
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    with relay_server(tmp_path, tcp=True) as url:
+        yield url
 
 
 def connections_to(port: int) -> int:

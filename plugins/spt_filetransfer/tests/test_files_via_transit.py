@@ -9,34 +9,19 @@ plugins/spt_relay_fallback/tests/test_tcp_listener.py (its view of the transit, 
 from __future__ import annotations
 
 import json
-import select
-import subprocess
-import sys
 
 import pytest
 from ft_helpers import CONFIG, PERCH, file_hash, inbox, listed, one, random_file, wait_for
 
-from spt.testing.nodes import fresh_code
+from spt.testing.nodes import fresh_code, relay_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.relay]
 
 
 @pytest.fixture
 def tcp_relay_url(tmp_path):
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "spt", "relay", "serve", "--listen", "127.0.0.1:0", "--tcp-listen", "127.0.0.1:0",
-         "--key-file", str(tmp_path / "relay.key")],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True,
-        env={"SPT_HOME": str(tmp_path), "PATH": ""},
-    )
-    try:
-        ready, _, _ = select.select([proc.stdout], [], [], 15)
-        line = proc.stdout.readline().strip() if ready else ""
-        assert line.startswith("RELAY_LISTENING:"), line
-        yield line.split(":", 1)[1]
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    with relay_server(tmp_path, tcp=True) as url:
+        yield url
 
 
 def test_a_file_crosses_the_relay_transit_and_arrives_verified(spt_nodes, tcp_relay_url, tmp_path):
