@@ -16,12 +16,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
-    from spt.core.identity import NodeKey
+    from spt.core.identity import NodeId, NodeKey
+    from spt.core.net.transport import Transport
     from spt.core.proto.membership import MembershipLog
     from spt.testing.netns import Lab
 
@@ -352,46 +353,50 @@ class NodeFactory:
         shutil.rmtree(self._root, ignore_errors=True)
 
 
+@contextlib.asynccontextmanager
+async def _throwaway_transport(key: NodeKey | Node) -> AsyncIterator[Transport]:
+    """A transport with `key` (a node's: its key file) on a fresh loopback socket, closed after."""
+    from spt.core.net.transport import AllowKeys, Transport
+    from spt.core.store import load_or_create_key
+
+    if isinstance(key, Node):
+        key, _ = load_or_create_key(key.home / "node.key")
+    transport = Transport(key, host="127.0.0.1", port=0, accept=AllowKeys())
+    await transport.start()
+    try:
+        yield transport
+    finally:
+        await transport.close()
+
+
+def _target(node: Node) -> tuple[NodeId, list[tuple[str, int]]]:
+    from spt.core.identity import NodeId
+
+    host, port = node.address.rsplit(":", 1)
+    return NodeId.from_hex(node.key), [(host, int(port))]
+
+
 async def dial_as_member(key: NodeKey | Node, target: Node) -> str:
     """Dial `target` on the member ALPN with `key` (a node's: its key file) from a throwaway
     socket: the refusal `target` gave, or "accepted: <why it closed>" if it let the key in."""
     import asyncio
 
-    from spt.core.identity import NodeId
-    from spt.core.net.transport import AllowKeys, HandshakeRefusedError, Transport
-    from spt.core.store import load_or_create_key
+    from spt.core.net.transport import HandshakeRefusedError
 
-    if isinstance(key, Node):
-        key, _ = load_or_create_key(key.home / "node.key")
-    host, port = target.address.rsplit(":", 1)
-    transport = Transport(key, host="127.0.0.1", port=0, accept=AllowKeys())
-    await transport.start()
-    try:
-        conn = await transport.connect(NodeId.from_hex(target.key), [(host, int(port))], timeout=5)
-    except HandshakeRefusedError as exc:
-        return str(exc)
-    else:
+    async with _throwaway_transport(key) as transport:
+        try:
+            conn = await transport.connect(*_target(target), timeout=5)
+        except HandshakeRefusedError as exc:
+            return str(exc)
         return "accepted: " + await asyncio.wait_for(conn.wait_closed(), 5)
-    finally:
-        await transport.close()
 
 
 async def request_as_member(attacker: Node, target: Node, type_name: str, body: Any) -> Any:
     """One request to `target` on the member ALPN with `attacker`'s key, from a throwaway socket:
     the reply body (a refusal raises RequestError)."""
-    from spt.core.identity import NodeId
-    from spt.core.net.transport import AllowKeys, Transport
-    from spt.core.store import load_or_create_key
-
-    key, _ = load_or_create_key(attacker.home / "node.key")
-    host, port = target.address.rsplit(":", 1)
-    transport = Transport(key, host="127.0.0.1", port=0, accept=AllowKeys())
-    await transport.start()
-    try:
-        conn = await transport.connect(NodeId.from_hex(target.key), [(host, int(port))], timeout=5)
+    async with _throwaway_transport(attacker) as transport:
+        conn = await transport.connect(*_target(target), timeout=5)
         return (await conn.request(type_name, body, timeout=10)).body
-    finally:
-        await transport.close()
 
 
 def stored_log(node: Node) -> MembershipLog:

@@ -59,6 +59,17 @@ async def tickets(a, b, server):
     return answer.body
 
 
+async def a_transit_is_matched(nodes, server) -> None:
+    """Two new nodes ask for a transit and both dial it: matched (else dial_transit raises)."""
+    body = await tickets(await nodes(), await nodes(), server)
+    socks = await asyncio.gather(*(
+        asyncio.to_thread(dial_transit, "127.0.0.1", server.tcp_port, server.key.node_id, t, 10)
+        for t in (body["ticket"], body["peer_ticket"])
+    ))
+    for sock in socks:
+        sock.close()
+
+
 async def test_a_transit_carries_sealed_frames_and_the_relay_sees_no_plaintext(nodes, tcp_relay):
     server, seen = tcp_relay
     a, b = await nodes(), await nodes()
@@ -183,14 +194,7 @@ async def test_garbage_hellos_are_refused_and_the_listener_keeps_serving(nodes, 
         allowed = (b"", b"\x01", b"\x00") if kind == 0x20 else (b"", b"\x01")
         assert await asyncio.to_thread(poke, data) in allowed
     assert seen == [] and server.tcp.stats["transits"] == 0
-    a, b = await nodes(), await nodes()
-    body = await tickets(a, b, server)
-    socks = await asyncio.gather(*(
-        asyncio.to_thread(dial_transit, "127.0.0.1", server.tcp_port, server.key.node_id, t, 10)
-        for t in (body["ticket"], body["peer_ticket"])
-    ))
-    for sock in socks:
-        sock.close()
+    await a_transit_is_matched(nodes, server)  # the listener still serves nodes
 
 
 async def test_a_udp_frames_tunnel_that_registers_nobody_is_closed(tcp_relay, monkeypatch):
@@ -261,14 +265,7 @@ async def test_a_stranger_cannot_hold_connections_without_limit(nodes, tcp_relay
                 return False
 
         held = sum(await asyncio.gather(*(still_open(r) for r, _ in opened)))
-        a, b = await nodes(), await nodes()
-        body = await tickets(a, b, server)
-        socks = await asyncio.gather(*(
-            asyncio.to_thread(dial_transit, "127.0.0.1", server.tcp_port, server.key.node_id, t, 10)
-            for t in (body["ticket"], body["peer_ticket"])
-        ))
-        for sock in socks:
-            sock.close()
+        await a_transit_is_matched(nodes, server)  # from another address meanwhile
     finally:
         for _, writer in opened:
             writer.close()
