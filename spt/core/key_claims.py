@@ -366,7 +366,7 @@ class KeyClaims:
         from spt.core.members import body_map
 
         me = self.host.key
-        entry = propose_rekey(me, parents=sub.log.valid_heads(), old=old, new=new, hlc=self.subnets.stamp())
+        entry = propose_rekey(me, parents=sub.log.essential_parents(me.node_id, old), old=old, new=new, hlc=self.subnets.stamp())
         addrs = self.links.addresses_of(new)
         if not addrs:
             raise Refusal("TRUST_FAILED", new.short, "no known address for the claiming node")

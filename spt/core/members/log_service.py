@@ -281,7 +281,9 @@ class LogService:
         me = self.host.key
         if target.key == me.node_id:
             raise Refusal("CANNOT_PRUNE_SELF", target.display, "use spt subnet leave on this node")
-        prune = make_prune(me, parents=sub.log.valid_heads(), target=target.key, hlc=self.host.subnets.stamp())
+        prune = make_prune(
+            me, parents=sub.log.essential_parents(me.node_id, target.key), target=target.key, hlc=self.host.subnets.stamp()
+        )
         # Tell the pruned node first, while its connection is still open, so it learns why it is
         # refused from now on; merging locally closes that connection.
         await self.push_one(target.key, "log.push", {"subnet": sub.id.hex(), "entries": [prune.to_dict()]})
@@ -289,7 +291,7 @@ class LogService:
         seed = new_seed(os.urandom(SEED_BYTES))
         epoch = sub.state().epoch + 1
         rotate = make_seed_rotate(
-            me, parents=sub.log.valid_heads(), epoch=epoch,
+            me, parents=sub.log.essential_parents(me.node_id), epoch=epoch,
             commitment=seed_commitment(sub.state().create_nonce, epoch, seed), hlc=self.host.subnets.stamp(),
         )
         self.merge(sub, [rotate])
@@ -302,7 +304,8 @@ class LogService:
                 conn.close("pruned")
 
     async def leave(self, sub: HeldSubnet) -> None:
-        entry = make_leave(self.host.key, parents=sub.log.valid_heads(), hlc=self.host.subnets.stamp())
+        me = self.host.key
+        entry = make_leave(me, parents=sub.log.essential_parents(me.node_id, me.node_id), hlc=self.host.subnets.stamp())
         sub.log.merge([entry])
         with self.host.store.transaction():
             self.host.subnets.save_entries(sub, [entry])

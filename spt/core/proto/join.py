@@ -1159,6 +1159,10 @@ class ResponderSession:
         # a member whose own budget is spent would sign a join the log drops: another member admits
         if ctx.log.spent(self._key.node_id)[0] >= MAX_ENTRIES_PER_AUTHOR:
             return None
+        # a log holding a removal without the ancestry it had no room for: the joiner's log
+        # could not place it (a full log answers `full` below)
+        if not ctx.log.is_whole() and not ctx.log.join_problem():
+            return None
         return ctx
 
     def _refuse(self, name: str, hello: Message) -> Output[ResponderEvent]:

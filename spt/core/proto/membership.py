@@ -17,7 +17,10 @@ Arrival and validity (the full rule and what it trades: docs/design/membership-v
   stored entry is charged to one member; the last quarter of the log is kept for removals), and
   it is valid once stored; otherwise it is dropped: never stored, relayed or built on (a
   member's entry built on it, however far above, brings it in, without effect, on that member's
-  budget). New local entries take `valid_heads()` as parents.
+  budget). New local entries take `valid_heads()` as parents; prunes, leaves, rekeys and
+  rotations take `essential_parents()`, which also names the entries they rest on, so that a
+  replica with no room for the rest of their ancestry stores them without it (its parents not
+  stored here are left out of the DAG here) and they still take effect there.
 - Validity. An entry is valid when its author is a member in the state its own valid ancestors
   give and its type's rule holds there, and it is an ancestor of every valid removal (prune,
   leave, rekey-from) of its author, unless it descends from a re-admission that saw the removal.
@@ -689,6 +692,12 @@ class MembershipLog:
             return f"the subnet has {self.max_members} members"
         return ""
 
+    def is_whole(self) -> bool:
+        """Whether every stored entry's parents are stored here: a log that holds a removal
+        without the ancestry it had no room for cannot be handed to a joiner (its fresh log,
+        with room for that ancestry, would wait for it), so another member admits."""
+        return not self._structure().partial
+
     def vouched(self, member: NodeId) -> int:
         """Stored entries of other keys that `member`'s entries brought in (not capped per member)."""
         return self._spent[(member, _VOUCHED)]
@@ -777,6 +786,7 @@ class MembershipLog:
         # honest entry on top of many dropped ones (a member's wide fan of entries past its
         # budget, arriving together) still brings them in, here as on a replica that stored them
         dropped_now: dict[bytes, Entry] = {}
+        no_room: set[bytes] = set()  # members' entries whose dropped chain does not fit this log
 
         def drop(h: bytes, entry: Entry, why: str) -> None:
             self._quarantine_entry(h, entry)
@@ -899,6 +909,7 @@ class MembershipLog:
             # author's account what does not fit it here; refusing them would drop an honest
             # member's entries built on them here for ever, and split the replicas.
             if len(self._present) + len(chain) > self.ordinary_cap:
+                no_room.add(entry.hash)
                 return
             admitted = ever_admitted()
             own = 0
@@ -928,37 +939,73 @@ class MembershipLog:
             if not absent:
                 heap.append((entry.hlc, h))
         heapq.heapify(heap)
+
+        def stands_alone(entry: Entry) -> bool:
+            """Whether `entry` is stored without its parents that are not stored here: an
+            essential entry by a member whose absent ancestry this log has no room for (its
+            ordinary part is full, or the dropped chain under it does not fit), so that an honest
+            removal is taken here however a hostile member filled this replica. (A restart:
+            every entry left waiting was stored so.)"""
+            if _stored:
+                return True
+            return (
+                entry.type in ESSENTIAL_TYPES
+                and entry.author in members
+                and (len(self._present) >= self.ordinary_cap or entry.hash in no_room)
+                and any(p in self._present or p in todo for p in entry.parents)
+            )
+
+        def builds_on_dropped(h: bytes) -> bool:
+            return h in todo and all(p in self._present or p in self._quarantine or p in dropped_now for p in todo[h].parents)
+
+        # each round takes entries out of `todo` or ends the loop
         while True:
-            while heap:
-                _, h = heapq.heappop(heap)
-                if h not in todo:  # endorsed meanwhile
+            while True:
+                while heap:
+                    _, h = heapq.heappop(heap)
+                    if h not in todo:  # endorsed meanwhile
+                        continue
+                    entry = todo.pop(h)
+                    why = "" if _stored and entry.type != CREATE else self._arrival_problem(entry, members)
+                    if why:
+                        drop(h, entry, why)
+                    else:
+                        install(h, entry, entry.author)
+                # a member's entry that builds on entries dropped here brings them in (no effect),
+                # however deep the chain and whichever of its entries arrive only now
+                for h, entry in list(todo.items()):
+                    if h in todo and entry.author in members:
+                        endorse(entry)
+                if not heap:
+                    break
+            # entries that build only on dropped entries are dropped too, each as its last parent is
+            # (a worklist: passes over the batch until none dropped cost chain x batch on a chain
+            # sent top first), unless they stand alone
+            stuck = [h for h in todo if builds_on_dropped(h) and not stands_alone(todo[h])]
+            while stuck:
+                h = stuck.pop()
+                if not builds_on_dropped(h) or stands_alone(todo[h]):
                     continue
-                entry = todo.pop(h)
-                why = "" if _stored and entry.type != CREATE else self._arrival_problem(entry, members)
+                drop(h, todo.pop(h), "it builds on an entry dropped here")
+                stuck.extend(child for child in waiting.get(h, ()) if builds_on_dropped(child))
+            # Essential entries that stand alone meet the arrival check, parents first; their
+            # parents not stored here are left out of the DAG here, as if they had fewer. One
+            # stored parent at least (an honest one names the entries its validity rests on,
+            # `essential_parents`): nothing else may order before the create entry.
+            before = len(todo)
+            alone = {h: e for h, e in todo.items() if stands_alone(e)}
+            for h in _Structure.of(alone).order:
+                entry = todo[h]
+                if not any(p in self._present for p in entry.parents):
+                    continue
+                del todo[h]
+                why = "" if _stored else self._arrival_problem(entry, members)
                 if why:
                     drop(h, entry, why)
                 else:
                     install(h, entry, entry.author)
-            # a member's entry that builds on entries dropped here brings them in (no effect),
-            # however deep the chain and whichever of its entries arrive only now
-            for h, entry in list(todo.items()):
-                if h in todo and entry.author in members:
-                    endorse(entry)
-            if not heap:
+            if len(todo) == before:
                 break
-        # entries that build only on dropped entries are dropped too, each as its last parent is
-        # (a worklist: passes over the batch until none dropped cost chain x batch on a chain
-        # sent top first)
-        def builds_on_dropped(h: bytes) -> bool:
-            return h in todo and all(p in self._present or p in self._quarantine or p in dropped_now for p in todo[h].parents)
-
-        stuck = [h for h in todo if builds_on_dropped(h)]
-        while stuck:
-            h = stuck.pop()
-            if not builds_on_dropped(h):
-                continue
-            drop(h, todo.pop(h), "it builds on an entry dropped here")
-            stuck.extend(child for child in waiting.get(h, ()) if builds_on_dropped(child))
         for h, entry in todo.items():
             if len(self._pending) >= self._max_pending:
                 dropped.append((h, f"over {self._max_pending} entries wait for parents"))
@@ -1089,6 +1136,63 @@ class MembershipLog:
         heads = [i for i in range(len(struct.order)) if valid[i] and i not in named]
         return tuple(sorted(struct.order[i] for i in heads[-MAX_PARENTS:]))
 
+    def essential_parents(self, author: NodeId, removed: NodeId | None = None) -> tuple[bytes, ...]:
+        """The parents of a new prune, leave, rekey or rotation by `author` (removing the key
+        `removed`: the one pruned or rekeyed, or the author for a leave): `valid_heads()` plus
+        the valid entries it rests on, so that a replica that had no room for the rest of its
+        ancestry stores it with these and still gives it the same effect
+        (docs/design/membership-validity.md, "An honest removal is taken everywhere"):
+
+        1. the admissions that make `author` and `removed` members, and the rotation of the
+           current epoch (its validity);
+        2. every valid entry `removed` signed other than labels, oldest first (a removal voids
+           the removed key's entries it did not see: these keep their effect everywhere);
+        3. the latest valid entries that are not labels and that no such entry descends from.
+
+        At most MAX_PARENTS hashes, in that order of priority, then the valid heads.
+        """
+        struct = self._structure()
+        valid = self._validity()
+        wanted = {k for k in (author, removed) if k is not None}
+        admissions: dict[NodeId, list[int]] = {}
+        removals: dict[NodeId, list[int]] = {}
+        rotation: tuple[int, int] | None = None
+        by_removed: list[int] = []
+        skeleton: list[int] = []
+        for i, h in enumerate(struct.order):
+            if not valid[i]:
+                continue
+            entry = self._present[h]
+            if (admits := _admits(entry)) in wanted and admits is not None:
+                admissions.setdefault(admits, []).append(i)
+            gone = entry.key("old") if entry.type == REKEY else entry.key() if entry.type in (PRUNE, LEAVE) else None
+            if gone in wanted and gone is not None:
+                removals.setdefault(gone, []).append(i)
+            if entry.type == SEED_ROTATE and (rotation is None or entry.epoch() >= rotation[0]):
+                rotation = (entry.epoch(), i)
+            if entry.type != LABEL:
+                skeleton.append(i)
+                if entry.author == removed:
+                    by_removed.append(i)
+        first: list[int] = []
+        for key, adms in admissions.items():
+            # the admission that saw every removal of the key (sticky membership), else the last
+            current = [a for a in adms if all((struct.anc[a] >> r) & 1 for r in removals.get(key, ()))]
+            first.append((current or adms)[-1])
+        if rotation is not None:
+            first.append(rotation[1])
+        below = 0  # the skeleton's entries that another one descends from
+        for i in skeleton:
+            below |= struct.anc[i]
+        tops = [i for i in reversed(skeleton) if not (below >> i) & 1]
+        chosen: list[bytes] = []
+        for i in [*first, *by_removed, *tops]:
+            if struct.order[i] not in chosen and len(chosen) < MAX_PARENTS:
+                chosen.append(struct.order[i])
+        room = MAX_PARENTS - len(chosen)
+        heads = [h for h in self.valid_heads() if h not in chosen]
+        return tuple(sorted(chosen + (heads[-room:] if room else [])))
+
     def ancestry(self, entry_hash: bytes) -> list[Entry]:
         """An entry and all its ancestors, parents first: what `log.offer` carries."""
         struct = self._structure()
@@ -1167,14 +1271,20 @@ class _Structure:
     index: dict[bytes, int]
     parents: list[list[int]]
     anc: list[int]
+    partial: bool  # an entry names a parent not stored here
 
     @classmethod
     def of(cls, present: Mapping[bytes, Entry]) -> _Structure:
+        # a parent not stored here is left out: only an essential entry stored without the
+        # ancestry this log has no room for names one (see MembershipLog.merge)
         children: dict[bytes, list[bytes]] = {}
         indegree: dict[bytes, int] = {}
+        partial = False
         for h, e in present.items():
-            indegree[h] = len(e.parents)
-            for p in e.parents:
+            stored = [p for p in e.parents if p in present]
+            indegree[h] = len(stored)
+            partial |= len(stored) < len(e.parents)
+            for p in stored:
                 children.setdefault(p, []).append(h)
         heap = [(present[h].hlc, h) for h, d in indegree.items() if d == 0]
         heapq.heapify(heap)
@@ -1187,14 +1297,14 @@ class _Structure:
                 if indegree[c] == 0:
                     heapq.heappush(heap, (present[c].hlc, c))
         index = {h: i for i, h in enumerate(order)}
-        parents = [[index[p] for p in present[h].parents] for h in order]
+        parents = [[index[p] for p in present[h].parents if p in index] for h in order]
         anc: list[int] = []
         for ps in parents:
             mask = 0
             for j in ps:
                 mask |= anc[j] | (1 << j)
             anc.append(mask)
-        return cls(order, index, parents, anc)
+        return cls(order, index, parents, anc, partial)
 
 
 _MAX_ROUNDS: Final = 8

@@ -38,6 +38,7 @@ from spt.core.proto.membership import (
     MembershipLog,
     countersign_join,
     make_create,
+    make_label,
     make_prune,
     propose_join,
 )
@@ -437,6 +438,20 @@ def test_a_member_whose_budget_is_spent_leaves_the_join_to_another(subnet, monke
     assert subnet.log.spent(subnet.creator.node_id)[0] == 2
     monkeypatch.setattr(join_module, "MAX_ENTRIES_PER_AUTHOR", 2)
     _, joiner, responder = sessions(subnet)
+    only(pump(joiner, responder).joiner_events, NotHere)
+
+
+def test_a_member_whose_log_holds_an_entry_without_its_ancestry_leaves_the_join_to_another(subnet):
+    """A log that stored a removal without the ancestry it had no room for (while its ordinary
+    part is not full) would hand the joiner a log that does not reach back to its create entry,
+    and the ceremony would end without the joiner's join: the member answers not-here."""
+    other = subnet.other
+    hidden = make_label(other, parents=subnet.log.valid_heads(), label="hidden", hlc=Hlc(other.node_id).now(10**6))
+    on_top = make_label(other, parents=[hidden.hash, *subnet.log.valid_heads()], label="top", hlc=Hlc(other.node_id).now(10**6 + 5))
+    log = MembershipLog.from_entries(subnet.id, [*subnet.log.entries(), on_top], stored=True)
+    assert on_top.hash in log and not log.is_whole()
+    partial = Subnet(subnet.creator, subnet.other, log, subnet.contacts)
+    _, joiner, responder = sessions(partial)
     only(pump(joiner, responder).joiner_events, NotHere)
 
 

@@ -852,3 +852,67 @@ def test_a_restart_keeps_what_the_live_merges_stored_at_the_reserve(nodes):
     assert rotation.hash in again and again.state().epoch == 1
     assert set(again.ordered_hashes()) == set(log.ordered_hashes())
     assert again.state() == log.state()
+
+
+@pytest.mark.parametrize("delivery", ["pushed", "synced"])
+def test_an_honest_prune_on_a_branch_another_replica_has_no_room_for_is_taken_there(nodes, delivery):
+    """A small log (160 entries: 120 ordinary, a reserve of 40). mallory admitted carol and a
+    sybil and pruned eve; then mallory and its sybil fill the ordinary part of replica A with one
+    branch (labels, and a join of a second sybil) and that of replica B with another, so neither
+    has room for the other's. bob prunes mallory and its first sybil on A, each with its rotation,
+    and the entries reach B: pushed alone, as `spt subnet prune` sends them, or with everything A
+    stores, as a sync does. B took nothing: the prune needed A's branch, which does not fit B's
+    ordinary part, so mallory and the sybil stayed members on B and the epoch stayed old there.
+    Now B stores them with the entries they rest on (`essential_parents`), and mallory's earlier
+    entries keep their effect there (carol stays, eve stays pruned)."""
+    a, b, c, m, e = (nodes[n] for n in ("alice", "bob", "carol", "dave", "eve"))
+    first = create(a)
+    log = MembershipLog(subnet_id_of(first), max_entries=160)
+    log.add(first)
+    for n in (b, m, e):
+        assert log.add(join(a, n, log.valid_heads()))
+    sybil, second = Node("sybil"), Node("second")
+    assert log.add(join(m, c, log.valid_heads())) and log.add(join(m, sybil, log.valid_heads()))
+    assert log.add(make_prune(m.key, parents=log.essential_parents(m.id, e.id), target=e.id, hlc=m.hlc()))
+    assert log.add(rotate(m, log.essential_parents(m.id), 1, 1))
+    replica_a, replica_b = log.copy(), log.copy()
+    heads = list(log.valid_heads())
+
+    def branch(tag, *, admit=None):
+        out, parents = [], heads
+        for i in range(log.ordinary_cap - len(log)):
+            x = (m, sybil)[i % 2]
+            if admit is not None and i == 20:
+                out.append(join(m, admit, parents, epoch=1))
+            else:
+                out.append(make_label(x.key, parents=parents, label=f"{tag}{i}", hlc=x.hlc()))
+            parents = [out[-1].hash]
+        return out
+
+    first_branch, second_branch = branch("l", admit=second), branch("r")
+    assert len(replica_a.merge(first_branch).added) == len(first_branch)
+    assert len(replica_b.merge(second_branch).added) == len(second_branch)
+    assert len(replica_a) == len(replica_b) == log.ordinary_cap
+    assert not replica_a.merge(second_branch).added and not replica_b.merge(first_branch).added  # no room
+    assert second.id in replica_a.state().members and second.id not in replica_b.state().members
+    written = []
+    for target in (m, sybil):
+        prune = make_prune(b.key, parents=replica_a.essential_parents(b.id, target.id), target=target.id, hlc=b.hlc())
+        assert replica_a.add(prune)
+        rotation = rotate(b, replica_a.essential_parents(b.id), replica_a.state().epoch + 1, 3)
+        assert replica_a.add(rotation)
+        written += [prune, rotation]
+    replica_b.merge(written if delivery == "pushed" else replica_a.entries())
+    for entry in written:
+        assert entry.hash in replica_b, entry.type
+    _converge(replica_a, replica_b)
+    for replica in (replica_a, replica_b):
+        s = replica.state()
+        assert s.standing(m.id) == s.standing(sybil.id) == s.standing(e.id) == "pruned"
+        assert {a.id, b.id, c.id} <= set(s.members) <= {a.id, b.id, c.id, second.id} and s.epoch == 3
+        assert len(replica) <= 160 and not replica.pending()
+    assert replica_a.state().commitment == replica_b.state().commitment
+    # a restart keeps them
+    again = MembershipLog.from_entries(replica_b.subnet_id, replica_b.entries(), stored=True, max_entries=160)
+    assert set(again.ordered_hashes()) == set(replica_b.ordered_hashes())
+    assert again.state() == replica_b.state()
