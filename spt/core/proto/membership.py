@@ -808,7 +808,13 @@ class MembershipLog:
                 missing_count[child] -= 1
                 if missing_count[child] == 0 and child in todo:
                     heapq.heappush(heap, (todo[child].hlc, child))
-            if entry.type in (PRUNE, REKEY) and len(self._present) >= self.ordinary_cap:
+            # a removal of a member that takes the last ordinary place counts as one in the
+            # reserve: its rotation lands there (one entry, and that member is not among those
+            # the reserve must still remove)
+            last_place = len(self._present) == self.ordinary_cap - 1 and entry.type in (PRUNE, REKEY) and (
+                (entry.key("old") if entry.type == REKEY else entry.key()) in members
+            )
+            if entry.type in (PRUNE, REKEY) and (len(self._present) >= self.ordinary_cap or last_place):
                 self._reserve_removals.add(h)
                 if entry.type == REKEY:
                     self._reserve_rekeyed.add(entry.key("new"))

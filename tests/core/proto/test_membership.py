@@ -825,6 +825,30 @@ def test_a_fan_of_entries_past_the_quarantine_is_still_brought_in_by_an_honest_e
     assert replica_a.state() == replica_b.state()
 
 
+def test_a_prune_in_the_last_ordinary_place_gets_its_rotation(nodes):
+    """A small log (64 entries: 48 ordinary). alice's prune of bob takes the last ordinary place;
+    its rotation lands in the reserve, which took a rotation only after a removal stored in the
+    reserve itself, so it was refused and the epoch stayed (on the pruner's replica, or on any
+    replica the prune reached when it had one place left). A removal of a member in the last
+    place counts as one in the reserve; a prune of a key already gone there does not."""
+    a, b, c = nodes["alice"], nodes["bob"], nodes["carol"]
+    first = create(a)
+    log = MembershipLog(subnet_id_of(first), max_entries=64)
+    log.add(first)
+    log.add(join(a, b, log.valid_heads()))
+    log.add(join(a, c, log.valid_heads()))
+    assert log.add(make_leave(c.key, parents=log.essential_parents(c.id, c.id), hlc=c.hlc()))
+    while len(log) < log.ordinary_cap - 1:
+        log.add(make_label(a.key, parents=log.valid_heads(), label=f"a{len(log)}", hlc=a.hlc()))
+    gone = log.copy()
+    assert gone.add(make_prune(a.key, parents=gone.essential_parents(a.id, c.id), target=c.id, hlc=a.hlc()))
+    assert not gone.add(rotate(a, gone.essential_parents(a.id), 1, 5))  # carol had left: nobody removed
+    assert log.add(make_prune(a.key, parents=log.essential_parents(a.id, b.id), target=b.id, hlc=a.hlc()))
+    assert len(log) == log.ordinary_cap
+    assert log.add(rotate(a, log.essential_parents(a.id), 1, 5))
+    assert log.state().epoch == 1 and log.state().standing(b.id) == "pruned"
+
+
 def test_a_restart_keeps_what_the_live_merges_stored_at_the_reserve(nodes):
     """A small log (32 entries: 24 ordinary, 8 reserve). bob's label with a late clock fills the
     ordinary part; alice's prune of bob, written before it reached her, arrives after it, so it is
