@@ -24,7 +24,7 @@ Limits: `max_transits` live transits, at most `MAX_WAITING_PER_NODE` of them ask
 and not matched yet (a ticket request beyond either is refused with `RELAY_FULL`), tickets
 expire after `TRANSIT_WAIT`, a connection must finish TLS and send its ticket within
 `HELLO_TIMEOUT` each, and one source address has at most `MAX_PENDING_PER_SOURCE` connections
-not matched yet.
+not matched yet (counted from the accept, TLS handshakes included).
 """
 
 from __future__ import annotations
@@ -117,13 +117,14 @@ class TcpListener:
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._pending: dict[str, int] = {}  # source address -> its connections not matched yet
+        self._tls = _server_context(key)
         self.stats: dict[str, int] = {"transits": 0, "transit_bytes": 0, "refused": 0}
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(
-            self._handle, self.host, self.port, ssl=_server_context(self.key), reuse_address=True,
-            ssl_handshake_timeout=HELLO_TIMEOUT,
-        )
+        # TLS starts in `_handle`, once the connection is counted: with ssl= here the server
+        # calls it only after the handshake, and connections that never send a ClientHello
+        # would each hold a socket for HELLO_TIMEOUT, uncounted
+        self._server = await asyncio.start_server(self._handle, self.host, self.port, reuse_address=True)
         self.port = int(self._server.sockets[0].getsockname()[1])
         log.info("relay TCP listener open", extra={"addr": f"{self.host}:{self.port}"})
 
@@ -186,6 +187,7 @@ class TcpListener:
         if task is not None:
             self._tasks.add(task)
         try:
+            await writer.start_tls(self._tls, ssl_handshake_timeout=HELLO_TIMEOUT)
             await self._serve(reader, writer, settled)
         except (OSError, ssl.SSLError, asyncio.IncompleteReadError, TimeoutError):
             pass

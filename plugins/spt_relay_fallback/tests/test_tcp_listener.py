@@ -270,3 +270,29 @@ async def test_a_stranger_cannot_hold_connections_without_limit(nodes, tcp_relay
         for _, writer in opened:
             writer.close()
     assert held <= MAX_PENDING_PER_SOURCE, held
+
+
+async def test_a_stranger_that_never_starts_tls_is_held_to_the_same_bound(nodes, tcp_relay):
+    """The bound counts a connection from its accept, not from the end of its TLS handshake: raw
+    TCP connections from one stranger (127.0.0.2) that never send a ClientHello are held to
+    MAX_PENDING_PER_SOURCE too. Counted only after TLS, each waited out HELLO_TIMEOUT holding a
+    socket of the relay, however many the stranger opened."""
+    from spt_relay_fallback.tcp import HELLO_TIMEOUT, MAX_PENDING_PER_SOURCE
+
+    server, _ = tcp_relay
+    opened = [
+        await asyncio.wait_for(asyncio.open_connection("127.0.0.1", server.tcp_port, local_addr=("127.0.0.2", 0)), 5)
+        for _ in range(MAX_PENDING_PER_SOURCE + 40)
+    ]
+    try:
+        # the extra ones are closed at once; the rest wait for their TLS until HELLO_TIMEOUT
+        deadline = time.monotonic() + HELLO_TIMEOUT / 2
+        while (held := sum(not (r.at_eof() or w.transport.is_closing()) for r, w in opened)) > MAX_PENDING_PER_SOURCE:
+            if time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
+        await a_transit_is_matched(nodes, server)  # from another address meanwhile
+    finally:
+        for _, writer in opened:
+            writer.close()
+    assert held <= MAX_PENDING_PER_SOURCE, held
