@@ -9,7 +9,7 @@ import time
 from spt.cli._output import emit, hint, out, print_json
 from spt.cli._state import daemon_call, is_interactive, require_elevation
 from spt.core.errors import UsageError
-from spt.core.types import check_subnet_name
+from spt.core.types import check_seconds, check_subnet_name
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
 if TYPE_CHECKING:
@@ -58,6 +58,7 @@ def show_subnet_code(name: str | None = None, *, no_qr: bool) -> None:
 def join_subnet(name: str, *, code: str | None, subnet_id: str | None, peers: Sequence[str], timeout: float) -> None:
     """Join a subnet with the code shown on a member [elevated]."""
     check_subnet_name(name)
+    timeout = check_seconds(timeout)  # before the code prompt; NaN also broke the call's own timeout
     if subnet_id is not None and not (0 < len(subnet_id) <= 32 and all(c in "0123456789abcdefABCDEF" for c in subnet_id)):
         # else no subnet's id starts with it, and the search ends JOIN_NOT_FOUND
         raise UsageError("BAD_USAGE", subnet_id, "--id is a hex prefix of the subnet id (JOIN_AMBIGUOUS lists them)")

@@ -60,7 +60,7 @@ from spt.core.proto.resolve import (
     resolve,
 )
 from spt.core.spool import BATCH_HELD_BACK, WINDOWS, Message, OutgoingMessage, Spool, message_from_wire
-from spt.core.types import check_endpoint_id
+from spt.core.types import check_endpoint_id, check_seconds
 from spt.hooks import IncomingPayload
 
 if TYPE_CHECKING:
@@ -842,8 +842,7 @@ class Endpoints:
         perch_id = check_endpoint_id(str(call.args.get("id") or ""))
         once = bool(call.args.get("once"))
         timeout = call.args.get("timeout")
-        if timeout is not None and (not isinstance(timeout, int | float) or timeout < 0):
-            raise UsageError("BAD_USAGE", str(timeout), "--timeout is a number of seconds")
+        timeout = None if timeout is None else check_seconds(timeout)
         self.housekeeping()
         perch = self.get(perch_id)
         if perch is None:
@@ -862,7 +861,7 @@ class Endpoints:
         cwd = call.args.get("cwd")
         if isinstance(cwd, str) and cwd.startswith("/") and cwd != perch.workdir:
             perch = self._update(perch, publish=False, workdir=cwd)  # the mind's project (§2.8)
-        return await self.delivery.listen(perch, call, once=once, timeout=None if timeout is None else float(timeout))
+        return await self.delivery.listen(perch, call, once=once, timeout=timeout)
 
     # -- ringing --------------------------------------------------------------------------
 
@@ -870,9 +869,7 @@ class Endpoints:
         if self.closing:
             raise DaemonDown("", "the daemon is stopping")
         args = call.args
-        timeout = args.get("timeout", 120)
-        if not isinstance(timeout, int | float) or timeout < 0:
-            raise UsageError("BAD_USAGE", str(timeout), "--timeout is a number of seconds")
+        timeout = check_seconds(args.get("timeout", 120))
         self.housekeeping()
         wait = self.delivery.open_ring(os.urandom(16).hex(), call)
         transient = False
@@ -893,7 +890,7 @@ class Endpoints:
                 on_sender=on_sender,
             )
             await call.emit({"sent": token, "from": sender_id})
-            return await self.delivery.await_reply(wait, sender_id, token, float(timeout))
+            return await self.delivery.await_reply(wait, sender_id, token, timeout)
         finally:
             self.delivery.close_ring(wait)
             perch = self.get(wait.perch) if wait.perch and not self.delivery.shutting_down() else None

@@ -59,6 +59,14 @@ def check_endpoint_id(endpoint_id: str) -> str:
     return endpoint_id
 
 
+def check_seconds(value: object) -> float:
+    """`value` as a `--timeout`: a number of seconds, 0 or more, else BAD_USAGE (exit 2). NaN
+    is refused too (`nan < 0` is false): a timer at NaN misorders the event loop's others."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        raise UsageError("BAD_USAGE", str(value), "--timeout is a number of seconds")
+    return float(value)
+
+
 def parse_hostport(text: str, default_port: int = 47470) -> tuple[str, int]:
     """`host:port`, `[v6]:port` or a bare host; raises ValueError with the bad input named."""
     text = text.strip()

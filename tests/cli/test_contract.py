@@ -246,6 +246,13 @@ def test_a_bad_value_is_a_usage_error_not_an_answer(node):
         not_hex = node.cli(*global_options, "subnet", "join", "home", "--code", "123456", "--id", "zz", "--timeout", "0.2")
         assert (not_hex.returncode, not_hex.stdout) == (2, ""), not_hex.stderr
         assert not_hex.stderr.startswith("BAD_USAGE:zz --id is a hex prefix"), not_hex.stderr
+        # NaN is no number of seconds either: ring and ready took it (nan < 0 is false) and the
+        # daemon's event loop got a timer at NaN, which misorders its other timers
+        for args in (["ring", "me"], ["ready", "me", "--once"], ["subnet", "join", "home", "--code", "123456"]):
+            for value in ("-1", "nan"):
+                bad = node.cli(*global_options, *args, "--timeout", value, input="hi")
+                assert (bad.returncode, bad.stdout) == (2, ""), (args, value, bad.stderr)
+                assert bad.stderr.endswith(" --timeout is a number of seconds\n"), (args, value, bad.stderr)
 
 
 def test_empty_human_lists_say_so_and_show_nodes_in_display_form(node, tmp_path):

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from spt.core.errors import UsageError
 from spt.core.subnets import check_join_code
+from spt.core.types import check_seconds
 
 if TYPE_CHECKING:
     from spt.core.daemon import Call, Daemon
@@ -23,15 +24,12 @@ def register_ops(daemon: Daemon, members: Members) -> None:
     async def join(call: Call) -> Any:
         args = call.args
         entered_at = time.monotonic() - int(args.get("entered_ago_ms", 0)) / 1000
-        timeout = args.get("timeout", 30.0)
-        if not isinstance(timeout, int | float) or isinstance(timeout, bool) or not timeout >= 0:  # NaN too
-            # else a negative budget searched no time at all and said JOIN_NOT_FOUND
-            raise UsageError("BAD_USAGE", str(timeout), "--timeout is a number of seconds")
+        timeout = check_seconds(args.get("timeout", 30.0))  # else -1 searched no time: JOIN_NOT_FOUND
         result = await members.joins.join(
             str(args.get("name", "")),
             check_join_code(str(args.get("code", ""))),
             peers=[str(p) for p in args.get("peers", [])],
-            timeout=float(timeout),
+            timeout=timeout,
             entered_at=entered_at,
             id_prefix=args.get("id"),
             on_progress=(lambda text: call.emit({"progress": text})) if call.interactive else None,
