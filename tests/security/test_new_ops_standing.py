@@ -96,8 +96,14 @@ async def transit_burst(conn, tid: str, url: str, alpha_key: str) -> tuple[list[
                 return exc.code
 
         answers = list(await asyncio.gather(*(invite(r["peer_ticket"]) for r in replies)))
-        await asyncio.sleep(1.0)  # alpha's threads dial the relay and wait there
-        return answers, connections_to(replies[0]["tcp_port"]) - before, replies[0]["peer_ticket"]
+        # alpha's threads dial the relay and wait there: until each accepted invitation has its
+        # connection (a fixed sleep undercounts on a loaded machine; they wait there 30 s)
+        deadline = time.monotonic() + 15
+        while (held := connections_to(replies[0]["tcp_port"]) - before) < answers.count("ok"):
+            if time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
+        return answers, held, replies[0]["peer_ticket"]
     finally:
         for t in made:
             await t.close()
