@@ -289,3 +289,9 @@ def test_run_refuses_a_program_that_does_not_exist_before_making_a_perch(spt_nod
     ran = node.cli("endpoint", "run", "--id", "agent", "--project", str(tmp_path), "--", "./agent.sh")
     assert ran.returncode == 0 and ran.stdout.startswith("ENDPOINT_RUN:agent pid="), ran.stderr
     assert node.cli("endpoint", "purge", "agent", "--yes").returncode == 0
+    # a relative PATH entry is looked up from the command's working folder, as execvpe does
+    # there, not from the daemon's (it refused this one with BAD_COMMAND)
+    on_path = node.cli("endpoint", "run", "--id", "pathed", "--project", str(tmp_path), "--", "agent.sh",
+                       env={"PATH": f".:{os.environ.get('PATH', os.defpath)}"})
+    assert on_path.returncode == 0 and on_path.stdout.startswith("ENDPOINT_RUN:pathed pid="), on_path.stderr
+    assert node.cli("endpoint", "purge", "pathed", "--yes").returncode == 0

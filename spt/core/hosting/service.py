@@ -87,13 +87,15 @@ class HostedTerminal:
 
 def _program(name: str, env: Mapping[str, Any], cwd: str) -> str | None:
     """The file the host's `execvpe(name, …, env)` from `cwd` would run, or None: a name with a
-    slash is a path from `cwd`, any other is looked up on the command's own PATH."""
+    slash is a path from `cwd`, any other is looked up on the command's own PATH, whose relative
+    entries ("." or "", "bin") are folders of `cwd` there, not of the daemon's."""
     import shutil
 
     if "/" in name:
         path = os.path.join(cwd, name)
         return path if os.path.isfile(path) and os.access(path, os.X_OK) else None
-    return shutil.which(name, path=str(env.get("PATH") or os.defpath))
+    folders = str(env.get("PATH") or os.defpath).split(os.pathsep)
+    return shutil.which(name, path=os.pathsep.join(os.path.join(cwd, folder) for folder in folders))
 
 
 class Hosting:
