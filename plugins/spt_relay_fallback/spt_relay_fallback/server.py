@@ -373,7 +373,7 @@ class RelayServer:
         peer = NodeId(raw)
         if peer == conn.peer or peer not in self._nodes:
             raise Refusal("NOT_REGISTERED", peer.short, "the peer is not registered at this relay")
-        tickets = self.tcp.issue(conn.peer, peer)
+        tickets = self.tcp.issue(conn.peer, peer, conn.remote_addr[0])
         if tickets is None:
             raise Refusal("RELAY_FULL", conn.peer.short, "too many transits are open at this relay, or waiting for this node's peers")
         return "relay.transit", {"ticket": tickets[0], "peer_ticket": tickets[1], "tcp_port": self.tcp.port}

@@ -20,9 +20,9 @@ The protocol, as a node sees it:
    writing half; it never looks at them. What flows is the file channel's AEAD frames, keyed over
    the pinned QUIC channel between the two nodes: the relay holds no key that opens them.
 
-Limits: `max_transits` live transits, at most `MAX_WAITING_PER_NODE` of them asked by one node
-and not matched yet (a ticket request beyond either is refused with `RELAY_FULL`), tickets
-expire after `TRANSIT_WAIT`, a connection must finish TLS and send its ticket within
+Limits: `max_transits` live transits, of those not matched yet at most `MAX_WAITING_PER_NODE`
+asked by one node and `MAX_WAITING_PER_SOURCE` from one address (a ticket request beyond any is
+refused with `RELAY_FULL`), tickets expire after `TRANSIT_WAIT`, a connection must finish TLS and send its ticket within
 `HELLO_TIMEOUT` each, and one source address has at most `MAX_PENDING_PER_SOURCE` connections
 not matched yet (counted from the accept, TLS handshakes included).
 """
@@ -62,6 +62,10 @@ HELLO_TIMEOUT: Final = 10.0  # seconds a new connection has to name its ticket
 # round trip when both sides are well, so a few cover every transfer a node starts at once, and
 # one node cannot take the relay's `max_transits` for itself
 MAX_WAITING_PER_NODE: Final = 16
+# and asked from one source address: keys cost nothing, and the relay registers MAX_PER_SOURCE
+# (16) of them per address, 16 x 16 = the default `max_transits`; a quarter of it is the most
+# one address (a household behind one NAT, or one stranger) may have waiting
+MAX_WAITING_PER_SOURCE: Final = 64
 # connections from one source address that have not named a ticket or been matched yet (anyone
 # may connect): beyond it the relay closes a new one at once, so a stranger cannot hold them
 # by the thousand; the TLS handshake before that gets HELLO_TIMEOUT too
@@ -86,6 +90,7 @@ class _Side:
 class _Transit:
     sides: dict[bytes, _Side]  # ticket -> side
     expires: float
+    source: str  # the address the asker asked from
     matched: asyncio.Event = field(default_factory=asyncio.Event)
     bytes: int = 0
 
@@ -146,19 +151,25 @@ class TcpListener:
                 del self._transits[ticket]
         return len({id(t) for t in self._transits.values()})
 
-    def waiting(self, asker: NodeId) -> int:
-        """Live transits `asker` asked for that are not matched yet."""
+    def waiting(self, asker: NodeId, source: str) -> tuple[int, int]:
+        """Live transits not matched yet that `asker` asked for, and that were asked from `source`."""
         self.live()  # drops the expired ones
-        asked = {id(t) for t in self._transits.values() if next(iter(t.sides.values())).node == asker and not t.matched.is_set()}
-        return len(asked)
+        waiting = {id(t): t for t in self._transits.values() if not t.matched.is_set()}.values()
+        return (
+            sum(1 for t in waiting if next(iter(t.sides.values())).node == asker),
+            sum(1 for t in waiting if t.source == source),
+        )
 
-    def issue(self, asker: NodeId, peer: NodeId) -> tuple[bytes, bytes] | None:
-        """(asker's ticket, peer's ticket), or None when `max_transits` are live or the asker
-        has MAX_WAITING_PER_NODE waiting."""
-        if self.live() >= self.max_transits or self.waiting(asker) >= MAX_WAITING_PER_NODE:
+    def issue(self, asker: NodeId, peer: NodeId, source: str) -> tuple[bytes, bytes] | None:
+        """(asker's ticket, peer's ticket), or None when `max_transits` are live, or the asker
+        has MAX_WAITING_PER_NODE waiting, or its address MAX_WAITING_PER_SOURCE."""
+        if self.live() >= self.max_transits:
+            return None
+        of_asker, of_source = self.waiting(asker, source)
+        if of_asker >= MAX_WAITING_PER_NODE or of_source >= MAX_WAITING_PER_SOURCE:
             return None
         mine, theirs = os.urandom(TICKET_BYTES), os.urandom(TICKET_BYTES)
-        transit = _Transit({mine: _Side(asker), theirs: _Side(peer)}, time.monotonic() + TRANSIT_WAIT)
+        transit = _Transit({mine: _Side(asker), theirs: _Side(peer)}, time.monotonic() + TRANSIT_WAIT, source)
         self._transits[mine] = self._transits[theirs] = transit
         return mine, theirs
 

@@ -238,6 +238,36 @@ async def test_one_node_cannot_take_every_transit(nodes, tcp_relay):
     assert len(reply.body["ticket"]) == TICKET_BYTES
 
 
+async def test_one_address_cannot_take_every_transit_with_many_keys(nodes, tcp_relay):
+    """Keys cost nothing: one address registering REGISTER_BURST of them, each asking until
+    refused, gets at most MAX_WAITING_PER_SOURCE transits waiting (each key alone would get
+    MAX_WAITING_PER_NODE: 160 of 256 here, all of them with 16 keys a minute later)."""
+    from spt_relay_fallback.server import REGISTER_BURST
+    from spt_relay_fallback.tcp import MAX_WAITING_PER_SOURCE
+
+    server, _ = tcp_relay
+    greedy = [await nodes() for _ in range(REGISTER_BURST)]
+    conns = [(await register(t, server))[0] for t in greedy]
+    got = 0
+    for conn, peer in zip(conns, greedy[1:] + greedy[:1], strict=True):
+        for _ in range(server.tcp.max_transits):
+            try:
+                await conn.request("relay.transit", {"peer": peer.node_id.raw})
+            except RequestError as exc:
+                assert "RELAY_FULL" in str(exc)
+                break
+            got += 1
+    assert got == MAX_WAITING_PER_SOURCE
+    # a node from another address still gets its transit
+    other = Transport(NodeKey.generate(), host="127.0.0.2", accept=AllowKeys([]), on_stream=serve_requests(echo))
+    await other.start()
+    try:
+        conn_other, _ = await register(other, server)
+        reply = await conn_other.request("relay.transit", {"peer": greedy[0].node_id.raw})
+        assert len(reply.body["ticket"]) == TICKET_BYTES
+    finally:
+        await other.close()
+
 async def test_a_stranger_cannot_hold_connections_without_limit(nodes, tcp_relay):
     """Anyone may connect to the listener. A stranger (from 127.0.0.2) opening connections that
     never name a ticket is held to MAX_PENDING_PER_SOURCE at a time, and two registered nodes
