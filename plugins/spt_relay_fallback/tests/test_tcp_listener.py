@@ -214,6 +214,17 @@ async def test_a_udp_frames_tunnel_that_registers_nobody_is_closed(tcp_relay, mo
         await tunnel.close()
 
 
+async def transits_until_full(conn, peer, server) -> int:
+    """How many transits to `peer` the node on `conn` is given before RELAY_FULL (bounded)."""
+    for got in range(server.tcp.max_transits + 1):
+        try:
+            await conn.request("relay.transit", {"peer": peer.node_id.raw})
+        except RequestError as exc:
+            assert "RELAY_FULL" in str(exc)
+            return got
+    raise AssertionError(f"never refused after {server.tcp.max_transits + 1} transits")
+
+
 async def test_one_node_cannot_take_every_transit(nodes, tcp_relay):
     """A registered node asking for tickets again and again, never using them: once it has
     MAX_WAITING_PER_NODE waiting it is refused, and another node still gets its transit."""
@@ -225,15 +236,7 @@ async def test_one_node_cannot_take_every_transit(nodes, tcp_relay):
     conn_greedy, _ = await register(greedy, server)
     await register(victim, server)
     conn_other, _ = await register(other, server)
-    got = 0
-    for _ in range(server.tcp.max_transits + 1):
-        try:
-            await conn_greedy.request("relay.transit", {"peer": victim.node_id.raw})
-        except RequestError as exc:
-            assert "RELAY_FULL" in str(exc)
-            break
-        got += 1
-    assert got == MAX_WAITING_PER_NODE
+    assert await transits_until_full(conn_greedy, victim, server) == MAX_WAITING_PER_NODE
     reply = await conn_other.request("relay.transit", {"peer": victim.node_id.raw})
     assert len(reply.body["ticket"]) == TICKET_BYTES
 
@@ -248,16 +251,8 @@ async def test_one_address_cannot_take_every_transit_with_many_keys(nodes, tcp_r
     server, _ = tcp_relay
     greedy = [await nodes() for _ in range(REGISTER_BURST)]
     conns = [(await register(t, server))[0] for t in greedy]
-    got = 0
-    for conn, peer in zip(conns, greedy[1:] + greedy[:1], strict=True):
-        for _ in range(server.tcp.max_transits):
-            try:
-                await conn.request("relay.transit", {"peer": peer.node_id.raw})
-            except RequestError as exc:
-                assert "RELAY_FULL" in str(exc)
-                break
-            got += 1
-    assert got == MAX_WAITING_PER_SOURCE
+    got = [await transits_until_full(c, peer, server) for c, peer in zip(conns, greedy[1:] + greedy[:1], strict=True)]
+    assert sum(got) == MAX_WAITING_PER_SOURCE, got
     # a node from another address still gets its transit
     other = Transport(NodeKey.generate(), host="127.0.0.2", accept=AllowKeys([]), on_stream=serve_requests(echo))
     await other.start()
