@@ -400,3 +400,77 @@ def test_a_member_stores_no_more_than_its_budget_however_it_shapes_its_entries(t
     relabel = a.cli("node", "label", "set", "alpha2")
     assert relabel.returncode == 0, relabel.stderr
     wait_for(lambda: "alpha2" in members(b), WAIT, "beta to see alpha's new label")
+
+
+def test_an_honest_prune_reaches_a_member_whose_log_another_branch_filled(spt_nodes):
+    """gamma, a member, admits twelve sybils, which fill alpha's ordinary part (12,288 entries)
+    with one branch of labels while beta is down, and beta's with another while alpha is down:
+    neither has room for the other's branch. beta prunes gamma on its own heads; alpha had no room
+    for the branch under the prune and dropped it, so gamma stayed a member there, for good. Now
+    alpha stores the prune with the entries it rests on, also across a restart
+    (docs/design/membership-validity.md, "An honest removal is taken everywhere")."""
+    import socket
+
+    from spt.core.members.wire import MAX_SYNC_ENTRIES
+    from spt.testing.nodes import DEFAULT_CONFIG
+
+    def fixed_port_config():  # alpha and beta restart below: on port 0 they lost each other
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        return DEFAULT_CONFIG.replace("port = 0", f"port = {port}")
+
+    a, b, c = (spt_nodes(n, label=label, config=fixed_port_config()) for n, label in (("a", "alpha"), ("b", "beta"), ("c", "gamma")))
+    create(a)
+    joined(b, a)
+    joined(c, b)
+    for node in (a, b, c):
+        wait_for(lambda node=node: all_online(node, {"alpha", "beta", "gamma"}), WAIT, f"{node.name} to see all three")
+    mallory, _ = load_or_create_key(c.home / "node.key")
+    c.stop()  # gamma's own daemon would answer for it: the attacker speaks with its key alone
+    clock, wall = Hlc(mallory.node_id), [10**12]
+    log = stored_log(a)
+    sybils = [NodeKey.generate() for _ in range(12)]
+    joins = []
+    for i, s in enumerate(sybils):
+        joins.append(countersign_join(propose_join(
+            mallory, parents=[joins[-1].hash] if joins else log.valid_heads(), joiner=s.node_id, label=f"sybil{i}",
+            epoch=log.state().epoch, hlc=clock.now(wall[0] + i)), s))
+    for node in (a, b):
+        assert asyncio.run(push_as_member(mallory, node, log.subnet_id, [joins])) == ["ok"]
+        wait_for(lambda node=node: "sybil11" in members(node), WAIT, f"{node.name} to admit the sybils")
+    for e in joins:
+        log.add(e)
+    hostile = sybils  # (gamma keeps its label)
+    clocks = {k.node_id: Hlc(k.node_id) for k in hostile}
+
+    def branch(tag):
+        out, parents = [], list(log.valid_heads())
+        for i in range(log.ordinary_cap - len(log)):
+            k = hostile[i % len(hostile)]
+            wall[0] += 1
+            out.append(make_label(k, parents=parents, label=f"{tag}{i % 1000}", hlc=clocks[k.node_id].now(wall[0])))
+            parents = [out[-1].hash]
+        return out
+
+    def batches(entries):
+        return [entries[i:i + MAX_SYNC_ENTRIES] for i in range(0, len(entries), MAX_SYNC_ENTRIES)]
+
+    first, second = branch("l"), branch("r")
+    b.stop()
+    assert set(asyncio.run(push_as_member(mallory, a, log.subnet_id, batches(first)))) == {"ok"}
+    a.stop()
+    b.start(timeout=120)
+    assert set(asyncio.run(push_as_member(mallory, b, log.subnet_id, batches(second)))) == {"ok"}
+    a.start(timeout=120)
+    assert len(stored_log(a)) == len(stored_log(b)) == log.ordinary_cap  # each full of its own branch
+    wait_for(lambda: "gamma" in members(a) and "gamma" in members(b), 60, "both to list gamma")
+
+    pruned = b.cli("subnet", "prune", mallory.node_id.hex[:12], "--yes")
+    assert pruned.returncode == 0, pruned.stderr
+    wait_for(lambda: "gamma" not in members(b), 60, "beta to drop gamma")
+    wait_for(lambda: "gamma" not in members(a), 60, "alpha to take beta's prune")  # before: never
+    a.stop()
+    a.start(timeout=120)
+    assert "gamma" not in members(a) and "alpha" in members(a)
+    assert stored_log(a).state().epoch == stored_log(b).state().epoch
