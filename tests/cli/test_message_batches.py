@@ -26,6 +26,27 @@ def _tokens(result):
     return [r.get("token") or r["error"]["token"] for r in result["results"]]
 
 
+def backlog_past_a_full_sink(alpha, beta) -> None:
+    """Queued on alpha while beta is down: a, b, c for beta's sink, which holds 1,000 bytes (a,
+    then b would not fit, c would), and o for its other perch. Once beta is back, o lands, and the
+    sink gets all three in order as it is read: c is refused with b, never spooled ahead of it."""
+    beta.stop()
+    bodies = ["a" * 600, "b" * 600, "c" * 10]
+    messages = [{"address": "sink@beta", "body": b, "id": os.urandom(16).hex()} for b in bodies]
+    messages.append({"address": "other@beta", "body": "o", "id": os.urandom(16).hex()})
+    assert _tokens(alpha.ipc("msg.send_many", {"from": "alice", "messages": messages})) == ["QUEUED"] * 4
+    beta.start()
+    wait_for(lambda: any(r.body == "o" for r in drain(beta, "other", timeout=0.3)), 30, "the drain to reach beta")
+    got: list[str] = []
+
+    def read_sink() -> bool:
+        got.extend(r.body for r in drain(beta, "sink", timeout=0.3))
+        return len(got) >= 3
+
+    wait_for(read_sink, 60, "the sink to get all three messages", every=0.2)
+    assert got == bodies  # c never overtook b
+
+
 def test_a_batch_of_sends_is_answered_per_message_and_each_lands_once_in_order(spt_node_pair):
     alpha, beta = spt_node_pair
     beta.cli("ready", "sink", "--once", "--timeout", "0.1", check=True)
@@ -156,22 +177,7 @@ def test_a_message_refused_spool_full_keeps_the_later_ones_of_its_batch_behind_i
     for perch in ("sink", "other"):
         beta.cli("ready", perch, "--once", "--timeout", "0.1", check=True)
         wait_for(lambda perch=perch: listed(alpha, perch), 15, f"{perch}'s row on alpha")
-    beta.stop()
-    bodies = ["a" * 600, "b" * 600, "c" * 10]  # the sink takes 1000 bytes: a, then b would not fit
-    messages = [{"address": "sink@beta", "body": b, "id": os.urandom(16).hex()} for b in bodies]
-    messages.append({"address": "other@beta", "body": "o", "id": os.urandom(16).hex()})
-    assert _tokens(alpha.ipc("msg.send_many", {"from": "alice", "messages": messages})) == ["QUEUED"] * 4
-    beta.start()
-    got: list[str] = []
-
-    def read_sink() -> bool:
-        got.extend(r.body for r in drain(beta, "sink", timeout=0.3))
-        return len(got) >= 3
-
-    wait_for(read_sink, 60, "the sink to get all three messages", every=0.2)
-    assert [b[0] for b in got] == ["a", "b", "c"]  # c never overtook b
-    assert got == bodies
-    assert [r.body for r in drain(beta, "other", timeout=0.3)] == ["o"]
+    backlog_past_a_full_sink(alpha, beta)
 
 
 def test_a_node_without_the_batch_request_gets_one_request_per_message_in_order_and_spool_full_holds_the_rest(spt_nodes):
@@ -195,22 +201,7 @@ def test_a_node_without_the_batch_request_gets_one_request_per_message_in_order_
     assert not any(c["name"] == "outgoing-spool" for c in alpha.ipc("doctor")["checks"])
     assert [r.body for r in drain(beta, "other", timeout=0.3)] == [m["body"] for m in live]
 
-    beta.stop()
-    bodies = ["a" * 600, "b" * 600, "c" * 10]  # the sink takes 1000 bytes: a, then b would not fit
-    messages = [{"address": "sink@beta", "body": b, "id": os.urandom(16).hex()} for b in bodies]
-    messages.append({"address": "other@beta", "body": "o", "id": os.urandom(16).hex()})
-    assert _tokens(alpha.ipc("msg.send_many", {"from": "alice", "messages": messages})) == ["QUEUED"] * 4
-    beta.start()
-    wait_for(lambda: any(r.body == "o" for r in drain(beta, "other", timeout=0.3)), 30, "the drain to reach beta")
-    got: list[str] = []
-
-    def read_sink() -> bool:
-        got.extend(r.body for r in drain(beta, "sink", timeout=0.3))
-        return len(got) >= 3
-
-    wait_for(read_sink, 60, "the sink to get all three messages", every=0.2)
-    assert [b[0] for b in got] == ["a", "b", "c"]  # c never overtook b
-    assert got == bodies
+    backlog_past_a_full_sink(alpha, beta)
 
 
 THIRD_PARTY_SEND = '''\
