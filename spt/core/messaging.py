@@ -35,7 +35,7 @@ from spt.core.identity import NodeId, sha256
 from spt.core.members import body_map, remote_refusal
 from spt.core.net.connections import Connection, RequestError, error_body
 from spt.core.net.transport import ALPN_MEMBER
-from spt.core.payloads import FINAL_REFUSALS, HELD_BACK
+from spt.core.payloads import FINAL_REFUSALS
 from spt.core.proto import deliver as batch_wire
 from spt.core.proto.canonical import canonical_bytes
 from spt.core.proto.frames import Frame
@@ -52,7 +52,7 @@ from spt.core.proto.registry import (
     sign_tombstone,
 )
 from spt.core.proto.resolve import RemoteTarget, Row, shortest_from_form
-from spt.core.spool import OutgoingMessage
+from spt.core.spool import HELD_BACK, OutgoingMessage
 from spt.core.subnets import HeldSubnet
 from spt.hooks import IncomingPayload
 

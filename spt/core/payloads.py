@@ -20,7 +20,7 @@ from spt.core.members import remote_refusal
 from spt.core.net.connections import Connection, RequestError
 from spt.core.proto.frames import Frame
 from spt.core.proto.resolve import LocalTarget, shortest_from_form
-from spt.core.spool import BATCH_HELD_BACK
+from spt.core.spool import BATCH_HELD_BACK, HELD_BACK
 from spt.hooks import IncomingPayload, PayloadType
 
 if TYPE_CHECKING:
@@ -32,7 +32,6 @@ log = logging.getLogger(__name__)
 PAYLOAD_TIMEOUT: Final = 10.0
 MESSAGE_TYPES: Final = ("send", "ring")
 FINAL_REFUSALS: Final = ("NO_PERCH", "UNKNOWN_PAYLOAD_TYPE")  # the target will never take it
-HELD_BACK: Final = "an earlier message of the same batch for this perch was refused; this one stays behind it"
 
 
 class Payloads:

@@ -53,6 +53,7 @@ _HEX = frozenset("0123456789abcdef")
 # batch's messages are spooled concurrently; `Spool.append` checks and fills it on the writer
 # thread, in the batch's order). Set by the batch's handler, read by the task that spools.
 BATCH_HELD_BACK: ContextVar[dict[str, str] | None] = ContextVar("batch_held_back", default=None)
+HELD_BACK: Final = "an earlier message of the same batch for this perch was refused; this one stays behind it"
 
 
 def check_message_id(value: object) -> str:
@@ -221,8 +222,7 @@ class Spool:
         if earlier is not None:
             return earlier
         if held_back is not None and perch.lower() in held_back:
-            raise Refusal(held_back[perch.lower()], subject,
-                          "an earlier message of the same batch for this perch was refused; this one stays behind it")
+            raise Refusal(held_back[perch.lower()], subject, HELD_BACK)
         row = db.execute("SELECT bytes FROM spool_held WHERE perch=?", (perch,)).fetchone()
         held = int(row[0]) if row else 0
         if held + msg.size > max_bytes:

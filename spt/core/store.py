@@ -420,14 +420,8 @@ class GroupCommit:
             for write in writes:
                 if isinstance(write, _Each):  # its writes have savepoints of their own
                     outcomes.append((True, write(db)))
-                    continue
-                db.execute("SAVEPOINT group_write")
-                try:
-                    outcomes.append((True, write(db)))
-                except Exception as exc:
-                    db.execute("ROLLBACK TO group_write")
-                    outcomes.append((False, exc))
-                db.execute("RELEASE group_write")
+                else:
+                    outcomes.append(_in_savepoint(db, write))
             trace.mark("commit fsync")
             db.execute("COMMIT")
             trace.mark("commit done")
@@ -457,16 +451,17 @@ class _Each:
         self.writes = writes
 
     def __call__(self, db: sqlite3.Connection) -> list[Any]:
-        return [_in_savepoint(db, w) for w in self.writes]
+        return [value for _, value in (_in_savepoint(db, w) for w in self.writes)]
 
 
-def _in_savepoint(db: sqlite3.Connection, write: Callable[[sqlite3.Connection], Any]) -> Any:
-    """`write(db)` in a savepoint of its own: its result, or its exception (the write undone)."""
+def _in_savepoint(db: sqlite3.Connection, write: Callable[[sqlite3.Connection], Any]) -> tuple[bool, Any]:
+    """`write(db)` in a savepoint of its own: (True, its result), or (False, its exception) with
+    the write undone."""
     db.execute("SAVEPOINT group_write")
     try:
-        return write(db)
+        return True, write(db)
     except Exception as exc:
         db.execute("ROLLBACK TO group_write")
-        return exc
+        return False, exc
     finally:
         db.execute("RELEASE group_write")
