@@ -572,12 +572,8 @@ class RegistryView:
         held = self._rows.get(key)
         if held is not None and record.version <= held.version:
             return MergeOutcome.STALE
-        if not record.deleted:  # rule 6: a live row older than its owner's presence was deleted since
-            presence = self._presence.get(record.node)
-            if (presence is not None and record.version < presence.version) or (
-                self._kept and record.version < self._kept_version(record.node)
-            ):
-                return MergeOutcome.STALE
+        if not record.deleted and record.version < self.presence_floor(record.node):
+            return MergeOutcome.STALE  # rule 6: a live row older than its owner's presence was deleted since
         if not signed_here and not record.verify():
             return MergeOutcome.BAD_SIGNATURE
         self._rows[key] = record
