@@ -519,24 +519,17 @@ def update_bundle(data: bytes) -> None:
     assert 2 <= len(list(into.iterdir())) <= MAX_FILES
 
 def peer_certificate(data: bytes) -> None:
-    """A peer's TLS certificate (QUIC and the relay's TCP listener): parsed, then its key read as
-    a node id. Parsing may refuse with ValueError (aioquic answers bad_certificate); the key
-    check only with IdentityError."""
-    from cryptography import x509
-
-    from spt.core.net.pinning import peer_id_from_certificate
+    """A peer's TLS certificate (the relay's TCP listener's, and what QUIC's pinning reads):
+    parsed, then its key read as a node id; refused only with IdentityError."""
+    from spt.core.net.pinning import peer_id_from_der
 
     candidates = [data]
     if data:  # our certificate with another key type (the key's OID ends in data[0]) and key bytes
         key = data[1:33].ljust(32, b"\0")
         candidates.append(_CERT[:_SPKI] + bytes((data[0],)) + _CERT[_SPKI + 1 : _SPKI + 4] + key + _CERT[_SPKI + 36 :])
     for der in candidates:
-        try:
-            cert = x509.load_der_x509_certificate(der)
-        except ValueError:
-            continue
         with contextlib.suppress(SptError):
-            assert len(peer_id_from_certificate(cert).raw) == 32
+            assert len(peer_id_from_der(der).raw) == 32
 
 
 def _certificate() -> tuple[bytes, int]:

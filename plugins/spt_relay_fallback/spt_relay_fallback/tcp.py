@@ -42,12 +42,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from spt.core.errors import IdentityError, PeerError
 from spt.core.identity import NodeId, NodeKey
-from spt.core.net.pinning import make_certificate, peer_id_from_certificate
+from spt.core.net.pinning import make_certificate, peer_id_from_der
 
 log = logging.getLogger(__name__)
 
@@ -297,8 +296,8 @@ def client_context() -> ssl.SSLContext:
 def check_relay_key(der: bytes | None, relay: NodeId) -> None:
     """TransitError unless the listener's certificate carries the relay's pinned key."""
     try:
-        seen = peer_id_from_certificate(x509.load_der_x509_certificate(der)) if der else None
-    except (IdentityError, ValueError):
+        seen = peer_id_from_der(der) if der else None
+    except IdentityError:
         seen = None
     if seen != relay:
         raise TransitError(relay.short, "the relay's TCP listener presented another key")

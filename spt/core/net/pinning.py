@@ -115,6 +115,16 @@ def make_certificate(key: NodeKey) -> x509.Certificate:
     )
 
 
+def peer_id_from_der(der: bytes) -> NodeId:
+    """`peer_id_from_certificate` of a certificate's DER bytes; IdentityError when they do not
+    parse (cryptography raises InvalidVersion, not ValueError, for a bad version field)."""
+    try:
+        cert = x509.load_der_x509_certificate(der)
+    except (ValueError, x509.InvalidVersion) as exc:
+        raise IdentityError("", f"peer certificate does not parse: {exc}") from exc
+    return peer_id_from_certificate(cert)
+
+
 def peer_id_from_certificate(cert: x509.Certificate) -> NodeId:
     """The raw Ed25519 key in `cert`; IdentityError when it holds any other kind of key."""
     try:
