@@ -21,6 +21,10 @@ def at_a_terminal(node, *args, until, keys=None, sig=None, timeout=20.0):
     skip_unless_root(args)
     pid, fd = pty.fork()
     if pid == 0:  # the child: exec at once, nothing else (it is a fork of pytest)
+        # as a shell starts a foreground job: SIGINT delivered and handled by default, whatever
+        # the pytest worker that forked had (an ignored or blocked signal survives exec)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.execve(sys.executable, [sys.executable, "-m", "spt", *args], node.env)
     screen = b""
     deadline = time.monotonic() + timeout
