@@ -343,7 +343,14 @@ class Connection:
         now = self._loop.time()
         self._last_rx = now
         self.heard_back = True
-        self._quic.receive_datagram(data, addr, now=now)
+        try:
+            self._quic.receive_datagram(data, addr, now=now)
+        except Exception:
+            # aioquic let through an error it should have made a connection error (a crafted
+            # packet reaching one of its gaps): it costs this connection, never the listener.
+            log.exception("QUIC failed on a received packet", extra={"addr": f"{addr[0]}:{addr[1]}"})
+            self.close("internal error on a received packet", code=CloseCode.PROTOCOL)
+            return
         self._process()
         self._transmit()
 

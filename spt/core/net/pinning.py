@@ -85,6 +85,7 @@ PRIVATE_NAMES: Final[dict[str, tuple[str, ...]]] = {
         "_client_handle_certificate_verify",
         "_server_handle_certificate",
         "_server_handle_certificate_verify",
+        "_set_peer_certificate",
         "_setup_traffic_protection",
         "_request_client_certificate",
         "_peer_certificate",
@@ -200,6 +201,16 @@ class _PinnedContext(tls.Context):
             self.spt_refusal = reason
             raise _AccessDenied(reason)
         self.spt_peer = peer
+
+    def _set_peer_certificate(self, certificate: tls.Certificate) -> None:
+        # aioquic turns only ValueError into bad_certificate; cryptography raises InvalidVersion
+        # for a bad version field, which would escape the datagram handler and leave the
+        # handshake hanging. Both sides parse here (client and server certificates alike).
+        try:
+            super()._set_peer_certificate(certificate)
+        except x509.InvalidVersion as exc:
+            self.spt_refusal = f"peer certificate does not parse: {exc}"
+            raise tls.AlertBadCertificate(self.spt_refusal) from exc
 
     def _client_handle_certificate_verify(self, input_buf: Buffer) -> None:
         # super() checks the CertificateVerify signature (possession of the key); the key itself

@@ -27,6 +27,7 @@ METHODS = {
         "_client_handle_certificate_verify": ["self", "input_buf"],
         "_server_handle_certificate": ["self", "input_buf"],
         "_server_handle_certificate_verify": ["self", "input_buf"],
+        "_set_peer_certificate": ["self", "certificate"],
         "_setup_traffic_protection": ["self", "direction", "epoch", "label"],
     },
 }

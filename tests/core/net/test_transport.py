@@ -7,13 +7,16 @@ import time
 
 import msgspec
 import pytest
+from aioquic import tls
 from aioquic.asyncio import connect as aioquic_connect
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import ConnectionTerminated
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from spt.core.errors import LocalProtocolError, UnreachableError
 from spt.core.identity import NodeKey
+from spt.core.net import pinning
 from spt.core.net.pinning import make_certificate
 from spt.core.net.transport import (
     ALPN_JOIN,
@@ -150,6 +153,56 @@ async def test_a_client_without_certificate_is_refused_inside_the_handshake_on_b
     (record,) = records(caplog, "incoming handshake failed")
     assert record.reason == "refused: the client presented no certificate"
     assert a.connections() == []
+
+
+class _MangledCertificate:
+    """What aioquic's client sends as its certificate: ours with the version field set to 5,
+    which cryptography refuses with InvalidVersion (not a ValueError, all aioquic catches)."""
+
+    def __init__(self, key):
+        der = make_certificate(key).public_bytes(Encoding.DER)
+        v3 = der.index(bytes.fromhex("a003020102"))  # [0] EXPLICIT INTEGER 2
+        self.der = der[: v3 + 4] + b"\x05" + der[v3 + 5 :]
+
+    def public_bytes(self, encoding):
+        return self.der
+
+
+@pytest.mark.parametrize("layer", ["pinning", "connection guard"])
+async def test_a_stranger_certificate_that_does_not_parse_costs_its_connection_not_the_listener(
+    make, caplog, monkeypatch, layer
+):
+    if layer == "connection guard":  # without the pinning fix, the catch-all in Connection holds
+        monkeypatch.setattr(pinning._PinnedContext, "_set_peer_certificate", tls.Context._set_peer_certificate)
+    caplog.set_level(logging.INFO, logger=LOG)
+    escaped = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _loop, context: escaped.append(context))
+    ka, kb = NodeKey.generate(), NodeKey.generate()
+    a = await make(ka, members=[kb.node_id])
+    stranger = NodeKey.generate()
+    config = QuicConfiguration(is_client=True, alpn_protocols=[ALPN_JOIN], verify_mode=0)  # CERT_NONE
+    config.certificate = _MangledCertificate(stranger)
+    config.private_key = stranger.crypto_key
+    host, port = a.sockname
+    try:
+        async with asyncio.timeout(5):
+            async with aioquic_connect(host, port, configuration=config, create_protocol=RecordingProtocol) as client:
+                await client.wait_closed()  # the listener answers: no half-open handshake left
+            await wait_for_record(caplog, "incoming handshake failed")
+            b = await make(kb, members=[ka.node_id])
+            conn = await b.connect(a.node_id, [a.sockname])
+            assert (await conn.request("ping", 1)).body == 1
+    finally:
+        loop.set_exception_handler(None)
+    assert escaped == []
+    (record,) = records(caplog, "incoming handshake failed")
+    if layer == "pinning":
+        assert client.terminated.error_code == 0x100 + 42  # TLS alert bad_certificate
+        assert record.reason == "refused: peer certificate does not parse: 5 is not a valid X509 version"
+    else:
+        assert record.reason == "internal error on a received packet"
+    assert [c.peer for c in a.connections()] == [kb.node_id]
 
 
 @pytest.mark.parametrize("round_", range(4))
