@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from spt.core.errors import PeerError, Refusal, RemoteProtocolError, SptError
 from spt_filetransfer import channel, simopen
-from spt_filetransfer.dataserver import HANDSHAKE_SECONDS, MAX_CONNECTIONS
+from spt_filetransfer.dataserver import HANDSHAKE_SECONDS
 from spt_filetransfer.wire import as_map, check_tid
 
 if TYPE_CHECKING:
@@ -138,13 +138,6 @@ class DataPaths:
 
     def __init__(self, svc: FileService) -> None:
         self.svc = svc
-        # the receiver's data connections in the making: simultaneous opens (a thread and a
-        # bound port each, up to PUNCH_SECONDS) and transit joins (a thread and a connection to
-        # the relay each, up to its TRANSIT_WAIT). Bounded like the data connections, or one
-        # member's file.punch / file.transit requests, answered at once, would start threads
-        # without limit
-        self._opening = 0
-        self._opening_lock = threading.Lock()
 
     @property
     def _host(self) -> str:
@@ -286,14 +279,11 @@ class DataPaths:
             probe.close()
 
     def _check_data_request(self, conn: Any, body: Any, tid: str) -> None:
-        """Refuse unless this peer has an active incoming transfer, an open data session and a
-        free data connection slot."""
+        """Refuse unless this peer has an active incoming transfer and an open data session."""
         svc = self.svc
         svc._incoming_for(conn, body, tid)  # an active transfer from this very peer, in the named subnet
         if not svc.server.has_session(tid):
             raise Refusal("FILE_UNKNOWN", tid, "no open data session for this transfer (file.open first)")
-        if svc.server.crowded():
-            raise Refusal("FILE_BUSY", tid, "too many data connections")
 
     async def req_punch(self, conn: Any, frame: Any) -> tuple[str, Any]:
         """The sender proposes a TCP simultaneous open: answer our port and start ours at once."""
@@ -311,23 +301,24 @@ class DataPaths:
         if why is not None:
             log.info("no TCP simultaneous open", extra={"tid": tid, "reason": why})
             return "file.punch", {"ok": False, "reason": why}
-        self._start_opening(tid)
+        owner = self._start_opening(conn, tid)
         try:
             sock = simopen.reserve(self._host)
         except BaseException:
-            self._done_opening()
+            self.svc.server.give_slot(owner)
             raise
         deadline = time.monotonic() + PUNCH_SECONDS
 
         def run() -> None:
             try:
                 raw = simopen.open_direct(sock, (host, offer.port), deadline=deadline)
-            except (OSError, ValueError) as exc:
+            except BaseException as exc:
+                self.svc.server.give_slot(owner)  # nothing to serve
+                if not isinstance(exc, (OSError, ValueError)):
+                    raise
                 log.info("no TCP simultaneous open", extra={"tid": tid, "reason": str(exc)})
                 return
-            finally:
-                self._done_opening()
-            self.svc.server.serve(raw, "tcp-punched")
+            self.svc.server.serve(raw, "tcp-punched", owner)
 
         port = sock.getsockname()[1]
         # ours starts before the answer leaves; through dropping NATs either SYN may come first
@@ -335,19 +326,20 @@ class DataPaths:
             threading.Thread(target=run, name="spt-file-punch", daemon=True).start()
         except BaseException:
             sock.close()
-            self._done_opening()
+            self.svc.server.give_slot(owner)
             raise
         return "file.punch", {"ok": True, "port": port}
 
-    def _start_opening(self, tid: str) -> None:
-        with self._opening_lock:
-            if self._opening >= MAX_CONNECTIONS:
-                raise Refusal("FILE_BUSY", tid, "too many data connections are being opened")
-            self._opening += 1
-
-    def _done_opening(self) -> None:
-        with self._opening_lock:
-            self._opening -= 1
+    def _start_opening(self, conn: Any, tid: str) -> str:
+        """A data connection slot for the asking member (its owner name), or FILE_BUSY. A data
+        connection in the making (a simultaneous open: a thread and a bound port for up to
+        PUNCH_SECONDS; a transit join: a thread and a connection to the relay for up to its
+        TRANSIT_WAIT) holds one, or a member's requests, answered at once, would start threads
+        without limit."""
+        owner = str(conn.peer.hex)
+        if not self.svc.server.take_slot(owner):
+            raise Refusal("FILE_BUSY", tid, "too many data connections, or this node holds its share of them")
+        return owner
 
     async def req_transit(self, conn: Any, frame: Any) -> tuple[str, Any]:
         """The sender invites us to a bulk transit: join it on a thread and serve the data there."""
@@ -360,21 +352,22 @@ class DataPaths:
         if transit is None or not isinstance(invitation, dict):
             raise Refusal("NO_TRANSIT", str(via), "this node has no such bulk transit")
         peer = conn.peer
-        self._start_opening(tid)
+        owner = self._start_opening(conn, tid)
 
         def run() -> None:
             try:
                 sock = transit.join(svc.rt, peer, invitation)
-            except (OSError, SptError) as exc:
+            except BaseException as exc:
+                svc.server.give_slot(owner)  # nothing to serve
+                if not isinstance(exc, (OSError, SptError)):
+                    raise
                 log.info("bulk transit not joined", extra={"tid": tid, "via": via, "reason": str(exc)})
                 return
-            finally:
-                self._done_opening()
-            svc.server.serve(sock, "transit")
+            svc.server.serve(sock, "transit", owner)
 
         try:
             threading.Thread(target=run, name="spt-file-transit", daemon=True).start()
         except BaseException:
-            self._done_opening()
+            svc.server.give_slot(owner)
             raise
         return "ok", {"ok": True}

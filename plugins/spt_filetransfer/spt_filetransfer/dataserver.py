@@ -23,14 +23,18 @@ from spt_filetransfer import channel
 from spt_filetransfer.db import TransferFailedError
 from spt_filetransfer.inbox import Incoming, TransferGoneError
 
-__all__ = ["HANDSHAKE_SECONDS", "ChunkWriter", "DataServer"]
+__all__ = ["HANDSHAKE_SECONDS", "MAX_CONNECTIONS", "MAX_PER_OWNER", "ChunkWriter", "DataServer"]
 
 log = logging.getLogger(__name__)
 
 HANDSHAKE_SECONDS: Final = 3.0  # the keyed handshake on a connected socket
 IO_SECONDS: Final = 60.0
 SESSION_SECONDS: Final = 600.0
-MAX_CONNECTIONS: Final = 32
+MAX_CONNECTIONS: Final = 32  # data connections, and ones being opened (punches, transit joins)
+MAX_PER_OWNER: Final = 8
+"""Of those, what one member may hold, so one cannot starve the others (its four concurrent
+transfers need four, and a replacement each); a listener connection counts against its source
+address until its header names a transfer, then against that transfer's member."""
 WRITE_QUEUE: Final = 4  # verified chunks waiting for the writer thread
 WRITE_BATCH: Final = 4  # chunks the writer takes off the queue for one write
 
@@ -46,18 +50,20 @@ class DataServer:
         self._incoming = incoming
         self._record_path = record_path
         self._failed = failed
-        self.sessions: dict[str, tuple[bytes, float]] = {}
+        self.sessions: dict[str, tuple[bytes, float, str]] = {}  # tid -> key, expiry, member
         self.listener: socket.socket | None = None
-        self.socks: set[socket.socket] = set()
+        self.socks: dict[socket.socket, str] = {}  # -> its slot's owner
+        self._held: dict[str, int] = {}  # owner (a member's key hex, or "addr " + host) -> slots
         self.by_tid: dict[str, socket.socket] = {}
         self._lock = threading.Lock()
         self._closing = False
 
-    def open_session(self, tid: str) -> bytes:
-        """A fresh key for the transfer's data connections (handed to the sender over QUIC)."""
+    def open_session(self, tid: str, member: str) -> bytes:
+        """A fresh key for the transfer's data connections (handed to the sender over QUIC);
+        `member` is the sender's key in hex, whose share of the slots they count against."""
         key = channel.new_key()
         with self._lock:
-            self.sessions[tid] = (key, time.monotonic() + SESSION_SECONDS)
+            self.sessions[tid] = (key, time.monotonic() + SESSION_SECONDS, member)
         return key
 
     def has_session(self, tid: str) -> bool:
@@ -65,9 +71,27 @@ class DataServer:
             session = self.sessions.get(tid)
         return session is not None and session[1] >= time.monotonic()
 
-    def crowded(self) -> bool:
+    def take_slot(self, owner: str) -> bool:
+        """Hold a data connection slot for `owner` (then `serve` it, or `give_slot` back);
+        False when all are taken or `owner` holds its share."""
         with self._lock:
-            return len(self.socks) >= MAX_CONNECTIONS
+            return self._take(owner)
+
+    def give_slot(self, owner: str) -> None:
+        with self._lock:
+            self._give(owner)
+
+    def _take(self, owner: str) -> bool:  # under the lock
+        held = self._held.get(owner, 0)
+        if held >= MAX_PER_OWNER or sum(self._held.values()) >= MAX_CONNECTIONS:
+            return False
+        self._held[owner] = held + 1
+        return True
+
+    def _give(self, owner: str) -> None:  # under the lock
+        held = self._held.pop(owner, 0) - 1
+        if held > 0:
+            self._held[owner] = held
 
     def forget(self, tid: str) -> None:
         """The transfer completed: no more data connections for it."""
@@ -114,19 +138,26 @@ class DataServer:
     def _accept_loop(self, listener: socket.socket) -> None:
         while not self._closing:
             try:
-                sock, _addr = listener.accept()
+                sock, addr = listener.accept()
             except OSError:
                 return
-            if self.crowded():
+            owner = f"addr {addr[0]}"
+            if not self.take_slot(owner):
                 sock.close()
                 continue
-            threading.Thread(target=self.serve, args=(sock,), name="spt-file-data", daemon=True).start()
+            try:
+                threading.Thread(target=self.serve, args=(sock, "tcp", owner), name="spt-file-data", daemon=True).start()
+            except BaseException:
+                sock.close()
+                self.give_slot(owner)
+                raise
 
-    def serve(self, sock: socket.socket, kind: str = "tcp") -> None:
+    def serve(self, sock: socket.socket, kind: str, owner: str) -> None:
         """Serve one data connection until it ends (blocking; on its own thread): the keyed
-        handshake, then verified chunks into the transfer. `kind` is the path recorded."""
+        handshake, then verified chunks into the transfer. `kind` is the path recorded; the
+        connection holds a slot `owner` took, which passes to the transfer's member."""
         with self._lock:
-            self.socks.add(sock)
+            self.socks[sock] = owner
         tid = ""
         try:
             sock.settimeout(HANDSHAKE_SECONDS + 2)
@@ -136,7 +167,7 @@ class DataServer:
             tid = raw_tid.hex()
             with self._lock:
                 session = self.sessions.get(tid)
-            if session is None or session[1] < time.monotonic():
+            if session is None or session[1] < time.monotonic() or not self._pass_slot(sock, session[2]):
                 return
             server_salt = os.urandom(channel.SALT)
             sock.sendall(server_salt)
@@ -189,12 +220,26 @@ class DataServer:
                 with contextlib.suppress(OSError, SptError):
                     inc2.flush()
             with self._lock:
-                self.socks.discard(sock)
+                held_by = self.socks.pop(sock, None)
+                if held_by is not None:
+                    self._give(held_by)
                 if tid and self.by_tid.get(tid) is sock:
                     del self.by_tid[tid]
             with contextlib.suppress(OSError):
                 sock.close()
 
+    def _pass_slot(self, sock: socket.socket, member: str) -> bool:
+        """The slot of `sock` now counts against `member`; False (slot given up) over its share."""
+        with self._lock:
+            owner = self.socks[sock]
+            if owner == member:
+                return True
+            self._give(owner)
+            if self._take(member):
+                self.socks[sock] = member
+                return True
+            del self.socks[sock]
+            return False
 
 
 class ChunkWriter:

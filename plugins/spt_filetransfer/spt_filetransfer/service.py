@@ -1115,7 +1115,7 @@ class FileService:
         reply = self._status_body(tid)
         if body.get("tcp") and reply.get("state") not in FINAL_STATES:
             port = self.server.ensure_listener()
-            reply.update(key=self.server.open_session(tid))  # keys every path, the listener's or not
+            reply.update(key=self.server.open_session(tid, conn.peer.hex))  # keys every path, the listener's or not
             # behind a NAT (the sender reaches us at an address we do not have) the listener's
             # port is closed to it: the sender goes straight to a simultaneous open
             if port is not None and self.paths.listener_reachable(body.get("seen"), str(conn.remote_addr[0])):
