@@ -111,6 +111,9 @@ def test_runs_from_aligned_buffers_go_direct_and_the_tail_and_resent_chunks_stil
     assert all(inc.verify(0, c, aligned[c], running=True) for c in range(6))  # in order, as the data thread
     inc.store_run(0, 0, aligned[:3], aligned=True, hashed=True)
     assert inc.verified[0] == {0, 1, 2} and not inc.complete
+    partial = os.stat(tmp_path / "ep" / "inbox" / TID / "f.bin.partial")
+    # its final size but not preallocated: unwritten extents slowed every O_DIRECT write
+    assert partial.st_size == len(data) and partial.st_blocks * 512 < 4 * CHUNK
     direct = inc._direct.get(0)
     with mock.patch.object(Incoming, "_whole_hash", side_effect=AssertionError("read back")):
         inc.store_run(0, 2, aligned[2:6], aligned=True, hashed=True)  # chunk 2 again (a resend) among new ones
