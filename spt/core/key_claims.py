@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 from spt.core.errors import IdentityError, PeerError, Refusal, RemoteProtocolError
 from spt.core.identity import NodeId, NodeKey
 from spt.core.net.connections import Connection
+from spt.core.net.sources import source_group
 from spt.core.net.transport import ALPN_JOIN
 from spt.core.proto import join as jp
 from spt.core.proto.canonical import canonical_bytes
@@ -228,7 +229,7 @@ class KeyClaims:
     # -- the member ------------------------------------------------------------------------
 
     def _source_allows(self, host: str, now: float) -> bool:
-        """At most MAX_CLAIMS_PER_SOURCE new claims per source address per window."""
+        """At most MAX_CLAIMS_PER_SOURCE new claims per source (`source_group`) per window."""
         times = self._by_source.setdefault(host, deque())
         while times and times[0] < now - SOURCE_WINDOW:
             times.popleft()
@@ -268,7 +269,7 @@ class KeyClaims:
             return "error", {"code": "too-many", "message": "too many key changes pending in this subnet"}
         host, port = conn.remote_addr
         now = time.time()
-        if not self._source_allows(host, now):
+        if not self._source_allows(source_group(host), now):
             return "error", {"code": "too-many", "message": "too many key-change claims from this address; try later"}
         with self.store.transaction():
             self.store.db.execute(

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Final
 
 from spt.core.errors import SptError
+from spt.core.net.sources import source_group
 from spt_filetransfer import channel
 from spt_filetransfer.db import TransferFailedError
 from spt_filetransfer.inbox import Incoming, TransferGoneError
@@ -34,7 +35,8 @@ MAX_CONNECTIONS: Final = 32  # data connections, and ones being opened (punches,
 MAX_PER_OWNER: Final = 8
 """Of those, what one member may hold, so one cannot starve the others (its four concurrent
 transfers need four, and a replacement each); a listener connection counts against its source
-address until its header names a transfer, then against that transfer's member."""
+address (an IPv6 /64: `source_group`) until its header names a transfer, then against that
+transfer's member."""
 WRITE_QUEUE: Final = 4  # verified chunks waiting for the writer thread
 WRITE_BATCH: Final = 4  # chunks the writer takes off the queue for one write
 
@@ -141,7 +143,7 @@ class DataServer:
                 sock, addr = listener.accept()
             except OSError:
                 return
-            owner = f"addr {addr[0]}"
+            owner = f"addr {source_group(str(addr[0]))}"
             if not self.take_slot(owner):
                 sock.close()
                 continue

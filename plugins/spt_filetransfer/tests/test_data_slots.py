@@ -13,6 +13,7 @@ import select
 import socket
 import time
 
+import pytest
 from spt_filetransfer import channel
 from spt_filetransfer.dataserver import MAX_CONNECTIONS, MAX_PER_OWNER, DataServer
 
@@ -75,4 +76,33 @@ def test_one_member_or_one_address_holds_at_most_its_share_of_the_data_slots():
     finally:
         for sock in held:
             sock.close()
+        server.stop()
+
+
+@pytest.mark.lab
+def test_addresses_of_one_ipv6_64_share_one_sources_slots(netns_lab):
+    """IPv6: an attacker draws a fresh address from its /64 for every connection."""
+    lab = netns_lab(ipv6=True)
+    lab.lan(1)
+    (host,) = lab.hosts()
+    lab.run(host, ["sysctl", "-qw", "net.ipv6.ip_nonlocal_bind=1"])  # bind anywhere in the two /64s
+    for net in ("fd00:64::/64", "fd00:65::/64"):
+        lab.run(host, ["ip", "-6", "route", "add", "local", net, "dev", "lo"])
+    server = DataServer("fd00:64::1", incoming=lambda tid: None, record_path=lambda tid, kind: None,
+                        failed=lambda tid, why: None)
+    port = lab.call(host, server.ensure_listener)  # the listener lives in the lab; its thread need not
+    bob = os.urandom(16)
+    server.open_session(bob.hex(), "cd" * 32)
+
+    def connect6(source: str) -> socket.socket:
+        sock = lab.open_socket(host, socket.SOCK_STREAM, family=socket.AF_INET6, bind=(source, 0))
+        sock.settimeout(5)
+        sock.connect(("fd00:64::1", port))
+        return sock
+
+    try:
+        silent = [connect6(f"fd00:64::{i + 2:x}:1") for i in range(ATTEMPTS)]  # each its own address
+        assert hung_up(silent, ATTEMPTS - MAX_PER_OWNER) == ATTEMPTS - MAX_PER_OWNER  # before: 8 (32 held)
+        assert served(connect6("fd00:65::1"), bob), "a member from another /64 found no free slot"
+    finally:
         server.stop()

@@ -34,7 +34,8 @@ The protocol, as a node sees it (our design where the spec leaves it open):
 
 Limits (all on by default): per-node byte-rate caps (token bucket, drops beyond it;
 `DEFAULT_RATE`), a node count, at most `MAX_PER_SOURCE` registered nodes and `REGISTER_BURST`
-registrations a minute per source address, the mapping port answering each address at most
+registrations a minute per source address (an IPv6 /64 counts as one: `source_group`), the
+mapping port answering each address at most
 `MAPPING_PER_SECOND` times a second, the allow-list and the token. Forwarding goes only to an
 address QUIC has validated for the destination's connection (a migrated, unvalidated path is not
 followed). Frames on `spt-relay/1` get the open limits of `spt.core.proto.frames`. The relay
@@ -67,6 +68,7 @@ from spt.core.net.paths import (
     RELAY_SEND,
     TOKEN_BYTES,
 )
+from spt.core.net.sources import source_group
 from spt.core.net.transport import ALPN_RELAY, Transport, serve_requests
 from spt.core.proto.frames import Frame
 from spt_relay_fallback.tcp import TcpListener
@@ -161,7 +163,7 @@ class _AltPort(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
         if len(data) == 9 and data[0] == MAPPING_ASK and self.udp is not None:
-            if not self.buckets.take(addr[0]):
+            if not self.buckets.take(source_group(addr[0])):
                 self.dropped += 1
                 return
             self.answered += 1
@@ -282,7 +284,8 @@ class RelayServer:
     async def _register(self, conn: Connection, frame: Frame) -> tuple[str, Any]:
         body = frame.body if isinstance(frame.body, dict) else {}
         host = conn.remote_addr[0]
-        if not self._registrations.take(host):
+        source = source_group(host)
+        if not self._registrations.take(source):
             self.stats["refused"] += 1
             raise Refusal("RATE_LIMITED", host, f"at most {REGISTER_PER_MINUTE} registrations a minute from one address")
         if self.token is not None:
@@ -297,7 +300,7 @@ class RelayServer:
         if old is None and len(self._nodes) >= self.max_nodes:
             self.stats["refused"] += 1
             raise Refusal("RELAY_FULL", conn.peer.short, f"this relay serves at most {self.max_nodes} nodes")
-        if old is None and sum(1 for n in self._nodes.values() if n.addr[0] == host) >= self.max_per_source:
+        if old is None and sum(1 for n in self._nodes.values() if source_group(n.addr[0]) == source) >= self.max_per_source:
             self.stats["refused"] += 1
             raise Refusal("RELAY_FULL", host, f"this relay serves at most {self.max_per_source} nodes per address")
         if old is not None:
@@ -373,7 +376,7 @@ class RelayServer:
         peer = NodeId(raw)
         if peer == conn.peer or peer not in self._nodes:
             raise Refusal("NOT_REGISTERED", peer.short, "the peer is not registered at this relay")
-        tickets = self.tcp.issue(conn.peer, peer, conn.remote_addr[0])
+        tickets = self.tcp.issue(conn.peer, peer, source_group(conn.remote_addr[0]))
         if tickets is None:
             raise Refusal("RELAY_FULL", conn.peer.short, "too many transits are open at this relay, or waiting for this node's peers")
         return "relay.transit", {"ticket": tickets[0], "peer_ticket": tickets[1], "tcp_port": self.tcp.port}
@@ -384,7 +387,8 @@ class RelayServer:
         peer = writer.get_extra_info("peername")
         addr: Address = (str(peer[0]), int(peer[1]))
         in_use = addr in self._tunnels or any(n.addr == addr for n in self._nodes.values())
-        same_source = sum(1 for a in self._tunnels if a[0] == addr[0])
+        source = source_group(addr[0])
+        same_source = sum(1 for a in self._tunnels if source_group(a[0]) == source)
         if in_use or same_source >= MAX_PER_SOURCE or len(self._tunnels) >= self.max_nodes:
             log.info("UDP-over-TCP tunnel refused", extra={"addr": f"{addr[0]}:{addr[1]}"})
             return

@@ -24,7 +24,8 @@ Limits: `max_transits` live transits, of those not matched yet at most `MAX_WAIT
 asked by one node and `MAX_WAITING_PER_SOURCE` from one address (a ticket request beyond any is
 refused with `RELAY_FULL`), tickets expire after `TRANSIT_WAIT`, a connection must finish TLS and send its ticket within
 `HELLO_TIMEOUT` each, and one source address has at most `MAX_PENDING_PER_SOURCE` connections
-not matched yet (counted from the accept, TLS handshakes included).
+not matched yet (counted from the accept, TLS handshakes included). A source address is an
+IPv4 address or an IPv6 /64 (`spt.core.net.sources.source_group`).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from cryptography.hazmat.primitives import serialization
 from spt.core.errors import IdentityError, PeerError
 from spt.core.identity import NodeId, NodeKey
 from spt.core.net.pinning import make_certificate, peer_id_from_der
+from spt.core.net.sources import source_group
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +163,7 @@ class TcpListener:
 
     def issue(self, asker: NodeId, peer: NodeId, source: str) -> tuple[bytes, bytes] | None:
         """(asker's ticket, peer's ticket), or None when `max_transits` are live, or the asker
-        has MAX_WAITING_PER_NODE waiting, or its address MAX_WAITING_PER_SOURCE."""
+        has MAX_WAITING_PER_NODE waiting, or its `source` (a `source_group`) MAX_WAITING_PER_SOURCE."""
         if self.live() >= self.max_transits:
             return None
         of_asker, of_source = self.waiting(asker, source)
@@ -176,7 +178,7 @@ class TcpListener:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
-        source = str(peer[0]) if peer else ""
+        source = source_group(str(peer[0])) if peer else ""
         if self._pending.get(source, 0) >= MAX_PENDING_PER_SOURCE:
             self.stats["refused"] += 1
             writer.close()

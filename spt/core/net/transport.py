@@ -62,6 +62,7 @@ from spt.core.net.pinning import (
     make_certificate,
     make_configuration,
 )
+from spt.core.net.sources import source_group
 
 __all__ = [
     "ALPN_JOIN",
@@ -102,8 +103,9 @@ DEFAULT_IDLE_TIMEOUT: Final = 60.0
 DEFAULT_STREAM_WINDOW: Final = 1024 * 1024
 DEFAULT_CONNECTION_WINDOW: Final = 4 * 1024 * 1024
 UNPROVED_PER_SOURCE: Final = 4
-"""Incoming connections one source address may have open that proved no membership (join and
-relay connections, see `Connection.unproved`); the same number again of handshakes in progress."""
+"""Incoming connections one source (an IPv4 address, an IPv6 /64: `source_group`) may have open
+that proved no membership (join and relay connections, see `Connection.unproved`); the same
+number again of handshakes in progress."""
 MAX_UNPROVED: Final = 256
 """Such connections from all sources together: members keep the rest of `max_connections`."""
 MAX_HANDSHAKING: Final = 256
@@ -177,7 +179,7 @@ class Transport:
     `stream_window` / `connection_window` bound received-but-unconsumed bytes (flow control).
     `dial_stagger` (s) is the head start each address gets before the next one is tried.
     `dial_alpns` are ALPNs this transport may dial without serving them (the relay's).
-    `unproved_per_source` caps a source address's incoming join or relay connections, and
+    `unproved_per_source` caps a source's (`source_group`) incoming join or relay connections, and
     separately its handshakes in progress: Initials beyond it are dropped, an established
     connection beyond it is closed. Members, once proved, do not count. `max_unproved` and
     `max_handshaking` cap the same two across all sources, well under `max_connections`, so
@@ -222,8 +224,8 @@ class Transport:
         self._unproved_per_source = unproved_per_source
         self._max_unproved = max_unproved
         self._max_handshaking = max_handshaking
-        self._unproved: dict[str, set[Connection]] = {}  # established join/relay, by source host
-        self._handshaking: dict[str, set[Connection]] = {}  # incoming, by source host
+        self._unproved: dict[str, set[Connection]] = {}  # established join/relay, by source_group
+        self._handshaking: dict[str, set[Connection]] = {}  # incoming, by source_group
         self._certificate: x509.Certificate = make_certificate(key)
         self._udp: asyncio.DatagramTransport | None = None
         self._sockname: Address | None = None
@@ -709,7 +711,7 @@ class Transport:
         if sum(map(len, self._handshaking.values())) >= self._max_handshaking:
             log.debug("handshakes in progress at their cap; dropping one", extra={"addr": addr[0]})
             return
-        handshaking = self._handshaking.setdefault(addr[0], set())
+        handshaking = self._handshaking.setdefault(source_group(addr[0]), set())
         if len(handshaking) >= self._unproved_per_source:
             log.debug("handshakes per source reached; dropping one", extra={"addr": addr[0]})
             return
@@ -741,12 +743,12 @@ class Transport:
         return conn
 
     def _uncount(self, conn: Connection, budget: dict[str, set[Connection]]) -> None:
-        host = conn._remote_addr[0]
-        conns = budget.get(host)
+        source = source_group(conn._remote_addr[0])
+        conns = budget.get(source)
         if conns is not None:
             conns.discard(conn)
             if not conns:
-                del budget[host]
+                del budget[source]
 
     def _handshake_deadline(self, conn: Connection) -> None:
         if not conn.established.done():
@@ -819,7 +821,7 @@ class Transport:
             return
         self._uncount(conn, self._handshaking)
         if conn.unproved:
-            unproved = self._unproved.setdefault(conn._remote_addr[0], set())
+            unproved = self._unproved.setdefault(source_group(conn._remote_addr[0]), set())
             if len(unproved) >= self._unproved_per_source:
                 conn.close("too many connections from this address", code=CloseCode.REFUSED)
                 return
