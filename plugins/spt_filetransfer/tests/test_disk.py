@@ -6,10 +6,11 @@ The receiving node's SPT_HOME is a 160 MiB tmpfs mounted for the test, which nee
 
 from __future__ import annotations
 
-import errno
-import json
+import contextlib
 import os
+import signal
 import subprocess
+from pathlib import Path
 
 import pytest
 from ft_helpers import CONFIG, inbox, join_pair, one, random_file, wait_for
@@ -55,23 +56,25 @@ def test_too_small_is_refused_before_writing_and_a_full_disk_fails_cleanly(small
     random_file(folder / "second.bin", 40)
     sending = a.popen("file", "send", str(folder), "bob", "--wait")
     try:
-        tid = wait_for(lambda: next((t["id"] for t in _incoming(b) if t["done"] > 0), None), what="data at the receiver")
-        filler = b.home / "filler"
-        fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-        try:  # take what is left, so that the second file cannot be reserved (the first one is
-            # still being written: what is free shrinks meanwhile, so ask again for less)
-            for attempt in range(20):
-                fs = os.statvfs(b.home)
-                try:
-                    os.posix_fallocate(fd, 0, fs.f_bavail * fs.f_frsize - (attempt + 1) * MIB)
-                    break
-                except OSError as exc:
-                    if exc.errno != errno.ENOSPC:
-                        raise
-            else:
-                raise AssertionError("could not fill the receiver's disk")
+        # Stop the receiver once data arrived (the first file's partial exists; all 60 MiB take
+        # 6 s at the sender's rate, this polls every 5 ms), fill what is left while it cannot
+        # write, then let it go on: at least the second file's 40 MiB are still due and meet a
+        # full disk, whatever the machine's load (the filler no longer races the writes).
+        first = wait_for(lambda: next(inbox(b).rglob("first.bin.partial"), None), every=0.005,
+                         what="data at the receiver")
+        tid = first.relative_to(inbox(b)).parts[0]
+        b.proc.send_signal(signal.SIGSTOP)
+        try:
+            wait_for(lambda: _stopped(b.proc.pid), timeout=5, every=0.005, what="the receiver stopped")
+            assert not (first.parent / "second.bin").exists(), "inconclusive: the second file had landed"
+            fs = os.statvfs(b.home)
+            fd = os.open(b.home / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+            try:  # all but 1 MiB, which the receiver's database may need to record the failure
+                os.posix_fallocate(fd, 0, fs.f_bavail * fs.f_frsize - MIB)
+            finally:
+                os.close(fd)
         finally:
-            os.close(fd)
+            b.proc.send_signal(signal.SIGCONT)
         stdout, stderr = sending.communicate(timeout=60)
     finally:
         if sending.poll() is None:
@@ -82,6 +85,10 @@ def test_too_small_is_refused_before_writing_and_a_full_disk_fails_cleanly(small
     assert not (inbox(b) / tid).exists()  # no partial file, and nothing that looks complete
 
 
-def _incoming(node):
-    result = node.cli("file", "list", "--incoming", "--json")
-    return json.loads(result.stdout)["transfers"] if result.returncode == 0 else []
+def _stopped(pid: int) -> bool:
+    """Every thread of `pid` has stopped (a signal stops a process some time after kill() returns)."""
+    states = []
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        with contextlib.suppress(FileNotFoundError):
+            states.append(stat.read_text().rsplit(")", 1)[1].split()[0])
+    return bool(states) and all(state in "tT" for state in states)
