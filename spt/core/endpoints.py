@@ -542,6 +542,12 @@ class Endpoints:
 
     # -- sending --------------------------------------------------------------------------
 
+    def sender(self, from_id: str | None, target: Target) -> str:
+        """The id something other than a ring (a message, a plugin's file) to `target` goes out
+        as: `from_id`, given a perch here when it has none, else a transient identity kept for
+        TRANSIENT_SECONDS. What `NodeRuntime.sender` answers plugins."""
+        return self._sender(from_id, ring=False, target=target)[0]
+
     def _sender(self, from_id: str | None, *, ring: bool, target: Target) -> tuple[str, bool]:
         """The sender's id and whether it is a fresh transient identity (§4.3).
 

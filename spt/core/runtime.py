@@ -72,7 +72,7 @@ class Runtime:
         return self._daemon.endpoints.resolve(address)
 
     def sender(self, from_id: str | None, target: Any) -> str:
-        return self._daemon.endpoints._sender(from_id, ring=False, target=target)[0]
+        return self._daemon.endpoints.sender(from_id, target)
 
     def member_subnet(self, connection: Any, subnet: str) -> bool:
         sub = self._daemon.subnets.by_name(subnet)

@@ -7,6 +7,7 @@ These pin the contract the network half builds on: `forward_message`, the outgoi
 import asyncio
 import dataclasses
 import sqlite3
+import time
 
 import pytest
 
@@ -109,6 +110,20 @@ async def test_a_message_its_node_cannot_take_waits_in_the_outgoing_spool(daemon
     )
     eps.mark_forwarded(pending.msg_id)
     assert eps.pending_outgoing() == []
+
+
+async def test_a_sender_is_the_named_perch_made_here_or_a_transient_identity_kept_an_hour(daemon):
+    """What NodeRuntime.sender answers plugins (a file goes out as it), so `from` leads back."""
+    eps = daemon.endpoints
+    target = eps.resolve("far")
+    assert eps.sender("me", target) == "me"
+    assert eps.get("me").home == daemon.home.id and not eps.get("me").transient
+    assert eps.sender("me", target) == "me" and len(eps.perches()) == 1  # the same perch again
+    transient = eps.sender(None, target)
+    perch = eps.get(transient)
+    assert transient.startswith("tmp.") and perch.transient
+    (expires,) = daemon.store.query("SELECT expires FROM perches WHERE id=?", (transient,))[0]
+    assert expires == pytest.approx(time.time() + 3600, abs=60)
 
 
 async def test_the_forwarder_answers_and_unreachable_falls_back_to_queued(daemon):
