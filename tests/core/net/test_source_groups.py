@@ -1,8 +1,12 @@
 """Per-address bounds count an IPv6 /64 as one source (an attacker is handed a whole /64)."""
 
+import asyncio
+
 import pytest
 
+from spt.core.identity import NodeKey
 from spt.core.net.sources import source_group
+from spt.core.net.transport import ALPN_JOIN, UNPROVED_PER_SOURCE, AllowKeys, Transport
 
 
 @pytest.mark.parametrize(
@@ -23,3 +27,45 @@ from spt.core.net.sources import source_group
 )
 def test_source_group(host, group):
     assert source_group(host) == group
+
+
+@pytest.mark.lab
+def test_join_connections_from_one_ipv6_64_share_one_sources_bound(netns_lab):
+    """Over real IPv6 in a lab namespace: strangers on the join ALPN, each from its own address
+    of one /64, get UNPROVED_PER_SOURCE connections between them; one from another /64 gets in."""
+    lab = netns_lab(ipv6=True)
+    lab.lan(1)
+    (host,) = lab.hosts()
+    lab.run(host, ["sysctl", "-qw", "net.ipv6.ip_nonlocal_bind=1"])  # bind anywhere in the two /64s
+    for net in ("fd00:64::/64", "fd00:65::/64"):
+        lab.run(host, ["ip", "-6", "route", "add", "local", net, "dev", "lo"])
+
+    async def scenario():
+        made = []
+
+        async def transport(address):
+            t = Transport(NodeKey.generate(), host=address, accept=AllowKeys(), idle_timeout=5.0)
+            await t.start()
+            made.append(t)
+            return t
+
+        try:
+            target = await transport("fd00:64::1")
+            strangers = [await transport(f"fd00:64::{i + 2:x}:1") for i in range(UNPROVED_PER_SOURCE + 2)]
+            async with asyncio.timeout(15):
+                results = await asyncio.gather(
+                    *(s.connect_any(target.sockname, alpn=ALPN_JOIN, timeout=2.0) for s in strangers),
+                    return_exceptions=True,
+                )
+                await asyncio.sleep(0.2)  # one over the bound is closed as soon as it is established
+                held = sum(not isinstance(r, BaseException) and r.is_open for r in results)
+                other = await (await transport("fd00:65::1")).connect_any(target.sockname, alpn=ALPN_JOIN, timeout=2.0)
+            return held, other.is_open
+        finally:
+            for t in made:
+                await t.close()
+
+    # the loop runs on a thread inside the lab's namespace: every socket it opens is there
+    held, other_open = lab.call(host, lambda: asyncio.run(scenario()), timeout=30)
+    assert held == UNPROVED_PER_SOURCE  # before: each address its own source, all 6 held
+    assert other_open
