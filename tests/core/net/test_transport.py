@@ -9,6 +9,7 @@ import msgspec
 import pytest
 from aioquic import tls
 from aioquic.asyncio import connect as aioquic_connect
+from aioquic.asyncio import serve as aioquic_serve
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import ConnectionTerminated
@@ -203,6 +204,25 @@ async def test_a_stranger_certificate_that_does_not_parse_costs_its_connection_n
     else:
         assert record.reason == "internal error on a received packet"
     assert [c.peer for c in a.connections()] == [kb.node_id]
+
+
+async def test_a_server_certificate_that_does_not_parse_fails_the_dial_at_once(make):
+    """The dialling side parses the server's certificate in the same place: a hostile address
+    (a join dial goes to whatever address the user typed) is refused, not left hanging."""
+    server_key = NodeKey.generate()
+    config = QuicConfiguration(is_client=False, alpn_protocols=[ALPN_JOIN])
+    config.certificate = _MangledCertificate(server_key)
+    config.private_key = server_key.crypto_key
+    server = await aioquic_serve("127.0.0.1", 0, configuration=config)
+    try:
+        b = await make()
+        started = time.monotonic()
+        async with asyncio.timeout(5):
+            with pytest.raises(HandshakeRefusedError, match="refused: peer certificate does not parse"):
+                await b.connect_any(server._transport.get_extra_info("sockname")[:2], alpn=ALPN_JOIN, timeout=4)
+        assert time.monotonic() - started < 2  # refused, not timed out
+    finally:
+        server.close()
 
 
 @pytest.mark.parametrize("round_", range(4))
