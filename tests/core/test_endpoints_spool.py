@@ -81,6 +81,39 @@ def test_the_byte_limit_follows_deliveries_and_purges_whatever_the_case(spool):
     assert append(spool, "bob", msg("w" * 100), max_bytes=100) is None
 
 
+def test_the_spool_rebuilt_without_its_msg_id_index_keeps_rows_order_counter_and_copies_out(tmp_path, monkeypatch):
+    """Migration 11 rebuilds the spool table without the UNIQUE index on msg_id (a page written
+    per message): held rows keep their seq and their check, the AUTOINCREMENT counter goes on
+    past delivered ones, held bytes still follow, and a copy is still refused (seen_messages)."""
+    import spt.core.store as store_module
+
+    with monkeypatch.context() as patched:
+        patched.setattr(store_module, "MIGRATIONS", store_module.MIGRATIONS[:10])
+        old = Store(tmp_path / "old.db")
+        with old.transaction() as db:
+            db.execute("INSERT INTO perches(id, state, created) VALUES('bob', 'active', 0)")
+        before = Spool(old, b"k" * 32)
+        sent = [msg(f"m{i}") for i in range(4)]
+        for m in sent:
+            append(before, "bob", m)
+        before.mark_delivered(before.entries("bob")[-1])  # the highest seq is gone before the rebuild
+        old.close()
+    store = Store(tmp_path / "old.db")
+    try:
+        assert store.schema_version == len(store_module.MIGRATIONS) >= 11
+        assert not [r for r in store.query("PRAGMA index_list(spool)") if r["unique"]]
+        spool = Spool(store, b"k" * 32)
+        assert [(e.seq, e.message.body) for e in spool.entries("bob")] == [(1, "m0"), (2, "m1"), (3, "m2")]
+        assert spool.held("bob") == (3, 6)
+        assert append(spool, "bob", sent[0]) == "QUEUED"  # a copy of a held message
+        assert append(spool, "bob", sent[3]) == "SENT"  # a copy of a delivered one
+        assert append(spool, "bob", msg("m4")) is None
+        assert [e.seq for e in spool.entries("bob")] == [1, 2, 3, 5]  # 4 is never given out again
+        assert spool.held("bob") == (4, 8)
+    finally:
+        store.close()
+
+
 def test_group_commit_answers_each_write_after_one_shared_commit(spool):
     """Writes queued while the writer is busy share its next transaction; one that raises is
     undone alone; every caller hears only after its transaction committed (a fresh connection
@@ -264,3 +297,4 @@ def test_a_batch_of_writes_commits_together_and_a_refused_one_is_undone_alone(sp
     finally:
         fresh.close()
     assert held == [sent[0].id, sent[1].id, sent[3].id]
+
