@@ -15,6 +15,7 @@ import concurrent.futures
 import contextlib
 import os
 import sqlite3
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final, TypeVar
@@ -389,7 +390,8 @@ class GroupCommit:
         self._db = _connect(path)
         self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="spt-commit")
         self._queue: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
-        self._busy = False
+        self._lock = threading.Lock()  # the queue and `_busy`, shared with the writer thread
+        self._busy = False  # the writer thread holds a batch (it takes the next itself)
         self._starting = False
         self._closed = False
         self.commits = 0  # transactions run, and the writes they carried (benches and tests read them)
@@ -413,40 +415,61 @@ class GroupCommit:
         if self._closed:
             raise sqlite3.ProgrammingError("the store's writer is closed")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._queue.append((write, future))
-        if not self._busy and not self._starting:
+        with self._lock:
+            self._queue.append((write, future))
+            start = not self._busy and not self._starting
+            self._starting = self._starting or start
+        if start:
             # at the loop's next turn: writes submitted together (a batch of messages from one
             # request) then share the first transaction too, not only those behind it
-            self._starting = True
             future.get_loop().call_soon(self._start)
         return future
 
-    def _start(self) -> None:
-        self._starting = False
-        if self._busy:
-            return
+    def _take(self) -> list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]]:
+        """The next batch from the queue (with the lock held); callers gone are skipped (a
+        future's state read from the writer thread: at worst a write whose caller just left
+        runs, as it would had the caller left during the commit)."""
         batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
-        batch = [(write, future) for write, future in batch if not future.done()]  # callers gone: skip
-        if not batch:
-            return
-        self._busy = True
-        done = asyncio.get_running_loop().run_in_executor(self._thread, self._commit, [w for w, _ in batch])
-        done.add_done_callback(lambda d: self._finished(batch, d))
+        return [(write, future) for write, future in batch if not future.done()]
+
+    def _start(self) -> None:
+        with self._lock:
+            self._starting = False
+            if self._busy or self._closed:
+                return
+            batch = self._take()
+            if not batch:
+                return
+            self._busy = True
+        self._thread.submit(self._run, batch, asyncio.get_running_loop())
+
+    def _run(
+        self, batch: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]],
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        """On the writer thread: commit batches while writes wait. The next batch begins as soon
+        as one committed, without a turn of the event loop in between (under load that turn
+        took as long as the commit's own writing); the loop only hears the outcomes."""
+        while batch:
+            try:
+                outcomes: list[tuple[bool, Any]] = self._commit([w for w, _ in batch])
+            except BaseException as exc:  # the commit failed: every write of the batch with it
+                outcomes = [(False, exc)] * len(batch)
+            loop.call_soon_threadsafe(self._finished, batch, outcomes)
+            with self._lock:
+                batch = [] if self._closed else self._take()
+                self._busy = bool(batch)
 
     def _finished(
         self, batch: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]],
-        done: asyncio.Future[list[tuple[bool, Any]]],
+        outcomes: list[tuple[bool, Any]],
     ) -> None:
-        self._busy = False
         trace.mark("commit resumed")
-        outcomes = [(False, done.exception())] * len(batch) if done.exception() else done.result()
         self.commits += 1
         self.writes += len(batch)
         for (_, future), (ok, value) in zip(batch, outcomes, strict=True):
             if not future.done():
                 future.set_result(value) if ok else future.set_exception(value)
-        if self._queue and not self._closed:
-            self._start()  # what arrived during this commit goes in the next
 
     def _commit(self, writes: list[Callable[[sqlite3.Connection], Any]]) -> list[tuple[bool, Any]]:
         """On the writer thread: one transaction for the batch (raises when it did not commit)."""
@@ -471,11 +494,12 @@ class GroupCommit:
 
     async def close(self) -> None:
         """Let the batch in flight commit, refuse the queued ones, and close the connection."""
-        self._closed = True
-        for _, future in self._queue:
+        with self._lock:
+            self._closed = True
+            queued, self._queue = self._queue, []
+        for _, future in queued:
             if not future.done():
                 future.set_exception(sqlite3.ProgrammingError("the store's writer is closed"))
-        self._queue.clear()
         await asyncio.get_running_loop().run_in_executor(self._thread, self._db.close)
         self._thread.shutdown(wait=False)
 

@@ -298,3 +298,45 @@ def test_a_batch_of_writes_commits_together_and_a_refused_one_is_undone_alone(sp
         fresh.close()
     assert held == [sent[0].id, sent[1].id, sent[3].id]
 
+
+def test_the_writer_begins_the_next_batch_without_waiting_for_the_event_loop(spool):
+    """Writes queued while a commit runs go into the next transaction as soon as it committed,
+    on the writer thread: a busy event loop (here blocked outright) does not hold them up; their
+    callers hear once the loop runs again."""
+    import asyncio
+    import sqlite3
+    import threading
+
+    writer = spool.store.group_commit()
+    first_running, release_first = threading.Event(), threading.Event()
+    later = msg()
+
+    def first(db):
+        first_running.set()
+        release_first.wait(5)
+
+    def durable() -> bool:
+        fresh = sqlite3.connect(spool.store.path)
+        try:
+            return fresh.execute("SELECT COUNT(*) FROM spool WHERE msg_id=?", (later.id,)).fetchone()[0] == 1
+        finally:
+            fresh.close()
+
+    async def main():
+        held = asyncio.ensure_future(writer.run(first))
+        await asyncio.to_thread(first_running.wait, 5)
+        queued = asyncio.ensure_future(
+            writer.run(lambda db: spool.append("bob", later, max_bytes=10_000, subject="bob", db=db)))
+        await asyncio.sleep(0)  # submitted while the first commit runs
+        release_first.set()
+        deadline = time.monotonic() + 5  # the loop is blocked from here until the row is on disk
+        while not durable() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        committed_while_blocked = durable()
+        outcomes = await asyncio.gather(held, queued)
+        await writer.close()
+        return committed_while_blocked, outcomes
+
+    committed_while_blocked, outcomes = asyncio.run(main())
+    assert committed_while_blocked
+    assert outcomes == [None, None] and writer.commits == 2
