@@ -143,6 +143,7 @@ class Daemon:
         self._stopping = asyncio.Event()
         self.user_activity_at: float | None = None
         self._user_activity_written = 0.0
+        self._label: str | None = None
         self._lock_file: IO[bytes] | None = None
         self.exec_after_stop: list[str] | None = None  # set by a restart into another version
         self.store: Store
@@ -193,7 +194,11 @@ class Daemon:
 
     @property
     def label(self) -> str:
-        return self.store.get_meta("label") or self.config.label or label_from_hostname(socket.gethostname())
+        # read by every resolution snapshot (each control call and member request that sends):
+        # kept in memory; only node.label.set changes it while the daemon runs
+        if self._label is None:
+            self._label = self.store.get_meta("label") or self.config.label or label_from_hostname(socket.gethostname())
+        return self._label
 
     @property
     def port(self) -> int:
@@ -221,6 +226,7 @@ class Daemon:
         label = check_label(str(call.args.get("label", "")))
         with self.store.transaction():
             self.store.set_meta("label", label)
+        self._label = label
         # SPEC.md §3.9: the new label reaches every held subnet through its log.
         for sub in self.subnets.attached():  # a detached subnet gets the change at attach
             entry = make_label(self.key, parents=sub.log.valid_heads(), label=label, hlc=self.subnets.stamp())
