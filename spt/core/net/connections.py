@@ -340,6 +340,11 @@ class Connection:
         self._transmit()
 
     def datagram_received(self, data: bytes, addr: Address) -> None:
+        self.receive_datagram(data, addr)
+        self._transmit()
+
+    def receive_datagram(self, data: bytes, addr: Address) -> None:
+        """`datagram_received` without the transmit: the caller calls `flush` after a burst."""
         now = self._loop.time()
         self._last_rx = now
         self.heard_back = True
@@ -352,7 +357,6 @@ class Connection:
             self.close("internal error on a received packet", code=CloseCode.PROTOCOL)
             return
         self._process()
-        self._transmit()
 
     def flush(self) -> None:
         """Transmit now (used before the socket closes)."""
