@@ -53,6 +53,8 @@ _HEX = frozenset("0123456789abcdef")
 # batch's messages are spooled concurrently; `Spool.append` checks and fills it on the writer
 # thread, in the batch's order). Set by the batch's handler, read by the task that spools.
 BATCH_HELD_BACK: ContextVar[dict[str, str] | None] = ContextVar("batch_held_back", default=None)
+# the row check's encoding of its fields, made once (json.dumps with options builds an encoder per call)
+_MAC_JSON: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 HELD_BACK: Final = "an earlier message of the same batch for this perch was refused; this one stays behind it"
 
 
@@ -177,6 +179,7 @@ class Spool:
     def __init__(self, store: Store, mac_key: bytes) -> None:
         self.store = store
         self._mac_key = hashlib.sha256(MAC_DOMAIN + mac_key).digest()
+        self._keyed = hmac.new(self._mac_key, digestmod=hashlib.sha256)  # copied per row: the key is set up once
 
     # -- incoming -------------------------------------------------------------------------
 
@@ -193,8 +196,9 @@ class Spool:
             msg.window,
             msg.reply_to,
         ]
-        data = json.dumps(fields, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-        return hmac.new(self._mac_key, data, hashlib.sha256).digest()
+        mac = self._keyed.copy()
+        mac.update(_MAC_JSON.encode(fields).encode("utf-8"))
+        return mac.digest()
 
     def seen(self, msg_id: str, db: sqlite3.Connection | None = None) -> str | None:
         """ "SENT" when the id was delivered, "QUEUED" when it is held, None when new."""
@@ -218,40 +222,44 @@ class Spool:
         `BATCH_HELD_BACK`: a perch in it refuses the message with its token, and SPOOL_FULL adds it.
         """
         db = db or self.store.db
-        earlier = self.seen(msg.id, db)
-        if earlier is not None:
-            return earlier
-        if held_back is not None and perch.lower() in held_back:
-            raise Refusal(held_back[perch.lower()], subject, HELD_BACK)
-        row = db.execute("SELECT bytes FROM spool_held WHERE perch=?", (perch,)).fetchone()
-        held = int(row[0]) if row else 0
-        if held + msg.size > max_bytes:
-            if held_back is not None:
-                held_back.setdefault(perch.lower(), "SPOOL_FULL")
-            raise Refusal("SPOOL_FULL", subject, f"the perch holds {held} bytes; the limit is {max_bytes}")
         now = time.time()
-        db.execute(
-            "INSERT INTO spool(perch, msg_id, type, sender, sender_node, sender_id, attrs, body, win, "
-            "reply_to, size, arrived, mac) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            (
-                perch,
-                msg.id,
-                msg.type,
-                msg.from_,
-                msg.sender_node.raw,
-                msg.sender_id,
-                json.dumps([list(a) for a in msg.attrs]),
-                msg.body,
-                msg.window,
-                msg.reply_to,
-                msg.size,
-                now,
-                self._mac(perch, msg),
-            ),
-        )
-        db.execute(
-            "INSERT INTO seen_messages(msg_id, perch, delivered, time) VALUES(?,?,0,?)", (msg.id, perch, now)
-        )
+        # the id is recorded first: one statement both finds a copy and records a new message
+        # (a SELECT then an INSERT before); a refusal below removes the record again
+        if not db.execute(
+            "INSERT OR IGNORE INTO seen_messages(msg_id, perch, delivered, time) VALUES(?,?,0,?)", (msg.id, perch, now)
+        ).rowcount:
+            return self.seen(msg.id, db)
+        try:
+            if held_back is not None and perch.lower() in held_back:
+                raise Refusal(held_back[perch.lower()], subject, HELD_BACK)
+            row = db.execute("SELECT bytes FROM spool_held WHERE perch=?", (perch,)).fetchone()
+            held = int(row[0]) if row else 0
+            if held + msg.size > max_bytes:
+                if held_back is not None:
+                    held_back.setdefault(perch.lower(), "SPOOL_FULL")
+                raise Refusal("SPOOL_FULL", subject, f"the perch holds {held} bytes; the limit is {max_bytes}")
+            db.execute(
+                "INSERT INTO spool(perch, msg_id, type, sender, sender_node, sender_id, attrs, body, win, "
+                "reply_to, size, arrived, mac) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    perch,
+                    msg.id,
+                    msg.type,
+                    msg.from_,
+                    msg.sender_node.raw,
+                    msg.sender_id,
+                    json.dumps([list(a) for a in msg.attrs]),
+                    msg.body,
+                    msg.window,
+                    msg.reply_to,
+                    msg.size,
+                    now,
+                    self._mac(perch, msg),
+                ),
+            )
+        except Exception:  # refused, or the perch was purged meanwhile (its foreign key)
+            db.execute("DELETE FROM seen_messages WHERE msg_id=?", (msg.id,))
+            raise
         if msg.is_ring:
             db.execute(
                 "INSERT OR IGNORE INTO rings_in(ring_id, recipient, sender_node, sender_id, time) "

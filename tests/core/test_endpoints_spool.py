@@ -65,6 +65,49 @@ def test_spool_full_refuses_past_the_byte_limit(spool):
 
 
 
+def test_a_refused_message_leaves_no_record_of_its_id_so_its_retry_is_spooled(spool):
+    """The id is recorded in the statement that looks for a copy; a refusal (SPOOL_FULL, held
+    back behind one) or a perch purged meanwhile must take that record back, or the sender's
+    retry would be answered QUEUED and the message lost."""
+    import sqlite3
+
+    first, refused, held = msg("x" * 60), msg("y" * 60), msg("z")
+    assert append(spool, "bob", first, max_bytes=100) is None
+    batch: dict[str, str] = {}
+    with spool.store.transaction() as db:  # as the group commit's writer runs them: each in a savepoint
+        for m in (refused, held):
+            db.execute("SAVEPOINT w")
+            with pytest.raises(Refusal):
+                spool.append("bob", m, max_bytes=100, subject="bob", db=db, held_back=batch)
+            db.execute("RELEASE w")
+    assert batch == {"bob": "SPOOL_FULL"}
+    with spool.store.transaction() as db:
+        db.execute("SAVEPOINT w")
+        with pytest.raises(sqlite3.IntegrityError):
+            spool.append("nobody", held, max_bytes=100, subject="nobody", db=db)  # no such perch
+        db.execute("RELEASE w")
+    assert spool.seen(refused.id) is None and spool.seen(held.id) is None
+    spool.mark_delivered(spool.entries("bob")[0])
+    assert append(spool, "bob", refused, max_bytes=100) is None
+    assert append(spool, "bob", held, max_bytes=100) is None
+    assert [e.message.id for e in spool.entries("bob")] == [refused.id, held.id]
+
+
+def test_the_row_check_is_the_one_rows_already_on_disk_carry(spool):
+    """Rows spooled by earlier versions must still verify: the check is HMAC-SHA256 over the
+    compact JSON of the row's fields, under a key derived from the node's."""
+    import hashlib
+    import hmac
+    import json
+
+    m = msg("h\u00e9llo", attrs=(("json", '{"a":1}'),))
+    fields = ["bob", m.id, m.type, m.from_, m.sender_node.hex, m.sender_id, [["json", '{"a":1}']], m.body,
+              m.window, m.reply_to]
+    key = hashlib.sha256(b"spt/spool/v1" + b"k" * 32).digest()
+    old = hmac.new(key, json.dumps(fields, separators=(",", ":"), ensure_ascii=False).encode(), hashlib.sha256)
+    assert spool._mac("BOB", m) == old.digest()
+
+
 def test_the_byte_limit_follows_deliveries_and_purges_whatever_the_case(spool):
     """The held bytes are kept by triggers (not summed per arrival): an acknowledged message
     frees its bytes, a purged perch holds nothing, and ids match without regard to case."""
