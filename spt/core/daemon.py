@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import gc
 import json
 import logging
 import os
@@ -811,6 +812,10 @@ def run_daemon(cli_blocks: tuple[str, ...] = ()) -> None:
     plugins = build_plugin_manager(blocked=blocked_names(cli_blocks, config.disabled_plugins))
     daemon = Daemon(paths, config, plugins)
     asyncio.run(daemon.run())
+    # The store is closed and the loop gone: what is left is garbage the process is about to
+    # drop. Frozen, the interpreter's exit does not walk it (~0.13 s of CPU per stop, seconds on
+    # a busy machine; a test suite stops daemons hundreds of times).
+    gc.freeze()
     if daemon.exec_after_stop:
         # A restart into another version keeps the pid (service managers and the updater's
         # watchdog follow it); every descriptor is close-on-exec, the state lock included.

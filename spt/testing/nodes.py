@@ -55,6 +55,21 @@ def skip_unless_root(args: Sequence[str]) -> None:
         pytest.skip(NOT_ROOT)
 
 
+def stop_all(nodes: Sequence[Node], sig: int = signal.SIGTERM) -> None:
+    """Signal every running daemon first, then wait for each (10 s, then SIGKILL): their
+    shutdowns overlap, where one after the other a test's teardown waited for each in turn."""
+    running = [n.proc for n in nodes if n.proc is not None and n.proc.poll() is None]
+    for proc in running:
+        proc.send_signal(sig)
+    deadline = time.monotonic() + 10
+    for proc in running:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(max(0.0, deadline - time.monotonic()))
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+
+
 class Node:
     """One node: its state folder, environment, and daemon process once started."""
 
@@ -139,13 +154,7 @@ class Node:
         raise AssertionError(f"node {self.name} did not start:\n{self.log()}")
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(10)
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
+        stop_all([self], sig)
 
     def stop(self) -> None:
         self.kill(signal.SIGTERM)
@@ -270,8 +279,7 @@ class LabNodes:
         return nodes
 
     def close(self) -> None:
-        for node in self.nodes:
-            node.kill(signal.SIGTERM)
+        stop_all(self.nodes)
         shutil.rmtree(self.root, ignore_errors=True)
 
 
@@ -348,8 +356,7 @@ class NodeFactory:
         return nodes
 
     def close(self) -> None:
-        for node in self.nodes:
-            node.kill(signal.SIGTERM)
+        stop_all(self.nodes)
         shutil.rmtree(self._root, ignore_errors=True)
 
 

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from spt.testing.netns import Lab, pcap_frames, udp_datagrams
-from spt.testing.nodes import LabNode, fresh_code
+from spt.testing.nodes import LabNode, fresh_code, stop_all
 from spt.testing.traffic import listed
 from spt.testing.wait import wait_for
 
@@ -115,8 +115,7 @@ class ReachLab:
         return a, b, elapsed
 
     def stop_nodes(self) -> None:
-        for node in self.nodes:
-            node.kill(signal.SIGTERM)
+        stop_all(self.nodes)
         self.nodes.clear()
 
     def close(self) -> None:
