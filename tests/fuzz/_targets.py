@@ -511,6 +511,9 @@ def update_bundle(data: bytes) -> None:
     into.mkdir(exist_ok=True)
     for old in into.iterdir():
         old.unlink()
+    # a new file each time: ext4 flushes a file truncated and written again when it is closed
+    # (auto_da_alloc), 1-20 ms per input on a busy disk, most of this target's time
+    bundle.unlink(missing_ok=True)
     bundle.write_bytes(data)
     try:
         read_bundle(bundle, into)
