@@ -10,7 +10,7 @@ import pytest
 
 from spt.core.errors import DaemonDown
 from spt.core.ipc import call, connect
-from spt.testing.nodes import DEFAULT_CONFIG
+from spt.testing.nodes import DEFAULT_CONFIG, NodeFactory
 from spt.testing.traffic import listed
 from spt.testing.wait import wait_for
 
@@ -19,9 +19,16 @@ pytestmark = [pytest.mark.slow, pytest.mark.root]  # creates subnets (elevated)
 CONFIG = DEFAULT_CONFIG + "\n[timing]\npresence_interval = 1.0\n"
 
 
-@pytest.fixture
-def trio(spt_nodes):
-    return spt_nodes.subnet(["alpha", "beta", "gamma"], config=CONFIG)
+@pytest.fixture(scope="module")
+def trio():
+    """One subnet of three for the tests that only add endpoints: each test names its own (bob1,
+    bob2, …), so what one leaves behind (a hidden or suspended perch, rows, queued messages)
+    never meets another's. A test that changes the nodes themselves makes its own."""
+    factory = NodeFactory()
+    try:
+        yield factory.subnet(["alpha", "beta", "gamma"], config=CONFIG)
+    finally:
+        factory.close()
 
 
 def start_listener(node, endpoint_id):
@@ -32,13 +39,13 @@ def start_listener(node, endpoint_id):
 
 def test_send_reaches_a_listener_on_another_node(trio):
     a, _, c = trio
-    bob = start_listener(c, "bob")
+    bob = start_listener(c, "bob1")
     try:
-        wait_for(lambda: listed(a, "bob"), what="bob's row on alpha")
-        sent = a.cli("send", "bob", "--from", "alice", input="hello <there> & you")
-        assert (sent.returncode, sent.stdout) == (0, "SENT:bob\n")
+        wait_for(lambda: listed(a, "bob1"), what="bob1's row on alpha")
+        sent = a.cli("send", "bob1", "--from", "alice1", input="hello <there> & you")
+        assert (sent.returncode, sent.stdout) == (0, "SENT:bob1\n")
         line = bob.stdout.readline()
-        assert line == '<EVENT type="msg" from="alice">hello &lt;there&gt; &amp; you</EVENT>\n'
+        assert line == '<EVENT type="msg" from="alice1">hello &lt;there&gt; &amp; you</EVENT>\n'
     finally:
         bob.terminate()
         bob.wait(10)
@@ -46,36 +53,36 @@ def test_send_reaches_a_listener_on_another_node(trio):
 
 def test_queued_message_drains_exactly_once(trio):
     a, _, c = trio
-    start_listener(c, "bob").terminate()  # the perch exists, nobody listens
-    wait_for(lambda: listed(a, "bob"), what="bob's row on alpha")
-    queued = a.cli("send", "bob", input="while you were out")
-    assert (queued.returncode, queued.stdout) == (0, "QUEUED:bob\n")
-    first = c.cli("ready", "bob", "--once", "--timeout", "5")
+    start_listener(c, "bob2").terminate()  # the perch exists, nobody listens
+    wait_for(lambda: listed(a, "bob2"), what="bob2's row on alpha")
+    queued = a.cli("send", "bob2", input="while you were out")
+    assert (queued.returncode, queued.stdout) == (0, "QUEUED:bob2\n")
+    first = c.cli("ready", "bob2", "--once", "--timeout", "5")
     assert first.stdout.count("while you were out") == 1
-    again = c.cli("ready", "bob", "--once", "--timeout", "1")
+    again = c.cli("ready", "bob2", "--once", "--timeout", "1")
     assert again.stdout == "TIMEOUT\n"
 
 
 def test_ring_gets_the_reply_and_a_late_reply_lands_in_the_perch(trio):
     a, _, c = trio
-    bob = start_listener(c, "bob")
-    start_listener(a, "alice").terminate()
-    wait_for(lambda: listed(c, "alice") and listed(a, "bob"), what="rows")
+    bob = start_listener(c, "bob3")
+    start_listener(a, "alice3").terminate()
+    wait_for(lambda: listed(c, "alice3") and listed(a, "bob3"), what="rows")
     try:
-        ring = a.popen("ring", "bob", "--from", "alice", "--timeout", "20", stdin=subprocess.PIPE)
+        ring = a.popen("ring", "bob3", "--from", "alice3", "--timeout", "20", stdin=subprocess.PIPE)
         ring.stdin.write("are you there?")
         ring.stdin.close()
         ring.stdin = None  # communicate() must not flush it again
         assert 'ring="1">are you there?</EVENT>' in bob.stdout.readline()
-        assert c.cli("send", "alice", "--from", "bob", input="yes").stdout == "SENT:alice\n"
+        assert c.cli("send", "alice3", "--from", "bob3", input="yes").stdout == "SENT:alice3\n"
         out, err = ring.communicate(timeout=20)
-        assert ring.returncode == 0 and ">yes</EVENT>" in out and "SENT:bob" in err
+        assert ring.returncode == 0 and ">yes</EVENT>" in out and "SENT:bob3" in err
 
-        short = a.cli("ring", "bob", "--from", "alice", "--timeout", "1", input="quick?")
+        short = a.cli("ring", "bob3", "--from", "alice3", "--timeout", "1", input="quick?")
         assert (short.returncode, short.stdout) == (0, "TIMEOUT\n")
         assert "quick?" in bob.stdout.readline()
-        assert c.cli("send", "alice", "--from", "bob", input="late answer").returncode == 0
-        late = a.cli("ready", "alice", "--once", "--timeout", "5")
+        assert c.cli("send", "alice3", "--from", "bob3", input="late answer").returncode == 0
+        late = a.cli("ready", "alice3", "--once", "--timeout", "5")
         assert "late answer" in late.stdout
     finally:
         bob.terminate()
@@ -87,10 +94,10 @@ def test_a_reply_sent_the_moment_a_ring_is_acknowledged_answers_it(trio):
     arrives before that commit landed must still be stamped as the ring's answer (SPEC §4.3)."""
     a, _, c = trio
     bob = connect(c.home / "spt.sock")
-    bob.send({"v": 1, "op": "endpoint.ready", "args": {"id": "bob"}, "interactive": False})
-    assert next(bob.lines(timeout=10))["event"] == {"ready": "bob"}
-    start_listener(a, "alice").terminate()
-    wait_for(lambda: listed(c, "alice") and listed(a, "bob"), what="rows")
+    bob.send({"v": 1, "op": "endpoint.ready", "args": {"id": "bob4"}, "interactive": False})
+    assert next(bob.lines(timeout=10))["event"] == {"ready": "bob4"}
+    start_listener(a, "alice4").terminate()
+    wait_for(lambda: listed(c, "alice4") and listed(a, "bob4"), what="rows")
     answered = []
 
     def answer_each_ring() -> None:
@@ -104,14 +111,14 @@ def test_a_reply_sent_the_moment_a_ring_is_acknowledged_answers_it(trio):
                 continue
             reply = connect(c.home / "spt.sock")  # opened first: the send follows the ack at once
             bob.send({"ack": event["msg"]})
-            answered.append(call(reply, "msg.send", {"address": "alice", "from": "bob", "body": "pong"}))
+            answered.append(call(reply, "msg.send", {"address": "alice4", "from": "bob4", "body": "pong"}))
             reply.close()
 
     responder = threading.Thread(target=answer_each_ring, daemon=True)
     responder.start()
     try:
         for _ in range(15):
-            ring = a.ipc("msg.ring", {"address": "bob", "from": "alice", "body": "ping", "timeout": 10})
+            ring = a.ipc("msg.ring", {"address": "bob4", "from": "alice4", "body": "ping", "timeout": 10})
             assert ring.get("reply") is True, ring
         wait_for(lambda: len(answered) == 15, what="the last reply's answer")  # it may trail the ring's
         assert [r["token"] for r in answered] == ["SENT"] * 15
@@ -123,28 +130,28 @@ def test_a_reply_sent_the_moment_a_ring_is_acknowledged_answers_it(trio):
 
 def test_hidden_endpoint_is_neither_listed_nor_routable(trio):
     a, _, c = trio
-    start_listener(c, "bob").terminate()
-    wait_for(lambda: listed(a, "bob"), what="bob's row")
-    assert c.cli("endpoint", "visibility", "hide", "bob", "home").stdout == "HIDDEN:bob home\n"
-    wait_for(lambda: not listed(a, "bob"), what="bob's row withdrawn")
-    refused = a.cli("send", "bob", input="x")
-    assert refused.returncode == 1 and refused.stderr.startswith("NO_PERCH:bob")
+    start_listener(c, "bob5").terminate()
+    wait_for(lambda: listed(a, "bob5"), what="bob5's row")
+    assert c.cli("endpoint", "visibility", "hide", "bob5", "home").stdout == "HIDDEN:bob5 home\n"
+    wait_for(lambda: not listed(a, "bob5"), what="bob5's row withdrawn")
+    refused = a.cli("send", "bob5", input="x")
+    assert refused.returncode == 1 and refused.stderr.startswith("NO_PERCH:bob5")
 
 
 def test_two_live_instances_refuse_a_bare_address_and_qualified_forms_work(trio):
     a, b, c = trio
-    bob_b, bob_c = start_listener(b, "bob"), start_listener(c, "bob")
+    bob_b, bob_c = start_listener(b, "bob6"), start_listener(c, "bob6")
     try:
-        wait_for(lambda: len(listed(a, "bob")) == 2, what="both bob rows")
-        ambiguous = a.cli("send", "bob", input="x")
+        wait_for(lambda: len(listed(a, "bob6")) == 2, what="both bob6 rows")
+        ambiguous = a.cli("send", "bob6", input="x")
         assert ambiguous.returncode == 1
         lines = ambiguous.stderr.splitlines()
-        assert lines[0] == "AMBIGUOUS:bob matches 2 endpoints; qualify the address"
-        assert sorted(line.split()[0] for line in lines[1:]) == ["bob@beta", "bob@gamma"]
-        assert a.cli("send", "bob@beta", input="to beta").stdout == "SENT:bob@beta\n"
+        assert lines[0] == "AMBIGUOUS:bob6 matches 2 endpoints; qualify the address"
+        assert sorted(line.split()[0] for line in lines[1:]) == ["bob6@beta", "bob6@gamma"]
+        assert a.cli("send", "bob6@beta", input="to beta").stdout == "SENT:bob6@beta\n"
         assert "to beta" in bob_b.stdout.readline()
         prefix = c.key[:8]
-        assert a.cli("send", f"bob@{prefix}", input="to gamma").stdout == f"SENT:bob@{prefix}\n"
+        assert a.cli("send", f"bob6@{prefix}", input="to gamma").stdout == f"SENT:bob6@{prefix}\n"
         assert "to gamma" in bob_c.stdout.readline()
     finally:
         for proc in (bob_b, bob_c):
@@ -152,8 +159,8 @@ def test_two_live_instances_refuse_a_bare_address_and_qualified_forms_work(trio)
             proc.wait(10)
 
 
-def test_a_duplicated_label_is_never_guessed_between(trio):
-    a, b, c = trio
+def test_a_duplicated_label_is_never_guessed_between(spt_nodes):
+    a, b, c = spt_nodes.subnet(["alpha", "beta", "gamma"], config=CONFIG)  # relabelled: not the shared trio
     assert b.cli("node", "label", "set", "twin").returncode == 0
     assert c.cli("node", "label", "set", "twin").returncode == 0
     start_listener(b, "bob").terminate()
@@ -165,17 +172,17 @@ def test_a_duplicated_label_is_never_guessed_between(trio):
 
 def test_remote_suspend_holds_active_only_messages_and_wake_releases_each_once(trio):
     a, _, c = trio
-    start_listener(c, "bob").terminate()
-    wait_for(lambda: listed(a, "bob"), what="bob's row")
-    assert a.cli("endpoint", "suspend", "bob@gamma").stdout == "SUSPENDED:bob@gamma\n"
+    start_listener(c, "bob7").terminate()
+    wait_for(lambda: listed(a, "bob7"), what="bob7's row")
+    assert a.cli("endpoint", "suspend", "bob7@gamma").stdout == "SUSPENDED:bob7@gamma\n"
     for i in range(3):
-        assert a.cli("send", "bob", "--active-only", input=f"held {i}").returncode == 0
-    held = c.cli("ready", "bob", "--once", "--timeout", "1")
+        assert a.cli("send", "bob7", "--active-only", input=f"held {i}").returncode == 0
+    held = c.cli("ready", "bob7", "--once", "--timeout", "1")
     assert "held" not in held.stdout
-    assert a.cli("endpoint", "wake", "bob@gamma").stdout == "WOKE:bob@gamma\n"
-    drained = c.cli("ready", "bob", "--once", "--timeout", "5").stdout
+    assert a.cli("endpoint", "wake", "bob7@gamma").stdout == "WOKE:bob7@gamma\n"
+    drained = c.cli("ready", "bob7", "--once", "--timeout", "5").stdout
     assert [drained.count(f"held {i}") for i in range(3)] == [1, 1, 1]
-    assert c.cli("ready", "bob", "--once", "--timeout", "1").stdout == "TIMEOUT\n"
+    assert c.cli("ready", "bob7", "--once", "--timeout", "1").stdout == "TIMEOUT\n"
 
 
 # kill -9 mid-stream: tests/cli/test_kill_midstream.py
