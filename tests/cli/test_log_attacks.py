@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 
 import pytest
 from test_subnets import WAIT, all_online, create, db_rows, joined, members, notif_kinds
@@ -470,7 +471,22 @@ def test_an_honest_prune_reaches_a_member_whose_log_another_branch_filled(spt_no
     assert pruned.returncode == 0, pruned.stderr
     wait_for(lambda: "gamma" not in members(b), 60, "beta to drop gamma")
     wait_for(lambda: "gamma" not in members(a), 60, "alpha to take beta's prune")  # before: never
+    b.ipc("daemon.log_level", {"level": "DEBUG"})  # "log synced" and "log sync answered" are debug lines
     a.stop()
+    a.env["SPT_LOG_LEVEL"] = "DEBUG"
+    marks = len(a.log()), len(b.log())
     a.start(timeout=120)
     assert "gamma" not in members(a) and "alpha" in members(a)
     assert stored_log(a).state().epoch == stored_log(b).state().epoch
+
+    # The reconnect's log sync sends nothing: both logs say they are full, and each holds the
+    # other's prunes and rotations. Before, beta's heads did not cover alpha's branch there, so
+    # alpha sent its first 4,096 labels at every sync (each minute) and beta dropped them all.
+    def since_restart() -> str:
+        return a.log()[marks[0]:] + b.log()[marks[1]:]
+
+    wait_for(lambda: "log synced" in since_restart(), 60, "alpha and beta to compare logs")
+    lines = since_restart()
+    assert "log entry not stored" not in lines
+    sent = re.findall(r"log (?:synced|sync answered) .*\bsent=(\d+)", lines)
+    assert sent and set(sent) == {"0"}, sent

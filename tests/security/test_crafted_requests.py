@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 # handler reads. tests/security/test_crafted_requests.py::test_the_list_names_every_request
 # keeps this complete.
 MEMBER_REQUESTS: dict[str, tuple[str, ...]] = {
-    "log.sync": ("heads",),
+    "log.sync": ("heads", "full"),
     "log.push": ("entries",),
     "seed.fetch": ("epoch",),
     "seed.install": ("epoch", "seed"),

@@ -28,6 +28,7 @@ from spt.core.members.wire import (
     Net,
     body_map,
     entries_of,
+    full_of,
     heads_of,
 )
 from spt.core.net.connections import Connection, ConnectionClosedError
@@ -76,27 +77,35 @@ class LogService:
         self._on_change = on_change  # before the daemon hears of it (the key claims settle here)
 
     async def sync_log(self, conn: Connection, sub: HeldSubnet) -> None:
-        """Exchange log heads for one subnet; fetch and push what is missing."""
+        """Exchange log heads for one subnet; fetch and push what is missing. Each side says
+        whether its log is full: a full one is sent only what it can still store."""
         reply = await conn.request(
-            "log.sync", {"subnet": sub.id.hex(), "heads": [h.hex() for h in sub.log.heads()]},
+            "log.sync", {"subnet": sub.id.hex(), "heads": [h.hex() for h in sub.log.heads()], "full": sub.log.is_full()},
             timeout=REQUEST_TIMEOUT,
         )
         body = body_map(reply.body)
-        self.merge_from(conn, sub, entries_of(body.get("entries")))
+        received = entries_of(body.get("entries"))
+        stored = self.merge_from(conn, sub, received)
         their_heads = heads_of(body.get("heads"))
-        theirs_missing = sub.log.entries_since(their_heads, limit=MAX_SYNC_ENTRIES)
+        theirs_missing = sub.log.entries_since(their_heads, limit=MAX_SYNC_ENTRIES, essential_only=full_of(body.get("full")))
         if theirs_missing:
             await conn.request(
                 "log.push", {"subnet": sub.id.hex(), "entries": [e.to_dict() for e in theirs_missing]},
                 timeout=REQUEST_TIMEOUT,
             )
+        log.debug("log synced", extra={
+            "subnet": sub.name, "peer": conn.peer.short, "received": len(received), "stored": len(stored), "sent": len(theirs_missing),
+        })
 
     async def handle_log_sync(self, conn: Connection, frame: Frame) -> tuple[str, Any]:
         body = body_map(frame.body)
         sub = self.net.require_member(conn, body.get("subnet"))
         heads = heads_of(body.get("heads"))
-        entries = sub.log.entries_since(heads, limit=MAX_SYNC_ENTRIES)
-        return "log.entries", {"entries": [e.to_dict() for e in entries], "heads": [h.hex() for h in sub.log.heads()]}
+        entries = sub.log.entries_since(heads, limit=MAX_SYNC_ENTRIES, essential_only=full_of(body.get("full")))
+        log.debug("log sync answered", extra={"subnet": sub.name, "peer": conn.peer.short, "sent": len(entries)})
+        return "log.entries", {
+            "entries": [e.to_dict() for e in entries], "heads": [h.hex() for h in sub.log.heads()], "full": sub.log.is_full(),
+        }
 
     async def handle_log_push(self, conn: Connection, frame: Frame) -> tuple[str, Any]:
         body = body_map(frame.body)
@@ -136,19 +145,21 @@ class LogService:
         self._membership_changed(sub, before, after)
         return added
 
-    def merge_from(self, conn: Connection, sub: HeldSubnet, entries: Sequence[Entry]) -> None:
+    def merge_from(self, conn: Connection, sub: HeldSubnet, entries: Sequence[Entry]) -> list[Entry]:
         """Merge entries a member sent, and pass the ones new here to the other members this node
         is connected to: an author pushes once, to the members it knows then, so a member admitted
         meanwhile (or one its push missed) would otherwise learn them only at its next reconnect.
-        Each node forwards an entry once, when it first stores it, so the flood ends."""
+        Each node forwards an entry once, when it first stores it, so the flood ends. Returns
+        the entries stored here."""
         added = self.merge(sub, entries)
         if not added:
-            return
+            return added
         body = {"subnet": sub.id.hex(), "entries": [e.to_dict() for e in added]}
         members = sub.state().members
         for other in self.net.transport.connections():
             if other.alpn == ALPN_MEMBER and other.peer != conn.peer and other.peer in members:
                 self.net.spawn(self.push_one(other.peer, "log.push", body), "forward log entries")
+        return added
 
     def prune_conflicts(self, sub: HeldSubnet, conflicts: Iterable[PruneConflict]) -> None:
         """Record prunes this log refused because histories disagree on who was removed first,

@@ -90,6 +90,14 @@ def heads_of(value: Any) -> list[bytes]:
     return out
 
 
+def full_of(value: Any) -> bool:
+    """The `full` of a log sync request or answer: the sender's log takes only prunes, leaves,
+    rekeys and rotations (`MembershipLog.is_full`). Absent is false."""
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    raise RemoteProtocolError("full", "expected true or false")
+
+
 def loads(raw: bytes) -> Any:
     from spt.core.proto.canonical import parse_canonical
 

@@ -692,6 +692,12 @@ class MembershipLog:
             return f"the subnet has {self.max_members} members"
         return ""
 
+    def is_full(self) -> bool:
+        """Whether the ordinary part is full: from now on only prunes, leaves, rekeys and
+        rotations are stored here (the log never shrinks below what a merge found). A sync
+        sends such a log nothing else (`entries_since(essential_only=True)`)."""
+        return len(self._present) >= self.ordinary_cap
+
     def is_whole(self) -> bool:
         """Whether every stored entry's parents are stored here: a log that holds a removal
         without the ancestry it had no room for cannot be handed to a joiner (its fresh log,
@@ -1216,15 +1222,23 @@ class MembershipLog:
         """Which of a peer's heads we do not hold; if any, ask it for `entries_since(our heads)`."""
         return tuple(sorted({h for h in their_heads if h not in self._present}))
 
-    def entries_since(self, their_heads: Iterable[bytes], *, limit: int | None = None) -> list[Entry]:
-        """Entries a peer with `their_heads` lacks, parents first; heads we do not know are ignored."""
+    def entries_since(
+        self, their_heads: Iterable[bytes], *, limit: int | None = None, essential_only: bool = False,
+    ) -> list[Entry]:
+        """Entries a peer with `their_heads` lacks, parents first; heads we do not know are ignored.
+        `essential_only`: the peer's log is full (`is_full`), so only its prunes, leaves, rekeys
+        and rotations can be stored there; the rest would be dropped at every sync (replicas
+        full of different branches never converge on their stored entries)."""
         struct = self._structure()
         known = 0
         for h in their_heads:
             i = struct.index.get(h)
             if i is not None:
                 known |= struct.anc[i] | (1 << i)
-        out = [self._present[h] for i, h in enumerate(struct.order) if not (known >> i) & 1]
+        out = [
+            self._present[h] for i, h in enumerate(struct.order)
+            if not (known >> i) & 1 and (not essential_only or self._present[h].type in ESSENTIAL_TYPES)
+        ]
         return out if limit is None else out[:limit]
 
     def _structure(self) -> _Structure:

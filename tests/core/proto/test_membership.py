@@ -878,14 +878,14 @@ def test_a_restart_keeps_what_the_live_merges_stored_at_the_reserve(nodes):
     assert again.state() == log.state()
 
 
-@pytest.mark.parametrize("delivery", ["pushed", "synced"])
+@pytest.mark.parametrize("delivery", ["pushed", "synced", "synced as to a full log"])
 def test_an_honest_prune_on_a_branch_another_replica_has_no_room_for_is_taken_there(nodes, delivery):
     """A small log (160 entries: 120 ordinary, a reserve of 40). mallory admitted carol and a
     sybil and pruned eve; then mallory and its sybil fill the ordinary part of replica A with one
     branch (labels, and a join of a second sybil) and that of replica B with another, so neither
     has room for the other's. bob prunes mallory and its first sybil on A, each with its rotation,
-    and the entries reach B: pushed alone, as `spt subnet prune` sends them, or with everything A
-    stores, as a sync does. B took nothing: the prune needed A's branch, which does not fit B's
+    and the entries reach B: pushed alone, as `spt subnet prune` sends them, with everything A
+    stores, or with what a sync sends a full log (its essential entries). B took nothing: the prune needed A's branch, which does not fit B's
     ordinary part, so mallory and the sybil stayed members on B and the epoch stayed old there.
     Now B stores them with the entries they rest on (`essential_parents`), and mallory's earlier
     entries keep their effect there (carol stays, eve stays pruned)."""
@@ -926,10 +926,22 @@ def test_an_honest_prune_on_a_branch_another_replica_has_no_room_for_is_taken_th
         rotation = rotate(b, replica_a.essential_parents(b.id), replica_a.state().epoch + 1, 3)
         assert replica_a.add(rotation)
         written += [prune, rotation]
-    replica_b.merge(written if delivery == "pushed" else replica_a.entries())
+    sent = {
+        "pushed": written,
+        "synced": replica_a.entries(),
+        "synced as to a full log": replica_a.entries_since(replica_b.heads(), essential_only=replica_b.is_full()),
+    }[delivery]
+    replica_b.merge(sent)
     for entry in written:
         assert entry.hash in replica_b, entry.type
     _converge(replica_a, replica_b)
+    # Converged, their stored entries still differ for good (each holds its own branch), but a
+    # sync between them sends nothing: each says it is full and holds the other's essential
+    # entries. (B's heads do not cover B's branch on A, so B sent it at every sync, up to 4,096
+    # entries, and A dropped them all.)
+    assert replica_a.is_full() and replica_b.is_full()
+    assert replica_b.entries_since(replica_a.heads()) and not replica_b.entries_since(replica_a.heads(), essential_only=True)
+    assert not replica_a.entries_since(replica_b.heads(), essential_only=True)
     for replica in (replica_a, replica_b):
         s = replica.state()
         assert s.standing(m.id) == s.standing(sybil.id) == s.standing(e.id) == "pruned"
