@@ -138,8 +138,8 @@ def backlog_drain(alpha: Node, beta: Node, count: int) -> float:
             conn.close()
         if {r.get("token") for r in result["results"]} != {"QUEUED"}:
             raise SystemExit(f"backlog: unexpected answers {result['results'][:3]}")
+    start = time.monotonic()  # before the start: alpha may reconnect and drain while it waits for beta to be up
     beta.start()
-    start = time.monotonic()
     while time.monotonic() - start < 120:
         conn = connect(alpha.home / "spt.sock")
         try:
