@@ -2,8 +2,9 @@
 
 What lives here: `Message` (a message as it reaches a perch), `SpoolEntry` (one held message),
 `OutgoingMessage`, and `Spool`, the SQL over the tables of migration 3. Every method is
-synchronous and short; the daemon calls them on its loop, never from two threads at once (as
-`spt.core.store` requires).
+synchronous and short; the daemon calls them on its loop, except calls given a connection `db`:
+those the group-commit writer makes on its own thread with its own connection
+(`spt.core.store.GroupCommit`).
 
 Rules this module keeps (SPEC.md §4.2, §4.3, §8.1):
 1. A message is durable before anyone is told it was queued: `append` runs inside the caller's

@@ -359,7 +359,7 @@ class Connection:
         self._process()
 
     def flush(self) -> None:
-        """Transmit now (used before the socket closes)."""
+        """Transmit now (at the end of a read burst, and before the socket closes)."""
         self._transmit()
 
     def finalize(self, reason: str) -> None:
