@@ -8,7 +8,7 @@
 # targets, the plugin list that names it); and the tests that cannot differ here, as they call
 # pure functions of modules that cannot reach the relay distribution (import-linter keeps spt off
 # plugins/) and build no plugin manager: the sans-IO protocol's (tests/core/proto) and the fuzz
-# targets (decoders fed random bytes: a second pass only draws other inputs; about 200 s of the
+# targets (decoders fed random bytes: a second pass only draws other inputs; about 260 s of the
 # run's work). Everything else runs as in the main venv, daemons, CLI and plugin loading
 # included, with the air-gap capture (tests/netns/test_airgap.py: unicast only to members plus
 # mDNS, nothing to the configured relay or update source). About 5 minutes on 2 cores.
