@@ -392,6 +392,13 @@ class Lab:
     def hosts(self) -> list[str]:
         return [n.name for n in self.nodes.values() if n.role == "host"]
 
+    def local_ipv6_nets(self, host: str, nets: Sequence[str]) -> None:
+        """Make every address of each IPv6 prefix in `nets` local to `host` (AnyIP on lo), so a
+        test can bind a fresh source address per connection, as a host owning a /64 can."""
+        self.run(host, ["sysctl", "-qw", "net.ipv6.ip_nonlocal_bind=1"])
+        for net in nets:
+            self.run(host, ["ip", "-6", "route", "add", "local", net, "dev", "lo"])
+
     def _resolve(self, dst: str) -> str:
         if dst in self.nodes:
             return self.addr(dst)

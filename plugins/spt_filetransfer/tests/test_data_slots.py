@@ -85,9 +85,7 @@ def test_addresses_of_one_ipv6_64_share_one_sources_slots(netns_lab):
     lab = netns_lab(ipv6=True)
     lab.lan(1)
     (host,) = lab.hosts()
-    lab.run(host, ["sysctl", "-qw", "net.ipv6.ip_nonlocal_bind=1"])  # bind anywhere in the two /64s
-    for net in ("fd00:64::/64", "fd00:65::/64"):
-        lab.run(host, ["ip", "-6", "route", "add", "local", net, "dev", "lo"])
+    lab.local_ipv6_nets(host, ("fd00:64::/64", "fd00:65::/64"))
     server = DataServer("fd00:64::1", incoming=lambda tid: None, record_path=lambda tid, kind: None,
                         failed=lambda tid, why: None)
     port = lab.call(host, server.ensure_listener)  # the listener lives in the lab; its thread need not

@@ -36,9 +36,7 @@ def test_join_connections_from_one_ipv6_64_share_one_sources_bound(netns_lab):
     lab = netns_lab(ipv6=True)
     lab.lan(1)
     (host,) = lab.hosts()
-    lab.run(host, ["sysctl", "-qw", "net.ipv6.ip_nonlocal_bind=1"])  # bind anywhere in the two /64s
-    for net in ("fd00:64::/64", "fd00:65::/64"):
-        lab.run(host, ["ip", "-6", "route", "add", "local", net, "dev", "lo"])
+    lab.local_ipv6_nets(host, ("fd00:64::/64", "fd00:65::/64"))
 
     async def scenario():
         made = []
